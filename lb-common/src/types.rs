@@ -1,0 +1,177 @@
+//! Keys and values of the datapath's maps. Every struct is `#[repr(C)]` with its
+//! padding spelled out, so the kernel and the agent see the same bytes.
+//!
+//! Addresses are stored as 16 bytes in network order; an IPv4 address fills the first
+//! four and leaves the rest zero. Ports are stored in network byte order (`*_be`).
+
+/// Address family tag stored in keys.
+pub const FAMILY_V4: u8 = 4;
+/// Address family tag stored in keys.
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers the datapath balances.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol numbers the datapath balances.
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of the `VIPS` map: the virtual service a packet is addressed to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// Destination address, network order.
+    pub addr: [u8; 16],
+    /// Destination port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+/// [`VipMeta::flags`]: hash only the source address, so that every flow of one client
+/// reaches the same backend (client stickiness). Default is the 5-tuple.
+pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+
+/// Value of the `VIPS` map: where the VIP's lookup table lives and how to use it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Index of this VIP's tables in `RINGS` and of its counters in `VIP_STATS`.
+    pub vip_id: u32,
+    /// Slots in the lookup table (a prime ≤ [`crate::maps::MAX_RING_SIZE`]).
+    pub ring_size: u32,
+    /// Which of the two table copies the datapath reads (0 or 1).
+    pub active: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+}
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Backend address, network order.
+    pub addr: [u8; 16],
+    /// Destination MAC of frames sent to this backend (its own MAC in L2 DSR mode).
+    pub mac: [u8; 6],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id.
+    pub family: u8,
+    /// Reserved, zero.
+    pub _pad: u8,
+}
+
+/// Key of the `CONNS` connection table: one flow as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Client address, network order.
+    pub src: [u8; 16],
+    /// VIP address, network order.
+    pub dst: [u8; 16],
+    /// Client port, network byte order.
+    pub src_port_be: u16,
+    /// VIP port, network byte order.
+    pub dst_port_be: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Reserved, zero (the whole key is hashed by the kernel, so padding must be set).
+    pub _pad: [u8; 2],
+}
+
+/// Value of the `CONNS` connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnEntry {
+    /// Backend id the flow was given when it was first seen.
+    pub backend_id: u32,
+    /// VIP id of the flow (to account established packets to their VIP).
+    pub vip_id: u32,
+}
+
+/// Datapath-wide counters, one per reason, in the per-CPU `STATS` array (index 0).
+/// A failed counter lookup is skipped: counting never changes a verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalStats {
+    /// Every frame the program saw.
+    pub rx_frames: u64,
+    /// Passed: not IPv4 or IPv6 (ARP, LLDP, ...).
+    pub pass_not_ip: u64,
+    /// Passed: IP, but not TCP or UDP to a configured VIP.
+    pub pass_not_vip: u64,
+    /// Passed: an IPv4 fragment (ports unknown; the datapath never balances fragments).
+    pub pass_fragment: u64,
+    /// Seen: a VIP packet whose IPv4 header carries options. It is balanced like any
+    /// other (the transport header is found from the header length); counted only.
+    pub ipv4_options: u64,
+    /// Passed: frame cut short before the headers the decision needs.
+    pub pass_truncated: u64,
+    /// Passed: an IP header that contradicts itself (version, header length).
+    pub pass_malformed: u64,
+    /// Passed: IPv6 with an extension header before the transport header.
+    pub pass_ipv6_extension: u64,
+    /// Dropped: a VIP packet whose lookup table slot names no usable backend.
+    pub drop_no_backend: u64,
+    /// Connection table: the flow was known.
+    pub conn_hit: u64,
+    /// Connection table: unknown flow opened by a SYN (or a UDP datagram): a new flow.
+    pub conn_miss_syn: u64,
+    /// Connection table: unknown TCP flow without SYN: a flow that may break.
+    pub conn_miss_non_syn: u64,
+    /// Connection table insert failed (the flow is still forwarded by its hash).
+    pub conn_insert_failed: u64,
+    /// Sent back out by `XDP_TX` towards a backend.
+    pub tx: u64,
+}
+
+/// Per-VIP counters, per-CPU array `VIP_STATS` indexed by vip id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Per-backend counters, per-CPU array `BACKEND_STATS` indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers and byte
+    // arrays, with no implicit padding (checked by the size tests below).
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConnEntry {}
+    unsafe impl aya::Pod for super::GlobalStats {}
+    unsafe impl aya::Pod for super::VipStats {}
+    unsafe impl aya::Pod for super::BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    /// Sizes equal the sum of the fields: no implicit padding anywhere, so the
+    /// kernel never hashes uninitialised bytes of a key.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipMeta>(), 16);
+        assert_eq!(size_of::<Backend>(), 16 + 6 + 1 + 1);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<ConnEntry>(), 8);
+        assert_eq!(size_of::<GlobalStats>(), 14 * 8);
+    }
+}

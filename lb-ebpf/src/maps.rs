@@ -1,0 +1,48 @@
+//! Every map of the datapath, with what it holds and who writes it. Names and sizes
+//! come from `lb_common::maps`; layouts from `lb_common::types`.
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{CONN_TABLE_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RING_COPIES},
+    types::{Backend, BackendStats, ConnEntry, FlowKey, GlobalStats, VipKey, VipMeta, VipStats},
+};
+
+/// VIP (address, port, protocol) → its id, table geometry and flags. Written by the
+/// agent. Not preallocated, so a replaced value is freed only after readers are done
+/// (RCU), and the datapath never reads a half-written `VipMeta`.
+#[map(name = "VIPS")]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+
+/// Backend id → address and next-hop MAC. Written by the agent; an all-zero entry
+/// (`family == 0`) is an unused id.
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The lookup tables: two copies per VIP of `MAX_RING_SIZE` backend ids each (see
+/// `lb_common::maps::ring_base`). Written by the agent into the inactive copy.
+#[map(name = "RINGS")]
+pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * RING_COPIES * MAX_RING_SIZE, 0);
+
+/// Connection table: flow → backend. Written by the datapath on a flow's first
+/// packet; read on every packet. Shared by all CPUs (a flow is found whichever CPU
+/// its packets land on), with per-CPU LRU lists to keep eviction lock-free.
+#[map(name = "CONNS")]
+pub static CONNS: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Datapath-wide counters (index 0), per CPU. Written by the datapath.
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-VIP counters indexed by vip id, per CPU. Written by the datapath.
+#[map(name = "VIP_STATS")]
+pub static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Per-backend counters indexed by backend id, per CPU. Written by the datapath.
+#[map(name = "BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

@@ -1,0 +1,60 @@
+//! Named counters. Every update is skipped when its map lookup fails: counting never
+//! changes a verdict. All counter maps are per CPU, so plain increments are safe.
+
+use lb_common::types::GlobalStats;
+
+use crate::{
+    Stop,
+    maps::{BACKEND_STATS, STATS, VIP_STATS},
+};
+
+/// The datapath-wide counters of this CPU, looked up once per packet.
+pub type Global = Option<*mut GlobalStats>;
+
+#[inline(always)]
+pub fn global() -> Global {
+    STATS.get_ptr_mut(0)
+}
+
+#[inline(always)]
+pub fn bump(counters: Global, field: impl FnOnce(&mut GlobalStats) -> &mut u64) {
+    if let Some(s) = counters {
+        // SAFETY: a per-CPU array value, valid for the whole program run.
+        unsafe { *field(&mut *s) += 1 }
+    }
+}
+
+#[inline(always)]
+pub fn count_stop(counters: Global, stop: Stop) {
+    bump(counters, |s| match stop {
+        Stop::NotIp => &mut s.pass_not_ip,
+        Stop::NotVip => &mut s.pass_not_vip,
+        Stop::Fragment => &mut s.pass_fragment,
+        Stop::Truncated => &mut s.pass_truncated,
+        Stop::Malformed => &mut s.pass_malformed,
+        Stop::Ipv6Extension => &mut s.pass_ipv6_extension,
+        Stop::NoBackend => &mut s.drop_no_backend,
+    });
+}
+
+/// Per-VIP and per-backend packets, bytes and new flows.
+#[inline(always)]
+pub fn account(vip_id: u32, backend_id: u32, len: u64, new_flow: bool) {
+    let new = new_flow as u64;
+    if let Some(v) = VIP_STATS.get_ptr_mut(vip_id) {
+        // SAFETY: a per-CPU array value, valid for the whole program run.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += len;
+            (*v).new_flows += new;
+        }
+    }
+    if let Some(b) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: as above.
+        unsafe {
+            (*b).packets += 1;
+            (*b).bytes += len;
+            (*b).new_flows += new;
+        }
+    }
+}

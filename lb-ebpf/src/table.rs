@@ -1,0 +1,40 @@
+//! The weighted consistent-hash lookup table: a new flow's hash indexes the VIP's
+//! active table copy, which names a backend id. Userspace computes the tables; this
+//! module only reads them.
+
+use lb_common::{
+    hash::{flow_hash, source_hash},
+    maps::{MAX_RING_SIZE, MAX_VIPS, ring_base},
+    types::{Backend, VIP_F_HASH_SRC_ONLY, VipMeta},
+};
+
+use crate::{
+    Stop,
+    maps::{BACKENDS, RINGS},
+    parse::Packet,
+};
+
+/// The backend id for a new flow of `vip`.
+#[inline(always)]
+pub fn pick(pkt: &Packet, vip: &VipMeta) -> Result<u32, Stop> {
+    // Guards against a corrupt VipMeta; they also bound the index for the verifier.
+    if vip.vip_id >= MAX_VIPS || vip.ring_size == 0 || vip.ring_size > MAX_RING_SIZE {
+        return Err(Stop::NoBackend);
+    }
+    let hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
+        source_hash(&pkt.flow)
+    } else {
+        flow_hash(&pkt.flow)
+    };
+    let slot = ring_base(vip.vip_id, vip.active & 1) + hash % vip.ring_size;
+    RINGS.get(slot).copied().ok_or(Stop::NoBackend)
+}
+
+/// The backend with id `backend_id`, if that id is in use.
+#[inline(always)]
+pub fn backend(backend_id: u32) -> Result<Backend, Stop> {
+    match BACKENDS.get(backend_id) {
+        Some(b) if b.family != 0 => Ok(*b),
+        _ => Err(Stop::NoBackend),
+    }
+}

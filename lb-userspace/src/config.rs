@@ -1,0 +1,460 @@
+//! The agent's configuration: the TOML file an operator writes, checked completely
+//! into a [`Config`] before anything touches the kernel. Called by the agent at start.
+//!
+//! ```toml
+//! [[vip]]
+//! address = "198.18.1.1"   # IPv4 or IPv6
+//! port = 80
+//! protocol = "tcp"         # "tcp" or "udp"
+//! hash = "5-tuple"         # or "source": every flow of a client to one backend
+//! table_size = 65537       # prime, at most 65537
+//!
+//! [[vip.backend]]
+//! address = "198.18.0.11"
+//! mac = "02:00:00:00:00:11" # where frames for this backend go (L2 DSR: its own MAC)
+//! weight = 1                # share of new flows; 0 drains it
+//! ```
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use lb_common::maps::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+use serde::Deserialize;
+
+use crate::maglev;
+
+/// Largest weight a backend may have. Weights are relative; this keeps every sum of
+/// weights far from overflow and well inside what the table builder accepts.
+pub const MAX_WEIGHT: u32 = 1_000_000;
+
+/// A configuration that was read or checked and found wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for this agent: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.to_string(),
+    }
+}
+
+/// Transport protocol of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::types::PROTO_TCP,
+            Protocol::Udp => lb_common::types::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// Which header fields choose a new flow's backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum HashFields {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    #[serde(rename = "5-tuple")]
+    FiveTuple,
+    /// The source address only: all of one client's flows reach one backend.
+    #[serde(rename = "source")]
+    Source,
+}
+
+/// The whole configuration, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub vips: Vec<Vip>,
+}
+
+/// One virtual service, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub hash: HashFields,
+    pub table_size: u32,
+    /// Sorted by address, so that every agent given the same file agrees on ids.
+    pub backends: Vec<Backend>,
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+/// One backend of a VIP, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub mac: [u8; 6],
+    pub weight: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: String,
+    port: u16,
+    protocol: Protocol,
+    #[serde(default)]
+    hash: HashFields,
+    table_size: Option<u32>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: String,
+    mac: String,
+    weight: u32,
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        if raw.vip.is_empty() {
+            return Err(invalid(
+                "vip",
+                "no VIP is configured; add at least one [[vip]]",
+            ));
+        }
+        if raw.vip.len() > MAX_VIPS as usize {
+            return Err(invalid(
+                "vip",
+                format!("{} VIPs, at most {MAX_VIPS}", raw.vip.len()),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        let mut vips = Vec::with_capacity(raw.vip.len());
+        let mut total_backends = 0usize;
+        for (i, raw_vip) in raw.vip.into_iter().enumerate() {
+            let vip = check_vip(i, raw_vip)?;
+            if !seen.insert((vip.address, vip.port, vip.protocol)) {
+                return Err(invalid(
+                    format!("vip[{i}]"),
+                    format!("{vip} is configured twice"),
+                ));
+            }
+            total_backends += vip.backends.len();
+            vips.push(vip);
+        }
+        if total_backends > MAX_BACKENDS as usize {
+            return Err(invalid(
+                "vip.backend",
+                format!("{total_backends} backends over all VIPs, at most {MAX_BACKENDS}"),
+            ));
+        }
+        Ok(Config { vips })
+    }
+}
+
+fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
+    let field = |name: &str| format!("vip[{i}].{name}");
+    let address: IpAddr = raw.address.parse().map_err(|_| {
+        invalid(
+            field("address"),
+            format!("{:?} is not an IP address", raw.address),
+        )
+    })?;
+    if address.is_unspecified() || address.is_multicast() {
+        return Err(invalid(
+            field("address"),
+            format!("{address} cannot be a VIP"),
+        ));
+    }
+    if raw.port == 0 {
+        return Err(invalid(field("port"), "port 0 cannot be a VIP port"));
+    }
+    let table_size = raw.table_size.unwrap_or(DEFAULT_RING_SIZE);
+    if !maglev::is_prime(table_size) || table_size > MAX_RING_SIZE {
+        return Err(invalid(
+            field("table_size"),
+            format!("{table_size} must be a prime no larger than {MAX_RING_SIZE}"),
+        ));
+    }
+    if raw.backend.is_empty() {
+        return Err(invalid(field("backend"), "the VIP has no backend"));
+    }
+    let mut backends = Vec::with_capacity(raw.backend.len());
+    for (j, b) in raw.backend.into_iter().enumerate() {
+        let bfield = |name: &str| format!("vip[{i}].backend[{j}].{name}");
+        let baddr: IpAddr = b.address.parse().map_err(|_| {
+            invalid(
+                bfield("address"),
+                format!("{:?} is not an IP address", b.address),
+            )
+        })?;
+        if baddr.is_ipv4() != address.is_ipv4() {
+            return Err(invalid(
+                bfield("address"),
+                format!("{baddr} is not of the same IP family as the VIP {address}"),
+            ));
+        }
+        if baddr.is_unspecified() || baddr.is_multicast() {
+            return Err(invalid(
+                bfield("address"),
+                format!("{baddr} cannot be a backend"),
+            ));
+        }
+        let mac = parse_mac(&b.mac).ok_or_else(|| {
+            invalid(
+                bfield("mac"),
+                format!("{:?} is not a MAC address like 02:00:00:00:00:01", b.mac),
+            )
+        })?;
+        if mac == [0; 6] || mac[0] & 1 == 1 {
+            return Err(invalid(
+                bfield("mac"),
+                format!("{} is not a unicast MAC address", b.mac),
+            ));
+        }
+        if b.weight > MAX_WEIGHT {
+            return Err(invalid(
+                bfield("weight"),
+                format!("{} is above {MAX_WEIGHT}", b.weight),
+            ));
+        }
+        if let Some(k) = backends.iter().position(|x: &Backend| x.address == baddr) {
+            return Err(invalid(
+                bfield("address"),
+                format!("{baddr} is already backend[{k}] of this VIP"),
+            ));
+        }
+        backends.push(Backend {
+            address: baddr,
+            mac,
+            weight: b.weight,
+        });
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(invalid(
+            field("backend"),
+            "the total weight of the backends is 0; at least one needs a weight above 0",
+        ));
+    }
+    backends.sort_by_key(|b| b.address);
+    Ok(Vip {
+        address,
+        port: raw.port,
+        protocol: raw.protocol,
+        hash: raw.hash,
+        table_size,
+        backends,
+    })
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (hex digits, colons).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[vip]]
+address = "198.18.1.1"
+port = 80
+protocol = "tcp"
+
+[[vip.backend]]
+address = "198.18.0.12"
+mac = "02:00:00:00:00:12"
+weight = 2
+
+[[vip.backend]]
+address = "198.18.0.11"
+mac = "02:00:00:00:00:11"
+weight = 1
+"#;
+
+    fn field_of(text: &str) -> String {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            Err(other) => panic!("expected a field error, got {other}"),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    #[test]
+    fn good_config_is_checked_and_sorted() {
+        let config = Config::parse(GOOD).unwrap();
+        assert_eq!(config.vips.len(), 1);
+        let vip = &config.vips[0];
+        assert_eq!(vip.table_size, DEFAULT_RING_SIZE);
+        assert_eq!(vip.hash, HashFields::FiveTuple);
+        assert_eq!(
+            vip.backends[0].address,
+            "198.18.0.11".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(vip.backends[1].weight, 2);
+        assert_eq!(vip.backends[1].mac, [2, 0, 0, 0, 0, 0x12]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&GOOD.replace("weight = 2", "weight = 2\nwieght = 3")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown field `wieght`"), "{text}");
+    }
+
+    #[test]
+    fn bad_backend_address_is_named() {
+        let text = GOOD.replace("198.18.0.12", "198.18.0.300");
+        assert_eq!(field_of(&text), "vip[0].backend[0].address");
+    }
+
+    #[test]
+    fn bad_vip_address_is_named() {
+        assert_eq!(
+            field_of(&GOOD.replace("198.18.1.1", "vip.example")),
+            "vip[0].address"
+        );
+    }
+
+    #[test]
+    fn duplicate_backend_is_named() {
+        let text = GOOD.replace("198.18.0.12", "198.18.0.11");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("vip[0].backend[1].address"), "{err}");
+        assert!(err.contains("already backend[0]"), "{err}");
+    }
+
+    #[test]
+    fn zero_total_weight_is_refused() {
+        let text = GOOD
+            .replace("weight = 2", "weight = 0")
+            .replace("weight = 1", "weight = 0");
+        assert_eq!(field_of(&text), "vip[0].backend");
+    }
+
+    #[test]
+    fn one_zero_weight_is_a_drained_backend() {
+        let config = Config::parse(&GOOD.replace("weight = 2", "weight = 0")).unwrap();
+        assert_eq!(config.vips[0].backends[1].weight, 0);
+    }
+
+    #[test]
+    fn bad_mac_is_named() {
+        assert_eq!(
+            field_of(&GOOD.replace("02:00:00:00:00:12", "02:00:00:00:12")),
+            "vip[0].backend[0].mac"
+        );
+        assert_eq!(
+            field_of(&GOOD.replace("02:00:00:00:00:12", "01:00:5e:00:00:12")),
+            "vip[0].backend[0].mac"
+        );
+    }
+
+    #[test]
+    fn mixed_families_are_refused() {
+        assert_eq!(
+            field_of(&GOOD.replace("198.18.0.12", "fd00::12")),
+            "vip[0].backend[0].address"
+        );
+    }
+
+    #[test]
+    fn table_size_must_be_prime() {
+        let text = GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\ntable_size = 65536",
+        );
+        assert_eq!(field_of(&text), "vip[0].table_size");
+    }
+
+    #[test]
+    fn duplicate_vip_is_refused() {
+        let second = GOOD.split_once("[[vip]]").unwrap().1;
+        let text = format!("{GOOD}\n[[vip]]{second}");
+        assert_eq!(field_of(&text), "vip[1]");
+    }
+
+    #[test]
+    fn empty_config_is_refused() {
+        assert_eq!(field_of(""), "vip");
+    }
+
+    #[test]
+    fn bad_protocol_is_a_syntax_error_naming_it() {
+        let err = Config::parse(&GOOD.replace("\"tcp\"", "\"sctp\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sctp"), "{err}");
+    }
+}

@@ -1,0 +1,14 @@
+//! The load balancer's agent: turns a configuration into the contents of the XDP
+//! datapath's maps and keeps them there.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, checked completely before anything else happens.
+//! - [`maglev`]: the weighted Maglev lookup table (pure).
+//! - [`desired`]: what the maps must hold for a configuration (pure).
+//! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
+//! - [`agent`]: the lifetime of `lb run`.
+pub mod agent;
+pub mod config;
+pub mod dataplane;
+pub mod desired;
+pub mod maglev;

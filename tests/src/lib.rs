@@ -1,0 +1,19 @@
+//! The end-to-end test harness of the load balancer: network namespaces, the bridged
+//! direct-server-return topology and real TCP traffic; used by the integration tests
+//! in `tests/tests/`.
+//!
+//! # Layout
+//! - [`netns`]: named network namespaces that are removed on drop, on panic and on
+//!   SIGINT/SIGTERM, and ways to run code inside them.
+//! - [`topology`]: the client, load balancer and backends on one bridged segment.
+//! - [`tcp`]: backend servers that answer with their name, and clients that count
+//!   which backend answered.
+//!
+//! Every test network lives only in namespaces this crate creates, uses addresses from
+//! 198.18.0.0/15 and fd00::/8 only, and has no default route.
+
+pub mod netns;
+pub mod packet;
+pub mod spread;
+pub mod tcp;
+pub mod topology;

@@ -1,0 +1,228 @@
+//! The end-to-end proof of the datapath: real TCP connections from a client through
+//! the XDP program (attached by the real `lb` agent) to weighted backends, and the
+//! spread of connections over them. Run by `tests/tests/spread.rs` and by the demo
+//! (`cargo xtask demo`).
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use lb_userspace::dataplane::PassThrough;
+
+use crate::{
+    tcp::{BackendServer, ClientReport, run_clients},
+    topology::{Topology, VIP_V4},
+};
+
+/// The VIP's port.
+pub const PORT: u16 = 80;
+
+/// Where the `lb` binary is: `$LB_BIN` (set by `cargo xtask test` and `demo`), else
+/// the debug build of this workspace.
+pub fn lb_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os("LB_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb"),
+    };
+    ensure!(
+        path.is_file(),
+        "no lb binary at {} (build it with `cargo xtask build`, or set LB_BIN)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The `lb` agent running inside a namespace; killed on drop if still running.
+pub struct Agent {
+    child: Child,
+    /// What the agent wrote to stderr, line by line, collected by a thread.
+    log: mpsc::Receiver<String>,
+}
+
+impl Agent {
+    /// Starts `lb run` in the load balancer's namespace and waits until it says it is
+    /// attached.
+    pub fn start(topo: &Topology, config: &std::path::Path) -> Result<Agent> {
+        let lb = lb_binary()?;
+        let mut child = topo
+            .lb()
+            .ns()
+            .command(&lb)
+            .args(["run", "--iface", topo.lb_ifname(), "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", lb.display()))?;
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx2.send(line);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("lb: ready") {
+                    let _ = ready_tx.send(());
+                }
+                let _ = tx.send(line);
+            }
+        });
+        let mut agent = Agent { child, log };
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => Ok(agent),
+            Err(_) => {
+                let _ = agent.child.kill();
+                let _ = agent.child.wait();
+                bail!("lb did not become ready:\n{}", agent.drain_log().join("\n"))
+            }
+        }
+    }
+
+    /// Everything the agent printed so far.
+    pub fn drain_log(&mut self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the agent's output.
+    pub fn stop(mut self) -> Result<Vec<String>> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().context("waiting for lb")?;
+        std::thread::sleep(Duration::from_millis(50));
+        let log = self.drain_log();
+        ensure!(
+            status.success(),
+            "lb exited with {status}:\n{}",
+            log.join("\n")
+        );
+        Ok(log)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The result of one run: who answered how many connections.
+pub struct SpreadReport {
+    /// Backend name → configured weight.
+    pub weights: BTreeMap<String, u32>,
+    /// Every client connection.
+    pub clients: ClientReport,
+    /// Connections each backend server accepted, by name.
+    pub accepted: BTreeMap<String, usize>,
+    /// The agent's log.
+    pub agent_log: Vec<String>,
+}
+
+impl SpreadReport {
+    /// Pearson's chi-square statistic of the responses against the weights.
+    pub fn chi_square(&self) -> f64 {
+        let total_weight: u32 = self.weights.values().sum();
+        let n = self.clients.succeeded() as f64;
+        self.weights
+            .iter()
+            .map(|(name, &w)| {
+                let expected = n * w as f64 / total_weight as f64;
+                let observed = *self.clients.responses.get(name).unwrap_or(&0) as f64;
+                (observed - expected).powi(2) / expected
+            })
+            .sum()
+    }
+
+    /// A table of backends, weights, expected and observed connections.
+    pub fn table(&self) -> String {
+        let total_weight: u32 = self.weights.values().sum();
+        let n = self.clients.succeeded();
+        let mut out = format!(
+            "{:<10} {:>6} {:>10} {:>10} {:>8}\n",
+            "backend", "weight", "expected", "observed", "share"
+        );
+        for (name, &w) in &self.weights {
+            let observed = *self.clients.responses.get(name).unwrap_or(&0);
+            let expected = n as f64 * w as f64 / total_weight as f64;
+            let share = 100.0 * observed as f64 / n.max(1) as f64;
+            out += &format!("{name:<10} {w:>6} {expected:>10.1} {observed:>10} {share:>7.1}%\n");
+        }
+        out
+    }
+}
+
+/// Builds the topology, starts backends and the agent with `weights`, sends
+/// `connections` real TCP connections to the VIP and stops everything again.
+pub fn run(weights: &[u32], connections: usize) -> Result<SpreadReport> {
+    let topo = Topology::build(weights.len()).context("building the test network")?;
+    let dir = tempdir(topo.prefix())?;
+    let config = dir.join("lb.toml");
+    let mut text = format!("[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\n");
+    let mut weight_of = BTreeMap::new();
+    for (i, (host, &w)) in topo.backends().iter().zip(weights).enumerate() {
+        let mac = host.mac().octets().map(|b| format!("{b:02x}")).join(":");
+        text += &format!(
+            "\n[[vip.backend]]\naddress = \"{}\"\nmac = \"{mac}\"\nweight = {w}\n",
+            host.ipv4()
+        );
+        weight_of.insert(format!("backend{i}"), w);
+    }
+    std::fs::write(&config, text)?;
+
+    // Frames the balancer sends back out with XDP_TX are only received by the bridge
+    // port if it runs an XDP program too (see docs/ARCHITECTURE.md).
+    let bridge_port = topo.lb_bridge_port().to_owned();
+    let _pass = topo
+        .switch()
+        .run_in(move || PassThrough::attach(&bridge_port))?
+        .context("attaching the pass-through program to the bridge port")?;
+
+    let servers = topo
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            BackendServer::start(host.ns(), topo.vip(PORT, false), &format!("backend{i}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let agent = Agent::start(&topo, &config)?;
+    let clients = run_clients(
+        topo.client().ns(),
+        topo.vip(PORT, false),
+        connections,
+        8,
+        Duration::from_secs(5),
+    )?;
+    let agent_log = agent.stop()?;
+    let accepted = servers
+        .into_iter()
+        .map(|s| (s.name().to_owned(), s.stop()))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(SpreadReport {
+        weights: weight_of,
+        clients,
+        accepted,
+        agent_log,
+    })
+}
+
+fn tempdir(prefix: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-lb"));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,174 @@
+//! Project tasks that cargo cannot do alone: install the eBPF toolchain, run the agent
+//! with privileges, run every test in the right order with the right environment,
+//! the demo and the benchmarks. `cargo xtask --help` lists them.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+/// Tasks of the load balancer project.
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the XDP program needs (nightly rust-src, bpf-linker into
+    /// `.tools/`), mount bpffs, and check the kernel (root, BPF syscall, BTF, XDP).
+    /// Idempotent; every other task runs it first.
+    Setup,
+    /// Build the agent (`lb`) with its XDP program embedded.
+    Build {
+        /// Build with optimizations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the agent in release mode and run it: `cargo xtask run -- run --iface
+    /// eth0 --config lb.toml`. Re-executes through `sudo -E` when not root.
+    Run {
+        /// Arguments for `lb`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: host unit tests, BPF packet tests and network-namespace
+    /// end-to-end tests. Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The main job on a built-in default: a client, the load balancer and three
+    /// weighted backends in network namespaces, real TCP connections through the XDP
+    /// program, and the spread of connections over the backends. Needs root.
+    Demo,
+    /// Benchmarks; each prints its figures and writes them to target/bench/NAME.json.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Maglev table build time for 10/100/1,000 backends and slots moved per weight
+    /// change, against the theoretical minimum.
+    Table,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup::run(&root, setup::Report::Verbose),
+        Task::Build { release } => {
+            setup::run(&root, setup::Report::Quiet)?;
+            build(&root, release)
+        }
+        Task::Run { args } => {
+            if !setup::is_root() {
+                return reexec_with_sudo();
+            }
+            setup::run(&root, setup::Report::Quiet)?;
+            build(&root, true)?;
+            let lb = root.join("target/release/lb");
+            let status = Command::new(&lb)
+                .args(&args)
+                .status()
+                .context("starting lb")?;
+            exit_like(status)
+        }
+        Task::Test { args } => {
+            require_root("tests attach XDP programs and create network namespaces")?;
+            setup::run(&root, setup::Report::Quiet)?;
+            build(&root, false)?;
+            cargo(&root)
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("LB_BIN", root.join("target/debug/lb"))
+                .status()
+                .context("running cargo test")
+                .and_then(exit_like)
+        }
+        Task::Demo => {
+            require_root("the demo attaches XDP programs and creates network namespaces")?;
+            setup::run(&root, setup::Report::Quiet)?;
+            build(&root, false)?;
+            cargo(&root)
+                .args(["run", "--quiet", "-p", "lb-tests", "--bin", "lb-demo"])
+                .env("LB_BIN", root.join("target/debug/lb"))
+                .status()
+                .context("running the demo")
+                .and_then(exit_like)
+        }
+        Task::Bench {
+            which: Bench::Table,
+        } => cargo(&root)
+            .args(["bench", "-p", "lb-userspace", "--bench", "table"])
+            .env("LB_BENCH_JSON", root.join("target/bench/table.json"))
+            .status()
+            .context("running the table benchmark")
+            .and_then(exit_like),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `cargo` for the host build, at the workspace root.
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo(root);
+    cmd.args(["build", "-p", "lb-userspace", "--bin", "lb"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("building lb failed ({status})");
+    }
+    Ok(())
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!("this task must run as root: {why}");
+    }
+    Ok(())
+}
+
+/// Runs this same xtask again through `sudo -E`, for `run` as a normal user.
+fn reexec_with_sudo() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let status = Command::new("sudo")
+        .arg("-E")
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .status()
+        .context("running sudo (lb needs root to attach XDP); run as root instead")?;
+    exit_like(status)
+}
+
+fn exit_like(status: std::process::ExitStatus) -> anyhow::Result<()> {
+    if status.success() {
+        return Ok(());
+    }
+    std::process::exit(status.code().unwrap_or(1));
+}

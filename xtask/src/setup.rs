@@ -1,0 +1,250 @@
+//! `cargo xtask setup`: makes this machine able to build and run the XDP program, and
+//! says what it checked. Idempotent and quick when everything is already there.
+//!
+//! 1. `rust-src` for the nightly toolchain (`-Z build-std=core` needs it): rustup
+//!    downloads it; when that fails, a matching tarball in `../shared/toolchain/`
+//!    (next to the repository) is unpacked into the nightly's sysroot instead.
+//! 2. `bpf-linker` built from crates.io against the nightly's own LLVM (the same LLVM
+//!    major as the bitcode rustc emits) into `.tools/bin/`, reused by later runs.
+//! 3. bpffs mounted on /sys/fs/bpf (needed to pin maps and links).
+//! 4. Checks: root, the BPF syscall (loads a two-instruction XDP program), kernel BTF.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// How much `run` prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Every check, as `cargo xtask setup` shows them.
+    Verbose,
+    /// Only what it installs or what fails.
+    Quiet,
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn run(root: &Path, report: Report) -> anyhow::Result<()> {
+    let say = |line: String| {
+        if report == Report::Verbose {
+            println!("{line}");
+        }
+    };
+    let sysroot = nightly_sysroot()?;
+    say(format!("ok   nightly toolchain at {}", sysroot.display()));
+
+    ensure_rust_src(root, &sysroot)?;
+    say("ok   rust-src for the nightly toolchain".into());
+
+    let linker = ensure_bpf_linker(root, &sysroot)?;
+    say(format!(
+        "ok   bpf-linker {BPF_LINKER_VERSION} at {}",
+        linker.display()
+    ));
+
+    if is_root() {
+        say("ok   running as root".into());
+        ensure_bpffs()?;
+        say("ok   bpffs mounted on /sys/fs/bpf".into());
+        check_bpf_xdp_load()?;
+        say("ok   BPF syscall: an XDP program loads".into());
+    } else {
+        say("warn not root: skipped bpffs and the BPF syscall check (tests, demo and run need root)".into());
+    }
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        say("ok   kernel BTF at /sys/kernel/btf/vmlinux".into());
+    } else {
+        say("warn no kernel BTF (/sys/kernel/btf/vmlinux); the datapath does not need it".into());
+    }
+    Ok(())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("running `rustc +nightly` (is rustup installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "no nightly toolchain: install it with `rustup toolchain install nightly` ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn ensure_rust_src(root: &Path, sysroot: &Path) -> anyhow::Result<()> {
+    let marker = sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    if marker.exists() {
+        return Ok(());
+    }
+    eprintln!("setup: installing rust-src for the nightly toolchain");
+    let status = Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+        .status()
+        .context("running rustup")?;
+    if status.success() && marker.exists() {
+        return Ok(());
+    }
+    let offline = root
+        .parent()
+        .map(|p| p.join("shared/toolchain"))
+        .filter(|p| p.is_dir());
+    let tarball = offline.and_then(|dir| {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("rust-src-nightly"))
+            })
+    });
+    let Some(tarball) = tarball else {
+        bail!("could not install rust-src with rustup, and no offline copy was found");
+    };
+    eprintln!("setup: rustup failed; unpacking {}", tarball.display());
+    let status = Command::new("tar")
+        .arg("-xJf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(sysroot.join("lib/rustlib"))
+        .status()
+        .context("running tar")?;
+    if !status.success() || !marker.exists() {
+        bail!("unpacking {} did not give rust-src", tarball.display());
+    }
+    Ok(())
+}
+
+fn ensure_bpf_linker(root: &Path, sysroot: &Path) -> anyhow::Result<PathBuf> {
+    let tools = root.join(".tools");
+    let linker = tools.join("bin/bpf-linker");
+    let works = |linker: &Path| {
+        Command::new(linker)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if linker.is_file() && works(&linker) {
+        return Ok(linker);
+    }
+    // bpf-linker must use the LLVM of the rustc that emits the bitcode. The nightly
+    // ships it as a shared library; a prefix whose lib/libLLVM.so points at it is
+    // what bpf-linker's build needs. It keeps an rpath there, so the prefix stays.
+    let version = Command::new("rustc").args(["+nightly", "-vV"]).output()?;
+    let version = String::from_utf8(version.stdout)?;
+    let llvm_major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("`rustc +nightly -vV` names no LLVM version")?
+        .to_owned();
+    let libdir = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&libdir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("libLLVM.so.{llvm_major}"))
+                    || n.starts_with(&format!("libLLVM-{llvm_major}"))
+            })
+        })
+        .with_context(|| format!("no libLLVM of LLVM {llvm_major} in {}", libdir.display()))?;
+    let prefix = tools.join("llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    // The build links against lib/libLLVM.so; at run time the loader looks for the
+    // library's own file name (its soname) in the same rpath directory.
+    for name in [
+        std::ffi::OsStr::new("libLLVM.so"),
+        libllvm.file_name().unwrap(),
+    ] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libllvm, &link)?;
+    }
+    if linker.is_file() && works(&linker) {
+        return Ok(linker);
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm_major} (about a minute)"
+    );
+    let status = Command::new("cargo")
+        .args(["+nightly", "install", "bpf-linker", "--force", "--locked"])
+        .args(["--version", BPF_LINKER_VERSION])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
+        .arg("--root")
+        .arg(&tools)
+        .env("LLVM_PREFIX", &prefix)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .context("running cargo install bpf-linker")?;
+    if !status.success() || !linker.is_file() {
+        bail!("building bpf-linker failed ({status})");
+    }
+    Ok(linker)
+}
+
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").ok();
+    let status = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()?;
+    if !status.success() {
+        bail!("mounting bpffs on /sys/fs/bpf failed");
+    }
+    eprintln!("setup: mounted bpffs on /sys/fs/bpf");
+    Ok(())
+}
+
+/// Loads `r0 = XDP_PASS; exit` as an XDP program through the raw BPF syscall: proves
+/// the syscall works and XDP programs are allowed, with nothing attached.
+fn check_bpf_xdp_load() -> anyhow::Result<()> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    let insns: [u64; 2] = [
+        // BPF_MOV64_IMM(BPF_REG_0, XDP_PASS = 2)
+        u64::from_le_bytes([0xb7, 0x00, 0, 0, 2, 0, 0, 0]),
+        // BPF_EXIT_INSN()
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = b"GPL\0";
+    // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; rest zero.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr is a valid bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len()) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        bail!("the kernel refused to load a minimal XDP program: {err}");
+    }
+    // SAFETY: fd is a file descriptor we own.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
