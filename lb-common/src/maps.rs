@@ -32,6 +32,7 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const SETTINGS: &str = "SETTINGS";
 }
 
 /// Program names, as declared in `lb-ebpf/src/main.rs`.

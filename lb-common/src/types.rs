@@ -13,10 +13,18 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 /// IP protocol numbers the datapath balances.
 pub const PROTO_UDP: u8 = 17;
+/// ICMP for IPv4: echo to a VIP address, and errors about VIP flows.
+pub const PROTO_ICMP: u8 = 1;
+/// ICMP for IPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+/// IPv4-in-IP encapsulation (outer protocol / next header).
+pub const PROTO_IPIP: u8 = 4;
+/// IPv6-in-IP encapsulation (outer protocol / next header).
+pub const PROTO_IPV6: u8 = 41;
 
 /// Key of the `VIPS` map: the virtual service a packet is addressed to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct VipKey {
     /// Destination address, network order.
     pub addr: [u8; 16],
@@ -31,6 +39,12 @@ pub struct VipKey {
 /// [`VipMeta::flags`]: hash only the source address, so that every flow of one client
 /// reaches the same backend (client stickiness). Default is the 5-tuple.
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+/// [`VipMeta::flags`]: forward by IP-in-IP encapsulation to the backend's address
+/// (IPIP or IPv6-in-IPv6 by family) instead of L2 direct server return.
+pub const VIP_F_ENCAP: u32 = 1 << 1;
+/// [`VipMeta::flags`]: this entry only says "answer ICMP echo for this address". Its
+/// key has port 0 and protocol [`PROTO_ICMP`] or [`PROTO_ICMPV6`]; it has no table.
+pub const VIP_F_ECHO: u32 = 1 << 2;
 
 /// Value of the `VIPS` map: where the VIP's lookup table lives and how to use it.
 #[repr(C)]
@@ -52,7 +66,8 @@ pub struct VipMeta {
 pub struct Backend {
     /// Backend address, network order.
     pub addr: [u8; 16],
-    /// Destination MAC of frames sent to this backend (its own MAC in L2 DSR mode).
+    /// Destination MAC of frames sent to this backend: its own MAC in L2 DSR mode,
+    /// the next hop's MAC towards its address in encapsulation mode.
     pub mac: [u8; 6],
     /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id.
     pub family: u8,
@@ -62,7 +77,7 @@ pub struct Backend {
 
 /// Key of the `CONNS` connection table: one flow as the client sent it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct FlowKey {
     /// Client address, network order.
     pub src: [u8; 16],
@@ -88,6 +103,19 @@ pub struct ConnEntry {
     pub backend_id: u32,
     /// VIP id of the flow (to account established packets to their VIP).
     pub vip_id: u32,
+}
+
+/// Datapath-wide settings, the one entry of the `SETTINGS` array. Written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// Outer IPv4 source of encapsulated packets: the first two bytes are kept, the
+    /// last two are taken from the flow hash, so a router's ECMP hash over the outer
+    /// header spreads flows (a /16 is reserved for it).
+    pub encap_src_v4: [u8; 4],
+    /// Outer IPv6 source: the first 12 bytes are kept, the last 4 come from the flow
+    /// hash (a /96).
+    pub encap_src_v6: [u8; 16],
 }
 
 /// Datapath-wide counters, one per reason, in the per-CPU `STATS` array (index 0).
@@ -116,7 +144,8 @@ pub struct GlobalStats {
     pub drop_no_backend: u64,
     /// Connection table: the flow was known.
     pub conn_hit: u64,
-    /// Connection table: unknown flow opened by a SYN (or a UDP datagram): a new flow.
+    /// New flows: TCP SYNs (which always take the lookup table, like Katran, so a
+    /// reused client port follows the current weights) and UDP flows not in the table.
     pub conn_miss_syn: u64,
     /// Connection table: unknown TCP flow without SYN: a flow that may break.
     pub conn_miss_non_syn: u64,
@@ -124,6 +153,17 @@ pub struct GlobalStats {
     pub conn_insert_failed: u64,
     /// Sent back out by `XDP_TX` towards a backend.
     pub tx: u64,
+    /// Of those, encapsulated.
+    pub tx_encap: u64,
+    /// ICMP echo requests to a VIP address answered by the datapath itself.
+    pub icmp_echo_reply: u64,
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP flow,
+    /// forwarded to that flow's backend.
+    pub icmp_error_forwarded: u64,
+    /// Passed: ICMP that is neither echo to a VIP nor an error about a VIP flow.
+    pub pass_icmp_other: u64,
+    /// Dropped: encapsulation could not grow the frame (no headroom).
+    pub drop_encap_failed: u64,
 }
 
 /// Per-VIP counters, per-CPU array `VIP_STATS` indexed by vip id.
@@ -156,6 +196,7 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::VipStats {}
     unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::Settings {}
 }
 
 #[cfg(test)]
@@ -172,6 +213,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 16 + 6 + 1 + 1);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<ConnEntry>(), 8);
-        assert_eq!(size_of::<GlobalStats>(), 14 * 8);
+        assert_eq!(size_of::<GlobalStats>(), 19 * 8);
+        assert_eq!(size_of::<Settings>(), 20);
     }
 }

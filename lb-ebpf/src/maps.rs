@@ -2,13 +2,15 @@
 //! come from `lb_common::maps`; layouts from `lb_common::types`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     maps::{CONN_TABLE_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RING_COPIES},
-    types::{Backend, BackendStats, ConnEntry, FlowKey, GlobalStats, VipKey, VipMeta, VipStats},
+    types::{
+        Backend, BackendStats, ConnEntry, FlowKey, GlobalStats, Settings, VipKey, VipMeta, VipStats,
+    },
 };
 
 /// VIP (address, port, protocol) → its id, table geometry and flags. Written by the
@@ -23,9 +25,11 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// The lookup tables: two copies per VIP of `MAX_RING_SIZE` backend ids each (see
-/// `lb_common::maps::ring_base`). Written by the agent into the inactive copy.
+/// `lb_common::maps::ring_base`). Written by the agent into the inactive copy,
+/// through a shared memory mapping (`BPF_F_MMAPABLE`): no syscall per slot.
 #[map(name = "RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(MAX_VIPS * RING_COPIES * MAX_RING_SIZE, 0);
+pub static RINGS: Array<u32> =
+    Array::with_max_entries(MAX_VIPS * RING_COPIES * MAX_RING_SIZE, BPF_F_MMAPABLE);
 
 /// Connection table: flow → backend. Written by the datapath on a flow's first
 /// packet; read on every packet. Shared by all CPUs (a flow is found whichever CPU
@@ -46,3 +50,8 @@ pub static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Datapath-wide settings (index 0): the encapsulation source prefixes. Written by
+/// the agent.
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

@@ -33,7 +33,9 @@ pub fn count_stop(counters: Global, stop: Stop) {
         Stop::Truncated => &mut s.pass_truncated,
         Stop::Malformed => &mut s.pass_malformed,
         Stop::Ipv6Extension => &mut s.pass_ipv6_extension,
+        Stop::IcmpOther => &mut s.pass_icmp_other,
         Stop::NoBackend => &mut s.drop_no_backend,
+        Stop::EncapFailed => &mut s.drop_encap_failed,
     });
 }
 

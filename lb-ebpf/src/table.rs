@@ -14,20 +14,27 @@ use crate::{
     parse::Packet,
 };
 
-/// The backend id for a new flow of `vip`.
+/// The flow hash the VIP's settings call for.
 #[inline(always)]
-pub fn pick(pkt: &Packet, vip: &VipMeta) -> Result<u32, Stop> {
+pub fn hash(pkt: &Packet, vip: &VipMeta) -> u32 {
+    if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
+        source_hash(&pkt.flow)
+    } else {
+        flow_hash(&pkt.flow)
+    }
+}
+
+/// The backend id for a new flow of `vip`, and the flow's hash.
+#[inline(always)]
+pub fn pick(pkt: &Packet, vip: &VipMeta) -> Result<(u32, u32), Stop> {
     // Guards against a corrupt VipMeta; they also bound the index for the verifier.
     if vip.vip_id >= MAX_VIPS || vip.ring_size == 0 || vip.ring_size > MAX_RING_SIZE {
         return Err(Stop::NoBackend);
     }
-    let hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
-        source_hash(&pkt.flow)
-    } else {
-        flow_hash(&pkt.flow)
-    };
+    let hash = hash(pkt, vip);
     let slot = ring_base(vip.vip_id, vip.active & 1) + hash % vip.ring_size;
-    RINGS.get(slot).copied().ok_or(Stop::NoBackend)
+    let backend_id = RINGS.get(slot).copied().ok_or(Stop::NoBackend)?;
+    Ok((backend_id, hash))
 }
 
 /// The backend with id `backend_id`, if that id is in use.

@@ -29,7 +29,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let mut dataplane = Dataplane::load()?;
     dataplane
-        .write(&desired)
+        .apply(&desired)
         .context("filling the datapath's maps")?;
     // Subscribe before attaching, so that a signal arriving right after the attach
     // is not lost and the program is always detached.

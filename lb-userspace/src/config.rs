@@ -8,11 +8,16 @@
 //! protocol = "tcp"         # "tcp" or "udp"
 //! hash = "5-tuple"         # or "source": every flow of a client to one backend
 //! table_size = 65537       # prime, at most 65537
+//! forwarding = "dsr"        # or "ipip": IP-in-IP to the backend's address
 //!
 //! [[vip.backend]]
 //! address = "198.18.0.11"
 //! mac = "02:00:00:00:00:11" # where frames for this backend go (L2 DSR: its own MAC)
 //! weight = 1                # share of new flows; 0 drains it
+//!
+//! [encapsulation]           # needed by VIPs with forwarding = "ipip"
+//! source_v4 = "198.19.0.0"  # a /16: the last two bytes come from the flow hash
+//! source_v6 = "fd00:19::"   # a /96: the last four bytes come from the flow hash
 //! ```
 
 use std::{
@@ -92,10 +97,33 @@ pub enum HashFields {
     Source,
 }
 
+/// How packets reach a VIP's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// L2 direct server return: only the destination MAC changes; the backend holds
+    /// the VIP on a loopback interface and is on the load balancer's segment.
+    #[default]
+    Dsr,
+    /// IP-in-IP (IPIP, IPv6-in-IPv6, or across families) to the backend's address;
+    /// the backend decapsulates and answers the client directly.
+    Ipip,
+}
+
 /// The whole configuration, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub vips: Vec<Vip>,
+    /// Outer source prefixes of encapsulated packets, when a VIP uses `ipip`.
+    pub encapsulation: Encapsulation,
+}
+
+/// Outer source prefixes for encapsulation: a /16 for IPv4 and a /96 for IPv6 whose
+/// remaining bits the datapath fills from the flow hash, so ECMP spreads flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Encapsulation {
+    pub source_v4: Option<std::net::Ipv4Addr>,
+    pub source_v6: Option<std::net::Ipv6Addr>,
 }
 
 /// One virtual service, checked.
@@ -106,6 +134,7 @@ pub struct Vip {
     pub protocol: Protocol,
     pub hash: HashFields,
     pub table_size: u32,
+    pub forwarding: Forwarding,
     /// Sorted by address, so that every agent given the same file agrees on ids.
     pub backends: Vec<Backend>,
 }
@@ -132,6 +161,14 @@ pub struct Backend {
 struct RawConfig {
     #[serde(default)]
     vip: Vec<RawVip>,
+    encapsulation: Option<RawEncapsulation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEncapsulation {
+    source_v4: Option<String>,
+    source_v6: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +180,8 @@ struct RawVip {
     #[serde(default)]
     hash: HashFields,
     table_size: Option<u32>,
+    #[serde(default)]
+    forwarding: Forwarding,
     #[serde(default)]
     backend: Vec<RawBackend>,
 }
@@ -189,6 +228,7 @@ impl Config {
                 format!("{} VIPs, at most {MAX_VIPS}", raw.vip.len()),
             ));
         }
+        let encapsulation = check_encapsulation(raw.encapsulation)?;
         let mut seen = BTreeSet::new();
         let mut vips = Vec::with_capacity(raw.vip.len());
         let mut total_backends = 0usize;
@@ -200,6 +240,24 @@ impl Config {
                     format!("{vip} is configured twice"),
                 ));
             }
+            if vip.forwarding == Forwarding::Ipip {
+                for (j, b) in vip.backends.iter().enumerate() {
+                    let missing = match b.address {
+                        IpAddr::V4(_) => encapsulation.source_v4.is_none().then_some("source_v4"),
+                        IpAddr::V6(_) => encapsulation.source_v6.is_none().then_some("source_v6"),
+                    };
+                    if let Some(key) = missing {
+                        return Err(invalid(
+                            format!("encapsulation.{key}"),
+                            format!(
+                                "vip[{i}] forwards by ipip to backend[{j}] {}, which needs an \
+                                 outer source prefix of its family",
+                                b.address
+                            ),
+                        ));
+                    }
+                }
+            }
             total_backends += vip.backends.len();
             vips.push(vip);
         }
@@ -209,8 +267,59 @@ impl Config {
                 format!("{total_backends} backends over all VIPs, at most {MAX_BACKENDS}"),
             ));
         }
-        Ok(Config { vips })
+        Ok(Config {
+            vips,
+            encapsulation,
+        })
     }
+}
+
+fn check_encapsulation(raw: Option<RawEncapsulation>) -> Result<Encapsulation, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Encapsulation::default());
+    };
+    let source_v4 = match raw.source_v4 {
+        None => None,
+        Some(text) => {
+            let addr: std::net::Ipv4Addr = text.parse().map_err(|_| {
+                invalid(
+                    "encapsulation.source_v4",
+                    format!("{text:?} is not an IPv4 address"),
+                )
+            })?;
+            if addr.octets()[2..] != [0, 0] {
+                return Err(invalid(
+                    "encapsulation.source_v4",
+                    format!(
+                        "{addr} must be a /16 prefix ending in .0.0 (the flow hash fills the rest)"
+                    ),
+                ));
+            }
+            Some(addr)
+        }
+    };
+    let source_v6 = match raw.source_v6 {
+        None => None,
+        Some(text) => {
+            let addr: std::net::Ipv6Addr = text.parse().map_err(|_| {
+                invalid(
+                    "encapsulation.source_v6",
+                    format!("{text:?} is not an IPv6 address"),
+                )
+            })?;
+            if addr.octets()[12..] != [0, 0, 0, 0] {
+                return Err(invalid(
+                    "encapsulation.source_v6",
+                    format!("{addr} must be a /96 prefix (the flow hash fills the last 32 bits)"),
+                ));
+            }
+            Some(addr)
+        }
+    };
+    Ok(Encapsulation {
+        source_v4,
+        source_v6,
+    })
 }
 
 fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
@@ -249,10 +358,13 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
                 format!("{:?} is not an IP address", b.address),
             )
         })?;
-        if baddr.is_ipv4() != address.is_ipv4() {
+        if baddr.is_ipv4() != address.is_ipv4() && raw.forwarding == Forwarding::Dsr {
             return Err(invalid(
                 bfield("address"),
-                format!("{baddr} is not of the same IP family as the VIP {address}"),
+                format!(
+                    "{baddr} is not of the same IP family as the VIP {address}, which L2 DSR \
+                     needs (forwarding = \"ipip\" can cross families)"
+                ),
             ));
         }
         if baddr.is_unspecified() || baddr.is_multicast() {
@@ -304,6 +416,7 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
         protocol: raw.protocol,
         hash: raw.hash,
         table_size,
+        forwarding: raw.forwarding,
         backends,
     })
 }
@@ -443,6 +556,34 @@ weight = 1
         let second = GOOD.split_once("[[vip]]").unwrap().1;
         let text = format!("{GOOD}\n[[vip]]{second}");
         assert_eq!(field_of(&text), "vip[1]");
+    }
+
+    #[test]
+    fn ipip_needs_a_source_prefix_of_the_backends_family() {
+        let text = GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nforwarding = \"ipip\"",
+        );
+        assert_eq!(field_of(&text), "encapsulation.source_v4");
+        let ok = format!("{text}\n[encapsulation]\nsource_v4 = \"198.19.0.0\"\n");
+        let config = Config::parse(&ok).unwrap();
+        assert_eq!(config.vips[0].forwarding, Forwarding::Ipip);
+        let bad = format!("{text}\n[encapsulation]\nsource_v4 = \"198.19.0.1\"\n");
+        assert_eq!(field_of(&bad), "encapsulation.source_v4");
+    }
+
+    #[test]
+    fn ipip_may_cross_families() {
+        let text = GOOD
+            .replace(
+                "protocol = \"tcp\"",
+                "protocol = \"tcp\"\nforwarding = \"ipip\"",
+            )
+            .replace("198.18.0.12", "fd00:18::12");
+        let text = format!(
+            "{text}\n[encapsulation]\nsource_v4 = \"198.19.0.0\"\nsource_v6 = \"fd00:19::\"\n"
+        );
+        assert!(Config::parse(&text).is_ok());
     }
 
     #[test]

@@ -2,17 +2,24 @@
 //! state into its maps, attaches it to an interface and reads its counters. Used by
 //! the agent, and by the tests (packet fixtures through `BPF_PROG_TEST_RUN`).
 
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{AsFd, AsRawFd},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    maps::{names, programs, ring_base},
-    types::{BackendStats, GlobalStats, VipKey, VipMeta},
+    maps::{MAX_RING_SIZE, MAX_VIPS, RING_COPIES, names, programs, ring_base},
+    types::{BackendStats, ConnEntry, FlowKey, GlobalStats, Settings, VipKey, VipMeta},
 };
 
-use crate::desired::Desired;
+use crate::desired::{Desired, DesiredVip};
 
 /// The XDP object built by `build.rs` from `lb-ebpf` (empty when built without it).
 #[cfg(not(lb_no_ebpf))]
@@ -47,6 +54,8 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("cannot map the lookup tables into memory: {0}")]
+    Mmap(#[source] std::io::Error),
     #[error("map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -59,12 +68,131 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
 
-/// The loaded load-balancing program and its maps.
+/// How long a table copy stays untouched after it stopped being the active one, so
+/// that a packet which read the old `VipMeta` just before the flip has finished with
+/// it (an XDP run takes microseconds; this is a wide margin).
+pub const COPY_GRACE: Duration = Duration::from_millis(20);
+
+/// What one [`Dataplane::apply`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Lookup-table slots written.
+    pub slots_written: u64,
+    /// VIPs that switched to a new table copy.
+    pub tables_switched: u32,
+    /// VIP, echo and backend entries written or removed.
+    pub entries_changed: u32,
+}
+
+/// The loaded load-balancing program, its maps, and the shadow of what they hold.
 pub struct Dataplane {
     /// Owns the program and the maps; dropping it detaches and unloads them.
     ebpf: Ebpf,
     /// The attachment, while attached.
     link: Option<XdpLinkId>,
+    /// `RINGS`, mapped into this process: table slots are written as memory.
+    rings: RingsMapping,
+    /// What the maps hold now, as last written: the truth that changes are computed
+    /// against, so that only what differs is written.
+    shadow: Shadow,
+}
+
+#[derive(Default)]
+struct Shadow {
+    vips: BTreeMap<VipKey, ShadowVip>,
+    backends: BTreeMap<u32, lb_common::types::Backend>,
+    echo: BTreeSet<VipKey>,
+    settings: Settings,
+}
+
+struct ShadowVip {
+    meta: VipMeta,
+    /// What each of the two table copies holds (`None`: never written).
+    copies: [Option<Arc<Vec<u32>>>; 2],
+    /// When the VIP last switched copies.
+    switched_at: Instant,
+}
+
+/// A shared mapping of the `RINGS` array. The kernel stores array elements at an
+/// 8-byte stride whatever their size, so each `u32` slot is one `u64` here (the
+/// value in its low half on this little-endian layout, the high half zero).
+struct RingsMapping {
+    ptr: *mut u64,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by one `Dataplane`; access goes through `&mut self`.
+unsafe impl Send for RingsMapping {}
+
+impl RingsMapping {
+    fn new(ebpf: &Ebpf) -> Result<RingsMapping, DataplaneError> {
+        let Some(Map::Array(data)) = ebpf.map(names::RINGS) else {
+            return Err(DataplaneError::MissingMap(names::RINGS));
+        };
+        let len = (MAX_VIPS * RING_COPIES * MAX_RING_SIZE) as usize;
+        let bytes = len * std::mem::size_of::<u64>();
+        // SAFETY: maps the array's own memory (BPF_F_MMAPABLE), shared with the
+        // kernel; the length is the array's size, which the kernel checks.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(RingsMapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Writes `table` at `base`, only the slots that differ from `old` (everything if
+    /// `old` is `None` or of another length). Returns the number of slots written.
+    fn write(&mut self, base: u32, table: &[u32], old: Option<&[u32]>) -> u64 {
+        assert!(
+            base as usize + table.len() <= self.len,
+            "table beyond the RINGS array"
+        );
+        // SAFETY: in bounds (checked above) of a live mapping owned by `self`. The
+        // kernel reads these slots concurrently; u32 stores are atomic on every
+        // architecture BPF runs on, and this copy is not the active one.
+        let slots =
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.add(base as usize), table.len()) };
+        match old {
+            Some(old) if old.len() == table.len() => {
+                let mut written = 0;
+                for ((slot, &new), &was) in slots.iter_mut().zip(table).zip(old) {
+                    if new != was {
+                        // SAFETY: a plain in-bounds store; volatile so the compiler
+                        // neither drops nor merges stores to memory the kernel reads.
+                        unsafe { std::ptr::write_volatile(slot, new as u64) };
+                        written += 1;
+                    }
+                }
+                written
+            }
+            _ => {
+                for (slot, &new) in slots.iter_mut().zip(table) {
+                    // SAFETY: as above.
+                    unsafe { std::ptr::write_volatile(slot, new as u64) };
+                }
+                table.len() as u64
+            }
+        }
+    }
+}
+
+impl Drop for RingsMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * std::mem::size_of::<u64>()) };
+    }
 }
 
 impl Dataplane {
@@ -80,41 +208,187 @@ impl Dataplane {
                 name: programs::BALANCER,
                 source,
             })?;
-        Ok(Dataplane { ebpf, link: None })
+        let rings = RingsMapping::new(&ebpf)?;
+        Ok(Dataplane {
+            ebpf,
+            link: None,
+            rings,
+            shadow: Shadow::default(),
+        })
     }
 
-    /// Writes `desired` into the maps: backends first, then each VIP's table into its
-    /// copy 0, then the VIP entries that make them reachable. Called before attaching.
-    pub fn write(&mut self, desired: &Desired) -> Result<(), DataplaneError> {
-        {
-            let mut backends: Array<&mut MapData, lb_common::types::Backend> =
-                Array::try_from(self.map_mut(names::BACKENDS)?)
-                    .map_err(map_err(names::BACKENDS))?;
-            for (id, backend) in desired.backends.iter().enumerate() {
-                backends
-                    .set(id as u32, backend, 0)
-                    .map_err(map_err(names::BACKENDS))?;
-            }
+    /// Makes the maps hold `desired`, writing only what differs from what they hold.
+    ///
+    /// Order matters, since the datapath reads the maps all along: settings and new
+    /// backends first; then each changed table is written into the VIP's inactive
+    /// copy and made active by one update of the VIP's entry (a packet sees the old
+    /// table or the new one, never a mix); then echo entries; then removed VIPs go;
+    /// removed backends go last, when no table names them any more.
+    pub fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport::default();
+        if self.shadow.settings != desired.settings {
+            let mut map: Array<&mut MapData, Settings> =
+                Array::try_from(self.map_mut(names::SETTINGS)?)
+                    .map_err(map_err(names::SETTINGS))?;
+            map.set(0, desired.settings, 0)
+                .map_err(map_err(names::SETTINGS))?;
+            self.shadow.settings = desired.settings;
         }
         {
-            let mut rings: Array<&mut MapData, u32> =
-                Array::try_from(self.map_mut(names::RINGS)?).map_err(map_err(names::RINGS))?;
-            for vip in &desired.vips {
-                let base = ring_base(vip.meta.vip_id, vip.meta.active);
-                for (slot, backend_id) in vip.table.iter().enumerate() {
-                    rings
-                        .set(base + slot as u32, backend_id, 0)
-                        .map_err(map_err(names::RINGS))?;
+            let mut map: Array<&mut MapData, lb_common::types::Backend> = Array::try_from(
+                self.ebpf
+                    .map_mut(names::BACKENDS)
+                    .ok_or(DataplaneError::MissingMap(names::BACKENDS))?,
+            )
+            .map_err(map_err(names::BACKENDS))?;
+            for (&id, b) in &desired.backends {
+                if self.shadow.backends.get(&id) != Some(&b.entry) {
+                    map.set(id, b.entry, 0).map_err(map_err(names::BACKENDS))?;
+                    self.shadow.backends.insert(id, b.entry);
+                    report.entries_changed += 1;
                 }
             }
         }
-        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
-            HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))?;
-        for vip in &desired.vips {
-            vips.insert(vip.key, vip.meta, 0)
-                .map_err(map_err(names::VIPS))?;
+        for (key, vip) in &desired.vips {
+            self.apply_vip(*key, vip, &mut report)?;
         }
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::VIPS)
+                .ok_or(DataplaneError::MissingMap(names::VIPS))?,
+        )
+        .map_err(map_err(names::VIPS))?;
+        for key in desired.echo.difference(&self.shadow.echo) {
+            vips.insert(key, Desired::echo_meta(), 0)
+                .map_err(map_err(names::VIPS))?;
+            report.entries_changed += 1;
+        }
+        for key in self.shadow.echo.difference(&desired.echo) {
+            vips.remove(key).map_err(map_err(names::VIPS))?;
+            report.entries_changed += 1;
+        }
+        self.shadow.echo = desired.echo.clone();
+        let gone: Vec<VipKey> = self
+            .shadow
+            .vips
+            .keys()
+            .filter(|k| !desired.vips.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            vips.remove(&key).map_err(map_err(names::VIPS))?;
+            self.shadow.vips.remove(&key);
+            report.entries_changed += 1;
+        }
+        let gone: Vec<u32> = self
+            .shadow
+            .backends
+            .keys()
+            .filter(|id| !desired.backends.contains_key(id))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            let mut map: Array<&mut MapData, lb_common::types::Backend> = Array::try_from(
+                self.ebpf
+                    .map_mut(names::BACKENDS)
+                    .ok_or(DataplaneError::MissingMap(names::BACKENDS))?,
+            )
+            .map_err(map_err(names::BACKENDS))?;
+            for id in gone {
+                map.set(id, lb_common::types::Backend::default(), 0)
+                    .map_err(map_err(names::BACKENDS))?;
+                self.shadow.backends.remove(&id);
+                report.entries_changed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    fn apply_vip(
+        &mut self,
+        key: VipKey,
+        vip: &DesiredVip,
+        report: &mut ApplyReport,
+    ) -> Result<(), DataplaneError> {
+        let (target, old) = match self.shadow.vips.get(&key) {
+            None => (0, None),
+            Some(shadow) => {
+                let active = shadow.meta.active as usize;
+                let same_table = shadow.copies[active].as_deref() == Some(&*vip.table);
+                let same_meta = VipMeta {
+                    active: shadow.meta.active,
+                    ..vip.meta
+                } == shadow.meta;
+                if same_table && same_meta {
+                    return Ok(());
+                }
+                if same_table {
+                    // Flags changed only: one update of the entry, same copy.
+                    let meta = VipMeta {
+                        active: shadow.meta.active,
+                        ..vip.meta
+                    };
+                    self.vips_map()?
+                        .insert(key, meta, 0)
+                        .map_err(map_err(names::VIPS))?;
+                    self.shadow.vips.get_mut(&key).unwrap().meta = meta;
+                    report.entries_changed += 1;
+                    return Ok(());
+                }
+                let wait = COPY_GRACE.saturating_sub(shadow.switched_at.elapsed());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+                let target = 1 - active;
+                (target, shadow.copies[target].clone())
+            }
+        };
+        let base = ring_base(vip.meta.vip_id, target as u32);
+        report.slots_written +=
+            self.rings
+                .write(base, &vip.table, old.as_deref().map(|v| v.as_slice()));
+        let meta = VipMeta {
+            active: target as u32,
+            ..vip.meta
+        };
+        self.vips_map()?
+            .insert(key, meta, 0)
+            .map_err(map_err(names::VIPS))?;
+        report.tables_switched += 1;
+        report.entries_changed += 1;
+        let entry = self.shadow.vips.entry(key).or_insert_with(|| ShadowVip {
+            meta,
+            copies: [None, None],
+            switched_at: Instant::now(),
+        });
+        entry.meta = meta;
+        entry.copies[target] = Some(vip.table.clone());
+        entry.switched_at = Instant::now();
         Ok(())
+    }
+
+    /// The table the datapath reads for `key` now, read back slot by slot through
+    /// the map syscall (not through the memory mapping it was written with), with
+    /// the active copy taken from the kernel's own VIP entry.
+    pub fn active_table(&self, key: &VipKey) -> Result<Option<Vec<u32>>, DataplaneError> {
+        let vips: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        let meta = match vips.get(key, 0) {
+            Ok(meta) => meta,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(names::VIPS)(e)),
+        };
+        let rings: Array<&MapData, u32> =
+            Array::try_from(self.map(names::RINGS)?).map_err(map_err(names::RINGS))?;
+        let base = ring_base(meta.vip_id, meta.active);
+        (0..meta.ring_size)
+            .map(|slot| rings.get(&(base + slot), 0).map_err(map_err(names::RINGS)))
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Some)
+    }
+
+    fn vips_map(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipMeta>, DataplaneError> {
+        HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))
     }
 
     /// Attaches the balancer to `iface`.
@@ -147,6 +421,14 @@ impl Dataplane {
     /// The balancer program, for `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
         xdp_program(&mut self.ebpf, programs::BALANCER)
+    }
+
+    /// Every flow in the connection table, with its entry (for tests and debugging;
+    /// on a busy table this walks up to a million entries).
+    pub fn connections(&self) -> Result<Vec<(FlowKey, ConnEntry)>, DataplaneError> {
+        let map: HashMap<&MapData, FlowKey, ConnEntry> =
+            HashMap::try_from(self.map(names::CONNS)?).map_err(map_err(names::CONNS))?;
+        map.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(names::CONNS))
     }
 
     /// Datapath-wide counters summed over CPUs.
@@ -194,6 +476,11 @@ fn sum_global(a: &GlobalStats, b: &GlobalStats) -> GlobalStats {
         pass_not_vip: a.pass_not_vip + b.pass_not_vip,
         pass_fragment: a.pass_fragment + b.pass_fragment,
         ipv4_options: a.ipv4_options + b.ipv4_options,
+        tx_encap: a.tx_encap + b.tx_encap,
+        icmp_echo_reply: a.icmp_echo_reply + b.icmp_echo_reply,
+        icmp_error_forwarded: a.icmp_error_forwarded + b.icmp_error_forwarded,
+        pass_icmp_other: a.pass_icmp_other + b.pass_icmp_other,
+        drop_encap_failed: a.drop_encap_failed + b.drop_encap_failed,
         pass_truncated: a.pass_truncated + b.pass_truncated,
         pass_malformed: a.pass_malformed + b.pass_malformed,
         pass_ipv6_extension: a.pass_ipv6_extension + b.pass_ipv6_extension,

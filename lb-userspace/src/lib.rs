@@ -12,3 +12,4 @@ pub mod config;
 pub mod dataplane;
 pub mod desired;
 pub mod maglev;
+pub mod model;

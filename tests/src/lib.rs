@@ -1,6 +1,6 @@
-//! The end-to-end test harness of the load balancer: network namespaces, the bridged
-//! direct-server-return topology and real TCP traffic; used by the integration tests
-//! in `tests/tests/`.
+//! The test harness of the load balancer: packet fixtures, network namespaces, the
+//! bridged direct-server-return topology and real TCP traffic; used by the
+//! integration tests in `tests/tests/` and by the `lb-demo` binary.
 //!
 //! # Layout
 //! - [`netns`]: named network namespaces that are removed on drop, on panic and on
@@ -8,6 +8,8 @@
 //! - [`topology`]: the client, load balancer and backends on one bridged segment.
 //! - [`tcp`]: backend servers that answer with their name, and clients that count
 //!   which backend answered.
+//! - [`packet`]: frames built field by field, for the datapath tests.
+//! - [`spread`]: the end-to-end scenario of weighted backends behind the real agent.
 //!
 //! Every test network lives only in namespaces this crate creates, uses addresses from
 //! 198.18.0.0/15 and fd00::/8 only, and has no default route.

@@ -197,7 +197,8 @@ pub fn udp_frame(
     ip_frame(dst_mac, src_mac, src, dst, 17, &dgram)
 }
 
-fn ip_frame(
+/// Ethernet + IPv4/IPv6 (default header fields) around a built transport payload.
+pub fn ip_frame(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
     src: IpAddr,
@@ -219,14 +220,33 @@ fn ip_frame(
     }
 }
 
-/// Checks every checksum of an Ethernet frame carrying IPv4 or IPv6 and TCP or UDP,
-/// from the bytes alone. Returns a description of the first wrong one.
+/// An ICMP (IPv4) or ICMPv6 message of `kind`/`code` with 4 bytes of rest-of-header
+/// and a body, with a correct checksum (ICMPv6 needs the addresses for its pseudo
+/// header).
+pub fn icmp(kind: u8, code: u8, rest: [u8; 4], body: &[u8], v6: Option<(Ipv6Addr, Ipv6Addr)>) -> Vec<u8> {
+    let mut m = vec![kind, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = match v6 {
+        Some((s, d)) => checksum(&[&pseudo_header(IpAddr::V6(s), IpAddr::V6(d), 58, m.len()), &m]),
+        None => checksum(&[&m]),
+    };
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// Checks every checksum of an Ethernet frame carrying IPv4 or IPv6 and TCP, UDP or
+/// ICMP, from the bytes alone, and of the inner packet of IP-in-IP. Returns a
+/// description of the first wrong one.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     if frame.len() < 14 {
         return Err("shorter than an Ethernet header".into());
     }
     let ether_type = u16::from_be_bytes([frame[12], frame[13]]);
-    let ip = &frame[14..];
+    verify_ip(ether_type, &frame[14..])
+}
+
+fn verify_ip(ether_type: u16, ip: &[u8]) -> Result<(), String> {
     let (src, dst, proto, l4) = match ether_type {
         ETH_P_IP => {
             let hl = ((ip[0] & 0x0f) as usize) * 4;
@@ -257,6 +277,20 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
             }
             Ok(())
         }
+        1 => {
+            if sum(&[l4]) != 0xffff {
+                return Err("ICMP checksum".into());
+            }
+            Ok(())
+        }
+        58 => {
+            if sum(&[&pseudo_header(src, dst, 58, l4.len()), l4]) != 0xffff {
+                return Err("ICMPv6 checksum".into());
+            }
+            Ok(())
+        }
+        4 => verify_ip(ETH_P_IP, l4).map_err(|e| format!("inner {e}")),
+        41 => verify_ip(ETH_P_IPV6, l4).map_err(|e| format!("inner {e}")),
         _ => Ok(()),
     }
 }

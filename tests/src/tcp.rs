@@ -552,10 +552,6 @@ impl Pinger {
 
     /// Stops pinging, closes the connection and returns what was seen.
     pub fn stop(mut self) -> PingReport {
-        self.finish()
-    }
-
-    fn finish(&mut self) -> PingReport {
         self.stop.store(true, Ordering::SeqCst);
         match self.handle.take().map(JoinHandle::join) {
             Some(Ok(report)) => report,
@@ -567,11 +563,9 @@ impl Pinger {
 
 impl Drop for Pinger {
     fn drop(&mut self) {
-        if self.handle.is_some() {
-            self.stop.store(true, Ordering::SeqCst);
-            if let Some(handle) = self.handle.take() {
-                let _ = handle.join();
-            }
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
         }
     }
 }

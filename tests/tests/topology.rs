@@ -178,6 +178,15 @@ fn ipv6_and_long_lived_connections_work() {
         .run_in(|| std::net::TcpStream::connect_timeout(&target, TIMEOUT))
         .unwrap()
         .unwrap();
+    // The handshake completes in the kernel; wait until the server has accepted it.
+    let deadline = Instant::now() + TIMEOUT;
+    while server.accepted() < 13 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connection was never accepted"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let stopping = Instant::now();
     assert_eq!(server.stop(), 13);
     assert!(

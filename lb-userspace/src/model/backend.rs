@@ -1,0 +1,304 @@
+//! One backend's model, tick by tick: owns its feature window, the three predictors,
+//! their error trackers and the selector; the agent's control loop calls
+//! [`BackendModel::tick`] once per backend per control interval, and the `predictor`
+//! bench replays series through it the same way.
+//!
+//! A tick does, in order: score the predictions made last tick against the value just
+//! measured; teach every predictor that value; update the features; predict the next
+//! interval with each predictor; choose which one drives the weights. Fitting the SVR is
+//! not part of a tick (see [`BackendModel::training_set`] and [`BackendModel::install`]).
+
+use super::{
+    Choice, ErrorTracker, Ewma, FeatureSpec, FeatureWindow, FittedSvr, LastValue, ModelError,
+    Predictor, Scored, Selector, SvrModel, SvrParams, TrainingSet, check_finite,
+};
+
+/// How a [`BackendModel`] is built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendModelConfig {
+    /// Which features the SVR sees.
+    pub features: FeatureSpec,
+    /// The SVR's parameters.
+    pub svr: SvrParams,
+    /// The EWMA baseline's smoothing factor, in (0, 1].
+    pub ewma_alpha: f64,
+    /// How many scored predictions each rolling error covers.
+    pub error_window: usize,
+    /// The fewest scored predictions the SVR needs before it can be chosen.
+    pub min_scores: usize,
+}
+
+impl Default for BackendModelConfig {
+    fn default() -> Self {
+        Self {
+            features: FeatureSpec::default(),
+            svr: SvrParams::default(),
+            ewma_alpha: 0.5,
+            error_window: 100,
+            min_scores: 30,
+        }
+    }
+}
+
+/// What one tick predicts for the next interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forecast {
+    /// The chosen predictor's prediction (`None` only before the first value).
+    pub value: Option<f64>,
+    /// Which predictor was chosen and why.
+    pub choice: Choice,
+    /// The last-value baseline's prediction.
+    pub last_value: Option<f64>,
+    /// The EWMA baseline's prediction.
+    pub ewma: Option<f64>,
+    /// The SVR's prediction (`None` until it is fitted and the features are complete).
+    pub svr: Option<f64>,
+}
+
+/// Indices into [`BackendModel::trackers`].
+const LAST: usize = 0;
+const EWMA: usize = 1;
+const SVR: usize = 2;
+
+/// One backend's predictors and their bookkeeping.
+#[derive(Debug, Clone)]
+pub struct BackendModel {
+    config: BackendModelConfig,
+    window: FeatureWindow,
+    /// The features as they were at the end of the previous tick.
+    previous: Option<Vec<f64>>,
+    last: LastValue,
+    ewma: Ewma,
+    svr: SvrModel,
+    trackers: [ErrorTracker; 3],
+    selector: Selector,
+}
+
+impl BackendModel {
+    /// A model that has seen nothing; refuses an invalid configuration.
+    pub fn new(config: BackendModelConfig) -> Result<Self, ModelError> {
+        if let Some(anchor) = config.svr.anchor
+            && anchor >= config.features.len()
+        {
+            return Err(ModelError::InvalidParameter {
+                name: "anchor",
+                value: anchor as f64,
+                reason: "must be the index of a feature",
+            });
+        }
+        let tracker = ErrorTracker::new(config.error_window)?;
+        Ok(Self {
+            window: FeatureWindow::new(config.features.clone())?,
+            previous: None,
+            last: LastValue::new(),
+            ewma: Ewma::new(config.ewma_alpha)?,
+            svr: SvrModel::new(config.svr.clone())?,
+            trackers: [tracker.clone(), tracker.clone(), tracker],
+            selector: Selector {
+                min_scores: config.min_scores,
+            },
+            config,
+        })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &BackendModelConfig {
+        &self.config
+    }
+
+    /// Takes one interval's measured target value and the backend's other metrics (as
+    /// many as `features.extra_metrics`), and forecasts the next interval. Refused
+    /// input (non-finite, wrong count) changes nothing.
+    pub fn tick(&mut self, target: f64, extra: &[f64]) -> Result<Forecast, ModelError> {
+        check_finite("target", &[target])?;
+        if extra.len() != self.config.features.extra_metrics {
+            return Err(ModelError::FeatureCount {
+                expected: self.config.features.extra_metrics,
+                got: extra.len(),
+            });
+        }
+        check_finite("extra metric", extra)?;
+        // Every input is valid now, so none of the calls below can refuse it.
+        for tracker in &mut self.trackers {
+            tracker.actual(target)?;
+        }
+        self.last.observe(&[], target)?;
+        self.ewma.observe(&[], target)?;
+        if let Some(previous) = &self.previous {
+            self.svr.observe(previous, target)?;
+        }
+        self.window.push(target, extra)?;
+        self.previous = self.window.features();
+
+        let last_value = self.last.predict(&[]).ok();
+        let ewma = self.ewma.predict(&[]).ok();
+        let svr = self
+            .previous
+            .as_deref()
+            .and_then(|features| self.svr.predict(features).ok());
+        for (tracker, prediction) in self.trackers.iter_mut().zip([last_value, ewma, svr]) {
+            match prediction {
+                Some(p) => tracker.predicted(p)?,
+                None => tracker.skip(),
+            }
+        }
+        let choice = self.choice();
+        let value = if choice.uses_model {
+            svr
+        } else if choice.predictor == self.ewma.name() {
+            ewma
+        } else {
+            last_value
+        };
+        Ok(Forecast {
+            value: value.or(last_value),
+            choice,
+            last_value,
+            ewma,
+            svr,
+        })
+    }
+
+    /// Which predictor should drive the weights now, and why.
+    pub fn choice(&self) -> Choice {
+        self.selector.choose(
+            Scored {
+                name: self.svr.name(),
+                tracker: &self.trackers[SVR],
+            },
+            &[
+                Scored {
+                    name: self.last.name(),
+                    tracker: &self.trackers[LAST],
+                },
+                Scored {
+                    name: self.ewma.name(),
+                    tracker: &self.trackers[EWMA],
+                },
+            ],
+        )
+    }
+
+    /// An owned snapshot of the SVR's training window, to fit with
+    /// [`BackendModel::svr_params`] on another thread.
+    pub fn training_set(&self) -> TrainingSet {
+        self.svr.training_set()
+    }
+
+    /// The parameters a fit should use.
+    pub fn svr_params(&self) -> &SvrParams {
+        self.svr.params()
+    }
+
+    /// Makes a finished fit the SVR used from the next tick on.
+    pub fn install(&mut self, fitted: FittedSvr) -> Result<(), ModelError> {
+        self.svr.install(fitted)
+    }
+
+    /// The SVR, for its window and fitted model.
+    pub fn svr(&self) -> &SvrModel {
+        &self.svr
+    }
+
+    /// The rolling errors of last value, EWMA and SVR, in that order.
+    pub fn rolling_mae(&self) -> [Option<f64>; 3] {
+        [
+            self.trackers[LAST].mae(),
+            self.trackers[EWMA].mae(),
+            self.trackers[SVR].mae(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Reason;
+
+    fn config() -> BackendModelConfig {
+        BackendModelConfig {
+            features: FeatureSpec {
+                lags: 3,
+                mean_window: 4,
+                diff: true,
+                extra_metrics: 1,
+            },
+            svr: SvrParams {
+                window: 120,
+                min_samples: 20,
+                c: 10.0,
+                loss_epsilon: 0.01,
+                ..SvrParams::default()
+            },
+            ewma_alpha: 0.5,
+            error_window: 20,
+            min_scores: 10,
+        }
+    }
+
+    fn load(t: usize) -> f64 {
+        10.0 + 3.0 * (0.25 * t as f64).sin()
+    }
+
+    #[test]
+    fn the_svr_takes_over_once_it_proves_better_and_is_bounded() {
+        let mut model = BackendModel::new(config()).unwrap();
+        let mut choices = Vec::new();
+        for t in 0..300 {
+            if t == 150 {
+                let fitted = model.training_set().fit(model.svr_params()).unwrap();
+                model.install(fitted).unwrap();
+            }
+            let forecast = model.tick(load(t), &[0.5]).unwrap();
+            assert!(forecast.value.is_some());
+            assert_eq!(forecast.svr.is_some(), t >= 150);
+            choices.push(forecast.choice);
+        }
+        assert!(choices[100..150].iter().all(|c| !c.uses_model));
+        assert!(matches!(
+            choices[155].reason,
+            Reason::ModelUnproven { have: 5, need: 10 }
+        ));
+        let last = choices.last().unwrap();
+        assert!(last.uses_model, "{last}");
+        assert_eq!(last.reason, Reason::ModelBetter);
+        let [lv, _, svr] = model.rolling_mae();
+        assert!(svr.unwrap() * 5.0 < lv.unwrap());
+        assert_eq!(model.svr().len(), 120);
+    }
+
+    #[test]
+    fn refused_ticks_change_nothing() {
+        let mut model = BackendModel::new(config()).unwrap();
+        for t in 0..10 {
+            model.tick(load(t), &[1.0]).unwrap();
+        }
+        let before = format!("{model:?}");
+        assert!(matches!(
+            model.tick(f64::NAN, &[1.0]),
+            Err(ModelError::NonFinite { what: "target", .. })
+        ));
+        assert!(matches!(
+            model.tick(1.0, &[f64::INFINITY]),
+            Err(ModelError::NonFinite {
+                what: "extra metric",
+                ..
+            })
+        ));
+        assert!(matches!(
+            model.tick(1.0, &[]),
+            Err(ModelError::FeatureCount { .. })
+        ));
+        assert_eq!(format!("{model:?}"), before);
+    }
+
+    #[test]
+    fn refuses_an_anchor_outside_the_features() {
+        let mut bad = config();
+        bad.svr.anchor = Some(bad.features.len());
+        assert!(BackendModel::new(bad).is_err());
+        let mut bad = config();
+        bad.ewma_alpha = 0.0;
+        assert!(BackendModel::new(bad).is_err());
+    }
+}

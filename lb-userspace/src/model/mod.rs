@@ -1,0 +1,126 @@
+//! The load model: owns the prediction of what a new flow sent to a backend will suffer
+//! one control interval ahead; the agent's control loop calls it once per backend per
+//! tick, and the `predictor` bench replays recorded series through it.
+//!
+//! This is pure code: no kernel, no async, no clock. Nothing here panics on any input;
+//! NaN and infinite values are refused with [`ModelError::NonFinite`].
+//!
+//! # How the agent uses it
+//! Each backend gets one [`BackendModel`]. On every control tick the agent passes the
+//! interval's target value (latency or queueing, not raw CPU) and the backend's other
+//! metrics to [`BackendModel::tick`], which scores the predictions made on the previous
+//! tick against that truth, learns from it and returns a [`Forecast`]: every
+//! predictor's value for the next interval and the [`Choice`] of which one should drive
+//! the weights, with the reason (for `lb explain`).
+//!
+//! The SVR is trained apart from the tick so that it can run in a background task:
+//! [`BackendModel::training_set`] takes an owned snapshot of the sliding window,
+//! [`TrainingSet::fit`] returns a new [`FittedSvr`] or an error, and
+//! [`BackendModel::install`] swaps a good fit in. A failed fit changes nothing, so the
+//! last good model stays in use.
+//!
+//! # Layout
+//! - [`features`]: the feature window (lags, a short mean, a difference, other metrics).
+//! - [`baseline`]: the [`LastValue`] and [`Ewma`] predictors.
+//! - [`scale`]: per-column standardization.
+//! - [`svr`]: the RBF support vector regression over a bounded sliding window.
+//! - [`select`]: rolling out-of-sample error and the choice of predictor.
+//! - [`backend`]: all of the above for one backend, tick by tick.
+
+pub mod backend;
+pub mod baseline;
+pub mod features;
+pub mod scale;
+pub mod select;
+pub mod svr;
+
+pub use backend::{BackendModel, BackendModelConfig, Forecast};
+pub use baseline::{Ewma, LastValue};
+pub use features::{FeatureSpec, FeatureWindow};
+pub use scale::Standardizer;
+pub use select::{Choice, ErrorTracker, Reason, Scored, Selector};
+pub use svr::{FittedSvr, KernelWidth, SvrModel, SvrParams, TrainingSet};
+
+/// A one-step-ahead predictor of a backend's target metric.
+///
+/// The caller alternates two calls per control tick: [`Predictor::observe`] with the
+/// features that were current one tick ago and the target value that has just been
+/// measured, then [`Predictor::predict`] with the features current now, for the value
+/// one tick ahead.
+pub trait Predictor {
+    /// A short, stable name for tables and `lb explain` (for example `"last_value"`).
+    fn name(&self) -> &str;
+
+    /// Learns that `features` (known one tick ago) were followed by `target`.
+    ///
+    /// Non-finite input is refused and leaves the predictor unchanged.
+    fn observe(&mut self, features: &[f64], target: f64) -> Result<(), ModelError>;
+
+    /// Predicts the target one tick ahead from the current `features`.
+    fn predict(&self, features: &[f64]) -> Result<f64, ModelError>;
+}
+
+/// Everything the model can refuse or fail at.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelError {
+    /// An input, or a value computed from inputs, was NaN or infinite.
+    #[error("{what} is not finite ({value}) at position {index}")]
+    NonFinite {
+        /// Which input: `"target"`, `"feature"`, `"extra metric"`, ...
+        what: &'static str,
+        /// The position of the value within its input (0 for a single value).
+        index: usize,
+        /// The offending value.
+        value: f64,
+    },
+    /// A feature vector had the wrong length for this model.
+    #[error("expected {expected} features, got {got}")]
+    FeatureCount {
+        /// The length the model was built or trained with.
+        expected: usize,
+        /// The length it was given.
+        got: usize,
+    },
+    /// A parameter was outside its allowed range.
+    #[error("parameter {name} = {value} is invalid: {reason}")]
+    InvalidParameter {
+        /// The parameter's name.
+        name: &'static str,
+        /// Its value.
+        value: f64,
+        /// What the allowed range is.
+        reason: &'static str,
+    },
+    /// A predictor was asked for a value before it had seen any data.
+    #[error("{predictor} has not observed anything yet")]
+    NotReady {
+        /// The predictor's name.
+        predictor: &'static str,
+    },
+    /// The SVR was asked for a prediction before any fit was installed.
+    #[error("the SVR has no fitted model yet")]
+    NotFitted,
+    /// A fit was asked for with too few samples.
+    #[error("too few samples to fit: need {needed}, have {have}")]
+    TooFewSamples {
+        /// The least number of samples a fit accepts.
+        needed: usize,
+        /// The number there were.
+        have: usize,
+    },
+    /// The SVR solver failed (the message is the solver's).
+    #[error("the SVR fit failed: {0}")]
+    Fit(String),
+}
+
+/// Refuses the first non-finite value of `values`, naming it as `what`.
+pub(crate) fn check_finite(what: &'static str, values: &[f64]) -> Result<(), ModelError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(ModelError::NonFinite {
+            what,
+            index,
+            value: values[index],
+        }),
+        None => Ok(()),
+    }
+}
