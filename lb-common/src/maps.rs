@@ -33,6 +33,9 @@ pub mod names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SETTINGS: &str = "SETTINGS";
+    /// Every map, for pinning.
+    pub const ALL: [&str; 8] =
+        [VIPS, BACKENDS, RINGS, CONNS, STATS, VIP_STATS, BACKEND_STATS, SETTINGS];
 }
 
 /// Program names, as declared in `lb-ebpf/src/main.rs`.

@@ -60,7 +60,9 @@ pub struct VipMeta {
     pub flags: u32,
 }
 
-/// Value of the `BACKENDS` array, indexed by backend id.
+/// Value of the `BACKENDS` array, indexed by backend id. The datapath reads the
+/// address, MAC and family; the rest is the agent's own record, kept in the pinned
+/// map so that a restarted agent finds the weights and operator overrides in force.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
@@ -71,9 +73,20 @@ pub struct Backend {
     pub mac: [u8; 6],
     /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id.
     pub family: u8,
-    /// Reserved, zero.
-    pub _pad: u8,
+    /// `BACKEND_F_*` bits (agent only).
+    pub flags: u8,
+    /// Id of the VIP this backend serves (agent only).
+    pub vip_id: u32,
+    /// Weight in force (agent only; the lookup table is what the datapath uses).
+    pub weight: u32,
 }
+
+/// [`Backend::flags`]: the operator pinned the weight (it survives reloads).
+pub const BACKEND_F_PINNED: u8 = 1 << 0;
+/// [`Backend::flags`]: the operator set the weight until the next reload.
+pub const BACKEND_F_SET: u8 = 1 << 1;
+/// [`Backend::flags`]: the operator drained the backend.
+pub const BACKEND_F_DRAINED: u8 = 1 << 2;
 
 /// Key of the `CONNS` connection table: one flow as the client sent it.
 #[repr(C)]
@@ -210,7 +223,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<VipMeta>(), 16);
-        assert_eq!(size_of::<Backend>(), 16 + 6 + 1 + 1);
+        assert_eq!(size_of::<Backend>(), 16 + 6 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<ConnEntry>(), 8);
         assert_eq!(size_of::<GlobalStats>(), 19 * 8);

@@ -1,14 +1,37 @@
-//! The agent's lifetime: check everything, load and fill the datapath, attach it, run
-//! until told to stop, detach. Called by `lb run`.
+//! The agent's lifetime and control loop: check everything, adopt or load the
+//! datapath, attach it, then serve one `tokio::select!` loop — signals, control
+//! requests, and a periodic refresh — until told to stop. Called by `lb run`.
+//!
+//! The datapath is pinned under `/sys/fs/bpf/lb/<instance>/`. A restarted agent
+//! adopts what it finds there (maps with their contents, and the link, whose program
+//! it replaces atomically), so a restart forwards no packet differently. When the
+//! agent stops, the datapath keeps forwarding with the last weights (fail-static),
+//! unless `--detach-on-exit` was given or `lb detach` is run.
 
-use std::{ffi::CString, path::PathBuf};
+use std::{collections::BTreeMap, ffi::CString, net::IpAddr, path::PathBuf, time::Instant};
 
 use anyhow::{Context, bail};
 use aya::programs::XdpMode;
-use log::info;
-use tokio::signal::unix::{SignalKind, signal};
+use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, GlobalStats, VipKey};
+use log::{info, warn};
+use serde_json::json;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
-use crate::{config::Config, dataplane::Dataplane, desired::Desired};
+use crate::{
+    api::{BackendView, Request, Response},
+    config::{Backend, Config, MAX_WEIGHT, Vip},
+    control,
+    dataplane::Dataplane,
+    desired::{Desired, vip_key},
+};
+
+/// Where an instance keeps its pins.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/lb").join(instance)
+}
 
 /// What `lb run` was asked to do.
 pub struct RunOptions {
@@ -18,6 +41,38 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// How XDP is attached.
     pub mode: XdpMode,
+    /// Names the pin directory and the control socket.
+    pub instance: String,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Detach and remove the pins on exit instead of staying fail-static.
+    pub detach_on_exit: bool,
+}
+
+/// An operator's hold on one backend's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Override {
+    /// `weight set`: until `auto` or the next reload.
+    Set(u32),
+    /// `weight pin`: until `auto`, across reloads.
+    Pin(u32),
+    /// `drain`: weight 0 until `undrain` or `auto`.
+    Drain,
+}
+
+/// The agent's state; the control loop owns it and nothing else touches it.
+struct Agent {
+    opts: RunOptions,
+    /// The configuration in force (the last one that applied).
+    config: Config,
+    /// What the maps hold (the shadow is inside the dataplane; this is the plan).
+    desired: Desired,
+    dataplane: Dataplane,
+    /// Operator overrides by (VIP, backend address).
+    overrides: BTreeMap<(VipKey, IpAddr), Override>,
+    started: Instant,
+    /// Outcome of the last reload, for `status`.
+    last_reload: Option<(Instant, Result<(), String>)>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Nothing is attached unless the config,
@@ -25,17 +80,29 @@ pub struct RunOptions {
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&opts.config)?;
     check_interface(&opts.iface)?;
-    let desired = Desired::from_config(&config)?;
-
-    let mut dataplane = Dataplane::load()?;
-    dataplane
+    let dir = pin_dir(&opts.instance);
+    let (mut dataplane, adopted) = Dataplane::load_pinned(&dir)
+        .with_context(|| format!("loading the datapath pinned at {}", dir.display()))?;
+    let previous = adopted.then(|| dataplane.current());
+    let overrides = previous.as_ref().map(overrides_of).unwrap_or_default();
+    let desired = plan(&config, previous.as_ref(), &overrides)?;
+    let report = dataplane
         .apply(&desired)
         .context("filling the datapath's maps")?;
-    // Subscribe before attaching, so that a signal arriving right after the attach
-    // is not lost and the program is always detached.
+    if adopted {
+        info!(
+            "adopted the datapath pinned at {} ({} table slots and {} entries differed)",
+            dir.display(),
+            report.slots_written,
+            report.entries_changed
+        );
+    }
+    // Subscribe before attaching, so that no signal after the attach is missed.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     dataplane.attach(&opts.iface, opts.mode)?;
+    let listener = control::bind(&opts.socket)?;
     for vip in &config.vips {
         let weights: Vec<String> = vip
             .backends
@@ -45,30 +112,368 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("VIP {vip}: backends {}", weights.join(" "));
     }
     info!(
-        "attached to {} in {:?} mode; serving {} VIP(s)",
+        "attached to {} in {:?} mode; serving {} VIP(s); control socket {}",
         opts.iface,
         opts.mode,
-        config.vips.len()
+        config.vips.len(),
+        opts.socket.display()
     );
     println!("lb: ready on {}", opts.iface);
 
-    let why = tokio::select! {
-        _ = interrupt.recv() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
+    let mut agent = Agent {
+        opts,
+        config,
+        desired,
+        dataplane,
+        overrides,
+        started: Instant::now(),
+        last_reload: None,
     };
-    info!("{why}: detaching from {}", opts.iface);
-    let stats = dataplane.global_stats()?;
-    info!(
-        "frames {} forwarded {} passed-not-vip {} conn hits {} new {} non-SYN misses {}",
-        stats.rx_frames,
-        stats.tx,
-        stats.pass_not_vip,
-        stats.conn_hit,
-        stats.conn_miss_syn,
-        stats.conn_miss_non_syn
-    );
-    dataplane.detach()?;
+    let (tx, mut requests) = mpsc::channel(16);
+    let server = tokio::spawn(control::serve(listener, tx));
+    let why = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break "SIGTERM",
+            _ = hangup.recv() => {
+                match agent.reload() {
+                    Ok(()) => info!("SIGHUP: configuration reloaded"),
+                    Err(e) => warn!("SIGHUP: reload refused, nothing changed: {e:#}"),
+                }
+            }
+            Some((request, reply)) = requests.recv() => {
+                let response = agent.handle(request);
+                let _ = reply.send(response);
+            }
+        }
+    };
+    server.abort();
+    let _ = std::fs::remove_file(&agent.opts.socket);
+    let stats = agent.dataplane.global_stats()?;
+    info!("{why}: {}", summary(&stats));
+    if agent.opts.detach_on_exit {
+        agent.dataplane.detach()?;
+        info!("detached from {} and removed the pins", agent.opts.iface);
+    } else {
+        info!(
+            "left attached (fail-static): `lb detach --instance {}` removes it",
+            agent.opts.instance
+        );
+    }
     Ok(())
+}
+
+fn summary(s: &GlobalStats) -> String {
+    format!(
+        "frames {} forwarded {} passed-not-vip {} conn hits {} new {} non-SYN misses {}",
+        s.rx_frames, s.tx, s.pass_not_vip, s.conn_hit, s.conn_miss_syn, s.conn_miss_non_syn
+    )
+}
+
+/// The desired state for `config` with `overrides` applied.
+fn plan(
+    config: &Config,
+    previous: Option<&Desired>,
+    overrides: &BTreeMap<(VipKey, IpAddr), Override>,
+) -> anyhow::Result<Desired> {
+    Ok(Desired::plan(
+        config,
+        previous,
+        &|vip: &Vip, b: &Backend| match overrides.get(&(vip_key(vip), b.address)) {
+            None => (b.weight, 0),
+            Some(Override::Set(w)) => (*w, BACKEND_F_SET),
+            Some(Override::Pin(w)) => (*w, BACKEND_F_PINNED),
+            Some(Override::Drain) => (0, BACKEND_F_DRAINED),
+        },
+    )?)
+}
+
+/// The overrides an earlier agent recorded in the pinned backend entries.
+fn overrides_of(previous: &Desired) -> BTreeMap<(VipKey, IpAddr), Override> {
+    previous
+        .backends
+        .values()
+        .filter_map(|b| {
+            let o = if b.entry.flags & BACKEND_F_DRAINED != 0 {
+                Override::Drain
+            } else if b.entry.flags & BACKEND_F_PINNED != 0 {
+                Override::Pin(b.weight)
+            } else if b.entry.flags & BACKEND_F_SET != 0 {
+                Override::Set(b.weight)
+            } else {
+                return None;
+            };
+            Some(((b.vip, b.address), o))
+        })
+        .collect()
+}
+
+impl Agent {
+    fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => Ok(self.status()),
+            Request::VipList => Ok(self.vip_list()),
+            Request::BackendList => Ok(json!(self.backend_views())),
+            Request::Stats => self.stats(),
+            Request::Explain => Ok(self.explain()),
+            Request::Reload => self.reload().map(|()| json!({"reloaded": true})),
+            Request::WeightSet {
+                backend,
+                vip,
+                weight,
+            } => self.override_weight(backend, vip, Some(Override::Set(weight))),
+            Request::WeightPin {
+                backend,
+                vip,
+                weight,
+            } => self.override_weight(backend, vip, Some(Override::Pin(weight))),
+            Request::WeightAuto { backend, vip } => self.override_weight(backend, vip, None),
+            Request::Drain { backend, vip } => {
+                self.override_weight(backend, vip, Some(Override::Drain))
+            }
+            Request::Undrain { backend, vip } => match self.find(backend, vip.as_deref()) {
+                Ok(key) if self.overrides.get(&key) == Some(&Override::Drain) => self
+                    .change_overrides(|o| {
+                        o.remove(&key);
+                    }),
+                Ok(_) => Err(anyhow::anyhow!("backend {backend} is not drained")),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(value) => Response::ok(value),
+            Err(e) => Response::error(format!("{e:#}")),
+        }
+    }
+
+    /// The (VIP, address) a request names; the VIP may be left out when the address
+    /// serves only one.
+    fn find(&self, backend: IpAddr, vip: Option<&str>) -> anyhow::Result<(VipKey, IpAddr)> {
+        let serving: Vec<&Vip> = self
+            .config
+            .vips
+            .iter()
+            .filter(|v| v.backends.iter().any(|b| b.address == backend))
+            .collect();
+        match (vip, serving.as_slice()) {
+            (_, []) => bail!("{backend} is not a backend of any VIP"),
+            (None, [one]) => Ok((vip_key(one), backend)),
+            (None, many) => bail!(
+                "{backend} serves {} VIPs; name one with --vip ({})",
+                many.len(),
+                many.iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            (Some(name), many) => match many.iter().find(|v| v.to_string() == name) {
+                Some(v) => Ok((vip_key(v), backend)),
+                None => bail!(
+                    "{backend} is not a backend of VIP {name:?}; it serves {}",
+                    many.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+        }
+    }
+
+    fn override_weight(
+        &mut self,
+        backend: IpAddr,
+        vip: Option<String>,
+        o: Option<Override>,
+    ) -> anyhow::Result<serde_json::Value> {
+        if let Some(Override::Set(w) | Override::Pin(w)) = o {
+            if w > MAX_WEIGHT {
+                bail!("weight {w} is above {MAX_WEIGHT}");
+            }
+        }
+        let key = self.find(backend, vip.as_deref())?;
+        self.change_overrides(|overrides| match o {
+            Some(o) => {
+                overrides.insert(key, o);
+            }
+            None => {
+                overrides.remove(&key);
+            }
+        })
+    }
+
+    /// Applies a change of overrides completely, or not at all: the new plan is
+    /// computed (and refused if a VIP would be left without weight) before anything
+    /// is written.
+    fn change_overrides(
+        &mut self,
+        change: impl FnOnce(&mut BTreeMap<(VipKey, IpAddr), Override>),
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut overrides = self.overrides.clone();
+        change(&mut overrides);
+        let desired = plan(&self.config, Some(&self.desired), &overrides)?;
+        let report = self.dataplane.apply(&desired)?;
+        self.overrides = overrides;
+        self.desired = desired;
+        Ok(json!({
+            "slots_written": report.slots_written,
+            "tables_switched": report.tables_switched,
+        }))
+    }
+
+    /// Re-reads the configuration file: validated completely, then applied, or
+    /// refused with nothing changed. `weight set` holds end here; pins stay.
+    fn reload(&mut self) -> anyhow::Result<()> {
+        let result = (|| {
+            let config = Config::load(&self.opts.config)?;
+            let mut overrides = self.overrides.clone();
+            overrides.retain(|_, o| !matches!(o, Override::Set(_)));
+            let desired = plan(&config, Some(&self.desired), &overrides)?;
+            self.dataplane.apply(&desired)?;
+            self.config = config;
+            self.overrides = overrides;
+            self.desired = desired;
+            Ok(())
+        })();
+        self.last_reload = Some((
+            Instant::now(),
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e: &anyhow::Error| format!("{e:#}")),
+        ));
+        result
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let stats = self.dataplane.global_stats().unwrap_or_default();
+        json!({
+            "instance": self.opts.instance,
+            "iface": self.opts.iface,
+            "config": self.opts.config,
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "vips": self.config.vips.len(),
+            "backends": self.desired.backends.len(),
+            "policy": "static: configured weights and operator overrides",
+            "last_reload": self.last_reload.as_ref().map(|(at, r)| json!({
+                "seconds_ago": at.elapsed().as_secs(),
+                "ok": r.is_ok(),
+                "error": r.as_ref().err(),
+            })),
+            "datapath": stats_json(&stats),
+        })
+    }
+
+    fn vip_list(&self) -> serde_json::Value {
+        json!(self
+            .config
+            .vips
+            .iter()
+            .map(|v| json!({
+                "vip": v.to_string(),
+                "forwarding": format!("{:?}", v.forwarding).to_lowercase(),
+                "hash": match v.hash { crate::config::HashFields::FiveTuple => "5-tuple", crate::config::HashFields::Source => "source" },
+                "table_size": v.table_size,
+                "backends": v.backends.len(),
+            }))
+            .collect::<Vec<_>>())
+    }
+
+    fn backend_views(&self) -> Vec<BackendView> {
+        let mut out = Vec::new();
+        for vip in &self.config.vips {
+            let key = vip_key(vip);
+            for b in &vip.backends {
+                let Some((&id, d)) = self
+                    .desired
+                    .backends
+                    .iter()
+                    .find(|(_, d)| d.vip == key && d.address == b.address)
+                else {
+                    continue;
+                };
+                let s = self.dataplane.backend_stats(id).unwrap_or_default();
+                out.push(BackendView {
+                    vip: vip.to_string(),
+                    backend: b.address,
+                    mac: b
+                        .mac
+                        .iter()
+                        .map(|x| format!("{x:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    configured_weight: b.weight,
+                    weight: d.weight,
+                    control: match self.overrides.get(&(key, b.address)) {
+                        None => "policy",
+                        Some(Override::Set(_)) => "set",
+                        Some(Override::Pin(_)) => "pinned",
+                        Some(Override::Drain) => "drained",
+                    }
+                    .to_owned(),
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    new_flows: s.new_flows,
+                });
+            }
+        }
+        out
+    }
+
+    fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        let stats = self.dataplane.global_stats()?;
+        Ok(json!({
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "datapath": stats_json(&stats),
+            "backends": self.backend_views(),
+        }))
+    }
+
+    fn explain(&self) -> serde_json::Value {
+        json!(
+            self.backend_views()
+                .into_iter()
+                .map(|b| {
+                    let why = match b.control.as_str() {
+                        "set" => format!("operator set {} (until auto or reload)", b.weight),
+                        "pinned" => format!("operator pinned {} (until auto)", b.weight),
+                        "drained" => "operator drained it: 0, no new flows".to_owned(),
+                        _ => format!("policy static: configured weight {}", b.configured_weight),
+                    };
+                    json!({
+                        "vip": b.vip,
+                        "backend": b.backend,
+                        "inputs": {"configured_weight": b.configured_weight, "override": b.control},
+                        "weight": b.weight,
+                        "why": why,
+                    })
+                })
+                .collect::<Vec<_>>()
+        )
+    }
+}
+
+fn stats_json(s: &GlobalStats) -> serde_json::Value {
+    json!({
+        "rx_frames": s.rx_frames,
+        "tx": s.tx,
+        "tx_encap": s.tx_encap,
+        "conn_hit": s.conn_hit,
+        "conn_miss_syn": s.conn_miss_syn,
+        "conn_miss_non_syn": s.conn_miss_non_syn,
+        "conn_insert_failed": s.conn_insert_failed,
+        "pass_not_ip": s.pass_not_ip,
+        "pass_not_vip": s.pass_not_vip,
+        "pass_fragment": s.pass_fragment,
+        "pass_truncated": s.pass_truncated,
+        "pass_malformed": s.pass_malformed,
+        "pass_ipv6_extension": s.pass_ipv6_extension,
+        "pass_icmp_other": s.pass_icmp_other,
+        "ipv4_options": s.ipv4_options,
+        "icmp_echo_reply": s.icmp_echo_reply,
+        "icmp_error_forwarded": s.icmp_error_forwarded,
+        "drop_no_backend": s.drop_no_backend,
+        "drop_encap_failed": s.drop_encap_failed,
+    })
 }
 
 /// Fails unless `iface` names an interface of this network namespace.
@@ -80,4 +485,17 @@ fn check_interface(iface: &str) -> anyhow::Result<u32> {
         bail!("interface {iface:?} does not exist (see `ip link`)");
     }
     Ok(index)
+}
+
+/// `lb detach`: removes an instance's pins, which detaches its program.
+pub fn detach(instance: &str) -> anyhow::Result<()> {
+    let dir = pin_dir(instance);
+    if !dir.exists() {
+        bail!(
+            "nothing is pinned for instance {instance:?} (no {})",
+            dir.display()
+        );
+    }
+    crate::dataplane::remove_pins(&dir)?;
+    Ok(())
 }

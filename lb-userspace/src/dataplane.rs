@@ -4,7 +4,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -12,14 +14,21 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     maps::{MAX_RING_SIZE, MAX_VIPS, RING_COPIES, names, programs, ring_base},
-    types::{BackendStats, ConnEntry, FlowKey, GlobalStats, Settings, VipKey, VipMeta},
+    types::{
+        BackendStats, ConnEntry, FAMILY_V4, FlowKey, GlobalStats, Settings, VIP_F_ECHO, VipKey,
+        VipMeta,
+    },
 };
 
-use crate::desired::{Desired, DesiredVip};
+use crate::desired::{Desired, DesiredBackend, DesiredVip};
 
 /// The XDP object built by `build.rs` from `lb-ebpf` (empty when built without it).
 #[cfg(not(lb_no_ebpf))]
@@ -54,6 +63,14 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("pin directory {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pinned link {path}: {message}")]
+    Link { path: PathBuf, message: String },
     #[error("cannot map the lookup tables into memory: {0}")]
     Mmap(#[source] std::io::Error),
     #[error("map `{map}`: {source}")]
@@ -88,8 +105,12 @@ pub struct ApplyReport {
 pub struct Dataplane {
     /// Owns the program and the maps; dropping it detaches and unloads them.
     ebpf: Ebpf,
-    /// The attachment, while attached.
+    /// The attachment, while attached without pinning.
     link: Option<XdpLinkId>,
+    /// Where program, link and maps are pinned, when they are.
+    pins: Option<PathBuf>,
+    /// The pinned attachment: it outlives this process (fail-static).
+    pinned_link: Option<FdLink>,
     /// `RINGS`, mapped into this process: table slots are written as memory.
     rings: RingsMapping,
     /// What the maps hold now, as last written: the truth that changes are computed
@@ -188,6 +209,21 @@ impl RingsMapping {
     }
 }
 
+impl RingsMapping {
+    /// Reads `len` slots at `base`.
+    fn read(&self, base: u32, len: usize) -> Vec<u32> {
+        assert!(
+            base as usize + len <= self.len,
+            "table beyond the RINGS array"
+        );
+        // SAFETY: in bounds of a live mapping owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(base as usize), len) }
+            .iter()
+            .map(|&v| v as u32)
+            .collect()
+    }
+}
+
 impl Drop for RingsMapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped.
@@ -197,11 +233,40 @@ impl Drop for RingsMapping {
 
 impl Dataplane {
     /// Loads the object and verifies the balancer program, without attaching it.
+    /// Nothing is pinned: the program and maps go away with this value.
     pub fn load() -> Result<Dataplane, DataplaneError> {
+        Dataplane::load_with(EbpfLoader::new(), None)
+    }
+
+    /// Loads with every map pinned under `dir` (created if missing): maps already
+    /// pinned there by an earlier agent are adopted with their contents, and the
+    /// shadow state is read back from them, so that the next [`Dataplane::apply`]
+    /// writes only real changes. Returns whether an earlier agent's state was found.
+    pub fn load_pinned(dir: &Path) -> Result<(Dataplane, bool), DataplaneError> {
+        std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let adopted = dir.join(names::VIPS).exists();
+        let mut loader = EbpfLoader::new();
+        for name in names::ALL {
+            loader.map_pin_path(name, dir.join(name));
+        }
+        let mut dataplane = Dataplane::load_with(loader, Some(dir.to_owned()))?;
+        if adopted {
+            dataplane.read_back()?;
+        }
+        Ok((dataplane, adopted))
+    }
+
+    fn load_with(
+        mut loader: EbpfLoader<'_>,
+        pins: Option<PathBuf>,
+    ) -> Result<Dataplane, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NotBuilt);
         }
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         xdp_program(&mut ebpf, programs::BALANCER)?
             .load()
             .map_err(|source| DataplaneError::Program {
@@ -212,9 +277,109 @@ impl Dataplane {
         Ok(Dataplane {
             ebpf,
             link: None,
+            pins,
+            pinned_link: None,
             rings,
             shadow: Shadow::default(),
         })
+    }
+
+    /// Rebuilds the shadow from the maps' contents (after adopting pinned maps).
+    fn read_back(&mut self) -> Result<(), DataplaneError> {
+        let settings: Array<&MapData, Settings> =
+            Array::try_from(self.map(names::SETTINGS)?).map_err(map_err(names::SETTINGS))?;
+        self.shadow.settings = settings.get(&0, 0).map_err(map_err(names::SETTINGS))?;
+        let backends: Array<&MapData, lb_common::types::Backend> =
+            Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
+        let entries: Vec<lb_common::types::Backend> =
+            backends.iter().collect::<Result<_, _>>().map_err(map_err(names::BACKENDS))?;
+        for (id, entry) in entries.into_iter().enumerate() {
+            if entry.family != 0 {
+                self.shadow.backends.insert(id as u32, entry);
+            }
+        }
+        let vips: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        let entries: Vec<(VipKey, VipMeta)> = vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::VIPS))?;
+        for (key, meta) in entries {
+            if meta.flags & VIP_F_ECHO != 0 {
+                self.shadow.echo.insert(key);
+                continue;
+            }
+            let base = ring_base(meta.vip_id, meta.active);
+            let table = Arc::new(self.rings.read(base, meta.ring_size as usize));
+            let mut copies = [None, None];
+            copies[meta.active as usize & 1] = Some(table);
+            self.shadow.vips.insert(
+                key,
+                ShadowVip {
+                    meta,
+                    copies,
+                    switched_at: Instant::now(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// What the maps hold, as a [`Desired`] (VIP names left empty): what an earlier
+    /// agent left, for keeping its ids, weights and overrides.
+    pub fn current(&self) -> Desired {
+        let vip_by_id: BTreeMap<u32, VipKey> = self
+            .shadow
+            .vips
+            .iter()
+            .map(|(k, v)| (v.meta.vip_id, *k))
+            .collect();
+        let vips = self
+            .shadow
+            .vips
+            .iter()
+            .map(|(k, v)| {
+                let table = v.copies[v.meta.active as usize & 1]
+                    .clone()
+                    .unwrap_or_default();
+                (
+                    *k,
+                    DesiredVip {
+                        name: String::new(),
+                        meta: v.meta,
+                        table,
+                    },
+                )
+            })
+            .collect();
+        let backends = self
+            .shadow
+            .backends
+            .iter()
+            .filter_map(|(&id, e)| {
+                let vip = *vip_by_id.get(&e.vip_id)?;
+                let address = if e.family == FAMILY_V4 {
+                    IpAddr::from(<[u8; 4]>::try_from(&e.addr[..4]).unwrap())
+                } else {
+                    IpAddr::from(e.addr)
+                };
+                Some((
+                    id,
+                    DesiredBackend {
+                        vip,
+                        address,
+                        weight: e.weight,
+                        entry: *e,
+                    },
+                ))
+            })
+            .collect();
+        Desired {
+            vips,
+            backends,
+            echo: self.shadow.echo.clone(),
+            settings: self.shadow.settings,
+        }
     }
 
     /// Makes the maps hold `desired`, writing only what differs from what they hold.
@@ -391,21 +556,95 @@ impl Dataplane {
         HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))
     }
 
-    /// Attaches the balancer to `iface`.
+    /// Attaches the balancer to `iface`. When pinned and an earlier agent's link is
+    /// pinned, the running program is replaced in that link atomically (no frame
+    /// sees no program, and the maps are the same), instead of attaching anew.
     pub fn attach(&mut self, iface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        let Some(dir) = self.pins.clone() else {
+            let program = xdp_program(&mut self.ebpf, programs::BALANCER)?;
+            let link = program
+                .attach(iface, mode)
+                .map_err(|source| DataplaneError::Attach {
+                    iface: iface.to_owned(),
+                    mode,
+                    source,
+                })?;
+            self.link = Some(link);
+            return Ok(());
+        };
+        let link_path = dir.join(LINK_PIN);
         let program = xdp_program(&mut self.ebpf, programs::BALANCER)?;
-        let link = program
-            .attach(iface, mode)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_owned(),
-                mode,
-                source,
+        let mut replaced = false;
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path).map_err(|e| DataplaneError::Link {
+                path: link_path.clone(),
+                message: e.to_string(),
             })?;
-        self.link = Some(link);
+            let link =
+                XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DataplaneError::Link {
+                    path: link_path.clone(),
+                    message: e.to_string(),
+                })?;
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    let link = program
+                        .take_link(id)
+                        .map_err(|source| DataplaneError::Program {
+                            name: programs::BALANCER,
+                            source,
+                        })?;
+                    self.pinned_link =
+                        Some(FdLink::try_from(link).map_err(|e| DataplaneError::Link {
+                            path: link_path.clone(),
+                            message: e.to_string(),
+                        })?);
+                    replaced = true;
+                }
+                // The link outlived its interface (or was detached): start afresh.
+                Err(_) => {
+                    let _ = std::fs::remove_file(&link_path);
+                }
+            }
+        }
+        if !replaced {
+            let id = program
+                .attach(iface, mode)
+                .map_err(|source| DataplaneError::Attach {
+                    iface: iface.to_owned(),
+                    mode,
+                    source,
+                })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| DataplaneError::Program {
+                    name: programs::BALANCER,
+                    source,
+                })?;
+            let fd_link = FdLink::try_from(link).map_err(|e| DataplaneError::Link {
+                path: link_path.clone(),
+                message: format!(
+                    "XDP links cannot be pinned here (kernel 5.9 or later needed): {e}"
+                ),
+            })?;
+            let pinned = fd_link.pin(&link_path).map_err(|e| DataplaneError::Link {
+                path: link_path.clone(),
+                message: e.to_string(),
+            })?;
+            self.pinned_link = Some(FdLink::from(pinned));
+        }
+        let prog_path = dir.join(PROGRAM_PIN);
+        let _ = std::fs::remove_file(&prog_path);
+        xdp_program(&mut self.ebpf, programs::BALANCER)?
+            .pin(&prog_path)
+            .map_err(|e| DataplaneError::Link {
+                path: prog_path,
+                message: e.to_string(),
+            })?;
         Ok(())
     }
 
-    /// Detaches the balancer; frames then reach the kernel untouched.
+    /// Detaches the balancer; frames then reach the kernel untouched. When pinned,
+    /// also removes the pins (the maps go when the last user closes them).
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         if let Some(link) = self.link.take() {
             xdp_program(&mut self.ebpf, programs::BALANCER)?
@@ -415,6 +654,10 @@ impl Dataplane {
                     source,
                 })?;
         }
+        if let Some(dir) = &self.pins {
+            self.pinned_link = None;
+            remove_pins(dir)?;
+        }
         Ok(())
     }
 
@@ -423,12 +666,27 @@ impl Dataplane {
         xdp_program(&mut self.ebpf, programs::BALANCER)
     }
 
+    /// The pass-through program `lb_pass` of the same object, loaded on first use
+    /// (never attached here): the floor of `cargo xtask bench datapath`.
+    pub fn pass_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        let program = xdp_program(&mut self.ebpf, programs::PASS)?;
+        if program.fd().is_err() {
+            program.load().map_err(|source| DataplaneError::Program {
+                name: programs::PASS,
+                source,
+            })?;
+        }
+        Ok(program)
+    }
+
     /// Every flow in the connection table, with its entry (for tests and debugging;
     /// on a busy table this walks up to a million entries).
     pub fn connections(&self) -> Result<Vec<(FlowKey, ConnEntry)>, DataplaneError> {
         let map: HashMap<&MapData, FlowKey, ConnEntry> =
             HashMap::try_from(self.map(names::CONNS)?).map_err(map_err(names::CONNS))?;
-        map.iter().collect::<Result<Vec<_>, _>>().map_err(map_err(names::CONNS))
+        map.iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(names::CONNS))
     }
 
     /// Datapath-wide counters summed over CPUs.
@@ -490,6 +748,31 @@ fn sum_global(a: &GlobalStats, b: &GlobalStats) -> GlobalStats {
         conn_miss_non_syn: a.conn_miss_non_syn + b.conn_miss_non_syn,
         conn_insert_failed: a.conn_insert_failed + b.conn_insert_failed,
         tx: a.tx + b.tx,
+    }
+}
+
+/// File names of the pinned link and program inside an instance's pin directory.
+pub const LINK_PIN: &str = "link";
+pub const PROGRAM_PIN: &str = "program";
+
+/// Removes an instance's pins: the link first (which detaches the program), then
+/// the program and the maps, then the directory. Missing files are fine.
+pub fn remove_pins(dir: &Path) -> Result<(), DataplaneError> {
+    let pin_err = |source| DataplaneError::Pin {
+        path: dir.to_owned(),
+        source,
+    };
+    for name in [LINK_PIN, PROGRAM_PIN].iter().chain(names::ALL.iter()) {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pin_err(e)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(pin_err(e)),
     }
 }
 

@@ -95,15 +95,16 @@ pub fn vip_key(vip: &Vip) -> VipKey {
 impl Desired {
     /// The maps' contents for `config` with the configured weights, from scratch.
     pub fn from_config(config: &Config) -> Result<Desired, PlanError> {
-        Desired::plan(config, None, &|_, b| b.weight)
+        Desired::plan(config, None, &|_, b| (b.weight, 0))
     }
 
-    /// The maps' contents for `config` with the weights `weight` gives each backend,
-    /// keeping the VIP and backend ids of `previous` for whatever stays.
+    /// The maps' contents for `config` with the weight (and `BACKEND_F_*` flags
+    /// recording why) that `weight` gives each backend, keeping the VIP and backend
+    /// ids of `previous` for whatever stays.
     pub fn plan(
         config: &Config,
         previous: Option<&Desired>,
-        weight: &dyn Fn(&Vip, &Backend) -> u32,
+        weight: &dyn Fn(&Vip, &Backend) -> (u32, u8),
     ) -> Result<Desired, PlanError> {
         let mut ids = IdAllocator::new(previous);
         let mut vips = BTreeMap::new();
@@ -112,7 +113,8 @@ impl Desired {
         for vip in &config.vips {
             let key = vip_key(vip);
             let vip_id = ids.vip(key);
-            let weights: Vec<u32> = vip.backends.iter().map(|b| weight(vip, b)).collect();
+            let choices: Vec<(u32, u8)> = vip.backends.iter().map(|b| weight(vip, b)).collect();
+            let weights: Vec<u32> = choices.iter().map(|c| c.0).collect();
             if weights.iter().all(|&w| w == 0) {
                 return Err(PlanError::NoWeight {
                     vip: vip.to_string(),
@@ -145,7 +147,7 @@ impl Desired {
                 .into_iter()
                 .map(|i| backend_ids[i as usize])
                 .collect();
-            for ((b, &id), &w) in vip.backends.iter().zip(&backend_ids).zip(&weights) {
+            for ((b, &id), &(w, flags)) in vip.backends.iter().zip(&backend_ids).zip(&choices) {
                 let (addr, family) = addr_bytes(b.address);
                 backends.insert(
                     id,
@@ -153,12 +155,7 @@ impl Desired {
                         vip: key,
                         address: b.address,
                         weight: w,
-                        entry: types::Backend {
-                            addr,
-                            mac: b.mac,
-                            family,
-                            _pad: 0,
-                        },
+                        entry: types::Backend { addr, mac: b.mac, family, flags, vip_id, weight: w },
                     },
                 );
             }
@@ -351,7 +348,7 @@ weight = 3
         // Drop the first VIP's first backend (198.18.0.11, id 0), add a new one.
         let text = TWO_VIPS.replace("198.18.0.11", "198.18.0.13");
         let after = Desired::plan(&Config::parse(&text).unwrap(), Some(&before), &|_, b| {
-            b.weight
+            (b.weight, 0)
         })
         .unwrap();
         let id_of = |d: &Desired, a: &str| {
@@ -377,7 +374,7 @@ weight = 3
         let config = Config::parse(TWO_VIPS).unwrap();
         let drained = "198.18.0.11".parse::<IpAddr>().unwrap();
         let desired = Desired::plan(&config, None, &|_, b| {
-            if b.address == drained { 0 } else { b.weight }
+            (if b.address == drained { 0 } else { b.weight }, 0)
         })
         .unwrap();
         let v0 = &desired.vips[&key(&desired, 0)];
@@ -386,7 +383,7 @@ weight = 3
             "the drained backend (id 0) still has slots"
         );
         let all_zero = Desired::plan(&config, None, &|v, b| {
-            if v.port == 80 { 0 } else { b.weight }
+            (if v.port == 80 { 0 } else { b.weight }, 0)
         });
         assert!(matches!(all_zero, Err(PlanError::NoWeight { .. })));
     }

@@ -6,10 +6,15 @@
 //! - [`maglev`]: the weighted Maglev lookup table (pure).
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
-//! - [`agent`]: the lifetime of `lb run`.
+//! - [`agent`]: the lifetime and control loop of `lb run`.
+//! - [`api`]: the control API's requests and responses.
+//! - [`control`]: the control socket (server side for the agent, client for the CLI).
 pub mod agent;
+pub mod api;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod desired;
 pub mod maglev;
 pub mod model;
+pub mod metrics;

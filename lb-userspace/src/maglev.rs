@@ -201,19 +201,23 @@ pub fn is_prime(n: u32) -> bool {
 }
 
 /// How far, in slots, a backend's count may stray from its quota before the builder
-/// corrects it: `size / 400`, which is 163 slots (0.25 % of the table) at 65537.
+/// corrects it: `size / 250`, which is 262 slots (0.4 % of the table) at 65537.
 pub fn accuracy_band(size: u32) -> u32 {
-    size / 400
+    size / 250
 }
 
 /// The FNV-1a 64 offset basis.
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 /// The FNV 64-bit prime.
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-/// The seed of the hash that gives a backend's permutation offset.
-const OFFSET_SEED: u64 = 0x6d61_676c_6576_6f66;
-/// The seed of the hash that gives a backend's permutation skip.
-const SKIP_SEED: u64 = 0x6d61_676c_6576_736b;
+/// The seeds of the four hashes that give a backend's permutation: inner offset,
+/// inner step, outer offset and outer step.
+const PERMUTATION_SEEDS: [u64; 4] = [
+    0x6d61_676c_6576_3169,
+    0x6d61_676c_6576_3273,
+    0x6d61_676c_6576_336f,
+    0x6d61_676c_6576_3473,
+];
 
 /// Continues an FNV-1a 64 hash from `state` over `bytes`.
 fn fnv1a64(mut state: u64, bytes: &[u8]) -> u64 {
@@ -242,11 +246,133 @@ fn key_hash(seed: u64, key: &[u8]) -> u64 {
     fmix64(fnv1a64(fnv1a64(FNV_OFFSET_BASIS, &seed.to_le_bytes()), key))
 }
 
-/// The permutation `(offset, skip)` of a key in a table of the prime `size`.
-fn permutation(key: &[u8], size: u32) -> (u32, u32) {
-    let offset = key_hash(OFFSET_SEED, key) % u64::from(size);
-    let skip = key_hash(SKIP_SEED, key) % u64::from(size - 1) + 1;
-    (offset as u32, skip as u32)
+/// `a + b (mod size)` for `a` and `b` below `size`.
+#[inline]
+fn add_mod(a: u32, b: u32, size: u32) -> u32 {
+    let sum = a + b;
+    if sum >= size { sum - size } else { sum }
+}
+
+/// `base^exp (mod m)`, for `m` below `2^32`.
+fn pow_mod(base: u64, mut exp: u64, m: u64) -> u64 {
+    let (mut base, mut result) = (base % m, 1 % m);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            result = result * base % m;
+        }
+        base = base * base % m;
+        exp >>= 1;
+    }
+    result
+}
+
+/// The inverse of `a` modulo `m`, for `a` coprime with `m` (extended Euclid).
+fn inverse_mod(a: u64, m: u64) -> u64 {
+    let (mut r0, mut r1) = (a as i64, m as i64);
+    let (mut s0, mut s1) = (1i64, 0i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (s0, s1) = (s1, s0 - q * s1);
+    }
+    debug_assert_eq!(r0, 1, "{a} has no inverse modulo {m}");
+    s0.rem_euclid(m as i64) as u64
+}
+
+/// The largest [`degree`] of any size up to [`MAX_TABLE_SIZE`].
+const MAX_DEGREE: usize = 17;
+
+/// The exponent `e` of every permutation in a table of the prime `size`: the smallest
+/// odd `e ≥ 3` coprime with `size − 1`, which is what makes `x ↦ x^e` a permutation
+/// of the slots. It is 3 for 65537 and at most [`MAX_DEGREE`] for the sizes allowed.
+fn degree(size: u32) -> usize {
+    let gcd = |mut a: u32, mut b: u32| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let mut e = 3;
+    while gcd(e, size - 1) != 1 {
+        e += 2;
+    }
+    e as usize
+}
+
+/// A backend's permutation of the slots. Its `j`-th entry is
+/// `outer_offset + outer_step · (inner_offset + inner_step · j)^e (mod size)`: an
+/// affine map, the power map of [`degree`] `e`, and another affine map, each a
+/// bijection of the slots because `size` is prime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Permutation {
+    inner_offset: u32,
+    inner_step: u32,
+    outer_offset: u32,
+    outer_step: u32,
+}
+
+impl Permutation {
+    /// The permutation of `key` in a table of the prime `size`.
+    fn of(key: &[u8], size: u32) -> Self {
+        let m = u64::from(size);
+        let [a, b, c, d] = PERMUTATION_SEEDS.map(|seed| key_hash(seed, key));
+        Permutation {
+            inner_offset: (a % m) as u32,
+            inner_step: (b % (m - 1) + 1) as u32,
+            outer_offset: (c % m) as u32,
+            outer_step: (d % (m - 1) + 1) as u32,
+        }
+    }
+
+    /// The `j`-th entry, computed directly.
+    fn entry(&self, j: u32, size: u32, degree: usize) -> u32 {
+        let m = u64::from(size);
+        let x = (u64::from(self.inner_offset) + u64::from(self.inner_step) * u64::from(j)) % m;
+        let y = pow_mod(x, degree as u64, m);
+        ((u64::from(self.outer_offset) + u64::from(self.outer_step) * y) % m) as u32
+    }
+
+    /// The forward differences `Δ⁰ … Δ^e` of the entries at `j = 0`. The entries are a
+    /// polynomial of degree `e` in `j`, so `Δ^e` is constant, and adding every
+    /// difference into the one below it steps all of them to `j + 1`: each entry of
+    /// the walk costs `e` additions.
+    fn differences(&self, size: u32, degree: usize) -> [u32; MAX_DEGREE + 1] {
+        let mut d = [0u32; MAX_DEGREE + 1];
+        for (j, value) in d.iter_mut().take(degree + 1).enumerate() {
+            *value = self.entry(j as u32, size, degree);
+        }
+        for i in 1..=degree {
+            for k in (i..=degree).rev() {
+                d[k] = add_mod(d[k], size - d[k - 1], size);
+            }
+        }
+        d
+    }
+}
+
+/// What turns a slot back into its rank in a [`Permutation`].
+struct Inverse {
+    inner_step: u64,
+    outer_step: u64,
+}
+
+impl Inverse {
+    fn of(p: &Permutation, size: u32) -> Self {
+        let m = u64::from(size);
+        Inverse {
+            inner_step: inverse_mod(u64::from(p.inner_step), m),
+            outer_step: inverse_mod(u64::from(p.outer_step), m),
+        }
+    }
+
+    /// The `j` at which `p` reaches `slot`; `root` is `e⁻¹ (mod size − 1)`.
+    fn rank(&self, p: &Permutation, slot: u32, size: u32, root: u64) -> u32 {
+        let m = u64::from(size);
+        let y = u64::from(add_mod(slot, size - p.outer_offset, size)) * self.outer_step % m;
+        let x = pow_mod(y, root, m);
+        let from_offset = (x + m - u64::from(p.inner_offset)) % m;
+        (from_offset * self.inner_step % m) as u32
+    }
 }
 
 /// Fixed-point `G(r)` for every rank `r` of a permutation: `Σ_{j ≤ r} ⌊2^40 / (size − j)⌋`.
@@ -271,16 +397,13 @@ fn arrival(g: u64, reciprocal: u64) -> u64 {
 
 /// One backend in the race, in key order.
 struct Racer {
-    /// Its permutation's first slot.
-    offset: u32,
-    /// Its permutation's step.
-    skip: u32,
+    /// The forward differences of its permutation at `next_rank`; the first is the
+    /// slot the sweep visits next.
+    diffs: [u32; MAX_DEGREE + 1],
+    /// The rank of that slot in its permutation.
+    next_rank: u32,
     /// `u64::MAX / weight`, or 0 for a drained backend, which never races.
     reciprocal: u64,
-    /// The slot of the next permutation entry the sweep visits.
-    next_slot: u32,
-    /// That entry's rank in the permutation.
-    next_rank: u32,
 }
 
 /// What a build did besides the table; the tests use it.
@@ -288,6 +411,8 @@ struct Racer {
 struct BuildStats {
     /// Slots whose owner the accuracy band changed after the race.
     corrected: usize,
+    /// Sweep passes the race needed.
+    passes: usize,
 }
 
 /// Returns a table of `size` entries; each entry is an index into `backends`.
@@ -371,18 +496,49 @@ fn quotas(weights: &[u64], total: u64, size: u32) -> Vec<u32> {
     quotas
 }
 
-/// The inverse of `a` modulo the prime `m` (Fermat: `a^(m−2)`).
-fn inverse_mod(a: u32, m: u32) -> u32 {
-    let m = u64::from(m);
-    let (mut base, mut exp, mut result) = (u64::from(a) % m, m - 2, 1u64);
-    while exp > 0 {
-        if exp & 1 == 1 {
-            result = result * base % m;
+/// One pass of the race up to arrival time `limit`, for permutations of degree `E`.
+/// Backends are visited in key order and every pass only sees later arrivals than
+/// the one before, so keeping strictly earlier arrivals gives ties to the smaller key.
+fn sweep<const E: usize>(
+    racers: &mut [Racer],
+    scale: &[u64],
+    limit: u64,
+    first: &mut [u64],
+    owner: &mut [u32],
+    size: u32,
+) {
+    // The loop spells out `arrival` and `step` by hand: debug builds, which run the
+    // tests, call functions that release builds inline, and the sweep is most of a
+    // build's work.
+    for (rank, racer) in racers.iter_mut().enumerate() {
+        let reciprocal = racer.reciprocal;
+        if reciprocal == 0 {
+            continue;
         }
-        base = base * base % m;
-        exp >>= 1;
+        let mut d = racer.diffs;
+        let mut r = racer.next_rank;
+        while r < size {
+            let g = scale[r as usize];
+            let time = ((u128::from(g << 20) * u128::from(reciprocal)) >> 64) as u64;
+            if time > limit {
+                break;
+            }
+            let slot = d[0] as usize;
+            if time < first[slot] {
+                first[slot] = time;
+                owner[slot] = rank as u32;
+            }
+            r += 1;
+            let mut i = 0;
+            while i < E {
+                let sum = d[i] + d[i + 1];
+                d[i] = if sum >= size { sum - size } else { sum };
+                i += 1;
+            }
+        }
+        racer.diffs = d;
+        racer.next_rank = r;
     }
-    result as u32
 }
 
 /// [`build`], also telling what the accuracy band did.
@@ -392,27 +548,26 @@ fn build_with_stats(
 ) -> Result<(Vec<u32>, BuildStats), MaglevError> {
     let order = check(backends, size)?;
     let slots = size as usize;
+    let degree = degree(size);
     let scale = arrival_scale(size);
-    let mut racers: Vec<Racer> = order
+    let permutations: Vec<Permutation> = order
         .iter()
-        .map(|&i| {
-            let (offset, skip) = permutation(backends[i].key, size);
-            let weight = u64::from(backends[i].weight);
-            let reciprocal = if weight == 0 { 0 } else { u64::MAX / weight };
-            Racer {
-                offset,
-                skip,
-                reciprocal,
-                next_slot: offset,
-                next_rank: 0,
-            }
-        })
+        .map(|&i| Permutation::of(backends[i].key, size))
         .collect();
     let weights: Vec<u64> = order
         .iter()
         .map(|&i| u64::from(backends[i].weight))
         .collect();
     let total: u64 = weights.iter().sum();
+    let mut racers: Vec<Racer> = permutations
+        .iter()
+        .zip(&weights)
+        .map(|(p, &weight)| Racer {
+            diffs: p.differences(size, degree),
+            next_rank: 0,
+            reciprocal: if weight == 0 { 0 } else { u64::MAX / weight },
+        })
+        .collect();
 
     // The earliest arrival at each slot so far, and the rank (position in key order)
     // of the backend that made it.
@@ -422,37 +577,22 @@ fn build_with_stats(
     // missed by everyone up to `E / weight ≤ horizon / total` with probability about
     // `e^(−horizon)`, so `ln size + 2` leaves about 0.14 slots for a second pass.
     let mut horizon = f64::from(size).ln() + 2.0;
+    let mut passes = 0;
     loop {
         // The float only decides how far this pass goes, never which backend wins a
-        // slot; the cast saturates, which makes the last pass visit everything.
+        // slot; the cast saturates, which makes a late pass visit everything.
         let limit = (horizon / total as f64 * (1u64 << 60) as f64) as u64;
-        // Backends are visited in key order and every pass only sees later arrivals
-        // than the one before, so keeping strictly earlier arrivals gives ties to the
-        // smaller key.
-        for (rank, racer) in racers.iter_mut().enumerate() {
-            if racer.reciprocal == 0 {
-                continue;
-            }
-            let (mut slot, mut r) = (racer.next_slot, racer.next_rank);
-            while r < size {
-                let time = arrival(scale[r as usize], racer.reciprocal);
-                if time > limit {
-                    break;
-                }
-                let s = slot as usize;
-                if time < first[s] {
-                    first[s] = time;
-                    owner[s] = rank as u32;
-                }
-                r += 1;
-                slot += racer.skip;
-                if slot >= size {
-                    slot -= size;
-                }
-            }
-            racer.next_slot = slot;
-            racer.next_rank = r;
-        }
+        let pass = match degree {
+            3 => sweep::<3>,
+            5 => sweep::<5>,
+            7 => sweep::<7>,
+            11 => sweep::<11>,
+            13 => sweep::<13>,
+            17 => sweep::<17>,
+            _ => unreachable!("no size up to MAX_TABLE_SIZE needs degree {degree}"),
+        };
+        pass(&mut racers, &scale, limit, &mut first, &mut owner, size);
+        passes += 1;
         if !first.contains(&u64::MAX) {
             break;
         }
@@ -464,101 +604,113 @@ fn build_with_stats(
     for &rank in &owner {
         counts[rank as usize] += 1;
     }
-    let corrected = correct(
-        &racers,
-        &scale,
-        &quotas,
-        &mut counts,
-        &mut first,
-        &mut owner,
+    let race = Race {
+        permutations: &permutations,
+        racers: &racers,
+        scale: &scale,
         size,
-    );
+        degree,
+    };
+    let corrected = race.correct(&quotas, &mut counts, &mut first, &mut owner);
     let table = owner
         .iter()
         .map(|&rank| order[rank as usize] as u32)
         .collect();
-    Ok((table, BuildStats { corrected }))
+    Ok((table, BuildStats { corrected, passes }))
 }
 
-/// Brings every count back within [`accuracy_band`] of its quota (see the module
-/// documentation) and returns how many slots changed owner. `first` and `owner` are
-/// the race's result per slot, `counts` and `quotas` are per rank.
-fn correct(
-    racers: &[Racer],
-    scale: &[u64],
-    quotas: &[u32],
-    counts: &mut [u32],
-    first: &mut [u64],
-    owner: &mut [u32],
+/// What the accuracy band needs to know about the race.
+struct Race<'a> {
+    permutations: &'a [Permutation],
+    racers: &'a [Racer],
+    scale: &'a [u64],
     size: u32,
-) -> usize {
-    let band = accuracy_band(size);
-    let above = |counts: &[u32], k: usize| counts[k] > quotas[k] + band;
-    let below = |counts: &[u32], k: usize| counts[k] + band < quotas[k];
-    if !(0..racers.len()).any(|k| above(counts, k) || below(counts, k)) {
-        return 0;
-    }
-    let inverses: Vec<u32> = racers.iter().map(|r| inverse_mod(r.skip, size)).collect();
-    // A backend's arrival time at any slot: its rank there is
-    // `(slot − offset) · skip⁻¹ mod size`.
-    let arrival_at = |k: usize, slot: u32| -> u64 {
-        let racer = &racers[k];
-        let from_offset = u64::from((slot + size - racer.offset) % size);
-        let rank = from_offset * u64::from(inverses[k]) % u64::from(size);
-        arrival(scale[rank as usize], racer.reciprocal)
-    };
-    let mut changed = 0;
+    degree: usize,
+}
 
-    // Backends above the band give up their latest arrivals, each to the backend
-    // that arrives there first among those with room below their band's top.
-    for k in 0..racers.len() {
-        if !above(counts, k) {
-            continue;
+impl Race<'_> {
+    /// Brings every count back within [`accuracy_band`] of its quota (see the module
+    /// documentation) and returns how many slots changed owner. `first` and `owner`
+    /// are the race's result per slot, `counts` and `quotas` are per rank.
+    fn correct(
+        &self,
+        quotas: &[u32],
+        counts: &mut [u32],
+        first: &mut [u64],
+        owner: &mut [u32],
+    ) -> usize {
+        let (size, n) = (self.size, self.racers.len());
+        let band = accuracy_band(size);
+        let above = |counts: &[u32], k: usize| counts[k] > quotas[k] + band;
+        let below = |counts: &[u32], k: usize| counts[k] + band < quotas[k];
+        if !(0..n).any(|k| above(counts, k) || below(counts, k)) {
+            return 0;
         }
-        let excess = (counts[k] - quotas[k] - band) as usize;
-        let mut mine: Vec<(u64, u32)> = (0..size)
-            .filter(|&s| owner[s as usize] == k as u32)
-            .map(|s| (first[s as usize], s))
+        let inverses: Vec<Inverse> = self
+            .permutations
+            .iter()
+            .map(|p| Inverse::of(p, size))
             .collect();
-        mine.sort_unstable_by(|a, b| b.cmp(a));
-        for &(_, slot) in &mine[..excess] {
-            let taker = (0..racers.len())
-                .filter(|&j| j != k && racers[j].reciprocal != 0 && counts[j] < quotas[j] + band)
-                .min_by_key(|&j| (arrival_at(j, slot), j))
-                .expect("the slots over one backend's band fit under the others' band tops");
-            counts[k] -= 1;
-            counts[taker] += 1;
-            first[slot as usize] = arrival_at(taker, slot);
-            owner[slot as usize] = taker as u32;
-            changed += 1;
-        }
-    }
+        let root = inverse_mod(self.degree as u64, u64::from(size - 1));
+        // A backend's arrival time at any slot, from its rank there.
+        let arrival_at = |k: usize, slot: u32| -> u64 {
+            let rank = inverses[k].rank(&self.permutations[k], slot, size, root);
+            arrival(self.scale[rank as usize], self.racers[k].reciprocal)
+        };
+        let mut changed = 0;
 
-    // Backends below the band take the earliest slots of their own permutation that
-    // belong to backends above their quota. Those hold at least as many slots above
-    // their quotas as the others lack, so one walk of the permutation is enough.
-    for k in 0..racers.len() {
-        let racer = &racers[k];
-        let mut slot = racer.offset;
-        for _ in 0..size {
-            if !below(counts, k) {
-                break;
+        // Backends above the band give up their latest arrivals, each to the backend
+        // that arrives there first among those with room below their band's top.
+        for k in 0..n {
+            if !above(counts, k) {
+                continue;
             }
-            let holder = owner[slot as usize] as usize;
-            if holder != k && counts[holder] > quotas[holder] {
-                counts[holder] -= 1;
-                counts[k] += 1;
-                first[slot as usize] = arrival_at(k, slot);
-                owner[slot as usize] = k as u32;
+            let excess = (counts[k] - quotas[k] - band) as usize;
+            let mut mine: Vec<(u64, u32)> = (0..size)
+                .filter(|&s| owner[s as usize] == k as u32)
+                .map(|s| (first[s as usize], s))
+                .collect();
+            mine.sort_unstable_by(|a, b| b.cmp(a));
+            for &(_, slot) in &mine[..excess] {
+                let taker = (0..n)
+                    .filter(|&j| {
+                        j != k && self.racers[j].reciprocal != 0 && counts[j] < quotas[j] + band
+                    })
+                    .min_by_key(|&j| (arrival_at(j, slot), j))
+                    .expect("the slots over one backend's band fit under the others' band tops");
+                counts[k] -= 1;
+                counts[taker] += 1;
+                first[slot as usize] = arrival_at(taker, slot);
+                owner[slot as usize] = taker as u32;
                 changed += 1;
             }
-            slot += racer.skip;
-            if slot >= size {
-                slot -= size;
+        }
+
+        // Backends below the band take the earliest slots of their own permutation that
+        // belong to backends above their quota. Those hold at least as many slots above
+        // their quotas as the others lack, so one walk of the permutation is enough.
+        for k in 0..n {
+            let mut d = self.permutations[k].differences(size, self.degree);
+            for _ in 0..size {
+                if !below(counts, k) {
+                    break;
+                }
+                let slot = d[0];
+                let holder = owner[slot as usize] as usize;
+                if holder != k && counts[holder] > quotas[holder] {
+                    counts[holder] -= 1;
+                    counts[k] += 1;
+                    first[slot as usize] = arrival_at(k, slot);
+                    owner[slot as usize] = k as u32;
+                    changed += 1;
+                }
+                for i in 0..self.degree {
+                    d[i] = add_mod(d[i], d[i + 1], size);
+                }
             }
         }
+        changed
     }
-    changed
 }
 
 /// The slots whose backend, compared by key, differs between an old and a new table
@@ -922,26 +1074,46 @@ mod tests {
         assert_eq!(fnv1a64(FNV_OFFSET_BASIS, b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a64(FNV_OFFSET_BASIS, b"foobar"), 0x8594_4171_f739_67e8);
         assert_eq!(fmix64(0), 0);
-        assert_ne!(key_hash(OFFSET_SEED, b"a"), key_hash(SKIP_SEED, b"a"));
+        let [a, b, c, d] = PERMUTATION_SEEDS.map(|seed| key_hash(seed, b"a"));
+        assert!(a != b && a != c && a != d && b != c && b != d && c != d);
     }
 
     #[test]
-    fn permutations_cover_the_table() {
-        let size = 1009;
-        for key in [&b"a"[..], b"b", b"10.0.0.1"] {
-            let (offset, skip) = permutation(key, size);
-            assert!(offset < size && (1..size).contains(&skip));
-            let mut seen = vec![false; size as usize];
-            let mut slot = offset;
-            for _ in 0..size {
-                seen[slot as usize] = true;
-                slot = (slot + skip) % size;
+    fn degrees_make_power_maps_permutations() {
+        assert_eq!(degree(65537), 3);
+        assert_eq!(degree(1009), 5);
+        assert_eq!(degree(211), 11);
+        // 1_021_021 + 2 is no prime, but every size up to the maximum stays within
+        // MAX_DEGREE, which the sweep's dispatch relies on.
+        for size in (MIN_TABLE_SIZE..=MAX_TABLE_SIZE)
+            .filter(|&n| is_prime(n))
+            .step_by(97)
+        {
+            assert!(degree(size) <= MAX_DEGREE, "{size}");
+        }
+    }
+
+    #[test]
+    fn permutations_cover_the_table_and_invert() {
+        // Sizes whose degree is 3, 5, 7, 11 and 3 (the smallest size).
+        for size in [65537u32, 1009, 43, 211, 3] {
+            let degree = degree(size);
+            let root = inverse_mod(degree as u64, u64::from(size - 1));
+            for key in [&b"a"[..], b"b", b"10.0.0.1"] {
+                let p = Permutation::of(key, size);
+                let inverse = Inverse::of(&p, size);
+                let mut d = p.differences(size, degree);
+                let mut seen = vec![false; size as usize];
+                for j in 0..size {
+                    assert_eq!(d[0], p.entry(j, size, degree), "size {size} j {j}");
+                    assert_eq!(inverse.rank(&p, d[0], size, root), j);
+                    seen[d[0] as usize] = true;
+                    for i in 0..degree {
+                        d[i] = add_mod(d[i], d[i + 1], size);
+                    }
+                }
+                assert!(seen.iter().all(|&s| s), "size {size}");
             }
-            assert!(seen.iter().all(|&s| s));
-            assert_eq!(
-                u64::from(skip) * u64::from(inverse_mod(skip, size)) % u64::from(size),
-                1
-            );
         }
     }
 

@@ -478,6 +478,24 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Returns `nsenter --net=PATH PROGRAM` as a [`Command`]: the program runs in
+    /// this network namespace but keeps the caller's mounts. Unlike `ip netns exec`,
+    /// which mounts a private /sys and so hides the bpffs at /sys/fs/bpf, this lets
+    /// a load balancer agent find the datapath an earlier agent pinned there.
+    pub fn net_command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display())).arg(program);
+        cmd
+    }
+
+    /// A second handle on this namespace, for another thread, that never deletes
+    /// it: the namespace still goes when its owner is dropped.
+    pub fn borrowed(&self) -> Netns {
+        Netns { name: self.name.clone(), deleted: true }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if self.deleted {

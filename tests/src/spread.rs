@@ -38,28 +38,38 @@ pub fn lb_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The `lb` agent running inside a namespace; killed on drop if still running.
+/// The `lb` agent running inside a namespace; killed on drop if still running, and
+/// its pins removed.
 pub struct Agent {
     child: Child,
     /// What the agent wrote to stderr, line by line, collected by a thread.
     log: mpsc::Receiver<String>,
+    /// The agent's instance name (unique per run) and control socket.
+    instance: String,
+    socket: PathBuf,
 }
 
 impl Agent {
     /// Starts `lb run` in the load balancer's namespace and waits until it says it is
-    /// attached.
-    pub fn start(topo: &Topology, config: &std::path::Path) -> Result<Agent> {
+    /// attached. The instance is named after the topology, so runs never share pins;
+    /// `extra` is appended to the command line (e.g. `--detach-on-exit`).
+    pub fn start(topo: &Topology, config: &std::path::Path, extra: &[&str]) -> Result<Agent> {
         let lb = lb_binary()?;
+        let instance = topo.prefix().to_owned();
+        let socket = std::env::temp_dir().join(format!("{instance}-lb/lb.sock"));
+        let mut cmd = topo.lb().ns().net_command(&lb);
+        cmd.args(["--instance", &instance, "--socket"])
+            .arg(&socket)
+            .args(["run", "--iface", topo.lb_ifname(), "--config"])
+            .arg(config)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = topo
             .lb()
             .ns()
-            .command(&lb)
-            .args(["run", "--iface", topo.lb_ifname(), "--config"])
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+            .spawn_command(&mut cmd)
             .with_context(|| format!("starting {}", lb.display()))?;
         let (tx, log) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -79,7 +89,7 @@ impl Agent {
                 let _ = tx.send(line);
             }
         });
-        let mut agent = Agent { child, log };
+        let mut agent = Agent { child, log, instance, socket };
         match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(()) => Ok(agent),
             Err(_) => {
@@ -93,6 +103,40 @@ impl Agent {
     /// Everything the agent printed so far.
     pub fn drain_log(&mut self) -> Vec<String> {
         self.log.try_iter().collect()
+    }
+
+    /// Runs `lb ARGS` against this agent (its instance and socket) and returns what
+    /// it printed; fails if the command fails.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new(lb_binary()?)
+            .args(["--instance", &self.instance, "--socket"])
+            .arg(&self.socket)
+            .args(args)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "lb {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` and waits for the process to end; returns its output. The pins
+    /// stay (that is the point of a restart test).
+    pub fn kill(mut self, signal: i32) -> Result<Vec<String>> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        self.child.wait().context("waiting for lb")?;
+        std::thread::sleep(Duration::from_millis(50));
+        let log = self.drain_log();
+        self.instance.clear();
+        Ok(log)
     }
 
     /// Sends SIGTERM and waits for a clean exit; returns the agent's output.
@@ -117,7 +161,15 @@ impl Drop for Agent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        if !self.instance.is_empty() {
+            remove_pins(&self.instance);
+        }
     }
+}
+
+/// Removes an instance's pinned datapath, if any is left (e.g. after SIGKILL).
+pub fn remove_pins(instance: &str) {
+    let _ = lb_userspace::dataplane::remove_pins(&lb_userspace::agent::pin_dir(instance));
 }
 
 /// The result of one run: who answered how many connections.
@@ -199,7 +251,7 @@ pub fn run(weights: &[u32], connections: usize) -> Result<SpreadReport> {
             BackendServer::start(host.ns(), topo.vip(PORT, false), &format!("backend{i}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let agent = Agent::start(&topo, &config)?;
+    let agent = Agent::start(&topo, &config, &["--detach-on-exit"])?;
     let clients = run_clients(
         topo.client().ns(),
         topo.vip(PORT, false),

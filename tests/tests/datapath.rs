@@ -637,7 +637,7 @@ fn established_flows_survive_table_switches() {
     let drained_mac = [2, 0, 0, 0, 0, 0x13];
     assert!(first.values().any(|m| *m == drained_mac));
     let desired = Desired::plan(&world.config, Some(&world.desired), &|v, b| {
-        if v.port == 80 && b.address == drained { 0 } else { b.weight }
+        (if v.port == 80 && b.address == drained { 0 } else { b.weight }, 0)
     })
     .unwrap();
     let report = world.dataplane.apply(&desired).unwrap();
@@ -658,7 +658,7 @@ fn established_flows_survive_table_switches() {
     // Remove the drained backend from the config: its flows are given new backends.
     let text = CONFIG.replacen("[[vip.backend]]\naddress = \"198.18.0.13\"\nmac = \"02:00:00:00:00:13\"\nweight = 3\n", "", 1);
     let config = Config::parse(&text).unwrap();
-    let desired = Desired::plan(&config, Some(&world.desired), &|_, b| b.weight).unwrap();
+    let desired = Desired::plan(&config, Some(&world.desired), &|_, b| (b.weight, 0)).unwrap();
     world.dataplane.apply(&desired).unwrap();
     for f in &flows {
         let (v, out) = world.run(&f.frame(TCP_ACK, b"more"));

