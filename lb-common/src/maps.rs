@@ -34,8 +34,16 @@ pub mod names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SETTINGS: &str = "SETTINGS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 8] =
-        [VIPS, BACKENDS, RINGS, CONNS, STATS, VIP_STATS, BACKEND_STATS, SETTINGS];
+    pub const ALL: [&str; 8] = [
+        VIPS,
+        BACKENDS,
+        RINGS,
+        CONNS,
+        STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+        SETTINGS,
+    ];
 }
 
 /// Program names, as declared in `lb-ebpf/src/main.rs`.

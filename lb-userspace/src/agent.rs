@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub socket: PathBuf,
     /// Detach and remove the pins on exit instead of staying fail-static.
     pub detach_on_exit: bool,
+    /// Where `/metrics` is served (Prometheus); `None` turns it off.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// An operator's hold on one backend's weight.
@@ -131,6 +133,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let (tx, mut requests) = mpsc::channel(16);
     let server = tokio::spawn(control::serve(listener, tx));
+    let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(agent.metrics_snapshot());
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = agent.opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        info!("metrics on http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(listener, metrics_rx, async {
+            let _ = metrics_stopped.await;
+        }));
+    }
+    let mut refresh = tokio::time::interval(std::time::Duration::from_secs(1));
     let why = loop {
         tokio::select! {
             _ = interrupt.recv() => break "SIGINT",
@@ -145,9 +159,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 let response = agent.handle(request);
                 let _ = reply.send(response);
             }
+            _ = refresh.tick() => {
+                let _ = metrics_tx.send(agent.metrics_snapshot());
+            }
         }
     };
     server.abort();
+    let _ = stop_metrics.send(());
     let _ = std::fs::remove_file(&agent.opts.socket);
     let stats = agent.dataplane.global_stats()?;
     info!("{why}: {}", summary(&stats));
@@ -342,6 +360,50 @@ impl Agent {
                 .map_err(|e: &anyhow::Error| format!("{e:#}")),
         ));
         result
+    }
+
+    /// What `/metrics` shows, read from the datapath's counters now.
+    fn metrics_snapshot(&self) -> crate::metrics::MetricsSnapshot {
+        use crate::metrics::{BackendMetrics, MetricsSnapshot, ModelMetrics, VipMetrics};
+        let vip_stats = |id: u32| self.dataplane.vip_stats(id).unwrap_or_default();
+        MetricsSnapshot {
+            global: self.dataplane.global_stats().unwrap_or_default(),
+            vips: self
+                .desired
+                .vips
+                .values()
+                .map(|v| {
+                    let s = vip_stats(v.meta.vip_id);
+                    VipMetrics {
+                        vip: v.name.clone(),
+                        packets: s.packets,
+                        bytes: s.bytes,
+                        new_flows: s.new_flows,
+                    }
+                })
+                .collect(),
+            backends: self
+                .backend_views()
+                .into_iter()
+                .map(|b| BackendMetrics {
+                    vip: b.vip,
+                    backend: b.backend.to_string(),
+                    weight: b.weight,
+                    configured_weight: b.configured_weight,
+                    pinned: b.control != "policy",
+                    healthy: true,
+                    packets: b.packets,
+                    bytes: b.bytes,
+                    new_flows: b.new_flows,
+                    prediction: None,
+                    baseline_prediction: None,
+                })
+                .collect(),
+            model: ModelMetrics {
+                policy_source: "static".into(),
+                ..ModelMetrics::default()
+            },
+        }
     }
 
     fn status(&self) -> serde_json::Value {

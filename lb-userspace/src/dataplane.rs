@@ -291,8 +291,10 @@ impl Dataplane {
         self.shadow.settings = settings.get(&0, 0).map_err(map_err(names::SETTINGS))?;
         let backends: Array<&MapData, lb_common::types::Backend> =
             Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
-        let entries: Vec<lb_common::types::Backend> =
-            backends.iter().collect::<Result<_, _>>().map_err(map_err(names::BACKENDS))?;
+        let entries: Vec<lb_common::types::Backend> = backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::BACKENDS))?;
         for (id, entry) in entries.into_iter().enumerate() {
             if entry.family != 0 {
                 self.shadow.backends.insert(id as u32, entry);
@@ -697,6 +699,23 @@ impl Dataplane {
         Ok(per_cpu
             .iter()
             .fold(GlobalStats::default(), |acc, s| sum_global(&acc, s)))
+    }
+
+    /// One VIP's counters summed over CPUs.
+    pub fn vip_stats(&self, vip_id: u32) -> Result<lb_common::types::VipStats, DataplaneError> {
+        let map: PerCpuArray<&MapData, lb_common::types::VipStats> =
+            PerCpuArray::try_from(self.map(names::VIP_STATS)?)
+                .map_err(map_err(names::VIP_STATS))?;
+        let per_cpu = map.get(&vip_id, 0).map_err(map_err(names::VIP_STATS))?;
+        Ok(per_cpu
+            .iter()
+            .fold(lb_common::types::VipStats::default(), |acc, s| {
+                lb_common::types::VipStats {
+                    packets: acc.packets + s.packets,
+                    bytes: acc.bytes + s.bytes,
+                    new_flows: acc.new_flows + s.new_flows,
+                }
+            }))
     }
 
     /// One backend's counters summed over CPUs.

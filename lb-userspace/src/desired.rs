@@ -155,7 +155,14 @@ impl Desired {
                         vip: key,
                         address: b.address,
                         weight: w,
-                        entry: types::Backend { addr, mac: b.mac, family, flags, vip_id, weight: w },
+                        entry: types::Backend {
+                            addr,
+                            mac: b.mac,
+                            family,
+                            flags,
+                            vip_id,
+                            weight: w,
+                        },
                     },
                 );
             }

@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`config`]: the TOML file, checked completely before anything else happens.
 //! - [`maglev`]: the weighted Maglev lookup table (pure).
+//! - [`metrics`]: the Prometheus `/metrics` endpoint.
+//! - [`model`]: the load model and its baselines (pure).
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
@@ -16,5 +18,5 @@ pub mod control;
 pub mod dataplane;
 pub mod desired;
 pub mod maglev;
-pub mod model;
 pub mod metrics;
+pub mod model;

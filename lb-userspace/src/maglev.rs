@@ -3,44 +3,56 @@
 //!
 //! The XDP program picks a new flow's backend as `table[flow_hash % table.len()]`, so
 //! a backend's share of the table is its share of new flows. [`moved_slots`] tells
-//! the caller how many slots (and so roughly what fraction of new flows) a change of
+//! the caller which slots (and so roughly what fraction of new flows) a change of
 //! backends or weights reassigns.
 //!
 //! # Algorithm
 //!
-//! Every backend walks its own Maglev permutation of the slots, `offset`,
-//! `offset + skip`, `offset + 2·skip`, … modulo the table size, where `offset` and
-//! `skip` come from a fixed hash of the backend's key ([`key_hash`]: FNV-1a 64 with
-//! two seeds, then MurmurHash3's 64-bit finalizer). The backend reaches the `r`-th
-//! slot of its permutation at the arrival time `G(r) / weight`, where
-//! `G(r) = 1/size + 1/(size−1) + … + 1/(size−r)` is the expected `r+1`-th smallest of
-//! `size` exponential samples; a backend's arrival time at a given slot therefore
-//! behaves like an exponential variable whose rate is its weight. Each slot goes to
-//! the backend that arrives there first, ties going to the smaller key. This is a
-//! weighted rendezvous race run on Maglev permutations: a backend wins any one slot
-//! with probability `weight / Σweight`, and whether it wins a slot depends only on
-//! the arrival times at that slot. Classic Maglev instead lets a backend whose turn
-//! comes skip filled slots and claim its next free one, which makes any change ripple
-//! through every later turn (see "Bounds" for what that costs).
+//! Every backend walks its own permutation of the slots, Maglev style, with
+//! parameters from a fixed hash of its key ([`key_hash`]: FNV-1a 64 with four seeds,
+//! then MurmurHash3's 64-bit finalizer). It reaches the `r`-th slot of its walk at the
+//! arrival time `G(r) / weight`, where `G(r) = 1/size + 1/(size−1) + … + 1/(size−r)`
+//! is the expected `r+1`-th smallest of `size` exponential samples, so a backend's
+//! arrival time at any one slot behaves like an exponential variable whose rate is
+//! its weight. Each slot goes to the backend that arrives there first, ties going to
+//! the smaller key. This is a weighted rendezvous race run on Maglev-style
+//! permutations: a backend wins a slot with probability `weight / Σweight`, and
+//! whether it wins depends only on the arrival times at that slot. Classic weighted
+//! Maglev instead lets a backend whose turn comes skip filled slots and claim its
+//! next free one, so one change ripples through every later turn: a prototype of
+//! it (credit-based turns) moved 5× the ideal number of slots for a 10 % weight
+//! change among 100 backends and 20× among 1,000, where this race moves 1.0×.
 //!
-//! The race leaves every count a random distance from its quota (the
+//! The walks are not Maglev's `offset + j·skip`. Two such walks are tied by a fixed
+//! linear map between their ranks, and when the ratio of two skips is close to a
+//! fraction with small terms, one backend's early slots are systematically early or
+//! late for the other: in a prototype a backend's count then strayed up to 18
+//! standard deviations from its expectation, and removing a backend moved up to
+//! 1.3 % of the table besides its own slots. So the `j`-th slot of a walk is
+//! `a + b·(c + d·j)^e (mod size)`, an affine map, the power map `x ↦ x^e` and another
+//! affine map. With `e` the smallest odd exponent coprime with `size − 1` (3 at 65537)
+//! the power map permutes the slots, and two walks are no longer tied linearly. The
+//! slots are a polynomial of degree `e` in `j`, so the walk is still computed
+//! incrementally, with `e` additions per entry (forward differences) and no
+//! multiplication.
+//!
+//! The race leaves each count a random distance from its quota (the
 //! largest-remainder apportionment of `size` slots by weight, ties to the smaller
-//! key). A backend further than [`accuracy_band`] slots (0.25 % of the table) from its
-//! quota is brought back to the edge of that band: one above it gives up its latest
-//! arrivals, each to the earliest-arriving backend there that still has room; one
-//! below it takes the earliest slots of its permutation that belong to backends above
-//! their quota. At 65537 slots the band is about 2.5 standard deviations of the count
-//! of a backend holding half the table, so this touches only backends with large
-//! shares, and only now and then.
+//! key); the standard deviation is at most about 90 slots at 65537. A backend further
+//! than [`accuracy_band`] slots (0.4 % of the table) from its quota is brought back to
+//! the edge of that band: one above it gives up its latest arrivals, each to the
+//! earliest-arriving backend there that still has room; one below it takes the
+//! earliest slots of its walk that belong to backends above their quota. At 65537
+//! slots this happens only to backends with a share of ten percent or more, and only
+//! now and then.
 //!
-//! The race is computed as a sweep rather than slot by slot: every backend visits its
-//! permutation in order, computing each entry incrementally (`slot += skip`, minus
-//! `size` on wrap-around), until its arrival time passes a horizon at which nearly
-//! every slot has been reached (`Σweight × horizon ≈ ln size + 2`); each visit keeps
-//! the earliest arrival per slot. If some slot was not reached, the horizon is raised
-//! and every backend continues from where it stopped. The result is the exact race
+//! The race is computed as a sweep rather than slot by slot: every backend walks its
+//! permutation in order until its arrival time passes a horizon at which nearly every
+//! slot has been reached (`Σweight × horizon ≈ ln size + 2`); each visit keeps the
+//! earliest arrival per slot. If some slot was not reached, the horizon is raised and
+//! every backend continues from where it stopped. The result is the exact race
 //! whatever the horizon, which is why only the horizon is computed in floating point.
-//! A build makes about `size × (ln size + 2)` visits and allocates four arrays of
+//! A build makes about `size × (ln size + 2)` visits and allocates a few arrays of
 //! `size` entries, nothing per slot.
 //!
 //! Everything that decides a slot is integer arithmetic on the key bytes and the
@@ -51,45 +63,46 @@
 //!
 //! # Why the size must be prime
 //!
-//! A permutation `offset + j·skip (mod size)` visits every slot only if `skip` is
-//! coprime with `size`. With a prime size every `skip` in `1..size` qualifies, so the
-//! skip can be any hash value modulo `size − 1` (plus one), every backend's walk
-//! covers the whole table and the walks of different backends are spread
-//! independently over it. [`build`] rejects other sizes.
+//! With a prime size the slots are a field: every nonzero `b` and `d` is invertible,
+//! so both affine maps are permutations whatever the hash gives, and `x ↦ x^e` is a
+//! permutation exactly when `e` is coprime with `size − 1`, which an odd `e` of at most
+//! 17 achieves for every prime up to [`MAX_TABLE_SIZE`]. Every walk then covers the
+//! whole table, and the band's corrections can invert a walk to find a backend's rank
+//! at any slot. [`build`] rejects other sizes.
 //!
 //! # Bounds, and how they are tested
 //!
 //! - Accuracy: every backend with a positive weight ends within [`accuracy_band`] + 1
-//!   slots of `size · weight / Σweight`, at most 0.25 percentage points plus one slot
-//!   (0.5 points is the requirement). The property test
-//!   `shares_are_within_half_a_point` checks it at 65537 slots for up to 1,000
-//!   backends with weights in 1..=1000.
+//!   slots of `size · weight / Σweight`, at most 0.4 percentage points plus one slot
+//!   (0.5 points is the requirement), by construction. The property tests
+//!   `shares_are_within_half_a_point*` check it at 65537 slots for up to 1,000
+//!   backends with weights 1..=1000.
 //! - Determinism: `same_table_in_every_input_order` shuffles the input and compares
 //!   the tables by key; `tables_are_pinned` pins one table's digest, so a change of
 //!   the algorithm, which would remap flows on an upgrade, cannot go unnoticed.
-//! - Disruption: changing one backend's weight moves only slots that backend gains or
-//!   loses, unless the accuracy band had to step in, so the moved count is exactly
-//!   the change of its count. That change is a sum of per-slot chances, so compared
-//!   with the ideal `|Δshare| · size` it is 1.0× on average with a spread of about
-//!   `√ideal` slots. For a 10 % weight change at 65537 slots it stays within 1.5× of
-//!   the ideal whenever the ideal is some 40 slots or more (≤ 100 backends of
-//!   similar weight); with 1,000 backends the ideal is about 6 slots, and about one
-//!   change in eight moves more than 1.5× of it (a few slots more), which no
-//!   pure-function table with exact counts beats: classic weighted Maglev measured
-//!   20× there. `ten_percent_weight_change_moves_about_the_ideal` asserts 1.5×
-//!   wherever that Poisson spread allows it and a four-sigma allowance below, and
-//!   that no other backend's slot moves; the bench `table` prints the distribution.
+//! - Weight changes: changing one backend's weight moves only slots that backend
+//!   gains or loses, unless the band steps in, so the moved count is exactly the
+//!   change of its count. That change is a sum of per-slot chances, so against the
+//!   ideal `|Δshare| · size` it is 1.0× on average with a Poisson-like spread of
+//!   about `√ideal` slots. For a 10 % change at 65537 slots it stays within 1.5× as
+//!   long as the ideal is some 40 slots or more (up to about 100 backends of similar
+//!   weight). With 1,000 backends the ideal is about 7 slots, and one change in
+//!   seven moves more than 1.5× of it, a few slots too many. Meeting 1.5× there
+//!   would take exact counts, which cost far more (see the classic numbers above;
+//!   making this race's counts exact with the band's method measured 10×).
+//!   `ten_percent_weight_change_*` assert 1.5× where that spread allows it and a
+//!   four-sigma allowance below, and that no other backend's slot moves; the bench
+//!   `table` prints the distribution.
 //! - Removal: removing a backend, or setting its weight to 0 (which gives the same
-//!   table), moves exactly its slots unless the accuracy band steps in; the property
-//!   test `removing_a_backend_moves_its_slots_and_little_else` allows 1 % of the
-//!   table on top.
+//!   table), moves exactly its slots unless the band steps in; the property tests
+//!   `removing_*` allow 1 % of the table on top.
 //! - Build time: the bench `table` measures 65537 slots × 1,000 backends, which must
 //!   stay within 10 ms in release mode.
 
 use std::cmp::Reverse;
 
-/// The smallest table size [`build`] accepts. With 2 slots every backend would have
-/// the same skip, 1, and the permutations would differ only by their offset.
+/// The smallest table size [`build`] accepts. With 2 slots every multiplier would be
+/// 1 and every power map the identity, so the walks would differ only by an offset.
 pub const MIN_TABLE_SIZE: u32 = 3;
 
 /// The largest table size [`build`] accepts; the largest usable prime is 1048573.
@@ -891,29 +904,17 @@ mod tests {
         Ok(())
     }
 
-    // A build at 65537 slots takes tens of milliseconds in a debug build, so the
-    // property tests run few cases: 16 for up to 100 backends and 3 for 1,000. The
-    // determinism test is independent of the size and also runs small tables.
+    // A build at 65537 slots takes 50 to 150 ms in a debug build, so the property
+    // tests at that size run few cases: 12 for up to 100 backends and 2 for 1,000
+    // (the bench covers many more in release mode). Determinism does not depend on
+    // the size, so its test runs more cases on small tables, whose sizes need
+    // permutations of degree 7, 3 and 5.
     proptest! {
-        #![proptest_config(config(16))]
+        #![proptest_config(config(12))]
 
         #[test]
         fn shares_are_within_half_a_point(owned in backends(1..=100, 1u32..=1000)) {
             check_shares(&owned)?;
-        }
-
-        #[test]
-        fn same_table_in_every_input_order(
-            (owned, shuffled, size) in backends(1..=200, 0u32..=1000)
-                .prop_filter("some weight", |b| b.iter().any(|b| b.1 > 0))
-                .prop_flat_map(|b| {
-                    let sizes = prop::sample::select(vec![251u32, 1009, 4093, 65537]);
-                    (Just(b.clone()), Just(b).prop_shuffle(), sizes)
-                })
-        ) {
-            let (a, b) = (view(&owned), view(&shuffled));
-            let (ta, tb) = (build(&a, size).unwrap(), build(&b, size).unwrap());
-            prop_assert!(moved_slots(&a, &ta, &b, &tb).is_empty());
         }
 
         #[test]
@@ -933,7 +934,25 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(config(3))]
+        #![proptest_config(config(32))]
+
+        #[test]
+        fn same_table_in_every_input_order(
+            (owned, shuffled, size) in backends(1..=200, 0u32..=1000)
+                .prop_filter("some weight", |b| b.iter().any(|b| b.1 > 0))
+                .prop_flat_map(|b| {
+                    let sizes = prop::sample::select(vec![241u32, 251, 1009, 4093]);
+                    (Just(b.clone()), Just(b).prop_shuffle(), sizes)
+                })
+        ) {
+            let (a, b) = (view(&owned), view(&shuffled));
+            let (ta, tb) = (build(&a, size).unwrap(), build(&b, size).unwrap());
+            prop_assert!(moved_slots(&a, &ta, &b, &tb).is_empty());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(2))]
 
         #[test]
         fn shares_are_within_half_a_point_with_1000_backends(
@@ -958,7 +977,7 @@ mod tests {
         }
     }
 
-    /// Two backends of weights 1 and 3 and a heavy one with weight 0.
+    /// Two backends of weights 1 and 3 and a third with weight 0.
     fn small() -> Owned {
         vec![(b"a".to_vec(), 1), (b"b".to_vec(), 3), (b"c".to_vec(), 0)]
     }
@@ -1006,8 +1025,10 @@ mod tests {
                 max: MAX_TABLE_SIZE
             })
         );
-        assert!(build(&input, 1_048_573).is_ok());
         assert!(build(&input, 3).is_ok());
+        // The largest size; one backend keeps this quick in a debug build.
+        let one = vec![(b"a".to_vec(), 1)];
+        assert_eq!(build(&view(&one), 1_048_573).unwrap().len(), 1_048_573);
     }
 
     #[test]
@@ -1133,18 +1154,19 @@ mod tests {
 
     #[test]
     fn the_band_corrects_a_lopsided_race() {
-        // With 251 slots the band is 0 slots, so every count is its quota exactly,
+        // With 241 slots the band is 0 slots, so every count is its quota exactly,
         // which the race alone almost never gives for 40 backends.
         let owned: Owned = (0..40u32)
             .map(|i| (i.to_be_bytes().to_vec(), 1 + i % 7))
             .collect();
         let input = view(&owned);
-        let (table, stats) = build_with_stats(&input, 251).unwrap();
+        assert_eq!(accuracy_band(241), 0);
+        let (table, stats) = build_with_stats(&input, 241).unwrap();
         assert!(stats.corrected > 0);
         let weights: Vec<u64> = owned.iter().map(|b| u64::from(b.1)).collect();
         let total = weights.iter().sum();
         // The keys are big-endian numbers, so the input is already in key order.
-        assert_eq!(counts(&table, 40), quotas(&weights, total, 251));
+        assert_eq!(counts(&table, 40), quotas(&weights, total, 241));
     }
 
     #[test]
@@ -1179,7 +1201,9 @@ mod tests {
                 )
             })
             .collect();
-        let table = build(&view(&owned), 65537).unwrap();
+        let (table, stats) = build_with_stats(&view(&owned), 65537).unwrap();
+        // The first pass's horizon leaves a second pass rare.
+        assert_eq!(stats.passes, 1);
         let digest = table.iter().fold(FNV_OFFSET_BASIS, |h, &i| {
             fnv1a64(h, owned[i as usize].0.as_slice())
         });

@@ -56,6 +56,10 @@ enum Command {
         /// Detach and remove the pins when the agent exits.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Address of the Prometheus endpoint (`/metrics`); localhost unless told
+        /// otherwise. `off` turns it off.
+        #[arg(long, default_value = "127.0.0.1:9432", value_parser = parse_metrics)]
+        metrics_address: MetricsAddress,
     },
     /// Detach a stopped agent's datapath and remove its pins.
     Detach,
@@ -159,6 +163,19 @@ enum WeightCommand {
     Auto(Target),
 }
 
+/// `--metrics-address`: a socket address, or `off`.
+#[derive(Clone, Copy)]
+struct MetricsAddress(Option<std::net::SocketAddr>);
+
+fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
+    if text == "off" {
+        return Ok(MetricsAddress(None));
+    }
+    text.parse()
+        .map(|a| MetricsAddress(Some(a)))
+        .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9432 (or `off`)"))
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     Native,
@@ -189,6 +206,7 @@ fn main() -> std::process::ExitCode {
             config,
             xdp_mode,
             detach_on_exit,
+            metrics_address,
         } => {
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -201,6 +219,7 @@ fn main() -> std::process::ExitCode {
                     instance: cli.instance,
                     socket,
                     detach_on_exit,
+                    metrics: metrics_address.0,
                 })),
                 Err(e) => Err(e.into()),
             }

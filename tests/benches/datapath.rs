@@ -262,7 +262,11 @@ fn run() -> Result<()> {
                 ..TestRunOptions::default()
             })
             .context("opening a flow")?;
-        ensure!(r.return_value == XDP_TX, "SYN of {flow:?}: verdict {}", r.return_value);
+        ensure!(
+            r.return_value == XDP_TX,
+            "SYN of {flow:?}: verdict {}",
+            r.return_value
+        );
         let key = flow_key(flow);
         let id = dp
             .connections()?
@@ -529,7 +533,11 @@ fn measure(dp: &mut Dataplane, case: &Case, repeat: u32, calls: u32) -> Result<S
     let after = dp.global_stats()?;
     for ((name, b), (_, a)) in fields(&before).into_iter().zip(fields(&after)) {
         let grew = a - b;
-        let expected = if case.counters.contains(&name) { runs } else { 0 };
+        let expected = if case.counters.contains(&name) {
+            runs
+        } else {
+            0
+        };
         ensure!(
             grew == expected,
             "counter {name} grew by {grew} over {runs} runs, expected {expected}: \
@@ -657,7 +665,10 @@ fn summary_json(s: &Summary) -> String {
 /// `YYYY-MM-DDTHH:MM:SSZ` for a time since the epoch (civil-from-days, proleptic
 /// Gregorian).
 fn utc(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;
@@ -712,7 +723,12 @@ fn report(
     // Ratio of medians, and the spread of the per-round ratios (each case against the
     // floor measured in the same round).
     let ratio = |i: usize, f: usize, by: &dyn Fn(&Sample) -> f64| -> Summary {
-        let mut s = summarize(samples[i].iter().zip(&samples[f]).map(|(a, b)| by(a) / by(b)));
+        let mut s = summarize(
+            samples[i]
+                .iter()
+                .zip(&samples[f])
+                .map(|(a, b)| by(a) / by(b)),
+        );
         s.median = summarize(samples[i].iter().map(by)).median
             / summarize(samples[f].iter().map(by)).median;
         s
@@ -833,8 +849,16 @@ fn report(
             }),
             json_str(case.method.name()),
             json_str(&case.method.describe()),
-            if case.method == Method::Repeat { REPEAT } else { 1 },
-            if case.method == Method::Repeat { 1 } else { CALLS },
+            if case.method == Method::Repeat {
+                REPEAT
+            } else {
+                1
+            },
+            if case.method == Method::Repeat {
+                1
+            } else {
+                CALLS
+            },
             json_str(case.floor),
             summary_json(&ns(i)),
             rounds.join(", "),

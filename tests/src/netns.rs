@@ -485,14 +485,18 @@ impl Netns {
     /// a load balancer agent find the datapath an earlier agent pinned there.
     pub fn net_command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display())).arg(program);
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg(program);
         cmd
     }
 
     /// A second handle on this namespace, for another thread, that never deletes
     /// it: the namespace still goes when its owner is dropped.
     pub fn borrowed(&self) -> Netns {
-        Netns { name: self.name.clone(), deleted: true }
+        Netns {
+            name: self.name.clone(),
+            deleted: true,
+        }
     }
 }
 

@@ -223,12 +223,21 @@ pub fn ip_frame(
 /// An ICMP (IPv4) or ICMPv6 message of `kind`/`code` with 4 bytes of rest-of-header
 /// and a body, with a correct checksum (ICMPv6 needs the addresses for its pseudo
 /// header).
-pub fn icmp(kind: u8, code: u8, rest: [u8; 4], body: &[u8], v6: Option<(Ipv6Addr, Ipv6Addr)>) -> Vec<u8> {
+pub fn icmp(
+    kind: u8,
+    code: u8,
+    rest: [u8; 4],
+    body: &[u8],
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
+) -> Vec<u8> {
     let mut m = vec![kind, code, 0, 0];
     m.extend_from_slice(&rest);
     m.extend_from_slice(body);
     let c = match v6 {
-        Some((s, d)) => checksum(&[&pseudo_header(IpAddr::V6(s), IpAddr::V6(d), 58, m.len()), &m]),
+        Some((s, d)) => checksum(&[
+            &pseudo_header(IpAddr::V6(s), IpAddr::V6(d), 58, m.len()),
+            &m,
+        ]),
         None => checksum(&[&m]),
     };
     m[2..4].copy_from_slice(&c.to_be_bytes());

@@ -89,7 +89,12 @@ impl Agent {
                 let _ = tx.send(line);
             }
         });
-        let mut agent = Agent { child, log, instance, socket };
+        let mut agent = Agent {
+            child,
+            log,
+            instance,
+            socket,
+        };
         match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(()) => Ok(agent),
             Err(_) => {

@@ -44,14 +44,25 @@ fn world(weights: &[u32]) -> World {
     }
     std::fs::write(&config, text).unwrap();
     let port = topo.lb_bridge_port().to_owned();
-    let pass = topo.switch().run_in(move || PassThrough::attach(&port)).unwrap().unwrap();
+    let pass = topo
+        .switch()
+        .run_in(move || PassThrough::attach(&port))
+        .unwrap()
+        .unwrap();
     let servers = topo
         .backends()
         .iter()
         .enumerate()
-        .map(|(i, h)| BackendServer::start(h.ns(), topo.vip(PORT, false), &format!("backend{i}")).unwrap())
+        .map(|(i, h)| {
+            BackendServer::start(h.ns(), topo.vip(PORT, false), &format!("backend{i}")).unwrap()
+        })
         .collect();
-    World { topo, config, _servers: servers, _pass: pass }
+    World {
+        topo,
+        config,
+        _servers: servers,
+        _pass: pass,
+    }
 }
 
 /// New connections, in batches, until stopped; every report kept.
@@ -79,7 +90,10 @@ impl Traffic {
         self.stop.store(true, Ordering::SeqCst);
         let reports = self.handle.join().unwrap();
         let total = reports.iter().map(|r| r.attempted).sum();
-        let failures = reports.iter().flat_map(|r| r.failures.iter().map(|f| format!("{f:?}"))).collect();
+        let failures = reports
+            .iter()
+            .flat_map(|r| r.failures.iter().map(|f| format!("{f:?}")))
+            .collect();
         (total, failures)
     }
 }
@@ -111,7 +125,15 @@ fn weight_change_and_drain_keep_long_lived_connections() {
     let client = w.topo.client().ns();
     let vip = w.topo.vip(PORT, false);
     let long: Vec<Pinger> = (0..2)
-        .map(|_| Pinger::start(client, vip, Duration::from_millis(50), Duration::from_secs(3)).unwrap())
+        .map(|_| {
+            Pinger::start(
+                client,
+                vip,
+                Duration::from_millis(50),
+                Duration::from_secs(3),
+            )
+            .unwrap()
+        })
         .collect();
     let traffic = Traffic::start(client, vip);
 
@@ -121,7 +143,11 @@ fn weight_change_and_drain_keep_long_lived_connections() {
     let after = run_clients(client, vip, 350, 8, Duration::from_secs(3)).unwrap();
     assert!(after.all_succeeded(), "{}", after.summary());
     let chi2 = chi_square(&spread(&after), &[5, 1, 1]);
-    assert!(chi2 < 27.6, "new connections do not follow 5:1:1 (chi-square {chi2:.1}): {:?}", after.responses);
+    assert!(
+        chi2 < 27.6,
+        "new connections do not follow 5:1:1 (chi-square {chi2:.1}): {:?}",
+        after.responses
+    );
 
     // Drain the backend of the first long-lived connection: it gets no new
     // connection, and both long-lived connections go on.
@@ -135,23 +161,69 @@ fn weight_change_and_drain_keep_long_lived_connections() {
     let drained_name = "backend1";
     let after = run_clients(client, vip, 300, 8, Duration::from_secs(3)).unwrap();
     assert!(after.all_succeeded(), "{}", after.summary());
-    assert_eq!(after.responses.get(drained_name), None, "a drained backend got new connections: {:?}", after.responses);
+    assert_eq!(
+        after.responses.get(drained_name),
+        None,
+        "a drained backend got new connections: {:?}",
+        after.responses
+    );
     let explain = agent.ctl(&["explain"]).unwrap();
     assert!(explain.contains("drained"), "{explain}");
 
     std::thread::sleep(Duration::from_millis(300));
     let (total, failures) = traffic.stop();
     assert!(total > 0);
-    assert!(failures.is_empty(), "{} of {total} background connections failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {total} background connections failed: {failures:?}",
+        failures.len()
+    );
     for pinger in long {
         let report = pinger.stop();
-        assert!(report.error.is_none(), "a long-lived connection broke: {:?}", report.error);
-        assert!(report.responses.len() > 10, "too few round trips: {}", report.responses.len());
-        assert_eq!(report.backends().len(), 1, "a long-lived connection changed backend: {:?}", report.backends());
+        assert!(
+            report.error.is_none(),
+            "a long-lived connection broke: {:?}",
+            report.error
+        );
+        assert!(
+            report.responses.len() > 10,
+            "too few round trips: {}",
+            report.responses.len()
+        );
+        assert_eq!(
+            report.backends().len(),
+            1,
+            "a long-lived connection changed backend: {:?}",
+            report.backends()
+        );
     }
     let status = agent.ctl(&["status", "--json"]).unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");
+
+    // The agent's Prometheus endpoint, on localhost of the LB's namespace, shows the
+    // weights in force (refreshed every second).
+    std::thread::sleep(Duration::from_millis(1200));
+    let metrics = w
+        .topo
+        .lb()
+        .ns()
+        .run_in(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9432")?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok::<_, std::io::Error>(body)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    let weight_line = metrics
+        .lines()
+        .find(|l| l.starts_with("lb_backend_weight{") && l.contains("198.18.0.11"))
+        .unwrap_or_else(|| panic!("no weight of 198.18.0.11 in:\n{metrics}"));
+    assert!(weight_line.ends_with(" 5"), "{weight_line}");
     agent.stop().unwrap();
 }
 
@@ -161,19 +233,34 @@ fn agent_restarts_under_traffic_without_a_failed_connection() {
     let client = w.topo.client().ns();
     let vip = w.topo.vip(PORT, false);
     let first = Agent::start(&w.topo, &w.config, &[]).unwrap();
-    let long = Pinger::start(client, vip, Duration::from_millis(20), Duration::from_secs(3)).unwrap();
+    let long = Pinger::start(
+        client,
+        vip,
+        Duration::from_millis(20),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     let traffic = Traffic::start(client, vip);
     std::thread::sleep(Duration::from_millis(300));
 
     // SIGTERM: the agent leaves the datapath attached (fail-static); a new agent
     // adopts the pinned maps and link.
     let log = first.kill(libc::SIGTERM).unwrap();
-    assert!(log.iter().any(|l| l.contains("fail-static")), "{}", log.join("\n"));
+    assert!(
+        log.iter().any(|l| l.contains("fail-static")),
+        "{}",
+        log.join("\n")
+    );
     std::thread::sleep(Duration::from_millis(300));
     let second = Agent::start(&w.topo, &w.config, &[]).unwrap();
     let mut second = second;
     let log = second.drain_log();
-    assert!(log.iter().any(|l| l.contains("adopted") && l.contains("0 table slots")), "{}", log.join("\n"));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("adopted") && l.contains("0 table slots")),
+        "{}",
+        log.join("\n")
+    );
     std::thread::sleep(Duration::from_millis(300));
 
     // SIGKILL: no chance to clean up; the pinned datapath forwards on.
@@ -184,12 +271,30 @@ fn agent_restarts_under_traffic_without_a_failed_connection() {
 
     let (total, failures) = traffic.stop();
     let report = long.stop();
-    assert!(failures.is_empty(), "{} of {total} connections failed across restarts: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {total} connections failed across restarts: {failures:?}",
+        failures.len()
+    );
     assert!(total >= 100, "only {total} connections");
-    assert!(report.error.is_none(), "the long-lived connection broke: {:?}", report.error);
-    assert!(report.responses.len() > 20, "too few round trips: {}", report.responses.len());
-    assert_eq!(report.backends().len(), 1, "the long-lived connection changed backend: {:?}", report.backends());
-    let status: serde_json::Value = serde_json::from_str(&third.ctl(&["status", "--json"]).unwrap()).unwrap();
+    assert!(
+        report.error.is_none(),
+        "the long-lived connection broke: {:?}",
+        report.error
+    );
+    assert!(
+        report.responses.len() > 20,
+        "too few round trips: {}",
+        report.responses.len()
+    );
+    assert_eq!(
+        report.backends().len(),
+        1,
+        "the long-lived connection changed backend: {:?}",
+        report.backends()
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&third.ctl(&["status", "--json"]).unwrap()).unwrap();
     assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");
     third.stop().unwrap();
 }

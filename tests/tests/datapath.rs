@@ -175,7 +175,11 @@ impl World {
         let desired = Desired::from_config(&config).unwrap();
         let mut dataplane = Dataplane::load().expect("loading the XDP program");
         dataplane.apply(&desired).unwrap();
-        World { dataplane, desired, config }
+        World {
+            dataplane,
+            desired,
+            config,
+        }
     }
 
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -222,15 +226,32 @@ struct Flow {
 
 impl Flow {
     fn tcp(src: &str, dst: &str, sport: u16, dport: u16) -> Flow {
-        Flow { src: ip(src), dst: ip(dst), sport, dport, proto: 6 }
+        Flow {
+            src: ip(src),
+            dst: ip(dst),
+            sport,
+            dport,
+            proto: 6,
+        }
     }
     fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Flow {
-        Flow { src: ip(src), dst: ip(dst), sport, dport, proto: 17 }
+        Flow {
+            src: ip(src),
+            dst: ip(dst),
+            sport,
+            dport,
+            proto: 17,
+        }
     }
     fn keys(&self) -> (VipKey, FlowKey) {
         let (s, family) = addr_bytes(self.src);
         let (d, _) = addr_bytes(self.dst);
-        let vip = VipKey { addr: d, port_be: self.dport.to_be(), proto: self.proto, family };
+        let vip = VipKey {
+            addr: d,
+            port_be: self.dport.to_be(),
+            proto: self.proto,
+            family,
+        };
         let key = FlowKey {
             src: s,
             dst: d,
@@ -248,15 +269,26 @@ impl Flow {
     /// A frame of this flow from the client to the LB's MAC.
     fn frame(&self, flags: u8, payload: &[u8]) -> Vec<u8> {
         if self.proto == 6 {
-            tcp_frame(LB_MAC, CLIENT_MAC, self.src, self.dst, self.sport, self.dport, flags, payload)
+            tcp_frame(
+                LB_MAC, CLIENT_MAC, self.src, self.dst, self.sport, self.dport, flags, payload,
+            )
         } else {
-            udp_frame(LB_MAC, CLIENT_MAC, self.src, self.dst, self.sport, self.dport, payload)
+            udp_frame(
+                LB_MAC, CLIENT_MAC, self.src, self.dst, self.sport, self.dport, payload,
+            )
         }
     }
     /// The packet the backend sends back for this flow (VIP to client), as quoted
     /// by ICMP errors: its IP header and first 8 transport bytes.
     fn reply_quote(&self) -> Vec<u8> {
-        let seg = tcp(self.dst, self.src, self.dport, self.sport, TCP_ACK, &[0u8; 1400]);
+        let seg = tcp(
+            self.dst,
+            self.src,
+            self.dport,
+            self.sport,
+            TCP_ACK,
+            &[0u8; 1400],
+        );
         let full = match (self.dst, self.src) {
             (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s, d, 6, &Ipv4Opts::default(), &seg),
             (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s, d, 6, 64, &seg),
@@ -275,7 +307,11 @@ enum Expect {
     Dsr([u8; 6]),
     /// Encapsulated towards `backend` via `next_hop`; the outer source is the
     /// configured prefix with the low bits from `hash`.
-    Encap { next_hop: [u8; 6], backend: IpAddr, hash: u32 },
+    Encap {
+        next_hop: [u8; 6],
+        backend: IpAddr,
+        hash: u32,
+    },
     /// Exactly these bytes.
     Bytes(Vec<u8>),
 }
@@ -288,7 +324,12 @@ struct Fixture {
 }
 
 fn fx(name: impl Into<String>, input: Vec<u8>, verdict: u32, expect: Expect) -> Fixture {
-    Fixture { name: name.into(), input, verdict, expect }
+    Fixture {
+        name: name.into(),
+        input,
+        verdict,
+        expect,
+    }
 }
 
 fn dsr(input: &[u8], backend_mac: [u8; 6]) -> Vec<u8> {
@@ -314,13 +355,28 @@ fn encap(input: &[u8], next_hop: [u8; 6], backend: IpAddr, hash: u32) -> Vec<u8>
     match backend {
         IpAddr::V4(b) => {
             let src = Ipv4Addr::new(198, 19, h[2], h[3]);
-            let opts = Ipv4Opts { ttl: 64, id: 0, frag: 0x4000, options: vec![] };
-            ethernet(next_hop, LB_MAC, ETH_P_IP, &ipv4(src, b, proto, &opts, inner))
+            let opts = Ipv4Opts {
+                ttl: 64,
+                id: 0,
+                frag: 0x4000,
+                options: vec![],
+            };
+            ethernet(
+                next_hop,
+                LB_MAC,
+                ETH_P_IP,
+                &ipv4(src, b, proto, &opts, inner),
+            )
         }
         IpAddr::V6(b) => {
             let mut src = v6("fd00:19::").octets();
             src[12..].copy_from_slice(&h);
-            ethernet(next_hop, LB_MAC, ETH_P_IPV6, &ipv6(Ipv6Addr::from(src), b, proto, 64, inner))
+            ethernet(
+                next_hop,
+                LB_MAC,
+                ETH_P_IPV6,
+                &ipv6(Ipv6Addr::from(src), b, proto, 64, inner),
+            )
         }
     }
 }
@@ -332,15 +388,30 @@ fn fixtures(world: &World) -> Vec<Fixture> {
     let syn = web.frame(TCP_SYN, b"");
 
     // TCP and UDP to VIPs, both families, L2 DSR.
-    out.push(fx("IPv4 TCP SYN to a VIP goes to its table's backend", syn.clone(), XDP_TX, Expect::Dsr(web_mac)));
+    out.push(fx(
+        "IPv4 TCP SYN to a VIP goes to its table's backend",
+        syn.clone(),
+        XDP_TX,
+        Expect::Dsr(web_mac),
+    ));
     out.push(fx(
         "IPv4 TCP ACK with data of the known flow follows it",
         web.frame(TCP_ACK | TCP_PSH, b"GET / HTTP/1.0\r\n\r\n"),
         XDP_TX,
         Expect::Dsr(web_mac),
     ));
-    out.push(fx("IPv4 TCP FIN of the known flow", web.frame(TCP_FIN | TCP_ACK, b""), XDP_TX, Expect::Dsr(web_mac)));
-    out.push(fx("IPv4 TCP RST of the known flow", web.frame(TCP_RST, b""), XDP_TX, Expect::Dsr(web_mac)));
+    out.push(fx(
+        "IPv4 TCP FIN of the known flow",
+        web.frame(TCP_FIN | TCP_ACK, b""),
+        XDP_TX,
+        Expect::Dsr(web_mac),
+    ));
+    out.push(fx(
+        "IPv4 TCP RST of the known flow",
+        web.frame(TCP_RST, b""),
+        XDP_TX,
+        Expect::Dsr(web_mac),
+    ));
     let stray = Flow::tcp("198.18.0.1", "198.18.1.1", 40002, 80);
     out.push(fx(
         "IPv4 TCP ACK of an unknown flow is forwarded by the table",
@@ -358,55 +429,141 @@ fn fixtures(world: &World) -> Vec<Fixture> {
         ));
     }
     let dns = Flow::udp("198.18.0.1", "198.18.1.1", 5353, 53);
-    out.push(fx("IPv4 UDP to a UDP VIP", dns.frame(0, b"query"), XDP_TX, Expect::Dsr([2, 0, 0, 0, 0, 0x11])));
+    out.push(fx(
+        "IPv4 UDP to a UDP VIP",
+        dns.frame(0, b"query"),
+        XDP_TX,
+        Expect::Dsr([2, 0, 0, 0, 0, 0x11]),
+    ));
     let web6 = Flow::tcp("fd00:18::1", "fd00:18:1::1", 40001, 80);
     let web6_mac = world.table_backend(&web6).0;
-    out.push(fx("IPv6 TCP SYN to a VIP", web6.frame(TCP_SYN, b""), XDP_TX, Expect::Dsr(web6_mac)));
-    out.push(fx("IPv6 TCP data of the known flow", web6.frame(TCP_ACK, b"data"), XDP_TX, Expect::Dsr(web6_mac)));
+    out.push(fx(
+        "IPv6 TCP SYN to a VIP",
+        web6.frame(TCP_SYN, b""),
+        XDP_TX,
+        Expect::Dsr(web6_mac),
+    ));
+    out.push(fx(
+        "IPv6 TCP data of the known flow",
+        web6.frame(TCP_ACK, b"data"),
+        XDP_TX,
+        Expect::Dsr(web6_mac),
+    ));
     let dns6 = Flow::udp("fd00:18::1", "fd00:18:1::1", 5353, 53);
-    out.push(fx("IPv6 UDP to a UDP VIP", dns6.frame(0, b"q"), XDP_TX, Expect::Dsr([2, 0, 0, 0, 0, 0x21])));
+    out.push(fx(
+        "IPv6 UDP to a UDP VIP",
+        dns6.frame(0, b"q"),
+        XDP_TX,
+        Expect::Dsr([2, 0, 0, 0, 0, 0x21]),
+    ));
 
     // Source hashing: two flows of one client, one backend.
     let a = Flow::tcp("198.18.0.9", "198.18.1.4", 1111, 80);
     let b = Flow::tcp("198.18.0.9", "198.18.1.4", 2222, 80);
     assert_eq!(world.table_backend(&a), world.table_backend(&b));
-    out.push(fx("source-hash VIP, first flow", a.frame(TCP_SYN, b""), XDP_TX, Expect::Dsr(world.table_backend(&a).0)));
-    out.push(fx("source-hash VIP, second flow of the same client", b.frame(TCP_SYN, b""), XDP_TX, Expect::Dsr(world.table_backend(&a).0)));
+    out.push(fx(
+        "source-hash VIP, first flow",
+        a.frame(TCP_SYN, b""),
+        XDP_TX,
+        Expect::Dsr(world.table_backend(&a).0),
+    ));
+    out.push(fx(
+        "source-hash VIP, second flow of the same client",
+        b.frame(TCP_SYN, b""),
+        XDP_TX,
+        Expect::Dsr(world.table_backend(&a).0),
+    ));
 
     // Encapsulation, every family combination.
     for (name, flow) in [
-        ("IPv4 in IPv4", Flow::tcp("198.18.0.1", "198.18.1.2", 40001, 443)),
-        ("IPv6 in IPv6", Flow::tcp("fd00:18::1", "fd00:18:1::2", 40001, 443)),
-        ("IPv4 UDP in IPv6", Flow::udp("198.18.0.1", "198.18.1.3", 40001, 443)),
-        ("IPv6 in IPv4", Flow::tcp("fd00:18::1", "fd00:18:1::3", 40001, 443)),
+        (
+            "IPv4 in IPv4",
+            Flow::tcp("198.18.0.1", "198.18.1.2", 40001, 443),
+        ),
+        (
+            "IPv6 in IPv6",
+            Flow::tcp("fd00:18::1", "fd00:18:1::2", 40001, 443),
+        ),
+        (
+            "IPv4 UDP in IPv6",
+            Flow::udp("198.18.0.1", "198.18.1.3", 40001, 443),
+        ),
+        (
+            "IPv6 in IPv4",
+            Flow::tcp("fd00:18::1", "fd00:18:1::3", 40001, 443),
+        ),
     ] {
         let (mac, backend) = world.table_backend(&flow);
         out.push(fx(
             format!("encapsulation {name}, new flow"),
             flow.frame(TCP_SYN, b""),
             XDP_TX,
-            Expect::Encap { next_hop: mac, backend, hash: flow.hash() },
+            Expect::Encap {
+                next_hop: mac,
+                backend,
+                hash: flow.hash(),
+            },
         ));
         out.push(fx(
             format!("encapsulation {name}, established flow with data"),
             flow.frame(TCP_ACK, b"0123456789"),
             XDP_TX,
-            Expect::Encap { next_hop: mac, backend, hash: flow.hash() },
+            Expect::Encap {
+                next_hop: mac,
+                backend,
+                hash: flow.hash(),
+            },
         ));
     }
 
     // Not for a VIP.
-    out.push(fx("IPv4 TCP to the VIP address, another port", Flow::tcp("198.18.0.1", "198.18.1.1", 40001, 81).frame(TCP_SYN, b""), XDP_PASS, Expect::Unchanged));
-    out.push(fx("IPv4 UDP to the TCP VIP's port", Flow::udp("198.18.0.1", "198.18.1.1", 40001, 80).frame(0, b"x"), XDP_PASS, Expect::Unchanged));
-    out.push(fx("IPv4 TCP to another address", Flow::tcp("198.18.0.1", "198.18.0.2", 40001, 80).frame(TCP_SYN, b""), XDP_PASS, Expect::Unchanged));
-    out.push(fx("IPv6 TCP to another address", Flow::tcp("fd00:18::1", "fd00:18::2", 40001, 80).frame(TCP_SYN, b""), XDP_PASS, Expect::Unchanged));
     out.push(fx(
-        "IPv4 GRE (protocol 47) to the VIP address",
-        ethernet(LB_MAC, CLIENT_MAC, ETH_P_IP, &ipv4(v4("198.18.0.1"), v4("198.18.1.1"), 47, &Ipv4Opts::default(), &[0u8; 8])),
+        "IPv4 TCP to the VIP address, another port",
+        Flow::tcp("198.18.0.1", "198.18.1.1", 40001, 81).frame(TCP_SYN, b""),
         XDP_PASS,
         Expect::Unchanged,
     ));
-    out.push(fx("ARP", ethernet([0xff; 6], CLIENT_MAC, ETH_P_ARP, &[0u8; 28]), XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "IPv4 UDP to the TCP VIP's port",
+        Flow::udp("198.18.0.1", "198.18.1.1", 40001, 80).frame(0, b"x"),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
+    out.push(fx(
+        "IPv4 TCP to another address",
+        Flow::tcp("198.18.0.1", "198.18.0.2", 40001, 80).frame(TCP_SYN, b""),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
+    out.push(fx(
+        "IPv6 TCP to another address",
+        Flow::tcp("fd00:18::1", "fd00:18::2", 40001, 80).frame(TCP_SYN, b""),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
+    out.push(fx(
+        "IPv4 GRE (protocol 47) to the VIP address",
+        ethernet(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IP,
+            &ipv4(
+                v4("198.18.0.1"),
+                v4("198.18.1.1"),
+                47,
+                &Ipv4Opts::default(),
+                &[0u8; 8],
+            ),
+        ),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
+    out.push(fx(
+        "ARP",
+        ethernet([0xff; 6], CLIENT_MAC, ETH_P_ARP, &[0u8; 28]),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     out.push(fx(
         "VLAN-tagged frame (not parsed)",
         ethernet(LB_MAC, CLIENT_MAC, 0x8100, &{
@@ -424,11 +581,30 @@ fn fixtures(world: &World) -> Vec<Fixture> {
             LB_MAC,
             CLIENT_MAC,
             ETH_P_IP,
-            &ipv4(v4("198.18.0.1"), v4("198.18.1.1"), 6, &Ipv4Opts { frag, ..Ipv4Opts::default() }, &syn[34..]),
+            &ipv4(
+                v4("198.18.0.1"),
+                v4("198.18.1.1"),
+                6,
+                &Ipv4Opts {
+                    frag,
+                    ..Ipv4Opts::default()
+                },
+                &syn[34..],
+            ),
         )
     };
-    out.push(fx("IPv4 first fragment (MF) to the VIP", frag(0x2000), XDP_PASS, Expect::Unchanged));
-    out.push(fx("IPv4 later fragment (offset) to the VIP", frag(0x0010), XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "IPv4 first fragment (MF) to the VIP",
+        frag(0x2000),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
+    out.push(fx(
+        "IPv4 later fragment (offset) to the VIP",
+        frag(0x0010),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     let opts = Flow::tcp("198.18.0.1", "198.18.1.1", 40004, 80);
     out.push(fx(
         "IPv4 with options (router alert) to the VIP is balanced",
@@ -440,7 +616,10 @@ fn fixtures(world: &World) -> Vec<Fixture> {
                 v4("198.18.0.1"),
                 v4("198.18.1.1"),
                 6,
-                &Ipv4Opts { options: vec![0x94, 0x04, 0x00, 0x00], ..Ipv4Opts::default() },
+                &Ipv4Opts {
+                    options: vec![0x94, 0x04, 0x00, 0x00],
+                    ..Ipv4Opts::default()
+                },
                 &tcp(opts.src, opts.dst, 40004, 80, TCP_SYN, b""),
             ),
         ),
@@ -449,22 +628,59 @@ fn fixtures(world: &World) -> Vec<Fixture> {
     ));
     let mut bad_version = syn.clone();
     bad_version[14] = 0x55;
-    out.push(fx("IPv4 ether type with IP version 5", bad_version, XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "IPv4 ether type with IP version 5",
+        bad_version,
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     let mut short_ihl = syn.clone();
     short_ihl[14] = 0x44;
-    out.push(fx("IPv4 header length 16 (below 20)", short_ihl, XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "IPv4 header length 16 (below 20)",
+        short_ihl,
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     let mut short_total = syn.clone();
     short_total[16..18].copy_from_slice(&12u16.to_be_bytes());
-    out.push(fx("IPv4 total length below its header length", short_total, XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "IPv4 total length below its header length",
+        short_total,
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     out.push(fx(
         "IPv6 with a hop-by-hop extension header",
-        ethernet(LB_MAC, CLIENT_MAC, ETH_P_IPV6, &ipv6(v6("fd00:18::1"), v6("fd00:18:1::1"), 0, 64, &[6, 0, 1, 4, 0, 0, 0, 0])),
+        ethernet(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IPV6,
+            &ipv6(
+                v6("fd00:18::1"),
+                v6("fd00:18:1::1"),
+                0,
+                64,
+                &[6, 0, 1, 4, 0, 0, 0, 0],
+            ),
+        ),
         XDP_PASS,
         Expect::Unchanged,
     ));
     out.push(fx(
         "IPv6 with a fragment header",
-        ethernet(LB_MAC, CLIENT_MAC, ETH_P_IPV6, &ipv6(v6("fd00:18::1"), v6("fd00:18:1::1"), 44, 64, &[6, 0, 0, 1, 0, 0, 0, 7])),
+        ethernet(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IPV6,
+            &ipv6(
+                v6("fd00:18::1"),
+                v6("fd00:18:1::1"),
+                44,
+                64,
+                &[6, 0, 0, 1, 0, 0, 0, 7],
+            ),
+        ),
         XDP_PASS,
         Expect::Unchanged,
     ));
@@ -475,22 +691,83 @@ fn fixtures(world: &World) -> Vec<Fixture> {
         LB_MAC,
         CLIENT_MAC,
         ETH_P_IP,
-        &ipv4(v4("198.18.0.1"), v4("198.18.1.1"), 1, &Ipv4Opts { ttl: 61, ..Ipv4Opts::default() }, &icmp(8, 0, [0, 7, 0, 1], echo_body, None)),
+        &ipv4(
+            v4("198.18.0.1"),
+            v4("198.18.1.1"),
+            1,
+            &Ipv4Opts {
+                ttl: 61,
+                ..Ipv4Opts::default()
+            },
+            &icmp(8, 0, [0, 7, 0, 1], echo_body, None),
+        ),
     );
     let reply4 = ethernet(
         CLIENT_MAC,
         LB_MAC,
         ETH_P_IP,
-        &ipv4(v4("198.18.1.1"), v4("198.18.0.1"), 1, &Ipv4Opts { ttl: 64, ..Ipv4Opts::default() }, &icmp(0, 0, [0, 7, 0, 1], echo_body, None)),
+        &ipv4(
+            v4("198.18.1.1"),
+            v4("198.18.0.1"),
+            1,
+            &Ipv4Opts {
+                ttl: 64,
+                ..Ipv4Opts::default()
+            },
+            &icmp(0, 0, [0, 7, 0, 1], echo_body, None),
+        ),
     );
-    out.push(fx("ICMP echo request to a VIP address is answered", echo4.clone(), XDP_TX, Expect::Bytes(reply4)));
+    out.push(fx(
+        "ICMP echo request to a VIP address is answered",
+        echo4.clone(),
+        XDP_TX,
+        Expect::Bytes(reply4),
+    ));
     let (c6, vip6) = (v6("fd00:18::1"), v6("fd00:18:1::1"));
-    let echo6 = ethernet(LB_MAC, CLIENT_MAC, ETH_P_IPV6, &ipv6(c6, vip6, 58, 60, &icmp(128, 0, [0, 9, 0, 2], echo_body, Some((c6, vip6)))));
-    let reply6 = ethernet(CLIENT_MAC, LB_MAC, ETH_P_IPV6, &ipv6(vip6, c6, 58, 64, &icmp(129, 0, [0, 9, 0, 2], echo_body, Some((vip6, c6)))));
-    out.push(fx("ICMPv6 echo request to a VIP address is answered", echo6, XDP_TX, Expect::Bytes(reply6)));
+    let echo6 = ethernet(
+        LB_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV6,
+        &ipv6(
+            c6,
+            vip6,
+            58,
+            60,
+            &icmp(128, 0, [0, 9, 0, 2], echo_body, Some((c6, vip6))),
+        ),
+    );
+    let reply6 = ethernet(
+        CLIENT_MAC,
+        LB_MAC,
+        ETH_P_IPV6,
+        &ipv6(
+            vip6,
+            c6,
+            58,
+            64,
+            &icmp(129, 0, [0, 9, 0, 2], echo_body, Some((vip6, c6))),
+        ),
+    );
+    out.push(fx(
+        "ICMPv6 echo request to a VIP address is answered",
+        echo6,
+        XDP_TX,
+        Expect::Bytes(reply6),
+    ));
     out.push(fx(
         "ICMP echo request to another address",
-        ethernet(LB_MAC, CLIENT_MAC, ETH_P_IP, &ipv4(v4("198.18.0.1"), v4("198.18.0.2"), 1, &Ipv4Opts::default(), &icmp(8, 0, [0, 7, 0, 1], echo_body, None))),
+        ethernet(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IP,
+            &ipv4(
+                v4("198.18.0.1"),
+                v4("198.18.0.2"),
+                1,
+                &Ipv4Opts::default(),
+                &icmp(8, 0, [0, 7, 0, 1], echo_body, None),
+            ),
+        ),
         XDP_PASS,
         Expect::Unchanged,
     ));
@@ -500,7 +777,16 @@ fn fixtures(world: &World) -> Vec<Fixture> {
             LB_MAC,
             CLIENT_MAC,
             ETH_P_IP,
-            &ipv4(v4("198.18.0.1"), v4("198.18.1.1"), 1, &Ipv4Opts { options: vec![1, 1, 1, 0], ..Ipv4Opts::default() }, &icmp(8, 0, [0, 7, 0, 1], echo_body, None)),
+            &ipv4(
+                v4("198.18.0.1"),
+                v4("198.18.1.1"),
+                1,
+                &Ipv4Opts {
+                    options: vec![1, 1, 1, 0],
+                    ..Ipv4Opts::default()
+                },
+                &icmp(8, 0, [0, 7, 0, 1], echo_body, None),
+            ),
         ),
         XDP_PASS,
         Expect::Unchanged,
@@ -512,34 +798,92 @@ fn fixtures(world: &World) -> Vec<Fixture> {
             LB_MAC,
             ROUTER_MAC,
             ETH_P_IP,
-            &ipv4(v4("198.18.0.254"), v4("198.18.1.1"), 1, &Ipv4Opts::default(), &icmp(3, code, [0, 0, 0x05, 0xdc], &flow.reply_quote(), None)),
+            &ipv4(
+                v4("198.18.0.254"),
+                v4("198.18.1.1"),
+                1,
+                &Ipv4Opts::default(),
+                &icmp(3, code, [0, 0, 0x05, 0xdc], &flow.reply_quote(), None),
+            ),
         )
     };
-    out.push(fx("ICMP fragmentation needed about a VIP flow reaches its backend", need_frag(&web, 4), XDP_TX, Expect::Dsr(web_mac)));
-    out.push(fx("ICMP port unreachable is left to the kernel", need_frag(&web, 3), XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "ICMP fragmentation needed about a VIP flow reaches its backend",
+        need_frag(&web, 4),
+        XDP_TX,
+        Expect::Dsr(web_mac),
+    ));
+    out.push(fx(
+        "ICMP port unreachable is left to the kernel",
+        need_frag(&web, 3),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     let other = Flow::tcp("198.18.0.1", "198.18.1.1", 40001, 8080);
-    out.push(fx("ICMP fragmentation needed about a non-VIP flow", need_frag(&other, 4), XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "ICMP fragmentation needed about a non-VIP flow",
+        need_frag(&other, 4),
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     let mut cut_quote = need_frag(&web, 4);
     cut_quote.truncate(14 + 20 + 8 + 20 + 3);
-    out.push(fx("ICMP fragmentation needed whose quote ends inside the ports", cut_quote, XDP_PASS, Expect::Unchanged));
+    out.push(fx(
+        "ICMP fragmentation needed whose quote ends inside the ports",
+        cut_quote,
+        XDP_PASS,
+        Expect::Unchanged,
+    ));
     let router6 = v6("fd00:18::fe");
     let ptb = ethernet(
         LB_MAC,
         ROUTER_MAC,
         ETH_P_IPV6,
-        &ipv6(router6, vip6, 58, 64, &icmp(2, 0, [0, 0, 0x05, 0x00], &web6.reply_quote(), Some((router6, vip6)))),
+        &ipv6(
+            router6,
+            vip6,
+            58,
+            64,
+            &icmp(
+                2,
+                0,
+                [0, 0, 0x05, 0x00],
+                &web6.reply_quote(),
+                Some((router6, vip6)),
+            ),
+        ),
     );
-    out.push(fx("ICMPv6 packet too big about a VIP flow reaches its backend", ptb, XDP_TX, Expect::Dsr(web6_mac)));
+    out.push(fx(
+        "ICMPv6 packet too big about a VIP flow reaches its backend",
+        ptb,
+        XDP_TX,
+        Expect::Dsr(web6_mac),
+    ));
     let tunnel = Flow::tcp("198.18.0.1", "198.18.1.2", 40001, 443);
     let (tmac, tbackend) = world.table_backend(&tunnel);
     let ne = ethernet(
         LB_MAC,
         ROUTER_MAC,
         ETH_P_IP,
-        &ipv4(v4("198.18.0.254"), v4("198.18.1.2"), 1, &Ipv4Opts::default(), &icmp(3, 4, [0, 0, 0x05, 0xdc], &tunnel.reply_quote(), None)),
+        &ipv4(
+            v4("198.18.0.254"),
+            v4("198.18.1.2"),
+            1,
+            &Ipv4Opts::default(),
+            &icmp(3, 4, [0, 0, 0x05, 0xdc], &tunnel.reply_quote(), None),
+        ),
     );
     // Encapsulation uses the hash of the flow the error is about.
-    out.push(fx("ICMP fragmentation needed about an encapsulated VIP flow is encapsulated", ne, XDP_TX, Expect::Encap { next_hop: tmac, backend: tbackend, hash: tunnel.hash() }));
+    out.push(fx(
+        "ICMP fragmentation needed about an encapsulated VIP flow is encapsulated",
+        ne,
+        XDP_TX,
+        Expect::Encap {
+            next_hop: tmac,
+            backend: tbackend,
+            hash: tunnel.hash(),
+        },
+    ));
 
     // Cut short at every header boundary, and one byte before each header ends.
     let udp4 = dns.frame(0, b"query");
@@ -557,7 +901,12 @@ fn fixtures(world: &World) -> Vec<Fixture> {
         ("IPv6 UDP: inside the UDP header", &udp6, 14 + 40 + 7),
         ("ICMP echo: inside the ICMP header", &echo4, 14 + 20 + 7),
     ] {
-        out.push(fx(format!("cut short: {name}"), frame[..len].to_vec(), XDP_PASS, Expect::Unchanged));
+        out.push(fx(
+            format!("cut short: {name}"),
+            frame[..len].to_vec(),
+            XDP_PASS,
+            Expect::Unchanged,
+        ));
     }
     out
 }
@@ -573,20 +922,36 @@ fn packet_fixtures() {
         let expected = match &f.expect {
             Expect::Unchanged => f.input.clone(),
             Expect::Dsr(mac) => dsr(&f.input, *mac),
-            Expect::Encap { next_hop, backend, hash } => encap(&f.input, *next_hop, *backend, *hash),
+            Expect::Encap {
+                next_hop,
+                backend,
+                hash,
+            } => encap(&f.input, *next_hop, *backend, *hash),
             Expect::Bytes(bytes) => bytes.clone(),
         };
         if verdict != f.verdict {
-            failures.push(format!("{}: verdict {verdict}, expected {}", f.name, f.verdict));
+            failures.push(format!(
+                "{}: verdict {verdict}, expected {}",
+                f.name, f.verdict
+            ));
         } else if out != expected {
-            failures.push(format!("{}: output differs\n  got      {out:02x?}\n  expected {expected:02x?}", f.name));
+            failures.push(format!(
+                "{}: output differs\n  got      {out:02x?}\n  expected {expected:02x?}",
+                f.name
+            ));
         } else if verdict == XDP_TX {
             if let Err(e) = verify_checksums(&out) {
                 failures.push(format!("{}: bad {e} in the output", f.name));
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), fixtures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        fixtures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -615,7 +980,13 @@ fn counters_name_what_happened() {
     assert_eq!(s.pass_truncated, 1, "{s:?}");
     assert_eq!(s.tx, 4, "{s:?}");
     let mac = world.table_backend(&flow).0;
-    let id = *world.desired.backends.iter().find(|(_, b)| b.entry.mac == mac && b.vip == flow.keys().0).unwrap().0;
+    let id = *world
+        .desired
+        .backends
+        .iter()
+        .find(|(_, b)| b.entry.mac == mac && b.vip == flow.keys().0)
+        .unwrap()
+        .0;
     let b = world.dataplane.backend_stats(id).unwrap();
     assert_eq!((b.packets, b.new_flows), (3, 1), "{b:?}");
 }
@@ -626,7 +997,9 @@ fn counters_name_what_happened() {
 #[test]
 fn established_flows_survive_table_switches() {
     let mut world = World::new();
-    let flows: Vec<Flow> = (0..300).map(|i| Flow::tcp("198.18.0.1", "198.18.1.1", 20000 + i, 80)).collect();
+    let flows: Vec<Flow> = (0..300)
+        .map(|i| Flow::tcp("198.18.0.1", "198.18.1.1", 20000 + i, 80))
+        .collect();
     let mut first = BTreeMap::new();
     for f in &flows {
         let (v, out) = world.run(&f.frame(TCP_SYN, b""));
@@ -637,26 +1010,52 @@ fn established_flows_survive_table_switches() {
     let drained_mac = [2, 0, 0, 0, 0, 0x13];
     assert!(first.values().any(|m| *m == drained_mac));
     let desired = Desired::plan(&world.config, Some(&world.desired), &|v, b| {
-        (if v.port == 80 && b.address == drained { 0 } else { b.weight }, 0)
+        (
+            if v.port == 80 && b.address == drained {
+                0
+            } else {
+                b.weight
+            },
+            0,
+        )
     })
     .unwrap();
     let report = world.dataplane.apply(&desired).unwrap();
-    assert!(report.tables_switched >= 1 && report.slots_written > 0, "{report:?}");
+    assert!(
+        report.tables_switched >= 1 && report.slots_written > 0,
+        "{report:?}"
+    );
     let vip_key = flows[0].keys().0;
-    assert_eq!(world.dataplane.active_table(&vip_key).unwrap().unwrap(), *desired.vips[&vip_key].table);
+    assert_eq!(
+        world.dataplane.active_table(&vip_key).unwrap().unwrap(),
+        *desired.vips[&vip_key].table
+    );
     world.desired = desired;
     for f in &flows {
         let (_, out) = world.run(&f.frame(TCP_ACK, b"more"));
-        assert_eq!(out[..6], first[&f.sport], "established flow {} moved", f.sport);
+        assert_eq!(
+            out[..6],
+            first[&f.sport],
+            "established flow {} moved",
+            f.sport
+        );
     }
     for i in 0..300 {
         let f = Flow::tcp("198.18.0.2", "198.18.1.1", 30000 + i, 80);
         let (_, out) = world.run(&f.frame(TCP_SYN, b""));
         assert_ne!(out[..6], drained_mac, "the drained backend got a new flow");
-        assert_eq!(out[..6], world.table_backend(&f).0, "a new flow did not follow the new table");
+        assert_eq!(
+            out[..6],
+            world.table_backend(&f).0,
+            "a new flow did not follow the new table"
+        );
     }
     // Remove the drained backend from the config: its flows are given new backends.
-    let text = CONFIG.replacen("[[vip.backend]]\naddress = \"198.18.0.13\"\nmac = \"02:00:00:00:00:13\"\nweight = 3\n", "", 1);
+    let text = CONFIG.replacen(
+        "[[vip.backend]]\naddress = \"198.18.0.13\"\nmac = \"02:00:00:00:00:13\"\nweight = 3\n",
+        "",
+        1,
+    );
     let config = Config::parse(&text).unwrap();
     let desired = Desired::plan(&config, Some(&world.desired), &|_, b| (b.weight, 0)).unwrap();
     world.dataplane.apply(&desired).unwrap();
@@ -664,9 +1063,19 @@ fn established_flows_survive_table_switches() {
         let (v, out) = world.run(&f.frame(TCP_ACK, b"more"));
         assert_eq!(v, XDP_TX);
         if first[&f.sport] == drained_mac {
-            assert_ne!(out[..6], drained_mac, "flow {} still reaches a removed backend", f.sport);
+            assert_ne!(
+                out[..6],
+                drained_mac,
+                "flow {} still reaches a removed backend",
+                f.sport
+            );
         } else {
-            assert_eq!(out[..6], first[&f.sport], "flow {} of a live backend moved", f.sport);
+            assert_eq!(
+                out[..6],
+                first[&f.sport],
+                "flow {} of a live backend moved",
+                f.sport
+            );
         }
     }
 }
@@ -692,7 +1101,11 @@ impl Rng {
 #[test]
 fn random_frames_never_abort_or_pollute_the_connection_table() {
     let mut world = World::new();
-    let seeds: Vec<Vec<u8>> = fixtures(&world).into_iter().map(|f| f.input).filter(|f| f.len() >= 14).collect();
+    let seeds: Vec<Vec<u8>> = fixtures(&world)
+        .into_iter()
+        .map(|f| f.input)
+        .filter(|f| f.len() >= 14)
+        .collect();
     let vips: Vec<VipKey> = world.desired.vips.keys().copied().collect();
     let mut rng = Rng(0x5eed_0f_da7a);
     let mut verdicts = [0usize; 5];
@@ -717,14 +1130,31 @@ fn random_frames_never_abort_or_pollute_the_connection_table() {
         };
         let (verdict, _) = world.run(&frame);
         assert_ne!(verdict, XDP_ABORTED, "frame {i} aborted: {frame:02x?}");
-        assert!(matches!(verdict, XDP_DROP | XDP_PASS | XDP_TX), "frame {i}: verdict {verdict}");
+        assert!(
+            matches!(verdict, XDP_DROP | XDP_PASS | XDP_TX),
+            "frame {i}: verdict {verdict}"
+        );
         verdicts[verdict as usize] += 1;
     }
     let conns = world.dataplane.connections().unwrap();
-    assert!(!conns.is_empty(), "no mutated frame reached a VIP: the test exercises nothing");
+    assert!(
+        !conns.is_empty(),
+        "no mutated frame reached a VIP: the test exercises nothing"
+    );
     for (key, _) in &conns {
-        let vip = VipKey { addr: key.dst, port_be: key.dst_port_be, proto: key.proto, family: key.family };
-        assert!(vips.contains(&vip), "connection entry for a non-VIP flow: {key:?}");
+        let vip = VipKey {
+            addr: key.dst,
+            port_be: key.dst_port_be,
+            proto: key.proto,
+            family: key.family,
+        };
+        assert!(
+            vips.contains(&vip),
+            "connection entry for a non-VIP flow: {key:?}"
+        );
     }
-    eprintln!("verdicts (aborted, drop, pass, tx): {verdicts:?}; {} connection entries", conns.len());
+    eprintln!(
+        "verdicts (aborted, drop, pass, tx): {verdicts:?}; {} connection entries",
+        conns.len()
+    );
 }

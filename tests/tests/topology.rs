@@ -19,9 +19,6 @@ const CLIENTS_PER_BACKEND: usize = 30;
 const CONCURRENCY: usize = 8;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The environment variable that turns [`signal_victim`] into a real run.
-const VICTIM_ENV: &str = "LB_TESTS_SIGNAL_VICTIM";
-
 fn assert_gone(names: &[String]) {
     let listed = netns::ip(&["netns", "list"]).expect("ip netns list");
     let left: Vec<&String> = names
@@ -247,11 +244,8 @@ fn netns_runs_code_inside() {
 /// Starts this test binary as a victim that builds a topology, waits for it to be
 /// ready, and returns the child and its namespace names.
 fn start_victim() -> (std::process::Child, Vec<String>) {
-    let exe = std::env::current_exe().unwrap();
-    let mut command = Command::new(exe);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lb-netns-victim"));
     command
-        .args(["--exact", "signal_victim", "--ignored", "--nocapture"])
-        .env(VICTIM_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -334,18 +328,4 @@ fn sigkill_leftovers_are_swept() {
         assert!(netns::creator_pid(name).is_some(), "{name}");
     }
     assert_gone(&names);
-}
-
-/// Not a test on its own: run by the signal tests as a child process, it builds a
-/// topology, prints its namespace names and waits to be signalled.
-#[test]
-#[ignore = "helper process for the signal tests"]
-fn signal_victim() {
-    if std::env::var_os(VICTIM_ENV).is_none() {
-        return;
-    }
-    let topology = Topology::build(1).expect("build the topology");
-    println!("VICTIM READY {}", topology.namespace_names().join(","));
-    // Bounded, so that a victim whose parent died still ends by itself.
-    std::thread::sleep(Duration::from_secs(60));
 }

@@ -62,6 +62,16 @@ enum Bench {
     /// Maglev table build time for 10/100/1,000 backends and slots moved per weight
     /// change, against the theoretical minimum.
     Table,
+    /// ns/packet of each datapath path through BPF_PROG_TEST_RUN, as ratios to a
+    /// program that only returns XDP_PASS. Needs root.
+    Datapath,
+    /// One-step-ahead error of the load model against last-value and EWMA on the
+    /// real series in testdata/nab (and any `--series PATH`), fit and predict time.
+    Predictor {
+        /// More `timestamp,value` series files.
+        #[arg(long)]
+        series: Vec<std::path::PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
