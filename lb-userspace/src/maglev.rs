@@ -1202,8 +1202,9 @@ mod tests {
             })
             .collect();
         let (table, stats) = build_with_stats(&view(&owned), 65537).unwrap();
-        // The first pass's horizon leaves a second pass rare.
-        assert_eq!(stats.passes, 1);
+        // The first pass's horizon leaves a slot for a second pass in about one
+        // build in eight; this is one of them.
+        assert_eq!(stats.passes, 2);
         let digest = table.iter().fold(FNV_OFFSET_BASIS, |h, &i| {
             fnv1a64(h, owned[i as usize].0.as_slice())
         });

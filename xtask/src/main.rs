@@ -127,6 +127,31 @@ fn main() -> anyhow::Result<()> {
             .status()
             .context("running the table benchmark")
             .and_then(exit_like),
+        Task::Bench {
+            which: Bench::Datapath,
+        } => {
+            require_root("the benchmark loads XDP programs")?;
+            setup::run(&root, setup::Report::Quiet)?;
+            cargo(&root)
+                .args(["bench", "-p", "lb-tests", "--bench", "datapath"])
+                .env("LB_BENCH_JSON", root.join("target/bench/datapath.json"))
+                .status()
+                .context("running the datapath benchmark")
+                .and_then(exit_like)
+        }
+        Task::Bench {
+            which: Bench::Predictor { series },
+        } => {
+            let mut cmd = cargo(&root);
+            cmd.args(["bench", "-p", "lb-userspace", "--bench", "predictor", "--"]);
+            for s in &series {
+                cmd.arg("--series").arg(s);
+            }
+            cmd.env("LB_BENCH_JSON", root.join("target/bench/predictor.json"))
+                .status()
+                .context("running the predictor benchmark")
+                .and_then(exit_like)
+        }
     }
 }
 
