@@ -366,7 +366,9 @@ fn encode_model(m: &ModelMetrics, e: &mut DescriptorEncoder) -> fmt::Result {
         let info = Info::new([("source", m.policy_source.clone())]);
         let metric = e.encode_descriptor(
             "lb_model",
-            "What drives the backends' weights: the model or a named baseline predictor",
+            &help_text(
+                "What drives the backends' weights: the model or a named baseline predictor",
+            ),
             None,
             MetricType::Info,
         )?;
@@ -396,8 +398,8 @@ fn encode_model(m: &ModelMetrics, e: &mut DescriptorEncoder) -> fmt::Result {
     gauge_family(
         e,
         "lb_model_rolling_error",
-        "Rolling mean absolute error of recent latency predictions, of the model \
-         (predictor=\"model\") and of the best baseline (predictor=\"baseline\")",
+        "Rolling mean absolute error of recent latency predictions, by predictor: \
+         model (the load model), baseline (the best baseline predictor)",
         Some(&Unit::Seconds),
         &errors,
     )
@@ -932,7 +934,10 @@ mod tests {
             !text.contains(r#"lb_backend_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.2"}"#),
             "{text}"
         );
-        assert!(!text.contains(r#"predictor="baseline""#), "{text}");
+        assert!(
+            !text.contains(r#"lb_model_rolling_error_seconds{predictor="baseline"}"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -201,6 +201,35 @@ fn weight_change_and_drain_keep_long_lived_connections() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");
 
+    // A reload with a bad file is refused, naming the field, and changes nothing;
+    // a good one applies (it ends `weight set`, keeps the drain).
+    let good = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(&w.config, good.replace("198.18.0.13", "198.18.0.300")).unwrap();
+    let err = agent.ctl(&["reload"]).unwrap_err().to_string();
+    assert!(err.contains("vip[0].backend[2].address"), "{err}");
+    let status = agent.ctl(&["status"]).unwrap();
+    assert!(status.contains("REFUSED"), "{status}");
+    let list = agent.ctl(&["weight", "show", "--json"]).unwrap();
+    assert!(
+        list.contains("\"weight\": 5"),
+        "the refused reload changed weights: {list}"
+    );
+    std::fs::write(&w.config, &good).unwrap();
+    agent.ctl(&["reload"]).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&agent.ctl(&["weight", "show", "--json"]).unwrap()).unwrap();
+    let weight_of = |addr: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["backend"] == addr)
+            .unwrap()["weight"]
+            .clone()
+    };
+    assert_eq!(weight_of("198.18.0.11"), 1, "{list}");
+    assert_eq!(weight_of("198.18.0.12"), 0, "{list}");
+    agent.ctl(&["weight", "set", "198.18.0.11", "5"]).unwrap();
+
     // The agent's Prometheus endpoint, on localhost of the LB's namespace, shows the
     // weights in force (refreshed every second).
     std::thread::sleep(Duration::from_millis(1200));
