@@ -139,6 +139,9 @@ struct Disruption {
     change_ideal: Summary,
     /// How many weight changes moved more than 1.5× the ideal.
     change_over_1_5: usize,
+    /// How many weight changes had an ideal of at least 40 slots, and how many of
+    /// those moved more than 1.5× the ideal.
+    change_large: (usize, usize),
     /// The most slots a weight change moved between two other backends.
     change_collateral_max: usize,
     /// Slots moved by removing a backend, over the slots it had.
@@ -149,6 +152,7 @@ struct Disruption {
 
 fn disruption(rng: &mut Rng, n: usize) -> Disruption {
     let (mut ratios, mut ideals, mut over, mut collateral_max) = (vec![], vec![], 0, 0);
+    let mut large = (0, 0);
     let (mut removal_ratios, mut extras) = (vec![], vec![]);
     for trial in 0..TRIALS {
         // Weights are multiples of 10 from 10 to 10,000, so a 10 % change is exact.
@@ -170,6 +174,12 @@ fn disruption(rng: &mut Rng, n: usize) -> Disruption {
         if ratio > 1.5 {
             over += 1;
         }
+        if ideal >= 40.0 {
+            large.0 += 1;
+            if ratio > 1.5 {
+                large.1 += 1;
+            }
+        }
         ratios.push(ratio);
         ideals.push(ideal);
         let collateral = moved
@@ -186,20 +196,32 @@ fn disruption(rng: &mut Rng, n: usize) -> Disruption {
         let gone_table = maglev::build(&gone, SIZE).unwrap();
         let moved = maglev::moved_slots(&old, &old_table, &gone, &gone_table).len();
         let its = count(&old_table, k);
-        removal_ratios.push(moved as f64 / its as f64);
+        // A light backend among 1,000 may hold no slot at all; it moves nothing.
+        if its > 0 {
+            removal_ratios.push(moved as f64 / its as f64);
+        }
         extras.push((moved - its) as f64 * 100.0 / f64::from(SIZE));
     }
     Disruption {
         change_ratio: summarize(&mut ratios),
         change_ideal: summarize(&mut ideals),
         change_over_1_5: over,
+        change_large: large,
         change_collateral_max: collateral_max,
         removal_ratio: summarize(&mut removal_ratios),
         removal_extra_percent: summarize(&mut extras),
     }
 }
 
+/// The 1-minute load average, where the system tells it: build times on a busy
+/// machine say little.
+fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 fn main() {
+    let load = load_average();
     let mut rng = Rng(0x6d61_676c_6576);
     let times: Vec<(usize, Summary)> = COUNTS
         .iter()
@@ -212,7 +234,12 @@ fn main() {
 
     println!("weighted Maglev table, {SIZE} slots");
     println!();
-    println!("build time (ms, {RUNS} runs, weights 1..=1000)");
+    match load {
+        Some(load) => {
+            println!("build time (ms, {RUNS} runs, weights 1..=1000; load average {load:.2})")
+        }
+        None => println!("build time (ms, {RUNS} runs, weights 1..=1000)"),
+    }
     println!(
         "{:>9} {:>8} {:>8} {:>8}",
         "backends", "median", "min", "max"
@@ -226,13 +253,22 @@ fn main() {
          slots moved / ideal |Δshare|·size"
     );
     println!(
-        "{:>9} {:>11} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>11}",
-        "backends", "ideal slots", "mean", "median", "p90", "p99", "max", ">1.5×", "collateral"
+        "{:>9} {:>11} {:>7} {:>7} {:>7} {:>7} {:>7} {:>10} {:>14} {:>11}",
+        "backends",
+        "ideal slots",
+        "mean",
+        "median",
+        "p90",
+        "p99",
+        "max",
+        ">1.5×",
+        "ideal≥40: >1.5×",
+        "collateral"
     );
     for (n, d) in &disruptions {
         let (r, i) = (&d.change_ratio, &d.change_ideal);
         println!(
-            "{n:>9} {:>11.1} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>6}/{TRIALS} {:>11}",
+            "{n:>9} {:>11.1} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>6}/{TRIALS} {:>10}/{:<4} {:>11}",
             i.median,
             r.mean,
             r.median,
@@ -240,9 +276,12 @@ fn main() {
             r.p99,
             r.max,
             d.change_over_1_5,
+            d.change_large.1,
+            d.change_large.0,
             d.change_collateral_max
         );
     }
+    println!("(ideal slots: median; collateral: most slots moved between two other backends)");
     println!();
     println!("removal of one backend: slots moved / its slots, and extra slots as % of the table");
     println!(
@@ -258,7 +297,11 @@ fn main() {
     }
 
     let mut json = String::new();
-    let _ = write!(json, "{{\n  \"table_size\": {SIZE},\n  \"build_ms\": [");
+    let load = load.map_or("null".to_string(), |l| format!("{l:.2}"));
+    let _ = write!(
+        json,
+        "{{\n  \"table_size\": {SIZE},\n  \"load_average_1m\": {load},\n  \"build_ms\": ["
+    );
     for (i, (n, t)) in times.iter().enumerate() {
         let sep = if i == 0 { "" } else { "," };
         let _ = write!(
@@ -274,11 +317,14 @@ fn main() {
             json,
             "{sep}\n    {{\"backends\": {n}, \"trials\": {TRIALS}, \
              \"weight_change_10pct\": {{\"ideal_slots\": {}, \"moved_over_ideal\": {}, \
-             \"over_1_5\": {}, \"collateral_slots_max\": {}}}, \
+             \"over_1_5\": {}, \"ideal_at_least_40\": {}, \"ideal_at_least_40_over_1_5\": {}, \
+             \"collateral_slots_max\": {}}}, \
              \"removal\": {{\"moved_over_own_slots\": {}, \"extra_percent_of_table\": {}}}}}",
             summary_json(&d.change_ideal),
             summary_json(&d.change_ratio),
             d.change_over_1_5,
+            d.change_large.0,
+            d.change_large.1,
             d.change_collateral_max,
             summary_json(&d.removal_ratio),
             summary_json(&d.removal_extra_percent),
@@ -289,7 +335,11 @@ fn main() {
     let path = std::env::var_os("LB_BENCH_JSON")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/table.json")
+            let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let root = manifest
+                .parent()
+                .expect("lb-userspace sits in the workspace");
+            root.join("target/bench/table.json")
         });
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).expect("create the bench output directory");

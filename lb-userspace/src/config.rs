@@ -45,6 +45,11 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "config file {path} is writable by every user (mode {mode:o}); anyone could redirect \
+         traffic through it: chmod o-w it"
+    )]
+    WorldWritable { path: PathBuf, mode: u32 },
     #[error("config file {path} is not valid TOML for this agent: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("config field `{field}`: {problem}")]
@@ -195,8 +200,20 @@ struct RawBackend {
 }
 
 impl Config {
-    /// Reads and checks the file at `path`.
+    /// Reads and checks the file at `path`, refusing one that every user may write.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o002 != 0 {
+            return Err(ConfigError::WorldWritable {
+                path: path.to_owned(),
+                mode,
+            });
+        }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -584,6 +601,22 @@ weight = 1
             "{text}\n[encapsulation]\nsource_v4 = \"198.19.0.0\"\nsource_v6 = \"fd00:19::\"\n"
         );
         assert!(Config::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn world_writable_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("lb-config-test-{}.toml", std::process::id()));
+        std::fs::write(&path, GOOD).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o646)).unwrap();
+        let err = Config::load(&path).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::WorldWritable { mode: 0o646, .. }),
+            "{err}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Config::load(&path).is_ok());
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

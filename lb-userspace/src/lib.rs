@@ -5,7 +5,9 @@
 //! - [`config`]: the TOML file, checked completely before anything else happens.
 //! - [`maglev`]: the weighted Maglev lookup table (pure).
 //! - [`metrics`]: the Prometheus `/metrics` endpoint.
+//! - [`collect`]: per-backend metrics scrapes and health probes.
 //! - [`model`]: the load model and its baselines (pure).
+//! - [`policy`]: weights from health, holds and predictions (pure).
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
@@ -13,6 +15,7 @@
 //! - [`control`]: the control socket (server side for the agent, client for the CLI).
 pub mod agent;
 pub mod api;
+pub mod collect;
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -20,3 +23,4 @@ pub mod desired;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod policy;

@@ -43,8 +43,9 @@
 //! the edge of that band: one above it gives up its latest arrivals, each to the
 //! earliest-arriving backend there that still has room; one below it takes the
 //! earliest slots of its walk that belong to backends above their quota. At 65537
-//! slots this happens only to backends with a share of ten percent or more, and only
-//! now and then.
+//! slots that took a deviation of about three standard deviations of a backend that
+//! holds a large share: it happened in about 1 build in 400 for 3 to 10 backends with
+//! weights 1..=1000, and in none of 2,000 random sets of 20 or of 100 backends.
 //!
 //! The race is computed as a sweep rather than slot by slot: every backend walks its
 //! permutation in order until its arrival time passes a horizon at which nearly every
@@ -88,8 +89,9 @@
 //!   long as the ideal is some 40 slots or more (up to about 100 backends of similar
 //!   weight). With 1,000 backends the ideal is about 7 slots, and one change in
 //!   seven moves more than 1.5× of it, a few slots too many. Meeting 1.5× there
-//!   would take exact counts, which cost far more (see the classic numbers above;
-//!   making this race's counts exact with the band's method measured 10×).
+//!   would take counts with far less spread than independent per-slot chances give,
+//!   and the exact-count schemes tried cost far more: classic weighted Maglev 20×
+//!   (above), and this race with a band of 0 slots about 10× (median).
 //!   `ten_percent_weight_change_*` assert 1.5× where that spread allows it and a
 //!   four-sigma allowance below, and that no other backend's slot moves; the bench
 //!   `table` prints the distribution.
@@ -199,13 +201,13 @@ pub fn is_prime(n: u32) -> bool {
     if n < 4 {
         return n >= 2;
     }
-    if n % 2 == 0 || n % 3 == 0 {
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
         return false;
     }
     let n = u64::from(n);
     let mut d = 5u64;
     while d * d <= n {
-        if n % d == 0 || n % (d + 2) == 0 {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
             return false;
         }
         d += 6;
@@ -520,9 +522,9 @@ fn sweep<const E: usize>(
     owner: &mut [u32],
     size: u32,
 ) {
-    // The loop spells out `arrival` and `step` by hand: debug builds, which run the
-    // tests, call functions that release builds inline, and the sweep is most of a
-    // build's work.
+    // The loop spells out `arrival` and the step of the forward differences by
+    // hand: debug builds, which run the tests, call functions that release builds
+    // inline, and the sweep is most of a build's work.
     for (rank, racer) in racers.iter_mut().enumerate() {
         let reciprocal = racer.reciprocal;
         if reciprocal == 0 {
@@ -578,7 +580,7 @@ fn build_with_stats(
         .map(|(p, &weight)| Racer {
             diffs: p.differences(size, degree),
             next_rank: 0,
-            reciprocal: if weight == 0 { 0 } else { u64::MAX / weight },
+            reciprocal: u64::MAX.checked_div(weight).unwrap_or(0),
         })
         .collect();
 
@@ -586,8 +588,8 @@ fn build_with_stats(
     // of the backend that made it.
     let mut first = vec![u64::MAX; slots];
     let mut owner = vec![u32::MAX; slots];
-    // Arrival times are `E / weight · 2^60` for an exponential-like `E`; a slot is
-    // missed by everyone up to `E / weight ≤ horizon / total` with probability about
+    // Arrival times are `X / weight · 2^60` for an exponential-like `X`; a slot is
+    // missed by everyone up to `X / weight ≤ horizon / total` with probability about
     // `e^(−horizon)`, so `ln size + 2` leaves about 0.14 slots for a second pass.
     let mut horizon = f64::from(size).ln() + 2.0;
     let mut passes = 0;
@@ -834,6 +836,15 @@ mod tests {
         Ok(())
     }
 
+    /// The band steps in rarely and then for a few dozen slots; more than a band's
+    /// width would mean that the race itself is off and the band hides it.
+    fn rare_corrections(stats: &[BuildStats]) -> Result<(), TestCaseError> {
+        for s in stats {
+            prop_assert!(s.corrected <= accuracy_band(SIZE) as usize, "{s:?}");
+        }
+        Ok(())
+    }
+
     /// The slots a 10 % change of backend `k`'s weight moves, checked against the
     /// ideal `|Δshare| · size`. Weights are multiples of 10, so the change is exact.
     fn check_weight_change(owned: &Owned, k: usize, up: bool) -> Result<(), TestCaseError> {
@@ -845,11 +856,16 @@ mod tests {
         let moved = moved_slots(&old, &old_table, &new, &new_table);
         let share = |b: &Owned| f64::from(b[k].1) / f64::from(b.iter().map(|b| b.1).sum::<u32>());
         let ideal = (share(&changed) - share(owned)).abs() * f64::from(SIZE);
-        // Whether a slot is gained depends on per-slot chances, so the gain is a
-        // Poisson-like count around the ideal. 1.5× holds as long as that spread
-        // allows it (an ideal of about 80 slots or more); below, the allowance is
-        // four standard deviations, which a wrong algorithm still exceeds.
-        let allowed = (1.5 * ideal).max(ideal + 4.0 * ideal.sqrt() + 4.0);
+        // Whether a slot is gained depends on per-slot chances, so the race's gain is
+        // a Poisson-like count around the ideal. The bound is 1.5× wherever that is
+        // above four standard deviations of the count (an ideal of about 80 slots or
+        // more; the bench shows 1.5× holding from about 40), and four standard
+        // deviations below, which a rippling algorithm still exceeds. The slots the
+        // accuracy band reassigned in either table come on top, as they are not the
+        // race's doing.
+        rare_corrections(&[old_stats, new_stats])?;
+        let corrected = (old_stats.corrected + new_stats.corrected) as f64;
+        let allowed = (1.5 * ideal).max(ideal + 4.0 * ideal.sqrt() + 4.0) + corrected;
         prop_assert!(
             moved.len() as f64 <= allowed,
             "{} slots moved, ideal {ideal:.1}, allowed {allowed:.1}",
@@ -887,6 +903,7 @@ mod tests {
         let (old, gone, zero) = (view(owned), view(&removed), view(&drained));
         let (old_table, old_stats) = build_with_stats(&old, SIZE).unwrap();
         let (gone_table, gone_stats) = build_with_stats(&gone, SIZE).unwrap();
+        rare_corrections(&[old_stats, gone_stats])?;
         let zero_table = build(&zero, SIZE).unwrap();
         let its_slots = counts(&old_table, owned.len())[k] as usize;
         let moved = moved_slots(&old, &old_table, &gone, &gone_table);

@@ -190,10 +190,11 @@ struct Case {
 struct Sample {
     /// Kernel-reported nanoseconds per program run.
     ns: f64,
-    /// Wall-clock nanoseconds of the whole syscall per program run (meaningful only
-    /// for the repeated method, where the syscall's own cost is spread over
-    /// `repeat` runs; it keeps the fraction the kernel's integer average drops).
-    wall_ns: f64,
+    /// This thread's CPU time over the whole syscall, per program run: meaningful only
+    /// for the repeated method, where the syscall's own cost (about a microsecond) is
+    /// spread over `repeat` runs. It keeps the fraction the kernel's integer average
+    /// drops, and like the kernel's figure it excludes time the thread was preempted.
+    cpu_ns: f64,
 }
 
 fn main() -> ExitCode {
@@ -475,7 +476,7 @@ fn measure(dp: &mut Dataplane, case: &Case, repeat: u32, calls: u32) -> Result<S
     let (runs, sample) = match case.method {
         Method::Repeat => {
             let prog = program(dp, case.program)?;
-            let start = Instant::now();
+            let start = thread_cpu_ns();
             let r = prog
                 .test_run(TestRunOptions {
                     data_in: Some(&case.frame),
@@ -484,7 +485,7 @@ fn measure(dp: &mut Dataplane, case: &Case, repeat: u32, calls: u32) -> Result<S
                     ..TestRunOptions::default()
                 })
                 .context("BPF_PROG_TEST_RUN")?;
-            let wall = start.elapsed();
+            let cpu = thread_cpu_ns() - start;
             ensure!(
                 r.return_value == case.verdict,
                 "verdict {} instead of {}",
@@ -495,14 +496,14 @@ fn measure(dp: &mut Dataplane, case: &Case, repeat: u32, calls: u32) -> Result<S
             check_output(case, &out, repeat)?;
             let sample = Sample {
                 ns: r.duration.as_nanos() as f64,
-                wall_ns: wall.as_nanos() as f64 / f64::from(repeat),
+                cpu_ns: cpu as f64 / f64::from(repeat),
             };
             (u64::from(repeat), sample)
         }
         Method::Single => {
             let prog = program(dp, case.program)?;
             let mut total = Duration::ZERO;
-            let start = Instant::now();
+            let start = thread_cpu_ns();
             for i in 0..calls {
                 let r = prog
                     .test_run(TestRunOptions {
@@ -522,10 +523,10 @@ fn measure(dp: &mut Dataplane, case: &Case, repeat: u32, calls: u32) -> Result<S
                 }
                 total += r.duration;
             }
-            let wall = start.elapsed();
+            let cpu = thread_cpu_ns() - start;
             let sample = Sample {
                 ns: total.as_nanos() as f64 / f64::from(calls),
-                wall_ns: wall.as_nanos() as f64 / f64::from(calls),
+                cpu_ns: cpu as f64 / f64::from(calls),
             };
             (u64::from(calls), sample)
         }
@@ -625,6 +626,17 @@ fn pin_to_one_cpu() {
     }
 }
 
+/// CPU time this thread has used, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -719,7 +731,7 @@ fn report(
     let date = utc(SystemTime::now());
     let index = |key: &str| cases.iter().position(|c| c.key == key).unwrap();
     let ns = |i: usize| summarize(samples[i].iter().map(|s| s.ns));
-    let wall = |i: usize| summarize(samples[i].iter().map(|s| s.wall_ns));
+    let cpu = |i: usize| summarize(samples[i].iter().map(|s| s.cpu_ns));
     // Ratio of medians, and the spread of the per-round ratios (each case against the
     // floor measured in the same round).
     let ratio = |i: usize, f: usize, by: &dyn Fn(&Sample) -> f64| -> Summary {
@@ -734,7 +746,7 @@ fn report(
         s
     };
     let by_ns = |s: &Sample| s.ns;
-    let by_wall = |s: &Sample| s.wall_ns;
+    let by_cpu = |s: &Sample| s.cpu_ns;
 
     // The single-run cost that the repeated loop spreads out, from the established
     // case measured both ways; the encapsulation figure on the repeated scale is its
@@ -757,12 +769,12 @@ fn report(
     );
     println!(
         "{:<36} {:>8} {:>16} {:>7} {:>15} {:>9} {:>8} {:>8}",
-        "case", "ns", "[min..max]", "ratio", "[min..max]", "wall ns", "wall x", "target"
+        "case", "ns", "[min..max]", "ratio", "[min..max]", "cpu ns", "cpu x", "target"
     );
     for (i, case) in cases.iter().enumerate() {
         let f = index(case.floor);
         let (n, r) = (ns(i), ratio(i, f, &by_ns));
-        let (w, wr) = (wall(i), ratio(i, f, &by_wall));
+        let (w, wr) = (cpu(i), ratio(i, f, &by_cpu));
         let target = match case.target {
             Some(t) if r.median <= t => format!("<={t} ok"),
             Some(t) => format!("<={t} MISS"),
@@ -789,7 +801,7 @@ fn report(
         "\nratio: to lb_pass measured the same way (repeated cases to `floor`, single-run \
          cases to `floor, single runs`).\n\
          ns: kernel-reported; for repeated cases an integer (the kernel drops the fraction \
-         of its average), so `wall ns` (syscall wall clock / repeat) is shown beside it.\n\
+         of its average), so `cpu ns` (this thread's CPU time over the syscall / repeat) is shown beside it.\n\
          single-run fixed cost (established single - repeated): {overhead:.1} ns \
          (floor: {floor_overhead:.1} ns)\n\
          encapsulation on the repeated scale (single-run figure less that cost): \
@@ -828,17 +840,17 @@ fn report(
     for (i, case) in cases.iter().enumerate() {
         let f = index(case.floor);
         let rounds: Vec<String> = samples[i].iter().map(|s| format!("{:.3}", s.ns)).collect();
-        let wall_rounds: Vec<String> = samples[i]
+        let cpu_rounds: Vec<String> = samples[i]
             .iter()
-            .map(|s| format!("{:.3}", s.wall_ns))
+            .map(|s| format!("{:.3}", s.cpu_ns))
             .collect();
         let r = ratio(i, f, &by_ns);
         let _ = write!(
             json,
             "{}\n    {{\"case\": {}, \"title\": {}, \"program\": {}, \"method\": {}, \
              \"method_detail\": {}, \"repeat\": {}, \"calls\": {}, \"floor\": {}, \
-             \"ns\": {}, \"ns_rounds\": [{}], \"ratio\": {}, \"wall_ns\": {}, \
-             \"wall_ns_rounds\": [{}], \"wall_ratio\": {}, \"target_ratio\": {}, \
+             \"ns\": {}, \"ns_rounds\": [{}], \"ratio\": {}, \"cpu_ns\": {}, \
+             \"cpu_ns_rounds\": [{}], \"cpu_ratio\": {}, \"target_ratio\": {}, \
              \"target_met\": {}, \"verified_counters\": [{}], \"verified_backend_id\": {}}}",
             if i == 0 { "" } else { "," },
             json_str(case.key),
@@ -863,9 +875,9 @@ fn report(
             summary_json(&ns(i)),
             rounds.join(", "),
             summary_json(&r),
-            summary_json(&wall(i)),
-            wall_rounds.join(", "),
-            summary_json(&ratio(i, f, &by_wall)),
+            summary_json(&cpu(i)),
+            cpu_rounds.join(", "),
+            summary_json(&ratio(i, f, &by_cpu)),
             case.target.map_or("null".into(), |t| t.to_string()),
             case.target
                 .map_or("null".into(), |t| (r.median <= t).to_string()),

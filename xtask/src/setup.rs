@@ -59,12 +59,70 @@ pub fn run(root: &Path, report: Report) -> anyhow::Result<()> {
     } else {
         say("warn not root: skipped bpffs and the BPF syscall check (tests, demo and run need root)".into());
     }
+    let packages = ["prometheus-node-exporter"];
+    let missing = ensure_debian_packages(&packages)?;
+    if missing.is_empty() {
+        say(format!("ok   Debian packages: {}", packages.join(", ")));
+    } else {
+        say(format!(
+            "warn Debian packages missing: {} (run `cargo xtask setup` as root; the tests need them)",
+            missing.join(", ")
+        ));
+    }
     if Path::new("/sys/kernel/btf/vmlinux").exists() {
         say("ok   kernel BTF at /sys/kernel/btf/vmlinux".into());
     } else {
         say("warn no kernel BTF (/sys/kernel/btf/vmlinux); the datapath does not need it".into());
     }
     Ok(())
+}
+
+/// Makes sure Debian packages the tests need are installed (`dpkg -s`), installing
+/// the missing ones with `apt-get update` and `apt-get install -y` when running as
+/// root. Returns the names still missing (not root, or no apt-get): builds do not
+/// need them, so that only warns. A failing apt-get is an error.
+fn ensure_debian_packages(names: &[&str]) -> anyhow::Result<Vec<String>> {
+    let installed = |name: &str| {
+        Command::new("dpkg")
+            .args(["-s", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let missing: Vec<&str> = names.iter().copied().filter(|n| !installed(n)).collect();
+    let have_apt = Command::new("apt-get")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !missing.is_empty() && is_root() && have_apt {
+        eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+        let status = Command::new("apt-get")
+            .arg("update")
+            .stdout(Stdio::null())
+            .status()
+            .context("running apt-get update")?;
+        if !status.success() {
+            bail!("apt-get update failed ({status})");
+        }
+        let status = Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .context("running apt-get install")?;
+        if !status.success() {
+            bail!("apt-get install {} failed ({status})", missing.join(" "));
+        }
+    }
+    Ok(names
+        .iter()
+        .filter(|n| !installed(n))
+        .map(|n| (*n).to_owned())
+        .collect())
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {

@@ -77,6 +77,7 @@ pub struct BackendModel {
 impl BackendModel {
     /// A model that has seen nothing; refuses an invalid configuration.
     pub fn new(config: BackendModelConfig) -> Result<Self, ModelError> {
+        config.features.validate()?;
         if let Some(anchor) = config.svr.anchor
             && anchor >= config.features.len()
         {
@@ -118,16 +119,18 @@ impl BackendModel {
             });
         }
         check_finite("extra metric", extra)?;
-        // Every input is valid now, so none of the calls below can refuse it.
-        for tracker in &mut self.trackers {
-            tracker.actual(target)?;
-        }
-        self.last.observe(&[], target)?;
-        self.ewma.observe(&[], target)?;
-        if let Some(previous) = &self.previous {
-            self.svr.observe(previous, target)?;
-        }
+        // Every input is valid now, so the window takes it. A predictor or tracker
+        // that still cannot use the value (only an overflow of values near f64::MAX
+        // can cause that) does not learn from it: the tick never stops halfway.
         self.window.push(target, extra)?;
+        for tracker in &mut self.trackers {
+            let _ = tracker.actual(target);
+        }
+        let _ = self.last.observe(&[], target);
+        let _ = self.ewma.observe(&[], target);
+        if let Some(previous) = &self.previous {
+            let _ = self.svr.observe(previous, target);
+        }
         self.previous = self.window.features();
 
         let last_value = self.last.predict(&[]).ok();
@@ -138,8 +141,8 @@ impl BackendModel {
             .and_then(|features| self.svr.predict(features).ok());
         for (tracker, prediction) in self.trackers.iter_mut().zip([last_value, ewma, svr]) {
             match prediction {
-                Some(p) => tracker.predicted(p)?,
-                None => tracker.skip(),
+                Some(p) if tracker.predicted(p).is_ok() => {}
+                _ => tracker.skip(),
             }
         }
         let choice = self.choice();
@@ -290,6 +293,83 @@ mod tests {
             Err(ModelError::FeatureCount { .. })
         ));
         assert_eq!(format!("{model:?}"), before);
+    }
+
+    #[test]
+    fn extreme_finite_values_never_fail_a_tick() {
+        let mut model = BackendModel::new(config()).unwrap();
+        for t in 0..100 {
+            if t == 40 {
+                let fitted = model.training_set().fit(model.svr_params()).unwrap();
+                model.install(fitted).unwrap();
+            }
+            let (target, extra) = if t < 40 {
+                (load(t), 1.0)
+            } else {
+                // Huge values of both signs, and ordinary ones between them.
+                let sign = if t % 2 == 0 { 1.0 } else { -1.0 };
+                let target = if t % 3 == 0 { sign * f64::MAX } else { load(t) };
+                (target, -sign * f64::MAX)
+            };
+            let forecast = model.tick(target, &[extra]).unwrap();
+            for p in [
+                forecast.value,
+                forecast.last_value,
+                forecast.ewma,
+                forecast.svr,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(p.is_finite());
+            }
+            // A fit on the contaminated window may fail, but with an error.
+            if t % 20 == 19 {
+                let _ = model.training_set().fit(model.svr_params());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// Any values at all, NaN and infinities included, give forecasts or named
+        /// errors; never a panic, and never a non-finite forecast.
+        #[test]
+        fn any_input_gives_a_forecast_or_an_error(
+            values in proptest::collection::vec(
+                proptest::prop_oneof![
+                    3 => -1e3f64..1e3,
+                    1 => proptest::num::f64::ANY,
+                ],
+                1..90,
+            )
+        ) {
+            let mut model = BackendModel::new(config()).unwrap();
+            for (t, &v) in values.iter().enumerate() {
+                if t == 60 {
+                    // The fit may fail on such data, but with an error.
+                    if let Ok(fitted) = model.training_set().fit(model.svr_params()) {
+                        model.install(fitted).unwrap();
+                    }
+                }
+                match model.tick(v, &[v * 0.5]) {
+                    Ok(forecast) => {
+                        proptest::prop_assert!(v.is_finite());
+                        for p in [forecast.value, forecast.last_value, forecast.ewma, forecast.svr]
+                            .into_iter()
+                            .flatten()
+                        {
+                            proptest::prop_assert!(p.is_finite());
+                        }
+                    }
+                    Err(e) => proptest::prop_assert!(
+                        matches!(e, ModelError::NonFinite { .. }),
+                        "{e}"
+                    ),
+                }
+            }
+        }
     }
 
     #[test]

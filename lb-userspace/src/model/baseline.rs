@@ -109,10 +109,13 @@ impl Predictor for Ewma {
 
     fn observe(&mut self, _features: &[f64], target: f64) -> Result<(), ModelError> {
         check_finite("target", &[target])?;
-        self.level = Some(match self.level {
+        let level = match self.level {
             None => target,
             Some(level) => self.alpha * target + (1.0 - self.alpha) * level,
-        });
+        };
+        // Values near f64::MAX can overflow the sum; such a level is refused.
+        check_finite("EWMA level", &[level])?;
+        self.level = Some(level);
         Ok(())
     }
 

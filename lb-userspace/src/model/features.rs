@@ -39,9 +39,14 @@ impl Default for FeatureSpec {
 }
 
 impl FeatureSpec {
+    /// The most lags, mean window or extra metrics a spec may have.
+    pub const MAX_LEN: usize = 1024;
+
     /// The length of the feature vector.
     pub fn len(&self) -> usize {
-        self.lags + usize::from(self.mean_window > 0) + usize::from(self.diff) + self.extra_metrics
+        self.lags
+            .saturating_add(usize::from(self.mean_window > 0) + usize::from(self.diff))
+            .saturating_add(self.extra_metrics)
     }
 
     /// Whether the vector is empty (never, for a valid spec).
@@ -56,14 +61,27 @@ impl FeatureSpec {
             .max(if self.diff { 2 } else { 1 })
     }
 
-    /// Refuses a spec without lags.
+    /// Refuses a spec without lags, or with more history or metrics than
+    /// [`FeatureSpec::MAX_LEN`].
     pub fn validate(&self) -> Result<(), ModelError> {
+        let invalid = |name, value: usize, reason| {
+            Err(ModelError::InvalidParameter {
+                name,
+                value: value as f64,
+                reason,
+            })
+        };
         if self.lags == 0 {
-            return Err(ModelError::InvalidParameter {
-                name: "lags",
-                value: 0.0,
-                reason: "at least one lag is needed",
-            });
+            return invalid("lags", 0, "at least one lag is needed");
+        }
+        if self.lags > Self::MAX_LEN {
+            return invalid("lags", self.lags, "at most 1024");
+        }
+        if self.mean_window > Self::MAX_LEN {
+            return invalid("mean_window", self.mean_window, "at most 1024");
+        }
+        if self.extra_metrics > Self::MAX_LEN {
+            return invalid("extra_metrics", self.extra_metrics, "at most 1024");
         }
         Ok(())
     }
@@ -203,13 +221,29 @@ mod tests {
 
     #[test]
     fn refuses_bad_input_and_stays_unchanged() {
-        assert!(
-            FeatureWindow::new(FeatureSpec {
+        for bad in [
+            FeatureSpec {
                 lags: 0,
                 ..FeatureSpec::default()
-            })
-            .is_err()
-        );
+            },
+            FeatureSpec {
+                lags: usize::MAX,
+                ..FeatureSpec::default()
+            },
+            FeatureSpec {
+                mean_window: usize::MAX,
+                ..FeatureSpec::default()
+            },
+            FeatureSpec {
+                extra_metrics: usize::MAX,
+                ..FeatureSpec::default()
+            },
+        ] {
+            assert!(
+                FeatureWindow::new(bad.clone()).is_err(),
+                "{bad:?} was accepted"
+            );
+        }
         let spec = FeatureSpec {
             lags: 1,
             mean_window: 0,

@@ -22,7 +22,7 @@
 //! # Layout
 //! - [`features`]: the feature window (lags, a short mean, a difference, other metrics).
 //! - [`baseline`]: the [`LastValue`] and [`Ewma`] predictors.
-//! - [`scale`]: per-column standardization.
+//! - [`scale`]: per-column standardization (mean and deviation, or robust).
 //! - [`svr`]: the RBF support vector regression over a bounded sliding window.
 //! - [`select`]: rolling out-of-sample error and the choice of predictor.
 //! - [`backend`]: all of the above for one backend, tick by tick.

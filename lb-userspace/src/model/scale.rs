@@ -127,13 +127,13 @@ impl Standardizer {
         &self.scale
     }
 
-    /// Standardizes one value of column `column` (which must exist).
-    pub fn forward(&self, column: usize, value: f64) -> f64 {
+    /// Standardizes one value of column `column` (which must exist: this indexes).
+    pub(crate) fn forward(&self, column: usize, value: f64) -> f64 {
         (value - self.mean[column]) / self.scale[column]
     }
 
     /// Undoes [`Standardizer::forward`] for one value of column `column`.
-    pub fn inverse(&self, column: usize, value: f64) -> f64 {
+    pub(crate) fn inverse(&self, column: usize, value: f64) -> f64 {
         value * self.scale[column] + self.mean[column]
     }
 

@@ -35,7 +35,8 @@ impl ErrorTracker {
         Ok(Self {
             capacity,
             pending: None,
-            errors: VecDeque::with_capacity(capacity),
+            // Grown on demand: a huge capacity must not allocate up front.
+            errors: VecDeque::with_capacity(capacity.min(1024)),
         })
     }
 
