@@ -26,6 +26,7 @@ use crate::{
     control,
     dataplane::Dataplane,
     desired::{Desired, vip_key},
+    policy::{self, Decision, Input, Params, PolicyKind},
 };
 
 /// Where an instance keeps its pins.
@@ -62,6 +63,47 @@ enum Override {
     Drain,
 }
 
+/// One VIP's weight policy: its state between updates and its last decisions.
+struct VipControl {
+    kind: PolicyKind,
+    params: Params,
+    state: policy::State,
+    decisions: Vec<Decision>,
+}
+
+impl VipControl {
+    fn new(vip: &Vip, control: &crate::config::Control) -> VipControl {
+        let unit = unit(vip);
+        let configured: u32 = vip.backends.iter().map(|b| b.weight).sum();
+        let scale = configured.saturating_mul(unit).max(1);
+        let params = Params {
+            scale,
+            unit,
+            quantum: (scale / 1000).max(1),
+            floor_share: control.floor_share,
+            smoothing: control.smoothing,
+            hysteresis: control.hysteresis,
+            budget_per_second: control.move_budget_per_second,
+            interval_s: control.interval_ms as f64 / 1000.0,
+            ..Params::default()
+        };
+        VipControl {
+            kind: vip.policy,
+            params,
+            state: policy::State::default(),
+            decisions: Vec::new(),
+        }
+    }
+}
+
+/// Policy units per configured weight unit for `vip`: configured weights (and
+/// operator holds, which are in the same units) times this sum to about 10,000, so
+/// a policy has room for fine steps and a weight of 1 still means what it says.
+fn unit(vip: &Vip) -> u32 {
+    let configured: u32 = vip.backends.iter().map(|b| b.weight).sum::<u32>().max(1);
+    (10_000 / configured).max(1)
+}
+
 /// The agent's state; the control loop owns it and nothing else touches it.
 struct Agent {
     opts: RunOptions,
@@ -70,8 +112,12 @@ struct Agent {
     /// What the maps hold (the shadow is inside the dataplane; this is the plan).
     desired: Desired,
     dataplane: Dataplane,
-    /// Operator overrides by (VIP, backend address).
+    /// Operator overrides by (VIP, backend address), in configured weight units.
     overrides: BTreeMap<(VipKey, IpAddr), Override>,
+    /// Each VIP's policy state and last decisions.
+    control: BTreeMap<VipKey, VipControl>,
+    /// Datapath counters per backend id at the last control tick, for rates.
+    last_counters: BTreeMap<u32, (Instant, lb_common::types::BackendStats)>,
     started: Instant,
     /// Outcome of the last reload, for `status`.
     last_reload: Option<(Instant, Result<(), String>)>,
@@ -86,8 +132,24 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (mut dataplane, adopted) = Dataplane::load_pinned(&dir)
         .with_context(|| format!("loading the datapath pinned at {}", dir.display()))?;
     let previous = adopted.then(|| dataplane.current());
-    let overrides = previous.as_ref().map(overrides_of).unwrap_or_default();
-    let desired = plan(&config, previous.as_ref(), &overrides)?;
+    let overrides = previous
+        .as_ref()
+        .map(|p| overrides_of(p, &config))
+        .unwrap_or_default();
+    let mut control: BTreeMap<VipKey, VipControl> = config
+        .vips
+        .iter()
+        .map(|v| (vip_key(v), VipControl::new(v, &config.control)))
+        .collect();
+    // Continue from the weights an earlier agent left in force.
+    if let Some(previous) = &previous {
+        for b in previous.backends.values() {
+            if let Some(c) = control.get_mut(&b.vip) {
+                c.state.weights.insert(b.address.to_string(), b.weight);
+            }
+        }
+    }
+    let desired = plan(&config, previous.as_ref(), &overrides, &control)?;
     let report = dataplane
         .apply(&desired)
         .context("filling the datapath's maps")?;
@@ -122,15 +184,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     println!("lb: ready on {}", opts.iface);
 
+    let interval = std::time::Duration::from_millis(config.control.interval_ms);
     let mut agent = Agent {
         opts,
         config,
         desired,
         dataplane,
         overrides,
+        control,
+        last_counters: BTreeMap::new(),
         started: Instant::now(),
         last_reload: None,
     };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (tx, mut requests) = mpsc::channel(16);
     let server = tokio::spawn(control::serve(listener, tx));
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(agent.metrics_snapshot());
@@ -162,6 +229,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = refresh.tick() => {
                 let _ = metrics_tx.send(agent.metrics_snapshot());
             }
+            _ = tick.tick() => {
+                if let Err(e) = agent.control_tick() {
+                    warn!("control tick: weights unchanged: {e:#}");
+                }
+            }
         }
     };
     server.abort();
@@ -188,36 +260,51 @@ fn summary(s: &GlobalStats) -> String {
     )
 }
 
-/// The desired state for `config` with `overrides` applied.
+/// The desired state for `config`: operator holds first, then each VIP's policy
+/// weights (configured weights until the policy has run). Weights are in policy
+/// units; holds are converted from configured units.
 fn plan(
     config: &Config,
     previous: Option<&Desired>,
     overrides: &BTreeMap<(VipKey, IpAddr), Override>,
+    control: &BTreeMap<VipKey, VipControl>,
 ) -> anyhow::Result<Desired> {
     Ok(Desired::plan(
         config,
         previous,
-        &|vip: &Vip, b: &Backend| match overrides.get(&(vip_key(vip), b.address)) {
-            None => (b.weight, 0),
-            Some(Override::Set(w)) => (*w, BACKEND_F_SET),
-            Some(Override::Pin(w)) => (*w, BACKEND_F_PINNED),
-            Some(Override::Drain) => (0, BACKEND_F_DRAINED),
+        &|vip: &Vip, b: &Backend| {
+            let key = vip_key(vip);
+            let unit = unit(vip);
+            match overrides.get(&(key, b.address)) {
+                Some(Override::Set(w)) => (w.saturating_mul(unit), BACKEND_F_SET),
+                Some(Override::Pin(w)) => (w.saturating_mul(unit), BACKEND_F_PINNED),
+                Some(Override::Drain) => (0, BACKEND_F_DRAINED),
+                None => {
+                    let policy = control
+                        .get(&key)
+                        .and_then(|c| c.state.weights.get(&b.address.to_string()));
+                    (policy.copied().unwrap_or(b.weight.saturating_mul(unit)), 0)
+                }
+            }
         },
     )?)
 }
 
-/// The overrides an earlier agent recorded in the pinned backend entries.
-fn overrides_of(previous: &Desired) -> BTreeMap<(VipKey, IpAddr), Override> {
+/// The overrides an earlier agent recorded in the pinned backend entries (their
+/// weights are in policy units; holds are kept in configured units).
+fn overrides_of(previous: &Desired, config: &Config) -> BTreeMap<(VipKey, IpAddr), Override> {
+    let units: BTreeMap<VipKey, u32> = config.vips.iter().map(|v| (vip_key(v), unit(v))).collect();
     previous
         .backends
         .values()
         .filter_map(|b| {
+            let unit = units.get(&b.vip).copied().unwrap_or(1);
             let o = if b.entry.flags & BACKEND_F_DRAINED != 0 {
                 Override::Drain
             } else if b.entry.flags & BACKEND_F_PINNED != 0 {
-                Override::Pin(b.weight)
+                Override::Pin(b.weight / unit)
             } else if b.entry.flags & BACKEND_F_SET != 0 {
-                Override::Set(b.weight)
+                Override::Set(b.weight / unit)
             } else {
                 return None;
             };
@@ -328,7 +415,7 @@ impl Agent {
     ) -> anyhow::Result<serde_json::Value> {
         let mut overrides = self.overrides.clone();
         change(&mut overrides);
-        let desired = plan(&self.config, Some(&self.desired), &overrides)?;
+        let desired = plan(&self.config, Some(&self.desired), &overrides, &self.control)?;
         let report = self.dataplane.apply(&desired)?;
         self.overrides = overrides;
         self.desired = desired;
@@ -345,10 +432,31 @@ impl Agent {
             let config = Config::load(&self.opts.config)?;
             let mut overrides = self.overrides.clone();
             overrides.retain(|_, o| !matches!(o, Override::Set(_)));
-            let desired = plan(&config, Some(&self.desired), &overrides)?;
+            // Policies restart from the configured weights of the new file, except
+            // for VIPs whose policy and backends did not change.
+            let mut control: BTreeMap<VipKey, VipControl> = BTreeMap::new();
+            for vip in &config.vips {
+                let key = vip_key(vip);
+                let mut fresh = VipControl::new(vip, &config.control);
+                let same = self
+                    .config
+                    .vips
+                    .iter()
+                    .find(|v| vip_key(v) == key)
+                    .is_some_and(|old| old.policy == vip.policy && old.backends == vip.backends);
+                if same {
+                    if let Some(old) = self.control.get(&key) {
+                        fresh.state = old.state.clone();
+                        fresh.decisions = old.decisions.clone();
+                    }
+                }
+                control.insert(key, fresh);
+            }
+            let desired = plan(&config, Some(&self.desired), &overrides, &control)?;
             self.dataplane.apply(&desired)?;
             self.config = config;
             self.overrides = overrides;
+            self.control = control;
             self.desired = desired;
             Ok(())
         })();
@@ -360,6 +468,70 @@ impl Agent {
                 .map_err(|e: &anyhow::Error| format!("{e:#}")),
         ));
         result
+    }
+
+    /// One control interval: every VIP's policy runs on what is known about its
+    /// backends; the maps change only if some weight did.
+    fn control_tick(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let mut qps: BTreeMap<u32, f64> = BTreeMap::new();
+        for &id in self.desired.backends.keys() {
+            let stats = self.dataplane.backend_stats(id)?;
+            if let Some((at, last)) = self.last_counters.get(&id) {
+                let secs = now.duration_since(*at).as_secs_f64();
+                if secs > 0.0 && stats.new_flows >= last.new_flows {
+                    qps.insert(id, (stats.new_flows - last.new_flows) as f64 / secs);
+                }
+            }
+            self.last_counters.insert(id, (now, stats));
+        }
+        let mut changed = false;
+        for vip in &self.config.vips {
+            let key = vip_key(vip);
+            let unit = unit(vip);
+            let inputs: Vec<Input> = vip
+                .backends
+                .iter()
+                .map(|b| {
+                    let id = self
+                        .desired
+                        .backends
+                        .iter()
+                        .find(|(_, d)| d.vip == key && d.address == b.address)
+                        .map(|(id, _)| *id);
+                    Input {
+                        name: b.address.to_string(),
+                        configured_weight: b.weight,
+                        healthy: true,
+                        hold: self.overrides.get(&(key, b.address)).map(|o| match o {
+                            Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
+                            Override::Drain => 0,
+                        }),
+                        qps: id.and_then(|id| qps.get(&id).copied()),
+                        ..Input::default()
+                    }
+                })
+                .collect();
+            let Some(control) = self.control.get_mut(&key) else {
+                continue;
+            };
+            let before = control.state.weights.clone();
+            let (_, decisions) =
+                policy::step(control.kind, &control.params, &mut control.state, &inputs);
+            control.decisions = decisions;
+            changed |= control.state.weights != before;
+        }
+        if changed {
+            let desired = plan(
+                &self.config,
+                Some(&self.desired),
+                &self.overrides,
+                &self.control,
+            )?;
+            self.dataplane.apply(&desired)?;
+            self.desired = desired;
+        }
+        Ok(())
     }
 
     /// What `/metrics` shows, read from the datapath's counters now.
@@ -388,7 +560,7 @@ impl Agent {
                 .map(|b| BackendMetrics {
                     vip: b.vip,
                     backend: b.backend.to_string(),
-                    weight: b.weight,
+                    weight: b.weight.round() as u32,
                     configured_weight: b.configured_weight,
                     pinned: b.control != "policy",
                     healthy: true,
@@ -415,7 +587,7 @@ impl Agent {
             "uptime_seconds": self.started.elapsed().as_secs(),
             "vips": self.config.vips.len(),
             "backends": self.desired.backends.len(),
-            "policy": "static: configured weights and operator overrides",
+            "policy": self.control.values().map(|c| c.kind.to_string()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "),
             "last_reload": self.last_reload.as_ref().map(|(at, r)| json!({
                 "seconds_ago": at.elapsed().as_secs(),
                 "ok": r.is_ok(),
@@ -464,7 +636,8 @@ impl Agent {
                         .collect::<Vec<_>>()
                         .join(":"),
                     configured_weight: b.weight,
-                    weight: d.weight,
+                    // In configured units, to two decimals (policy steps are finer).
+                    weight: (d.weight as f64 / unit(vip) as f64 * 100.0).round() / 100.0,
                     control: match self.overrides.get(&(key, b.address)) {
                         None => "policy",
                         Some(Override::Set(_)) => "set",
@@ -491,26 +664,38 @@ impl Agent {
     }
 
     fn explain(&self) -> serde_json::Value {
-        json!(
-            self.backend_views()
-                .into_iter()
-                .map(|b| {
-                    let why = match b.control.as_str() {
-                        "set" => format!("operator set {} (until auto or reload)", b.weight),
-                        "pinned" => format!("operator pinned {} (until auto)", b.weight),
-                        "drained" => "operator drained it: 0, no new flows".to_owned(),
-                        _ => format!("policy static: configured weight {}", b.configured_weight),
-                    };
-                    json!({
-                        "vip": b.vip,
-                        "backend": b.backend,
-                        "inputs": {"configured_weight": b.configured_weight, "override": b.control},
-                        "weight": b.weight,
-                        "why": why,
-                    })
+        let views = self.backend_views();
+        json!(views
+            .into_iter()
+            .map(|b| {
+                let key = self.config.vips.iter().find(|v| v.to_string() == b.vip).map(vip_key);
+                let control = key.and_then(|k| self.control.get(&k));
+                let decision = control
+                    .and_then(|c| c.decisions.iter().find(|d| d.backend == b.backend.to_string()));
+                let why = match b.control.as_str() {
+                    "set" => format!("operator set {} (until auto or reload)", b.weight),
+                    "pinned" => format!("operator pinned {} (until auto)", b.weight),
+                    "drained" => "operator drained it: 0, no new flows".to_owned(),
+                    _ => decision
+                        .map(|d| d.reason.clone())
+                        .unwrap_or_else(|| format!("configured weight {} (no update yet)", b.configured_weight)),
+                };
+                json!({
+                    "vip": b.vip,
+                    "backend": b.backend,
+                    "policy": control.map(|c| c.kind.to_string()),
+                    "inputs": {
+                        "configured_weight": b.configured_weight,
+                        "override": b.control,
+                        "predicted_latency_s": decision.and_then(|d| d.predicted_s),
+                        "predictor": decision.map(|d| d.predictor.clone()),
+                    },
+                    "weight_before": decision.map(|d| d.before as f64 / control.map_or(1.0, |c| c.params.unit as f64)),
+                    "weight": b.weight,
+                    "why": why,
                 })
-                .collect::<Vec<_>>()
-        )
+            })
+            .collect::<Vec<_>>())
     }
 }
 

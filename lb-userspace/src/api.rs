@@ -99,7 +99,8 @@ pub struct BackendView {
     pub backend: IpAddr,
     pub mac: String,
     pub configured_weight: u32,
-    pub weight: u32,
+    /// The weight in force, in the same units as the configured weight.
+    pub weight: f64,
     /// `pinned`, `set`, `drained`, or `policy`.
     pub control: String,
     pub packets: u64,

@@ -9,6 +9,7 @@
 //! hash = "5-tuple"         # or "source": every flow of a client to one backend
 //! table_size = 65537       # prime, at most 65537
 //! forwarding = "dsr"        # or "ipip": IP-in-IP to the backend's address
+//! policy = "ai"             # or "equal", "static", "reactive" (see `policy`)
 //!
 //! [[vip.backend]]
 //! address = "198.18.0.11"
@@ -119,8 +120,105 @@ pub enum Forwarding {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub vips: Vec<Vip>,
+    /// How often and how gently weights change.
+    pub control: Control,
     /// Outer source prefixes of encapsulated packets, when a VIP uses `ipip`.
     pub encapsulation: Encapsulation,
+}
+
+/// The `[control]` section: the control loop's tuning (see `policy::Params`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Control {
+    /// Milliseconds between weight updates (100..=60000).
+    pub interval_ms: u64,
+    /// Most of a lookup table that may move per second (0 < x ≤ 1).
+    pub move_budget_per_second: f64,
+    /// Smallest share a healthy backend keeps under `reactive` and `ai` (0..0.5).
+    pub floor_share: f64,
+    /// Smoothing toward the target per update (0 < x ≤ 1).
+    pub smoothing: f64,
+    /// Relative change below which a weight is left alone (0..1).
+    pub hysteresis: f64,
+}
+
+impl Default for Control {
+    fn default() -> Control {
+        Control {
+            interval_ms: 1000,
+            move_budget_per_second: 0.02,
+            floor_share: 0.01,
+            smoothing: 0.5,
+            hysteresis: 0.05,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    interval_ms: Option<u64>,
+    move_budget_per_second: Option<f64>,
+    floor_share: Option<f64>,
+    smoothing: Option<f64>,
+    hysteresis: Option<f64>,
+}
+
+fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
+    let d = Control::default();
+    let Some(raw) = raw else { return Ok(d) };
+    let range = |name: &str, v: f64, lo: f64, lo_open: bool, hi: f64| {
+        let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
+        if ok {
+            Ok(v)
+        } else {
+            Err(invalid(
+                format!("control.{name}"),
+                format!(
+                    "{v} is outside {}{lo}, {hi}]",
+                    if lo_open { "(" } else { "[" }
+                ),
+            ))
+        }
+    };
+    let interval_ms = raw.interval_ms.unwrap_or(d.interval_ms);
+    if !(100..=60_000).contains(&interval_ms) {
+        return Err(invalid(
+            "control.interval_ms",
+            format!("{interval_ms} is outside [100, 60000]"),
+        ));
+    }
+    Ok(Control {
+        interval_ms,
+        move_budget_per_second: range(
+            "move_budget_per_second",
+            raw.move_budget_per_second
+                .unwrap_or(d.move_budget_per_second),
+            0.0,
+            true,
+            1.0,
+        )?,
+        floor_share: range(
+            "floor_share",
+            raw.floor_share.unwrap_or(d.floor_share),
+            0.0,
+            false,
+            0.5,
+        )?,
+        smoothing: range(
+            "smoothing",
+            raw.smoothing.unwrap_or(d.smoothing),
+            0.0,
+            true,
+            1.0,
+        )?,
+        hysteresis: range(
+            "hysteresis",
+            raw.hysteresis.unwrap_or(d.hysteresis),
+            0.0,
+            false,
+            1.0,
+        )?,
+    })
 }
 
 /// Outer source prefixes for encapsulation: a /16 for IPv4 and a /96 for IPv6 whose
@@ -140,6 +238,8 @@ pub struct Vip {
     pub hash: HashFields,
     pub table_size: u32,
     pub forwarding: Forwarding,
+    /// How this VIP's weights are set.
+    pub policy: crate::policy::PolicyKind,
     /// Sorted by address, so that every agent given the same file agrees on ids.
     pub backends: Vec<Backend>,
 }
@@ -167,6 +267,7 @@ struct RawConfig {
     #[serde(default)]
     vip: Vec<RawVip>,
     encapsulation: Option<RawEncapsulation>,
+    control: Option<RawControl>,
 }
 
 #[derive(Deserialize)]
@@ -187,6 +288,8 @@ struct RawVip {
     table_size: Option<u32>,
     #[serde(default)]
     forwarding: Forwarding,
+    #[serde(default)]
+    policy: crate::policy::PolicyKind,
     #[serde(default)]
     backend: Vec<RawBackend>,
 }
@@ -246,6 +349,7 @@ impl Config {
             ));
         }
         let encapsulation = check_encapsulation(raw.encapsulation)?;
+        let control = check_control(raw.control)?;
         let mut seen = BTreeSet::new();
         let mut vips = Vec::with_capacity(raw.vip.len());
         let mut total_backends = 0usize;
@@ -286,6 +390,7 @@ impl Config {
         }
         Ok(Config {
             vips,
+            control,
             encapsulation,
         })
     }
@@ -434,6 +539,7 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
         hash: raw.hash,
         table_size,
         forwarding: raw.forwarding,
+        policy: raw.policy,
         backends,
     })
 }
@@ -601,6 +707,41 @@ weight = 1
             "{text}\n[encapsulation]\nsource_v4 = \"198.19.0.0\"\nsource_v6 = \"fd00:19::\"\n"
         );
         assert!(Config::parse(&text).is_ok());
+    }
+
+    #[test]
+    fn control_section_is_checked() {
+        let ok = format!("[control]\ninterval_ms = 500\nsmoothing = 1.0\n{GOOD}");
+        let config = Config::parse(&ok).unwrap();
+        assert_eq!(config.control.interval_ms, 500);
+        assert_eq!(config.control.smoothing, 1.0);
+        assert_eq!(config.vips[0].policy, crate::policy::PolicyKind::Ai);
+        for (bad, field) in [
+            ("interval_ms = 5", "control.interval_ms"),
+            (
+                "move_budget_per_second = 0.0",
+                "control.move_budget_per_second",
+            ),
+            ("floor_share = 0.9", "control.floor_share"),
+            ("smoothing = nan", "control.smoothing"),
+        ] {
+            assert_eq!(field_of(&format!("[control]\n{bad}\n{GOOD}")), field);
+        }
+        let text = GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\npolicy = \"reactive\"",
+        );
+        assert_eq!(
+            Config::parse(&text).unwrap().vips[0].policy,
+            crate::policy::PolicyKind::Reactive
+        );
+        assert!(
+            Config::parse(&GOOD.replace(
+                "protocol = \"tcp\"",
+                "protocol = \"tcp\"\npolicy = \"magic\""
+            ))
+            .is_err()
+        );
     }
 
     #[test]

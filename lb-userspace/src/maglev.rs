@@ -390,16 +390,25 @@ impl Inverse {
     }
 }
 
-/// Fixed-point `G(r)` for every rank `r` of a permutation: `Σ_{j ≤ r} ⌊2^40 / (size − j)⌋`.
-/// It is below `2^44` for every size up to [`MAX_TABLE_SIZE`] (`H(2^20) < 16`).
+/// Extends `scale`, the fixed-point `G(r) = Σ_{j ≤ r} ⌊2^40 / (size − j)⌋` of the ranks
+/// `r` of a permutation, rank by rank for as long as `more` holds for its last value,
+/// and to at most `size` ranks. `G` is below `2^44` for every size up to
+/// [`MAX_TABLE_SIZE`] (`H(2^20) < 16`). Building only the ranks a race reaches saves
+/// most of the divisions when there are many backends.
+fn extend_scale(scale: &mut Vec<u64>, size: u32, mut more: impl FnMut(u64) -> bool) {
+    let mut total = scale.last().copied().unwrap_or(0);
+    while scale.len() < size as usize && scale.last().is_none_or(|&g| more(g)) {
+        total += (1u64 << 40) / (u64::from(size) - scale.len() as u64);
+        scale.push(total);
+    }
+}
+
+/// `G(r)` for every rank of a permutation in a table of `size` slots.
+#[cfg(test)]
 fn arrival_scale(size: u32) -> Vec<u64> {
-    let mut total = 0u64;
-    (0..size)
-        .map(|j| {
-            total += (1u64 << 40) / u64::from(size - j);
-            total
-        })
-        .collect()
+    let mut scale = Vec::new();
+    extend_scale(&mut scale, size, |_| true);
+    scale
 }
 
 /// The arrival time `G · 2^20 / weight` of a backend whose reciprocal is
@@ -532,7 +541,7 @@ fn sweep<const E: usize>(
         }
         let mut d = racer.diffs;
         let mut r = racer.next_rank;
-        while r < size {
+        while (r as usize) < scale.len() {
             let g = scale[r as usize];
             let time = ((u128::from(g << 20) * u128::from(reciprocal)) >> 64) as u64;
             if time > limit {
@@ -564,7 +573,7 @@ fn build_with_stats(
     let order = check(backends, size)?;
     let slots = size as usize;
     let degree = degree(size);
-    let scale = arrival_scale(size);
+    let mut scale = Vec::with_capacity(slots);
     let permutations: Vec<Permutation> = order
         .iter()
         .map(|&i| Permutation::of(backends[i].key, size))
@@ -584,6 +593,13 @@ fn build_with_stats(
         })
         .collect();
 
+    let heaviest = racers
+        .iter()
+        .map(|r| r.reciprocal)
+        .filter(|&r| r != 0)
+        .min()
+        .expect("some weight is positive");
+
     // The earliest arrival at each slot so far, and the rank (position in key order)
     // of the backend that made it.
     let mut first = vec![u64::MAX; slots];
@@ -597,6 +613,9 @@ fn build_with_stats(
         // The float only decides how far this pass goes, never which backend wins a
         // slot; the cast saturates, which makes a late pass visit everything.
         let limit = (horizon / total as f64 * (1u64 << 60) as f64) as u64;
+        // The heaviest backend reaches the furthest rank; past the first rank at
+        // which it arrives after `limit`, every backend does.
+        extend_scale(&mut scale, size, |g| arrival(g, heaviest) <= limit);
         let pass = match degree {
             3 => sweep::<3>,
             5 => sweep::<5>,
@@ -619,6 +638,10 @@ fn build_with_stats(
     for &rank in &owner {
         counts[rank as usize] += 1;
     }
+    if outside_band(&quotas, &counts, size) {
+        // The band's corrections look up arrival times at any rank.
+        extend_scale(&mut scale, size, |_| true);
+    }
     let race = Race {
         permutations: &permutations,
         racers: &racers,
@@ -632,6 +655,15 @@ fn build_with_stats(
         .map(|&rank| order[rank as usize] as u32)
         .collect();
     Ok((table, BuildStats { corrected, passes }))
+}
+
+/// Whether some count is further than [`accuracy_band`] from its quota.
+fn outside_band(quotas: &[u32], counts: &[u32], size: u32) -> bool {
+    let band = accuracy_band(size);
+    quotas
+        .iter()
+        .zip(counts)
+        .any(|(&q, &c)| c > q + band || c + band < q)
 }
 
 /// What the accuracy band needs to know about the race.
@@ -658,7 +690,7 @@ impl Race<'_> {
         let band = accuracy_band(size);
         let above = |counts: &[u32], k: usize| counts[k] > quotas[k] + band;
         let below = |counts: &[u32], k: usize| counts[k] + band < quotas[k];
-        if !(0..n).any(|k| above(counts, k) || below(counts, k)) {
+        if !outside_band(quotas, counts, size) {
             return 0;
         }
         let inverses: Vec<Inverse> = self

@@ -52,6 +52,10 @@ impl std::fmt::Display for PolicyKind {
 pub struct Params {
     /// Sum of the weights the policy hands out (besides operator holds).
     pub scale: u32,
+    /// Policy units per configured weight unit: holds and configured weights are
+    /// multiplied by this, so that they mean what the operator wrote next to the
+    /// policy's own weights. The agent picks it per VIP as scale / Σ configured.
+    pub unit: u32,
     /// Weights are multiples of this (quantization: fewer, larger table updates).
     pub quantum: u32,
     /// Smallest share of `scale` a healthy backend keeps, so that it is still
@@ -76,6 +80,7 @@ impl Default for Params {
     fn default() -> Params {
         Params {
             scale: 10_000,
+            unit: 1,
             quantum: 10,
             floor_share: 0.01,
             smoothing: 0.5,
@@ -153,7 +158,18 @@ pub fn step(
         .iter()
         .map(|i| i.hold.is_none() && i.healthy)
         .collect();
-    let targets = targets(kind, params, inputs, &before);
+    // A free backend that held no weight (back from unhealthy or from a hold)
+    // starts again from its initial weight.
+    let start: Vec<u32> = (0..n)
+        .map(|k| {
+            if free[k] && before[k] == 0 {
+                initial(kind, params, inputs, &inputs[k])
+            } else {
+                before[k]
+            }
+        })
+        .collect();
+    let targets = targets(kind, params, inputs, &start);
     let mut reasons: Vec<String> = vec![String::new(); n];
     let mut after = before.clone();
 
@@ -167,9 +183,27 @@ pub fn step(
             reasons[k] = "unhealthy: 0 until its probes pass again".into();
         }
     }
-    // Smoothing and hysteresis on the free backends, in shares of what they hold.
     let free_total: f64 = (0..n).filter(|&k| free[k]).map(|k| targets[k]).sum();
-    let pool = params.scale as f64;
+    // The free backends share what they hold between them; holds and unhealthy
+    // backends neither give to nor take from them.
+    let pool: f64 = (0..n).filter(|&k| free[k]).map(|k| start[k] as f64).sum();
+    // `static` and `equal` are exact: no smoothing, budget or quantization.
+    if matches!(kind, PolicyKind::Static | PolicyKind::Equal) {
+        for k in (0..n).filter(|&k| free[k]) {
+            after[k] = match kind {
+                PolicyKind::Static => inputs[k].configured_weight.saturating_mul(params.unit),
+                _ => params.unit,
+            };
+            reasons[k] = match kind {
+                PolicyKind::Static => {
+                    format!("static: configured weight {}", inputs[k].configured_weight)
+                }
+                _ => "equal: the same weight as every healthy backend".into(),
+            };
+        }
+        return finish(kind, state, inputs, before, targets, after, reasons);
+    }
+    // Smoothing and hysteresis on the free backends, in shares of what they hold.
     let mut proposal: Vec<f64> = vec![0.0; n];
     for k in (0..n).filter(|&k| free[k]) {
         let target = if free_total > 0.0 {
@@ -177,7 +211,7 @@ pub fn step(
         } else {
             pool / n as f64
         };
-        let current = before[k] as f64;
+        let current = start[k] as f64;
         let smoothed = current + params.smoothing * (target - current);
         if current > 0.0 && ((smoothed - current).abs() / current) <= params.hysteresis {
             proposal[k] = current;
@@ -191,7 +225,7 @@ pub fn step(
         }
     }
     // Floor: every free backend keeps a minimum share.
-    let floor = params.floor_share * pool;
+    let floor = params.floor_share * params.scale as f64;
     for k in (0..n).filter(|&k| free[k]) {
         if proposal[k] < floor {
             proposal[k] = floor;
@@ -239,6 +273,19 @@ pub fn step(
             reasons[k] += "; kept above 0 so the VIP has a backend";
         }
     }
+    finish(kind, state, inputs, before, targets, after, reasons)
+}
+
+/// Records the weights handed out and the decisions behind them.
+fn finish(
+    kind: PolicyKind,
+    state: &mut State,
+    inputs: &[Input],
+    before: Vec<u32>,
+    targets: Vec<f64>,
+    after: Vec<u32>,
+    mut reasons: Vec<String>,
+) -> (Vec<u32>, Vec<Decision>) {
     for (k, input) in inputs.iter().enumerate() {
         state.weights.insert(input.name.clone(), after[k]);
     }
@@ -266,7 +313,8 @@ pub fn step(
 fn initial(kind: PolicyKind, params: &Params, inputs: &[Input], input: &Input) -> u32 {
     let n = inputs.len().max(1) as f64;
     match kind {
-        PolicyKind::Equal => (params.scale as f64 / n) as u32,
+        PolicyKind::Equal => params.unit,
+        PolicyKind::Static => input.configured_weight.saturating_mul(params.unit),
         _ => {
             let total: f64 = inputs.iter().map(|i| i.configured_weight as f64).sum();
             if total > 0.0 {

@@ -396,6 +396,21 @@ fn bad_endpoints_give_named_errors_within_the_timeout() {
                     let result = s.scrape().await;
                     out.push((result, t.elapsed(), s.rejects().clone()));
                 }
+                // Side by side on one thread, as the agent runs them: the silent
+                // backend does not hold up the healthy one.
+                let (mut silent, mut healthy) = (scraper("/hang"), scraper("/ok"));
+                let t = Instant::now();
+                let (silent, healthy) = tokio::join!(
+                    async { (silent.scrape().await.is_ok(), t.elapsed()) },
+                    async { (healthy.scrape().await.is_ok(), t.elapsed()) },
+                );
+                assert_eq!((silent.0, healthy.0), (false, true));
+                assert!(
+                    healthy.1 < Duration::from_millis(300) && silent.1 >= timeout,
+                    "healthy took {:?}, silent {:?}",
+                    healthy.1,
+                    silent.1
+                );
                 out
             })
         })

@@ -231,10 +231,7 @@ async fn read_line<R: AsyncBufReadExt + Unpin>(
 }
 
 /// Reads the status line and headers, skipping interim 1xx responses.
-pub async fn read_head<R: AsyncBufReadExt + Unpin>(
-    reader: &mut R,
-    request_is_head: bool,
-) -> Result<Head, CollectError> {
+pub async fn read_head<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> Result<Head, CollectError> {
     let mut budget = MAX_HEAD_BYTES;
     for _ in 0..=MAX_INTERIM {
         let status_line = read_line(reader, budget, "response head")
@@ -296,7 +293,7 @@ pub async fn read_head<R: AsyncBufReadExt + Unpin>(
         if (100..200).contains(&status) {
             continue;
         }
-        let framing = if request_is_head || status == 204 || status == 304 {
+        let framing = if status == 204 || status == 304 {
             Framing::None
         } else if has_te && chunked {
             Framing::Chunked
@@ -432,7 +429,7 @@ pub async fn get(url: &HttpUrl, max_bytes: usize, accept: &str) -> Result<Respon
     let mut stream = connect(url).await?;
     send_get(&mut stream, &url.host_header(), &url.path, accept).await?;
     let mut reader = BufReader::new(stream);
-    let head = read_head(&mut reader, false).await?;
+    let head = read_head(&mut reader).await?;
     let body = read_body(&mut reader, &head, max_bytes).await?;
     Ok(Response {
         status: head.status,
@@ -447,7 +444,7 @@ mod tests {
 
     async fn parse(raw: &[u8], max: usize) -> Result<(u16, Vec<u8>), CollectError> {
         let mut reader = BufReader::new(raw);
-        let head = read_head(&mut reader, false).await?;
+        let head = read_head(&mut reader).await?;
         let body = read_body(&mut reader, &head, max).await?;
         Ok((head.status, body))
     }

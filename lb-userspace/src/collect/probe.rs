@@ -178,7 +178,7 @@ async fn exchange(
     let sent = Instant::now();
     let host = http::host_header(&cfg.target.ip().to_string(), cfg.target.port());
     http::send_get(&mut stream, &host, path, "*/*").await?;
-    let head = http::read_head(&mut BufReader::new(stream), false).await?;
+    let head = http::read_head(&mut BufReader::new(stream)).await?;
     *http_s = Some(sent.elapsed().as_secs_f64());
     *http_status = Some(head.status);
     if !(200..300).contains(&head.status) {
