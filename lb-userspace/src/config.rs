@@ -240,6 +240,10 @@ pub struct Vip {
     pub forwarding: Forwarding,
     /// How this VIP's weights are set.
     pub policy: crate::policy::PolicyKind,
+    /// Active probes of each backend, if configured.
+    pub health: Option<Health>,
+    /// Prometheus scrapes of each backend, if configured.
+    pub metrics: Option<Metrics>,
     /// Sorted by address, so that every agent given the same file agrees on ids.
     pub backends: Vec<Backend>,
 }
@@ -251,6 +255,153 @@ impl fmt::Display for Vip {
             IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
         }
     }
+}
+
+/// `[vip.health]`: active probes of each backend's own address. A backend that
+/// fails `fall` probes in a row gets weight 0; `rise` passes bring it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Port probed on the backend's own address (default: the VIP's port).
+    pub port: u16,
+    /// Also `GET` this path and expect a 2xx status.
+    pub http_path: Option<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// `[vip.metrics]`: where each backend serves Prometheus metrics (on its own
+/// address), and which application series mean what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    pub port: u16,
+    pub path: String,
+    /// A gauge of requests in flight.
+    pub in_flight: Option<String>,
+    /// A histogram or summary of request latency, in seconds.
+    pub latency: Option<String>,
+    /// A counter of requests (or the latency histogram's count is used).
+    pub requests: Option<String>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    port: Option<u16>,
+    http_path: Option<String>,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    port: u16,
+    path: Option<String>,
+    in_flight: Option<String>,
+    latency: Option<String>,
+    requests: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+fn check_health(i: usize, vip_port: u16, raw: RawHealth) -> Result<Health, ConfigError> {
+    let field = |name: &str| format!("vip[{i}].health.{name}");
+    let health = Health {
+        port: raw.port.unwrap_or(vip_port),
+        http_path: raw.http_path,
+        interval_ms: raw.interval_ms.unwrap_or(1000),
+        timeout_ms: raw.timeout_ms.unwrap_or(500),
+        rise: raw.rise.unwrap_or(2),
+        fall: raw.fall.unwrap_or(3),
+    };
+    if health.port == 0 {
+        return Err(invalid(field("port"), "port 0 cannot be probed"));
+    }
+    if let Some(path) = &health.http_path {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                field("http_path"),
+                format!("{path:?} is not a URL path like /health"),
+            ));
+        }
+    }
+    if !(50..=60_000).contains(&health.interval_ms) {
+        return Err(invalid(
+            field("interval_ms"),
+            format!("{} is outside [50, 60000]", health.interval_ms),
+        ));
+    }
+    if health.timeout_ms == 0 || health.timeout_ms > health.interval_ms {
+        return Err(invalid(
+            field("timeout_ms"),
+            format!(
+                "{} must be above 0 and at most interval_ms ({})",
+                health.timeout_ms, health.interval_ms
+            ),
+        ));
+    }
+    for (name, v) in [("rise", health.rise), ("fall", health.fall)] {
+        if !(1..=100).contains(&v) {
+            return Err(invalid(field(name), format!("{v} is outside [1, 100]")));
+        }
+    }
+    Ok(health)
+}
+
+fn check_metrics(i: usize, raw: RawMetrics) -> Result<Metrics, ConfigError> {
+    let field = |name: &str| format!("vip[{i}].metrics.{name}");
+    let metrics = Metrics {
+        port: raw.port,
+        path: raw.path.unwrap_or_else(|| "/metrics".into()),
+        in_flight: raw.in_flight,
+        latency: raw.latency,
+        requests: raw.requests,
+        timeout_ms: raw.timeout_ms.unwrap_or(500),
+    };
+    if metrics.port == 0 {
+        return Err(invalid(field("port"), "port 0 cannot be scraped"));
+    }
+    if !metrics.path.starts_with('/')
+        || metrics
+            .path
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            field("path"),
+            format!("{:?} is not a URL path like /metrics", metrics.path),
+        ));
+    }
+    for (name, series) in [
+        ("in_flight", &metrics.in_flight),
+        ("latency", &metrics.latency),
+        ("requests", &metrics.requests),
+    ] {
+        if let Some(series) = series {
+            let ok = !series.is_empty()
+                && series
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                && !series.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                return Err(invalid(
+                    field(name),
+                    format!("{series:?} is not a Prometheus metric name"),
+                ));
+            }
+        }
+    }
+    if !(10..=60_000).contains(&metrics.timeout_ms) {
+        return Err(invalid(
+            field("timeout_ms"),
+            format!("{} is outside [10, 60000]", metrics.timeout_ms),
+        ));
+    }
+    Ok(metrics)
 }
 
 /// One backend of a VIP, checked.
@@ -290,6 +441,8 @@ struct RawVip {
     forwarding: Forwarding,
     #[serde(default)]
     policy: crate::policy::PolicyKind,
+    health: Option<RawHealth>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     backend: Vec<RawBackend>,
 }
@@ -540,6 +693,11 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
         table_size,
         forwarding: raw.forwarding,
         policy: raw.policy,
+        health: raw
+            .health
+            .map(|h| check_health(i, raw.port, h))
+            .transpose()?,
+        metrics: raw.metrics.map(|m| check_metrics(i, m)).transpose()?,
         backends,
     })
 }
@@ -742,6 +900,34 @@ weight = 1
             ))
             .is_err()
         );
+    }
+
+    #[test]
+    fn health_and_metrics_sections_are_checked() {
+        let with = |extra: &str| {
+            GOOD.replacen(
+                "\n[[vip.backend]]",
+                &format!("\n{extra}\n[[vip.backend]]"),
+                1,
+            )
+        };
+        let config = Config::parse(&with("[vip.health]\nhttp_path = \"/h\"\n[vip.metrics]\nport = 9100\nlatency = \"app_latency_seconds\"")).unwrap();
+        let h = config.vips[0].health.as_ref().unwrap();
+        assert_eq!((h.port, h.rise, h.fall), (80, 2, 3));
+        assert_eq!(config.vips[0].metrics.as_ref().unwrap().path, "/metrics");
+        assert_eq!(
+            field_of(&with("[vip.health]\ntimeout_ms = 5000")),
+            "vip[0].health.timeout_ms"
+        );
+        assert_eq!(
+            field_of(&with("[vip.health]\nhttp_path = \"health\"")),
+            "vip[0].health.http_path"
+        );
+        assert_eq!(
+            field_of(&with("[vip.metrics]\nport = 9100\nlatency = \"bad name\"")),
+            "vip[0].metrics.latency"
+        );
+        assert!(Config::parse(&with("[vip.metrics]\nprot = 1")).is_err());
     }
 
     #[test]
