@@ -27,6 +27,7 @@ use crate::{
     dataplane::Dataplane,
     desired::{Desired, vip_key},
     policy::{self, Decision, Input, Params, PolicyKind},
+    signals::Signals,
 };
 
 /// Where an instance keeps its pins.
@@ -118,6 +119,8 @@ struct Agent {
     control: BTreeMap<VipKey, VipControl>,
     /// Datapath counters per backend id at the last control tick, for rates.
     last_counters: BTreeMap<u32, (Instant, lb_common::types::BackendStats)>,
+    /// Probes, scrapes and load models of every backend.
+    signals: Signals,
     started: Instant,
     /// Outcome of the last reload, for `status`.
     last_reload: Option<(Instant, Result<(), String>)>,
@@ -185,12 +188,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     println!("lb: ready on {}", opts.iface);
 
     let interval = std::time::Duration::from_millis(config.control.interval_ms);
+    let signals = Signals::start(&config);
     let mut agent = Agent {
         opts,
         config,
         desired,
         dataplane,
         overrides,
+        signals,
         control,
         last_counters: BTreeMap::new(),
         started: Instant::now(),
@@ -230,8 +235,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 let _ = metrics_tx.send(agent.metrics_snapshot());
             }
             _ = tick.tick() => {
-                if let Err(e) = agent.control_tick() {
+                if let Err(e) = agent.control_tick(true) {
                     warn!("control tick: weights unchanged: {e:#}");
+                }
+            }
+            changed = agent.signals.next() => {
+                // A backend's health changed: act now, not at the next tick.
+                if let Some((_, backend)) = changed {
+                    info!("backend {backend} is now {}", if agent.signals.readings.values().any(|r| !r.healthy) { "part of a change (see lb status)" } else { "healthy" });
+                    if let Err(e) = agent.control_tick(false) {
+                        warn!("health change: weights unchanged: {e:#}");
+                    }
                 }
             }
         }
@@ -454,6 +468,9 @@ impl Agent {
             }
             let desired = plan(&config, Some(&self.desired), &overrides, &control)?;
             self.dataplane.apply(&desired)?;
+            if config.vips != self.config.vips || config.control != self.config.control {
+                self.signals = Signals::start(&config);
+            }
             self.config = config;
             self.overrides = overrides;
             self.control = control;
@@ -472,18 +489,24 @@ impl Agent {
 
     /// One control interval: every VIP's policy runs on what is known about its
     /// backends; the maps change only if some weight did.
-    fn control_tick(&mut self) -> anyhow::Result<()> {
+    fn control_tick(&mut self, observe: bool) -> anyhow::Result<()> {
         let now = Instant::now();
         let mut qps: BTreeMap<u32, f64> = BTreeMap::new();
-        for &id in self.desired.backends.keys() {
-            let stats = self.dataplane.backend_stats(id)?;
-            if let Some((at, last)) = self.last_counters.get(&id) {
-                let secs = now.duration_since(*at).as_secs_f64();
-                if secs > 0.0 && stats.new_flows >= last.new_flows {
-                    qps.insert(id, (stats.new_flows - last.new_flows) as f64 / secs);
+        let mut flows_by_key = BTreeMap::new();
+        if observe {
+            for (&id, d) in &self.desired.backends {
+                let stats = self.dataplane.backend_stats(id)?;
+                if let Some((at, last)) = self.last_counters.get(&id) {
+                    let secs = now.duration_since(*at).as_secs_f64();
+                    if secs > 0.0 && stats.new_flows >= last.new_flows {
+                        let rate = (stats.new_flows - last.new_flows) as f64 / secs;
+                        qps.insert(id, rate);
+                        flows_by_key.insert((d.vip, d.address), rate);
+                    }
                 }
+                self.last_counters.insert(id, (now, stats));
             }
-            self.last_counters.insert(id, (now, stats));
+            self.signals.observe(&flows_by_key);
         }
         let mut changed = false;
         for vip in &self.config.vips {
@@ -499,16 +522,27 @@ impl Agent {
                         .iter()
                         .find(|(_, d)| d.vip == key && d.address == b.address)
                         .map(|(id, _)| *id);
+                    let reading = self.signals.readings.get(&(key, b.address));
+                    let sample = reading.and_then(|r| r.sample.as_ref());
+                    let forecast = reading.and_then(|r| r.forecast.as_ref());
                     Input {
                         name: b.address.to_string(),
                         configured_weight: b.weight,
-                        healthy: true,
+                        healthy: reading.is_none_or(|r| r.healthy),
                         hold: self.overrides.get(&(key, b.address)).map(|o| match o {
                             Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
                             Override::Drain => 0,
                         }),
-                        qps: id.and_then(|id| qps.get(&id).copied()),
-                        ..Input::default()
+                        qps: sample
+                            .and_then(|s| s.requests_per_s)
+                            .or_else(|| id.and_then(|id| qps.get(&id).copied())),
+                        utilisation: sample.and_then(|s| s.cpu),
+                        errors_per_s: None,
+                        latency_s: reading.and_then(|r| r.latency_s()),
+                        predicted_s: forecast.and_then(|f| f.value),
+                        predictor: forecast
+                            .map(|f| f.choice.predictor.clone())
+                            .unwrap_or_default(),
                     }
                 })
                 .collect();
@@ -558,12 +592,18 @@ impl Agent {
                 .backend_views()
                 .into_iter()
                 .map(|b| BackendMetrics {
-                    vip: b.vip,
+                    vip: b.vip.clone(),
                     backend: b.backend.to_string(),
                     weight: b.weight.round() as u32,
                     configured_weight: b.configured_weight,
                     pinned: b.control != "policy",
-                    healthy: true,
+                    healthy: self
+                        .config
+                        .vips
+                        .iter()
+                        .find(|v| v.to_string() == b.vip)
+                        .and_then(|v| self.signals.readings.get(&(vip_key(v), b.backend)))
+                        .is_none_or(|r| r.healthy),
                     packets: b.packets,
                     bytes: b.bytes,
                     new_flows: b.new_flows,
@@ -588,6 +628,11 @@ impl Agent {
             "vips": self.config.vips.len(),
             "backends": self.desired.backends.len(),
             "policy": self.control.values().map(|c| c.kind.to_string()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "),
+            "model": {
+                "fit_failures": self.signals.fit_failures,
+                "last_fit_seconds": self.signals.last_fit.map(|d| d.as_secs_f64()),
+                "unhealthy_backends": self.signals.readings.iter().filter(|(_, r)| !r.healthy).map(|((_, a), _)| a.to_string()).collect::<Vec<_>>(),
+            },
             "last_reload": self.last_reload.as_ref().map(|(at, r)| json!({
                 "seconds_ago": at.elapsed().as_secs(),
                 "ok": r.is_ok(),

@@ -8,6 +8,7 @@
 //! - [`collect`]: per-backend metrics scrapes and health probes.
 //! - [`model`]: the load model and its baselines (pure).
 //! - [`policy`]: weights from health, holds and predictions (pure).
+//! - [`signals`]: per-backend probes, scrapes and models, for the policies.
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
@@ -24,3 +25,4 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod signals;

@@ -30,11 +30,18 @@ struct World {
 }
 
 fn world(weights: &[u32]) -> World {
+    world_with(weights, "")
+}
+
+/// A world whose VIP section also has `vip_extra` (TOML lines after `protocol`).
+fn world_with(weights: &[u32], vip_extra: &str) -> World {
     let topo = Topology::build(weights.len()).unwrap();
     let dir = std::env::temp_dir().join(format!("{}-lb", topo.prefix()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("lb.toml");
-    let mut text = format!("[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\n");
+    let mut text = format!(
+        "[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\n{vip_extra}\n"
+    );
     for (host, w) in topo.backends().iter().zip(weights) {
         text += &format!(
             "\n[[vip.backend]]\naddress = \"{}\"\nmac = \"{}\"\nweight = {w}\n",
@@ -327,4 +334,78 @@ fn agent_restarts_under_traffic_without_a_failed_connection() {
         serde_json::from_str(&third.ctl(&["status", "--json"]).unwrap()).unwrap();
     assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");
     third.stop().unwrap();
+}
+
+/// Health probes: a backend whose health endpoint stops answering gets weight 0
+/// within `fall` probe intervals (no new connections), and is back after `rise`.
+#[test]
+fn unhealthy_backend_gets_no_new_flows_and_comes_back() {
+    let w = world_with(
+        &[1, 1, 1],
+        "[vip.health]\nport = 8080\ninterval_ms = 100\ntimeout_ms = 80\nrise = 2\nfall = 2\n",
+    );
+    let health: Vec<BackendServer> = w
+        .topo
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            BackendServer::start(
+                h.ns(),
+                std::net::SocketAddr::new(h.ipv4().into(), 8080),
+                &format!("health{i}"),
+            )
+            .unwrap()
+        })
+        .collect();
+    let agent = Agent::start(&w.topo, &w.config, &["--detach-on-exit"]).unwrap();
+    let client = w.topo.client().ns();
+    let vip = w.topo.vip(PORT, false);
+    let before = run_clients(client, vip, 150, 8, Duration::from_secs(3)).unwrap();
+    assert!(before.all_succeeded(), "{}", before.summary());
+    assert!(
+        before.responses.get("backend2").copied().unwrap_or(0) > 10,
+        "{:?}",
+        before.responses
+    );
+
+    // Backend 2's health endpoint goes away: 2 failed probes at 100 ms, plus a
+    // control reaction; 1 s is generous.
+    let mut health = health;
+    health.pop().unwrap().stop();
+    std::thread::sleep(Duration::from_millis(1000));
+    let status: serde_json::Value =
+        serde_json::from_str(&agent.ctl(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(
+        status["model"]["unhealthy_backends"],
+        serde_json::json!(["198.18.0.13"]),
+        "{status}"
+    );
+    let during = run_clients(client, vip, 200, 8, Duration::from_secs(3)).unwrap();
+    assert!(during.all_succeeded(), "{}", during.summary());
+    assert_eq!(
+        during.responses.get("backend2"),
+        None,
+        "an unhealthy backend got new connections: {:?}",
+        during.responses
+    );
+
+    // It comes back: at once above zero, then ramping up within the move budget
+    // (2 % of the table per second by default: a slow start).
+    let h = w.topo.backend(2);
+    let _back = BackendServer::start(
+        h.ns(),
+        std::net::SocketAddr::new(h.ipv4().into(), 8080),
+        "health2",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = run_clients(client, vip, 200, 8, Duration::from_secs(3)).unwrap();
+    assert!(after.all_succeeded(), "{}", after.summary());
+    assert!(
+        after.responses.get("backend2").copied().unwrap_or(0) > 0,
+        "the backend did not come back: {:?}",
+        after.responses
+    );
+    agent.stop().unwrap();
 }
