@@ -335,6 +335,7 @@ impl Agent {
             Request::BackendList => Ok(json!(self.backend_views())),
             Request::Stats => self.stats(),
             Request::Explain => Ok(self.explain()),
+            Request::Tables => self.tables(),
             Request::Reload => self.reload().map(|()| json!({"reloaded": true})),
             Request::WeightSet {
                 backend,
@@ -706,6 +707,41 @@ impl Agent {
             "datapath": stats_json(&stats),
             "backends": self.backend_views(),
         }))
+    }
+
+    /// Every VIP's active lookup table, read back from the kernel: its digest
+    /// (FNV-1a 64 over the slots as little-endian u32 backend ids) and how many
+    /// slots each backend holds.
+    fn tables(&self) -> anyhow::Result<serde_json::Value> {
+        let mut out = Vec::new();
+        for vip in &self.config.vips {
+            let key = vip_key(vip);
+            let Some(table) = self.dataplane.active_table(&key)? else {
+                continue;
+            };
+            let mut digest: u64 = 0xcbf2_9ce4_8422_2325;
+            for slot in &table {
+                for byte in slot.to_le_bytes() {
+                    digest = (digest ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+                }
+            }
+            let mut slots: BTreeMap<String, usize> = BTreeMap::new();
+            for id in &table {
+                let name = self
+                    .desired
+                    .backends
+                    .get(id)
+                    .map_or_else(|| format!("id {id}"), |b| b.address.to_string());
+                *slots.entry(name).or_default() += 1;
+            }
+            out.push(json!({
+                "vip": vip.to_string(),
+                "size": table.len(),
+                "digest": format!("{digest:016x}"),
+                "slots": slots,
+            }));
+        }
+        Ok(json!(out))
     }
 
     fn explain(&self) -> serde_json::Value {

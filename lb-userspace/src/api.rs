@@ -68,6 +68,9 @@ pub enum Request {
     },
     /// Which inputs produced each backend's weight.
     Explain,
+    /// Each VIP's lookup table as the datapath reads it now: size, backend slot
+    /// counts and a digest of its bytes (two LBs with one config must agree).
+    Tables,
     /// Re-read the configuration file; apply it completely or not at all.
     Reload,
 }

@@ -94,6 +94,9 @@ enum Command {
     Undrain(Target),
     /// Which inputs produced each backend's weight.
     Explain(ReadArgs),
+    /// Each VIP's lookup table as the datapath reads it: size, slots per backend
+    /// and a digest (LBs sharing a VIP behind ECMP must show the same digest).
+    Tables(ReadArgs),
     /// A live view of backends, weights and rates, refreshed every second (Ctrl-C
     /// ends it).
     Top {
@@ -413,6 +416,25 @@ fn client(socket: &std::path::Path, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Reload => done(ask(Request::Reload)?),
+        Command::Tables(r) => {
+            let v = ask(Request::Tables)?;
+            print_or(r.json, &v, || {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        format!(
+                            "{}: {} slots, digest {}, {}",
+                            t["vip"].as_str().unwrap_or("?"),
+                            t["size"],
+                            t["digest"].as_str().unwrap_or("?"),
+                            t["slots"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
         Command::Run { .. } | Command::Detach | Command::Completions { .. } => {
             unreachable!("handled in main")
         }

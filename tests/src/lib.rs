@@ -10,6 +10,7 @@
 //!   which backend answered.
 //! - [`packet`]: frames built field by field, for the datapath tests.
 //! - [`spread`]: the end-to-end scenario of weighted backends behind the real agent.
+//! - [`testbed`]: the policy testbed (emulated backends, open-loop load, scenarios S1-S5).
 //!
 //! Every test network lives only in namespaces this crate creates, uses addresses from
 //! 198.18.0.0/15 and fd00::/8 only, and has no default route.
@@ -18,4 +19,5 @@ pub mod netns;
 pub mod packet;
 pub mod spread;
 pub mod tcp;
+pub mod testbed;
 pub mod topology;

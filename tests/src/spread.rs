@@ -54,20 +54,29 @@ impl Agent {
     /// attached. The instance is named after the topology, so runs never share pins;
     /// `extra` is appended to the command line (e.g. `--detach-on-exit`).
     pub fn start(topo: &Topology, config: &std::path::Path, extra: &[&str]) -> Result<Agent> {
+        Agent::start_on(topo.lb(), topo.prefix(), config, extra)
+    }
+
+    /// Starts `lb run` on `host`'s interface as instance `instance`.
+    pub fn start_on(
+        host: &crate::topology::Host,
+        instance: &str,
+        config: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let lb = lb_binary()?;
-        let instance = topo.prefix().to_owned();
+        let instance = instance.to_owned();
         let socket = std::env::temp_dir().join(format!("{instance}-lb/lb.sock"));
-        let mut cmd = topo.lb().ns().net_command(&lb);
+        let mut cmd = host.ns().net_command(&lb);
         cmd.args(["--instance", &instance, "--socket"])
             .arg(&socket)
-            .args(["run", "--iface", topo.lb_ifname(), "--config"])
+            .args(["run", "--iface", host.ifname(), "--config"])
             .arg(config)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = topo
-            .lb()
+        let mut child = host
             .ns()
             .spawn_command(&mut cmd)
             .with_context(|| format!("starting {}", lb.display()))?;

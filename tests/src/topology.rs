@@ -103,6 +103,8 @@ pub enum Role {
     LoadBalancer,
     /// Backend number `.0`, which serves the VIP from its `lo`.
     Backend(usize),
+    /// A second load balancer (198.18.0.3), for scale-out tests.
+    SecondLoadBalancer,
 }
 
 impl Role {
@@ -112,6 +114,7 @@ impl Role {
             Role::Client => "c".into(),
             Role::LoadBalancer => "l".into(),
             Role::Backend(i) => format!("b{i}"),
+            Role::SecondLoadBalancer => "m".into(),
         }
     }
 
@@ -121,6 +124,7 @@ impl Role {
             Role::Client => "client".into(),
             Role::LoadBalancer => "lb".into(),
             Role::Backend(i) => format!("backend{i}"),
+            Role::SecondLoadBalancer => "lb2".into(),
         }
     }
 
@@ -129,6 +133,10 @@ impl Role {
             Role::Client => (CLIENT_V4, CLIENT_V6),
             Role::LoadBalancer => (LB_V4, LB_V6),
             Role::Backend(i) => (backend_v4(i), backend_v6(i)),
+            Role::SecondLoadBalancer => (
+                Ipv4Addr::new(198, 18, 0, 3),
+                Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 3),
+            ),
         }
     }
 }
@@ -310,6 +318,8 @@ pub struct Topology {
     client: Host,
     lb: Host,
     backends: Vec<Host>,
+    /// A second load balancer, for scale-out tests.
+    lb2: Option<Host>,
     // Declared last so that it is dropped last, after the hosts whose veths it holds
     // the peers of (any order works; this one deletes the fewest links twice).
     switch: Netns,
@@ -350,12 +360,35 @@ impl Topology {
             client,
             lb,
             backends,
+            lb2: None,
             switch,
         };
         topology
             .wait_ready(READY_TIMEOUT)
             .context("the topology did not become ready")?;
         Ok(topology)
+    }
+
+    /// Adds a second load balancer host (198.18.0.3) to the segment, for scale-out
+    /// tests; [`Topology::lb2`] returns it. Its namespace goes with the topology.
+    pub fn add_second_load_balancer(&mut self) -> Result<()> {
+        ensure!(
+            self.lb2.is_none(),
+            "the second load balancer exists already"
+        );
+        let host = add_host(
+            &self.switch,
+            &self.bridge,
+            &self.prefix,
+            Role::SecondLoadBalancer,
+        )?;
+        self.lb2 = Some(host);
+        self.wait_ready(READY_TIMEOUT)
+    }
+
+    /// The second load balancer, once added.
+    pub fn lb2(&self) -> Option<&Host> {
+        self.lb2.as_ref()
     }
 
     /// The unique prefix of every namespace and link name of this topology.
@@ -409,6 +442,7 @@ impl Topology {
         [&self.client, &self.lb]
             .into_iter()
             .chain(self.backends.iter())
+            .chain(self.lb2.iter())
     }
 
     /// Every namespace of the topology, the switch first.
@@ -625,7 +659,7 @@ fn add_host(switch: &Netns, bridge: &str, prefix: &str, role: Role) -> Result<Ho
                 &ifname,
             ]));
         }
-        Role::LoadBalancer => {}
+        Role::LoadBalancer | Role::SecondLoadBalancer => {}
     }
     for command in &commands {
         let args: Vec<&str> = command.iter().map(String::as_str).collect();

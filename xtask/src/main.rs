@@ -2,6 +2,7 @@
 //! with privileges, run every test in the right order with the right environment,
 //! the demo and the benchmarks. `cargo xtask --help` lists them.
 
+mod deploy;
 mod setup;
 
 use std::{
@@ -55,6 +56,12 @@ enum Task {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Check the files under deploy/ with the tools that read them: the systemd unit
+    /// with `systemd-analyze verify`, the Kubernetes manifests with
+    /// `kubernetes-validate --strict` against the API's schemas, the BIRD configuration
+    /// with `bird -p`. Installs a missing tool (Debian packages as root); each check
+    /// runs even when another fails.
+    CheckDeploy,
 }
 
 #[derive(Subcommand)]
@@ -152,6 +159,7 @@ fn main() -> anyhow::Result<()> {
                 .context("running the predictor benchmark")
                 .and_then(exit_like)
         }
+        Task::CheckDeploy => deploy::run(&root),
     }
 }
 

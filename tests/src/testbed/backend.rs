@@ -512,7 +512,10 @@ fn serve(
                 }
             }
         }
-        for (addr, kind) in [(endpoints.probe, Kind::Probe), (endpoints.metrics, Kind::Metrics)] {
+        for (addr, kind) in [
+            (endpoints.probe, Kind::Probe),
+            (endpoints.metrics, Kind::Metrics),
+        ] {
             let Some(addr) = addr else { continue };
             match bind(addr).await {
                 Ok(l) => listeners.push((l, kind)),
@@ -592,10 +595,12 @@ fn response(version: &str, code: u16, reason: &str, content_type: &str, body: &s
     )
 }
 
-async fn write_and_close(stream: &mut TcpStream, text: &str) -> bool {
+/// Writes a response, runs `record` with whether that worked, then closes: a client
+/// that has read the whole response (to the end of the stream) finds it counted.
+async fn respond(stream: &mut TcpStream, text: &str, record: impl FnOnce(bool)) {
     let ok = stream.write_all(text.as_bytes()).await.is_ok();
+    record(ok);
     let _ = stream.shutdown().await;
-    ok
 }
 
 async fn app(mut stream: TcpStream, accepted_at: Instant, shared: &Shared) {
@@ -612,15 +617,19 @@ async fn app(mut stream: TcpStream, accepted_at: Instant, shared: &Shared) {
             "text/plain",
             "unavailable\n",
         );
-        let written = write_and_close(&mut stream, &text).await;
-        shared.finish(None, accepted_at, 503, written);
+        respond(&mut stream, &text, |written| {
+            shared.finish(None, accepted_at, 503, written)
+        })
+        .await;
         return;
     }
     let (id, end) = shared.reserve(Instant::now());
     tokio::time::sleep_until(end.into()).await;
     let text = response("HTTP/1.0", 200, "OK", "text/plain", &shared.name);
-    let written = write_and_close(&mut stream, &text).await;
-    shared.finish(Some(id), accepted_at, 200, written);
+    respond(&mut stream, &text, |written| {
+        shared.finish(Some(id), accepted_at, 200, written)
+    })
+    .await;
 }
 
 async fn probe(mut stream: TcpStream, shared: &Shared) {
@@ -639,7 +648,7 @@ async fn probe(mut stream: TcpStream, shared: &Shared) {
     } else {
         response("HTTP/1.0", 200, "OK", "text/plain", &shared.name)
     };
-    write_and_close(&mut stream, &text).await;
+    respond(&mut stream, &text, |_| {}).await;
 }
 
 async fn metrics(mut stream: TcpStream, shared: &Shared) {
@@ -659,5 +668,5 @@ async fn metrics(mut stream: TcpStream, shared: &Shared) {
     } else {
         response("HTTP/1.1", 404, "Not Found", "text/plain", "not found\n")
     };
-    write_and_close(&mut stream, &text).await;
+    respond(&mut stream, &text, |_| {}).await;
 }

@@ -1,0 +1,246 @@
+//! `lb-bench-policies`: the "prove it" benchmark of issue 6. Runs every scenario of
+//! the policy testbed (`lb_tests::testbed`) under `equal`, `static`, `reactive` and
+//! `ai`, interleaved (S1-equal, S1-static, S1-reactive, S1-ai, S1-equal, ...), each
+//! run in its own network namespaces with the real agent (`$LB_BIN`) and the real XDP
+//! datapath, and writes `target/bench/policies.md`, `target/bench/policies.json` (or
+//! `$LB_BENCH_JSON`) and SVG plots under `target/bench/policies/`.
+//!
+//! ```text
+//! LB_BIN=... lb-bench-policies [--scenarios S1,S2] [--repeats 3] [--duration-s 30]
+//!                              [--quick] [--no-health-metrics]
+//! ```
+//!
+//! `--quick` is 1 repeat of 10 s runs (a smoke test). `--no-health-metrics` leaves
+//! the `[vip.health]` and `[vip.metrics]` sections out of the agent's configuration.
+//! Needs root (namespaces, XDP). Ctrl-C removes every namespace of the run.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lb_tests::testbed::{
+    self,
+    report::{OutputPaths, RunRecord, Settings},
+    scenario::{POLICIES, RunOptions, SCENARIOS, Scenario},
+};
+
+struct Args {
+    scenarios: Vec<String>,
+    repeats: usize,
+    duration_s: f64,
+    quick: bool,
+    health_metrics: bool,
+}
+
+const USAGE: &str = "usage: lb-bench-policies [--scenarios S1,S2,...] [--repeats N] \
+                     [--duration-s SECONDS] [--quick] [--no-health-metrics]";
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        scenarios: SCENARIOS.iter().map(|s| (*s).to_owned()).collect(),
+        repeats: 3,
+        duration_s: 30.0,
+        quick: false,
+        health_metrics: true,
+    };
+    let mut repeats = None;
+    let mut duration = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (key, inline) = match arg.split_once('=') {
+            Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+            None => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String> {
+            match inline.clone().or_else(|| it.next()) {
+                Some(v) => Ok(v),
+                None => bail!("{name} needs a value\n{USAGE}"),
+            }
+        };
+        match key.as_str() {
+            "--scenarios" => {
+                args.scenarios = value("--scenarios")?
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().to_ascii_uppercase())
+                    .collect();
+            }
+            "--repeats" => repeats = Some(value("--repeats")?.parse().context("--repeats")?),
+            "--duration-s" => {
+                duration = Some(value("--duration-s")?.parse().context("--duration-s")?)
+            }
+            "--quick" => args.quick = true,
+            "--no-health-metrics" => args.health_metrics = false,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if args.quick {
+        args.repeats = 1;
+        args.duration_s = 10.0;
+    }
+    if let Some(r) = repeats {
+        args.repeats = r;
+    }
+    if let Some(d) = duration {
+        args.duration_s = d;
+    }
+    if args.repeats == 0 || !(args.duration_s >= 3.0) {
+        bail!("need at least 1 repeat and 3 s per run\n{USAGE}");
+    }
+    for s in &args.scenarios {
+        if !SCENARIOS.contains(&s.as_str()) {
+            bail!("unknown scenario {s:?} (known: {})", SCENARIOS.join(", "));
+        }
+    }
+    Ok(args)
+}
+
+/// A progress bar on stderr, redrawn in place.
+fn progress(done: usize, total: usize, label: &str, started: Instant) {
+    const WIDTH: usize = 30;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    let elapsed = started.elapsed().as_secs_f64();
+    let eta = if done > 0 {
+        format!(
+            " ETA {:.0} s",
+            elapsed / done as f64 * (total - done) as f64
+        )
+    } else {
+        String::new()
+    };
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r\x1b[2K[{}{}] {done}/{total} {label}{eta}",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled)
+    );
+    let _ = err.flush();
+}
+
+fn host_description() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpus} CPUs, Linux {kernel}")
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("\nlb-bench-policies: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args = parse_args()?;
+    lb_tests::spread::lb_binary()?;
+    testbed::raise_fd_limit();
+    lb_tests::netns::install_signal_cleanup();
+    let stale = testbed::sweep_stale_pins();
+    if !stale.is_empty() {
+        eprintln!("lb-bench-policies: removed stale pins of {stale:?}");
+    }
+    let duration = Duration::from_secs_f64(args.duration_s);
+    let scenarios: Vec<Scenario> = args
+        .scenarios
+        .iter()
+        .map(|id| Scenario::get(id, duration).expect("checked above"))
+        .collect();
+    let total = scenarios.len() * POLICIES.len() * args.repeats;
+    eprintln!(
+        "lb-bench-policies: {} scenario(s) x {} policies x {} repeat(s) = {total} runs of {:.0} s \
+         (health/metrics sections {})",
+        scenarios.len(),
+        POLICIES.len(),
+        args.repeats,
+        args.duration_s,
+        if args.health_metrics { "on" } else { "off" }
+    );
+    let started = Instant::now();
+    let mut records: Vec<RunRecord> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    let mut done = 0;
+    for scenario in &scenarios {
+        for repeat in 1..=args.repeats {
+            // The same arrival schedule for every policy of a repeat.
+            let seed =
+                0x6c62_7465_7374 ^ ((scenario.id.as_bytes()[1] as u64) << 32) ^ repeat as u64;
+            for policy in POLICIES {
+                let label = format!("{} {policy} repeat {repeat}", scenario.id);
+                progress(done, total, &label, started);
+                let mut opts = RunOptions::new(policy);
+                opts.seed = seed;
+                opts.health_metrics = args.health_metrics;
+                let t0 = Instant::now();
+                let result = testbed::scenario::run(scenario, &opts);
+                let wall = t0.elapsed().as_secs_f64();
+                done += 1;
+                match result {
+                    Ok(run) => {
+                        let record = RunRecord::new(scenario, &run, repeat, wall);
+                        eprintln!(
+                            "\r\x1b[2K{label}: {} ({:.0} req/s, {:.0} s)",
+                            record.metrics.summary(),
+                            record.metrics.offered_rate,
+                            wall
+                        );
+                        records.push(record);
+                    }
+                    Err(e) => {
+                        let message = format!("{label}: {e:#}");
+                        eprintln!("\r\x1b[2K{message}");
+                        failures.push(message);
+                        if records.is_empty() && failures.len() >= 2 {
+                            bail!("the first runs all failed; giving up");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    progress(done, total, "done", started);
+    eprintln!();
+    let settings = Settings {
+        scenarios: args.scenarios.clone(),
+        repeats: args.repeats,
+        duration_s: args.duration_s,
+        health_metrics: args.health_metrics,
+        quick: args.quick,
+        wall_s: started.elapsed().as_secs_f64(),
+        host: host_description(),
+    };
+    let paths = OutputPaths::default_paths();
+    let written = testbed::report::write_all(&settings, &scenarios, &records, &failures, &paths)?;
+    for scenario in &scenarios {
+        let rows: Vec<_> = testbed::report::summaries(std::slice::from_ref(scenario), &records)
+            .into_iter()
+            .map(|(_, p, s)| (p, s))
+            .collect();
+        if !rows.is_empty() {
+            println!("\n{}: {}\n", scenario.id, scenario.title);
+            println!("{}", testbed::report::table(scenario, &rows));
+        }
+    }
+    eprintln!(
+        "lb-bench-policies: {} runs ({} failed) in {:.1} min; wrote {}",
+        records.len() + failures.len(),
+        failures.len(),
+        settings.wall_s / 60.0,
+        written
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e != "svg"))
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if records.is_empty() {
+        bail!("no run succeeded");
+    }
+    Ok(())
+}
