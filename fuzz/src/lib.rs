@@ -74,7 +74,10 @@ pub fn control_api_bytes(data: &[u8]) {
 /// Parses `text` as a configuration and checks the result (see the module docs).
 pub fn config(text: &str) {
     match Config::parse(text) {
-        Err(e) => assert!(!e.to_string().trim().is_empty(), "an error without a message"),
+        Err(e) => assert!(
+            !e.to_string().trim().is_empty(),
+            "an error without a message"
+        ),
         Ok(config) => {
             check_config(&config);
             let again = config_to_toml(&config);
@@ -107,7 +110,11 @@ pub fn check_config(c: &Config) {
     if let Some(a) = c.encapsulation.source_v6 {
         assert_eq!(a.octets()[12..], [0, 0, 0, 0]);
     }
-    let mut keys: Vec<_> = c.vips.iter().map(|v| (v.address, v.port, v.protocol)).collect();
+    let mut keys: Vec<_> = c
+        .vips
+        .iter()
+        .map(|v| (v.address, v.port, v.protocol))
+        .collect();
     keys.sort();
     keys.dedup();
     assert_eq!(keys.len(), c.vips.len(), "a VIP configured twice");
@@ -265,7 +272,11 @@ pub fn prom_text(text: &str) {
     );
     let again = Exposition::parse(text);
     assert_eq!(
-        (again.series_count() as u64, again.bad_lines, again.duplicates),
+        (
+            again.series_count() as u64,
+            again.bad_lines,
+            again.duplicates
+        ),
         (kept, e.bad_lines, e.duplicates),
         "parsing the same text twice differs"
     );
