@@ -608,7 +608,7 @@ impl Agent {
                     packets: b.packets,
                     bytes: b.bytes,
                     new_flows: b.new_flows,
-                    prediction: None,
+                    prediction: b.predicted_ms.map(|v| v / 1000.0),
                     baseline_prediction: None,
                 })
                 .collect(),
@@ -672,6 +672,7 @@ impl Agent {
                     continue;
                 };
                 let s = self.dataplane.backend_stats(id).unwrap_or_default();
+                let reading = self.signals.readings.get(&(key, b.address));
                 out.push(BackendView {
                     vip: vip.to_string(),
                     backend: b.address,
@@ -694,6 +695,15 @@ impl Agent {
                     packets: s.packets,
                     bytes: s.bytes,
                     new_flows: s.new_flows,
+                    healthy: reading.is_none_or(|r| r.healthy),
+                    latency_ms: reading.and_then(|r| r.latency_s()).map(|v| v * 1000.0),
+                    predicted_ms: reading
+                        .and_then(|r| r.forecast.as_ref())
+                        .and_then(|f| f.value)
+                        .map(|v| v * 1000.0),
+                    predictor: reading
+                        .and_then(|r| r.forecast.as_ref())
+                        .map(|f| f.choice.predictor.clone()),
                 });
             }
         }

@@ -109,6 +109,22 @@ pub struct BackendView {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Health by the probes (true when the VIP has no `[vip.health]`).
+    #[serde(default = "yes")]
+    pub healthy: bool,
+    /// The latency a new flow suffers there now (scraped, else probed), ms.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
+    /// That latency one control interval ahead, as predicted, ms.
+    #[serde(default)]
+    pub predicted_ms: Option<f64>,
+    /// Which predictor made the prediction (the model, or the baseline that beats it).
+    #[serde(default)]
+    pub predictor: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[cfg(test)]

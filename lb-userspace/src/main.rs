@@ -456,19 +456,24 @@ fn done(result: Value) -> anyhow::Result<()> {
 }
 
 fn backend_table(views: &[BackendView], rates: Option<&Value>) -> String {
+    let flows_header = if rates.is_some() {
+        "new flows/s"
+    } else {
+        "new flows"
+    };
     let mut out = format!(
-        "{:<28} {:<24} {:>10} {:>7} {:<8} {:>12}\n",
+        "{:<24} {:<18} {:>6} {:>8} {:<8} {:<6} {:>8} {:>8} {:>12}\n",
         "VIP",
         "backend",
-        "configured",
+        "config",
         "weight",
         "control",
-        if rates.is_some() {
-            "new flows/s"
-        } else {
-            "new flows"
-        }
+        "health",
+        "lat ms",
+        "pred ms",
+        flows_header
     );
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
     for b in views {
         let flows = match rates {
             Some(r) => r["backends"]
@@ -482,12 +487,15 @@ fn backend_table(views: &[BackendView], rates: Option<&Value>) -> String {
             None => b.new_flows.to_string(),
         };
         out += &format!(
-            "{:<28} {:<24} {:>10} {:>7} {:<8} {:>12}\n",
+            "{:<24} {:<18} {:>6} {:>8.2} {:<8} {:<6} {:>8} {:>8} {:>12}\n",
             b.vip,
             b.backend.to_string(),
             b.configured_weight,
             b.weight,
             b.control,
+            if b.healthy { "up" } else { "DOWN" },
+            ms(b.latency_ms),
+            ms(b.predicted_ms),
             flows
         );
     }
