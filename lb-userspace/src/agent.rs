@@ -405,10 +405,10 @@ impl Agent {
         vip: Option<String>,
         o: Option<Override>,
     ) -> anyhow::Result<serde_json::Value> {
-        if let Some(Override::Set(w) | Override::Pin(w)) = o {
-            if w > MAX_WEIGHT {
-                bail!("weight {w} is above {MAX_WEIGHT}");
-            }
+        if let Some(Override::Set(w) | Override::Pin(w)) = o
+            && w > MAX_WEIGHT
+        {
+            bail!("weight {w} is above {MAX_WEIGHT}");
         }
         let key = self.find(backend, vip.as_deref())?;
         self.change_overrides(|overrides| match o {
@@ -459,11 +459,9 @@ impl Agent {
                     .iter()
                     .find(|v| vip_key(v) == key)
                     .is_some_and(|old| old.policy == vip.policy && old.backends == vip.backends);
-                if same {
-                    if let Some(old) = self.control.get(&key) {
-                        fresh.state = old.state.clone();
-                        fresh.decisions = old.decisions.clone();
-                    }
+                if same && let Some(old) = self.control.get(&key) {
+                    fresh.state = old.state.clone();
+                    fresh.decisions = old.decisions.clone();
                 }
                 control.insert(key, fresh);
             }

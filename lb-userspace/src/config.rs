@@ -321,13 +321,13 @@ fn check_health(i: usize, vip_port: u16, raw: RawHealth) -> Result<Health, Confi
     if health.port == 0 {
         return Err(invalid(field("port"), "port 0 cannot be probed"));
     }
-    if let Some(path) = &health.http_path {
-        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid(
-                field("http_path"),
-                format!("{path:?} is not a URL path like /health"),
-            ));
-        }
+    if let Some(path) = &health.http_path
+        && (!path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(invalid(
+            field("http_path"),
+            format!("{path:?} is not a URL path like /health"),
+        ));
     }
     if !(50..=60_000).contains(&health.interval_ms) {
         return Err(invalid(

@@ -267,11 +267,11 @@ pub fn step(
         after[k] = ((proposal[k] / q).round() * q).max(q) as u32;
     }
     // Never leave the VIP without weight while a backend is healthy.
-    if after.iter().all(|&w| w == 0) {
-        if let Some(k) = (0..n).find(|&k| inputs[k].healthy && inputs[k].hold.is_none()) {
-            after[k] = params.quantum.max(1);
-            reasons[k] += "; kept above 0 so the VIP has a backend";
-        }
+    if after.iter().all(|&w| w == 0)
+        && let Some(k) = (0..n).find(|&k| inputs[k].healthy && inputs[k].hold.is_none())
+    {
+        after[k] = params.quantum.max(1);
+        reasons[k] += "; kept above 0 so the VIP has a backend";
     }
     finish(kind, state, inputs, before, targets, after, reasons)
 }

@@ -244,7 +244,7 @@ impl Signals {
             Update::Fitted { key, result } => {
                 self.fitting.remove(&key);
                 let took = self.fit_started.remove(&key).map(|t| t.elapsed());
-                match result.map_err(|e| e).and_then(|fitted| {
+                match result.and_then(|fitted| {
                     self.models
                         .get_mut(&key)
                         .map(|m| m.install(fitted).map_err(|e| e.to_string()))
@@ -281,7 +281,7 @@ impl Signals {
             if let Ok(forecast) = model.tick(target, &extra) {
                 reading.forecast = Some(forecast);
             }
-            if self.observations % REFIT_EVERY == 0 && !self.fitting.contains(key) {
+            if self.observations.is_multiple_of(REFIT_EVERY) && !self.fitting.contains(key) {
                 let set = model.training_set();
                 let params = model.svr_params().clone();
                 let tx = self.tx.clone();
