@@ -718,6 +718,20 @@ impl Dataplane {
             }))
     }
 
+    /// One backend's counters, per CPU (index = CPU number).
+    pub fn backend_stats_per_cpu(
+        &self,
+        backend_id: u32,
+    ) -> Result<Vec<BackendStats>, DataplaneError> {
+        let map: PerCpuArray<&MapData, BackendStats> =
+            PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)
+                .map_err(map_err(names::BACKEND_STATS))?;
+        let per_cpu = map
+            .get(&backend_id, 0)
+            .map_err(map_err(names::BACKEND_STATS))?;
+        Ok(per_cpu.iter().copied().collect())
+    }
+
     /// One backend's counters summed over CPUs.
     pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, DataplaneError> {
         let map: PerCpuArray<&MapData, BackendStats> =
