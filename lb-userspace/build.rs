@@ -32,11 +32,14 @@ fn main() {
     );
 
     let linker = find_bpf_linker(&tools_bin);
-    if env::var_os("LB_SKIP_EBPF").is_some() || linker.is_none() {
-        println!(
-            "cargo:warning=bpf-linker not found (run `cargo xtask setup`): building the agent \
-             without its XDP program"
-        );
+    let skip = env::var_os("LB_SKIP_EBPF").is_some();
+    if skip || linker.is_none() {
+        let why = if skip {
+            "LB_SKIP_EBPF is set"
+        } else {
+            "bpf-linker not found (run `cargo xtask setup`)"
+        };
+        println!("cargo:warning={why}: building the agent without its XDP program");
         println!("cargo:rustc-cfg=lb_no_ebpf");
         std::fs::write(&object, []).unwrap();
         return;

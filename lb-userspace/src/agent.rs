@@ -74,35 +74,19 @@ struct VipControl {
 
 impl VipControl {
     fn new(vip: &Vip, control: &crate::config::Control) -> VipControl {
-        let unit = unit(vip);
-        let configured: u32 = vip.backends.iter().map(|b| b.weight).sum();
-        let scale = configured.saturating_mul(unit).max(1);
-        let params = Params {
-            scale,
-            unit,
-            quantum: (scale / 1000).max(1),
-            floor_share: control.floor_share,
-            smoothing: control.smoothing,
-            hysteresis: control.hysteresis,
-            budget_per_second: control.move_budget_per_second,
-            interval_s: control.interval_ms as f64 / 1000.0,
-            ..Params::default()
-        };
+        let configured: Vec<u32> = vip.backends.iter().map(|b| b.weight).collect();
         VipControl {
             kind: vip.policy,
-            params,
+            params: policy::params_for(&configured, control),
             state: policy::State::default(),
             decisions: Vec::new(),
         }
     }
 }
 
-/// Policy units per configured weight unit for `vip`: configured weights (and
-/// operator holds, which are in the same units) times this sum to about 10,000, so
-/// a policy has room for fine steps and a weight of 1 still means what it says.
+/// Policy units per configured weight unit for `vip` (see `policy::unit`).
 fn unit(vip: &Vip) -> u32 {
-    let configured: u32 = vip.backends.iter().map(|b| b.weight).sum::<u32>().max(1);
-    (10_000 / configured).max(1)
+    policy::unit(&vip.backends.iter().map(|b| b.weight).collect::<Vec<_>>())
 }
 
 /// The agent's state; the control loop owns it and nothing else touches it.

@@ -9,6 +9,7 @@
 //! - [`model`]: the load model and its baselines (pure).
 //! - [`policy`]: weights from health, holds and predictions (pure).
 //! - [`signals`]: per-backend probes, scrapes and models, for the policies.
+//! - [`sim`]: a discrete-event simulation of 100+ backends on the agent's own code.
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
@@ -26,3 +27,4 @@ pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod signals;
+pub mod sim;

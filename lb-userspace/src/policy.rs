@@ -93,6 +93,34 @@ impl Default for Params {
     }
 }
 
+/// Policy units per configured weight unit for a VIP whose configured weights are
+/// `configured`: configured weights (and operator holds, which are in the same
+/// units) times this sum to about 10,000, so a policy has room for fine steps and a
+/// weight of 1 still means what it says.
+pub fn unit(configured: &[u32]) -> u32 {
+    let sum: u32 = configured.iter().sum::<u32>().max(1);
+    (10_000 / sum).max(1)
+}
+
+/// The parameters a VIP with `configured` weights runs with under `control`: the
+/// scale is the configured sum in policy units, the quantum a thousandth of it.
+/// Used by the agent and the simulator alike.
+pub fn params_for(configured: &[u32], control: &crate::config::Control) -> Params {
+    let unit = unit(configured);
+    let scale = configured.iter().sum::<u32>().saturating_mul(unit).max(1);
+    Params {
+        scale,
+        unit,
+        quantum: (scale / 1000).max(1),
+        floor_share: control.floor_share,
+        smoothing: control.smoothing,
+        hysteresis: control.hysteresis,
+        budget_per_second: control.move_budget_per_second,
+        interval_s: control.interval_ms as f64 / 1000.0,
+        ..Params::default()
+    }
+}
+
 /// What is known about one backend at an update.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Input {

@@ -23,7 +23,22 @@ pub const MODEL_FEATURES: [&str; 5] =
     ["cpu", "memory", "disk_busy", "in_flight", "new_flows_per_s"];
 
 /// Refit every backend's model after this many observations.
-const REFIT_EVERY: u64 = 10;
+pub const REFIT_EVERY: u64 = 10;
+
+/// The model every backend gets: a short latency history (four lags, a mean over
+/// eight, the last difference) and [`MODEL_FEATURES`]. Used by the agent and the
+/// simulator alike.
+pub fn model_config() -> BackendModelConfig {
+    BackendModelConfig {
+        features: FeatureSpec {
+            lags: 4,
+            mean_window: 8,
+            diff: true,
+            extra_metrics: MODEL_FEATURES.len(),
+        },
+        ..BackendModelConfig::default()
+    }
+}
 
 /// The latest of everything about one backend.
 #[derive(Debug, Default, Clone)]
@@ -114,15 +129,7 @@ impl Signals {
                         ..Reading::default()
                     },
                 );
-                let model_config = BackendModelConfig {
-                    features: FeatureSpec {
-                        lags: 4,
-                        mean_window: 8,
-                        diff: true,
-                        extra_metrics: MODEL_FEATURES.len(),
-                    },
-                    ..BackendModelConfig::default()
-                };
+                let model_config = model_config();
                 if let Ok(model) = BackendModel::new(model_config) {
                     signals.models.insert(key, model);
                 }

@@ -1,0 +1,333 @@
+//! Runs the testbed's five scenarios at scale in the simulator
+//! (`lb_userspace::sim`): 120 backends and 100,000 to 400,000 requests per second of
+//! simulated time, every policy on the agent's own policy, table and model code.
+//!
+//! Run it as `cargo bench -p lb-userspace --bench sim`. Runs are interleaved as on
+//! the testbed: for each seed, each scenario, each policy (equal, static, reactive,
+//! ai), all policies of a seed seeing the very same requests. The table shows the
+//! median over seeds of each figure (the testbed's definitions, see the `sim` module);
+//! a reaction time shows how many seeds reached it when some did not. A second table
+//! shows why the adaptive policies do what they do: how often the move budget and the
+//! floor bound them, and how the predictors fared.
+//!
+//! Environment: `LB_SIM_SEEDS` (3), `LB_SIM_DURATION_S` (90), `LB_SIM_BACKENDS`
+//! (120), `LB_SIM_SCENARIOS` and `LB_SIM_POLICIES` (comma-separated subsets), and,
+//! to study the policies' guards rather than to report, the agent's `[control]`
+//! settings `LB_SIM_INTERVAL_MS` (500), `LB_SIM_MOVE_BUDGET` (0.02),
+//! `LB_SIM_FLOOR_SHARE` (0.01), `LB_SIM_SMOOTHING` (0.5), `LB_SIM_HYSTERESIS` (0.05). It
+//! prints Markdown and writes every figure of every run as JSON to the file named by
+//! `LB_BENCH_JSON`, or else to `target/bench/sim.json` under the workspace root.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use lb_userspace::policy::PolicyKind;
+use lb_userspace::sim::{self, ScenarioId, SimParams, SimReport};
+use serde_json::json;
+
+const POLICIES: [PolicyKind; 4] = [
+    PolicyKind::Equal,
+    PolicyKind::Static,
+    PolicyKind::Reactive,
+    PolicyKind::Ai,
+];
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let started = Instant::now();
+    let seeds: u64 = env_num("LB_SIM_SEEDS", 3).max(1);
+    let defaults = SimParams::default();
+    let c = defaults.control;
+    let control = lb_userspace::config::Control {
+        interval_ms: env_num("LB_SIM_INTERVAL_MS", c.interval_ms),
+        move_budget_per_second: env_num("LB_SIM_MOVE_BUDGET", c.move_budget_per_second),
+        floor_share: env_num("LB_SIM_FLOOR_SHARE", c.floor_share),
+        smoothing: env_num("LB_SIM_SMOOTHING", c.smoothing),
+        hysteresis: env_num("LB_SIM_HYSTERESIS", c.hysteresis),
+    };
+    let params = SimParams {
+        duration_s: env_num("LB_SIM_DURATION_S", defaults.duration_s),
+        backends: env_num("LB_SIM_BACKENDS", defaults.backends),
+        control,
+        ..defaults
+    };
+    let scenarios: Vec<ScenarioId> = match std::env::var("LB_SIM_SCENARIOS") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
+        Err(_) => ScenarioId::ALL.to_vec(),
+    };
+    let policies: Vec<PolicyKind> = match std::env::var("LB_SIM_POLICIES") {
+        Ok(list) => POLICIES
+            .into_iter()
+            .filter(|p| list.split(',').any(|s| s.trim() == p.to_string()))
+            .collect(),
+        Err(_) => POLICIES.to_vec(),
+    };
+    eprintln!(
+        "sim: {} backends, {} s per run, {} seed(s), {} scenario(s) x {} policies",
+        params.backends,
+        params.duration_s,
+        seeds,
+        scenarios.len(),
+        policies.len()
+    );
+    let mut reports: Vec<SimReport> = Vec::new();
+    for seed in 1..=seeds {
+        for &scenario in &scenarios {
+            for &policy in &policies {
+                let r = sim::run(scenario, policy, seed, &params);
+                eprintln!(
+                    "  seed {seed} {scenario} {policy:<8} p99 {} err {:.2}% util max {:.0}% \
+                     reaction {} moved {:.0}/min  {:.1} s wall, {:.2} M req/s simulated",
+                    ms(r.p99_s),
+                    r.error_rate * 100.0,
+                    r.util_max * 100.0,
+                    r.reaction_s.map_or("-".into(), |x| format!("{x:.1}s")),
+                    r.slots_moved_per_min,
+                    r.wall_s,
+                    r.sim_requests_per_s / 1e6
+                );
+                reports.push(r);
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let mut groups: BTreeMap<(ScenarioId, usize), Vec<&SimReport>> = BTreeMap::new();
+    for r in &reports {
+        let p = POLICIES.iter().position(|&p| p == r.policy).unwrap_or(0);
+        groups.entry((r.scenario, p)).or_default().push(r);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## Simulated testbed: {} backends, {} s per run, median of {} seed(s)\n\n\
+         Control: {} ms interval, move budget {} /s, floor share {}, smoothing {}, \
+         hysteresis {}.\n",
+        params.backends,
+        params.duration_s,
+        seeds,
+        control.interval_ms,
+        control.move_budget_per_second,
+        control.floor_share,
+        control.smoothing,
+        control.hysteresis
+    );
+    for &s in &scenarios {
+        let r = sim::Scenario::new(s, &params);
+        let _ = writeln!(
+            out,
+            "- **{s}**: {} ({:.0} req/s offered on average, nominal capacity {:.0} req/s)",
+            s.title(),
+            r.mean_rate(),
+            r.nominal_capacity()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| scenario | policy | p50 ms | p99 ms | p99.9 ms | p99 all ms | errors % | util max % | \
+         util mean % | reaction s (flows) | reaction s (table) | slots moved/min | \
+         offered req/s | simulated req/s |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    let mut summary = Vec::new();
+    for ((scenario, p), runs) in &groups {
+        let policy = POLICIES[*p];
+        let m = |f: &dyn Fn(&SimReport) -> Option<f64>| median(runs.iter().map(|r| f(r)));
+        let p50 = m(&|r| r.p50_s);
+        let p99 = m(&|r| r.p99_s);
+        let p999 = m(&|r| r.p999_s);
+        // Beyond the timeout (failed requests above 1 %) sorts as infinite.
+        let p99_all = m(&|r| Some(r.p99_all_s.unwrap_or(f64::MAX)));
+        let err = m(&|r| Some(r.error_rate));
+        let umax = m(&|r| Some(r.util_max));
+        let umean = m(&|r| Some(r.util_mean));
+        let moved = m(&|r| Some(r.slots_moved_per_min));
+        let offered = m(&|r| Some(r.offered_rate));
+        let speed = m(&|r| Some(r.sim_requests_per_s));
+        let measured = runs.iter().any(|r| !r.reactions_s.is_empty());
+        let reaction = |f: &dyn Fn(&SimReport) -> Option<f64>| -> String {
+            if !measured {
+                return "n/a".into();
+            }
+            let reached = runs.iter().filter(|r| f(r).is_some()).count();
+            let med = median(runs.iter().map(|r| f(r)));
+            match (med, reached == runs.len()) {
+                (Some(v), true) => format!("{v:.1}"),
+                (Some(v), false) => format!("{v:.1} ({reached}/{})", runs.len()),
+                (None, _) => format!("never ({reached}/{})", runs.len()),
+            }
+        };
+        let rf = reaction(&|r| r.reaction_s);
+        let rt = reaction(&|r| r.reaction_table_s);
+        let _ = writeln!(
+            out,
+            "| {scenario} | {policy} | {} | {} | {} | {} | {} | {} | {} | {rf} | {rt} | {} | {} | {} |",
+            ms(p50),
+            ms(p99),
+            ms(p999),
+            match p99_all {
+                Some(v) if v < f64::MAX => ms(Some(v)),
+                _ => format!("> {:.0}", params.request_timeout_s * 1e3),
+            },
+            fmt(err.map(|e| e * 100.0), 2),
+            fmt(umax.map(|u| u * 100.0), 0),
+            fmt(umean.map(|u| u * 100.0), 0),
+            fmt(moved, 0),
+            fmt(offered, 0),
+            fmt(speed, 0),
+        );
+        summary.push(json!({
+            "scenario": scenario, "policy": policy, "runs": runs.len(),
+            "p50_s": p50, "p99_s": p99, "p999_s": p999, "error_rate": err,
+            "p99_all_s": p99_all.filter(|v| *v < f64::MAX),
+            "util_max": umax, "util_mean": umean,
+            "reaction_s": runs.iter().map(|r| r.reaction_s).collect::<Vec<_>>(),
+            "reaction_table_s": runs.iter().map(|r| r.reaction_table_s).collect::<Vec<_>>(),
+            "slots_moved_per_min": moved, "offered_rate": offered,
+            "sim_requests_per_s": speed,
+        }));
+    }
+    let _ = writeln!(
+        out,
+        "\n### Why the adaptive policies do what they do (medians over seeds)\n\n\
+         | scenario | policy | steps at the move budget % | floor raises per step | \
+         ai: SVR chosen % | ai: MAE last / EWMA / SVR ms | ai: fits (failed; too early) | ai: fit wall s |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|");
+    for ((scenario, p), runs) in &groups {
+        let policy = POLICIES[*p];
+        if !matches!(policy, PolicyKind::Reactive | PolicyKind::Ai) {
+            continue;
+        }
+        let m = |f: &dyn Fn(&SimReport) -> Option<f64>| median(runs.iter().map(|r| f(r)));
+        let steps = |r: &SimReport| f64::from(r.policy_steps.max(1));
+        let budget = m(&|r| Some(100.0 * f64::from(r.budget_limited_steps) / steps(r)));
+        let floor = m(&|r| Some(r.floor_raised as f64 / steps(r)));
+        let model = |f: &dyn Fn(&sim::ModelStats) -> Option<f64>| {
+            median(runs.iter().map(|r| r.model.as_ref().and_then(f)))
+        };
+        let chosen = model(&|s| Some(100.0 * s.svr_chosen as f64 / s.ticks.max(1) as f64));
+        let maes = [
+            model(&|s| s.mae_last_value_s),
+            model(&|s| s.mae_ewma_s),
+            model(&|s| s.mae_svr_s),
+        ];
+        let fits = model(&|s| Some(s.fits as f64));
+        let failed = model(&|s| Some(s.fit_failures as f64));
+        let early = model(&|s| Some(s.fits_too_early as f64));
+        let fit_wall = model(&|s| Some(s.fit_wall_s));
+        let ai = policy == PolicyKind::Ai;
+        let _ = writeln!(
+            out,
+            "| {scenario} | {policy} | {} | {} | {} | {} | {} | {} |",
+            fmt(budget, 0),
+            fmt(floor, 1),
+            if ai { fmt(chosen, 0) } else { "".into() },
+            if ai {
+                maes.map(|x| fmt(x.map(|v| v * 1e3), 2)).join(" / ")
+            } else {
+                "".into()
+            },
+            if ai {
+                format!(
+                    "{} ({}; {} too early)",
+                    fmt(fits, 0),
+                    fmt(failed, 0),
+                    fmt(early, 0)
+                )
+            } else {
+                "".into()
+            },
+            if ai { fmt(fit_wall, 1) } else { "".into() },
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{} runs in {:.0} s of wall-clock time ({:.0} M simulated requests).",
+        reports.len(),
+        wall,
+        reports.iter().map(|r| r.requests as f64).sum::<f64>() / 1e6
+    );
+    print!("{out}");
+
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = root.canonicalize().unwrap_or(root);
+    let path = std::env::var_os("LB_BENCH_JSON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/bench/sim.json"));
+    let c = &params.control;
+    let doc = json!({
+        "bench": "sim",
+        "wall_s": wall,
+        "seeds": seeds,
+        "params": {
+            "duration_s": params.duration_s,
+            "backends": params.backends,
+            "slots_per_unit": params.slots_per_unit,
+            "service_s": params.service_s,
+            "service": params.service,
+            "slowdown": params.slowdown,
+            "hotspot_period_s": params.hotspot_period_s,
+            "request_timeout_s": params.request_timeout_s,
+            "probe_interval_s": params.probe_interval_s,
+            "rise": params.rise,
+            "fall": params.fall,
+            "deep_health": params.deep_health,
+            "table_size": params.table_size,
+            "refit_every": params.refit_every,
+            "control": {
+                "interval_ms": c.interval_ms,
+                "move_budget_per_second": c.move_budget_per_second,
+                "floor_share": c.floor_share,
+                "smoothing": c.smoothing,
+                "hysteresis": c.hysteresis,
+            },
+        },
+        "summary": summary,
+        "runs": reports,
+    });
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match serde_json::to_string(&doc).map(|s| std::fs::write(&path, s)) {
+        Ok(Ok(())) => println!("\nwrote {}", path.display()),
+        Ok(Err(e)) => eprintln!("sim bench: writing {}: {e}", path.display()),
+        Err(e) => eprintln!("sim bench: {e}"),
+    }
+}
+
+/// The median of the values present; `None` if there is none.
+fn median(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let mut v: Vec<f64> = values.flatten().filter(|v| v.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn ms(s: Option<f64>) -> String {
+    fmt(s.map(|s| s * 1e3), 2)
+}
+
+fn fmt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.decimals$}"))
+}

@@ -1,0 +1,311 @@
+//! The testbed's five scenarios at scale. They mean what they mean on the testbed
+//! (`tests/src/testbed/scenario.rs`): the same load levels as fractions of the
+//! nominal capacity, the same slowdown factor, the same phases as fractions of the
+//! run's duration `D`, and capacity-proportional configured weights for `static`
+//! (equal ones for the other policies). Only the number of backends differs (120
+//! instead of 3 to 8 by default), with the changes applied to a quarter of them
+//! instead of one, and the hot spot of S3 moves every 10 s instead of every `D/3`:
+//!
+//! | id | backends (capacity units) | load | what happens |
+//! |---|---|---|---|
+//! | S1 | thirds of 1, 2 and 4 | 90 % | nothing: heterogeneous capacity |
+//! | S2 | all 1 | 70 % | the first quarter 4× slower from D/3, recovers at 2D/3 |
+//! | S3 | all 1 | 70 % | a quarter 4× slower; the next quarter every 10 s |
+//! | S4 | all 1 | 50 %, spikes to 130 % | spikes of D/12 every D/3, from D/6 on |
+//! | S5 | all 1 | 60 % | the first quarter fails fast (503, idle) from D/3 to 2D/3 |
+
+use std::fmt;
+
+use super::SimParams;
+
+/// A scenario's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum ScenarioId {
+    S1,
+    S2,
+    S3,
+    S4,
+    S5,
+}
+
+impl ScenarioId {
+    /// Every scenario, in order.
+    pub const ALL: [ScenarioId; 5] = [
+        ScenarioId::S1,
+        ScenarioId::S2,
+        ScenarioId::S3,
+        ScenarioId::S4,
+        ScenarioId::S5,
+    ];
+
+    /// What it tests, in one line.
+    pub fn title(self) -> &'static str {
+        match self {
+            ScenarioId::S1 => "heterogeneous capacity 1x/2x/4x in thirds at 90 % load",
+            ScenarioId::S2 => "a quarter of the backends 4x slower from D/3, recovers at 2D/3",
+            ScenarioId::S3 => "a moving hot spot: a quarter 4x slower, the next quarter every 10 s",
+            ScenarioId::S4 => "50 % load with bursts to 130 %",
+            ScenarioId::S5 => "a quarter of the backends fail fast (503) while looking idle",
+        }
+    }
+}
+
+impl fmt::Display for ScenarioId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl std::str::FromStr for ScenarioId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ScenarioId, String> {
+        ScenarioId::ALL
+            .into_iter()
+            .find(|id| id.to_string().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("no scenario {s:?} (S1 to S5)"))
+    }
+}
+
+/// A change applied to one backend during a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Change {
+    /// Service times multiplied by this factor for requests arriving from now on.
+    Slowdown(f64),
+    /// Fail-fast mode on or off: every request answered at once with an error,
+    /// taking no server.
+    FailFast(bool),
+}
+
+/// A change at a time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Event {
+    /// Seconds since the start of the load.
+    pub at: f64,
+    /// Backend index.
+    pub backend: usize,
+    pub change: Change,
+}
+
+/// One scenario, for one set of parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    pub id: ScenarioId,
+    /// Capacity units of each backend.
+    pub units: Vec<u32>,
+    /// The weights `static` is configured with (capacity-proportional).
+    pub static_weights: Vec<u32>,
+    /// The offered rate, piecewise constant: `(from, requests per second)`, sorted,
+    /// the first from 0.
+    pub rate: Vec<(f64, f64)>,
+    /// The changes, sorted by time.
+    pub events: Vec<Event>,
+    /// Seconds of load.
+    pub duration_s: f64,
+    /// Requests per second one capacity unit serves at slowdown 1.
+    pub unit_rate: f64,
+    /// The backends whose share of new flows the time series follow (the slowed or
+    /// failing ones, or the smallest in S1), as a function of time; see
+    /// [`Scenario::watched_at`].
+    watched: Vec<(f64, Vec<usize>)>,
+}
+
+impl Scenario {
+    /// Scenario `id` with the backends, capacity and duration of `p`.
+    pub fn new(id: ScenarioId, p: &SimParams) -> Scenario {
+        let n = p.backends.max(4);
+        let d = p.duration_s;
+        let unit_rate = p.slots_per_unit as f64 / p.service_s;
+        let quarter = |q: usize| -> Vec<usize> { (q * n / 4..(q + 1) * n / 4).collect() };
+        let (units, static_weights): (Vec<u32>, Vec<u32>) = match id {
+            ScenarioId::S1 => {
+                let u: Vec<u32> = (0..n).map(|i| [1, 2, 4][i * 3 / n]).collect();
+                (u.clone(), u)
+            }
+            _ => (vec![1; n], vec![1; n]),
+        };
+        let capacity = units.iter().map(|&u| u as f64).sum::<f64>() * unit_rate;
+        let constant = |load: f64| vec![(0.0, load * capacity)];
+        let mut events = Vec::new();
+        let mut watched = Vec::new();
+        let rate = match id {
+            ScenarioId::S1 => {
+                watched.push((0.0, (0..n).filter(|&i| units[i] == 1).collect()));
+                constant(0.9)
+            }
+            ScenarioId::S2 => {
+                for b in quarter(0) {
+                    events.push(Event {
+                        at: d / 3.0,
+                        backend: b,
+                        change: Change::Slowdown(p.slowdown),
+                    });
+                    events.push(Event {
+                        at: 2.0 * d / 3.0,
+                        backend: b,
+                        change: Change::Slowdown(1.0),
+                    });
+                }
+                watched.push((0.0, quarter(0)));
+                constant(0.7)
+            }
+            ScenarioId::S3 => {
+                let period = p
+                    .hotspot_period_s
+                    .max(p.control.interval_ms as f64 / 1000.0);
+                let mut phase = 0;
+                while (phase as f64) * period < d {
+                    let at = phase as f64 * period;
+                    if phase > 0 {
+                        for b in quarter((phase - 1) % 4) {
+                            events.push(Event {
+                                at,
+                                backend: b,
+                                change: Change::Slowdown(1.0),
+                            });
+                        }
+                    }
+                    for b in quarter(phase % 4) {
+                        events.push(Event {
+                            at,
+                            backend: b,
+                            change: Change::Slowdown(p.slowdown),
+                        });
+                    }
+                    watched.push((at, quarter(phase % 4)));
+                    phase += 1;
+                }
+                constant(0.7)
+            }
+            ScenarioId::S4 => {
+                let (base, spike) = (0.5 * capacity, 1.3 * capacity);
+                let (first, period, len) = (d / 6.0, d / 3.0, d / 12.0);
+                let mut rate = vec![(0.0, base)];
+                let mut start = first;
+                while start < d {
+                    rate.push((start, spike));
+                    rate.push((start + len, base));
+                    start += period;
+                }
+                rate
+            }
+            ScenarioId::S5 => {
+                for b in quarter(0) {
+                    events.push(Event {
+                        at: d / 3.0,
+                        backend: b,
+                        change: Change::FailFast(true),
+                    });
+                    events.push(Event {
+                        at: 2.0 * d / 3.0,
+                        backend: b,
+                        change: Change::FailFast(false),
+                    });
+                }
+                watched.push((0.0, quarter(0)));
+                constant(0.6)
+            }
+        };
+        events.sort_by(|a, b| a.at.total_cmp(&b.at));
+        Scenario {
+            id,
+            units,
+            static_weights,
+            rate,
+            events,
+            duration_s: d,
+            unit_rate,
+            watched,
+        }
+    }
+
+    /// The number of backends.
+    pub fn len(&self) -> usize {
+        self.units.len()
+    }
+
+    /// Whether there are no backends (never).
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    /// The capacity of every backend at slowdown 1, requests per second.
+    pub fn nominal_capacity(&self) -> f64 {
+        self.units.iter().map(|&u| u as f64).sum::<f64>() * self.unit_rate
+    }
+
+    /// The offered rate at time `t`.
+    pub fn rate_at(&self, t: f64) -> f64 {
+        self.rate
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= t)
+            .map_or(0.0, |r| r.1)
+    }
+
+    /// The mean offered rate over the run.
+    pub fn mean_rate(&self) -> f64 {
+        let d = self.duration_s;
+        let mut total = 0.0;
+        for (i, &(from, r)) in self.rate.iter().enumerate() {
+            let to = self.rate.get(i + 1).map_or(d, |x| x.0).min(d);
+            total += r * (to - from).max(0.0);
+        }
+        total / d
+    }
+
+    /// Each backend's slowdown at time `t` (events at or before `t` applied).
+    pub fn slowdowns_at(&self, t: f64) -> Vec<f64> {
+        let mut s = vec![1.0; self.len()];
+        for e in self.events.iter().filter(|e| e.at <= t) {
+            if let Change::Slowdown(f) = e.change {
+                s[e.backend] = f;
+            }
+        }
+        s
+    }
+
+    /// Each backend's share of the capacity at time `t`.
+    pub fn capacity_shares_at(&self, t: f64) -> Vec<f64> {
+        let caps: Vec<f64> = self
+            .units
+            .iter()
+            .zip(self.slowdowns_at(t))
+            .map(|(&u, s)| u as f64 / s)
+            .collect();
+        let total: f64 = caps.iter().sum();
+        caps.iter().map(|c| c / total).collect()
+    }
+
+    /// The degradations whose reaction is measured, as on the testbed: (time, the
+    /// backends that became slower then, the end of the phase). A slowdown at time 0
+    /// is left out: the policies have no history of the backends yet.
+    pub fn degradations(&self) -> Vec<(f64, Vec<usize>, f64)> {
+        let mut times: Vec<f64> = self.events.iter().map(|e| e.at).collect();
+        times.dedup();
+        let mut out = Vec::new();
+        for (i, &t) in times.iter().enumerate() {
+            if t <= 0.0 {
+                continue;
+            }
+            let before = self.slowdowns_at(t - 1e-9);
+            let after = self.slowdowns_at(t);
+            let worse: Vec<usize> = (0..after.len()).filter(|&b| after[b] > before[b]).collect();
+            if worse.is_empty() {
+                continue;
+            }
+            let end = times.get(i + 1).copied().unwrap_or(self.duration_s);
+            out.push((t, worse, end));
+        }
+        out
+    }
+
+    /// The backends the time series follow at time `t` (empty in S4).
+    pub fn watched_at(&self, t: f64) -> &[usize] {
+        self.watched
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= t)
+            .map_or(&[], |w| w.1.as_slice())
+    }
+}

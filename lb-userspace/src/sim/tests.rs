@@ -1,0 +1,153 @@
+//! Small-scale checks of the simulator (debug builds: a dozen backends, tens of
+//! thousands of requests per run).
+
+use super::*;
+
+/// A dozen backends of 160 requests per second per unit, 30 s.
+fn small() -> SimParams {
+    SimParams {
+        duration_s: 30.0,
+        backends: 12,
+        service_s: 0.025,
+        fit_threads: 1,
+        ..SimParams::default()
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_report() {
+    let p = SimParams {
+        duration_s: 12.0,
+        ..small()
+    };
+    let a = run(ScenarioId::S2, PolicyKind::Reactive, 5, &p);
+    let b = run(ScenarioId::S2, PolicyKind::Reactive, 5, &p);
+    assert_eq!(a.without_timing(), b.without_timing());
+    assert!(a.requests > 10_000, "{}", a.requests);
+    let c = run(ScenarioId::S2, PolicyKind::Reactive, 6, &p);
+    assert_ne!(a.requests, c.requests);
+    // Every policy of a seed sees the same requests.
+    let d = run(ScenarioId::S2, PolicyKind::Equal, 5, &p);
+    assert_eq!(a.requests, d.requests);
+}
+
+#[test]
+fn static_beats_equal_on_heterogeneous_capacity() {
+    let p = small();
+    let equal = run(ScenarioId::S1, PolicyKind::Equal, 1, &p);
+    let fixed = run(ScenarioId::S1, PolicyKind::Static, 1, &p);
+    // Equal weights give the 1x backends 2.1 times their capacity.
+    assert!(equal.util_max > 0.99, "{}", equal.util_max);
+    assert!(fixed.util_max < 0.97, "{}", fixed.util_max);
+    let (e, s) = (equal.p99_s.unwrap(), fixed.p99_s.unwrap());
+    assert!(s * 3.0 < e, "static p99 {s} vs equal {e}");
+    assert!(fixed.error_rate < equal.error_rate);
+    assert!(fixed.error_rate < 1e-3, "{}", fixed.error_rate);
+    // Static and equal never change the table.
+    assert_eq!(fixed.slots_moved + equal.slots_moved, 0);
+}
+
+#[test]
+fn table_moves_stay_within_the_budget() {
+    let p = SimParams {
+        duration_s: 20.0,
+        ..small()
+    };
+    for (scenario, policy) in [
+        (ScenarioId::S2, PolicyKind::Reactive),
+        (ScenarioId::S1, PolicyKind::Reactive),
+        (ScenarioId::S2, PolicyKind::Ai),
+    ] {
+        let r = run(scenario, policy, 3, &p);
+        assert!(!r.updates.is_empty(), "{scenario} {policy}: no update");
+        let params = engine::agent_params(&vec![1; r.backends], &p);
+        let budget = params.budget_per_second * params.interval_s;
+        // Quantization may add half a quantum per backend on each side.
+        let slack = r.backends as f64 * params.quantum as f64 / params.scale as f64;
+        let size = f64::from(p.table_size);
+        for u in &r.updates {
+            assert!(
+                u.ideal_share <= budget + slack,
+                "{scenario} {policy}: {u:?} over {budget} + {slack}"
+            );
+            // The table moves about the ideal number of slots, with a Poisson-like
+            // spread (see the maglev module).
+            let ideal = u.ideal_share * size;
+            let bound = (budget + slack) * size + 4.0 * ideal.sqrt() + 10.0;
+            assert!(
+                (u.slots as f64) <= bound,
+                "{scenario} {policy}: {} slots at {} s, bound {bound:.0}",
+                u.slots,
+                u.t
+            );
+        }
+    }
+}
+
+#[test]
+fn littles_law_holds() {
+    let p = SimParams {
+        duration_s: 40.0,
+        ..small()
+    };
+    let r = run(ScenarioId::S1, PolicyKind::Static, 9, &p);
+    let l = &r.little;
+    let expected = l.arrival_rate * l.mean_time_in_system_s;
+    assert!(expected > 50.0, "{l:?}");
+    assert!(
+        (l.mean_in_system / expected - 1.0).abs() < 0.05,
+        "in system {} vs λW {expected}",
+        l.mean_in_system
+    );
+    // The offered rate is what the scenario asks for.
+    let asked = 0.9 * r.nominal_capacity;
+    assert!(
+        (r.offered_rate / asked - 1.0).abs() < 0.02,
+        "{}",
+        r.offered_rate
+    );
+}
+
+#[test]
+fn a_failing_backend_is_unhealthy_only_behind_a_deep_check() {
+    let p = SimParams {
+        duration_s: 12.0,
+        ..small()
+    };
+    let shallow = run(ScenarioId::S5, PolicyKind::Equal, 2, &p);
+    assert_eq!(shallow.health_changes, 0);
+    assert!(shallow.failed_fast > 0);
+    let deep = run(
+        ScenarioId::S5,
+        PolicyKind::Equal,
+        2,
+        &SimParams {
+            deep_health: true,
+            ..p
+        },
+    );
+    // Down at D/3 after two failed probes, up at 2D/3 after two good ones.
+    assert_eq!(deep.health_changes, 2);
+    assert!(deep.failed_fast * 3 < shallow.failed_fast, "{deep:?}");
+}
+
+#[test]
+fn scenarios_have_their_load_and_changes() {
+    let p = SimParams::default();
+    for id in ScenarioId::ALL {
+        let s = Scenario::new(id, &p);
+        assert_eq!(s.len(), 120);
+        assert!(s.mean_rate() >= 100_000.0, "{id}: {}", s.mean_rate());
+    }
+    let s4 = Scenario::new(ScenarioId::S4, &p);
+    assert!((s4.mean_rate() / s4.nominal_capacity() - 0.7).abs() < 1e-9);
+    let s3 = Scenario::new(ScenarioId::S3, &p);
+    assert_eq!(s3.degradations().len(), 8);
+    assert!(
+        s3.degradations()
+            .iter()
+            .all(|(_, slowed, _)| slowed.len() == 30)
+    );
+    let shares = s3.capacity_shares_at(15.0);
+    assert!((shares[30..60].iter().sum::<f64>() - 7.5 / 97.5).abs() < 1e-9);
+}
