@@ -11,7 +11,7 @@
 //!   the same [`Config`] from the TOML that [`config_to_toml`] writes for it.
 //! - Prometheus text ([`prom_text`]): parsing is deterministic; kept series, bad lines
 //!   and duplicates together are at most the number of lines; [`Scraper::ingest`] of
-//!   the document before or after a realistic node-exporter answer counts exactly the
+//!   the document after or before a realistic node-exporter answer counts exactly the
 //!   parser's bad lines and duplicates and gives only finite, non-negative readings
 //!   within their documented bounds.
 //! - control API ([`control_api`]): [`control::decode`] refuses with one of its three
@@ -285,19 +285,19 @@ pub fn prom_text(text: &str) {
         let _ = Selector::parse(text);
     }
 
+    // Against a realistic previous answer (rates from the seed's counters to this
+    // document's), and as the previous answer of a realistic one.
     let start = Instant::now();
-    for docs in [
-        [SEED_EXPOSITION_EARLIER, text, SEED_EXPOSITION],
-        [text, SEED_EXPOSITION, text],
-    ] {
+    for docs in [[SEED_EXPOSITION_EARLIER, text], [text, SEED_EXPOSITION]] {
         let mut s = scraper();
         for (i, doc) in docs.into_iter().enumerate() {
             let before = s.rejects().clone();
+            // The seeds follow the format (a test checks it), so only the document
+            // adds bad lines and duplicates.
             let parsed = if std::ptr::eq(doc, text) {
                 (e.bad_lines, e.duplicates)
             } else {
-                let p = Exposition::parse(doc);
-                (p.bad_lines, p.duplicates)
+                (0, 0)
             };
             let sample = s.ingest(doc, start + Duration::from_secs(i as u64 + 1));
             check_sample(&sample);
@@ -351,10 +351,10 @@ pub fn control_api(line: &[u8]) {
         }
     }
     // What the command line does with the agent's answer.
-    if let Ok(text) = std::str::from_utf8(line) {
-        if let Ok(response) = serde_json::from_str::<Response>(text) {
-            let back = serde_json::to_string(&response).expect("a response always encodes");
-            assert!(serde_json::from_str::<Response>(&back).is_ok(), "{back}");
-        }
+    if let Ok(text) = std::str::from_utf8(line)
+        && let Ok(response) = serde_json::from_str::<Response>(text)
+    {
+        let back = serde_json::to_string(&response).expect("a response always encodes");
+        assert!(serde_json::from_str::<Response>(&back).is_ok(), "{back}");
     }
 }

@@ -624,7 +624,16 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
     if raw.backend.is_empty() {
         return Err(invalid(field("backend"), "the VIP has no backend"));
     }
+    if raw.backend.len() > MAX_BACKENDS as usize {
+        return Err(invalid(
+            field("backend"),
+            format!("{} backends, at most {MAX_BACKENDS}", raw.backend.len()),
+        ));
+    }
     let mut backends = Vec::with_capacity(raw.backend.len());
+    // Address → index in this VIP, for the duplicate check.
+    let mut seen_backends: std::collections::BTreeMap<IpAddr, usize> =
+        std::collections::BTreeMap::new();
     for (j, b) in raw.backend.into_iter().enumerate() {
         let bfield = |name: &str| format!("vip[{i}].backend[{j}].{name}");
         let baddr: IpAddr = b.address.parse().map_err(|_| {
@@ -666,7 +675,7 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
                 format!("{} is above {MAX_WEIGHT}", b.weight),
             ));
         }
-        if let Some(k) = backends.iter().position(|x: &Backend| x.address == baddr) {
+        if let Some(k) = seen_backends.insert(baddr, j) {
             return Err(invalid(
                 bfield("address"),
                 format!("{baddr} is already backend[{k}] of this VIP"),

@@ -3,6 +3,7 @@
 //! the demo and the benchmarks. `cargo xtask --help` lists them.
 
 mod deploy;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -51,6 +52,18 @@ enum Task {
     /// weighted backends in network namespaces, real TCP connections through the XDP
     /// program, and the spread of connections over the backends. Needs root.
     Demo,
+    /// Fuzz the parsers of outside input (config file, Prometheus text, control API)
+    /// for a bounded time: each cargo-fuzz target in fuzz/ under libFuzzer (nightly;
+    /// cargo-fuzz is installed into .tools/ when missing), or, where cargo-fuzz cannot
+    /// run, lb-userspace's proptest fuzz tests with many cases. Prints what ran and for
+    /// how long; fails if anything was found.
+    Fuzz {
+        /// Seconds per cargo-fuzz target (in all, for the proptest fallback).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target: config, prom_text or control_api.
+        target: Option<String>,
+    },
     /// Benchmarks; each prints its figures and writes them to target/bench/NAME.json.
     Bench {
         #[command(subcommand)]
@@ -126,6 +139,7 @@ fn main() -> anyhow::Result<()> {
                 .context("running the demo")
                 .and_then(exit_like)
         }
+        Task::Fuzz { seconds, target } => fuzz::run(&root, seconds, target.as_deref()),
         Task::Bench {
             which: Bench::Table,
         } => cargo(&root)

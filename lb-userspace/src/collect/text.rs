@@ -21,7 +21,7 @@
 //! Anything else on a sample line (an unknown escape, an unclosed quote, a label name
 //! given twice, a second value, a name starting with a digit) makes it a bad line.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A label set, sorted by label name, each name at most once.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,8 +80,9 @@ pub enum Lookup<'a> {
 #[derive(Debug, Default)]
 struct Family {
     series: BTreeMap<Labels, f64>,
-    /// Label sets seen more than once; never used again in this document.
-    duplicated: Vec<Labels>,
+    /// Label sets seen more than once; never used again in this document. A set, so
+    /// that a document of nothing but duplicates still parses in n log n.
+    duplicated: BTreeSet<Labels>,
 }
 
 /// One parsed document.
@@ -152,7 +153,7 @@ impl Exposition {
         }
         if family.series.remove(&labels).is_some() {
             self.duplicates += 1;
-            family.duplicated.push(labels);
+            family.duplicated.insert(labels);
             return;
         }
         family.series.insert(labels, value);
