@@ -85,6 +85,17 @@ enum Bench {
     /// ns/packet of each datapath path through BPF_PROG_TEST_RUN, as ratios to a
     /// program that only returns XDP_PASS. Needs root.
     Datapath,
+    /// The discrete-event simulation: 120 backends, 100k+ requests per second, every
+    /// scenario under every policy, running the agent's own policy, table and model.
+    Sim,
+    /// The weight policies on the real XDP testbed: every scenario under `equal`,
+    /// `static`, `reactive` and `ai`, interleaved, 3 repeats (about 15 minutes).
+    /// Writes target/bench/policies.md, policies.json and SVG plots. Needs root.
+    Policies {
+        /// Arguments for lb-bench-policies (e.g. `--quick`, `--scenarios S1,S2`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// One-step-ahead error of the load model against last-value and EWMA on the
     /// real series in testdata/nab (and any `--series PATH`), fit and predict time.
     Predictor {
@@ -158,6 +169,35 @@ fn main() -> anyhow::Result<()> {
                 .env("LB_BENCH_JSON", root.join("target/bench/datapath.json"))
                 .status()
                 .context("running the datapath benchmark")
+                .and_then(exit_like)
+        }
+        Task::Bench { which: Bench::Sim } => cargo(&root)
+            .args(["bench", "-p", "lb-userspace", "--bench", "sim"])
+            .env("LB_BENCH_JSON", root.join("target/bench/sim.json"))
+            .status()
+            .context("running the simulator")
+            .and_then(exit_like),
+        Task::Bench {
+            which: Bench::Policies { args },
+        } => {
+            require_root("the testbed attaches XDP programs and creates network namespaces")?;
+            setup::run(&root, setup::Report::Quiet)?;
+            build(&root, true)?;
+            cargo(&root)
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-bench-policies",
+                    "--",
+                ])
+                .args(&args)
+                .env("LB_BIN", root.join("target/release/lb"))
+                .status()
+                .context("running the policy benchmark")
                 .and_then(exit_like)
         }
         Task::Bench {
