@@ -199,6 +199,39 @@ fn metrics_count_what_was_served() {
 }
 
 #[test]
+fn cpu_counters_never_go_down_while_saturated() {
+    use lb_userspace::collect::{ScrapeConfig, Scraper};
+    let (ns, backend) = lonely_backend(2, 20);
+    // 30 requests of 20 ms on 2 slots: 300 ms of saturation.
+    let client = {
+        let ns = ns.borrowed();
+        std::thread::spawn(move || concurrent(&ns, 30))
+    };
+    std::thread::sleep(Duration::from_millis(30));
+    let mut scraper =
+        Scraper::new(ScrapeConfig::new(format!("http://{ADDR}:9100/metrics"))).unwrap();
+    let (mut idle, mut user) = (0.0, 0.0);
+    let mut cpus = Vec::new();
+    for _ in 0..100 {
+        let text = backend.exposition();
+        let i = value(&text, "node_cpu_seconds_total{cpu=\"0\",mode=\"idle\"}");
+        let u = value(&text, "node_cpu_seconds_total{cpu=\"0\",mode=\"user\"}");
+        assert!(
+            i >= idle && u >= user,
+            "idle {idle} -> {i}, user {user} -> {u}"
+        );
+        (idle, user) = (i, u);
+        cpus.extend(scraper.ingest(&text, Instant::now()).cpu);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    client.join().unwrap();
+    assert_eq!(scraper.rejects().counter_resets, 0);
+    // Every reading during the saturation is (nearly) 100 % busy.
+    assert!(cpus.len() > 50, "{cpus:?}");
+    assert!(cpus[..50].iter().all(|&c| c > 0.95), "{cpus:?}");
+}
+
+#[test]
 fn agent_collectors_read_the_backend() {
     use lb_userspace::collect::{ProbeConfig, Prober, ScrapeConfig, Scraper};
     let (ns, backend) = lonely_backend(3, 30);

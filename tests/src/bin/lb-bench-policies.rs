@@ -88,7 +88,7 @@ fn parse_args() -> Result<Args> {
     if let Some(d) = duration {
         args.duration_s = d;
     }
-    if args.repeats == 0 || !(args.duration_s >= 3.0) {
+    if args.repeats == 0 || args.duration_s.is_nan() || args.duration_s < 3.0 {
         bail!("need at least 1 repeat and 3 s per run\n{USAGE}");
     }
     for s in &args.scenarios {
@@ -112,14 +112,33 @@ fn progress(done: usize, total: usize, label: &str, started: Instant) {
     } else {
         String::new()
     };
-    let mut err = std::io::stderr().lock();
-    let _ = write!(
-        err,
-        "\r\x1b[2K[{}{}] {done}/{total} {label}{eta}",
+    let bar = format!(
+        "[{}{}] {done}/{total} {label}{eta}",
         "#".repeat(filled),
         ".".repeat(WIDTH - filled)
     );
+    let mut err = std::io::stderr().lock();
+    if is_tty() {
+        let _ = write!(err, "\r\x1b[2K{bar}");
+    } else {
+        let _ = writeln!(err, "{bar}");
+    }
     let _ = err.flush();
+}
+
+/// Whether stderr is a terminal (the bar is redrawn in place only there).
+fn is_tty() -> bool {
+    // SAFETY: isatty only looks at the descriptor.
+    unsafe { libc::isatty(2) == 1 }
+}
+
+/// Prints a line of its own on stderr, clearing the bar first on a terminal.
+fn line(text: &str) {
+    if is_tty() {
+        eprintln!("\r\x1b[2K{text}");
+    } else {
+        eprintln!("{text}");
+    }
 }
 
 fn host_description() -> String {
@@ -184,17 +203,17 @@ fn real_main() -> Result<()> {
                 match result {
                     Ok(run) => {
                         let record = RunRecord::new(scenario, &run, repeat, wall);
-                        eprintln!(
-                            "\r\x1b[2K{label}: {} ({:.0} req/s, {:.0} s)",
+                        line(&format!(
+                            "{label}: {} ({:.0} req/s, {:.0} s)",
                             record.metrics.summary(),
                             record.metrics.offered_rate,
                             wall
-                        );
+                        ));
                         records.push(record);
                     }
                     Err(e) => {
                         let message = format!("{label}: {e:#}");
-                        eprintln!("\r\x1b[2K{message}");
+                        line(&message);
                         failures.push(message);
                         if records.is_empty() && failures.len() >= 2 {
                             bail!("the first runs all failed; giving up");
@@ -205,7 +224,9 @@ fn real_main() -> Result<()> {
         }
     }
     progress(done, total, "done", started);
-    eprintln!();
+    if is_tty() {
+        eprintln!();
+    }
     let settings = Settings {
         scenarios: args.scenarios.clone(),
         repeats: args.repeats,

@@ -189,8 +189,9 @@ struct Inner {
     /// Requests queued or in service: id → (service start, service end).
     active: HashMap<u64, (Instant, Instant)>,
     next_id: u64,
-    /// Slot-seconds of finished services.
-    busy_done: f64,
+    /// Slot-nanoseconds of finished services. Whole nanoseconds, so that the CPU
+    /// counters derived from it never go down by a rounding error.
+    busy_done_ns: u128,
     accepted: u64,
     served: u64,
     failed: u64,
@@ -245,7 +246,7 @@ impl Shared {
         if let Some(id) = id
             && let Some((start, end)) = inner.active.remove(&id)
         {
-            inner.busy_done += end.duration_since(start).as_secs_f64();
+            inner.busy_done_ns += end.duration_since(start).as_nanos();
         }
         *inner.codes.entry(code).or_insert(0) += 1;
         for (i, &le) in BUCKETS.iter().enumerate() {
@@ -262,14 +263,25 @@ impl Shared {
         }
     }
 
-    fn counts(&self) -> BackendCounts {
+    /// Slot-nanoseconds served and nanoseconds since the start, both at one instant
+    /// read under the lock: busy time never decreases, and neither does
+    /// `uptime × slots − busy` (each slot serves one request at a time).
+    fn busy_ns(&self, inner: &Inner) -> (u128, u128) {
         let now = Instant::now();
-        let inner = self.lock();
-        let ongoing: f64 = inner
+        let ongoing: u128 = inner
             .active
             .values()
-            .map(|&(start, end)| end.min(now).saturating_duration_since(start).as_secs_f64())
+            .map(|&(start, end)| end.min(now).saturating_duration_since(start).as_nanos())
             .sum();
+        (
+            inner.busy_done_ns + ongoing,
+            now.duration_since(self.started).as_nanos(),
+        )
+    }
+
+    fn counts(&self) -> BackendCounts {
+        let inner = self.lock();
+        let (busy_ns, uptime_ns) = self.busy_ns(&inner);
         BackendCounts {
             accepted: inner.accepted,
             served: inner.served,
@@ -277,13 +289,12 @@ impl Shared {
             probes: inner.probes,
             scrapes: inner.scrapes,
             in_flight: inner.active.len() as u64,
-            busy_slot_s: inner.busy_done + ongoing,
-            uptime_s: now.duration_since(self.started).as_secs_f64(),
+            busy_slot_s: busy_ns as f64 / 1e9,
+            uptime_s: uptime_ns as f64 / 1e9,
         }
     }
 
     fn exposition(&self) -> String {
-        let counts = self.counts();
         let inner = self.lock();
         let mut out = String::new();
         let _ = writeln!(
@@ -291,7 +302,7 @@ impl Shared {
             "# HELP app_requests_in_flight Requests queued or in service.\n\
              # TYPE app_requests_in_flight gauge\n\
              app_requests_in_flight {}",
-            counts.in_flight
+            inner.active.len()
         );
         let _ = writeln!(
             out,
@@ -325,8 +336,12 @@ impl Shared {
         for (code, n) in codes {
             let _ = writeln!(out, "app_requests_total{{code=\"{code}\"}} {n}");
         }
-        let user = counts.busy_slot_s / self.slots as f64;
-        let idle = (counts.uptime_s - user).max(0.0);
+        // Integer slot-nanoseconds, divided last: both counters are monotonic, as
+        // the rate computations of a scraper require.
+        let (busy_ns, uptime_ns) = self.busy_ns(&inner);
+        let slots = self.slots as u128;
+        let user = busy_ns as f64 / slots as f64 / 1e9;
+        let idle = (uptime_ns * slots).saturating_sub(busy_ns) as f64 / slots as f64 / 1e9;
         let _ = writeln!(
             out,
             "# HELP node_cpu_seconds_total Emulated CPU: busy slot-seconds / slots as \
@@ -379,7 +394,7 @@ impl EmulatedBackend {
                 free_at: vec![now; spec.slots],
                 active: HashMap::new(),
                 next_id: 0,
-                busy_done: 0.0,
+                busy_done_ns: 0,
                 accepted: 0,
                 served: 0,
                 failed: 0,

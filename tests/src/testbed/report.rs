@@ -62,6 +62,8 @@ pub struct RunMetrics {
     pub slots_moved_per_min: f64,
     /// Non-SYN connection-table misses.
     pub conn_miss_non_syn: u64,
+    /// Backend-seconds the agent called a backend unhealthy (samples × backends).
+    pub unhealthy_samples: usize,
     /// Offered rate, requests per second.
     pub offered_rate: f64,
     /// The generator's largest and mean start lag, seconds.
@@ -184,6 +186,12 @@ impl RunMetrics {
             reaction_weights_s: worst(&reactions(scenario, &run.samples, false)),
             slots_moved_per_min: moved * TABLE_SIZE / span_min,
             conn_miss_non_syn: run.samples.last().map_or(0, |s| s.conn_miss_non_syn),
+            unhealthy_samples: run
+                .samples
+                .iter()
+                .flat_map(|s| &s.backends)
+                .filter(|b| b.healthy == Some(false))
+                .count(),
             offered_rate: load.offered_rate(),
             max_lag_s: load.max_lag(),
             mean_lag_s: load.mean_lag(),
@@ -209,6 +217,7 @@ impl RunMetrics {
             "reaction_weights_s": self.reaction_weights_s,
             "slots_moved_per_min": self.slots_moved_per_min,
             "conn_miss_non_syn": self.conn_miss_non_syn,
+            "unhealthy_samples": self.unhealthy_samples,
             "offered_rate": self.offered_rate,
             "max_lag_s": self.max_lag_s,
             "mean_lag_s": self.mean_lag_s,
@@ -219,7 +228,7 @@ impl RunMetrics {
     /// A one-line summary for the progress output.
     pub fn summary(&self) -> String {
         format!(
-            "p50 {} p99 {} p99.9 {} err {:.2}% util max {:.0}% mean {:.0}% reaction {} moved {:.0}/min misses {}",
+            "p50 {} p99 {} p99.9 {} err {:.2}% util max {:.0}% mean {:.0}% reaction {} moved {:.0}/min misses {} unhealthy {}",
             ms(self.p50_s),
             ms(self.p99_s),
             ms(self.p999_s),
@@ -229,7 +238,8 @@ impl RunMetrics {
             self.reaction_s
                 .map_or("-".to_owned(), |r| format!("{r:.1}s")),
             self.slots_moved_per_min,
-            self.conn_miss_non_syn
+            self.conn_miss_non_syn,
+            self.unhealthy_samples
         )
     }
 }
@@ -270,6 +280,9 @@ impl RunRecord {
                     "t": s.t,
                     "weights": s.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
                     "new_flows": s.backends.iter().map(|b| b.new_flows).collect::<Vec<_>>(),
+                    "healthy": s.backends.iter().map(|b| b.healthy).collect::<Vec<_>>(),
+                    "latency_ms": s.backends.iter().map(|b| b.latency_ms).collect::<Vec<_>>(),
+                    "predicted_ms": s.backends.iter().map(|b| b.predicted_ms).collect::<Vec<_>>(),
                     "conn_miss_non_syn": s.conn_miss_non_syn,
                 })
             })
@@ -402,7 +415,10 @@ pub struct OutputPaths {
 
 impl OutputPaths {
     pub fn default_paths() -> OutputPaths {
-        let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        let bench = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(
+            || PathBuf::from("target/bench"),
+            |root| root.join("target/bench"),
+        );
         let json = std::env::var_os("LB_BENCH_JSON")
             .map(PathBuf::from)
             .unwrap_or_else(|| bench.join("policies.json"));
@@ -713,7 +729,9 @@ pub fn line_chart(
             (0.001, 1.0)
         }
     } else {
-        (0.0, ys.iter().copied().fold(0.0, f64::max) * 1.05)
+        let hi = ys.iter().copied().fold(0.0, f64::max);
+        let step = nice_step(hi / 5.0);
+        (0.0, (hi / step).ceil().max(1.0) * step)
     };
     if y_max <= y_min {
         y_max = y_min + 1.0;
@@ -754,9 +772,9 @@ pub fn line_chart(
         }
         t
     } else {
-        (0..=5)
-            .map(|i| y_min + (y_max - y_min) * i as f64 / 5.0)
-            .collect()
+        let step = nice_step((y_max - y_min) / 5.0);
+        let n = ((y_max - y_min) / step).round() as usize;
+        (0..=n).map(|i| y_min + step * i as f64).collect()
     };
     for t in ticks {
         let y = py(t);
@@ -990,6 +1008,7 @@ mod tests {
                     weight: w,
                     new_flows: f,
                     packets: 0,
+                    ..BackendSample::default()
                 })
                 .collect(),
             conn_miss_non_syn: 0,

@@ -315,14 +315,14 @@ pub struct RunOptions {
 
 impl RunOptions {
     /// Defaults for `policy`: seed 1, health and metrics sections on, 2 s timeout,
-    /// 2 s warm-up, 500 ms control interval.
+    /// 1 s warm-up, 500 ms control interval.
     pub fn new(policy: PolicyKind) -> RunOptions {
         RunOptions {
             policy,
             seed: 1,
             health_metrics: true,
             request_timeout: Duration::from_secs(2),
-            warmup: Duration::from_secs(2),
+            warmup: Duration::from_secs(1),
             interval_ms: 500,
         }
     }
@@ -337,6 +337,12 @@ pub struct BackendSample {
     pub new_flows: u64,
     /// Packets so far.
     pub packets: u64,
+    /// Health by the agent's probes, if it says.
+    pub healthy: Option<bool>,
+    /// The latency the agent sees there (scraped, else probed), ms, if it says.
+    pub latency_ms: Option<f64>,
+    /// That latency one interval ahead as the agent predicts it, ms, if it says.
+    pub predicted_ms: Option<f64>,
 }
 
 /// One sample of the agent, once a second.
@@ -423,6 +429,9 @@ fn sample(agent: &Agent, n: usize, t: f64) -> Result<Sample> {
             weight: entry["weight"].as_f64().unwrap_or(0.0),
             new_flows: entry["new_flows"].as_u64().unwrap_or(0),
             packets: entry["packets"].as_u64().unwrap_or(0),
+            healthy: entry["healthy"].as_bool(),
+            latency_ms: entry["latency_ms"].as_f64(),
+            predicted_ms: entry["predicted_ms"].as_f64(),
         };
     }
     Ok(Sample {
