@@ -82,13 +82,14 @@ pub fn run(root: &Path, report: Report) -> anyhow::Result<()> {
 /// root. Returns the names still missing (not root, or no apt-get): builds do not
 /// need them, so that only warns. A failing apt-get is an error.
 fn ensure_debian_packages(names: &[&str]) -> anyhow::Result<Vec<String>> {
+    // Installed means dpkg's status is "install ok installed": a removed package whose
+    // configuration files remain still answers `dpkg -s` successfully.
     let installed = |name: &str| {
-        Command::new("dpkg")
-            .args(["-s", name])
-            .stdout(Stdio::null())
+        Command::new("dpkg-query")
+            .args(["-W", "-f", "${Status}", name])
             .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
     };
     let missing: Vec<&str> = names.iter().copied().filter(|n| !installed(n)).collect();
     let have_apt = Command::new("apt-get")
