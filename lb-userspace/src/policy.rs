@@ -172,6 +172,8 @@ pub fn step(
     inputs: &[Input],
 ) -> (Vec<u32>, Vec<Decision>) {
     let n = inputs.len();
+    // What each backend holds now: the policy's last weight, else its operator hold
+    // (the weight actually in force), else its initial weight.
     let before: Vec<u32> = inputs
         .iter()
         .map(|i| {
@@ -179,6 +181,7 @@ pub fn step(
                 .weights
                 .get(&i.name)
                 .copied()
+                .or(i.hold)
                 .unwrap_or_else(|| initial(kind, params, inputs, i))
         })
         .collect();
@@ -314,8 +317,14 @@ fn finish(
     after: Vec<u32>,
     mut reasons: Vec<String>,
 ) -> (Vec<u32>, Vec<Decision>) {
+    // Only the policy's own weights are remembered: a backend under an operator hold
+    // starts again from its initial weight when the hold ends.
     for (k, input) in inputs.iter().enumerate() {
-        state.weights.insert(input.name.clone(), after[k]);
+        if input.hold.is_some() {
+            state.weights.remove(&input.name);
+        } else {
+            state.weights.insert(input.name.clone(), after[k]);
+        }
     }
     state
         .weights
@@ -613,6 +622,32 @@ mod tests {
         inputs[0].utilisation = Some(0.5);
         let w2 = run(PolicyKind::Reactive, &p, &mut state, &inputs, 5);
         assert_eq!(w1, w2);
+    }
+
+    /// The move budget is computed on the weights in force: holds count with their
+    /// held weight, and a released hold starts the backend from its initial weight
+    /// without shrinking the others (a regression: the budget once saw a drained
+    /// backend at its initial weight and scaled everyone else down).
+    #[test]
+    fn releasing_a_hold_next_to_a_drained_backend_keeps_the_others() {
+        let p = Params {
+            unit: 3333,
+            scale: 9999,
+            ..Params::default()
+        };
+        let mut inputs = backends(3);
+        let mut state = State::default();
+        inputs[0].hold = Some(5 * 3333);
+        inputs[1].hold = Some(0);
+        let near = |w: u32, want: u32| w.abs_diff(want) <= p.quantum;
+        let w = run(PolicyKind::Ai, &p, &mut state, &inputs, 5);
+        assert!(w[0] == 5 * 3333 && w[1] == 0 && near(w[2], 3333), "{w:?}");
+        inputs[0].hold = None;
+        let w = run(PolicyKind::Ai, &p, &mut state, &inputs, 5);
+        assert!(
+            near(w[0], 3333) && w[1] == 0 && near(w[2], 3333),
+            "the free backends shrank: {w:?}"
+        );
     }
 
     #[test]

@@ -235,27 +235,13 @@ impl SpreadReport {
 /// `connections` real TCP connections to the VIP and stops everything again.
 pub fn run(weights: &[u32], connections: usize) -> Result<SpreadReport> {
     let topo = Topology::build(weights.len()).context("building the test network")?;
-    let dir = tempdir(topo.prefix())?;
-    let config = dir.join("lb.toml");
-    let mut text = format!("[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\n");
-    let mut weight_of = BTreeMap::new();
-    for (i, (host, &w)) in topo.backends().iter().zip(weights).enumerate() {
-        let mac = host.mac().octets().map(|b| format!("{b:02x}")).join(":");
-        text += &format!(
-            "\n[[vip.backend]]\naddress = \"{}\"\nmac = \"{mac}\"\nweight = {w}\n",
-            host.ipv4()
-        );
-        weight_of.insert(format!("backend{i}"), w);
-    }
-    std::fs::write(&config, text)?;
-
-    // Frames the balancer sends back out with XDP_TX are only received by the bridge
-    // port if it runs an XDP program too (see docs/ARCHITECTURE.md).
-    let bridge_port = topo.lb_bridge_port().to_owned();
-    let _pass = topo
-        .switch()
-        .run_in(move || PassThrough::attach(&bridge_port))?
-        .context("attaching the pass-through program to the bridge port")?;
+    let config = write_config(&topo, weights, "")?;
+    let weight_of: BTreeMap<String, u32> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (format!("backend{i}"), w))
+        .collect();
+    let _pass = attach_pass(&topo, topo.lb_bridge_port())?;
 
     let servers = topo
         .backends()
@@ -278,13 +264,48 @@ pub fn run(weights: &[u32], connections: usize) -> Result<SpreadReport> {
         .into_iter()
         .map(|s| (s.name().to_owned(), s.stop()))
         .collect();
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(dir) = config.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Ok(SpreadReport {
         weights: weight_of,
         clients,
         accepted,
         agent_log,
     })
+}
+
+/// Writes the agent configuration of a test: one TCP VIP on [`PORT`] (with
+/// `vip_extra`, TOML lines of the VIP's table, after its protocol) whose backends are
+/// the topology's, with `weights`. Returns the file's path, in the run's own folder.
+pub fn write_config(topo: &Topology, weights: &[u32], vip_extra: &str) -> Result<PathBuf> {
+    ensure!(
+        weights.len() == topo.backends().len(),
+        "one weight per backend"
+    );
+    let config = tempdir(topo.prefix())?.join("lb.toml");
+    let mut text = format!(
+        "[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\n{vip_extra}\n"
+    );
+    for (host, w) in topo.backends().iter().zip(weights) {
+        text += &format!(
+            "\n[[vip.backend]]\naddress = \"{}\"\nmac = \"{}\"\nweight = {w}\n",
+            host.ipv4(),
+            host.mac().octets().map(|b| format!("{b:02x}")).join(":")
+        );
+    }
+    std::fs::write(&config, text)?;
+    Ok(config)
+}
+
+/// Attaches the pass-through program to the bridge port `port` in the switch
+/// namespace: frames a load balancer sends back out with `XDP_TX` are only received
+/// by the bridge port if it runs an XDP program too (see docs/ARCHITECTURE.md).
+pub fn attach_pass(topo: &Topology, port: &str) -> Result<PassThrough> {
+    let port = port.to_owned();
+    topo.switch()
+        .run_in(move || PassThrough::attach(&port))?
+        .context("attaching the pass-through program to the bridge port")
 }
 
 fn tempdir(prefix: &str) -> Result<PathBuf> {

@@ -11,11 +11,11 @@ use std::time::Duration;
 use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::types::BackendStats;
 use lb_tests::{
-    spread::{Agent, PORT},
+    spread::{Agent, PORT, attach_pass, write_config},
     tcp::{BackendServer, PersistentConn},
-    topology::{Topology, VIP_V4},
+    topology::Topology,
 };
-use lb_userspace::{agent::pin_dir, dataplane::PassThrough};
+use lb_userspace::agent::pin_dir;
 
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity act on it
@@ -37,26 +37,8 @@ fn one_flow_is_processed_on_every_cpu_and_the_shared_table_finds_it() {
         .unwrap_or(1);
     assert!(cpus >= 2, "this machine has one CPU: nothing to measure");
     let topo = Topology::build(2).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-lb", topo.prefix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("lb.toml");
-    let mut text = format!(
-        "[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\nprotocol = \"tcp\"\npolicy = \"static\"\n"
-    );
-    for h in topo.backends() {
-        text += &format!(
-            "\n[[vip.backend]]\naddress = \"{}\"\nmac = \"{}\"\nweight = 1\n",
-            h.ipv4(),
-            h.mac().octets().map(|b| format!("{b:02x}")).join(":")
-        );
-    }
-    std::fs::write(&config, text).unwrap();
-    let port = topo.lb_bridge_port().to_owned();
-    let _pass = topo
-        .switch()
-        .run_in(move || PassThrough::attach(&port))
-        .unwrap()
-        .unwrap();
+    let config = write_config(&topo, &[1, 1], "policy = \"static\"").unwrap();
+    let _pass = attach_pass(&topo, topo.lb_bridge_port()).unwrap();
     let _servers: Vec<BackendServer> = topo
         .backends()
         .iter()
