@@ -501,6 +501,8 @@ impl PingReport {
 /// A long-lived connection that sends a line every `interval` on a background thread
 /// and records the answers, to check that an established flow keeps its backend.
 pub struct Pinger {
+    /// The answer to the opening line: the backend this connection reached.
+    first: String,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<PingReport>>,
 }
@@ -514,6 +516,7 @@ impl Pinger {
         timeout: Duration,
     ) -> Result<Pinger> {
         let (mut conn, first) = PersistentConn::connect(ns, target, timeout)?;
+        let first_backend = first.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stop);
         let handle = thread::Builder::new()
@@ -545,9 +548,15 @@ impl Pinger {
             })
             .context("cannot spawn the pinger thread")?;
         Ok(Pinger {
+            first: first_backend,
             stop,
             handle: Some(handle),
         })
+    }
+
+    /// The backend that answered the opening line.
+    pub fn backend(&self) -> &str {
+        &self.first
     }
 
     /// Stops pinging, closes the connection and returns what was seen.
