@@ -131,6 +131,35 @@ pub fn sweep_stale_pins() -> Vec<String> {
     removed
 }
 
+/// Removes what this process's runs may leave when the process exits in the middle
+/// of one (the namespace cleanup on SIGINT/SIGTERM kills the agent, which then cannot
+/// remove its pins): the pinned datapaths and configuration directories whose names
+/// carry this process's id. Meant for an `atexit` handler; harmless at any other time
+/// when no run is in progress.
+pub fn remove_own_leftovers() {
+    let own = Some(std::process::id());
+    let pins = lb_userspace::agent::pin_dir("x");
+    if let Some(root) = pins.parent()
+        && let Ok(entries) = std::fs::read_dir(root)
+    {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if crate::netns::creator_pid(&name) == own {
+                crate::spread::remove_pins(&name);
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with("-lb") && crate::netns::creator_pid(&name) == own {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
