@@ -693,29 +693,21 @@ impl Dataplane {
 
     /// Datapath-wide counters summed over CPUs.
     pub fn global_stats(&self) -> Result<GlobalStats, DataplaneError> {
-        let map: PerCpuArray<&MapData, GlobalStats> =
-            PerCpuArray::try_from(self.map(names::STATS)?).map_err(map_err(names::STATS))?;
-        let per_cpu = map.get(&0, 0).map_err(map_err(names::STATS))?;
-        Ok(per_cpu
+        Ok(self
+            .per_cpu::<GlobalStats>(names::STATS, 0)?
             .iter()
             .fold(GlobalStats::default(), |acc, s| sum_global(&acc, s)))
     }
 
     /// One VIP's counters summed over CPUs.
     pub fn vip_stats(&self, vip_id: u32) -> Result<lb_common::types::VipStats, DataplaneError> {
-        let map: PerCpuArray<&MapData, lb_common::types::VipStats> =
-            PerCpuArray::try_from(self.map(names::VIP_STATS)?)
-                .map_err(map_err(names::VIP_STATS))?;
-        let per_cpu = map.get(&vip_id, 0).map_err(map_err(names::VIP_STATS))?;
-        Ok(per_cpu
-            .iter()
-            .fold(lb_common::types::VipStats::default(), |acc, s| {
-                lb_common::types::VipStats {
-                    packets: acc.packets + s.packets,
-                    bytes: acc.bytes + s.bytes,
-                    new_flows: acc.new_flows + s.new_flows,
-                }
-            }))
+        let per_cpu = self.per_cpu::<lb_common::types::VipStats>(names::VIP_STATS, vip_id)?;
+        let sum = sum_flows(per_cpu.iter().map(|s| (s.packets, s.bytes, s.new_flows)));
+        Ok(lb_common::types::VipStats {
+            packets: sum.0,
+            bytes: sum.1,
+            new_flows: sum.2,
+        })
     }
 
     /// One backend's counters, per CPU (index = CPU number).
@@ -723,30 +715,30 @@ impl Dataplane {
         &self,
         backend_id: u32,
     ) -> Result<Vec<BackendStats>, DataplaneError> {
-        let map: PerCpuArray<&MapData, BackendStats> =
-            PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)
-                .map_err(map_err(names::BACKEND_STATS))?;
-        let per_cpu = map
-            .get(&backend_id, 0)
-            .map_err(map_err(names::BACKEND_STATS))?;
-        Ok(per_cpu.iter().copied().collect())
+        self.per_cpu(names::BACKEND_STATS, backend_id)
     }
 
     /// One backend's counters summed over CPUs.
     pub fn backend_stats(&self, backend_id: u32) -> Result<BackendStats, DataplaneError> {
-        let map: PerCpuArray<&MapData, BackendStats> =
-            PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)
-                .map_err(map_err(names::BACKEND_STATS))?;
-        let per_cpu = map
-            .get(&backend_id, 0)
-            .map_err(map_err(names::BACKEND_STATS))?;
-        Ok(per_cpu
-            .iter()
-            .fold(BackendStats::default(), |acc, s| BackendStats {
-                packets: acc.packets + s.packets,
-                bytes: acc.bytes + s.bytes,
-                new_flows: acc.new_flows + s.new_flows,
-            }))
+        let per_cpu = self.backend_stats_per_cpu(backend_id)?;
+        let sum = sum_flows(per_cpu.iter().map(|s| (s.packets, s.bytes, s.new_flows)));
+        Ok(BackendStats {
+            packets: sum.0,
+            bytes: sum.1,
+            new_flows: sum.2,
+        })
+    }
+
+    /// Entry `index` of the per-CPU array `name`, one value per CPU.
+    fn per_cpu<T: aya::Pod>(
+        &self,
+        name: &'static str,
+        index: u32,
+    ) -> Result<Vec<T>, DataplaneError> {
+        let map: PerCpuArray<&MapData, T> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let values = map.get(&index, 0).map_err(map_err(name))?;
+        Ok(values.iter().copied().collect())
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DataplaneError> {
@@ -758,6 +750,11 @@ impl Dataplane {
             .map_mut(name)
             .ok_or(DataplaneError::MissingMap(name))
     }
+}
+
+/// Packets, bytes and new flows summed over CPUs.
+fn sum_flows(values: impl Iterator<Item = (u64, u64, u64)>) -> (u64, u64, u64) {
+    values.fold((0, 0, 0), |a, v| (a.0 + v.0, a.1 + v.1, a.2 + v.2))
 }
 
 fn sum_global(a: &GlobalStats, b: &GlobalStats) -> GlobalStats {
