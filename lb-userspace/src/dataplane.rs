@@ -578,15 +578,8 @@ impl Dataplane {
         let program = xdp_program(&mut self.ebpf, programs::BALANCER)?;
         let mut replaced = false;
         if link_path.exists() {
-            let pinned = PinnedLink::from_pin(&link_path).map_err(|e| DataplaneError::Link {
-                path: link_path.clone(),
-                message: e.to_string(),
-            })?;
-            let link =
-                XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DataplaneError::Link {
-                    path: link_path.clone(),
-                    message: e.to_string(),
-                })?;
+            let pinned = PinnedLink::from_pin(&link_path).map_err(link_err(&link_path))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err(&link_path))?;
             match program.attach_to_link(link) {
                 Ok(id) => {
                     let link = program
@@ -595,11 +588,7 @@ impl Dataplane {
                             name: programs::BALANCER,
                             source,
                         })?;
-                    self.pinned_link =
-                        Some(FdLink::try_from(link).map_err(|e| DataplaneError::Link {
-                            path: link_path.clone(),
-                            message: e.to_string(),
-                        })?);
+                    self.pinned_link = Some(FdLink::try_from(link).map_err(link_err(&link_path))?);
                     replaced = true;
                 }
                 // The link outlived its interface (or was detached): start afresh.
@@ -628,20 +617,14 @@ impl Dataplane {
                     "XDP links cannot be pinned here (kernel 5.9 or later needed): {e}"
                 ),
             })?;
-            let pinned = fd_link.pin(&link_path).map_err(|e| DataplaneError::Link {
-                path: link_path.clone(),
-                message: e.to_string(),
-            })?;
+            let pinned = fd_link.pin(&link_path).map_err(link_err(&link_path))?;
             self.pinned_link = Some(FdLink::from(pinned));
         }
         let prog_path = dir.join(PROGRAM_PIN);
         let _ = std::fs::remove_file(&prog_path);
         xdp_program(&mut self.ebpf, programs::BALANCER)?
             .pin(&prog_path)
-            .map_err(|e| DataplaneError::Link {
-                path: prog_path,
-                message: e.to_string(),
-            })?;
+            .map_err(link_err(&prog_path))?;
         Ok(())
     }
 
@@ -778,6 +761,14 @@ fn sum_global(a: &GlobalStats, b: &GlobalStats) -> GlobalStats {
         conn_miss_non_syn: a.conn_miss_non_syn + b.conn_miss_non_syn,
         conn_insert_failed: a.conn_insert_failed + b.conn_insert_failed,
         tx: a.tx + b.tx,
+    }
+}
+
+/// A pinning or link failure at `path`, for `map_err`.
+fn link_err<E: std::fmt::Display>(path: &Path) -> impl FnOnce(E) -> DataplaneError + '_ {
+    move |e| DataplaneError::Link {
+        path: path.to_owned(),
+        message: e.to_string(),
     }
 }
 
