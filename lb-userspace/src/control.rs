@@ -5,8 +5,12 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::{
+        fs::{DirBuilderExt, PermissionsExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -30,9 +34,20 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A request handed to the agent's loop, with where to send its answer.
 pub type Job = (Request, oneshot::Sender<Response>);
 
-/// Creates the socket, refusing to take over one that another agent answers on.
+/// Creates the socket, mode 0600, refusing to take over one that another agent
+/// answers on. A missing parent directory is created 0700; an existing one is left
+/// as it is (`--socket /tmp/lb.sock` must not lock everyone out of `/tmp`).
+///
+/// The socket is bound inside a fresh 0700 directory next to `path`, made 0600, and
+/// only then renamed into place: there is no moment at which anyone but root could
+/// connect, and no process-wide state (such as the umask) changes, so other threads
+/// creating files meanwhile are unaffected.
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting {}", dir.display()))?;
@@ -46,13 +61,30 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    // Created with mode 0600 from the start: no window in which others could connect.
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
-    // SAFETY: as above, restoring it.
-    unsafe { libc::umask(old) };
-    listener.with_context(|| format!("binding the control socket {}", path.display()))
+    static BINDS: AtomicU32 = AtomicU32::new(0);
+    let private = dir.join(format!(
+        ".lb-bind-{}-{}",
+        std::process::id(),
+        BINDS.fetch_add(1, Ordering::Relaxed)
+    ));
+    // A leftover of a crashed earlier bind by a process with the same pid.
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("creating {}", private.display()))?;
+    let staged = private.join("lb.sock");
+    let bound = UnixListener::bind(&staged)
+        .with_context(|| format!("binding the control socket {}", path.display()))
+        .and_then(|listener| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", staged.display()))?;
+            std::fs::rename(&staged, path)
+                .with_context(|| format!("moving the control socket to {}", path.display()))?;
+            Ok(listener)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// Accepts connections until the task is dropped; each is served on its own task,

@@ -229,6 +229,46 @@ fn control_socket_directory_keeps_others_out() {
     );
 }
 
+/// A socket in a directory that already exists (`--socket /tmp/lb.sock`) is 0600,
+/// and the directory keeps its mode: binding must not lock others out of `/tmp`.
+/// Many binds at once (the umask is process-wide; a bind must not depend on it)
+/// all come out 0600.
+#[test]
+fn control_socket_in_an_existing_directory_leaves_it_alone() {
+    require_root();
+    let dir = TempDir::new("shared");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sockets: Vec<PathBuf> = (0..16).map(|i| dir.0.join(format!("lb{i}.sock"))).collect();
+    let listeners = runtime.block_on(async {
+        let binds = sockets.iter().cloned().map(|path| {
+            tokio::task::spawn_blocking(move || {
+                tokio::runtime::Handle::current().block_on(async { control::bind(&path) })
+            })
+        });
+        let mut out = Vec::new();
+        for bind in binds.collect::<Vec<_>>() {
+            out.push(bind.await.unwrap().unwrap());
+        }
+        out
+    });
+    assert_eq!(mode(&dir.0), 0o1777, "bind changed the directory's mode");
+    for socket in &sockets {
+        assert_eq!(mode(socket), 0o600, "{}", socket.display());
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| !name.to_string_lossy().ends_with(".sock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    drop(listeners);
+}
+
 #[test]
 fn request_of_an_unknown_version_is_refused_clearly() {
     require_root();
