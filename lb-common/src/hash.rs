@@ -5,7 +5,10 @@
 //! MurmurHash3 (x86, 32-bit) over 32-bit words: cheap in BPF (multiplies, rotates, no
 //! tables), well mixed, and with a published reference to test against.
 
-use crate::types::{FAMILY_V4, FlowKey};
+use crate::{
+    maps::VIP_FILTER_BITS,
+    types::{AddrWords, FAMILY_V4, FlowKey, addr_words},
+};
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -33,16 +36,6 @@ fn finish(mut h: u32, len_bytes: u32) -> u32 {
     h ^ (h >> 16)
 }
 
-#[inline(always)]
-fn word(bytes: &[u8; 16], i: usize) -> u32 {
-    u32::from_le_bytes([
-        bytes[i * 4],
-        bytes[i * 4 + 1],
-        bytes[i * 4 + 2],
-        bytes[i * 4 + 3],
-    ])
-}
-
 /// MurmurHash3_x86_32 of `words` (read as little-endian 4-byte blocks), with `seed`.
 #[inline(always)]
 pub fn murmur3_words(words: &[u32], seed: u32) -> u32 {
@@ -59,26 +52,34 @@ pub fn murmur3_words(words: &[u32], seed: u32) -> u32 {
 /// IPv4 flows hash only the 4 meaningful bytes of each address.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    let ports = ((key.src_port_be as u32) << 16) | key.dst_port_be as u32;
-    let tail = ((key.family as u32) << 8) | key.proto as u32;
-    if key.family == FAMILY_V4 {
-        murmur3_words(
-            &[word(&key.src, 0), word(&key.dst, 0), ports, tail],
-            FLOW_HASH_SEED,
-        )
+    flow_hash_words(
+        key.family,
+        key.proto,
+        &addr_words(&key.src),
+        &addr_words(&key.dst),
+        key.src_port_be,
+        key.dst_port_be,
+    )
+}
+
+/// [`flow_hash`] of a flow given as address words, as the datapath holds it.
+#[inline(always)]
+pub fn flow_hash_words(
+    family: u8,
+    proto: u8,
+    src: &AddrWords,
+    dst: &AddrWords,
+    src_port_be: u16,
+    dst_port_be: u16,
+) -> u32 {
+    let ports = ((src_port_be as u32) << 16) | dst_port_be as u32;
+    let tail = ((family as u32) << 8) | proto as u32;
+    if family == FAMILY_V4 {
+        murmur3_words(&[src[0], dst[0], ports, tail], FLOW_HASH_SEED)
     } else {
         murmur3_words(
             &[
-                word(&key.src, 0),
-                word(&key.src, 1),
-                word(&key.src, 2),
-                word(&key.src, 3),
-                word(&key.dst, 0),
-                word(&key.dst, 1),
-                word(&key.dst, 2),
-                word(&key.dst, 3),
-                ports,
-                tail,
+                src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], ports, tail,
             ],
             FLOW_HASH_SEED,
         )
@@ -88,19 +89,29 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
 /// Hash of the source address alone: every flow of one client lands on one backend.
 #[inline(always)]
 pub fn source_hash(key: &FlowKey) -> u32 {
-    if key.family == FAMILY_V4 {
-        murmur3_words(&[word(&key.src, 0)], FLOW_HASH_SEED)
+    source_hash_words(key.family, &addr_words(&key.src))
+}
+
+/// [`source_hash`] of a source given as address words.
+#[inline(always)]
+pub fn source_hash_words(family: u8, src: &AddrWords) -> u32 {
+    if family == FAMILY_V4 {
+        murmur3_words(&[src[0]], FLOW_HASH_SEED)
     } else {
-        murmur3_words(
-            &[
-                word(&key.src, 0),
-                word(&key.src, 1),
-                word(&key.src, 2),
-                word(&key.src, 3),
-            ],
-            FLOW_HASH_SEED,
-        )
+        murmur3_words(src, FLOW_HASH_SEED)
     }
+}
+
+/// Slot of a (destination, port, protocol) in the `VIP_FILTER` array. The datapath
+/// reads that slot before anything else about a packet; a zero there proves the
+/// packet is for no VIP, without the VIP hash lookup. The agent sets the slot of
+/// every key in `VIPS` (including ICMP echo entries, port 0). Collisions only cost
+/// the hash lookup the filter would have saved.
+#[inline(always)]
+pub fn vip_filter_slot(dst: &AddrWords, port_be: u16, proto: u8) -> u32 {
+    let fold = dst[0] ^ dst[1] ^ dst[2] ^ dst[3] ^ ((port_be as u32) << 8) ^ proto as u32;
+    // Fibonacci hashing: the top bits of a multiply by 2^32 / golden ratio.
+    fold.wrapping_mul(0x9e37_79b1) >> (32 - VIP_FILTER_BITS)
 }
 
 #[cfg(test)]
@@ -225,5 +236,24 @@ mod tests {
         }
         let mean = flips.iter().sum::<u32>() as f64 / flips.len() as f64;
         assert!((12.0..20.0).contains(&mean), "mean flipped bits {mean}");
+    }
+
+    #[test]
+    fn vip_filter_slots_are_in_range_and_spread() {
+        use crate::maps::VIP_FILTER_SLOTS;
+        let mut used = std::collections::BTreeSet::new();
+        for last in 0..64u8 {
+            let addr = addr_words(&[198, 18, 1, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let slot = vip_filter_slot(&addr, 443u16.to_be(), PROTO_TCP);
+            assert!(slot < VIP_FILTER_SLOTS);
+            used.insert(slot);
+        }
+        // 64 consecutive VIP addresses: nearly all in distinct slots.
+        assert!(used.len() >= 60, "{} distinct slots", used.len());
+        let a = addr_words(&[198, 18, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_ne!(
+            vip_filter_slot(&a, 80u16.to_be(), PROTO_TCP),
+            vip_filter_slot(&a, 81u16.to_be(), PROTO_TCP)
+        );
     }
 }

@@ -13,9 +13,18 @@ pub const DEFAULT_RING_SIZE: u32 = MAX_RING_SIZE;
 /// Each VIP owns two table copies: the datapath reads the active one while the agent
 /// writes the other, then flips [`crate::types::VipMeta::active`].
 pub const RING_COPIES: u32 = 2;
-/// Entries in the connection table (an LRU hash: the least recently used flow is
-/// evicted when it is full).
-pub const CONN_TABLE_SIZE: u32 = 1 << 20;
+/// Entries in the IPv4 connection table (an LRU hash: the least recently used flow
+/// is evicted when it is full). The kernel preallocates LRU maps: ≈ 72 bytes per
+/// entry, 72 MiB for this size.
+pub const CONN_TABLE_SIZE_V4: u32 = 1 << 20;
+/// Entries in the IPv6 connection table (≈ 96 bytes per entry, 24 MiB).
+pub const CONN_TABLE_SIZE_V6: u32 = 1 << 18;
+/// log2 of [`VIP_FILTER_SLOTS`].
+pub const VIP_FILTER_BITS: u32 = 12;
+/// Slots of the `VIP_FILTER` array (see [`crate::hash::vip_filter_slot`]): with at
+/// most 2 × [`MAX_VIPS`] keys (each VIP and its echo entry), at most 3% of slots are
+/// set, so nearly every packet for no VIP stops after one array read.
+pub const VIP_FILTER_SLOTS: u32 = 1 << VIP_FILTER_BITS;
 
 /// Slot in the `RINGS` array where copy `copy` of VIP `vip_id`'s table starts.
 #[inline(always)]
@@ -28,17 +37,23 @@ pub mod names {
     pub const VIPS: &str = "VIPS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
-    pub const CONNS: &str = "CONNS";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const VIP_IDS: &str = "VIP_IDS";
+    pub const CONNS_V4: &str = "CONNS_V4";
+    pub const CONNS_V6: &str = "CONNS_V6";
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SETTINGS: &str = "SETTINGS";
     /// Every map, for pinning.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 11] = [
         VIPS,
+        VIP_FILTER,
+        VIP_IDS,
         BACKENDS,
         RINGS,
-        CONNS,
+        CONNS_V4,
+        CONNS_V6,
         STATS,
         VIP_STATS,
         BACKEND_STATS,

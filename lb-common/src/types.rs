@@ -1,8 +1,11 @@
 //! Keys and values of the datapath's maps. Every struct is `#[repr(C)]` with its
 //! padding spelled out, so the kernel and the agent see the same bytes.
 //!
-//! Addresses are stored as 16 bytes in network order; an IPv4 address fills the first
-//! four and leaves the rest zero. Ports are stored in network byte order (`*_be`).
+//! Addresses in the agent's types are 16 bytes in network order; an IPv4 address
+//! fills the first four and leaves the rest zero. Keys the datapath builds for every
+//! packet hold addresses as 32-bit words instead ([`AddrWords`]): the BPF backend
+//! loads and compares a word in one instruction, a byte array one byte at a time.
+//! Ports are stored in network byte order (`*_be`).
 
 /// Address family tag stored in keys.
 pub const FAMILY_V4: u8 = 4;
@@ -88,7 +91,10 @@ pub const BACKEND_F_SET: u8 = 1 << 1;
 /// [`Backend::flags`]: the operator drained the backend.
 pub const BACKEND_F_DRAINED: u8 = 1 << 2;
 
-/// Key of the `CONNS` connection table: one flow as the client sent it.
+/// One flow as the client sent it, with byte-array addresses: the agent's and the
+/// tests' view of a flow. The datapath keys its connection tables by the word-sized
+/// [`ConnKeyV4`] and [`ConnKeyV6`]; [`FlowKey::from`] and [`FlowKey::conn_key_v4`] /
+/// [`FlowKey::conn_key_v6`] convert.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct FlowKey {
@@ -104,11 +110,169 @@ pub struct FlowKey {
     pub proto: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
-    /// Reserved, zero (the whole key is hashed by the kernel, so padding must be set).
+    /// Reserved, zero.
     pub _pad: [u8; 2],
 }
 
-/// Value of the `CONNS` connection table.
+/// An address as the datapath holds it: four 32-bit words, each the 4 address bytes
+/// as one load from the packet reads them (little-endian on every BPF target this
+/// runs on). An IPv4 address is word 0; the others are zero.
+pub type AddrWords = [u32; 4];
+
+/// The address words of a 16-byte network-order address.
+#[inline(always)]
+pub const fn addr_words(bytes: &[u8; 16]) -> AddrWords {
+    let mut words = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        words[i] = u32::from_le_bytes([
+            bytes[i * 4],
+            bytes[i * 4 + 1],
+            bytes[i * 4 + 2],
+            bytes[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+    words
+}
+
+/// The 16-byte network-order address of address words.
+#[inline(always)]
+pub const fn addr_bytes(words: &AddrWords) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        bytes[i] = words[i / 4].to_le_bytes()[i % 4];
+        i += 1;
+    }
+    bytes
+}
+
+/// Key of the IPv4 connection table `CONNS_V4`: 16 bytes, so the kernel hashes and
+/// compares a third of what an IPv6-sized key costs on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ConnKeyV4 {
+    /// Client address (see [`AddrWords`]).
+    pub src: u32,
+    /// VIP address.
+    pub dst: u32,
+    /// Client port, network byte order.
+    pub src_port_be: u16,
+    /// VIP port, network byte order.
+    pub dst_port_be: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Reserved, zero (the whole key is hashed by the kernel, so padding must be set).
+    pub _pad: [u8; 3],
+}
+
+/// Key of the IPv6 connection table `CONNS_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ConnKeyV6 {
+    /// Client address (see [`AddrWords`]).
+    pub src: AddrWords,
+    /// VIP address.
+    pub dst: AddrWords,
+    /// Client port, network byte order.
+    pub src_port_be: u16,
+    /// VIP port, network byte order.
+    pub dst_port_be: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The `CONNS_V4` key of an IPv4 flow.
+    pub fn conn_key_v4(&self) -> ConnKeyV4 {
+        ConnKeyV4 {
+            src: addr_words(&self.src)[0],
+            dst: addr_words(&self.dst)[0],
+            src_port_be: self.src_port_be,
+            dst_port_be: self.dst_port_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The `CONNS_V6` key of an IPv6 flow.
+    pub fn conn_key_v6(&self) -> ConnKeyV6 {
+        ConnKeyV6 {
+            src: addr_words(&self.src),
+            dst: addr_words(&self.dst),
+            src_port_be: self.src_port_be,
+            dst_port_be: self.dst_port_be,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl From<ConnKeyV4> for FlowKey {
+    fn from(k: ConnKeyV4) -> FlowKey {
+        FlowKey {
+            src: addr_bytes(&[k.src, 0, 0, 0]),
+            dst: addr_bytes(&[k.dst, 0, 0, 0]),
+            src_port_be: k.src_port_be,
+            dst_port_be: k.dst_port_be,
+            proto: k.proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl From<ConnKeyV6> for FlowKey {
+    fn from(k: ConnKeyV6) -> FlowKey {
+        FlowKey {
+            src: addr_bytes(&k.src),
+            dst: addr_bytes(&k.dst),
+            src_port_be: k.src_port_be,
+            dst_port_be: k.dst_port_be,
+            proto: k.proto,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of the `VIP_IDS` array, indexed by vip id: which (address, port, protocol)
+/// owns the id, and its flags. An established flow's packets find their VIP here,
+/// by the id in their connection entry, with one array read instead of a hash
+/// lookup; the key is compared with the packet, so an id that changed hands never
+/// applies one VIP's settings to another's flows. `family == 0`: unused id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipIdEntry {
+    /// VIP address (see [`AddrWords`]).
+    pub addr: AddrWords,
+    /// Port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id.
+    pub family: u8,
+    /// The VIP's `VIP_F_*` bits, as in its [`VipMeta`].
+    pub flags: u32,
+}
+
+impl VipIdEntry {
+    /// The entry for the VIP `key` with `flags`.
+    pub fn new(key: &VipKey, flags: u32) -> VipIdEntry {
+        VipIdEntry {
+            addr: addr_words(&key.addr),
+            port_be: key.port_be,
+            proto: key.proto,
+            family: key.family,
+            flags,
+        }
+    }
+}
+
+/// Value of the `CONNS_V4` and `CONNS_V6` connection tables.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ConnEntry {
@@ -205,6 +369,9 @@ mod pod {
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConnKeyV4 {}
+    unsafe impl aya::Pod for super::ConnKeyV6 {}
+    unsafe impl aya::Pod for super::VipIdEntry {}
     unsafe impl aya::Pod for super::ConnEntry {}
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::VipStats {}
@@ -225,8 +392,44 @@ mod tests {
         assert_eq!(size_of::<VipMeta>(), 16);
         assert_eq!(size_of::<Backend>(), 16 + 6 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<ConnKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<ConnKeyV6>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<VipIdEntry>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<ConnEntry>(), 8);
         assert_eq!(size_of::<GlobalStats>(), 19 * 8);
         assert_eq!(size_of::<Settings>(), 20);
+    }
+
+    #[test]
+    fn address_words_round_trip_and_match_a_packet_load() {
+        let bytes = [198, 18, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        let words = addr_words(&bytes);
+        // What a 32-bit little-endian load of the first four bytes gives.
+        assert_eq!(words[0], u32::from_le_bytes([198, 18, 1, 1]));
+        assert_eq!(words[3], 9 << 24);
+        assert_eq!(addr_bytes(&words), bytes);
+    }
+
+    #[test]
+    fn connection_keys_convert_back_to_the_same_flow() {
+        let mut v4 = FlowKey {
+            src_port_be: 40000u16.to_be(),
+            dst_port_be: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
+        v4.src[..4].copy_from_slice(&[198, 18, 0, 1]);
+        v4.dst[..4].copy_from_slice(&[198, 18, 1, 1]);
+        assert_eq!(FlowKey::from(v4.conn_key_v4()), v4);
+        let mut v6 = FlowKey {
+            family: FAMILY_V6,
+            proto: PROTO_UDP,
+            src_port_be: 5353u16.to_be(),
+            ..v4
+        };
+        v6.src = [0xfd, 0, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        v6.dst = [0xfd, 0, 0, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(FlowKey::from(v6.conn_key_v6()), v6);
     }
 }

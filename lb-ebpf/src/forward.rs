@@ -47,7 +47,7 @@ pub fn encapsulate(
     let eth: *const EthHdr = ptr::at(ctx, 0)?;
     // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
     let our_mac = unsafe { (*eth).dst_addr };
-    let inner_proto = if pkt.flow.family == FAMILY_V4 {
+    let inner_proto = if pkt.family == FAMILY_V4 {
         PROTO_IPIP
     } else {
         PROTO_IPV6

@@ -21,7 +21,7 @@ pub fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Result<(), Stop> {
     let eth: *mut EthHdr = ptr::at(ctx, 0)?;
     // The reply to an echo request with IPv4 options would have to echo some of them
     // back (RFC 1122 3.2.2.6); such requests are left to the kernel.
-    if pkt.flow.family == FAMILY_V4 && pkt.ipv4_options {
+    if pkt.family == FAMILY_V4 && pkt.ipv4_options {
         return Err(Stop::IcmpOther);
     }
     let icmp: *mut [u8; 4] = ptr::at(ctx, pkt.l4_offset)?;
@@ -32,7 +32,7 @@ pub fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Result<(), Stop> {
         (*eth).dst_addr = (*eth).src_addr;
         (*eth).src_addr = mac;
         let old = u16::from_ne_bytes([(*icmp)[0], (*icmp)[1]]);
-        (*icmp)[0] = if pkt.flow.family == FAMILY_V4 {
+        (*icmp)[0] = if pkt.family == FAMILY_V4 {
             ICMP_ECHO_REPLY
         } else {
             ICMPV6_ECHO_REPLY
@@ -45,7 +45,7 @@ pub fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Result<(), Stop> {
         (*icmp)[2] = updated[0];
         (*icmp)[3] = updated[1];
     }
-    if pkt.flow.family == FAMILY_V4 {
+    if pkt.family == FAMILY_V4 {
         let ip: *mut Ipv4Hdr = ptr::at(ctx, EthHdr::LEN)?;
         // SAFETY: as above.
         unsafe {

@@ -19,7 +19,7 @@ mod table;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::types::{VIP_F_ECHO, VIP_F_ENCAP};
+use lb_common::types::{Backend, PROTO_TCP, VIP_F_ECHO, VIP_F_ENCAP};
 use parse::Kind;
 
 /// Why processing stopped before a frame was forwarded, and so what the kernel does
@@ -80,52 +80,141 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext, counters: stats::Global) -> Result<(), Stop> {
     let pkt = parse::parse(ctx)?;
-    let vip = vip::lookup(&pkt)?;
-    if pkt.kind == Kind::Echo {
-        if vip.flags & VIP_F_ECHO == 0 {
-            return Err(Stop::NotVip);
-        }
-        icmp::echo_reply(ctx, &pkt)?;
-        stats::bump(counters, |s| &mut s.icmp_echo_reply);
-        return Ok(());
+    if !vip::may_be_vip(&pkt) {
+        return Err(Stop::NotVip);
     }
+    if pkt.kind == Kind::Echo {
+        return echo(ctx, &pkt, counters);
+    }
+    let to = target(&pkt, counters)?;
+    forward(ctx, &pkt, &to, counters)
+}
+
+/// Where a flow's packet goes. An established flow takes the short way: connection
+/// entry → its VIP by id → its backend, with no hash lookup but the connection
+/// table's. Anything else, or anything that does not check out on the short way,
+/// goes through the `VIPS` hash map and, for a new flow, the lookup table.
+#[inline(always)]
+fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> {
+    let known = if pkt.tcp_syn {
+        None
+    } else {
+        conntrack::find(pkt)
+    };
+    if let Some(entry) = known
+        && let Some(flags) = vip::flags_by_id(entry.vip_id, pkt)
+        && let Ok(backend) = table::backend(entry.backend_id)
+    {
+        count_known(pkt, counters);
+        return Ok(Target {
+            vip_id: entry.vip_id,
+            vip_flags: flags,
+            backend_id: entry.backend_id,
+            backend,
+            hash: None,
+            new_flow: false,
+        });
+    }
+    let vip = vip::lookup(pkt)?;
+    // An entry made for another VIP that had this id is no entry at all.
+    let known = known.filter(|entry| entry.vip_id == vip.vip_id);
+    if known.is_some() {
+        count_known(pkt, counters);
+    } else if pkt.kind == Kind::IcmpError {
+        stats::bump(counters, |s| &mut s.icmp_error_forwarded);
+    } else if pkt.tcp_syn || pkt.proto != PROTO_TCP {
+        stats::bump(counters, |s| &mut s.conn_miss_syn);
+    } else {
+        // A TCP flow that began elsewhere (another LB, a lost table): it may break.
+        stats::bump(counters, |s| &mut s.conn_miss_non_syn);
+    }
+    if let Some(entry) = known
+        && let Ok(backend) = table::backend(entry.backend_id)
+    {
+        return Ok(Target {
+            vip_id: vip.vip_id,
+            vip_flags: vip.flags,
+            backend_id: entry.backend_id,
+            backend,
+            hash: None,
+            new_flow: false,
+        });
+    }
+    // A new flow, or a known one whose backend was removed: it gets a backend from
+    // the table (which resets a removed backend's flow, rather than its packets
+    // vanishing). An ICMP error follows its flow but never creates one.
+    let (backend_id, hash) = table::pick(pkt, &vip)?;
+    let backend = table::backend(backend_id)?;
+    let new_flow = pkt.kind == Kind::Flow;
+    if new_flow {
+        conntrack::insert(pkt, backend_id, vip.vip_id, counters);
+    }
+    Ok(Target {
+        vip_id: vip.vip_id,
+        vip_flags: vip.flags,
+        backend_id,
+        backend,
+        hash: Some(hash),
+        new_flow,
+    })
+}
+
+/// Where a packet goes, and what is known about its flow.
+struct Target {
+    vip_id: u32,
+    vip_flags: u32,
+    backend_id: u32,
+    backend: Backend,
+    /// The flow hash, if the table was read.
+    hash: Option<u32>,
+    /// The packet opened a flow (its connection entry was just written).
+    new_flow: bool,
+}
+
+/// Counts a packet of a flow the connection table knows.
+#[inline(always)]
+fn count_known(pkt: &parse::Packet, counters: stats::Global) {
+    if pkt.kind == Kind::IcmpError {
+        stats::bump(counters, |s| &mut s.icmp_error_forwarded);
+    } else {
+        stats::bump(counters, |s| &mut s.conn_hit);
+    }
+}
+
+/// Counts the packet to its VIP and backend and sends it in the VIP's mode. The flow
+/// hash is computed only when the table was read, or when encapsulation needs it for
+/// the outer source: an established DSR flow never hashes.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    pkt: &parse::Packet,
+    to: &Target,
+    counters: stats::Global,
+) -> Result<(), Stop> {
     if pkt.ipv4_options {
         stats::bump(counters, |s| &mut s.ipv4_options);
     }
-    // The flow hash is computed only when the table is read, or when encapsulation
-    // needs it for the outer source; an established DSR flow never hashes. A known
-    // flow whose backend was removed is given a new one (which resets it, rather than
-    // its packets vanishing).
-    let known = match pkt.kind {
-        Kind::IcmpError => {
-            stats::bump(counters, |s| &mut s.icmp_error_forwarded);
-            conntrack::peek(&pkt)
-        }
-        _ => conntrack::lookup(&pkt, counters),
-    };
-    let (backend_id, backend, hash, new_flow) =
-        match known.and_then(|id| table::backend(id).ok().map(|b| (id, b))) {
-            Some((id, backend)) => (id, backend, None, false),
-            None => {
-                let (id, hash) = table::pick(&pkt, &vip)?;
-                let backend = table::backend(id)?;
-                // An ICMP error follows its flow but never creates one.
-                let new_flow = pkt.kind == Kind::Flow;
-                if new_flow {
-                    conntrack::insert(&pkt, id, vip.vip_id, counters);
-                }
-                (id, backend, Some(hash), new_flow)
-            }
-        };
-    stats::account(vip.vip_id, backend_id, pkt.len, new_flow);
-    if vip.flags & VIP_F_ENCAP != 0 {
-        let hash = hash.unwrap_or_else(|| table::hash(&pkt, &vip));
-        forward::encapsulate(ctx, &pkt, &backend, hash)?;
+    stats::account(to.vip_id, to.backend_id, pkt.len, to.new_flow);
+    if to.vip_flags & VIP_F_ENCAP != 0 {
+        let hash = to.hash.unwrap_or_else(|| table::hash(pkt, to.vip_flags));
+        forward::encapsulate(ctx, pkt, &to.backend, hash)?;
         stats::bump(counters, |s| &mut s.tx_encap);
     } else {
-        forward::l2_dsr(ctx, &backend)?;
+        forward::l2_dsr(ctx, &to.backend)?;
     }
     stats::bump(counters, |s| &mut s.tx);
+    Ok(())
+}
+
+/// An ICMP echo request to a VIP address that answers pings.
+#[inline(always)]
+fn echo(ctx: &XdpContext, pkt: &parse::Packet, counters: stats::Global) -> Result<(), Stop> {
+    let vip = vip::lookup(pkt)?;
+    if vip.flags & VIP_F_ECHO == 0 {
+        return Err(Stop::NotVip);
+    }
+    icmp::echo_reply(ctx, pkt)?;
+    stats::bump(counters, |s| &mut s.icmp_echo_reply);
     Ok(())
 }
 

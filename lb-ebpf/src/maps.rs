@@ -7,9 +7,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    maps::{CONN_TABLE_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RING_COPIES},
+    maps::{
+        CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS,
+        RING_COPIES, VIP_FILTER_SLOTS,
+    },
     types::{
-        Backend, BackendStats, ConnEntry, FlowKey, GlobalStats, Settings, VipKey, VipMeta, VipStats,
+        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, Settings, VipIdEntry,
+        VipKey, VipMeta, VipStats,
     },
 };
 
@@ -18,6 +22,18 @@ use lb_common::{
 /// (RCU), and the datapath never reads a half-written `VipMeta`.
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+
+/// Non-zero at [`lb_common::hash::vip_filter_slot`] of every key in `VIPS`: a zero
+/// proves a packet is for no VIP before the hash lookup. Written by the agent, set
+/// before a key enters `VIPS` and cleared after it leaves.
+#[map(name = "VIP_FILTER")]
+pub static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
+
+/// VIP id → its (address, port, protocol) and flags, so that an established flow
+/// finds its VIP by the id in its connection entry without a hash lookup. Written by
+/// the agent before the VIP enters `VIPS`, cleared after it leaves.
+#[map(name = "VIP_IDS")]
+pub static VIP_IDS: Array<VipIdEntry> = Array::with_max_entries(MAX_VIPS, 0);
 
 /// Backend id → address and next-hop MAC. Written by the agent; an all-zero entry
 /// (`family == 0`) is an unused id.
@@ -31,12 +47,17 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static RINGS: Array<u32> =
     Array::with_max_entries(MAX_VIPS * RING_COPIES * MAX_RING_SIZE, BPF_F_MMAPABLE);
 
-/// Connection table: flow → backend. Written by the datapath on a flow's first
-/// packet; read on every packet. Shared by all CPUs (a flow is found whichever CPU
-/// its packets land on), with per-CPU LRU lists to keep eviction lock-free.
-#[map(name = "CONNS")]
-pub static CONNS: LruHashMap<FlowKey, ConnEntry> =
-    LruHashMap::with_max_entries(CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+/// Connection tables, IPv4 and IPv6: flow → backend. Written by the datapath on a
+/// flow's first packet; read on every later one. Shared by all CPUs (a flow is found
+/// whichever CPU its packets land on), with per-CPU LRU lists to keep eviction
+/// lock-free.
+#[map(name = "CONNS_V4")]
+pub static CONNS_V4: LruHashMap<ConnKeyV4, ConnEntry> =
+    LruHashMap::with_max_entries(CONN_TABLE_SIZE_V4, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "CONNS_V6")]
+pub static CONNS_V6: LruHashMap<ConnKeyV6, ConnEntry> =
+    LruHashMap::with_max_entries(CONN_TABLE_SIZE_V6, BPF_F_NO_COMMON_LRU);
 
 /// Datapath-wide counters (index 0), per CPU. Written by the datapath.
 #[map(name = "STATS")]

@@ -14,7 +14,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::types::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    AddrWords, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 use network_types::{
     eth::EthHdr,
@@ -42,17 +42,25 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 pub enum Kind {
     /// A TCP segment or UDP datagram.
     Flow,
-    /// An ICMP or ICMPv6 echo request; `flow.dst` is the address pinged.
+    /// An ICMP or ICMPv6 echo request; `dst` is the address pinged.
     Echo,
-    /// "Fragmentation needed" or "packet too big" quoting a packet of `flow` (turned
-    /// around: `flow` is the quoted flow in the client-to-VIP direction).
+    /// "Fragmentation needed" or "packet too big" quoting a packet of a flow (turned
+    /// around: the packet's flow fields are the quoted flow, client-to-VIP direction).
     IcmpError,
 }
 
-/// One frame, as every later stage sees it.
+/// One frame, as every later stage sees it. The flow fields are as the client sent
+/// them (for an ICMP error: the quoted flow, turned around); addresses are
+/// [`AddrWords`], an IPv4 address in word 0 and the rest zero.
 pub struct Packet {
-    /// The flow as the client sent it; also the connection table key.
-    pub flow: FlowKey,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// IP protocol of the flow.
+    pub proto: u8,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub src: AddrWords,
+    pub dst: AddrWords,
     pub kind: Kind,
     /// Frame length in bytes, for byte counters.
     pub len: u64,
@@ -73,7 +81,12 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
     // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
     let ether_type = unsafe { (*eth).ether_type };
     let mut pkt = Packet {
-        flow: FlowKey::default(),
+        family: 0,
+        proto: 0,
+        src_port_be: 0,
+        dst_port_be: 0,
+        src: [0; 4],
+        dst: [0; 4],
         kind: Kind::Flow,
         len: (ctx.data_end() - ctx.data()) as u64,
         ip_len: 0,
@@ -88,13 +101,13 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
     } else {
         return Err(Stop::NotIp);
     }
-    match pkt.flow.proto {
+    match pkt.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr::at(ctx, pkt.l4_offset)?;
             // SAFETY: `ptr::at` checked that the whole TCP header is inside the frame.
             unsafe {
-                pkt.flow.src_port_be = u16::from_ne_bytes((*tcp).source);
-                pkt.flow.dst_port_be = u16::from_ne_bytes((*tcp).dest);
+                pkt.src_port_be = u16::from_ne_bytes((*tcp).source);
+                pkt.dst_port_be = u16::from_ne_bytes((*tcp).dest);
                 pkt.tcp_syn = (*tcp).syn() != 0 && (*tcp).ack() == 0;
             }
         }
@@ -102,8 +115,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
             let udp: *const UdpHdr = ptr::at(ctx, pkt.l4_offset)?;
             // SAFETY: `ptr::at` checked that the whole UDP header is inside the frame.
             unsafe {
-                pkt.flow.src_port_be = u16::from_ne_bytes((*udp).src);
-                pkt.flow.dst_port_be = u16::from_ne_bytes((*udp).dst);
+                pkt.src_port_be = u16::from_ne_bytes((*udp).src);
+                pkt.dst_port_be = u16::from_ne_bytes((*udp).dst);
             }
         }
         _ => icmp(ctx, &mut pkt)?,
@@ -121,8 +134,8 @@ fn ipv4(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
             (*ip).frags,
             (*ip).proto,
             (*ip).tot_len,
-            (*ip).src_addr,
-            (*ip).dst_addr,
+            ptr::word(&(*ip).src_addr),
+            ptr::word(&(*ip).dst_addr),
         )
     };
     let header_len = ((vihl & 0x0f) as usize) * 4;
@@ -136,10 +149,10 @@ fn ipv4(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Err(Stop::NotVip);
     }
-    pkt.flow.family = FAMILY_V4;
-    pkt.flow.proto = proto;
-    pkt.flow.src[..4].copy_from_slice(&src);
-    pkt.flow.dst[..4].copy_from_slice(&dst);
+    pkt.family = FAMILY_V4;
+    pkt.proto = proto;
+    pkt.src[0] = src;
+    pkt.dst[0] = dst;
     pkt.ip_len = ip_len;
     pkt.l4_offset = EthHdr::LEN + header_len;
     pkt.ipv4_options = header_len > Ipv4Hdr::LEN;
@@ -155,8 +168,8 @@ fn ipv6(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
             (*ip).vcf,
             (*ip).payload_len,
             (*ip).next_hdr,
-            (*ip).src_addr,
-            (*ip).dst_addr,
+            ptr::words(&(*ip).src_addr),
+            ptr::words(&(*ip).dst_addr),
         )
     };
     if vcf[0] >> 4 != 6 {
@@ -169,10 +182,10 @@ fn ipv6(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
             Stop::NotVip
         });
     }
-    pkt.flow.family = FAMILY_V6;
-    pkt.flow.proto = next;
-    pkt.flow.src = src;
-    pkt.flow.dst = dst;
+    pkt.family = FAMILY_V6;
+    pkt.proto = next;
+    pkt.src = src;
+    pkt.dst = dst;
     pkt.ip_len = u16::from_be_bytes(payload_len).saturating_add(Ipv6Hdr::LEN as u16);
     pkt.l4_offset = EthHdr::LEN + Ipv6Hdr::LEN;
     Ok(())
@@ -185,7 +198,7 @@ fn icmp(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
     // SAFETY: `ptr::at` checked that the ICMP header is inside the frame.
     let (icmp_type, code) = unsafe { ((*hdr)[0], (*hdr)[1]) };
     let inner = pkt.l4_offset + ICMP_HDR_LEN;
-    if pkt.flow.family == FAMILY_V4 {
+    if pkt.family == FAMILY_V4 {
         if icmp_type == ICMP_ECHO_REQUEST && code == 0 {
             pkt.kind = Kind::Echo;
             return Ok(());
@@ -211,8 +224,14 @@ fn icmp(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
 fn quoted_ipv4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), Stop> {
     let ip: *const Ipv4Hdr = ptr::at(ctx, offset)?;
     // SAFETY: `ptr::at` checked that the quoted fixed IPv4 header is inside the frame.
-    let (vihl, proto, src, dst) =
-        unsafe { ((*ip).vihl, (*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
+    let (vihl, proto, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            ptr::word(&(*ip).src_addr),
+            ptr::word(&(*ip).dst_addr),
+        )
+    };
     let header_len = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || (proto != PROTO_TCP && proto != PROTO_UDP) {
         return Err(Stop::IcmpOther);
@@ -222,13 +241,11 @@ fn quoted_ipv4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), 
     let [s0, s1, d0, d1] = unsafe { *ports };
     let (sport, dport) = (u16::from_ne_bytes([s0, s1]), u16::from_ne_bytes([d0, d1]));
     pkt.kind = Kind::IcmpError;
-    pkt.flow.proto = proto;
-    pkt.flow.src = [0; 16];
-    pkt.flow.dst = [0; 16];
-    pkt.flow.src[..4].copy_from_slice(&dst);
-    pkt.flow.dst[..4].copy_from_slice(&src);
-    pkt.flow.src_port_be = dport;
-    pkt.flow.dst_port_be = sport;
+    pkt.proto = proto;
+    pkt.src = [dst, 0, 0, 0];
+    pkt.dst = [src, 0, 0, 0];
+    pkt.src_port_be = dport;
+    pkt.dst_port_be = sport;
     Ok(())
 }
 
@@ -237,7 +254,13 @@ fn quoted_ipv4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), 
 fn quoted_ipv6(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), Stop> {
     let ip: *const Ipv6Hdr = ptr::at(ctx, offset)?;
     // SAFETY: `ptr::at` checked that the quoted IPv6 header is inside the frame.
-    let (next, src, dst) = unsafe { ((*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    let (next, src, dst) = unsafe {
+        (
+            (*ip).next_hdr,
+            ptr::words(&(*ip).src_addr),
+            ptr::words(&(*ip).dst_addr),
+        )
+    };
     if next != PROTO_TCP && next != PROTO_UDP {
         return Err(Stop::IcmpOther);
     }
@@ -246,11 +269,11 @@ fn quoted_ipv6(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), 
     let [s0, s1, d0, d1] = unsafe { *ports };
     let (sport, dport) = (u16::from_ne_bytes([s0, s1]), u16::from_ne_bytes([d0, d1]));
     pkt.kind = Kind::IcmpError;
-    pkt.flow.proto = next;
-    pkt.flow.src = dst;
-    pkt.flow.dst = src;
-    pkt.flow.src_port_be = dport;
-    pkt.flow.dst_port_be = sport;
+    pkt.proto = next;
+    pkt.src = dst;
+    pkt.dst = src;
+    pkt.src_port_be = dport;
+    pkt.dst_port_be = sport;
     Ok(())
 }
 

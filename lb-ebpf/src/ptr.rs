@@ -16,3 +16,32 @@ pub fn at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Stop> {
     }
     Ok((start + offset) as *mut T)
 }
+
+/// The four bytes at `bytes` as one word, the way [`lb_common::types::AddrWords`]
+/// holds addresses (packet headers sit at 2-byte offsets, so the read is unaligned).
+///
+/// # Safety
+/// `bytes` must point at 4 readable bytes (inside a header `at` checked).
+#[inline(always)]
+pub unsafe fn word(bytes: *const [u8; 4]) -> u32 {
+    // SAFETY: the caller vouches for 4 readable bytes; the read is unaligned.
+    unsafe { core::ptr::read_unaligned(bytes as *const u32) }
+}
+
+/// The 16 bytes at `bytes` as four words (see [`word`]).
+///
+/// # Safety
+/// `bytes` must point at 16 readable bytes.
+#[inline(always)]
+pub unsafe fn words(bytes: *const [u8; 16]) -> [u32; 4] {
+    let p = bytes as *const u32;
+    // SAFETY: the caller vouches for 16 readable bytes; each read is unaligned.
+    unsafe {
+        [
+            core::ptr::read_unaligned(p),
+            core::ptr::read_unaligned(p.add(1)),
+            core::ptr::read_unaligned(p.add(2)),
+            core::ptr::read_unaligned(p.add(3)),
+        ]
+    }
+}

@@ -3,7 +3,7 @@
 //! module only reads them.
 
 use lb_common::{
-    hash::{flow_hash, source_hash},
+    hash::{flow_hash_words, source_hash_words},
     maps::{MAX_RING_SIZE, MAX_VIPS, ring_base},
     types::{Backend, VIP_F_HASH_SRC_ONLY, VipMeta},
 };
@@ -14,13 +14,20 @@ use crate::{
     parse::Packet,
 };
 
-/// The flow hash the VIP's settings call for.
+/// The flow hash the VIP's flags call for.
 #[inline(always)]
-pub fn hash(pkt: &Packet, vip: &VipMeta) -> u32 {
-    if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
-        source_hash(&pkt.flow)
+pub fn hash(pkt: &Packet, vip_flags: u32) -> u32 {
+    if vip_flags & VIP_F_HASH_SRC_ONLY != 0 {
+        source_hash_words(pkt.family, &pkt.src)
     } else {
-        flow_hash(&pkt.flow)
+        flow_hash_words(
+            pkt.family,
+            pkt.proto,
+            &pkt.src,
+            &pkt.dst,
+            pkt.src_port_be,
+            pkt.dst_port_be,
+        )
     }
 }
 
@@ -31,7 +38,7 @@ pub fn pick(pkt: &Packet, vip: &VipMeta) -> Result<(u32, u32), Stop> {
     if vip.vip_id >= MAX_VIPS || vip.ring_size == 0 || vip.ring_size > MAX_RING_SIZE {
         return Err(Stop::NoBackend);
     }
-    let hash = hash(pkt, vip);
+    let hash = hash(pkt, vip.flags);
     let slot = ring_base(vip.vip_id, vip.active & 1) + hash % vip.ring_size;
     let backend_id = RINGS.get(slot).copied().ok_or(Stop::NoBackend)?;
     Ok((backend_id, hash))

@@ -21,10 +21,11 @@ use aya::{
     },
 };
 use lb_common::{
-    maps::{MAX_RING_SIZE, MAX_VIPS, RING_COPIES, names, programs, ring_base},
+    hash::vip_filter_slot,
+    maps::{MAX_RING_SIZE, MAX_VIPS, RING_COPIES, VIP_FILTER_SLOTS, names, programs, ring_base},
     types::{
-        BackendStats, ConnEntry, FAMILY_V4, FlowKey, GlobalStats, Settings, VIP_F_ECHO, VipKey,
-        VipMeta,
+        BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, Settings,
+        VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
     },
 };
 
@@ -124,6 +125,15 @@ struct Shadow {
     backends: BTreeMap<u32, lb_common::types::Backend>,
     echo: BTreeSet<VipKey>,
     settings: Settings,
+    /// Set slots of `VIP_FILTER`.
+    filter: BTreeSet<u32>,
+    /// Used entries of `VIP_IDS`.
+    vip_ids: BTreeMap<u32, VipIdEntry>,
+}
+
+/// The `VIP_FILTER` slot of a `VIPS` key.
+fn filter_slot(key: &VipKey) -> u32 {
+    vip_filter_slot(&addr_words(&key.addr), key.port_be, key.proto)
 }
 
 struct ShadowVip {
@@ -324,6 +334,24 @@ impl Dataplane {
                 },
             );
         }
+        let filter: Array<&MapData, u32> =
+            Array::try_from(self.map(names::VIP_FILTER)?).map_err(map_err(names::VIP_FILTER))?;
+        let slots: Vec<u32> = filter
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::VIP_FILTER))?;
+        let ids: Array<&MapData, VipIdEntry> =
+            Array::try_from(self.map(names::VIP_IDS)?).map_err(map_err(names::VIP_IDS))?;
+        let ids: Vec<VipIdEntry> = ids
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::VIP_IDS))?;
+        self.shadow.filter = (0..)
+            .zip(slots)
+            .filter(|&(_, v)| v != 0)
+            .map(|(slot, _)| slot)
+            .collect();
+        self.shadow.vip_ids = (0..).zip(ids).filter(|(_, e)| e.family != 0).collect();
         Ok(())
     }
 
@@ -416,6 +444,22 @@ impl Dataplane {
                 }
             }
         }
+        // Before any key enters VIPS: its VIP_IDS entry and its filter slot (the old
+        // keys' slots stay set until those keys are gone).
+        let ids: BTreeMap<u32, VipIdEntry> = desired
+            .vips
+            .iter()
+            .map(|(key, vip)| (vip.meta.vip_id, VipIdEntry::new(key, vip.meta.flags)))
+            .collect();
+        self.write_vip_ids(&ids, false, &mut report)?;
+        let filter: BTreeSet<u32> = desired
+            .vips
+            .keys()
+            .chain(&desired.echo)
+            .map(filter_slot)
+            .collect();
+        let during: BTreeSet<u32> = filter.union(&self.shadow.filter).copied().collect();
+        self.write_filter(&during, &mut report)?;
         for (key, vip) in &desired.vips {
             self.apply_vip(*key, vip, &mut report)?;
         }
@@ -468,7 +512,77 @@ impl Dataplane {
                 report.entries_changed += 1;
             }
         }
+        // After the keys left VIPS: their ids and filter slots.
+        self.write_vip_ids(&ids, true, &mut report)?;
+        self.write_filter(&filter, &mut report)?;
         Ok(report)
+    }
+
+    /// Writes the `VIP_IDS` entries of `ids` that differ from what the map holds;
+    /// with `clear_others`, also clears every other used entry.
+    fn write_vip_ids(
+        &mut self,
+        ids: &BTreeMap<u32, VipIdEntry>,
+        clear_others: bool,
+        report: &mut ApplyReport,
+    ) -> Result<(), DataplaneError> {
+        let mut map: Array<&mut MapData, VipIdEntry> = Array::try_from(
+            self.ebpf
+                .map_mut(names::VIP_IDS)
+                .ok_or(DataplaneError::MissingMap(names::VIP_IDS))?,
+        )
+        .map_err(map_err(names::VIP_IDS))?;
+        for (&id, entry) in ids {
+            if self.shadow.vip_ids.get(&id) != Some(entry) {
+                map.set(id, *entry, 0).map_err(map_err(names::VIP_IDS))?;
+                self.shadow.vip_ids.insert(id, *entry);
+                report.entries_changed += 1;
+            }
+        }
+        if clear_others {
+            let gone: Vec<u32> = self
+                .shadow
+                .vip_ids
+                .keys()
+                .filter(|id| !ids.contains_key(id))
+                .copied()
+                .collect();
+            for id in gone {
+                map.set(id, VipIdEntry::default(), 0)
+                    .map_err(map_err(names::VIP_IDS))?;
+                self.shadow.vip_ids.remove(&id);
+                report.entries_changed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes exactly the slots in `set` the set slots of `VIP_FILTER`.
+    fn write_filter(
+        &mut self,
+        set: &BTreeSet<u32>,
+        report: &mut ApplyReport,
+    ) -> Result<(), DataplaneError> {
+        if *set == self.shadow.filter {
+            return Ok(());
+        }
+        let mut map: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(names::VIP_FILTER)
+                .ok_or(DataplaneError::MissingMap(names::VIP_FILTER))?,
+        )
+        .map_err(map_err(names::VIP_FILTER))?;
+        for &slot in set.difference(&self.shadow.filter) {
+            debug_assert!(slot < VIP_FILTER_SLOTS);
+            map.set(slot, 1, 0).map_err(map_err(names::VIP_FILTER))?;
+            report.entries_changed += 1;
+        }
+        for &slot in self.shadow.filter.difference(set) {
+            map.set(slot, 0, 0).map_err(map_err(names::VIP_FILTER))?;
+            report.entries_changed += 1;
+        }
+        self.shadow.filter = set.clone();
+        Ok(())
     }
 
     fn apply_vip(
@@ -664,14 +778,23 @@ impl Dataplane {
         Ok(program)
     }
 
-    /// Every flow in the connection table, with its entry (for tests and debugging;
-    /// on a busy table this walks up to a million entries).
+    /// Every flow in the connection tables, IPv4 then IPv6, with its entry (for tests
+    /// and debugging; on a busy table this walks up to a million entries).
     pub fn connections(&self) -> Result<Vec<(FlowKey, ConnEntry)>, DataplaneError> {
-        let map: HashMap<&MapData, FlowKey, ConnEntry> =
-            HashMap::try_from(self.map(names::CONNS)?).map_err(map_err(names::CONNS))?;
-        map.iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err(names::CONNS))
+        let v4: HashMap<&MapData, ConnKeyV4, ConnEntry> =
+            HashMap::try_from(self.map(names::CONNS_V4)?).map_err(map_err(names::CONNS_V4))?;
+        let v6: HashMap<&MapData, ConnKeyV6, ConnEntry> =
+            HashMap::try_from(self.map(names::CONNS_V6)?).map_err(map_err(names::CONNS_V6))?;
+        let mut flows = Vec::new();
+        for item in v4.iter() {
+            let (key, entry) = item.map_err(map_err(names::CONNS_V4))?;
+            flows.push((FlowKey::from(key), entry));
+        }
+        for item in v6.iter() {
+            let (key, entry) = item.map_err(map_err(names::CONNS_V6))?;
+            flows.push((FlowKey::from(key), entry));
+        }
+        Ok(flows)
     }
 
     /// Datapath-wide counters summed over CPUs.

@@ -11,8 +11,8 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
-    hash::{flow_hash, source_hash},
-    types::{FlowKey, VipKey},
+    hash::{flow_hash, source_hash, vip_filter_slot},
+    types::{FlowKey, VipKey, addr_words},
 };
 use lb_tests::packet::*;
 use lb_userspace::{
@@ -1078,6 +1078,87 @@ fn established_flows_survive_table_switches() {
             );
         }
     }
+}
+
+/// The two shortcuts in front of the `VIPS` hash map are only shortcuts: a packet
+/// whose destination shares a `VIP_FILTER` slot with a VIP is still judged by the
+/// hash map, and an established flow whose VIP was removed, or whose VIP id went to
+/// another VIP, is never forwarded by its stale connection entry.
+#[test]
+fn vip_shortcuts_never_decide_alone() {
+    let mut world = World::new();
+    let web = Flow::tcp("198.18.0.1", "198.18.1.1", 45000, 80);
+    let web_key = web.keys().0;
+    let slot = |addr: &[u8; 16], port: u16| vip_filter_slot(&addr_words(addr), port.to_be(), 6);
+    // A destination that is no VIP but lands on the web VIP's filter slot.
+    let twin = (0..=u16::MAX)
+        .map(|i| Ipv4Addr::new(198, 19, (i >> 8) as u8, i as u8))
+        .find(|a| slot(&addr_bytes(IpAddr::V4(*a)).0, 80) == slot(&web_key.addr, 80))
+        .expect("some address shares the slot");
+    let before = world.dataplane.global_stats().unwrap();
+    let frame = Flow::tcp("198.18.0.1", &twin.to_string(), 45000, 80).frame(TCP_SYN, b"");
+    assert_eq!(world.run(&frame), (XDP_PASS, frame.clone()), "to {twin}");
+    let after = world.dataplane.global_stats().unwrap();
+    assert_eq!(after.pass_not_vip, before.pass_not_vip + 1);
+    assert_eq!(after.conn_miss_syn, before.conn_miss_syn);
+
+    let ack = web.frame(TCP_ACK, b"");
+    assert_eq!(world.run(&web.frame(TCP_SYN, b"")).0, XDP_TX);
+    assert_eq!(world.run(&ack).0, XDP_TX);
+    let web_id = world.desired.vips[&web_key].meta.vip_id;
+
+    // The web VIP goes: its established flow is no longer balanced.
+    let start = CONFIG
+        .find("[[vip]]\naddress = \"198.18.1.1\"\nport = 80\n")
+        .unwrap();
+    let end = start + 1 + CONFIG[start + 1..].find("[[vip]]").unwrap();
+    let without = format!("{}{}", &CONFIG[..start], &CONFIG[end..]);
+    let apply = |world: &mut World, text: &str| {
+        let config = Config::parse(text).unwrap();
+        let desired = Desired::plan(&config, Some(&world.desired), &|_, b| (b.weight, 0)).unwrap();
+        world.dataplane.apply(&desired).unwrap();
+        world.desired = desired;
+    };
+    apply(&mut world, &without);
+    assert_eq!(world.run(&ack), (XDP_PASS, ack.clone()), "removed VIP");
+
+    // Another VIP takes the freed id: the stale entry names it, but the packet is
+    // not addressed to it.
+    let other = CONFIG[start..end].replace("198.18.1.1", "198.18.1.9");
+    apply(&mut world, &format!("{without}{other}"));
+    let other_flow = Flow::tcp("198.18.0.1", "198.18.1.9", 45000, 80);
+    assert_eq!(
+        world.desired.vips[&other_flow.keys().0].meta.vip_id,
+        web_id,
+        "the new VIP should reuse the freed id"
+    );
+    assert_eq!(
+        world.run(&ack),
+        (XDP_PASS, ack.clone()),
+        "id taken by another VIP"
+    );
+
+    // The web VIP comes back under a new id: its old flow is a stranger to it.
+    apply(
+        &mut world,
+        &format!("{without}{other}{}", &CONFIG[start..end]),
+    );
+    assert_ne!(world.desired.vips[&web_key].meta.vip_id, web_id);
+    let before = world.dataplane.global_stats().unwrap();
+    let (verdict, out) = world.run(&ack);
+    assert_eq!(
+        (verdict, out),
+        (XDP_TX, dsr(&ack, world.table_backend(&web).0))
+    );
+    let after = world.dataplane.global_stats().unwrap();
+    assert_eq!(after.conn_miss_non_syn, before.conn_miss_non_syn + 1);
+    assert_eq!(after.conn_hit, before.conn_hit);
+    // ... and the entry written for it now carries the new id: the next packet hits.
+    assert_eq!(world.run(&ack).0, XDP_TX);
+    assert_eq!(
+        world.dataplane.global_stats().unwrap().conn_hit,
+        after.conn_hit + 1
+    );
 }
 
 /// A tiny deterministic generator (SplitMix64), so a failure can be replayed.
