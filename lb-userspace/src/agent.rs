@@ -25,7 +25,8 @@ use crate::{
     config::{Backend, Config, MAX_WEIGHT, Vip},
     control,
     dataplane::Dataplane,
-    desired::{Desired, vip_key},
+    desired::{Desired, addr_bytes, vip_key},
+    maglev::{self, MaglevBackend},
     policy::{self, Decision, Input, Params, PolicyKind},
     signals::Signals,
 };
@@ -529,12 +530,44 @@ impl Agent {
                     }
                 })
                 .collect();
+            // The table in force, as indices into `vip.backends`, for the move budget.
+            let current: Option<Vec<u32>> = self.desired.vips.get(&key).and_then(|d| {
+                let index: BTreeMap<u32, u32> = (0..)
+                    .zip(&vip.backends)
+                    .filter_map(|(i, b)| {
+                        self.desired
+                            .backends
+                            .iter()
+                            .find(|(_, d)| d.vip == key && d.address == b.address)
+                            .map(|(id, _)| (*id, i))
+                    })
+                    .collect();
+                d.table.iter().map(|id| index.get(id).copied()).collect()
+            });
+            let keys: Vec<[u8; 16]> = vip
+                .backends
+                .iter()
+                .map(|b| addr_bytes(b.address).0)
+                .collect();
+            let mut moved = |weights: &[u32]| {
+                let input: Vec<MaglevBackend<'_>> = keys
+                    .iter()
+                    .zip(weights)
+                    .map(|(key, &weight)| MaglevBackend { key, weight })
+                    .collect();
+                maglev::moved_share(&input, vip.table_size, current.as_deref()?)
+            };
             let Some(control) = self.control.get_mut(&key) else {
                 continue;
             };
             let before = control.state.weights.clone();
-            let (_, decisions) =
-                policy::step(control.kind, &control.params, &mut control.state, &inputs);
+            let (_, decisions) = policy::step_with_table(
+                control.kind,
+                &control.params,
+                &mut control.state,
+                &inputs,
+                &mut moved,
+            );
             control.decisions = decisions;
             changed |= control.state.weights != before;
         }

@@ -760,6 +760,19 @@ impl Race<'_> {
     }
 }
 
+/// The share of `current`'s slots that the table of `backends` gives to another
+/// backend, where `current` holds indices into the same `backends` list (a table
+/// built from the same backends with other weights). `None` if the new table cannot
+/// be built or has another size. The policies' move budget is checked with this.
+pub fn moved_share(backends: &[MaglevBackend<'_>], size: u32, current: &[u32]) -> Option<f64> {
+    let table = build(backends, size).ok()?;
+    if table.len() != current.len() || table.is_empty() {
+        return None;
+    }
+    let moved = table.iter().zip(current).filter(|(a, b)| a != b).count();
+    Some(moved as f64 / table.len() as f64)
+}
+
 /// The slots whose backend, compared by key, differs between an old and a new table
 /// of the same size, in increasing order. Its length is the number of slots a change
 /// moved.

@@ -59,14 +59,17 @@ pub struct Params {
     /// Weights are multiples of this (quantization: fewer, larger table updates).
     pub quantum: u32,
     /// Smallest share of `scale` a healthy backend keeps, so that it is still
-    /// observed and can win traffic back.
+    /// observed and can win traffic back. Capped at half an equal share, so that
+    /// with many backends the floors never add up to more than half the VIP.
     pub floor_share: f64,
     /// Exponential smoothing factor toward the target (1: jump at once).
     pub smoothing: f64,
     /// A backend's weight changes only if its target differs by more than this
     /// fraction of its current weight.
     pub hysteresis: f64,
-    /// Most of the lookup table that may move per second (0.02: 2 %).
+    /// Most of the lookup table that may move per second (0.02: 2 %). Bounded first
+    /// on the ideal shares, then, when the caller can build tables
+    /// ([`step_with_table`]), on the slots the real table moves.
     pub budget_per_second: f64,
     /// Seconds between updates.
     pub interval_s: f64,
@@ -95,23 +98,27 @@ impl Default for Params {
 
 /// Policy units per configured weight unit for a VIP whose configured weights are
 /// `configured`: configured weights (and operator holds, which are in the same
-/// units) times this sum to about 10,000, so a policy has room for fine steps and a
-/// weight of 1 still means what it says.
+/// units) times this sum to about 10,000, or 1,000 per backend when there are more
+/// than ten, so a policy has room for fine steps however many backends share the
+/// VIP, and a weight of 1 still means what it says.
 pub fn unit(configured: &[u32]) -> u32 {
     let sum: u32 = configured.iter().sum::<u32>().max(1);
-    (10_000 / sum).max(1)
+    let room = (configured.len() as u32).saturating_mul(1_000).max(10_000);
+    (room / sum).max(1)
 }
 
 /// The parameters a VIP with `configured` weights runs with under `control`: the
-/// scale is the configured sum in policy units, the quantum a thousandth of it.
+/// scale is the configured sum in policy units, the quantum a thousandth of it or a
+/// hundredth of an average backend's weight, whichever is finer.
 /// Used by the agent and the simulator alike.
 pub fn params_for(configured: &[u32], control: &crate::config::Control) -> Params {
     let unit = unit(configured);
     let scale = configured.iter().sum::<u32>().saturating_mul(unit).max(1);
+    let per_backend = scale / (configured.len() as u32).max(1);
     Params {
         scale,
         unit,
-        quantum: (scale / 1000).max(1),
+        quantum: (scale / 1000).min(per_backend / 100).max(1),
         floor_share: control.floor_share,
         smoothing: control.smoothing,
         hysteresis: control.hysteresis,
@@ -164,12 +171,32 @@ pub struct State {
     pub weights: BTreeMap<String, u32>,
 }
 
-/// One update for one VIP: new weights (in `inputs` order) and the decisions.
+/// One update for one VIP: new weights (in `inputs` order) and the decisions, with
+/// the move budget bounded on ideal shares only. See [`step_with_table`].
 pub fn step(
     kind: PolicyKind,
     params: &Params,
     state: &mut State,
     inputs: &[Input],
+) -> (Vec<u32>, Vec<Decision>) {
+    step_with_table(kind, params, state, inputs, &mut |_| None)
+}
+
+/// One update for one VIP, with the move budget bounded on the real table:
+/// `moved(weights)` builds the lookup table of `weights` (in `inputs` order) and
+/// returns the share of its slots whose backend differs from the table in force
+/// (`None`: it cannot tell, and the ideal-share bound stands alone). The ideal
+/// bound alone is not enough: a consistent-hash table moves more slots than the
+/// ideal when many weights change a little at once. When the real table would move
+/// more than the budget, the free backends' step is scaled down until it fits
+/// (usually one more table build, at most six); holds and health changes are never
+/// scaled.
+pub fn step_with_table(
+    kind: PolicyKind,
+    params: &Params,
+    state: &mut State,
+    inputs: &[Input],
+    moved: &mut dyn FnMut(&[u32]) -> Option<f64>,
 ) -> (Vec<u32>, Vec<Decision>) {
     let n = inputs.len();
     // What each backend holds now: the policy's last weight, else its operator hold
@@ -255,8 +282,9 @@ pub fn step(
             reasons[k] = format!("{kind}: target {target:.0}, smoothed to {smoothed:.0}");
         }
     }
-    // Floor: every free backend keeps a minimum share.
-    let floor = params.floor_share * params.scale as f64;
+    // Floor: every free backend keeps a minimum share, at most half an equal share.
+    let free_count = free.iter().filter(|&&f| f).count().max(1);
+    let floor = params.floor_share.min(0.5 / free_count as f64) * params.scale as f64;
     for k in (0..n).filter(|&k| free[k]) {
         if proposal[k] < floor {
             proposal[k] = floor;
@@ -298,13 +326,65 @@ pub fn step(
         after[k] = ((proposal[k] / q).round() * q).max(q) as u32;
     }
     // Never leave the VIP without weight while a backend is healthy.
+    keep_a_backend(params, inputs, &mut after, &mut reasons);
+    // The budget again, on the table itself.
+    let budget = params.budget_per_second * params.interval_s;
+    if after != before
+        && let Some(share) = moved(&after)
+        && share > budget + 1e-9
+    {
+        let at = |alpha: f64, after: &[u32]| -> Vec<u32> {
+            (0..n)
+                .map(|k| {
+                    if free[k] {
+                        let (b, a) = (before[k] as f64, after[k] as f64);
+                        (b + alpha * (a - b)).round() as u32
+                    } else {
+                        after[k]
+                    }
+                })
+                .collect()
+        };
+        // Moved slots grow about linearly with the fraction of the step taken: try
+        // 90 % of the fraction that would just fit, halve it while it does not; 0 if
+        // nothing fits (then only holds and health changes go through).
+        let mut lo = (0.9 * budget / share).min(1.0);
+        let mut lo_share = None;
+        for _ in 0..6 {
+            match moved(&at(lo, &after)) {
+                Some(s) if s <= budget + 1e-9 => {
+                    lo_share = Some(s);
+                    break;
+                }
+                _ => lo /= 2.0,
+            }
+        }
+        if lo_share.is_none() {
+            lo = 0.0;
+        }
+        after = at(lo, &after);
+        keep_a_backend(params, inputs, &mut after, &mut reasons);
+        let now = lo_share.map_or(String::new(), |s| format!(", {:.2} %", s * 100.0));
+        for k in (0..n).filter(|&k| free[k]) {
+            reasons[k] += &format!(
+                "; slot budget: the table would move {:.2} % of its slots, {:.0} % of the \
+                 step taken{now}",
+                share * 100.0,
+                lo * 100.0
+            );
+        }
+    }
+    finish(kind, state, inputs, before, targets, after, reasons)
+}
+
+/// Never leaves the VIP without weight while a backend is healthy and free.
+fn keep_a_backend(params: &Params, inputs: &[Input], after: &mut [u32], reasons: &mut [String]) {
     if after.iter().all(|&w| w == 0)
-        && let Some(k) = (0..n).find(|&k| inputs[k].healthy && inputs[k].hold.is_none())
+        && let Some(k) = (0..inputs.len()).find(|&k| inputs[k].healthy && inputs[k].hold.is_none())
     {
         after[k] = params.quantum.max(1);
         reasons[k] += "; kept above 0 so the VIP has a backend";
     }
-    finish(kind, state, inputs, before, targets, after, reasons)
 }
 
 /// Records the weights handed out and the decisions behind them.
@@ -661,5 +741,100 @@ mod tests {
             &inputs,
         );
         assert!(w[1] > 0, "{w:?}");
+    }
+
+    /// With many backends a fixed floor share would add up past the whole VIP (120
+    /// backends × 1 % = 120 %): the floor is capped at half an equal share.
+    #[test]
+    fn floors_never_add_up_to_more_than_half_the_vip() {
+        let configured = vec![1u32; 120];
+        let p = params_for(&configured, &crate::config::Control::default());
+        let mut inputs = backends(120);
+        for (k, i) in inputs.iter_mut().enumerate() {
+            // One fast backend, 119 slow ones.
+            i.predicted_s = Some(if k == 0 { 0.001 } else { 1.0 });
+        }
+        let mut state = State::default();
+        let w = run(PolicyKind::Ai, &p, &mut state, &inputs, 400);
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        let slow: f64 = w[1..].iter().map(|&x| x as f64).sum::<f64>() / total;
+        assert!(
+            slow <= 0.5 + 0.01,
+            "the floors hold {:.1} % of the VIP",
+            slow * 100.0
+        );
+        assert!(w[0] as f64 / total >= 0.49, "{w:?}");
+        // ... and every slow backend still has weight, to be observed.
+        assert!(w.iter().all(|&x| x > 0), "{w:?}");
+    }
+
+    /// Weights keep fine steps however many backends a VIP has: the scale grows with
+    /// them and the quantum stays at most 1 % of an average backend's weight.
+    #[test]
+    fn many_backends_keep_fine_weight_steps() {
+        let control = crate::config::Control::default();
+        for n in [1usize, 4, 10, 100, 1000, 4096] {
+            let configured = vec![1u32; n];
+            let p = params_for(&configured, &control);
+            let per_backend = p.scale / n as u32;
+            assert!(per_backend >= 1000, "n={n}: {p:?}");
+            assert!(p.quantum * 100 <= per_backend, "n={n}: {p:?}");
+            assert!(p.scale <= crate::maglev::MAX_WEIGHT, "n={n}: {p:?}");
+        }
+        // A handful of backends keep the units they always had.
+        let p = params_for(&[1, 2, 3], &control);
+        assert_eq!((p.unit, p.scale, p.quantum), (1666, 9996, 9));
+    }
+
+    /// The budget holds on the real table, not just on ideal shares: 40 backends whose
+    /// predictions all change a little every step move many slots a little each, which
+    /// a consistent-hash table turns into more moved slots than the shares say.
+    #[test]
+    fn slot_budget_holds_on_the_real_table() {
+        use crate::maglev::{MaglevBackend, build, moved_share};
+        const SIZE: u32 = 10_007;
+        let n = 40;
+        let configured = vec![1u32; n];
+        let p = params_for(&configured, &crate::config::Control::default());
+        let budget = p.budget_per_second * p.interval_s;
+        let keys: Vec<[u8; 4]> = (0..n as u32).map(|i| i.to_be_bytes()).collect();
+        let input = |w: &[u32]| -> Vec<MaglevBackend<'_>> {
+            keys.iter()
+                .zip(w)
+                .map(|(key, &weight)| MaglevBackend { key, weight })
+                .collect()
+        };
+        let mut inputs = backends(n);
+        let mut state = State::default();
+        let mut weights = run(PolicyKind::Ai, &p, &mut state, &inputs, 1);
+        let mut table = build(&input(&weights), SIZE).unwrap();
+        let mut limited = 0;
+        let mut seed = 0x1234_5678u64;
+        for _ in 0..15 {
+            for i in &mut inputs {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                i.predicted_s = Some(0.005 + (seed >> 40) as f64 / (1u64 << 24) as f64 * 0.05);
+            }
+            let (after, decisions) =
+                step_with_table(PolicyKind::Ai, &p, &mut state, &inputs, &mut |w| {
+                    moved_share(&input(w), SIZE, &table)
+                });
+            let next = build(&input(&after), SIZE).unwrap();
+            let moved = next.iter().zip(&table).filter(|(a, b)| a != b).count();
+            assert!(
+                moved as f64 / SIZE as f64 <= budget + 1e-9,
+                "moved {moved} slots of {SIZE}, budget {budget}"
+            );
+            limited += decisions.iter().any(|d| d.reason.contains("slot budget")) as u32;
+            weights = after;
+            table = next;
+        }
+        // The check must have had something to do.
+        assert!(
+            limited > 0,
+            "the slot budget never bound; weights {weights:?}"
+        );
     }
 }

@@ -633,9 +633,30 @@ impl<'a> Sim<'a> {
                 }
             })
             .collect();
-        let (weights, decisions) = policy::step(self.kind, &self.params, &mut self.state, &inputs);
+        let (keys, table, size) = (&self.keys, &self.table, self.p.table_size);
+        let mut moved = |weights: &[u32]| {
+            let input: Vec<MaglevBackend<'_>> = keys
+                .iter()
+                .zip(weights)
+                .map(|(key, &weight)| MaglevBackend {
+                    key: key.as_slice(),
+                    weight,
+                })
+                .collect();
+            maglev::moved_share(&input, size, table)
+        };
+        let (weights, decisions) = policy::step_with_table(
+            self.kind,
+            &self.params,
+            &mut self.state,
+            &inputs,
+            &mut moved,
+        );
         self.policy_steps += 1;
-        if decisions.iter().any(|d| d.reason.contains("move budget")) {
+        if decisions
+            .iter()
+            .any(|d| d.reason.contains("move budget") || d.reason.contains("slot budget"))
+        {
             self.budget_limited_steps += 1;
         }
         self.floor_raised += decisions

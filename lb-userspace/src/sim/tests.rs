@@ -70,12 +70,11 @@ fn table_moves_stay_within_the_budget() {
                 u.ideal_share <= budget + slack,
                 "{scenario} {policy}: {u:?} over {budget} + {slack}"
             );
-            // The table moves about the ideal number of slots, with a Poisson-like
-            // spread (see the maglev module).
-            let ideal = u.ideal_share * size;
-            let bound = (budget + slack) * size + 4.0 * ideal.sqrt() + 10.0;
+            // The policy checks the real table against the budget before it
+            // installs it: the slots moved, not only the ideal shares, stay within.
+            let bound = budget * size;
             assert!(
-                (u.slots as f64) <= bound,
+                (u.slots as f64) <= bound + 1.0,
                 "{scenario} {policy}: {} slots at {} s, bound {bound:.0}",
                 u.slots,
                 u.t
