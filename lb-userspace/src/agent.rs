@@ -521,7 +521,7 @@ impl Agent {
                             .and_then(|s| s.requests_per_s)
                             .or_else(|| id.and_then(|id| qps.get(&id).copied())),
                         utilisation: sample.and_then(|s| s.cpu),
-                        errors_per_s: None,
+                        errors_per_s: sample.and_then(|s| s.errors_per_s),
                         latency_s: reading.and_then(|r| r.latency_s()),
                         predicted_s: forecast.and_then(|f| f.value),
                         predictor: forecast

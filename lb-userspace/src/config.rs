@@ -283,6 +283,8 @@ pub struct Metrics {
     pub latency: Option<String>,
     /// A counter of requests (or the latency histogram's count is used).
     pub requests: Option<String>,
+    /// A counter of failed requests (say, 5xx responses): the policies' error signal.
+    pub errors: Option<String>,
     pub timeout_ms: u64,
 }
 
@@ -305,6 +307,7 @@ struct RawMetrics {
     in_flight: Option<String>,
     latency: Option<String>,
     requests: Option<String>,
+    errors: Option<String>,
     timeout_ms: Option<u64>,
 }
 
@@ -360,6 +363,7 @@ fn check_metrics(i: usize, raw: RawMetrics) -> Result<Metrics, ConfigError> {
         in_flight: raw.in_flight,
         latency: raw.latency,
         requests: raw.requests,
+        errors: raw.errors,
         timeout_ms: raw.timeout_ms.unwrap_or(500),
     };
     if metrics.port == 0 {
@@ -380,6 +384,7 @@ fn check_metrics(i: usize, raw: RawMetrics) -> Result<Metrics, ConfigError> {
         ("in_flight", &metrics.in_flight),
         ("latency", &metrics.latency),
         ("requests", &metrics.requests),
+        ("errors", &metrics.errors),
     ] {
         if let Some(series) = series {
             let ok = !series.is_empty()

@@ -11,7 +11,8 @@
 //!   observations; backends without observations keep their configured share.
 //! - `ai`: weights from predicted headroom. Each backend's target share is its current
 //!   share scaled by `(reference latency / predicted latency)^gain`, where the
-//!   prediction is one control interval ahead (from the model while it beats the
+//!   prediction (made worse by the backend's error rate, see [`with_errors`]) is one
+//!   control interval ahead (from the model while it beats the
 //!   baselines, else from the best baseline; the caller says which) and the reference
 //!   is the traffic-weighted mean prediction. A backend predicted slower than the rest
 //!   loses share, a faster one gains, until predicted latencies are even.
@@ -77,6 +78,9 @@ pub struct Params {
     pub gain: f64,
     /// Envoy's error penalty in the `reactive` policy.
     pub error_penalty: f64,
+    /// What a failed request costs its client, in seconds, for the `ai` policy: it
+    /// counts as a request that took this long (a timeout, or a retry elsewhere).
+    pub error_cost_s: f64,
 }
 
 impl Default for Params {
@@ -92,6 +96,7 @@ impl Default for Params {
             interval_s: 1.0,
             gain: 1.0,
             error_penalty: 1.0,
+            error_cost_s: 1.0,
         }
     }
 }
@@ -469,7 +474,10 @@ fn targets(kind: PolicyKind, params: &Params, inputs: &[Input], before: &[u32]) 
             let total: f64 = before.iter().map(|&w| w as f64).sum::<f64>().max(1.0);
             let preds: Vec<Option<f64>> = inputs
                 .iter()
-                .map(|i| i.predicted_s.filter(|p| p.is_finite() && *p > 0.0))
+                .map(|i| {
+                    let p = i.predicted_s.filter(|p| p.is_finite() && *p > 0.0)?;
+                    Some(with_errors(params, i, p))
+                })
                 .collect();
             // Reference: the traffic-weighted mean prediction.
             let (num, den) = preds
@@ -495,6 +503,23 @@ fn targets(kind: PolicyKind, params: &Params, inputs: &[Input], before: &[u32]) 
                 })
                 .collect()
         }
+    }
+}
+
+/// The latency `ai` expects of a backend once its errors are counted: a failed
+/// request costs the client [`Params::error_cost_s`] (a timeout or a retry), so with
+/// a share `e` of requests failing the expectation is (1 − e) · predicted + e · cost.
+/// A backend that fails fast answers quickest, and without this would look like the
+/// best one.
+fn with_errors(params: &Params, input: &Input, predicted: f64) -> f64 {
+    let qps = input.qps.filter(|q| q.is_finite() && *q > 0.0);
+    let errors = input.errors_per_s.filter(|e| e.is_finite() && *e >= 0.0);
+    match (qps, errors) {
+        (Some(qps), Some(errors)) => {
+            let e = (errors / qps).min(1.0);
+            (1.0 - e) * predicted + e * params.error_cost_s.max(predicted)
+        }
+        _ => predicted,
     }
 }
 
@@ -836,5 +861,35 @@ mod tests {
             limited > 0,
             "the slot budget never bound; weights {weights:?}"
         );
+    }
+
+    /// A backend failing fast answers quickest; with its errors known it loses share
+    /// under `ai` instead of winning it, and `reactive` (Envoy's error penalty) too.
+    #[test]
+    fn a_backend_failing_fast_loses_share() {
+        let p = Params::default();
+        let mut inputs = backends(4);
+        for (k, i) in inputs.iter_mut().enumerate() {
+            i.qps = Some(100.0);
+            i.utilisation = Some(0.5);
+            i.predicted_s = Some(if k == 0 { 0.0001 } else { 0.025 });
+            i.errors_per_s = Some(if k == 0 { 99.0 } else { 0.0 });
+        }
+        // `ai` drives it to the floor; Envoy's formula with penalty 1 to about 10 %
+        // (qps / (utilisation + errors/qps): 100 / 1.49 against 100 / 0.5).
+        for (kind, most) in [(PolicyKind::Ai, 0.02), (PolicyKind::Reactive, 0.15)] {
+            let mut state = State::default();
+            let w = run(kind, &p, &mut state, &inputs, 100);
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
+            assert!(w[0] as f64 / total < most, "{kind}: {w:?}");
+        }
+        // Without the error signal, `ai` is fooled: the point of feeding it.
+        for i in &mut inputs {
+            i.errors_per_s = None;
+        }
+        let mut state = State::default();
+        let w = run(PolicyKind::Ai, &p, &mut state, &inputs, 100);
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        assert!(w[0] as f64 / total > 0.5, "{w:?}");
     }
 }

@@ -177,6 +177,7 @@ impl Signals {
                         in_flight: m.in_flight.clone(),
                         latency: m.latency.clone(),
                         requests: m.requests.clone(),
+                        errors: m.errors.clone(),
                     };
                     let tx = signals.tx.clone();
                     signals.tasks.push(tokio::spawn(async move {

@@ -63,6 +63,8 @@ pub struct BackendSample {
     /// Requests per second: the rate of the configured counter, or of the configured
     /// histogram's or summary's `_count`.
     pub requests_per_s: Option<f64>,
+    /// Failed requests per second: the rate of the configured errors counter.
+    pub errors_per_s: Option<f64>,
 }
 
 /// What was ignored, by reason; running totals since the collector was created.

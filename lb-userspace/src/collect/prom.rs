@@ -68,6 +68,8 @@ pub struct ScrapeConfig {
     /// A counter of requests, or a histogram or summary (its `_count` is used). When
     /// unset, the latency histogram's `_count` is used.
     pub requests: Option<String>,
+    /// A counter of failed requests (summed over the series it selects).
+    pub errors: Option<String>,
 }
 
 impl ScrapeConfig {
@@ -85,6 +87,7 @@ impl ScrapeConfig {
             in_flight: None,
             latency: None,
             requests: None,
+            errors: None,
         }
     }
 }
@@ -121,6 +124,7 @@ struct Counters {
     net: Field<SeriesMap>,
     latency: Field<(SeriesMap, SeriesMap)>,
     requests: Field<SeriesMap>,
+    errors: Field<SeriesMap>,
 }
 
 /// Scrapes one backend and keeps the previous counters for rates.
@@ -131,6 +135,7 @@ pub struct Scraper {
     in_flight: Option<Selector>,
     latency: Option<Selector>,
     requests: Option<Selector>,
+    errors: Option<Selector>,
     prev: Option<Counters>,
     rejects: Rejects,
 }
@@ -152,6 +157,7 @@ impl Scraper {
             in_flight: selector("in_flight", &cfg.in_flight)?,
             latency: selector("latency", &cfg.latency)?,
             requests: selector("requests", &cfg.requests)?,
+            errors: selector("errors", &cfg.errors)?,
             url,
             cfg,
             prev: None,
@@ -234,6 +240,10 @@ impl Scraper {
                 None => Err(Skip::NoData),
                 Some(sel) => self.gather_selected(&expo, &sel),
             },
+            errors: match self.errors.clone() {
+                None => Err(Skip::NoData),
+                Some(sel) => self.gather_selected(&expo, &sel),
+            },
         };
 
         let memory = self.memory(&expo);
@@ -254,7 +264,7 @@ impl Scraper {
             .prev
             .as_ref()
             .filter(|p| at.saturating_duration_since(p.at) >= MIN_INTERVAL);
-        let (cpu, disk_busy, net, latency, requests) = match prev {
+        let (cpu, disk_busy, net, latency, requests, errors) = match prev {
             // Problems of the current scrape are reported even without a previous one.
             None => (
                 without_rate(&cur.cpu),
@@ -262,6 +272,7 @@ impl Scraper {
                 without_rate(&cur.net),
                 without_rate(&cur.latency),
                 without_rate(&cur.requests),
+                without_rate(&cur.errors),
             ),
             Some(prev) => {
                 let dt = at.saturating_duration_since(prev.at).as_secs_f64();
@@ -273,6 +284,9 @@ impl Scraper {
                     both(&prev.latency, &cur.latency)
                         .and_then(|((ps, pc), (cs, cc))| mean_latency(ps, pc, cs, cc)),
                     both(&prev.requests, &cur.requests).and_then(|(p, c)| {
+                        at_most(sum_of_increases(p, c)? / dt, MAX_REQUESTS_PER_S)
+                    }),
+                    both(&prev.errors, &cur.errors).and_then(|(p, c)| {
                         at_most(sum_of_increases(p, c)? / dt, MAX_REQUESTS_PER_S)
                     }),
                 )
@@ -287,6 +301,7 @@ impl Scraper {
             in_flight: self.settle(in_flight),
             latency_s: self.settle(latency),
             requests_per_s: self.settle(requests),
+            errors_per_s: self.settle(errors),
         };
         self.prev = Some(cur);
         sample
@@ -584,6 +599,10 @@ app_rpc_seconds{quantile="0.5"} 0.2
 app_rpc_seconds{quantile="0.99"} 0.9
 app_rpc_seconds_sum 40
 app_rpc_seconds_count 200
+# HELP app_errors_total Requests answered with a 5xx status.
+# TYPE app_errors_total counter
+app_errors_total{handler="/a"} 7
+app_errors_total{handler="/b"} 1
 "#;
 
     /// Two seconds later: CPU 0 busy 50% and CPU 1 25% (idle 1 s of 2 and 1.5 of 2),
@@ -626,6 +645,14 @@ app_rpc_seconds_count 200
             .replace("count{handler=\"/b\"} 10", "count{handler=\"/b\"} 20")
             .replace("app_rpc_seconds_sum 40", "app_rpc_seconds_sum 65")
             .replace("app_rpc_seconds_count 200", "app_rpc_seconds_count 250")
+            .replace(
+                "errors_total{handler=\"/a\"} 7",
+                "errors_total{handler=\"/a\"} 10",
+            )
+            .replace(
+                "errors_total{handler=\"/b\"} 1",
+                "errors_total{handler=\"/b\"} 2",
+            )
     }
 
     fn scraper(latency: Option<&str>, requests: Option<&str>) -> Scraper {
@@ -633,6 +660,7 @@ app_rpc_seconds_count 200
         cfg.in_flight = Some("app_requests_in_flight".into());
         cfg.latency = latency.map(Into::into);
         cfg.requests = requests.map(Into::into);
+        cfg.errors = Some("app_errors_total".into());
         Scraper::new(cfg).unwrap()
     }
 
@@ -677,6 +705,8 @@ app_rpc_seconds_count 200
         // 20 requests, 2 s in all, over 2 s.
         assert!(close(second.latency_s, 0.1), "{second:?}");
         assert!(close(second.requests_per_s, 10.0), "{second:?}");
+        // 3 + 1 errors over 2 s, summed over the series.
+        assert!(close(second.errors_per_s, 2.0), "{second:?}");
         assert_eq!(second.in_flight, Some(7.0));
         assert_eq!(s.rejects(), &Rejects::default());
     }
@@ -728,13 +758,15 @@ app_rpc_seconds_count 200
         assert_eq!(after_reset.net_bytes_per_s, None);
         assert_eq!(after_reset.latency_s, None);
         assert_eq!(after_reset.requests_per_s, None);
+        assert_eq!(after_reset.errors_per_s, None);
         assert!(after_reset.memory.is_some());
-        assert_eq!(s.rejects().counter_resets, 5);
+        assert_eq!(s.rejects().counter_resets, 6);
         // The next interval has rates again, from the values after the reset.
         let next = s.ingest(&node_2(), t0 + Duration::from_secs(4));
         assert!(close(next.cpu, 1.5 / 4.0), "{next:?}");
         assert!(close(next.latency_s, 0.1), "{next:?}");
-        assert_eq!(s.rejects().counter_resets, 5);
+        assert!(close(next.errors_per_s, 2.0), "{next:?}");
+        assert_eq!(s.rejects().counter_resets, 6);
     }
 
     #[test]
@@ -848,11 +880,12 @@ app_rpc_seconds_count 200
                 ..BackendSample::default()
             }
         );
-        // cpu, memory, disk, net, latency and requests (from the latency's _count).
-        assert_eq!(s.rejects().missing_series, 6);
+        // cpu, memory, disk, net, latency, requests (from the latency's _count) and
+        // errors.
+        assert_eq!(s.rejects().missing_series, 7);
         let second = s.ingest(app, t0 + Duration::from_secs(1));
         assert_eq!(second.in_flight, Some(2.0));
-        assert_eq!(s.rejects().missing_series, 12);
+        assert_eq!(s.rejects().missing_series, 14);
         // Garbage: every line is bad, nothing is made up.
         let mut s = scraper(None, None);
         let sample = s.ingest("<html>\n<body>oops</body>\n</html>\n", t0);

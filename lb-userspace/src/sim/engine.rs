@@ -28,6 +28,9 @@ struct Sample {
     latency_s: Option<f64>,
     /// Responses per second (every status code, as `app_requests_total` counts).
     requests_per_s: f64,
+    /// Error responses per second (what an `errors` counter of 5xx responses counts;
+    /// client timeouts are not the backend's to count).
+    errors_per_s: f64,
     /// Busy server-seconds / (servers × interval).
     cpu: f64,
     /// Requests queued or in service now.
@@ -72,6 +75,8 @@ struct Bins {
     arrivals: Vec<u32>,
     done: Vec<u32>,
     done_latency: Vec<f64>,
+    /// Error responses completed (failing fast).
+    errors: Vec<u32>,
     busy: Vec<f64>,
     /// At index `j`, the change of the in-flight gauge at tick `j`.
     in_flight: Vec<i32>,
@@ -272,6 +277,7 @@ impl<'a> Sim<'a> {
             arrivals: vec![0; n * per],
             done: vec![0; n * per],
             done_latency: vec![0.0; n * per],
+            errors: vec![0; n * per],
             busy: vec![0.0; n * per],
             in_flight: vec![0; n * per],
         };
@@ -376,6 +382,7 @@ impl<'a> Sim<'a> {
             let k = ((end / self.interval) as usize).min(self.ticks);
             self.bins.done[base + k] += 1;
             self.bins.done_latency[base + k] += self.p.fail_fast_s;
+            self.bins.errors[base + k] += 1;
             self.failed_fast += 1;
             return;
         }
@@ -486,6 +493,7 @@ impl<'a> Sim<'a> {
             backend.sample = Some(Sample {
                 latency_s: (done > 0).then(|| self.bins.done_latency[i] / f64::from(done)),
                 requests_per_s: f64::from(done) / self.interval,
+                errors_per_s: f64::from(self.bins.errors[i]) / self.interval,
                 cpu: (self.bins.busy[i] / (backend.servers as f64 * self.interval)).min(1.0),
                 in_flight: backend.in_flight as f64,
                 new_flows_per_s: f64::from(self.bins.arrivals[i]) / self.interval,
@@ -618,9 +626,7 @@ impl<'a> Sim<'a> {
                     hold: None,
                     qps: sample.map(|s| s.requests_per_s),
                     utilisation: sample.map(|s| s.cpu),
-                    // The agent has no error signal for the policies (its
-                    // `control_tick` passes `None`), so neither has the simulation.
-                    errors_per_s: None,
+                    errors_per_s: sample.map(|s| s.errors_per_s),
                     latency_s: sample
                         .and_then(|s| s.latency_s)
                         .or(b.probe_ok.then_some(probe_latency)),
