@@ -333,9 +333,16 @@ impl Shared {
         let mut codes = inner.codes.clone();
         codes.entry(200).or_insert(0);
         codes.entry(503).or_insert(0);
+        let errors: u64 = codes.range(500..600).map(|(_, n)| *n).sum();
         for (code, n) in codes {
             let _ = writeln!(out, "app_requests_total{{code=\"{code}\"}} {n}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP app_errors_total Application responses with a 5xx status.\n\
+             # TYPE app_errors_total counter\n\
+             app_errors_total {errors}"
+        );
         // Integer slot-nanoseconds, divided last: both counters are monotonic, as
         // the rate computations of a scraper require.
         let (busy_ns, uptime_ns) = self.busy_ns(&inner);

@@ -392,7 +392,7 @@ pub fn agent_config(scenario: &Scenario, topo: &Topology, opts: &RunOptions) -> 
             "\n[vip.health]\nport = {}\nhttp_path = \"/\"\ninterval_ms = 500\ntimeout_ms = 300\n\
              rise = 2\nfall = 2\n\n[vip.metrics]\nport = {}\npath = \"/metrics\"\n\
              in_flight = \"app_requests_in_flight\"\nlatency = \"app_request_duration_seconds\"\n\
-             requests = \"app_requests_total\"\ntimeout_ms = 300\n",
+             requests = \"app_requests_total\"\nerrors = \"app_errors_total\"\ntimeout_ms = 300\n",
             super::backend::PROBE_PORT,
             super::backend::METRICS_PORT
         );
