@@ -311,6 +311,8 @@ pub struct RunOptions {
     pub warmup: Duration,
     /// The agent's control interval, milliseconds.
     pub interval_ms: u64,
+    /// Print each sample of the agent as it is taken (the demo's live view).
+    pub live: bool,
 }
 
 impl RunOptions {
@@ -324,6 +326,7 @@ impl RunOptions {
             request_timeout: Duration::from_secs(2),
             warmup: Duration::from_secs(1),
             interval_ms: 500,
+            live: false,
         }
     }
 }
@@ -450,6 +453,50 @@ fn apply(backends: &[EmulatedBackend], event: &Event) {
     }
 }
 
+/// One sample as the demo's live view shows it: a table of the backends (weight as
+/// a share, the agent's latency and prediction, health), redrawn in place on a
+/// terminal, printed one after another otherwise.
+fn print_live(scenario: &Scenario, s: &Sample, redraw: bool) {
+    use std::io::{IsTerminal, Write};
+    let total: f64 = s.backends.iter().map(|b| b.weight).sum();
+    let slow = scenario.slowdowns_at(s.t);
+    let mut out = format!(
+        "t = {:>3.0} s   {:<10} {:>7} {:>11} {:>13} {:>8}  {}\n",
+        s.t, "backend", "share", "latency ms", "predicted ms", "health", "(emulated)"
+    );
+    for (i, b) in s.backends.iter().enumerate() {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        let share = if total > 0.0 {
+            b.weight / total * 100.0
+        } else {
+            0.0
+        };
+        out += &format!(
+            "              {:<10} {:>6.1}% {:>11} {:>13} {:>8}  {}\n",
+            scenario.backends[i].name,
+            share,
+            ms(b.latency_ms),
+            ms(b.predicted_ms),
+            match b.healthy {
+                Some(true) => "ok",
+                Some(false) => "DOWN",
+                None => "-",
+            },
+            match slow.get(i) {
+                Some(&x) if x > 1.0 => format!("{x:.0}x slower"),
+                _ => String::new(),
+            }
+        );
+    }
+    let mut stdout = std::io::stdout().lock();
+    if redraw && stdout.is_terminal() {
+        // Back to the top of the previous table, which has as many lines.
+        let _ = write!(stdout, "\x1b[{}A\x1b[J", s.backends.len() + 1);
+    }
+    let _ = write!(stdout, "{out}");
+    let _ = stdout.flush();
+}
+
 /// Runs `scenario` once under `opts.policy`: builds everything, drives the load,
 /// samples the agent, tears everything down (also on error) and returns the record.
 pub fn run(scenario: &Scenario, opts: &RunOptions) -> Result<RunData> {
@@ -544,7 +591,12 @@ fn run_in(
         }
         if now >= next_sample {
             match sample(&agent, n, now) {
-                Ok(s) => samples.push(s),
+                Ok(s) => {
+                    if opts.live {
+                        print_live(scenario, &s, samples.len() > 1);
+                    }
+                    samples.push(s);
+                }
                 Err(e) => {
                     sample_errors += 1;
                     if sample_errors > 5 {
