@@ -168,7 +168,9 @@ pub fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> 
     d
 }
 
-/// A whole Ethernet + IPv4/IPv6 + TCP frame.
+/// A whole Ethernet + IPv4/IPv6 + TCP frame. Every header field a fixture varies is
+/// an argument, in wire order, so a fixture reads like the frame it builds.
+#[allow(clippy::too_many_arguments)]
 pub fn tcp_frame(
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
