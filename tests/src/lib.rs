@@ -11,6 +11,7 @@
 //! - [`packet`]: frames built field by field, for the datapath tests.
 //! - [`spread`]: the end-to-end scenario of weighted backends behind the real agent.
 //! - [`testbed`]: the policy testbed (emulated backends, open-loop load, scenarios S1-S5).
+//! - [`versus`]: the XDP balancer against HAProxy, nginx and no balancer.
 //!
 //! Every test network lives only in namespaces this crate creates, uses addresses from
 //! 198.18.0.0/15 and fd00::/8 only, and has no default route.
@@ -21,3 +22,4 @@ pub mod spread;
 pub mod tcp;
 pub mod testbed;
 pub mod topology;
+pub mod versus;

@@ -96,6 +96,16 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The XDP balancer against HAProxy, nginx (stream) and no balancer at all, on one
+    /// topology with four backends: new connections per second (closed loop), latency
+    /// at a fixed open-loop rate, bulk throughput both ways, and the CPU each costs.
+    /// Interleaved rounds (3 by default, about 10 minutes). Installs haproxy, nginx and
+    /// libnginx-mod-stream when missing. Writes target/bench/versus.json. Needs root.
+    Versus {
+        /// Arguments for lb-bench-versus (e.g. `--repeats 1 --duration 2`, `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// One-step-ahead error of the load model against last-value and EWMA on the
     /// real series in testdata/nab (and any `--series PATH`), fit and predict time.
     Predictor {
@@ -201,6 +211,33 @@ fn main() -> anyhow::Result<()> {
                 .and_then(exit_like)
         }
         Task::Bench {
+            which: Bench::Versus { args },
+        } => {
+            require_root(
+                "the benchmark attaches XDP programs, creates network namespaces and installs packages",
+            )?;
+            setup::run(&root, setup::Report::Quiet)?;
+            setup::ensure_versus_packages()?;
+            build(&root, true)?;
+            cargo(&root)
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-bench-versus",
+                    "--",
+                ])
+                .args(&args)
+                .env("LB_BIN", target_dir(&root).join("release/lb"))
+                .env("LB_BENCH_JSON", root.join("target/bench/versus.json"))
+                .status()
+                .context("running the versus benchmark")
+                .and_then(exit_like)
+        }
+        Task::Bench {
             which: Bench::Predictor { series },
         } => {
             let mut cmd = cargo(&root);
@@ -229,6 +266,15 @@ fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root);
     cmd
+}
+
+/// Where cargo puts build outputs: `$CARGO_TARGET_DIR` (relative to the workspace
+/// root) when set, else `target/` of the workspace.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
 }
 
 fn build(root: &Path, release: bool) -> anyhow::Result<()> {

@@ -8,6 +8,9 @@
 //!    major as the bitcode rustc emits) into `.tools/bin/`, reused by later runs.
 //! 3. bpffs mounted on /sys/fs/bpf (needed to pin maps and links).
 //! 4. Checks: root, the BPF syscall (loads a two-instruction XDP program), kernel BTF.
+//!
+//! [`ensure_versus_packages`] is not part of it: only `cargo xtask bench versus` needs
+//! haproxy and nginx, and installs them itself.
 
 use std::{
     path::{Path, PathBuf},
@@ -124,6 +127,109 @@ fn ensure_debian_packages(names: &[&str]) -> anyhow::Result<Vec<String>> {
         .filter(|n| !installed(n))
         .map(|n| (*n).to_owned())
         .collect())
+}
+
+/// The Debian packages of `cargo xtask bench versus`, which runs them beside the XDP
+/// balancer (never needed by the tests).
+pub const VERSUS_PACKAGES: [&str; 3] = ["haproxy", "nginx", "libnginx-mod-stream"];
+
+/// Installs [`VERSUS_PACKAGES`] when missing (as root), so that no service of theirs is
+/// left running outside the benchmark's namespaces: Debian's maintainer scripts start
+/// a freshly installed daemon through `invoke-rc.d`, which asks `/usr/sbin/policy-rc.d`
+/// first, so one that refuses (exit 101) is put in place for the install when there is
+/// none, and removed again. Any haproxy or nginx process that appeared during the
+/// install all the same is stopped, and the services are disabled (systemd or
+/// sysvinit, whichever is there), so that only the benchmark ever starts them.
+pub fn ensure_versus_packages() -> anyhow::Result<()> {
+    const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+    const DAEMONS: [&str; 2] = ["haproxy", "nginx"];
+    let installed = |name: &str| {
+        Command::new("dpkg-query")
+            .args(["-W", "-f", "${Status}", name])
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
+    };
+    if VERSUS_PACKAGES.iter().all(|p| installed(p)) {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages among {} (run as root to install them)",
+            VERSUS_PACKAGES.join(", ")
+        );
+    }
+    let before = daemon_pids(&DAEMONS);
+    let own_policy = !Path::new(POLICY_RC_D).exists();
+    if own_policy {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# Written by `cargo xtask bench versus` for one apt-get install:\n\
+             # no service may start outside the benchmark.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let result = ensure_debian_packages(&VERSUS_PACKAGES);
+    if own_policy {
+        let _ = std::fs::remove_file(POLICY_RC_D);
+    }
+    let missing = result?;
+    if !missing.is_empty() {
+        bail!("Debian packages still missing: {}", missing.join(", "));
+    }
+    // Disable the services, so that no init system starts them later either.
+    if Path::new("/run/systemd/system").is_dir() {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "haproxy.service", "nginx.service"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    } else {
+        for daemon in DAEMONS {
+            let _ = Command::new("update-rc.d")
+                .args([daemon, "disable"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let started: Vec<u32> = daemon_pids(&DAEMONS)
+        .into_iter()
+        .filter(|pid| !before.contains(pid))
+        .collect();
+    for &pid in &started {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+    if !started.is_empty() {
+        eprintln!("setup: stopped haproxy/nginx processes the install started: {started:?}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let left: Vec<u32> = daemon_pids(&DAEMONS)
+            .into_iter()
+            .filter(|pid| started.contains(pid))
+            .collect();
+        if !left.is_empty() {
+            bail!("haproxy/nginx processes {left:?} started by the install did not stop");
+        }
+    }
+    Ok(())
+}
+
+/// The ids of the running processes whose command name is one of `names`.
+fn daemon_pids(names: &[&str]) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| names.contains(&comm.trim()))
+        })
+        .collect()
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {

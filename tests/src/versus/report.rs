@@ -1,0 +1,790 @@
+//! The figures of the comparison: per-window derived figures, medians over rounds,
+//! ratios to the direct path, the expectations it checks, and the Markdown and JSON
+//! outputs; used by the `lb-bench-versus` binary.
+//!
+//! Definitions:
+//! - **CPU %** is of one CPU (a machine of two CPUs has 200 %).
+//! - **machine CPU ms / 1k conn**: the machine's busy CPU time in the window, less
+//!   the time of processes that are not part of the benchmark (so that a parallel
+//!   build does not inflate it; the table shows how much that was), per 1,000
+//!   completed connections; **extra vs direct** subtracts the direct path's figure
+//!   of the same round: the total CPU the balancer costs, including kernel work not
+//!   charged to its processes (softirq, the extra hops).
+//! - **× direct**: the median over rounds of the ratio to the direct path's figure
+//!   of the same round (so slow drift of the machine cancels).
+//! - Every other figure is the median over rounds.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use super::systems::System;
+use super::{Outcome, Phase, RunRecord, Settings};
+use crate::testbed::median;
+
+/// CPU-time shares of the load balancer (processes plus XDP program) under which
+/// its cost counts as near zero, % of one CPU.
+pub const NEAR_ZERO_CPU_PCT: f64 = 5.0;
+
+impl RunRecord {
+    /// Completed connections per second.
+    pub fn rate(&self) -> Option<f64> {
+        self.conns.as_ref().map(|c| c.rate)
+    }
+
+    /// The load balancer's processes, % of one CPU.
+    pub fn lb_cpu_pct(&self) -> f64 {
+        100.0 * self.cpu.lb_process_s / self.cpu.wall_s.max(1e-9)
+    }
+
+    /// The XDP program's run time, % of one CPU.
+    pub fn xdp_cpu_pct(&self) -> Option<f64> {
+        Some(100.0 * self.cpu.xdp_prog_s? / self.cpu.wall_s.max(1e-9))
+    }
+
+    /// The XDP program's mean run time, ns per run (packet).
+    pub fn xdp_ns_per_run(&self) -> Option<f64> {
+        let runs = self.cpu.xdp_runs.filter(|&n| n > 0)?;
+        Some(self.cpu.xdp_prog_s? * 1e9 / runs as f64)
+    }
+
+    /// The machine's busy time, % of one CPU.
+    pub fn machine_busy_pct(&self) -> f64 {
+        100.0 * self.cpu.machine_busy_s / self.cpu.wall_s.max(1e-9)
+    }
+
+    /// The client threads' share of the machine's busy time, %.
+    pub fn client_share_pct(&self) -> Option<f64> {
+        (self.cpu.machine_busy_s > 0.0).then(|| 100.0 * self.cpu.client_s / self.cpu.machine_busy_s)
+    }
+
+    /// CPU-seconds per 1,000 completed connections, in ms.
+    fn per_kconn(&self, cpu_s: f64) -> Option<f64> {
+        let ok = self.conns.as_ref()?.ok;
+        (ok > 0).then(|| cpu_s * 1e6 / ok as f64)
+    }
+
+    /// The machine's busy CPU ms per 1,000 connections, less other processes'
+    /// time ([`super::cpu::CpuUsage::bench_busy_s`]).
+    pub fn machine_ms_per_kconn(&self) -> Option<f64> {
+        self.per_kconn(self.cpu.bench_busy_s())
+    }
+
+    /// Other processes' time, % of one CPU.
+    pub fn other_processes_pct(&self) -> f64 {
+        100.0 * self.cpu.other_processes_s() / self.cpu.wall_s.max(1e-9)
+    }
+
+    /// The load balancer's processes' CPU ms per 1,000 connections.
+    pub fn lb_ms_per_kconn(&self) -> Option<f64> {
+        self.per_kconn(self.cpu.lb_process_s)
+    }
+
+    /// The XDP program's CPU ms per 1,000 connections.
+    pub fn xdp_ms_per_kconn(&self) -> Option<f64> {
+        self.per_kconn(self.cpu.xdp_prog_s?)
+    }
+
+    /// Failed connections.
+    pub fn failed(&self) -> u64 {
+        self.conns.as_ref().map_or(0, |c| c.errors.values().sum())
+    }
+}
+
+/// The medians of one system in one phase.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub runs: usize,
+    pub rate: Option<f64>,
+    pub rate_x_direct: Option<f64>,
+    pub failed: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    pub p99_x_direct: Option<f64>,
+    pub lag_p99_ms: Option<f64>,
+    /// Open loop: the offered rate as % of the same system's closed-loop rate of
+    /// the same round (how close to its own saturation the system was run).
+    pub load_pct: Option<f64>,
+    pub gbit_s: Option<f64>,
+    pub gbit_x_direct: Option<f64>,
+    pub lb_cpu_pct: Option<f64>,
+    pub xdp_cpu_pct: Option<f64>,
+    pub xdp_ns_per_run: Option<f64>,
+    pub machine_busy_pct: Option<f64>,
+    pub other_processes_pct: Option<f64>,
+    pub client_share_pct: Option<f64>,
+    pub machine_ms_per_kconn: Option<f64>,
+    pub extra_ms_per_kconn: Option<f64>,
+    pub lb_ms_per_kconn: Option<f64>,
+    pub xdp_ms_per_kconn: Option<f64>,
+}
+
+fn records_of<'a>(
+    records: &'a [RunRecord],
+    phase: Phase,
+    system: System,
+) -> impl Iterator<Item = &'a RunRecord> + 'a {
+    records
+        .iter()
+        .filter(move |r| r.phase == phase && r.system == system)
+}
+
+fn median_of(
+    records: &[RunRecord],
+    phase: Phase,
+    system: System,
+    f: impl Fn(&RunRecord) -> Option<f64>,
+) -> Option<f64> {
+    let v: Vec<f64> = records_of(records, phase, system).filter_map(f).collect();
+    median(&v)
+}
+
+/// The median over rounds of `combine(f(a's record), f(b's record))`, over the rounds
+/// where both have a record of `phase`.
+pub fn paired(
+    records: &[RunRecord],
+    phase: Phase,
+    a: System,
+    b: System,
+    f: impl Fn(&RunRecord) -> Option<f64>,
+    combine: impl Fn(f64, f64) -> f64,
+) -> Option<f64> {
+    let v: Vec<f64> = records_of(records, phase, a)
+        .filter_map(|ra| {
+            let rb = records_of(records, phase, b).find(|rb| rb.round == ra.round)?;
+            Some(combine(f(ra)?, f(rb)?))
+        })
+        .collect();
+    median(&v)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+/// The summary of `system` in `phase`.
+pub fn summarize(records: &[RunRecord], phase: Phase, system: System) -> Summary {
+    let m = |f: &dyn Fn(&RunRecord) -> Option<f64>| median_of(records, phase, system, f);
+    let vs_direct = |f: &dyn Fn(&RunRecord) -> Option<f64>, c: fn(f64, f64) -> f64| {
+        paired(records, phase, system, System::Direct, f, c)
+    };
+    let conn = |f: fn(&super::ConnFigures) -> Option<f64>| {
+        move |r: &RunRecord| r.conns.as_ref().and_then(f)
+    };
+    Summary {
+        runs: records_of(records, phase, system).count(),
+        rate: m(&RunRecord::rate),
+        rate_x_direct: vs_direct(&RunRecord::rate, ratio),
+        failed: records_of(records, phase, system)
+            .map(RunRecord::failed)
+            .sum(),
+        p50_ms: m(&conn(|c| c.p50_ms)),
+        p99_ms: m(&conn(|c| c.p99_ms)),
+        p999_ms: m(&conn(|c| c.p999_ms)),
+        p99_x_direct: vs_direct(&conn(|c| c.p99_ms), ratio),
+        lag_p99_ms: m(&conn(|c| c.lag_p99_ms)),
+        load_pct: median(
+            &records_of(records, phase, system)
+                .filter_map(|r| {
+                    let offered = r.conns.as_ref()?.offered_rate?;
+                    let closed = records_of(records, Phase::ConnRate, system)
+                        .find(|c| c.round == r.round)?
+                        .rate()?;
+                    (closed > 0.0).then(|| 100.0 * offered / closed)
+                })
+                .collect::<Vec<_>>(),
+        ),
+        gbit_s: m(&|r| r.bulk.as_ref().map(|b| b.gbit_s)),
+        gbit_x_direct: vs_direct(&|r| r.bulk.as_ref().map(|b| b.gbit_s), ratio),
+        lb_cpu_pct: m(&|r| Some(r.lb_cpu_pct())),
+        xdp_cpu_pct: m(&RunRecord::xdp_cpu_pct),
+        xdp_ns_per_run: m(&RunRecord::xdp_ns_per_run),
+        machine_busy_pct: m(&|r| Some(r.machine_busy_pct())),
+        other_processes_pct: m(&|r| Some(r.other_processes_pct())),
+        client_share_pct: m(&RunRecord::client_share_pct),
+        machine_ms_per_kconn: m(&RunRecord::machine_ms_per_kconn),
+        extra_ms_per_kconn: vs_direct(&RunRecord::machine_ms_per_kconn, |a, b| a - b),
+        lb_ms_per_kconn: m(&RunRecord::lb_ms_per_kconn),
+        xdp_ms_per_kconn: m(&RunRecord::xdp_ms_per_kconn),
+    }
+}
+
+/// One stated expectation and what was measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    pub what: String,
+    pub measured: Option<f64>,
+    pub met: Option<bool>,
+    pub detail: String,
+}
+
+/// The stated expectations, checked against the medians.
+pub fn checks(records: &[RunRecord]) -> Vec<Check> {
+    let rate = |r: &RunRecord| r.rate();
+    let p99 = |r: &RunRecord| r.conns.as_ref().and_then(|c| c.p99_ms);
+    let xdp_vs_direct = paired(
+        records,
+        Phase::ConnRate,
+        System::Xdp,
+        System::Direct,
+        rate,
+        ratio,
+    );
+    let xdp_vs_haproxy = paired(
+        records,
+        Phase::ConnRate,
+        System::Xdp,
+        System::Haproxy,
+        rate,
+        ratio,
+    );
+    let p99_vs_direct = paired(
+        records,
+        Phase::Latency,
+        System::Xdp,
+        System::Direct,
+        p99,
+        ratio,
+    );
+    let p99_light = paired(
+        records,
+        Phase::LatencyLight,
+        System::Xdp,
+        System::Direct,
+        p99,
+        ratio,
+    );
+    let lb_cpu = median_of(records, Phase::ConnRate, System::Xdp, |r| {
+        Some(r.lb_cpu_pct() + r.xdp_cpu_pct().unwrap_or(0.0))
+    });
+    let xdp = summarize(records, Phase::ConnRate, System::Xdp);
+    let check = |what: &str, measured: Option<f64>, ok: fn(f64) -> bool, detail: String| Check {
+        what: what.to_owned(),
+        measured,
+        met: measured.filter(|m| !m.is_nan()).map(ok),
+        detail,
+    };
+    vec![
+        check(
+            "xdp connections/s >= 0.95 x direct",
+            xdp_vs_direct,
+            |m| m >= 0.95,
+            format!("{} x direct", f2(xdp_vs_direct)),
+        ),
+        check(
+            "xdp connections/s >= 3 x haproxy",
+            xdp_vs_haproxy,
+            |m| m >= 3.0,
+            format!("{} x haproxy", f2(xdp_vs_haproxy)),
+        ),
+        check(
+            "xdp p99 (open loop) within 10 % of direct",
+            p99_vs_direct,
+            |m| m <= 1.10,
+            format!("{} x direct", f2(p99_vs_direct)),
+        ),
+        check(
+            "(extra) the same at the light rate",
+            p99_light,
+            |m| m <= 1.10,
+            format!("{} x direct", f2(p99_light)),
+        ),
+        check(
+            "xdp load-balancer CPU near zero (closed loop)",
+            lb_cpu,
+            |m| m < NEAR_ZERO_CPU_PCT,
+            format!(
+                "{} % of one CPU: agent {} %, XDP program {} % at {} conn/s \
+                 (near zero: below {NEAR_ZERO_CPU_PCT} %)",
+                f2(lb_cpu),
+                f2(xdp.lb_cpu_pct),
+                f2(xdp.xdp_cpu_pct),
+                f0(xdp.rate)
+            ),
+        ),
+    ]
+}
+
+fn f0(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".into(), |x| format!("{x:.0}"))
+}
+
+fn f1(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".into(), |x| format!("{x:.1}"))
+}
+
+fn f2(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".into(), |x| format!("{x:.2}"))
+}
+
+fn f3(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".into(), |x| format!("{x:.3}"))
+}
+
+fn ratio_cell(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".into(), |x| format!("{x:.2}×"))
+}
+
+/// The Markdown table of an open-loop phase.
+fn latency_table(
+    out: &mut String,
+    records: &[RunRecord],
+    systems: &[System],
+    phase: Phase,
+    fraction: f64,
+    direct_rate: Option<f64>,
+    title: &str,
+) {
+    let _ = writeln!(
+        out,
+        "\n### {title} (open loop, Poisson, {} conn/s = {:.0} % of the direct path's \
+         closed-loop rate of the same round, the same for every system; latency from the \
+         connection's start, connect to end of response)\n",
+        f0(direct_rate.map(|r| r * fraction)),
+        fraction * 100.0
+    );
+    *out += "| system | % of own closed-loop rate | conn/s done | failed (all rounds) | p50 ms | p99 ms | p99.9 ms | p99 × direct | start lag p99 ms | LB processes CPU ms / 1k conn | XDP program CPU ms / 1k conn | machine busy % | other processes % | machine CPU ms / 1k conn | extra vs direct ms / 1k conn |\n";
+    *out += "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n";
+    for &system in systems {
+        let s = summarize(records, phase, system);
+        if s.runs == 0 {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            system.name(),
+            f0(s.load_pct),
+            f0(s.rate),
+            s.failed,
+            f3(s.p50_ms),
+            f3(s.p99_ms),
+            f3(s.p999_ms),
+            ratio_cell(s.p99_x_direct),
+            f2(s.lag_p99_ms),
+            f1(s.lb_ms_per_kconn),
+            f2(s.xdp_ms_per_kconn),
+            f0(s.machine_busy_pct),
+            f0(s.other_processes_pct),
+            f1(s.machine_ms_per_kconn),
+            f1(s.extra_ms_per_kconn),
+        );
+    }
+}
+
+/// One line about a finished window, for the progress output.
+pub fn progress_line(r: &RunRecord, repeats: usize) -> String {
+    let what = match (&r.conns, &r.bulk) {
+        (Some(c), _) => format!(
+            "{:.0} conn/s, {} failed, p50 {} ms, p99 {} ms",
+            c.rate,
+            r.failed(),
+            f3(c.p50_ms),
+            f3(c.p99_ms)
+        ),
+        (_, Some(b)) => format!("{:.2} Gbit/s", b.gbit_s),
+        _ => String::new(),
+    };
+    format!(
+        "round {}/{repeats} {} {}: {what}; CPU %: LB {:.1}, XDP {}, machine {:.0}, client {:.0}, \
+         backends {:.0}, ksoftirqd {:.0}, other processes {:.0}",
+        r.round,
+        r.phase.name(),
+        r.system.name(),
+        r.lb_cpu_pct(),
+        f2(r.xdp_cpu_pct()),
+        r.machine_busy_pct(),
+        100.0 * r.cpu.client_s / r.cpu.wall_s.max(1e-9),
+        100.0 * r.cpu.backends_s / r.cpu.wall_s.max(1e-9),
+        100.0 * r.cpu.ksoftirqd_s / r.cpu.wall_s.max(1e-9),
+        100.0 * r.cpu.other_processes_s() / r.cpu.wall_s.max(1e-9),
+    )
+}
+
+/// The Markdown report: settings, the three tables, the checks, notes.
+pub fn markdown(settings: &Settings, outcome: &Outcome, host: &str) -> String {
+    let records = &outcome.records;
+    let systems = &settings.systems;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{host}; {} round(s) of {:.0} s windows, interleaved ({}); medians over rounds; \
+         CPU % is of one CPU ({cpus} CPUs = {}%). Client, backends, balancer and all \
+         packet processing share these CPUs.\n",
+        settings.repeats,
+        settings.duration.as_secs_f64(),
+        systems
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cpus * 100
+    );
+
+    let busy: Vec<f64> = systems
+        .iter()
+        .filter_map(|&s| summarize(records, Phase::ConnRate, s).machine_busy_pct)
+        .collect();
+    let direct = summarize(records, Phase::ConnRate, System::Direct);
+    if let (Some(lo), Some(hi)) = (
+        busy.iter().copied().reduce(f64::min),
+        busy.iter().copied().reduce(f64::max),
+    ) {
+        let _ = writeln!(
+            out,
+            "During the closed loop the machine was {lo:.0}–{hi:.0} % busy (of {}): every \
+             system is bound by the CPUs that client, backends, balancer and the kernel's \
+             packet processing share, so connections per second compare the total CPU cost \
+             of a connection on each path. The client's threads (user space plus the packet \
+             processing the kernel runs in their system calls) took {} % of the busy time \
+             on the direct path.\n",
+            cpus * 100,
+            f0(direct.client_share_pct)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "### New connections per second (closed loop, {} workers; connect, request, response, close)\n",
+        settings.concurrency
+    );
+    out += "| system | conn/s | × direct | failed (all rounds) | LB processes CPU % | XDP program CPU % | XDP ns/packet | machine busy % | other processes % | machine CPU ms / 1k conn | extra vs direct ms / 1k conn |\n";
+    out += "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n";
+    for &system in systems {
+        let s = summarize(records, Phase::ConnRate, system);
+        if s.runs == 0 {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            system.name(),
+            f0(s.rate),
+            ratio_cell(s.rate_x_direct),
+            s.failed,
+            f2(s.lb_cpu_pct),
+            f2(s.xdp_cpu_pct),
+            f0(s.xdp_ns_per_run),
+            f0(s.machine_busy_pct),
+            f0(s.other_processes_pct),
+            f1(s.machine_ms_per_kconn),
+            f1(s.extra_ms_per_kconn),
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\nWhere the CPU went during the closed loop, % of one CPU. The XDP program runs \
+         inside the others' time; without IRQ time accounting, softirq work (most packet \
+         processing) is charged to the task it interrupted, and to no process when the \
+         CPU was idle. Other processes: this benchmark's main thread and the commands it \
+         runs, anything else on the machine.\n"
+    );
+    out += "| system | machine busy | of which user space | client | backends | LB processes | ksoftirqd | no process | other processes | of which XDP program | steal |\n";
+    out += "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n";
+    for &system in systems {
+        if records_of(records, Phase::ConnRate, system)
+            .next()
+            .is_none()
+        {
+            continue;
+        }
+        let pct = |f: &dyn Fn(&RunRecord) -> Option<f64>| {
+            f0(median_of(records, Phase::ConnRate, system, |r| {
+                Some(100.0 * f(r)? / r.cpu.wall_s.max(1e-9))
+            }))
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            system.name(),
+            pct(&|r| Some(r.cpu.machine_busy_s)),
+            pct(&|r| Some(r.cpu.machine_user_s)),
+            pct(&|r| Some(r.cpu.client_s)),
+            pct(&|r| Some(r.cpu.backends_s)),
+            pct(&|r| Some(r.cpu.lb_process_s)),
+            pct(&|r| Some(r.cpu.ksoftirqd_s)),
+            pct(&|r| Some(r.cpu.no_process_s())),
+            pct(&|r| Some(r.cpu.other_processes_s())),
+            pct(&|r| r.cpu.xdp_prog_s),
+            pct(&|r| Some(r.cpu.machine_steal_s)),
+        );
+    }
+
+    let direct: Vec<f64> = outcome.direct_rates.iter().flatten().copied().collect();
+    let direct = median(&direct);
+    for (phase, fraction, title) in [
+        (
+            Phase::Latency,
+            settings.open_loop_fraction,
+            "Latency at a fixed rate",
+        ),
+        (
+            Phase::LatencyLight,
+            settings.light_fraction,
+            "Latency at a light fixed rate",
+        ),
+    ] {
+        latency_table(&mut out, records, systems, phase, fraction, direct, title);
+    }
+
+    let _ = writeln!(
+        out,
+        "\n### Bulk throughput ({} long connections; down = backend to client, up = client to backend)\n",
+        settings.bulk_connections
+    );
+    out += "| system | direction | Gbit/s | × direct | LB processes CPU % | XDP program CPU % | machine busy % | other processes % | client % of busy |\n";
+    out += "|---|---|--:|--:|--:|--:|--:|--:|--:|\n";
+    for (phase, dir) in [(Phase::BulkDown, "down"), (Phase::BulkUp, "up")] {
+        for &system in systems {
+            let s = summarize(records, phase, system);
+            if s.runs == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {dir} | {} | {} | {} | {} | {} | {} | {} |",
+                system.name(),
+                f2(s.gbit_s),
+                ratio_cell(s.gbit_x_direct),
+                f2(s.lb_cpu_pct),
+                f2(s.xdp_cpu_pct),
+                f0(s.machine_busy_pct),
+                f0(s.other_processes_pct),
+                f0(s.client_share_pct),
+            );
+        }
+    }
+
+    out += "\n### Expectations, checked\n\n";
+    for c in checks(records) {
+        let verdict = match c.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let _ = writeln!(out, "- {}: {} — {verdict}", c.what, c.detail);
+    }
+    let interfered: Vec<String> = records
+        .iter()
+        .filter(|r| r.other_processes_pct() > settings.max_other_pct)
+        .map(|r| {
+            format!(
+                "round {} {} {}: {:.0} %",
+                r.round,
+                r.phase.name(),
+                r.system.name(),
+                r.other_processes_pct()
+            )
+        })
+        .collect();
+    let retried = records.iter().filter(|r| r.attempt > 1).count();
+    let _ = writeln!(
+        out,
+        "\nOther processes (not part of the benchmark) above {:.0} % of one CPU: {} \
+         window(s) repeated; kept after {} attempts: {}.",
+        settings.max_other_pct,
+        retried,
+        settings.attempts,
+        if interfered.is_empty() {
+            "none".to_owned()
+        } else {
+            interfered.join("; ")
+        }
+    );
+    if !outcome.failures.is_empty() {
+        out += "\n### Failed runs\n\n";
+        for f in &outcome.failures {
+            let _ = writeln!(out, "- {f}");
+        }
+    }
+    out
+}
+
+fn opt(v: Option<f64>) -> Value {
+    v.filter(|x| x.is_finite()).map_or(Value::Null, Value::from)
+}
+
+fn record_json(r: &RunRecord) -> Value {
+    let c = &r.cpu;
+    json!({
+        "round": r.round,
+        "system": r.system.name(),
+        "phase": r.phase.name(),
+        "duration_s": r.duration_s,
+        "conns": r.conns.as_ref().map(|k| json!({
+            "ok": k.ok,
+            "errors": k.errors,
+            "rate": k.rate,
+            "offered_rate": opt(k.offered_rate),
+            "p50_ms": opt(k.p50_ms),
+            "p99_ms": opt(k.p99_ms),
+            "p999_ms": opt(k.p999_ms),
+            "lag_p99_ms": opt(k.lag_p99_ms),
+            "per_backend": k.per_backend,
+            "per_second": k.seconds.iter().map(|x| json!({
+                "scheduled": x.scheduled,
+                "p99_ms": x.p99 * 1e3,
+                "max_ms": x.max * 1e3,
+                "max_lag_ms": x.max_lag * 1e3,
+            })).collect::<Vec<_>>(),
+        })),
+        "bulk": r.bulk.as_ref().map(|b| json!({"bytes": b.bytes, "gbit_s": b.gbit_s})),
+        "cpu": {
+            "wall_s": c.wall_s,
+            "cpus": c.cpus,
+            "machine_busy_s": c.machine_busy_s,
+            "machine_user_s": c.machine_user_s,
+            "machine_system_s": c.machine_system_s,
+            "machine_irq_s": c.machine_irq_s,
+            "machine_steal_s": c.machine_steal_s,
+            "lb_process_s": c.lb_process_s,
+            "xdp_prog_s": opt(c.xdp_prog_s),
+            "xdp_runs": c.xdp_runs,
+            "client_s": c.client_s,
+            "backends_s": c.backends_s,
+            "ksoftirqd_s": c.ksoftirqd_s,
+            "all_processes_s": c.all_processes_s,
+            "other_processes_s": c.other_processes_s(),
+            "no_process_s": c.no_process_s(),
+        },
+        "datapath": r.datapath,
+        "attempt": r.attempt,
+    })
+}
+
+fn summary_json(s: &Summary) -> Value {
+    json!({
+        "runs": s.runs,
+        "rate": opt(s.rate),
+        "rate_x_direct": opt(s.rate_x_direct),
+        "failed": s.failed,
+        "p50_ms": opt(s.p50_ms),
+        "p99_ms": opt(s.p99_ms),
+        "p999_ms": opt(s.p999_ms),
+        "p99_x_direct": opt(s.p99_x_direct),
+        "lag_p99_ms": opt(s.lag_p99_ms),
+        "load_pct": opt(s.load_pct),
+        "gbit_s": opt(s.gbit_s),
+        "gbit_x_direct": opt(s.gbit_x_direct),
+        "lb_cpu_pct": opt(s.lb_cpu_pct),
+        "xdp_cpu_pct": opt(s.xdp_cpu_pct),
+        "xdp_ns_per_run": opt(s.xdp_ns_per_run),
+        "machine_busy_pct": opt(s.machine_busy_pct),
+        "other_processes_pct": opt(s.other_processes_pct),
+        "client_share_pct": opt(s.client_share_pct),
+        "machine_ms_per_kconn": opt(s.machine_ms_per_kconn),
+        "extra_ms_per_kconn": opt(s.extra_ms_per_kconn),
+        "lb_ms_per_kconn": opt(s.lb_ms_per_kconn),
+        "xdp_ms_per_kconn": opt(s.xdp_ms_per_kconn),
+    })
+}
+
+/// Everything as JSON: settings, host, every window, the medians and the checks.
+pub fn json(settings: &Settings, outcome: &Outcome, host: &Value) -> Value {
+    let mut summary = BTreeMap::new();
+    for phase in Phase::ALL {
+        let mut by_system = serde_json::Map::new();
+        for &system in &settings.systems {
+            let s = summarize(&outcome.records, phase, system);
+            if s.runs > 0 {
+                by_system.insert(system.name().into(), summary_json(&s));
+            }
+        }
+        summary.insert(phase.name(), Value::Object(by_system));
+    }
+    json!({
+        "bench": "versus",
+        "settings": {
+            "repeats": settings.repeats,
+            "duration_s": settings.duration.as_secs_f64(),
+            "concurrency": settings.concurrency,
+            "open_loop_fraction": settings.open_loop_fraction,
+            "light_fraction": settings.light_fraction,
+            "open_loop_rate_basis": "direct path's closed-loop rate of the same round",
+            "bulk_connections": settings.bulk_connections,
+            "systems": settings.systems.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            "client_threads": settings.client_threads,
+            "backend_threads": settings.backend_threads,
+            "timeout_s": settings.timeout.as_secs_f64(),
+            "warmup_s": settings.warmup.as_secs_f64(),
+            "max_other_pct": settings.max_other_pct,
+            "quiet_wait_s": settings.quiet_wait.as_secs_f64(),
+            "attempts": settings.attempts,
+        },
+        "host": host,
+        "wall_s": outcome.wall_s,
+        "direct_rates": outcome.direct_rates,
+        "summary": summary,
+        "checks": checks(&outcome.records).iter().map(|c| json!({
+            "what": c.what,
+            "measured": opt(c.measured),
+            "met": c.met,
+            "detail": c.detail,
+        })).collect::<Vec<_>>(),
+        "failures": outcome.failures,
+        "records": outcome.records.iter().map(record_json).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::versus::ConnFigures;
+    use crate::versus::cpu::CpuUsage;
+
+    fn record(round: usize, system: System, rate: f64, busy_s: f64) -> RunRecord {
+        RunRecord {
+            round,
+            system,
+            phase: Phase::ConnRate,
+            duration_s: 10.0,
+            conns: Some(ConnFigures {
+                ok: (rate * 10.0) as u64,
+                rate,
+                ..ConnFigures::default()
+            }),
+            bulk: None,
+            cpu: CpuUsage {
+                wall_s: 10.0,
+                machine_busy_s: busy_s,
+                lb_process_s: 0.5,
+                ..CpuUsage::default()
+            },
+            datapath: None,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn ratios_pair_rounds_and_extra_cpu_subtracts_direct() {
+        let records = vec![
+            record(1, System::Xdp, 900.0, 20.0),
+            record(1, System::Direct, 1000.0, 20.0),
+            record(2, System::Xdp, 1800.0, 20.0),
+            record(2, System::Direct, 2000.0, 20.0),
+            // A round without direct does not pair.
+            record(3, System::Xdp, 10.0, 20.0),
+        ];
+        let s = summarize(&records, Phase::ConnRate, System::Xdp);
+        assert_eq!(s.runs, 3);
+        assert_eq!(s.rate, Some(900.0));
+        assert!((s.rate_x_direct.unwrap() - 0.9).abs() < 1e-12);
+        // 20 CPU-s over 9,000 connections = 2.222 ms per 1k; direct 2.0 ms.
+        let round1 = 20.0 * 1e6 / 9000.0 - 20.0 * 1e6 / 10000.0;
+        let round2 = 20.0 * 1e6 / 18000.0 - 20.0 * 1e6 / 20000.0;
+        assert!((s.extra_ms_per_kconn.unwrap() - (round1 + round2) / 2.0).abs() < 1e-9);
+        assert_eq!(s.lb_cpu_pct, Some(5.0));
+        let c = checks(&records);
+        assert_eq!(c[0].met, Some(false));
+        assert_eq!(c[1].met, None);
+        assert_eq!(c.len(), 5);
+    }
+}
