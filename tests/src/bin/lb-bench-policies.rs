@@ -159,21 +159,7 @@ fn main() {
 fn real_main() -> Result<()> {
     let args = parse_args()?;
     lb_tests::spread::lb_binary()?;
-    testbed::raise_fd_limit();
-    lb_tests::netns::install_signal_cleanup();
-    // SIGINT/SIGTERM end the process through exit(3) once the namespaces are gone;
-    // the agent's pins and the run's config directory go then too.
-    extern "C" fn at_exit() {
-        testbed::remove_own_leftovers();
-    }
-    // SAFETY: registers a plain function with no arguments, as atexit expects.
-    unsafe {
-        libc::atexit(at_exit);
-    }
-    let stale = testbed::sweep_stale_pins();
-    if !stale.is_empty() {
-        eprintln!("lb-bench-policies: removed stale pins of {stale:?}");
-    }
+    testbed::prepare_process("lb-bench-policies");
     let duration = Duration::from_secs_f64(args.duration_s);
     let scenarios: Vec<Scenario> = args
         .scenarios

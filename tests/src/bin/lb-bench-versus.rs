@@ -157,21 +157,8 @@ fn main() {
 fn real_main() -> Result<()> {
     let settings = parse_args()?;
     lb_tests::spread::lb_binary()?;
-    testbed::raise_fd_limit();
-    lb_tests::netns::install_signal_cleanup();
-    // SIGINT/SIGTERM end the process through exit(3) once the namespaces (and the
-    // proxies inside them) are gone; the agent's pins and the run's folder go then.
-    extern "C" fn at_exit() {
-        testbed::remove_own_leftovers();
-    }
-    // SAFETY: registers a plain function with no arguments, as atexit expects.
-    unsafe {
-        libc::atexit(at_exit);
-    }
-    let stale = testbed::sweep_stale_pins();
-    if !stale.is_empty() {
-        eprintln!("lb-bench-versus: removed stale pins of {stale:?}");
-    }
+    // The proxies live inside the namespaces, so the cleanup ends them too.
+    testbed::prepare_process("lb-bench-versus");
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())

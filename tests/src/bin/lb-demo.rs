@@ -100,17 +100,7 @@ fn spread_demo() -> Result<()> {
 }
 
 fn adapt_demo(duration_s: f64) -> Result<()> {
-    testbed::raise_fd_limit();
-    lb_tests::netns::install_signal_cleanup();
-    // Ctrl-C ends the process through exit(3) once the namespaces are gone; the
-    // agent's pins and the run's config directory go then too.
-    extern "C" fn at_exit() {
-        testbed::remove_own_leftovers();
-    }
-    // SAFETY: registers a plain function with no arguments, as atexit expects.
-    unsafe {
-        libc::atexit(at_exit);
-    }
+    testbed::prepare_process("lb-demo");
     let scenario = Scenario::get("S2", Duration::from_secs_f64(duration_s)).expect("S2 exists");
     println!(
         "\n== 2. adapt: {} ({}), policy ai, {duration_s:.0} s of open-loop load, one new TCP \

@@ -160,6 +160,27 @@ pub fn remove_own_leftovers() {
     }
 }
 
+/// What every harness binary that builds topologies and starts agents does first:
+/// more open files, namespace cleanup on SIGINT/SIGTERM, [`remove_own_leftovers`] at
+/// exit (the cleanup ends the process through exit(3) once the namespaces are gone;
+/// the agent's pins and the run's config directory go then), and a sweep of pins
+/// that killed runs left behind, reported under `name`.
+pub fn prepare_process(name: &str) {
+    raise_fd_limit();
+    crate::netns::install_signal_cleanup();
+    extern "C" fn at_exit() {
+        remove_own_leftovers();
+    }
+    // SAFETY: registers a plain function with no arguments, as atexit expects.
+    unsafe {
+        libc::atexit(at_exit);
+    }
+    let stale = sweep_stale_pins();
+    if !stale.is_empty() {
+        eprintln!("{name}: removed stale pins of {stale:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
