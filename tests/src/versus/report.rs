@@ -307,29 +307,30 @@ pub fn checks(records: &[RunRecord]) -> Vec<Check> {
     ]
 }
 
-fn f0(v: Option<f64>) -> String {
+/// A table cell: `v` with `decimals` digits and `suffix`, or a dash when unknown.
+fn cell(v: Option<f64>, decimals: usize, suffix: &str) -> String {
     v.filter(|x| x.is_finite())
-        .map_or("–".into(), |x| format!("{x:.0}"))
+        .map_or("–".into(), |x| format!("{x:.decimals$}{suffix}"))
+}
+
+fn f0(v: Option<f64>) -> String {
+    cell(v, 0, "")
 }
 
 fn f1(v: Option<f64>) -> String {
-    v.filter(|x| x.is_finite())
-        .map_or("–".into(), |x| format!("{x:.1}"))
+    cell(v, 1, "")
 }
 
 fn f2(v: Option<f64>) -> String {
-    v.filter(|x| x.is_finite())
-        .map_or("–".into(), |x| format!("{x:.2}"))
+    cell(v, 2, "")
 }
 
 fn f3(v: Option<f64>) -> String {
-    v.filter(|x| x.is_finite())
-        .map_or("–".into(), |x| format!("{x:.3}"))
+    cell(v, 3, "")
 }
 
 fn ratio_cell(v: Option<f64>) -> String {
-    v.filter(|x| x.is_finite())
-        .map_or("–".into(), |x| format!("{x:.2}×"))
+    cell(v, 2, "×")
 }
 
 /// The Markdown table of an open-loop phase.

@@ -326,27 +326,21 @@ impl Running {
             "processes are still running in the load balancer's namespace"
         );
         let parts = match system {
-            System::Xdp => {
-                let pass = attach_pass(topo, topo.lb_bridge_port())?;
+            System::Xdp | System::XdpGeneric => {
+                // Native XDP needs a program on the bridge port to receive XDP_TX
+                // frames (see docs/ARCHITECTURE.md); generic mode does not.
+                let generic = system == System::XdpGeneric;
+                let pass = if generic {
+                    None
+                } else {
+                    Some(attach_pass(topo, topo.lb_bridge_port())?)
+                };
                 let stats = BpfStats::enable()?;
-                let agent = Agent::start(topo, config, &["--detach-on-exit"])?;
-                ensure!(
-                    xdp_attached()?,
-                    "the agent is ready but no XDP program is attached"
-                );
-                let pin = lb_userspace::agent::pin_dir(topo.prefix())
-                    .join(lb_userspace::dataplane::PROGRAM_PIN);
-                Parts::Xdp {
-                    agent: Some(agent),
-                    _pass: Some(pass),
-                    stats,
-                    pin,
+                let mut args = vec!["--detach-on-exit"];
+                if generic {
+                    args.extend(["--xdp-mode", "generic"]);
                 }
-            }
-            System::XdpGeneric => {
-                let stats = BpfStats::enable()?;
-                let agent =
-                    Agent::start(topo, config, &["--detach-on-exit", "--xdp-mode", "generic"])?;
+                let agent = Agent::start(topo, config, &args)?;
                 ensure!(
                     xdp_attached()?,
                     "the agent is ready but no XDP program is attached"
@@ -355,7 +349,7 @@ impl Running {
                     .join(lb_userspace::dataplane::PROGRAM_PIN);
                 Parts::Xdp {
                     agent: Some(agent),
-                    _pass: None,
+                    _pass: pass,
                     stats,
                     pin,
                 }
