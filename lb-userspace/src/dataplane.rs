@@ -263,6 +263,8 @@ impl Dataplane {
             loader.map_pin_path(name, dir.join(name));
         }
         let mut dataplane = Dataplane::load_with(loader, Some(dir.to_owned()))?;
+        // The old program keeps its own references until the new one replaces it.
+        remove_legacy_pins(dir)?;
         if adopted {
             dataplane.read_back()?;
         }
@@ -900,8 +902,32 @@ pub const LINK_PIN: &str = "link";
 pub const PROGRAM_PIN: &str = "program";
 
 /// Removes an instance's pins: the link first (which detaches the program), then
+/// Maps an earlier version pinned and this one no longer has: `CONNS`, the single
+/// connection table before it was split by family.
+const LEGACY_PINS: [&str; 1] = ["CONNS"];
+
+/// Removes [`LEGACY_PINS`] from `dir`: an agent that adopts an older agent's pins
+/// starts new connection tables, and the old one would otherwise stay pinned,
+/// holding its memory, until someone removed it by hand.
+fn remove_legacy_pins(dir: &Path) -> Result<(), DataplaneError> {
+    for name in LEGACY_PINS {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => log::info!("removed the pin {name} of an earlier version"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(DataplaneError::Pin {
+                    path: dir.join(name),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// the program and the maps, then the directory. Missing files are fine.
 pub fn remove_pins(dir: &Path) -> Result<(), DataplaneError> {
+    remove_legacy_pins(dir)?;
     let pin_err = |source| DataplaneError::Pin {
         path: dir.to_owned(),
         source,

@@ -1239,3 +1239,33 @@ fn random_frames_never_abort_or_pollute_the_connection_table() {
         conns.len()
     );
 }
+
+/// An agent adopting the pins of a version that had one connection table (`CONNS`)
+/// removes that pin: it would otherwise hold the old table's memory until someone
+/// deleted it by hand. The old pin is made here by moving a real pinned map there.
+#[test]
+fn adopting_pins_removes_the_old_connection_table_pin() {
+    use lb_userspace::dataplane::remove_pins;
+    let old = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
+    let new = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
+    let result = std::panic::catch_unwind(|| {
+        drop(Dataplane::load_pinned(&old).expect("pinning a first datapath"));
+        std::fs::create_dir_all(&new).unwrap();
+        std::fs::rename(old.join("CONNS_V4"), new.join("CONNS")).unwrap();
+        assert!(new.join("CONNS").exists());
+        let (dataplane, adopted) = Dataplane::load_pinned(&new).expect("loading over it");
+        assert!(!adopted, "nothing but the old table was pinned there");
+        assert!(
+            !new.join("CONNS").exists(),
+            "the old table's pin is still there"
+        );
+        assert!(new.join("CONNS_V4").exists());
+        drop(dataplane);
+    });
+    remove_pins(&old).unwrap();
+    remove_pins(&new).unwrap();
+    assert!(!old.exists() && !new.exists());
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -48,10 +48,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The main job on a built-in default: a client, the load balancer and three
-    /// weighted backends in network namespaces, real TCP connections through the XDP
-    /// program, and the spread of connections over the backends. Needs root.
-    Demo,
+    /// The main job on a built-in default, in about a minute: a client, the load
+    /// balancer and three weighted backends in network namespaces, real TCP
+    /// connections through the XDP program and their spread over the backends; then
+    /// the policy scenario S2 under `ai` with a live view of each backend's share,
+    /// latency and prediction, ending with a report and plots in target/demo/.
+    /// Needs root.
+    Demo {
+        /// Arguments for lb-demo: `--spread-only` (the first part alone),
+        /// `--duration-s N` (the second part's length, 45 s by default).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Fuzz the parsers of outside input (config file, Prometheus text, control API)
     /// for a bounded time: each cargo-fuzz target in fuzz/ under libFuzzer (nightly;
     /// cargo-fuzz is installed into .tools/ when missing), or, where cargo-fuzz cannot
@@ -149,12 +157,13 @@ fn main() -> anyhow::Result<()> {
                 .context("running cargo test")
                 .and_then(exit_like)
         }
-        Task::Demo => {
+        Task::Demo { args } => {
             require_root("the demo attaches XDP programs and creates network namespaces")?;
             setup::run(&root, setup::Report::Quiet)?;
             build(&root, false)?;
             cargo(&root)
-                .args(["run", "--quiet", "-p", "lb-tests", "--bin", "lb-demo"])
+                .args(["run", "--quiet", "-p", "lb-tests", "--bin", "lb-demo", "--"])
+                .args(&args)
                 .env("LB_BIN", root.join("target/debug/lb"))
                 .status()
                 .context("running the demo")
