@@ -496,16 +496,19 @@ impl Agent {
         for vip in &self.config.vips {
             let key = vip_key(vip);
             let unit = unit(vip);
+            // This VIP's backend ids, by address: one pass over the desired backends.
+            let ids: BTreeMap<IpAddr, u32> = self
+                .desired
+                .backends
+                .iter()
+                .filter(|(_, d)| d.vip == key)
+                .map(|(id, d)| (d.address, *id))
+                .collect();
             let inputs: Vec<Input> = vip
                 .backends
                 .iter()
                 .map(|b| {
-                    let id = self
-                        .desired
-                        .backends
-                        .iter()
-                        .find(|(_, d)| d.vip == key && d.address == b.address)
-                        .map(|(id, _)| *id);
+                    let id = ids.get(&b.address).copied();
                     let reading = self.signals.readings.get(&(key, b.address));
                     let sample = reading.and_then(|r| r.sample.as_ref());
                     let forecast = reading.and_then(|r| r.forecast.as_ref());
@@ -534,13 +537,7 @@ impl Agent {
             let current: Option<Vec<u32>> = self.desired.vips.get(&key).and_then(|d| {
                 let index: BTreeMap<u32, u32> = (0..)
                     .zip(&vip.backends)
-                    .filter_map(|(i, b)| {
-                        self.desired
-                            .backends
-                            .iter()
-                            .find(|(_, d)| d.vip == key && d.address == b.address)
-                            .map(|(id, _)| (*id, i))
-                    })
+                    .filter_map(|(i, b)| Some((*ids.get(&b.address)?, i)))
                     .collect();
                 d.table.iter().map(|id| index.get(id).copied()).collect()
             });
@@ -550,12 +547,8 @@ impl Agent {
                 .map(|b| addr_bytes(b.address).0)
                 .collect();
             let mut moved = |weights: &[u32]| {
-                let input: Vec<MaglevBackend<'_>> = keys
-                    .iter()
-                    .zip(weights)
-                    .map(|(key, &weight)| MaglevBackend { key, weight })
-                    .collect();
-                maglev::moved_share(&input, vip.table_size, current.as_deref()?)
+                let table = maglev::build(&MaglevBackend::zip(&keys, weights), vip.table_size);
+                maglev::moved_share(&table.ok()?, current.as_deref()?)
             };
             let Some(control) = self.control.get_mut(&key) else {
                 continue;

@@ -125,14 +125,7 @@ impl Desired {
                 .iter()
                 .map(|b| addr_bytes(b.address).0)
                 .collect();
-            let input: Vec<MaglevBackend<'_>> = keys
-                .iter()
-                .zip(&weights)
-                .map(|(key, &weight)| MaglevBackend {
-                    key: key.as_slice(),
-                    weight,
-                })
-                .collect();
+            let input = MaglevBackend::zip(&keys, &weights);
             let by_index =
                 maglev::build(&input, vip.table_size).map_err(|source| PlanError::Table {
                     vip: vip.to_string(),

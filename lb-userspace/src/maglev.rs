@@ -125,6 +125,20 @@ pub struct MaglevBackend<'a> {
     pub weight: u32,
 }
 
+impl<'a> MaglevBackend<'a> {
+    /// The backends whose keys are `keys` and weights `weights`, pairwise, as the
+    /// agent, the policies and the simulator all build them.
+    pub fn zip<K: AsRef<[u8]>>(keys: &'a [K], weights: &[u32]) -> Vec<MaglevBackend<'a>> {
+        keys.iter()
+            .zip(weights)
+            .map(|(key, &weight)| MaglevBackend {
+                key: key.as_ref(),
+                weight,
+            })
+            .collect()
+    }
+}
+
 /// Why a table could not be built.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MaglevError {
@@ -760,12 +774,11 @@ impl Race<'_> {
     }
 }
 
-/// The share of `current`'s slots that the table of `backends` gives to another
-/// backend, where `current` holds indices into the same `backends` list (a table
-/// built from the same backends with other weights). `None` if the new table cannot
-/// be built or has another size. The policies' move budget is checked with this.
-pub fn moved_share(backends: &[MaglevBackend<'_>], size: u32, current: &[u32]) -> Option<f64> {
-    let table = build(backends, size).ok()?;
+/// The share of `current`'s slots that `table` gives to another backend, both
+/// holding indices into the same backend list (two builds of the same backends with
+/// other weights). `None` if their sizes differ. The policies' move budget is
+/// checked with this.
+pub fn moved_share(table: &[u32], current: &[u32]) -> Option<f64> {
     if table.len() != current.len() || table.is_empty() {
         return None;
     }

@@ -825,12 +825,7 @@ mod tests {
         let p = params_for(&configured, &crate::config::Control::default());
         let budget = p.budget_per_second * p.interval_s;
         let keys: Vec<[u8; 4]> = (0..n as u32).map(|i| i.to_be_bytes()).collect();
-        let input = |w: &[u32]| -> Vec<MaglevBackend<'_>> {
-            keys.iter()
-                .zip(w)
-                .map(|(key, &weight)| MaglevBackend { key, weight })
-                .collect()
-        };
+        let input = |w: &[u32]| MaglevBackend::zip(&keys, w);
         let mut inputs = backends(n);
         let mut state = State::default();
         let mut weights = run(PolicyKind::Ai, &p, &mut state, &inputs, 1);
@@ -846,7 +841,7 @@ mod tests {
             }
             let (after, decisions) =
                 step_with_table(PolicyKind::Ai, &p, &mut state, &inputs, &mut |w| {
-                    moved_share(&input(w), SIZE, &table)
+                    moved_share(&build(&input(w), SIZE).ok()?, &table)
                 });
             let next = build(&input(&after), SIZE).unwrap();
             let moved = next.iter().zip(&table).filter(|(a, b)| a != b).count();

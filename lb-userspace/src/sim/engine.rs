@@ -328,7 +328,7 @@ impl<'a> Sim<'a> {
             slot_history: Vec::with_capacity(ticks),
         };
         assert!(
-            sim.install(weights, 0.0),
+            sim.install(weights, None, 0.0),
             "the configured weights give no table"
         );
         sim.updates.clear();
@@ -639,17 +639,15 @@ impl<'a> Sim<'a> {
                 }
             })
             .collect();
-        let (keys, table, size) = (&self.keys, &self.table, self.p.table_size);
+        // The policy's budget check builds tables; the last one it built is kept so
+        // that installing the same weights does not build it again.
+        let (keys, current, size) = (&self.keys, &self.table, self.p.table_size);
+        let mut last_built: Option<(Vec<u32>, Vec<u32>)> = None;
         let mut moved = |weights: &[u32]| {
-            let input: Vec<MaglevBackend<'_>> = keys
-                .iter()
-                .zip(weights)
-                .map(|(key, &weight)| MaglevBackend {
-                    key: key.as_slice(),
-                    weight,
-                })
-                .collect();
-            maglev::moved_share(&input, size, table)
+            let table = maglev::build(&MaglevBackend::zip(keys, weights), size).ok()?;
+            let share = maglev::moved_share(&table, current);
+            last_built = Some((weights.to_vec(), table));
+            share
         };
         let (weights, decisions) = policy::step_with_table(
             self.kind,
@@ -669,26 +667,26 @@ impl<'a> Sim<'a> {
             .iter()
             .filter(|d| d.reason.contains("raised to the floor"))
             .count() as u64;
-        if weights != self.weights && !self.install(weights, t) {
+        let built = last_built
+            .filter(|(w, _)| *w == weights)
+            .map(|(_, table)| table);
+        if weights != self.weights && !self.install(weights, built, t) {
             self.table_failures += 1;
         }
     }
 
-    /// Builds the table of `weights` as the agent does (`Desired::plan`: the backends'
-    /// address bytes as keys) and makes it current; false if it cannot be built (the
-    /// agent then keeps the table it has).
-    fn install(&mut self, weights: Vec<u32>, t: f64) -> bool {
-        let input: Vec<MaglevBackend<'_>> = self
-            .keys
-            .iter()
-            .zip(&weights)
-            .map(|(key, &weight)| MaglevBackend {
-                key: key.as_slice(),
-                weight,
-            })
-            .collect();
-        let Ok(table) = maglev::build(&input, self.p.table_size) else {
-            return false;
+    /// Makes the table of `weights` current (`built`, if the policy already built it,
+    /// else built here as the agent does: `Desired::plan`, the backends' address bytes
+    /// as keys); false if it cannot be built (the agent then keeps the table it has).
+    fn install(&mut self, weights: Vec<u32>, built: Option<Vec<u32>>, t: f64) -> bool {
+        let table = match built {
+            Some(table) => table,
+            None => {
+                match maglev::build(&MaglevBackend::zip(&self.keys, &weights), self.p.table_size) {
+                    Ok(table) => table,
+                    Err(_) => return false,
+                }
+            }
         };
         let slots = if self.table.len() == table.len() {
             self.table
