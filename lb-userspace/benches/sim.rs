@@ -14,8 +14,8 @@
 //! (120), `LB_SIM_SCENARIOS` and `LB_SIM_POLICIES` (comma-separated subsets), and,
 //! to study the policies' guards rather than to report, the agent's `[control]`
 //! settings `LB_SIM_INTERVAL_MS` (500), `LB_SIM_MOVE_BUDGET` (0.02),
-//! `LB_SIM_FLOOR_SHARE` (0.01), `LB_SIM_SMOOTHING` (0.5), `LB_SIM_HYSTERESIS` (0.05). It
-//! prints Markdown and writes every figure of every run as JSON to the file named by
+//! `LB_SIM_FLOOR_SHARE` (0.01), `LB_SIM_SMOOTHING` (0.5), `LB_SIM_HYSTERESIS` (0.05),
+//! `LB_SIM_SHED_RATIO` (0.5). It prints Markdown and writes every figure of every run as JSON to the file named by
 //! `LB_BENCH_JSON`, or else to `target/bench/sim.json` under the workspace root.
 
 use std::collections::BTreeMap;
@@ -52,6 +52,7 @@ fn main() {
         floor_share: env_num("LB_SIM_FLOOR_SHARE", c.floor_share),
         smoothing: env_num("LB_SIM_SMOOTHING", c.smoothing),
         hysteresis: env_num("LB_SIM_HYSTERESIS", c.hysteresis),
+        shed_ratio: env_num("LB_SIM_SHED_RATIO", c.shed_ratio),
     };
     let params = SimParams {
         duration_s: env_num("LB_SIM_DURATION_S", defaults.duration_s),
@@ -112,7 +113,7 @@ fn main() {
         out,
         "## Simulated testbed: {} backends, {} s per run, median of {} seed(s)\n\n\
          Control: {} ms interval, move budget {} /s, floor share {}, smoothing {}, \
-         hysteresis {}.\n",
+         hysteresis {}, shed ratio {}.\n",
         params.backends,
         params.duration_s,
         seeds,
@@ -120,7 +121,8 @@ fn main() {
         control.move_budget_per_second,
         control.floor_share,
         control.smoothing,
-        control.hysteresis
+        control.hysteresis,
+        control.shed_ratio
     );
     for &s in &scenarios {
         let r = sim::Scenario::new(s, &params);
@@ -294,6 +296,7 @@ fn main() {
                 "floor_share": c.floor_share,
                 "smoothing": c.smoothing,
                 "hysteresis": c.hysteresis,
+                "shed_ratio": c.shed_ratio,
             },
         },
         "summary": summary,

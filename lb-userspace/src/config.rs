@@ -139,6 +139,9 @@ pub struct Control {
     pub smoothing: f64,
     /// Relative change below which a weight is left alone (0..1).
     pub hysteresis: f64,
+    /// A backend whose target falls below this fraction of its weight sheds to the
+    /// target at once, outside smoothing and the move budget (0..1; 0: never).
+    pub shed_ratio: f64,
 }
 
 impl Default for Control {
@@ -149,6 +152,7 @@ impl Default for Control {
             floor_share: 0.01,
             smoothing: 0.5,
             hysteresis: 0.05,
+            shed_ratio: 0.5,
         }
     }
 }
@@ -161,6 +165,7 @@ struct RawControl {
     floor_share: Option<f64>,
     smoothing: Option<f64>,
     hysteresis: Option<f64>,
+    shed_ratio: Option<f64>,
 }
 
 fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
@@ -214,6 +219,13 @@ fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
         hysteresis: range(
             "hysteresis",
             raw.hysteresis.unwrap_or(d.hysteresis),
+            0.0,
+            false,
+            1.0,
+        )?,
+        shed_ratio: range(
+            "shed_ratio",
+            raw.shed_ratio.unwrap_or(d.shed_ratio),
             0.0,
             false,
             1.0,
@@ -896,6 +908,7 @@ weight = 1
             ),
             ("floor_share = 0.9", "control.floor_share"),
             ("smoothing = nan", "control.smoothing"),
+            ("shed_ratio = 1.5", "control.shed_ratio"),
         ] {
             assert_eq!(field_of(&format!("[control]\n{bad}\n{GOOD}")), field);
         }

@@ -18,11 +18,18 @@
 //!   loses share, a faster one gains, until predicted latencies are even.
 //!
 //! Every policy then goes through the same guards, in this order: operator holds win
-//! outright; unhealthy backends get 0 at once (safety beats the move budget); the
-//! others are smoothed toward their target (exponential smoothing), left alone when
-//! the change is within the hysteresis band, kept at or above a floor share, limited
-//! so that the lookup-table slots moved per update stay within the budget, and
-//! quantized to whole steps of the weight scale.
+//! outright; unhealthy backends get 0 at once (safety beats the move budget); a
+//! backend whose target falls below [`Params::shed_ratio`] of what it holds is
+//! degrading and sheds to its target at once, also outside smoothing and the budget
+//! (cutting a degrading backend's traffic is safety too, and waiting 8 s at 2 % per
+//! second while its queue grows is what breaks requests); the others are smoothed
+//! toward their target (exponential smoothing), left alone when the change is within
+//! the hysteresis band, kept at or above a floor share, limited so that the
+//! lookup-table slots moved per update, beyond those the holds, health changes and
+//! sheds move, stay within the budget, and quantized to whole steps of the weight
+//! scale. Shedding is one-sided: a backend wins share back only through the
+//! smoothed, budgeted path, so a shed cannot start an oscillation faster than the
+//! budget allows.
 
 use std::collections::BTreeMap;
 
@@ -78,6 +85,13 @@ pub struct Params {
     pub interval_s: f64,
     /// Exponent of the latency ratio in the `ai` policy.
     pub gain: f64,
+    /// Predicted latencies within this factor of the reference count as equal in
+    /// the `ai` policy (see [`latency_factor`]).
+    pub latency_band: f64,
+    /// A free backend whose target is below this fraction of what it holds sheds to
+    /// its target at once, outside smoothing, hysteresis and the move budget (0:
+    /// never). Only `reactive` and `ai` have targets that move.
+    pub shed_ratio: f64,
     /// Envoy's error penalty in the `reactive` policy.
     pub error_penalty: f64,
     /// What a failed request costs its client, in seconds, for the `ai` policy: it
@@ -97,6 +111,8 @@ impl Default for Params {
             budget_per_second: 0.02,
             interval_s: 1.0,
             gain: 1.0,
+            latency_band: 3.0,
+            shed_ratio: 0.5,
             error_penalty: 1.0,
             error_cost_s: 1.0,
         }
@@ -131,6 +147,7 @@ pub fn params_for(configured: &[u32], control: &crate::config::Control) -> Param
         hysteresis: control.hysteresis,
         budget_per_second: control.move_budget_per_second,
         interval_s: control.interval_ms as f64 / 1000.0,
+        shed_ratio: control.shed_ratio,
         ..Params::default()
     }
 }
@@ -176,6 +193,36 @@ pub struct Decision {
 pub struct State {
     /// The weights last handed out, by backend name.
     pub weights: BTreeMap<String, u32>,
+    /// Each free backend's target share of the free backends' pool, filtered over
+    /// updates, by backend name.
+    pub targets: BTreeMap<String, Filtered>,
+    /// The free backends those shares are of: when the set changes, the filters
+    /// start again.
+    pub free: Vec<String>,
+}
+
+/// A signal filtered over updates: an exponentially weighted mean and variance,
+/// with weight [`FILTER`] on the newest value.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Filtered {
+    pub mean: f64,
+    pub variance: f64,
+}
+
+/// Weight of the newest target in [`Filtered`]: about the last five updates count.
+const FILTER: f64 = 0.2;
+
+impl Filtered {
+    fn update(&mut self, x: f64) {
+        let d = x - self.mean;
+        self.mean += FILTER * d;
+        self.variance = (1.0 - FILTER) * (self.variance + FILTER * d * d);
+    }
+
+    /// The standard deviation of the mean itself, had the values been independent.
+    fn noise(&self) -> f64 {
+        (self.variance * FILTER / (2.0 - FILTER)).sqrt()
+    }
 }
 
 /// One update for one VIP: new weights (in `inputs` order) and the decisions, with
@@ -235,6 +282,19 @@ pub fn step_with_table(
         })
         .collect();
     let targets = targets(kind, params, inputs, &start);
+    // A shed needs the capacity a backend has shown (`reactive`'s target, `ai`'s
+    // before its latency factor) to fall, not a latency ratio alone, which swings
+    // with every queue and would shed healthy backends in turn; and the target too,
+    // so that `ai` never sheds a backend it keeps above its capacity share because
+    // it answers faster.
+    let shed_basis = match kind {
+        PolicyKind::Ai => with_fallback(&capacities(params.error_penalty, inputs), &start),
+        _ => targets.clone(),
+    };
+    let basis_total: f64 = (0..n)
+        .filter(|&k| inputs[k].hold.is_none() && inputs[k].healthy)
+        .map(|k| shed_basis[k])
+        .sum();
     let mut reasons: Vec<String> = vec![String::new(); n];
     let mut after = before.clone();
 
@@ -268,8 +328,18 @@ pub fn step_with_table(
         }
         return finish(kind, state, inputs, before, targets, after, reasons);
     }
-    // Smoothing and hysteresis on the free backends, in shares of what they hold.
+    let free_names: Vec<String> = (0..n)
+        .filter(|&k| free[k])
+        .map(|k| inputs[k].name.clone())
+        .collect();
+    if free_names != state.free {
+        state.targets.clear();
+        state.free = free_names;
+    }
+    // Smoothing and hysteresis on the free backends, in shares of what they hold; a
+    // backend whose target is far below what it holds sheds at once instead.
     let mut proposal: Vec<f64> = vec![0.0; n];
+    let mut shed = vec![false; n];
     for k in (0..n).filter(|&k| free[k]) {
         let target = if free_total > 0.0 {
             pool * targets[k] / free_total
@@ -277,16 +347,80 @@ pub fn step_with_table(
             pool / n as f64
         };
         let current = start[k] as f64;
+        let shown = if basis_total > 0.0 {
+            pool * shed_basis[k] / basis_total
+        } else {
+            current
+        };
+        if current > 0.0
+            && strained(params, &inputs[k])
+            && shown.max(target) < params.shed_ratio * current
+        {
+            let target = target.min(shown);
+            proposal[k] = target;
+            shed[k] = true;
+            // A new regime: the filter starts again from it.
+            state.targets.insert(
+                inputs[k].name.clone(),
+                Filtered {
+                    mean: target / pool.max(1.0),
+                    variance: 0.0,
+                },
+            );
+            reasons[k] = format!(
+                "{kind}: target {target:.0} is below {:.0} % of its weight {current:.0}: \
+                 shed at once, outside smoothing and the move budget",
+                params.shed_ratio * 100.0
+            );
+            continue;
+        }
+        // The target, filtered over updates; a change smaller than its noise (two
+        // standard deviations of the filtered value) or than the hysteresis band
+        // is not made, so that measurement noise alone never moves a weight.
+        let share = target / pool.max(1.0);
+        let filtered = state
+            .targets
+            .entry(inputs[k].name.clone())
+            .or_insert(Filtered {
+                mean: share,
+                variance: 0.0,
+            });
+        filtered.update(share);
+        let (target, noise) = (filtered.mean * pool, filtered.noise() * pool);
         let smoothed = current + params.smoothing * (target - current);
-        if current > 0.0 && ((smoothed - current).abs() / current) <= params.hysteresis {
+        if current > 0.0
+            && ((smoothed - current).abs() <= params.hysteresis * current
+                || (target - current).abs() <= 2.0 * noise)
+        {
             proposal[k] = current;
             reasons[k] = format!(
-                "{kind}: target {target:.0} within the {:.0} % hysteresis band",
+                "{kind}: target {target:.0} (filtered, noise {noise:.0}) within the {:.0} % \
+                 hysteresis band or its noise",
                 params.hysteresis * 100.0
             );
         } else {
             proposal[k] = smoothed;
-            reasons[k] = format!("{kind}: target {target:.0}, smoothed to {smoothed:.0}");
+            reasons[k] = format!(
+                "{kind}: target {target:.0} (filtered, noise {noise:.0}), smoothed to \
+                 {smoothed:.0}"
+            );
+        }
+    }
+    // A shed backend gets its target as a share of all the weight, whatever the
+    // others' filtered steps make of the total.
+    if shed.iter().any(|&x| x) {
+        let held: f64 = (0..n).filter(|&k| !free[k]).map(|k| after[k] as f64).sum();
+        let now = pool + held;
+        let shed_share: f64 = (0..n).filter(|&k| shed[k]).map(|k| proposal[k] / now).sum();
+        let others: f64 = held
+            + (0..n)
+                .filter(|&k| free[k] && !shed[k])
+                .map(|k| proposal[k])
+                .sum::<f64>();
+        if shed_share < 1.0 && others > 0.0 {
+            for k in (0..n).filter(|&k| shed[k]) {
+                proposal[k] = proposal[k] / now * others / (1.0 - shed_share);
+            }
         }
     }
     // Floor: every free backend keeps a minimum share, at most a fifth of an equal one.
@@ -298,8 +432,18 @@ pub fn step_with_table(
             reasons[k] += &format!("; raised to the floor {floor:.0}");
         }
     }
-    // Budget: share moved = half the sum of |share change| over all backends.
-    let old_total: f64 = before.iter().map(|&w| w as f64).sum();
+    // The budget bounds the step of the backends it scales, from `base`: what every
+    // backend holds, with the holds, health changes and sheds (which it does not
+    // bound) already made.
+    let scaled: Vec<bool> = (0..n).map(|k| free[k] && !shed[k]).collect();
+    let base: Vec<f64> = (0..n)
+        .map(|k| match (scaled[k], free[k]) {
+            (true, _) => before[k] as f64,
+            (false, true) => proposal[k],
+            (false, false) => after[k] as f64,
+        })
+        .collect();
+    let base_total: f64 = base.iter().sum();
     let fixed_new: Vec<f64> = (0..n)
         .map(|k| {
             if free[k] {
@@ -310,17 +454,18 @@ pub fn step_with_table(
         })
         .collect();
     let new_total: f64 = fixed_new.iter().sum();
-    if old_total > 0.0 && new_total > 0.0 {
+    let budget = params.budget_per_second * params.interval_s;
+    if base_total > 0.0 && new_total > 0.0 {
+        // Share moved = half the sum of |share change| over the scaled backends.
         let moved: f64 = (0..n)
-            .filter(|&k| free[k])
-            .map(|k| (fixed_new[k] / new_total - before[k] as f64 / old_total).abs())
+            .filter(|&k| scaled[k])
+            .map(|k| (fixed_new[k] / new_total - base[k] / base_total).abs())
             .sum::<f64>()
             / 2.0;
-        let budget = params.budget_per_second * params.interval_s;
         if moved > budget {
             let alpha = budget / moved;
-            for k in (0..n).filter(|&k| free[k]) {
-                let old_share = before[k] as f64 / old_total;
+            for k in (0..n).filter(|&k| scaled[k]) {
+                let old_share = base[k] / base_total;
                 let new_share = fixed_new[k] / new_total;
                 proposal[k] = (old_share + alpha * (new_share - old_share)) * new_total;
                 reasons[k] += &format!("; move budget: {:.0} % of the step", alpha * 100.0);
@@ -334,51 +479,61 @@ pub fn step_with_table(
     }
     // Never leave the VIP without weight while a backend is healthy.
     keep_a_backend(params, inputs, &mut after, &mut reasons);
-    // The budget again, on the table itself.
-    let budget = params.budget_per_second * params.interval_s;
-    if after != before
+    // The budget again, on the table itself: the slots the unbounded changes move
+    // alone are allowed, and the budget on top.
+    let base: Vec<u32> = (0..n)
+        .map(|k| if scaled[k] { before[k] } else { after[k] })
+        .collect();
+    if after != base
         && let Some(share) = moved(&after)
-        && share > budget + 1e-9
     {
-        let at = |alpha: f64, after: &[u32]| -> Vec<u32> {
-            (0..n)
-                .map(|k| {
-                    if free[k] {
-                        let (b, a) = (before[k] as f64, after[k] as f64);
-                        (b + alpha * (a - b)).round() as u32
-                    } else {
-                        after[k]
-                    }
-                })
-                .collect()
+        let unbounded = if base != before {
+            moved(&base).unwrap_or(0.0)
+        } else {
+            0.0
         };
-        // Moved slots grow about linearly with the fraction of the step taken: try
-        // 90 % of the fraction that would just fit, halve it while it does not; 0 if
-        // nothing fits (then only holds and health changes go through).
-        let mut lo = (0.9 * budget / share).min(1.0);
-        let mut lo_share = None;
-        for _ in 0..6 {
-            match moved(&at(lo, &after)) {
-                Some(s) if s <= budget + 1e-9 => {
-                    lo_share = Some(s);
-                    break;
+        let allowance = unbounded + budget;
+        if share > allowance + 1e-9 {
+            let at = |alpha: f64, after: &[u32]| -> Vec<u32> {
+                (0..n)
+                    .map(|k| {
+                        if scaled[k] {
+                            let (b, a) = (before[k] as f64, after[k] as f64);
+                            (b + alpha * (a - b)).round() as u32
+                        } else {
+                            after[k]
+                        }
+                    })
+                    .collect()
+            };
+            // Moved slots grow about linearly with the fraction of the step taken:
+            // try 90 % of the fraction that would just fit, halve it while it does
+            // not; 0 if nothing fits (then only the unbounded changes go through).
+            let mut lo = (0.9 * budget / (share - unbounded).max(1e-9)).min(1.0);
+            let mut lo_share = None;
+            for _ in 0..6 {
+                match moved(&at(lo, &after)) {
+                    Some(s) if s <= allowance + 1e-9 => {
+                        lo_share = Some(s);
+                        break;
+                    }
+                    _ => lo /= 2.0,
                 }
-                _ => lo /= 2.0,
             }
-        }
-        if lo_share.is_none() {
-            lo = 0.0;
-        }
-        after = at(lo, &after);
-        keep_a_backend(params, inputs, &mut after, &mut reasons);
-        let now = lo_share.map_or(String::new(), |s| format!(", {:.2} %", s * 100.0));
-        for k in (0..n).filter(|&k| free[k]) {
-            reasons[k] += &format!(
-                "; slot budget: the table would move {:.2} % of its slots, {:.0} % of the \
-                 step taken{now}",
-                share * 100.0,
-                lo * 100.0
-            );
+            if lo_share.is_none() {
+                lo = 0.0;
+            }
+            after = at(lo, &after);
+            keep_a_backend(params, inputs, &mut after, &mut reasons);
+            let now = lo_share.map_or(String::new(), |s| format!(", {:.2} %", s * 100.0));
+            for k in (0..n).filter(|&k| scaled[k]) {
+                reasons[k] += &format!(
+                    "; slot budget: the table would move {:.2} % of its slots, {:.0} % of \
+                     the step taken{now}",
+                    share * 100.0,
+                    lo * 100.0
+                );
+            }
         }
     }
     finish(kind, state, inputs, before, targets, after, reasons)
@@ -416,6 +571,12 @@ fn finish(
     state
         .weights
         .retain(|name, _| inputs.iter().any(|i| &i.name == name));
+    // A backend that is held or unhealthy starts its filter again when it is free.
+    state.targets.retain(|name, _| {
+        inputs
+            .iter()
+            .any(|i| &i.name == name && i.hold.is_none() && i.healthy)
+    });
     let decisions = inputs
         .iter()
         .enumerate()
@@ -458,22 +619,13 @@ fn targets(kind: PolicyKind, params: &Params, inputs: &[Input], before: &[u32]) 
         PolicyKind::Reactive => {
             // Envoy CSWRR: qps / (utilisation + penalty · eps/qps). Backends without
             // observations keep what they have.
-            let scores: Vec<Option<f64>> = inputs
-                .iter()
-                .map(|i| {
-                    let qps = i.qps.filter(|q| q.is_finite() && *q > 0.0)?;
-                    let util = i.utilisation.filter(|u| u.is_finite() && *u > 0.0)?;
-                    let eps = i
-                        .errors_per_s
-                        .filter(|e| e.is_finite() && *e >= 0.0)
-                        .unwrap_or(0.0);
-                    Some(qps / (util + params.error_penalty * eps / qps))
-                })
-                .collect();
-            with_fallback(&scores, before)
+            with_fallback(&capacities(params.error_penalty, inputs), before)
         }
         PolicyKind::Ai => {
-            let total: f64 = before.iter().map(|&w| w as f64).sum::<f64>().max(1.0);
+            // Headroom: what each backend has shown it can carry (Envoy's capacity,
+            // so that a backend failing fast does not look idle and huge), scaled by
+            // how its predicted latency compares with the others'.
+            let capacity = with_fallback(&capacities(params.error_penalty, inputs), before);
             let preds: Vec<Option<f64>> = inputs
                 .iter()
                 .map(|i| {
@@ -481,31 +633,94 @@ fn targets(kind: PolicyKind, params: &Params, inputs: &[Input], before: &[u32]) 
                     Some(with_errors(params, i, p))
                 })
                 .collect();
-            // Reference: the traffic-weighted mean prediction.
-            let (num, den) = preds
-                .iter()
-                .zip(before)
-                .fold((0.0, 0.0), |(n, d), (p, &w)| match p {
-                    Some(p) => (n + p * w as f64, d + w as f64),
-                    None => (n, d),
-                });
-            if den <= 0.0 {
-                return before.iter().map(|&w| w as f64).collect();
-            }
-            let reference = num / den;
+            // Reference: the traffic-weighted median prediction, which one slow
+            // backend does not drag along (a mean would call a backend four times
+            // slower than three others only 2.3 times the reference).
+            let Some(reference) = weighted_median(&preds, before) else {
+                return capacity;
+            };
             preds
                 .iter()
-                .zip(before)
-                .map(|(p, &w)| {
-                    let share = w as f64 / total;
-                    match p {
-                        Some(p) => share * (reference / p).powf(params.gain),
-                        None => share,
-                    }
+                .zip(capacity)
+                .map(|(p, c)| match p {
+                    Some(p) => c * latency_factor(params, reference / p),
+                    None => c,
                 })
                 .collect()
         }
     }
+}
+
+/// How much `ai` scales a backend's shown capacity when its predicted latency is
+/// `ratio` times faster than the reference: 1 within the dead band (a factor of
+/// [`Params::latency_band`] either way, where differences between backends are
+/// mostly noise of their queues), and the ratio beyond the band's edge, to the
+/// power [`Params::gain`]. Continuous, so that a backend near the edge does not
+/// jump.
+fn latency_factor(params: &Params, ratio: f64) -> f64 {
+    let band = params.latency_band.max(1.0).ln();
+    let x = ratio.ln();
+    let beyond = x.signum() * (x.abs() - band).max(0.0);
+    (beyond * params.gain).exp()
+}
+
+/// The median of the known `values`, each counted with its weight: the smallest
+/// value at or below which at least half the weight lies. `None` if no known value
+/// has weight.
+fn weighted_median(values: &[Option<f64>], weights: &[u32]) -> Option<f64> {
+    let mut known: Vec<(f64, f64)> = values
+        .iter()
+        .zip(weights)
+        .filter_map(|(v, &w)| Some((*v.as_ref()?, w as f64)))
+        .filter(|&(_, w)| w > 0.0)
+        .collect();
+    let total: f64 = known.iter().map(|&(_, w)| w).sum();
+    known.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut below = 0.0;
+    for (v, w) in known {
+        below += w;
+        if below >= total / 2.0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Utilisation at or above which a backend counts as strained (see [`strained`]).
+const STRAINED: f64 = 0.9;
+
+/// Whether a backend is at the end of what it can do: busy nearly all the time, or
+/// failing, Envoy's way, `utilisation + error_penalty · errors/qps ≥ 0.9`. Only a
+/// strained backend is shed: a backend with room never needs its traffic cut at
+/// once, whatever the other backends' figures make its share look like.
+fn strained(params: &Params, input: &Input) -> bool {
+    let qps = input.qps.filter(|q| q.is_finite() && *q > 0.0);
+    let util = input
+        .utilisation
+        .filter(|u| u.is_finite() && *u >= 0.0)
+        .unwrap_or(0.0);
+    let failing = match (qps, input.errors_per_s) {
+        (Some(q), Some(e)) if e.is_finite() && e >= 0.0 => params.error_penalty * e / q,
+        _ => 0.0,
+    };
+    util + failing >= STRAINED
+}
+
+/// Each backend's capacity as Envoy's client-side weighted round robin sees it,
+/// `qps / (utilisation + error_penalty · errors/qps)`; `None` without observations.
+fn capacities(error_penalty: f64, inputs: &[Input]) -> Vec<Option<f64>> {
+    inputs
+        .iter()
+        .map(|i| {
+            let qps = i.qps.filter(|q| q.is_finite() && *q > 0.0)?;
+            let util = i.utilisation.filter(|u| u.is_finite() && *u > 0.0)?;
+            let eps = i
+                .errors_per_s
+                .filter(|e| e.is_finite() && *e >= 0.0)
+                .unwrap_or(0.0);
+            Some(qps / (util + error_penalty * eps / qps))
+        })
+        .collect()
 }
 
 /// The latency `ai` expects of a backend once its errors are counted: a failed
@@ -814,8 +1029,8 @@ mod tests {
     }
 
     /// The budget holds on the real table, not just on ideal shares: 40 backends whose
-    /// predictions all change a little every step move many slots a little each, which
-    /// a consistent-hash table turns into more moved slots than the shares say.
+    /// shown capacities all change every few steps move many slots a little each,
+    /// which a consistent-hash table turns into more moved slots than the shares say.
     #[test]
     fn slot_budget_holds_on_the_real_table() {
         use crate::maglev::{MaglevBackend, build, moved_share};
@@ -832,12 +1047,14 @@ mod tests {
         let mut table = build(&input(&weights), SIZE).unwrap();
         let mut limited = 0;
         let mut seed = 0x1234_5678u64;
-        for _ in 0..15 {
-            for i in &mut inputs {
+        for step in 0..15 {
+            for i in inputs.iter_mut().filter(|_| step % 5 == 0) {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                i.predicted_s = Some(0.005 + (seed >> 40) as f64 / (1u64 << 24) as f64 * 0.05);
+                i.qps = Some(100.0);
+                i.utilisation = Some(0.2 + (seed >> 40) as f64 / (1u64 << 24) as f64 * 0.6);
+                i.predicted_s = Some(0.01);
             }
             let (after, decisions) =
                 step_with_table(PolicyKind::Ai, &p, &mut state, &inputs, &mut |w| {
@@ -888,5 +1105,83 @@ mod tests {
         let w = run(PolicyKind::Ai, &p, &mut state, &inputs, 100);
         let total: f64 = w.iter().map(|&x| x as f64).sum();
         assert!(w[0] as f64 / total > 0.5, "{w:?}");
+    }
+
+    /// Four equal backends observed at `qps` and `util` each, backend 0 as given.
+    fn observed(qps0: f64, util0: f64) -> Vec<Input> {
+        let mut inputs = backends(4);
+        for (k, i) in inputs.iter_mut().enumerate() {
+            let (q, u) = if k == 0 { (qps0, util0) } else { (60.0, 0.75) };
+            i.qps = Some(q);
+            i.utilisation = Some(u);
+            i.predicted_s = Some(0.05);
+        }
+        inputs
+    }
+
+    fn share(w: &[u32], k: usize) -> f64 {
+        w[k] as f64 / w.iter().map(|&x| x as f64).sum::<f64>()
+    }
+
+    /// A backend whose shown capacity falls to a quarter (saturated at 20 req/s
+    /// where the others carry 60 at 75 %) sheds to its capacity share in one step,
+    /// outside the move budget, under both adaptive policies; when it recovers it
+    /// wins share back only within the budget.
+    #[test]
+    fn a_backend_losing_capacity_sheds_at_once_and_returns_within_the_budget() {
+        let p = Params::default();
+        let budget = p.budget_per_second * p.interval_s;
+        for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+            let mut state = State::default();
+            let w0 = run(kind, &p, &mut state, &observed(60.0, 0.75), 3);
+            assert!((share(&w0, 0) - 0.25).abs() < 0.01, "{kind}: {w0:?}");
+            let (w1, d) = step(kind, &p, &mut state, &observed(20.0, 1.0));
+            // Capacity share 20 / 260 = 7.7 %; `ai` sheds to the lower of that and
+            // its latency-scaled target, equal here.
+            assert!(share(&w1, 0) < 0.085, "{kind}: {w0:?} -> {w1:?}");
+            assert!(share_moved(&w0, &w1) > 5.0 * budget, "{kind}: {w1:?}");
+            assert!(d[0].reason.contains("shed at once"), "{kind}: {:?}", d[0]);
+            // Recovered: back toward 25 %, never faster than the budget.
+            let mut before = w1;
+            for _ in 0..40 {
+                let (after, d) = step(kind, &p, &mut state, &observed(60.0, 0.75));
+                let slack = 4.0 * p.quantum as f64 / p.scale as f64;
+                assert!(
+                    share_moved(&before, &after) <= budget + slack,
+                    "{kind}: {before:?} -> {after:?}"
+                );
+                assert!(!d[0].reason.contains("shed"), "{kind}: {:?}", d[0]);
+                before = after;
+            }
+            assert!(
+                share(&before, 0) > 0.2,
+                "{kind}: never came back: {before:?}"
+            );
+        }
+    }
+
+    /// A latency prediction alone never sheds: a backend predicted five times slower
+    /// than the others at the same shown capacity loses share within the budget,
+    /// step by step. Latency ratios swing with every queue; shedding on them sheds
+    /// healthy backends in turn (the simulator's S1 did, at 120 backends).
+    #[test]
+    fn a_latency_swing_alone_moves_within_the_budget() {
+        let p = Params::default();
+        let budget = p.budget_per_second * p.interval_s;
+        let mut state = State::default();
+        let mut before = run(PolicyKind::Ai, &p, &mut state, &observed(60.0, 0.75), 3);
+        let mut slow = observed(60.0, 0.75);
+        slow[0].predicted_s = Some(0.25);
+        for _ in 0..10 {
+            let (after, d) = step(PolicyKind::Ai, &p, &mut state, &slow);
+            let slack = 4.0 * p.quantum as f64 / p.scale as f64;
+            assert!(
+                share_moved(&before, &after) <= budget + slack,
+                "{before:?} -> {after:?}"
+            );
+            assert!(!d[0].reason.contains("shed"), "{:?}", d[0]);
+            before = after;
+        }
+        assert!(share(&before, 0) < 0.2, "{before:?}");
     }
 }

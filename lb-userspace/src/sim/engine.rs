@@ -328,7 +328,7 @@ impl<'a> Sim<'a> {
             slot_history: Vec::with_capacity(ticks),
         };
         assert!(
-            sim.install(weights, None, 0.0),
+            sim.install(weights, None, false, 0.0),
             "the configured weights give no table"
         );
         sim.updates.clear();
@@ -670,7 +670,8 @@ impl<'a> Sim<'a> {
         let built = last_built
             .filter(|(w, _)| *w == weights)
             .map(|(_, table)| table);
-        if weights != self.weights && !self.install(weights, built, t) {
+        let shed = decisions.iter().any(|d| d.reason.contains("shed at once"));
+        if weights != self.weights && !self.install(weights, built, shed, t) {
             self.table_failures += 1;
         }
     }
@@ -678,7 +679,7 @@ impl<'a> Sim<'a> {
     /// Makes the table of `weights` current (`built`, if the policy already built it,
     /// else built here as the agent does: `Desired::plan`, the backends' address bytes
     /// as keys); false if it cannot be built (the agent then keeps the table it has).
-    fn install(&mut self, weights: Vec<u32>, built: Option<Vec<u32>>, t: f64) -> bool {
+    fn install(&mut self, weights: Vec<u32>, built: Option<Vec<u32>>, shed: bool, t: f64) -> bool {
         let table = match built {
             Some(table) => table,
             None => {
@@ -705,6 +706,7 @@ impl<'a> Sim<'a> {
             } else {
                 policy::share_moved(&self.weights, &weights)
             },
+            shed,
         });
         self.slot_counts.iter_mut().for_each(|c| *c = 0);
         for &i in &table {

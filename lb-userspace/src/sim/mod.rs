@@ -196,8 +196,11 @@ pub struct TableUpdate {
     /// Slots whose backend changed.
     pub slots: u64,
     /// The share of the table that moves between the two weight vectors in the ideal
-    /// (`policy::share_moved`), which the move budget bounds.
+    /// (`policy::share_moved`), which the move budget bounds unless a backend shed.
     pub ideal_share: f64,
+    /// Whether a backend shed (the policy's decision): then the shed's own slots are
+    /// outside the budget.
+    pub shed: bool,
 }
 
 /// One control interval, for plots and analysis.
