@@ -9,27 +9,31 @@
 //! - `reactive`: a strong non-learning controller, Envoy's client-side weighted round
 //!   robin: `qps / (utilisation + error_penalty · errors/qps)`, from the last interval's
 //!   observations; backends without observations keep their configured share.
-//! - `ai`: weights from predicted headroom. Each backend's target share is its current
-//!   share scaled by `(reference latency / predicted latency)^gain`, where the
-//!   prediction (made worse by the backend's error rate, see [`with_errors`]) is one
-//!   control interval ahead (from the model while it beats the
-//!   baselines, else from the best baseline; the caller says which) and the reference
-//!   is the traffic-weighted mean prediction. A backend predicted slower than the rest
-//!   loses share, a faster one gains, until predicted latencies are even.
+//! - `ai`: weights from predicted headroom. Each backend's target is its shown
+//!   capacity (Envoy's figure above) scaled by how its predicted latency compares
+//!   with the traffic-weighted median prediction ([`latency_factor`]: 1 within a
+//!   factor of [`Params::latency_band`], the ratio beyond it), where the prediction
+//!   (made worse by the backend's error rate, see [`with_errors`]) is one control
+//!   interval ahead, from the model while it beats the baselines, else from the best
+//!   baseline (the caller says which). Without observations a backend's capacity is
+//!   its current share, and `ai` moves share away from a backend predicted slower
+//!   until predictions are within the band.
 //!
 //! Every policy then goes through the same guards, in this order: operator holds win
 //! outright; unhealthy backends get 0 at once (safety beats the move budget); a
-//! backend whose target falls below [`Params::shed_ratio`] of what it holds is
-//! degrading and sheds to its target at once, also outside smoothing and the budget
-//! (cutting a degrading backend's traffic is safety too, and waiting 8 s at 2 % per
-//! second while its queue grows is what breaks requests); the others are smoothed
-//! toward their target (exponential smoothing), left alone when the change is within
-//! the hysteresis band, kept at or above a floor share, limited so that the
-//! lookup-table slots moved per update, beyond those the holds, health changes and
-//! sheds move, stay within the budget, and quantized to whole steps of the weight
-//! scale. Shedding is one-sided: a backend wins share back only through the
-//! smoothed, budgeted path, so a shed cannot start an oscillation faster than the
-//! budget allows.
+//! strained backend ([`strained`]: busy or failing nearly all the time) whose shown
+//! capacity and target both fall below [`Params::shed_ratio`] of what it holds sheds
+//! to its target at once, also outside smoothing and the budget (cutting a
+//! saturated backend's traffic is safety too: waiting 8 s at 2 % per second while
+//! its queue grows is what breaks requests); the others' targets are filtered over
+//! updates ([`Filtered`]) and a change within twice the filter's noise or within the
+//! hysteresis band is not made, so that measurement noise alone never moves a
+//! weight; the rest is smoothed toward the filtered target, kept at or above a floor
+//! share, limited so that the lookup-table slots moved per update, beyond those the
+//! holds, health changes and sheds move, stay within the budget, and quantized to
+//! whole steps of the weight scale. Shedding is one-sided: a backend wins share back
+//! only through the filtered, smoothed, budgeted path, so a shed cannot start an
+//! oscillation faster than the budget allows.
 
 use std::collections::BTreeMap;
 
