@@ -139,8 +139,9 @@ pub struct Control {
     pub smoothing: f64,
     /// Relative change below which a weight is left alone (0..1).
     pub hysteresis: f64,
-    /// A backend whose target falls below this fraction of its weight sheds to the
-    /// target at once, outside smoothing and the move budget (0..1; 0: never).
+    /// A strained backend (busy or failing ≥ 90 % of the time) whose shown capacity
+    /// and target both fall below this fraction of its weight sheds to the lower of
+    /// the two at once, outside smoothing and the move budget (0..=0.8; 0: never).
     pub shed_ratio: f64,
 }
 
@@ -228,7 +229,7 @@ fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
             raw.shed_ratio.unwrap_or(d.shed_ratio),
             0.0,
             false,
-            1.0,
+            0.8,
         )?,
     })
 }

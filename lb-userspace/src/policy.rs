@@ -23,7 +23,7 @@
 //! outright; unhealthy backends get 0 at once (safety beats the move budget); a
 //! strained backend ([`strained`]: busy or failing nearly all the time) whose shown
 //! capacity and target both fall below [`Params::shed_ratio`] of what it holds sheds
-//! to its target at once, also outside smoothing and the budget (cutting a
+//! to the lower of the two at once, also outside smoothing and the budget (cutting a
 //! saturated backend's traffic is safety too: waiting 8 s at 2 % per second while
 //! its queue grows is what breaks requests); the others' targets are filtered over
 //! updates ([`Filtered`]) and a change within twice the filter's noise or within the
@@ -87,14 +87,17 @@ pub struct Params {
     pub budget_per_second: f64,
     /// Seconds between updates.
     pub interval_s: f64,
-    /// Exponent of the latency ratio in the `ai` policy.
+    /// Exponent, in the `ai` policy, of how far a backend's predicted latency lies
+    /// beyond the [`Params::latency_band`] (see [`latency_factor`]).
     pub gain: f64,
     /// Predicted latencies within this factor of the reference count as equal in
     /// the `ai` policy (see [`latency_factor`]).
     pub latency_band: f64,
-    /// A free backend whose target is below this fraction of what it holds sheds to
-    /// its target at once, outside smoothing, hysteresis and the move budget (0:
-    /// never). Only `reactive` and `ai` have targets that move.
+    /// A free, strained backend ([`strained`]) whose shown capacity and target are
+    /// both below this fraction of what it holds sheds to the lower of the two at
+    /// once, outside the filter, smoothing, hysteresis and the move budget, if the
+    /// last interval saw at least [`SHED_EVIDENCE`] of its requests (0: never).
+    /// Only `reactive` and `ai` have targets that move.
     pub shed_ratio: f64,
     /// Envoy's error penalty in the `reactive` policy.
     pub error_penalty: f64,
@@ -247,8 +250,8 @@ pub fn step(
 /// bound alone is not enough: a consistent-hash table moves more slots than the
 /// ideal when many weights change a little at once. When the real table would move
 /// more than the budget, the free backends' step is scaled down until it fits
-/// (usually one more table build, at most six); holds and health changes are never
-/// scaled.
+/// (usually one more table build, at most six); holds, health changes and sheds are
+/// never scaled: the budget applies on top of the slots they move alone.
 pub fn step_with_table(
     kind: PolicyKind,
     params: &Params,
@@ -285,6 +288,37 @@ pub fn step_with_table(
             }
         })
         .collect();
+    // The free backends' weights are kept at the total they started from (their
+    // initial weights), rescaled together when they drift more than 1 % from it: a
+    // shed leaves the others' weights as they are, so without this the total would
+    // shrink with every shed and the quantum, the floor and a returning backend's
+    // initial weight would grow against it. A common factor changes no share, so
+    // the table moves only by the rounding.
+    let start: Vec<u32> = {
+        let free_now = |k: usize| inputs[k].hold.is_none() && inputs[k].healthy;
+        let have: f64 = (0..n)
+            .filter(|&k| free_now(k))
+            .map(|k| start[k] as f64)
+            .sum();
+        let want: f64 = (0..n)
+            .filter(|&k| free_now(k))
+            .map(|k| initial(kind, params, inputs, &inputs[k]) as f64)
+            .sum();
+        if have > 0.0 && want > 0.0 && (have / want - 1.0).abs() > 0.01 {
+            let c = want / have;
+            (0..n)
+                .map(|k| {
+                    if free_now(k) {
+                        ((start[k] as f64 * c).round() as u32).max(1)
+                    } else {
+                        start[k]
+                    }
+                })
+                .collect()
+        } else {
+            start
+        }
+    };
     let targets = targets(kind, params, inputs, &start);
     // A shed needs the capacity a backend has shown (`reactive`'s target, `ai`'s
     // before its latency factor) to fall, not a latency ratio alone, which swings
@@ -292,7 +326,17 @@ pub fn step_with_table(
     // so that `ai` never sheds a backend it keeps above its capacity share because
     // it answers faster.
     let shed_basis = match kind {
-        PolicyKind::Ai => with_fallback(&capacities(params.error_penalty, inputs), &start),
+        PolicyKind::Ai => {
+            // Only the free backends' capacities: a drained or held backend that
+            // still reports would make the free ones' shares look smaller.
+            let mut shown = capacities(params.error_penalty, inputs);
+            for (k, c) in shown.iter_mut().enumerate() {
+                if inputs[k].hold.is_some() || !inputs[k].healthy {
+                    *c = None;
+                }
+            }
+            with_fallback(&shown, &start)
+        }
         _ => targets.clone(),
     };
     let basis_total: f64 = (0..n)
@@ -337,7 +381,28 @@ pub fn step_with_table(
         .map(|k| inputs[k].name.clone())
         .collect();
     if free_names != state.free {
-        state.targets.clear();
+        // The filters hold shares of the old free pool: the survivors keep their
+        // proportions and variance, rescaled to their share of the new pool; a
+        // backend new to the pool starts a filter of its own.
+        let surviving: f64 = (0..n)
+            .filter(|&k| free[k])
+            .filter_map(|k| state.targets.get(&inputs[k].name).map(|f| f.mean))
+            .sum();
+        let held_now: f64 = (0..n)
+            .filter(|&k| free[k] && state.targets.contains_key(&inputs[k].name))
+            .map(|k| start[k] as f64)
+            .sum();
+        let pool_now: f64 = (0..n).filter(|&k| free[k]).map(|k| start[k] as f64).sum();
+        let factor = if surviving > 0.0 && pool_now > 0.0 {
+            held_now / pool_now / surviving
+        } else {
+            0.0
+        };
+        state.targets.retain(|name, f| {
+            f.mean *= factor;
+            f.variance *= factor * factor;
+            factor > 0.0 && free_names.contains(name)
+        });
         state.free = free_names;
     }
     // Smoothing and hysteresis on the free backends, in shares of what they hold; a
@@ -358,6 +423,7 @@ pub fn step_with_table(
         };
         if current > 0.0
             && strained(params, &inputs[k])
+            && observed_enough(params, &inputs[k])
             && shown.max(target) < params.shed_ratio * current
         {
             let target = target.min(shown);
@@ -411,7 +477,8 @@ pub fn step_with_table(
         }
     }
     // A shed backend gets its target as a share of all the weight, whatever the
-    // others' filtered steps make of the total.
+    // others' filtered steps make of the total (what it gives up goes to the others
+    // in proportion to what they get; the next update's rescale restores the total).
     if shed.iter().any(|&x| x) {
         let held: f64 = (0..n).filter(|&k| !free[k]).map(|k| after[k] as f64).sum();
         let now = pool + held;
@@ -442,7 +509,7 @@ pub fn step_with_table(
     let scaled: Vec<bool> = (0..n).map(|k| free[k] && !shed[k]).collect();
     let base: Vec<f64> = (0..n)
         .map(|k| match (scaled[k], free[k]) {
-            (true, _) => before[k] as f64,
+            (true, _) => start[k] as f64,
             (false, true) => proposal[k],
             (false, false) => after[k] as f64,
         })
@@ -486,23 +553,22 @@ pub fn step_with_table(
     // The budget again, on the table itself: the slots the unbounded changes move
     // alone are allowed, and the budget on top.
     let base: Vec<u32> = (0..n)
-        .map(|k| if scaled[k] { before[k] } else { after[k] })
+        .map(|k| if scaled[k] { start[k] } else { after[k] })
         .collect();
     if after != base
         && let Some(share) = moved(&after)
+        && share > budget + 1e-9
     {
-        let unbounded = if base != before {
-            moved(&base).unwrap_or(0.0)
-        } else {
-            0.0
-        };
+        // What the unbounded changes move alone, against the table in force (which
+        // may differ from `before`, e.g. right after a hold is released).
+        let unbounded = moved(&base).unwrap_or(0.0);
         let allowance = unbounded + budget;
         if share > allowance + 1e-9 {
             let at = |alpha: f64, after: &[u32]| -> Vec<u32> {
                 (0..n)
                     .map(|k| {
                         if scaled[k] {
-                            let (b, a) = (before[k] as f64, after[k] as f64);
+                            let (b, a) = (base[k] as f64, after[k] as f64);
                             (b + alpha * (a - b)).round() as u32
                         } else {
                             after[k]
@@ -688,6 +754,18 @@ fn weighted_median(values: &[Option<f64>], weights: &[u32]) -> Option<f64> {
         }
     }
     None
+}
+
+/// Requests a backend must have answered in the last interval for its shown
+/// capacity to decide a shed: with fewer, one interval's count is too noisy (the
+/// Poisson spread of 20 is about a fifth of it) to cut its traffic at once on.
+const SHED_EVIDENCE: f64 = 20.0;
+
+/// Whether the last interval saw enough of a backend's requests to shed on.
+fn observed_enough(params: &Params, input: &Input) -> bool {
+    input
+        .qps
+        .is_some_and(|q| q.is_finite() && q * params.interval_s >= SHED_EVIDENCE)
 }
 
 /// Utilisation at or above which a backend counts as strained (see [`strained`]).
@@ -911,26 +989,45 @@ mod tests {
         }
     }
 
+    /// Backends of capacity 1 to 5 observed with ±5 % noise on every reading: the
+    /// weights go where the capacity is, and once there the noise moves none of
+    /// them, under both adaptive policies.
     #[test]
     fn steady_inputs_do_not_thrash() {
-        let mut inputs = backends(5);
-        for (k, i) in inputs.iter_mut().enumerate() {
-            i.predicted_s = Some(0.010 + 0.001 * k as f64);
-        }
-        let p = Params::default();
-        let mut state = State::default();
-        run(PolicyKind::Ai, &p, &mut state, &inputs, 200);
-        // Once settled, small noise in the predictions changes nothing.
-        let settled = state.weights.clone();
-        for round in 0..50 {
-            let mut noisy = inputs.clone();
-            for (k, i) in noisy.iter_mut().enumerate() {
-                let jitter = if (round + k) % 2 == 0 { 1.01 } else { 0.99 };
-                i.predicted_s = i.predicted_s.map(|p| p * jitter);
+        let noisy = |round: usize| -> Vec<Input> {
+            let mut inputs = backends(5);
+            for (k, i) in inputs.iter_mut().enumerate() {
+                let jitter = 1.0 + 0.05 * (((round * 7 + k * 3) % 5) as f64 - 2.0) / 2.0;
+                let capacity = 20.0 * (k + 1) as f64;
+                i.qps = Some(0.7 * capacity * jitter);
+                i.utilisation = Some(0.7 / jitter);
+                i.predicted_s = Some(0.010 * jitter);
             }
-            step(PolicyKind::Ai, &p, &mut state, &noisy);
+            inputs
+        };
+        let p = Params::default();
+        for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+            let mut state = State::default();
+            let mut w = Vec::new();
+            for round in 0..300 {
+                w = step(kind, &p, &mut state, &noisy(round)).0;
+            }
+            // Settled where the capacity is (shares 1/15 to 5/15)...
+            for (k, &x) in w.iter().enumerate() {
+                let want = (k + 1) as f64 / 15.0;
+                assert!((share(&w, k) - want).abs() < 0.1 * want, "{kind}: {w:?}");
+                assert!(x > 0);
+            }
+            // ...and there the noise moves nothing.
+            let settled = state.weights.clone();
+            for round in 300..400 {
+                step(kind, &p, &mut state, &noisy(round));
+            }
+            assert_eq!(
+                state.weights, settled,
+                "{kind}: weights moved under 5 % noise"
+            );
         }
-        assert_eq!(state.weights, settled, "weights moved under 1 % noise");
     }
 
     #[test]
@@ -1145,6 +1242,16 @@ mod tests {
             assert!(share(&w1, 0) < 0.085, "{kind}: {w0:?} -> {w1:?}");
             assert!(share_moved(&w0, &w1) > 5.0 * budget, "{kind}: {w1:?}");
             assert!(d[0].reason.contains("shed at once"), "{kind}: {:?}", d[0]);
+            // What it gave up goes to the others, and the total is restored (it
+            // would otherwise shrink with every shed).
+            let (w2, _) = step(kind, &p, &mut state, &observed(20.0, 1.0));
+            let total = |w: &[u32]| w.iter().map(|&x| f64::from(x)).sum::<f64>();
+            assert!(
+                (total(&w2) / total(&w0) - 1.0).abs() <= 0.1,
+                "{kind}: {w0:?} -> {w1:?} -> {w2:?}"
+            );
+            assert!(share(&w2, 0) < 0.085, "{kind}: {w2:?}");
+            let w1 = w2;
             // Recovered: back toward 25 %, never faster than the budget.
             let mut before = w1;
             for _ in 0..40 {
@@ -1161,6 +1268,10 @@ mod tests {
                 share(&before, 0) > 0.2,
                 "{kind}: never came back: {before:?}"
             );
+            assert!(
+                (total(&before) / total(&w0) - 1.0).abs() <= 0.02,
+                "{kind}: the total drifted: {w0:?} -> {before:?}"
+            );
         }
     }
 
@@ -1174,8 +1285,10 @@ mod tests {
         let budget = p.budget_per_second * p.interval_s;
         let mut state = State::default();
         let mut before = run(PolicyKind::Ai, &p, &mut state, &observed(60.0, 0.75), 3);
-        let mut slow = observed(60.0, 0.75);
-        slow[0].predicted_s = Some(0.25);
+        // Strained (95 % busy) and predicted twenty times slower, but its shown
+        // capacity (63 req/s against 80) has not fallen to half its share.
+        let mut slow = observed(60.0, 0.95);
+        slow[0].predicted_s = Some(1.0);
         for _ in 0..10 {
             let (after, d) = step(PolicyKind::Ai, &p, &mut state, &slow);
             let slack = 4.0 * p.quantum as f64 / p.scale as f64;

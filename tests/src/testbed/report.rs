@@ -5,7 +5,7 @@
 //! - **latency p50 / p99 / p99.9**: of the successful requests, from their
 //!   *scheduled* start (the load is open-loop) to the end of the response.
 //! - **p99 all**: the 99th percentile over every request, a failed one counting as
-//!   slower than any success (so "> timeout" once more than 1 % fail): a policy
+//!   slower than any success (so "failed" once more than 1 % fail): a policy
 //!   cannot improve it by failing its slowest requests, as it can the p99 of
 //!   successes.
 //! - **error rate**: failed requests (timeout, reset, refused, non-200) / all.
@@ -553,8 +553,11 @@ pub fn table(scenario: &Scenario, rows: &[(PolicyKind, Summary)]) -> String {
             opt(s.p50_s, |v| format!("{:.1}", v * 1e3)),
             opt(s.p99_s, |v| format!("{:.1}", v * 1e3)),
             opt(s.p999_s, |v| format!("{:.1}", v * 1e3)),
-            s.p99_all_s
-                .map_or("> timeout".to_owned(), |v| format!("{:.1}", v * 1e3)),
+            match (s.runs, s.p99_all_s) {
+                (0, _) => "–".to_owned(),
+                (_, Some(v)) => format!("{:.1}", v * 1e3),
+                (_, None) => "failed".to_owned(),
+            },
             opt(s.error_rate, |v| format!("{:.2}", v * 100.0)),
             opt(s.util_max, |v| format!("{:.0}", v * 100.0)),
             opt(s.util_mean, |v| format!("{:.0}", v * 100.0)),
@@ -608,7 +611,9 @@ fn markdown(
     out += "Each figure is the median over the repeats. Latencies are of successful \
             requests, from their scheduled start (open-loop Poisson arrivals, one new \
             connection each, 2 s timeout); errors are timeouts, resets and non-200 \
-            answers over all requests. Utilisation is busy slot time over slot capacity \
+            answers over all requests. \"p99 all\" is over every request, a failure \
+            counting as slower than any success (\"failed\" once more than 1 % fail). \
+            Utilisation is busy slot time over slot capacity \
             during the load. Reaction time: from a slowdown until every slowed backend's \
             share of new flows (2 s windows of the agent's counters) is at most 1.1 × its \
             new share of capacity; \"reacted\" counts the runs where that happened before \
