@@ -161,10 +161,12 @@ pub struct ConnKeyV4 {
     pub src_port_be: u16,
     /// VIP port, network byte order.
     pub dst_port_be: u16,
-    /// IP protocol.
-    pub proto: u8,
-    /// Reserved, zero (the whole key is hashed by the kernel, so padding must be set).
-    pub _pad: [u8; 3],
+    /// IP protocol, in a whole word: the key then has no padding that every packet
+    /// would have to zero (a 3-byte array cost the datapath a call to a byte-wise
+    /// `memset` per lookup). On the little-endian datapath its bytes are the
+    /// protocol and three zeros, the layout of the earlier `u8` and 3 padding bytes,
+    /// so a pinned table stays valid.
+    pub proto: u32,
 }
 
 /// Key of the IPv6 connection table `CONNS_V6`.
@@ -179,10 +181,8 @@ pub struct ConnKeyV6 {
     pub src_port_be: u16,
     /// VIP port, network byte order.
     pub dst_port_be: u16,
-    /// IP protocol.
-    pub proto: u8,
-    /// Reserved, zero.
-    pub _pad: [u8; 3],
+    /// IP protocol, in a whole word (see [`ConnKeyV4::proto`]).
+    pub proto: u32,
 }
 
 impl FlowKey {
@@ -193,8 +193,7 @@ impl FlowKey {
             dst: addr_words(&self.dst)[0],
             src_port_be: self.src_port_be,
             dst_port_be: self.dst_port_be,
-            proto: self.proto,
-            _pad: [0; 3],
+            proto: u32::from(self.proto),
         }
     }
 
@@ -205,8 +204,7 @@ impl FlowKey {
             dst: addr_words(&self.dst),
             src_port_be: self.src_port_be,
             dst_port_be: self.dst_port_be,
-            proto: self.proto,
-            _pad: [0; 3],
+            proto: u32::from(self.proto),
         }
     }
 }
@@ -218,7 +216,7 @@ impl From<ConnKeyV4> for FlowKey {
             dst: addr_bytes(&[k.dst, 0, 0, 0]),
             src_port_be: k.src_port_be,
             dst_port_be: k.dst_port_be,
-            proto: k.proto,
+            proto: k.proto as u8,
             family: FAMILY_V4,
             _pad: [0; 2],
         }
@@ -232,7 +230,7 @@ impl From<ConnKeyV6> for FlowKey {
             dst: addr_bytes(&k.dst),
             src_port_be: k.src_port_be,
             dst_port_be: k.dst_port_be,
-            proto: k.proto,
+            proto: k.proto as u8,
             family: FAMILY_V6,
             _pad: [0; 2],
         }
@@ -392,8 +390,8 @@ mod tests {
         assert_eq!(size_of::<VipMeta>(), 16);
         assert_eq!(size_of::<Backend>(), 16 + 6 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<ConnKeyV4>(), 4 + 4 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<ConnKeyV6>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<ConnKeyV4>(), 4 + 4 + 2 + 2 + 4);
+        assert_eq!(size_of::<ConnKeyV6>(), 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<VipIdEntry>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<ConnEntry>(), 8);
         assert_eq!(size_of::<GlobalStats>(), 19 * 8);

@@ -22,8 +22,7 @@ fn key_v4(pkt: &Packet) -> ConnKeyV4 {
         dst: pkt.dst[0],
         src_port_be: pkt.src_port_be,
         dst_port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        _pad: [0; 3],
+        proto: u32::from(pkt.proto),
     }
 }
 
@@ -34,8 +33,7 @@ fn key_v6(pkt: &Packet) -> ConnKeyV6 {
         dst: pkt.dst,
         src_port_be: pkt.src_port_be,
         dst_port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        _pad: [0; 3],
+        proto: u32::from(pkt.proto),
     }
 }
 

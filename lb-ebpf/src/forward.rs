@@ -22,10 +22,12 @@ const IPV4_DF: [u8; 2] = 0x4000u16.to_be_bytes();
 #[inline(always)]
 pub fn l2_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), Stop> {
     let eth: *mut EthHdr = ptr::at(ctx, 0)?;
+    // Each MAC moves as a 4-byte and a 2-byte word, not byte by byte (what a plain
+    // `[u8; 6]` assignment compiles to).
     // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
     unsafe {
-        (*eth).src_addr = (*eth).dst_addr;
-        (*eth).dst_addr = backend.mac;
+        ptr::copy_mac(&raw mut (*eth).src_addr, &raw const (*eth).dst_addr);
+        ptr::copy_mac(&raw mut (*eth).dst_addr, &backend.mac);
     }
     Ok(())
 }

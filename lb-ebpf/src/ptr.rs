@@ -45,3 +45,20 @@ pub unsafe fn words(bytes: *const [u8; 16]) -> [u32; 4] {
         ]
     }
 }
+
+/// Copies a MAC address as one 4-byte and one 2-byte unaligned word.
+///
+/// # Safety
+/// `to` and `from` must each point at 6 bytes, readable and writable respectively,
+/// that do not overlap.
+#[inline(always)]
+pub unsafe fn copy_mac(to: *mut [u8; 6], from: *const [u8; 6]) {
+    let (to, from) = (to as *mut u8, from as *const u8);
+    // SAFETY: the caller vouches for both 6-byte ranges; the accesses are unaligned.
+    unsafe {
+        let head = core::ptr::read_unaligned(from as *const u32);
+        let tail = core::ptr::read_unaligned(from.add(4) as *const u16);
+        core::ptr::write_unaligned(to as *mut u32, head);
+        core::ptr::write_unaligned(to.add(4) as *mut u16, tail);
+    }
+}
