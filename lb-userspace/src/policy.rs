@@ -260,17 +260,19 @@ pub fn step_with_table(
     moved: &mut dyn FnMut(&[u32]) -> Option<f64>,
 ) -> (Vec<u32>, Vec<Decision>) {
     let n = inputs.len();
+    let initial = initial_weights(kind, params, inputs);
     // What each backend holds now: the policy's last weight, else its operator hold
     // (the weight actually in force), else its initial weight.
     let before: Vec<u32> = inputs
         .iter()
-        .map(|i| {
+        .zip(&initial)
+        .map(|(i, &first)| {
             state
                 .weights
                 .get(&i.name)
                 .copied()
                 .or(i.hold)
-                .unwrap_or_else(|| initial(kind, params, inputs, i))
+                .unwrap_or(first)
         })
         .collect();
     let free: Vec<bool> = inputs
@@ -282,7 +284,7 @@ pub fn step_with_table(
     let start: Vec<u32> = (0..n)
         .map(|k| {
             if free[k] && before[k] == 0 {
-                initial(kind, params, inputs, &inputs[k])
+                initial[k]
             } else {
                 before[k]
             }
@@ -295,20 +297,13 @@ pub fn step_with_table(
     // initial weight would grow against it. A common factor changes no share, so
     // the table moves only by the rounding.
     let start: Vec<u32> = {
-        let free_now = |k: usize| inputs[k].hold.is_none() && inputs[k].healthy;
-        let have: f64 = (0..n)
-            .filter(|&k| free_now(k))
-            .map(|k| start[k] as f64)
-            .sum();
-        let want: f64 = (0..n)
-            .filter(|&k| free_now(k))
-            .map(|k| initial(kind, params, inputs, &inputs[k]) as f64)
-            .sum();
+        let have: f64 = (0..n).filter(|&k| free[k]).map(|k| start[k] as f64).sum();
+        let want: f64 = (0..n).filter(|&k| free[k]).map(|k| initial[k] as f64).sum();
         if have > 0.0 && want > 0.0 && (have / want - 1.0).abs() > 0.01 {
             let c = want / have;
             (0..n)
                 .map(|k| {
-                    if free_now(k) {
+                    if free[k] {
                         ((start[k] as f64 * c).round() as u32).max(1)
                     } else {
                         start[k]
@@ -664,21 +659,23 @@ fn finish(
     (after, decisions)
 }
 
-/// The weight a backend starts from the first time a policy sees it.
-fn initial(kind: PolicyKind, params: &Params, inputs: &[Input], input: &Input) -> u32 {
+/// The weight each backend starts from the first time a policy sees it (in
+/// `inputs` order), computed once per update: the agent calls the policy every
+/// interval for up to thousands of backends.
+fn initial_weights(kind: PolicyKind, params: &Params, inputs: &[Input]) -> Vec<u32> {
     let n = inputs.len().max(1) as f64;
-    match kind {
-        PolicyKind::Equal => params.unit,
-        PolicyKind::Static => input.configured_weight.saturating_mul(params.unit),
-        _ => {
-            let total: f64 = inputs.iter().map(|i| i.configured_weight as f64).sum();
-            if total > 0.0 {
+    let total: f64 = inputs.iter().map(|i| i.configured_weight as f64).sum();
+    inputs
+        .iter()
+        .map(|input| match kind {
+            PolicyKind::Equal => params.unit,
+            PolicyKind::Static => input.configured_weight.saturating_mul(params.unit),
+            _ if total > 0.0 => {
                 (params.scale as f64 * input.configured_weight as f64 / total) as u32
-            } else {
-                (params.scale as f64 / n) as u32
             }
-        }
-    }
+            _ => (params.scale as f64 / n) as u32,
+        })
+        .collect()
 }
 
 /// Each backend's unnormalized target (only ratios among free backends matter).
@@ -1222,6 +1219,31 @@ mod tests {
         inputs
     }
 
+    /// Runs `steps` updates on the same inputs from the weights `before`, checking
+    /// that each moves within the budget (with a quantum of slack per backend) and
+    /// that backend 0 never sheds; returns the last weights.
+    fn budgeted_steps(
+        kind: PolicyKind,
+        p: &Params,
+        state: &mut State,
+        inputs: &[Input],
+        mut before: Vec<u32>,
+        steps: usize,
+    ) -> Vec<u32> {
+        let budget = p.budget_per_second * p.interval_s;
+        let slack = 4.0 * p.quantum as f64 / p.scale as f64;
+        for _ in 0..steps {
+            let (after, d) = step(kind, p, state, inputs);
+            assert!(
+                share_moved(&before, &after) <= budget + slack,
+                "{kind}: {before:?} -> {after:?}"
+            );
+            assert!(!d[0].reason.contains("shed"), "{kind}: {:?}", d[0]);
+            before = after;
+        }
+        before
+    }
+
     fn share(w: &[u32], k: usize) -> f64 {
         w[k] as f64 / w.iter().map(|&x| x as f64).sum::<f64>()
     }
@@ -1255,17 +1277,7 @@ mod tests {
             assert!(share(&w2, 0) < 0.085, "{kind}: {w2:?}");
             let w1 = w2;
             // Recovered: back toward 25 %, never faster than the budget.
-            let mut before = w1;
-            for _ in 0..40 {
-                let (after, d) = step(kind, &p, &mut state, &observed(60.0, 0.75));
-                let slack = 4.0 * p.quantum as f64 / p.scale as f64;
-                assert!(
-                    share_moved(&before, &after) <= budget + slack,
-                    "{kind}: {before:?} -> {after:?}"
-                );
-                assert!(!d[0].reason.contains("shed"), "{kind}: {:?}", d[0]);
-                before = after;
-            }
+            let before = budgeted_steps(kind, &p, &mut state, &observed(60.0, 0.75), w1, 40);
             assert!(
                 share(&before, 0) > 0.2,
                 "{kind}: never came back: {before:?}"
@@ -1284,23 +1296,13 @@ mod tests {
     #[test]
     fn a_latency_swing_alone_moves_within_the_budget() {
         let p = Params::default();
-        let budget = p.budget_per_second * p.interval_s;
         let mut state = State::default();
-        let mut before = run(PolicyKind::Ai, &p, &mut state, &observed(60.0, 0.75), 3);
+        let before = run(PolicyKind::Ai, &p, &mut state, &observed(60.0, 0.75), 3);
         // Strained (95 % busy) and predicted twenty times slower, but its shown
         // capacity (63 req/s against 80) has not fallen to half its share.
         let mut slow = observed(60.0, 0.95);
         slow[0].predicted_s = Some(1.0);
-        for _ in 0..10 {
-            let (after, d) = step(PolicyKind::Ai, &p, &mut state, &slow);
-            let slack = 4.0 * p.quantum as f64 / p.scale as f64;
-            assert!(
-                share_moved(&before, &after) <= budget + slack,
-                "{before:?} -> {after:?}"
-            );
-            assert!(!d[0].reason.contains("shed"), "{:?}", d[0]);
-            before = after;
-        }
+        let before = budgeted_steps(PolicyKind::Ai, &p, &mut state, &slow, before, 10);
         assert!(share(&before, 0) < 0.2, "{before:?}");
     }
 }

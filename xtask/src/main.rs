@@ -160,14 +160,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { args } => {
             require_root("the demo attaches XDP programs and creates network namespaces")?;
             setup::run(&root, setup::Report::Quiet)?;
-            build(&root, false)?;
-            cargo(&root)
-                .args(["run", "--quiet", "-p", "lb-tests", "--bin", "lb-demo", "--"])
-                .args(&args)
-                .env("LB_BIN", root.join("target/debug/lb"))
-                .status()
-                .context("running the demo")
-                .and_then(exit_like)
+            run_testbed_bin(&root, "lb-demo", false, &args, None).context("running the demo")
         }
         Task::Fuzz { seconds, target } => fuzz::run(&root, seconds, target.as_deref()),
         Task::Bench {
@@ -201,23 +194,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             require_root("the testbed attaches XDP programs and creates network namespaces")?;
             setup::run(&root, setup::Report::Quiet)?;
-            build(&root, true)?;
-            cargo(&root)
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "lb-tests",
-                    "--bin",
-                    "lb-bench-policies",
-                    "--",
-                ])
-                .args(&args)
-                .env("LB_BIN", root.join("target/release/lb"))
-                .status()
+            run_testbed_bin(&root, "lb-bench-policies", true, &args, None)
                 .context("running the policy benchmark")
-                .and_then(exit_like)
         }
         Task::Bench {
             which: Bench::Versus { args },
@@ -227,24 +205,8 @@ fn main() -> anyhow::Result<()> {
             )?;
             setup::run(&root, setup::Report::Quiet)?;
             setup::ensure_versus_packages()?;
-            build(&root, true)?;
-            cargo(&root)
-                .args([
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "lb-tests",
-                    "--bin",
-                    "lb-bench-versus",
-                    "--",
-                ])
-                .args(&args)
-                .env("LB_BIN", target_dir(&root).join("release/lb"))
-                .env("LB_BENCH_JSON", root.join("target/bench/versus.json"))
-                .status()
+            run_testbed_bin(&root, "lb-bench-versus", true, &args, Some("versus.json"))
                 .context("running the versus benchmark")
-                .and_then(exit_like)
         }
         Task::Bench {
             which: Bench::Predictor { series },
@@ -279,6 +241,44 @@ fn cargo(root: &Path) -> Command {
 
 /// Where cargo puts build outputs: `$CARGO_TARGET_DIR` (relative to the workspace
 /// root) when set, else `target/` of the workspace.
+/// Builds the agent (release or debug) and runs the testbed binary `bin` of lb-tests,
+/// in the same profile, on it with `args`; `json` names the file under target/bench/
+/// its figures go to, when the binary takes it from `LB_BENCH_JSON`.
+fn run_testbed_bin(
+    root: &Path,
+    bin: &str,
+    release: bool,
+    args: &[String],
+    json: Option<&str>,
+) -> anyhow::Result<()> {
+    build(root, release)?;
+    let (profile, dir) = if release {
+        ("release", "release/lb")
+    } else {
+        ("dev", "debug/lb")
+    };
+    let mut cmd = cargo(root);
+    cmd.args([
+        "run",
+        "--profile",
+        profile,
+        "--quiet",
+        "-p",
+        "lb-tests",
+        "--bin",
+        bin,
+        "--",
+    ])
+    .args(args)
+    .env("LB_BIN", target_dir(root).join(dir));
+    if let Some(json) = json {
+        cmd.env("LB_BENCH_JSON", root.join("target/bench").join(json));
+    }
+    cmd.status()
+        .map_err(anyhow::Error::from)
+        .and_then(exit_like)
+}
+
 fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),

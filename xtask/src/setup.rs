@@ -80,20 +80,21 @@ pub fn run(root: &Path, report: Report) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a Debian package is installed: dpkg's status is "install ok installed"
+/// (a removed package whose configuration files remain still answers `dpkg -s`).
+fn installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", name])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
+}
+
 /// Makes sure Debian packages the tests need are installed (`dpkg -s`), installing
 /// the missing ones with `apt-get update` and `apt-get install -y` when running as
 /// root. Returns the names still missing (not root, or no apt-get): builds do not
 /// need them, so that only warns. A failing apt-get is an error.
 fn ensure_debian_packages(names: &[&str]) -> anyhow::Result<Vec<String>> {
-    // Installed means dpkg's status is "install ok installed": a removed package whose
-    // configuration files remain still answers `dpkg -s` successfully.
-    let installed = |name: &str| {
-        Command::new("dpkg-query")
-            .args(["-W", "-f", "${Status}", name])
-            .stderr(Stdio::null())
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
-    };
     let missing: Vec<&str> = names.iter().copied().filter(|n| !installed(n)).collect();
     let have_apt = Command::new("apt-get")
         .arg("--version")
@@ -143,13 +144,6 @@ pub const VERSUS_PACKAGES: [&str; 3] = ["haproxy", "nginx", "libnginx-mod-stream
 pub fn ensure_versus_packages() -> anyhow::Result<()> {
     const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
     const DAEMONS: [&str; 2] = ["haproxy", "nginx"];
-    let installed = |name: &str| {
-        Command::new("dpkg-query")
-            .args(["-W", "-f", "${Status}", name])
-            .stderr(Stdio::null())
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
-    };
     if VERSUS_PACKAGES.iter().all(|p| installed(p)) {
         return Ok(());
     }
