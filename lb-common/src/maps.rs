@@ -69,4 +69,27 @@ pub mod programs {
     /// frames the balancer sends with `XDP_TX` are received there, and used as the
     /// floor in `cargo xtask bench datapath`.
     pub const PASS: &str = "lb_pass";
+    /// Bench references, never attached: each does one operation on the IPv4
+    /// connection table with [`REFERENCE_KEY`] and nothing else, so that `cargo xtask
+    /// bench datapath` can show what the table alone costs on the paths it measures.
+    /// `lb_ref_conn_insert` writes the entry (as a SYN does) and returns `XDP_PASS`,
+    /// or `XDP_DROP` if the write failed; `lb_ref_conn_lookup` returns `XDP_PASS` if
+    /// it found the entry (as an established packet does), `XDP_DROP` if not.
+    pub const REF_CONN_INSERT: &str = "lb_ref_conn_insert";
+    pub const REF_CONN_LOOKUP: &str = "lb_ref_conn_lookup";
+    /// Bench reference: an established packet's path with only what forwarding
+    /// needs (parse, VIP filter, connection lookup, backend, MAC rewrite), no VIP
+    /// check by id and no counters; `XDP_TX` when it forwarded, else `XDP_PASS`.
+    pub const REF_FORWARD_ONLY: &str = "lb_ref_forward_only";
+
+    /// The flow the reference programs write and read: 198.18.200.1:40000 →
+    /// 198.18.200.2:80, TCP (addresses as the datapath loads them, see
+    /// [`crate::types::AddrWords`]).
+    pub const REFERENCE_KEY: crate::types::ConnKeyV4 = crate::types::ConnKeyV4 {
+        src: u32::from_ne_bytes([198, 18, 200, 1]),
+        dst: u32::from_ne_bytes([198, 18, 200, 2]),
+        src_port_be: 40000u16.to_be(),
+        dst_port_be: 80u16.to_be(),
+        proto: 6,
+    };
 }

@@ -7,35 +7,17 @@
 //! This is also what makes a drained backend (weight 0) take no new connections while
 //! its established ones go on.
 
-use lb_common::types::{ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4};
+use lb_common::{
+    maps::programs::REFERENCE_KEY,
+    types::{ConnEntry, FAMILY_V4},
+};
 
 use crate::{
+    keys,
     maps::{CONNS_V4, CONNS_V6},
     parse::Packet,
     stats,
 };
-
-#[inline(always)]
-fn key_v4(pkt: &Packet) -> ConnKeyV4 {
-    ConnKeyV4 {
-        src: pkt.src[0],
-        dst: pkt.dst[0],
-        src_port_be: pkt.src_port_be,
-        dst_port_be: pkt.dst_port_be,
-        proto: u32::from(pkt.proto),
-    }
-}
-
-#[inline(always)]
-fn key_v6(pkt: &Packet) -> ConnKeyV6 {
-    ConnKeyV6 {
-        src: pkt.src,
-        dst: pkt.dst,
-        src_port_be: pkt.src_port_be,
-        dst_port_be: pkt.dst_port_be,
-        proto: u32::from(pkt.proto),
-    }
-}
 
 /// The entry of the packet's flow, if the flow is known. Counting is the caller's:
 /// what a found entry means depends on whether its VIP and backend still stand.
@@ -44,9 +26,9 @@ pub fn find(pkt: &Packet) -> Option<ConnEntry> {
     // SAFETY: the entry is copied out at once; an LRU eviction racing with this read
     // can at worst give a stale entry, whose VIP and backend the caller validates.
     if pkt.family == FAMILY_V4 {
-        unsafe { CONNS_V4.get(&key_v4(pkt)) }.copied()
+        unsafe { CONNS_V4.get(keys::ConnV4::new(pkt).key()) }.copied()
     } else {
-        unsafe { CONNS_V6.get(&key_v6(pkt)) }.copied()
+        unsafe { CONNS_V6.get(keys::ConnV6::new(pkt).key()) }.copied()
     }
 }
 
@@ -54,13 +36,29 @@ pub fn find(pkt: &Packet) -> Option<ConnEntry> {
 /// goes out: the flow then follows the lookup table, which is right until it changes.
 #[inline(always)]
 pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Global) {
-    let entry = ConnEntry { backend_id, vip_id };
+    let entry = keys::Entry::new(backend_id, vip_id);
     let inserted = if pkt.family == FAMILY_V4 {
-        CONNS_V4.insert(&key_v4(pkt), &entry, 0)
+        CONNS_V4.insert(keys::ConnV4::new(pkt).key(), entry.value(), 0)
     } else {
-        CONNS_V6.insert(&key_v6(pkt), &entry, 0)
+        CONNS_V6.insert(keys::ConnV6::new(pkt).key(), entry.value(), 0)
     };
     if inserted.is_err() {
         stats::bump(counters, |s| &mut s.conn_insert_failed);
     }
+}
+
+/// The bench reference for a SYN's write: [`insert`]'s map update alone.
+#[inline(always)]
+pub fn reference_insert() -> bool {
+    let key = keys::ConnV4::from_key(REFERENCE_KEY);
+    CONNS_V4
+        .insert(key.key(), keys::Entry::new(0, 0).value(), 0)
+        .is_ok()
+}
+
+/// The bench reference for an established packet: [`find`]'s map lookup alone.
+#[inline(always)]
+pub fn reference_lookup() -> bool {
+    // SAFETY: only the presence of the entry is read.
+    unsafe { CONNS_V4.get(keys::ConnV4::from_key(REFERENCE_KEY).key()) }.is_some()
 }

@@ -11,6 +11,7 @@
 mod conntrack;
 mod forward;
 mod icmp;
+mod keys;
 mod maps;
 mod parse;
 mod ptr;
@@ -164,7 +165,7 @@ struct Target {
     vip_id: u32,
     vip_flags: u32,
     backend_id: u32,
-    backend: Backend,
+    backend: &'static Backend,
     /// The flow hash, if the table was read.
     hash: Option<u32>,
     /// The packet opened a flow (its connection entry was just written).
@@ -197,10 +198,10 @@ fn forward(
     stats::account(to.vip_id, to.backend_id, pkt.len, to.new_flow);
     if to.vip_flags & VIP_F_ENCAP != 0 {
         let hash = to.hash.unwrap_or_else(|| table::hash(pkt, to.vip_flags));
-        forward::encapsulate(ctx, pkt, &to.backend, hash)?;
+        forward::encapsulate(ctx, pkt, to.backend, hash)?;
         stats::bump(counters, |s| &mut s.tx_encap);
     } else {
-        forward::l2_dsr(ctx, &to.backend)?;
+        forward::l2_dsr(ctx, to.backend)?;
     }
     stats::bump(counters, |s| &mut s.tx);
     Ok(())
@@ -223,6 +224,50 @@ fn echo(ctx: &XdpContext, pkt: &parse::Packet, counters: stats::Global) -> Resul
 #[xdp]
 pub fn lb_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Bench reference: one connection-table write, nothing else (see
+/// `lb_common::maps::programs::REF_CONN_INSERT`).
+#[xdp]
+pub fn lb_ref_conn_insert(_ctx: XdpContext) -> u32 {
+    if conntrack::reference_insert() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// Bench reference: one connection-table lookup, nothing else (see
+/// `lb_common::maps::programs::REF_CONN_LOOKUP`).
+#[xdp]
+pub fn lb_ref_conn_lookup(_ctx: XdpContext) -> u32 {
+    if conntrack::reference_lookup() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// Bench reference: an established IPv4 or IPv6 packet's path with nothing but
+/// what forwarding it needs (parse, VIP filter, connection lookup, backend, MAC
+/// rewrite): no VIP check by id, no counters. `XDP_TX` when it forwarded, else
+/// `XDP_PASS` (see `lb_common::maps::programs::REF_FORWARD_ONLY`).
+#[xdp]
+pub fn lb_ref_forward_only(ctx: XdpContext) -> u32 {
+    match forward_only(&ctx) {
+        Ok(()) => xdp_action::XDP_TX,
+        Err(_) => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn forward_only(ctx: &XdpContext) -> Result<(), Stop> {
+    let pkt = parse::parse(ctx)?;
+    if !vip::may_be_vip(&pkt) {
+        return Err(Stop::NotVip);
+    }
+    let entry = conntrack::find(&pkt).ok_or(Stop::NoBackend)?;
+    forward::l2_dsr(ctx, table::backend(entry.backend_id)?)
 }
 
 #[cfg(not(test))]

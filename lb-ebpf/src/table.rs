@@ -44,11 +44,13 @@ pub fn pick(pkt: &Packet, vip: &VipMeta) -> Result<(u32, u32), Stop> {
     Ok((backend_id, hash))
 }
 
-/// The backend with id `backend_id`, if that id is in use.
+/// The backend with id `backend_id`, if that id is in use. The entry is read where
+/// it lies (an array value lives as long as the program), not copied: the copy cost
+/// an established packet some 30 instructions of byte moves.
 #[inline(always)]
-pub fn backend(backend_id: u32) -> Result<Backend, Stop> {
+pub fn backend(backend_id: u32) -> Result<&'static Backend, Stop> {
     match BACKENDS.get(backend_id) {
-        Some(b) if b.family != 0 => Ok(*b),
+        Some(b) if b.family != 0 => Ok(b),
         _ => Err(Stop::NoBackend),
     }
 }

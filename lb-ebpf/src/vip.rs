@@ -7,11 +7,11 @@
 
 use lb_common::{
     hash::vip_filter_slot,
-    types::{VipKey, VipMeta, addr_bytes},
+    types::VipMeta,
 };
 
 use crate::{
-    Stop,
+    Stop, keys,
     maps::{VIP_FILTER, VIP_IDS, VIPS},
     parse::Packet,
 };
@@ -43,15 +43,10 @@ pub fn flags_by_id(vip_id: u32, pkt: &Packet) -> Option<u32> {
 /// The VIP the packet is addressed to, from the `VIPS` hash map.
 #[inline(always)]
 pub fn lookup(pkt: &Packet) -> Result<VipMeta, Stop> {
-    let key = VipKey {
-        addr: addr_bytes(&pkt.dst),
-        port_be: pkt.dst_port_be,
-        proto: pkt.proto,
-        family: pkt.family,
-    };
+    let key = keys::Vip::new(pkt);
     // SAFETY: VIPS is not preallocated, so the value is not reused while we read it;
     // it is copied out at once.
-    match unsafe { VIPS.get(&key) } {
+    match unsafe { VIPS.get(key.key()) } {
         Some(meta) => Ok(*meta),
         None => Err(Stop::NotVip),
     }

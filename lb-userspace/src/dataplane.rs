@@ -770,12 +770,17 @@ impl Dataplane {
     /// The pass-through program `lb_pass` of the same object, loaded on first use
     /// (never attached here): the floor of `cargo xtask bench datapath`.
     pub fn pass_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
-        let program = xdp_program(&mut self.ebpf, programs::PASS)?;
+        self.side_program(programs::PASS)
+    }
+
+    /// Another program of the object that is never attached here (`lb_pass`, the
+    /// bench references of `lb_common::maps::programs`), loaded on first use.
+    pub fn side_program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
+        let program = xdp_program(&mut self.ebpf, name)?;
         if program.fd().is_err() {
-            program.load().map_err(|source| DataplaneError::Program {
-                name: programs::PASS,
-                source,
-            })?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
         }
         Ok(program)
     }

@@ -51,7 +51,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use lb_common::types::{FlowKey, GlobalStats};
+use lb_common::{
+    maps::programs,
+    types::{FlowKey, GlobalStats},
+};
 use lb_tests::packet::{TCP_ACK, TCP_SYN, tcp_frame};
 use lb_userspace::{
     config::Config,
@@ -65,7 +68,7 @@ const REPEAT: u32 = 1_000_000;
 const CALLS: u32 = 200_000;
 /// Rounds; within a round every case runs once, in order, so that a disturbance of
 /// the machine touches all cases alike. The median over rounds is reported.
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 25;
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -125,6 +128,24 @@ weight = 1
 enum Program {
     Pass,
     Balancer,
+    /// `lb_ref_conn_insert`: one connection-table write alone.
+    RefInsert,
+    /// `lb_ref_conn_lookup`: one connection-table lookup alone.
+    RefLookup,
+    /// `lb_ref_forward_only`: the established path without counters or VIP check.
+    RefForwardOnly,
+}
+
+impl Program {
+    fn name(self) -> &'static str {
+        match self {
+            Program::Pass => programs::PASS,
+            Program::Balancer => programs::BALANCER,
+            Program::RefInsert => programs::REF_CONN_INSERT,
+            Program::RefLookup => programs::REF_CONN_LOOKUP,
+            Program::RefForwardOnly => programs::REF_FORWARD_ONLY,
+        }
+    }
 }
 
 /// How a case is timed (see the module documentation).
@@ -233,8 +254,16 @@ fn run() -> Result<()> {
         Err(e) => return Err(e).context("loading the XDP program"),
     };
     dp.apply(&desired).context("writing the maps")?;
-    // Load `lb_pass` before anything is timed.
-    dp.pass_program().context("loading lb_pass")?;
+    // Load the side programs before anything is timed.
+    for side in [
+        Program::Pass,
+        Program::RefInsert,
+        Program::RefLookup,
+        Program::RefForwardOnly,
+    ] {
+        dp.side_program(side.name())
+            .with_context(|| format!("loading {}", side.name()))?;
+    }
 
     let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
     let frame = |src: &str, dst: &str, sport: u16, dport: u16, flags: u8| {
@@ -352,6 +381,47 @@ fn run() -> Result<()> {
             floor: "floor",
             target: Some(2.4),
         },
+        // The references run in this order: the write leaves the entry the lookup
+        // must find (a miss would return XDP_DROP and fail the verdict check).
+        Case {
+            key: "ref_conn_insert",
+            title: "reference: conn-table write alone",
+            program: Program::RefInsert,
+            method: Method::Repeat,
+            frame: ack4.clone(),
+            verdict: XDP_PASS,
+            counters: &[],
+            output: Output::Same,
+            backend_id: None,
+            floor: "floor",
+            target: None,
+        },
+        Case {
+            key: "ref_conn_lookup",
+            title: "reference: conn-table lookup alone",
+            program: Program::RefLookup,
+            method: Method::Repeat,
+            frame: ack4.clone(),
+            verdict: XDP_PASS,
+            counters: &[],
+            output: Output::Same,
+            backend_id: None,
+            floor: "floor",
+            target: None,
+        },
+        Case {
+            key: "ref_forward_only",
+            title: "reference: established, bare path",
+            program: Program::RefForwardOnly,
+            method: Method::Repeat,
+            frame: ack4.clone(),
+            verdict: XDP_TX,
+            counters: &[],
+            output: Output::Dsr { backend_mac: mac4 },
+            backend_id: None,
+            floor: "floor",
+            target: None,
+        },
         Case {
             key: "established_v6",
             title: "IPv6 established (conn hit, DSR)",
@@ -467,8 +537,8 @@ fn flow_key(flow: (&str, &str, u16, u16)) -> FlowKey {
 
 fn program(dp: &mut Dataplane, which: Program) -> Result<&mut Xdp> {
     Ok(match which {
-        Program::Pass => dp.pass_program()?,
         Program::Balancer => dp.program()?,
+        side => dp.side_program(side.name())?,
     })
 }
 
@@ -922,10 +992,7 @@ fn report(
             if i == 0 { "" } else { "," },
             json_str(case.key),
             json_str(case.title),
-            json_str(match case.program {
-                Program::Pass => "lb_pass",
-                Program::Balancer => "lb_xdp",
-            }),
+            json_str(case.program.name()),
             json_str(case.method.name()),
             json_str(&case.method.describe()),
             if case.method == Method::Repeat {
