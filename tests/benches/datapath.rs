@@ -35,6 +35,15 @@
 //! cancels), added to the repeated established figure, estimates encapsulation on the
 //! repeated-loop scale.
 //!
+//! # References
+//!
+//! Three programs of the same object that are never attached measure parts of the
+//! paths on the datapath's own maps, in the same rounds: a connection write alone
+//! (what every SYN pays), a connection lookup alone (what every established packet
+//! pays), and the established path with only what forwarding needs (no counters, no
+//! VIP check by id). They show how much of each target the kernel's map operations
+//! leave to the rest of the program (docs/BENCHMARKS.md).
+//!
 //! # Verification
 //!
 //! Every measurement reads the datapath's named counters (`GlobalStats`) before and
