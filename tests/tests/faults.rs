@@ -23,12 +23,13 @@ use lb_tests::{
 };
 use lb_userspace::dataplane::PassThrough;
 
-/// One batch of new connections: when it ran and how many failed.
+/// One batch of new connections: when it ran and how many failed, and how.
 struct Batch {
     start: Instant,
     end: Instant,
     attempted: usize,
     failed: usize,
+    failures: Vec<String>,
 }
 
 fn start_traffic(
@@ -47,6 +48,11 @@ fn start_traffic(
                 end: Instant::now(),
                 attempted: r.attempted,
                 failed: r.failures.len(),
+                failures: r
+                    .failures
+                    .iter()
+                    .map(|f| format!("{:?} {:?}: {}", f.stage, f.kind, f.message))
+                    .collect(),
             });
         }
     })
@@ -192,6 +198,25 @@ fn faults_under_traffic_lose_no_flow_to_a_live_backend() {
          {inside} of {inside_attempted} failed inside it (backend {victim} killed for {:?})",
         returned_at - killed_at
     );
+    // When and how each failure outside the window happened, to tell a lost flow
+    // from the client's own trouble (e.g. no free port).
+    let events = [("kill", killed_at), ("return", returned_at)];
+    for b in batches.iter().filter(|b| !in_window(b) && b.failed > 0) {
+        let at = b.start.duration_since(started);
+        let near: Vec<String> = events
+            .iter()
+            .map(|(name, t)| {
+                let d = b.start.saturating_duration_since(*t).as_secs_f64()
+                    - t.saturating_duration_since(b.start).as_secs_f64();
+                format!("{d:+.2} s from {name}")
+            })
+            .collect();
+        eprintln!(
+            "failed outside the window, batch at {at:?} ({}): {:?}",
+            near.join(", "),
+            b.failures
+        );
+    }
     assert!(total > 1000, "only {total} connections");
     assert_eq!(outside, 0, "connections to live backends failed");
     assert!(
