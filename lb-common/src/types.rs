@@ -276,8 +276,28 @@ impl VipIdEntry {
 pub struct ConnEntry {
     /// Backend id the flow was given when it was first seen.
     pub backend_id: u32,
-    /// VIP id of the flow (to account established packets to their VIP).
+    /// VIP id of the flow (to account established packets to their VIP), with
+    /// [`CONN_CLOSING`] set once the client sent a FIN or RST; read it through
+    /// [`ConnEntry::vip`] and [`ConnEntry::closing`].
     pub vip_id: u32,
+}
+
+/// [`ConnEntry::vip_id`] bit: the client has sent a FIN or an RST on this flow, so a
+/// SYN with the same addresses and ports opens a new connection. Until then a SYN
+/// is taken for a retransmission of the flow's own SYN (see `lb-ebpf/src/conntrack.rs`).
+/// VIP ids stay far below it (`maps::MAX_VIPS`).
+pub const CONN_CLOSING: u32 = 1 << 31;
+
+impl ConnEntry {
+    /// The flow's VIP id.
+    pub const fn vip(&self) -> u32 {
+        self.vip_id & !CONN_CLOSING
+    }
+
+    /// Whether the client has closed or reset the flow.
+    pub const fn closing(&self) -> bool {
+        self.vip_id & CONN_CLOSING != 0
+    }
 }
 
 /// Datapath-wide settings, the one entry of the `SETTINGS` array. Written by the agent.

@@ -2,14 +2,19 @@
 //! happened to the weights or the lookup table since. One table per family, so that
 //! IPv4 flows, the bulk of most traffic, carry a 16-byte key instead of 40.
 //!
-//! A TCP SYN never reads the table: it opens a new connection (a client may reuse a
-//! port), which must follow the current weights, and its entry is written afresh.
-//! This is also what makes a drained backend (weight 0) take no new connections while
-//! its established ones go on.
+//! A TCP SYN opens a new connection (a client may reuse a port), which follows the
+//! current weights, and its entry is written afresh; this is also what makes a
+//! drained backend (weight 0) take no new connections while its established ones go
+//! on. The one exception is a SYN the client retransmits because it had no answer
+//! in time: if the table changed since the first one, the retry would reach another
+//! backend, which resets the connection the client then opens with the first
+//! backend's late answer. So a SYN reads the table too, and one whose flow has a
+//! live entry (no FIN or RST from the client since, see [`mark_closing`]) naming
+//! another backend than the table does goes where the first SYN went.
 
 use lb_common::{
     maps::programs::REFERENCE_KEY,
-    types::{ConnEntry, FAMILY_V4},
+    types::{CONN_CLOSING, ConnEntry, FAMILY_V4},
 };
 
 use crate::{
@@ -29,6 +34,23 @@ pub fn find(pkt: &Packet) -> Option<ConnEntry> {
         unsafe { CONNS_V4.get(keys::ConnV4::new(pkt).key()) }.copied()
     } else {
         unsafe { CONNS_V6.get(keys::ConnV6::new(pkt).key()) }.copied()
+    }
+}
+
+/// Marks the packet's flow as closing (the client sent a FIN or RST): from now on a
+/// SYN with its addresses and ports opens a new connection. Written in place, once
+/// per flow; a failed lookup (the entry just evicted) changes nothing.
+#[inline(always)]
+pub fn mark_closing(pkt: &Packet) {
+    let entry = if pkt.family == FAMILY_V4 {
+        CONNS_V4.get_ptr_mut(keys::ConnV4::new(pkt).key())
+    } else {
+        CONNS_V6.get_ptr_mut(keys::ConnV6::new(pkt).key())
+    };
+    if let Some(entry) = entry {
+        // SAFETY: a map value, valid for the whole program run; a racing reader sees
+        // the flag or not, either of which is a valid entry.
+        unsafe { (*entry).vip_id |= CONN_CLOSING }
     }
 }
 

@@ -97,18 +97,18 @@ fn balance(ctx: &XdpContext, counters: stats::Global) -> Result<(), Stop> {
 /// goes through the `VIPS` hash map and, for a new flow, the lookup table.
 #[inline(always)]
 fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> {
-    let known = if pkt.tcp_syn {
-        None
-    } else {
-        conntrack::find(pkt)
-    };
-    if let Some(entry) = known
-        && let Some(flags) = vip::flags_by_id(entry.vip_id, pkt)
+    let known = conntrack::find(pkt);
+    if !pkt.tcp_syn
+        && let Some(entry) = known
+        && let Some(flags) = vip::flags_by_id(entry.vip(), pkt)
         && let Ok(backend) = table::backend(entry.backend_id)
     {
         count_known(pkt, counters);
+        if pkt.tcp_fin_rst && !entry.closing() {
+            conntrack::mark_closing(pkt);
+        }
         return Ok(Target {
-            vip_id: entry.vip_id,
+            vip_id: entry.vip(),
             vip_flags: flags,
             backend_id: entry.backend_id,
             backend,
@@ -118,12 +118,18 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
     }
     let vip = vip::lookup(pkt)?;
     // An entry made for another VIP that had this id is no entry at all.
-    let known = known.filter(|entry| entry.vip_id == vip.vip_id);
+    let known = known.filter(|entry| entry.vip() == vip.vip_id);
+    if pkt.tcp_syn {
+        return syn(pkt, &vip, known, counters);
+    }
+    if pkt.tcp_fin_rst && known.is_some_and(|entry| !entry.closing()) {
+        conntrack::mark_closing(pkt);
+    }
     if known.is_some() {
         count_known(pkt, counters);
     } else if pkt.kind == Kind::IcmpError {
         stats::bump(counters, |s| &mut s.icmp_error_forwarded);
-    } else if pkt.tcp_syn || pkt.proto != PROTO_TCP {
+    } else if pkt.proto != PROTO_TCP {
         stats::bump(counters, |s| &mut s.conn_miss_syn);
     } else {
         // A TCP flow that began elsewhere (another LB, a lost table): it may break.
@@ -157,6 +163,50 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
         backend,
         hash: Some(hash),
         new_flow,
+    })
+}
+
+/// Where a TCP SYN goes: a new connection takes the lookup table and its entry is
+/// written afresh (a client may reuse a port, and a drained backend must take no new
+/// connection), unless the SYN retransmits the flow's own first one: its entry is
+/// live (the client has sent no FIN or RST since) and names another backend than the
+/// table now does, because the table changed after the first SYN. That SYN goes
+/// where the first one went, which may already have answered it: sent elsewhere,
+/// the other backend would reset the connection the client opens with the first
+/// one's answer.
+#[inline(always)]
+fn syn(
+    pkt: &parse::Packet,
+    vip: &lb_common::types::VipMeta,
+    known: Option<lb_common::types::ConnEntry>,
+    counters: stats::Global,
+) -> Result<Target, Stop> {
+    let (backend_id, hash) = table::pick(pkt, vip)?;
+    if let Some(entry) = known
+        && !entry.closing()
+        && entry.backend_id != backend_id
+        && let Ok(backend) = table::backend(entry.backend_id)
+    {
+        stats::bump(counters, |s| &mut s.conn_hit);
+        return Ok(Target {
+            vip_id: vip.vip_id,
+            vip_flags: vip.flags,
+            backend_id: entry.backend_id,
+            backend,
+            hash: Some(hash),
+            new_flow: false,
+        });
+    }
+    stats::bump(counters, |s| &mut s.conn_miss_syn);
+    let backend = table::backend(backend_id)?;
+    conntrack::insert(pkt, backend_id, vip.vip_id, counters);
+    Ok(Target {
+        vip_id: vip.vip_id,
+        vip_flags: vip.flags,
+        backend_id,
+        backend,
+        hash: Some(hash),
+        new_flow: true,
     })
 }
 

@@ -71,6 +71,8 @@ pub struct Packet {
     pub l4_offset: usize,
     /// A TCP SYN without ACK: the first packet of a connection.
     pub tcp_syn: bool,
+    /// A TCP FIN or RST: the client is closing or resetting the connection.
+    pub tcp_fin_rst: bool,
     /// The IPv4 header carried options.
     pub ipv4_options: bool,
 }
@@ -92,6 +94,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
         ip_len: 0,
         l4_offset: 0,
         tcp_syn: false,
+        tcp_fin_rst: false,
         ipv4_options: false,
     };
     if ether_type == ETH_P_IP_BE {
@@ -109,6 +112,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Stop> {
                 pkt.src_port_be = u16::from_ne_bytes((*tcp).source);
                 pkt.dst_port_be = u16::from_ne_bytes((*tcp).dest);
                 pkt.tcp_syn = (*tcp).syn() != 0 && (*tcp).ack() == 0;
+                pkt.tcp_fin_rst = (*tcp).fin() != 0 || (*tcp).rst() != 0;
             }
         }
         PROTO_UDP => {

@@ -1080,6 +1080,102 @@ fn established_flows_survive_table_switches() {
     }
 }
 
+/// A SYN the client retransmits after the table changed goes where its first SYN
+/// went (that backend may have answered, and another one would reset the
+/// connection); once the client sent a FIN or an RST, a SYN with the same ports is
+/// a new connection and follows the table. Drained backends included: a
+/// retransmission to one is kept, a reused port is not.
+#[test]
+fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
+    let mut world = World::new();
+    let flows: Vec<Flow> = (0..300)
+        .map(|i| Flow::tcp("198.18.0.1", "198.18.1.1", 21000 + i, 80))
+        .collect();
+    let mut first = BTreeMap::new();
+    for f in &flows {
+        let (v, out) = world.run(&f.frame(TCP_SYN, b""));
+        assert_eq!(v, XDP_TX);
+        first.insert(f.sport, <[u8; 6]>::try_from(&out[..6]).unwrap());
+    }
+    // Drain one backend: about a third of the flows now hash elsewhere.
+    let drained: IpAddr = ip("198.18.0.13");
+    let desired = Desired::plan(&world.config, Some(&world.desired), &|v, b| {
+        let w = if v.port == 80 && b.address == drained {
+            0
+        } else {
+            b.weight
+        };
+        (w, 0)
+    })
+    .unwrap();
+    world.dataplane.apply(&desired).unwrap();
+    world.desired = desired;
+    let moved: Vec<&Flow> = flows
+        .iter()
+        .filter(|f| world.table_backend(f).0 != first[&f.sport])
+        .collect();
+    assert!(
+        moved.len() > 30,
+        "only {} flows hash elsewhere now",
+        moved.len()
+    );
+    let before = world.dataplane.global_stats().unwrap();
+    for f in &moved {
+        let (v, out) = world.run(&f.frame(TCP_SYN, b""));
+        assert_eq!(v, XDP_TX);
+        assert_eq!(
+            out[..6],
+            first[&f.sport],
+            "retransmitted SYN of {} moved",
+            f.sport
+        );
+    }
+    let after = world.dataplane.global_stats().unwrap();
+    assert_eq!(after.conn_hit - before.conn_hit, moved.len() as u64);
+    assert_eq!(after.conn_miss_syn, before.conn_miss_syn);
+    // The client closes (half of the flows with FIN, half with RST); the closing
+    // packet itself still reaches the flow's backend.
+    for (i, f) in moved.iter().enumerate() {
+        let flags = if i % 2 == 0 {
+            TCP_FIN | TCP_ACK
+        } else {
+            TCP_RST
+        };
+        let (_, out) = world.run(&f.frame(flags, b""));
+        assert_eq!(
+            out[..6],
+            first[&f.sport],
+            "closing packet of {} moved",
+            f.sport
+        );
+        // So does the rest of that connection (the ACK of the server's FIN).
+        let (_, out) = world.run(&f.frame(TCP_ACK, b""));
+        assert_eq!(out[..6], first[&f.sport], "last ACK of {} moved", f.sport);
+    }
+    // A SYN now opens a new connection on the same ports: the table decides, and
+    // the drained backend gets none.
+    let drained_mac = [2, 0, 0, 0, 0, 0x13];
+    for f in &moved {
+        let (_, out) = world.run(&f.frame(TCP_SYN, b""));
+        assert_eq!(
+            out[..6],
+            world.table_backend(f).0,
+            "reused port {}",
+            f.sport
+        );
+        assert_ne!(out[..6], drained_mac);
+    }
+    // A SYN whose entry agrees with the table is written again as a new flow.
+    let unmoved = flows
+        .iter()
+        .find(|f| world.table_backend(f).0 == first[&f.sport])
+        .unwrap();
+    let before = world.dataplane.global_stats().unwrap();
+    world.run(&unmoved.frame(TCP_SYN, b""));
+    let after = world.dataplane.global_stats().unwrap();
+    assert_eq!(after.conn_miss_syn, before.conn_miss_syn + 1);
+}
+
 /// The two shortcuts in front of the `VIPS` hash map are only shortcuts: a packet
 /// whose destination shares a `VIP_FILTER` slot with a VIP is still judged by the
 /// hash map, and an established flow whose VIP was removed, or whose VIP id went to
