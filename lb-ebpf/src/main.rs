@@ -280,18 +280,20 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
 /// `lb_common::maps::programs::REF_CONN_INSERT`).
 #[xdp]
 pub fn lb_ref_conn_insert(_ctx: XdpContext) -> u32 {
-    if conntrack::reference_insert() {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
+    pass_if(conntrack::reference_insert())
 }
 
 /// Bench reference: one connection-table lookup, nothing else (see
 /// `lb_common::maps::programs::REF_CONN_LOOKUP`).
 #[xdp]
 pub fn lb_ref_conn_lookup(_ctx: XdpContext) -> u32 {
-    if conntrack::reference_lookup() {
+    pass_if(conntrack::reference_lookup())
+}
+
+/// A reference program's verdict: `XDP_PASS` when its operation succeeded.
+#[inline(always)]
+fn pass_if(ok: bool) -> u32 {
+    if ok {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP

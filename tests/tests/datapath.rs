@@ -991,14 +991,11 @@ fn counters_name_what_happened() {
     assert_eq!((b.packets, b.new_flows), (3, 1), "{b:?}");
 }
 
-/// Weights change twice (a new table each time, switched atomically): established
-/// flows keep their backend, new flows follow the new table, a drained backend gets
-/// no new flow but keeps its old ones, and a removed backend's flows move.
-#[test]
-fn established_flows_survive_table_switches() {
-    let mut world = World::new();
+/// Opens 300 TCP flows to the web VIP from ports `first_port`.. with one SYN each;
+/// returns them and the backend MAC each went to, by source port.
+fn open_flows(world: &mut World, first_port: u16) -> (Vec<Flow>, BTreeMap<u16, [u8; 6]>) {
     let flows: Vec<Flow> = (0..300)
-        .map(|i| Flow::tcp("198.18.0.1", "198.18.1.1", 20000 + i, 80))
+        .map(|i| Flow::tcp("198.18.0.1", "198.18.1.1", first_port + i, 80))
         .collect();
     let mut first = BTreeMap::new();
     for f in &flows {
@@ -1006,6 +1003,16 @@ fn established_flows_survive_table_switches() {
         assert_eq!(v, XDP_TX);
         first.insert(f.sport, <[u8; 6]>::try_from(&out[..6]).unwrap());
     }
+    (flows, first)
+}
+
+/// Weights change twice (a new table each time, switched atomically): established
+/// flows keep their backend, new flows follow the new table, a drained backend gets
+/// no new flow but keeps its old ones, and a removed backend's flows move.
+#[test]
+fn established_flows_survive_table_switches() {
+    let mut world = World::new();
+    let (flows, first) = open_flows(&mut world, 20000);
     let drained: IpAddr = ip("198.18.0.13");
     let drained_mac = [2, 0, 0, 0, 0, 0x13];
     assert!(first.values().any(|m| *m == drained_mac));
@@ -1088,15 +1095,7 @@ fn established_flows_survive_table_switches() {
 #[test]
 fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
     let mut world = World::new();
-    let flows: Vec<Flow> = (0..300)
-        .map(|i| Flow::tcp("198.18.0.1", "198.18.1.1", 21000 + i, 80))
-        .collect();
-    let mut first = BTreeMap::new();
-    for f in &flows {
-        let (v, out) = world.run(&f.frame(TCP_SYN, b""));
-        assert_eq!(v, XDP_TX);
-        first.insert(f.sport, <[u8; 6]>::try_from(&out[..6]).unwrap());
-    }
+    let (flows, first) = open_flows(&mut world, 21000);
     // Drain one backend: about a third of the flows now hash elsewhere.
     let drained: IpAddr = ip("198.18.0.13");
     let desired = Desired::plan(&world.config, Some(&world.desired), &|v, b| {
