@@ -337,10 +337,12 @@ pub struct GlobalStats {
     pub pass_ipv6_extension: u64,
     /// Dropped: a VIP packet whose lookup table slot names no usable backend.
     pub drop_no_backend: u64,
-    /// Connection table: the flow was known.
+    /// Connection table: the flow was known (including a retransmitted SYN sent
+    /// where the flow's first SYN went, see `lb-ebpf/src/conntrack.rs`).
     pub conn_hit: u64,
-    /// New flows: TCP SYNs (which always take the lookup table, like Katran, so a
-    /// reused client port follows the current weights) and UDP flows not in the table.
+    /// New flows: TCP SYNs that took the lookup table (every SYN but such a
+    /// retransmission, so a reused client port follows the current weights) and UDP
+    /// flows not in the table.
     pub conn_miss_syn: u64,
     /// Connection table: unknown TCP flow without SYN: a flow that may break.
     pub conn_miss_non_syn: u64,

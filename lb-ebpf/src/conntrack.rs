@@ -58,7 +58,9 @@ pub fn mark_closing(pkt: &Packet) {
 /// goes out: the flow then follows the lookup table, which is right until it changes.
 #[inline(always)]
 pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Global) {
-    let entry = keys::Entry::new(backend_id, vip_id);
+    // A flow first seen by its FIN or RST (its entry lost) is closing already.
+    let closing = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
+    let entry = keys::Entry::new(backend_id, vip_id | closing);
     let inserted = if pkt.family == FAMILY_V4 {
         CONNS_V4.insert(keys::ConnV4::new(pkt).key(), entry.value(), 0)
     } else {

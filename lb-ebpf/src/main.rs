@@ -20,7 +20,7 @@ mod table;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::types::{Backend, PROTO_TCP, VIP_F_ECHO, VIP_F_ENCAP};
+use lb_common::types::{BACKEND_F_DRAINED, Backend, PROTO_TCP, VIP_F_ECHO, VIP_F_ENCAP};
 use parse::Kind;
 
 /// Why processing stopped before a frame was forwarded, and so what the kernel does
@@ -173,7 +173,10 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
 /// table now does, because the table changed after the first SYN. That SYN goes
 /// where the first one went, which may already have answered it: sent elsewhere,
 /// the other backend would reset the connection the client opens with the first
-/// one's answer.
+/// one's answer. Only while that backend is still of this VIP (ids are reused) and
+/// in service: weight above 0, or drained by the operator (who keeps its
+/// connections); one at weight 0 otherwise is down, and a retry elsewhere is the
+/// connection's only chance.
 #[inline(always)]
 fn syn(
     pkt: &parse::Packet,
@@ -186,6 +189,8 @@ fn syn(
         && !entry.closing()
         && entry.backend_id != backend_id
         && let Ok(backend) = table::backend(entry.backend_id)
+        && backend.vip_id == vip.vip_id
+        && (backend.weight != 0 || backend.flags & BACKEND_F_DRAINED != 0)
     {
         stats::bump(counters, |s| &mut s.conn_hit);
         return Ok(Target {

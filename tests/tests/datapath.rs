@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
     hash::{flow_hash, source_hash, vip_filter_slot},
-    types::{FlowKey, VipKey, addr_words},
+    types::{BACKEND_F_DRAINED, FlowKey, VipKey, addr_words},
 };
 use lb_tests::packet::*;
 use lb_userspace::{
@@ -1089,37 +1089,47 @@ fn established_flows_survive_table_switches() {
 
 /// A SYN the client retransmits after the table changed goes where its first SYN
 /// went (that backend may have answered, and another one would reset the
-/// connection); once the client sent a FIN or an RST, a SYN with the same ports is
-/// a new connection and follows the table. Drained backends included: a
-/// retransmission to one is kept, a reused port is not.
+/// connection), as long as that backend is in service; once the client sent a FIN
+/// or an RST, a SYN with the same ports is a new connection and follows the table.
 #[test]
 fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
     let mut world = World::new();
     let (flows, first) = open_flows(&mut world, 21000);
-    // Drain one backend: about a third of the flows now hash elsewhere.
-    let drained: IpAddr = ip("198.18.0.13");
-    let desired = Desired::plan(&world.config, Some(&world.desired), &|v, b| {
-        let w = if v.port == 80 && b.address == drained {
-            0
-        } else {
-            b.weight
-        };
-        (w, 0)
-    })
-    .unwrap();
+    // One backend goes to weight 0 without the operator's drain flag, as an
+    // unhealthy one does, and another one's weight grows fivefold: flows of the
+    // down backend and of the live ones now hash elsewhere.
+    let down: IpAddr = ip("198.18.0.13");
+    let down_mac = [2, 0, 0, 0, 0, 0x13];
+    let grown: IpAddr = ip("198.18.0.11");
+    let plan = |world: &World, flags: u8| {
+        Desired::plan(
+            &world.config,
+            Some(&world.desired),
+            &|v, b| match b.address {
+                a if v.port == 80 && a == down => (0, flags),
+                a if v.port == 80 && a == grown => (b.weight * 5, 0),
+                _ => (b.weight, 0),
+            },
+        )
+        .unwrap()
+    };
+    let desired = plan(&world, 0);
     world.dataplane.apply(&desired).unwrap();
     world.desired = desired;
     let moved: Vec<&Flow> = flows
         .iter()
         .filter(|f| world.table_backend(f).0 != first[&f.sport])
         .collect();
+    let (to_down, to_live): (Vec<&Flow>, Vec<&Flow>) =
+        moved.iter().partition(|f| first[&f.sport] == down_mac);
     assert!(
-        moved.len() > 30,
-        "only {} flows hash elsewhere now",
-        moved.len()
+        to_live.len() > 10 && to_down.len() > 10,
+        "{} flows of live backends and {} of the down one hash elsewhere now",
+        to_live.len(),
+        to_down.len()
     );
     let before = world.dataplane.global_stats().unwrap();
-    for f in &moved {
+    for f in &to_live {
         let (v, out) = world.run(&f.frame(TCP_SYN, b""));
         assert_eq!(v, XDP_TX);
         assert_eq!(
@@ -1130,11 +1140,21 @@ fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
         );
     }
     let after = world.dataplane.global_stats().unwrap();
-    assert_eq!(after.conn_hit - before.conn_hit, moved.len() as u64);
+    assert_eq!(after.conn_hit - before.conn_hit, to_live.len() as u64);
     assert_eq!(after.conn_miss_syn, before.conn_miss_syn);
+    // A backend out of service gets no retry: the table decides.
+    for f in &to_down {
+        let (_, out) = world.run(&f.frame(TCP_SYN, b""));
+        assert_eq!(
+            out[..6],
+            world.table_backend(f).0,
+            "retry of {} to a down backend",
+            f.sport
+        );
+    }
     // The client closes (half of the flows with FIN, half with RST); the closing
     // packet itself still reaches the flow's backend.
-    for (i, f) in moved.iter().enumerate() {
+    for (i, f) in to_live.iter().enumerate() {
         let flags = if i % 2 == 0 {
             TCP_FIN | TCP_ACK
         } else {
@@ -1151,10 +1171,8 @@ fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
         let (_, out) = world.run(&f.frame(TCP_ACK, b""));
         assert_eq!(out[..6], first[&f.sport], "last ACK of {} moved", f.sport);
     }
-    // A SYN now opens a new connection on the same ports: the table decides, and
-    // the drained backend gets none.
-    let drained_mac = [2, 0, 0, 0, 0, 0x13];
-    for f in &moved {
+    // A SYN now opens a new connection on the same ports: the table decides.
+    for f in &to_live {
         let (_, out) = world.run(&f.frame(TCP_SYN, b""));
         assert_eq!(
             out[..6],
@@ -1162,7 +1180,7 @@ fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
             "reused port {}",
             f.sport
         );
-        assert_ne!(out[..6], drained_mac);
+        assert_ne!(out[..6], down_mac);
     }
     // A SYN whose entry agrees with the table is written again as a new flow.
     let unmoved = flows
@@ -1173,6 +1191,28 @@ fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
     world.run(&unmoved.frame(TCP_SYN, b""));
     let after = world.dataplane.global_stats().unwrap();
     assert_eq!(after.conn_miss_syn, before.conn_miss_syn + 1);
+
+    // Drained by the operator, a backend keeps its connections, those still in
+    // their handshake included: a retry to it is kept.
+    let mut world = World::new();
+    let (flows, first) = open_flows(&mut world, 22000);
+    let desired = plan(&world, BACKEND_F_DRAINED);
+    world.dataplane.apply(&desired).unwrap();
+    world.desired = desired;
+    let drained: Vec<&Flow> = flows
+        .iter()
+        .filter(|f| first[&f.sport] == down_mac)
+        .collect();
+    assert!(!drained.is_empty());
+    for f in drained {
+        let (_, out) = world.run(&f.frame(TCP_SYN, b""));
+        assert_eq!(
+            out[..6],
+            down_mac,
+            "retry of {} left the drained backend",
+            f.sport
+        );
+    }
 }
 
 /// The two shortcuts in front of the `VIPS` hash map are only shortcuts: a packet
