@@ -150,7 +150,18 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
     // A new flow, or a known one whose backend was removed: it gets a backend from
     // the table (which resets a removed backend's flow, rather than its packets
     // vanishing). An ICMP error follows its flow but never creates one.
-    let (backend_id, hash) = table::pick(pkt, &vip)?;
+    by_table(pkt, &vip, table::pick(pkt, &vip)?, counters)
+}
+
+/// The packet goes where the lookup table says (`picked`: its backend id and the
+/// flow hash); a packet that opens a flow has the flow's entry written.
+#[inline(always)]
+fn by_table(
+    pkt: &parse::Packet,
+    vip: &lb_common::types::VipMeta,
+    (backend_id, hash): (u32, u32),
+    counters: stats::Global,
+) -> Result<Target, Stop> {
     let backend = table::backend(backend_id)?;
     let new_flow = pkt.kind == Kind::Flow;
     if new_flow {
@@ -203,16 +214,7 @@ fn syn(
         });
     }
     stats::bump(counters, |s| &mut s.conn_miss_syn);
-    let backend = table::backend(backend_id)?;
-    conntrack::insert(pkt, backend_id, vip.vip_id, counters);
-    Ok(Target {
-        vip_id: vip.vip_id,
-        vip_flags: vip.flags,
-        backend_id,
-        backend,
-        hash: Some(hash),
-        new_flow: true,
-    })
+    by_table(pkt, vip, (backend_id, hash), counters)
 }
 
 /// Where a packet goes, and what is known about its flow.
