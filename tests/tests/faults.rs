@@ -217,6 +217,37 @@ fn faults_under_traffic_lose_no_flow_to_a_live_backend() {
             b.failures
         );
     }
+    // The datapath's counters say whether a failure went with a connection-table
+    // miss (`conn_miss_non_syn`), a failed insert, or a VIP packet passed to the
+    // LB's own kernel (`pass_*`).
+    let status: serde_json::Value =
+        serde_json::from_str(&agent.ctl(&["status", "--json"]).unwrap()).unwrap();
+    if outside > 0 {
+        eprintln!("datapath counters: {}", status["datapath"]);
+        // And the TCP stacks' own account of resets and refused handshakes.
+        let hosts = topo.backends().iter().map(|h| h.ns()).chain([client]);
+        for ns in hosts {
+            let counters = ns.exec(&["nstat", "-az"]).unwrap_or_default();
+            let interesting: Vec<&str> = counters
+                .lines()
+                .filter(|l| {
+                    [
+                        "Rst",
+                        "Listen",
+                        "Syncookies",
+                        "AbortOn",
+                        "TW",
+                        "EstabResets",
+                        "AttemptFails",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .filter(|l| l.split_whitespace().nth(1).is_some_and(|v| v != "0"))
+                .collect();
+            eprintln!("{}: {}", ns.name(), interesting.join("; "));
+        }
+    }
     assert!(total > 1000, "only {total} connections");
     assert_eq!(outside, 0, "connections to live backends failed");
     assert!(
@@ -235,8 +266,6 @@ fn faults_under_traffic_lose_no_flow_to_a_live_backend() {
         "too few round trips: {}",
         ping.responses.len()
     );
-    let status: serde_json::Value =
-        serde_json::from_str(&agent.ctl(&["status", "--json"]).unwrap()).unwrap();
     assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");
     agent.stop().unwrap();
 }
