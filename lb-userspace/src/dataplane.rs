@@ -767,14 +767,9 @@ impl Dataplane {
         xdp_program(&mut self.ebpf, programs::BALANCER)
     }
 
-    /// The pass-through program `lb_pass` of the same object, loaded on first use
-    /// (never attached here): the floor of `cargo xtask bench datapath`.
-    pub fn pass_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
-        self.side_program(programs::PASS)
-    }
-
     /// Another program of the object that is never attached here (`lb_pass`, the
-    /// bench references of `lb_common::maps::programs`), loaded on first use.
+    /// floor of `cargo xtask bench datapath`, and the bench references of
+    /// `lb_common::maps::programs`), loaded on first use.
     pub fn side_program(&mut self, name: &'static str) -> Result<&mut Xdp, DataplaneError> {
         let program = xdp_program(&mut self.ebpf, name)?;
         if program.fd().is_err() {

@@ -216,6 +216,26 @@ struct Case {
     target: Option<f64>,
 }
 
+impl Case {
+    /// A reference program that passes `frame` unchanged, moves no counter and
+    /// returns `XDP_PASS` when its one map operation succeeded, repeated.
+    fn reference(key: &'static str, title: &'static str, program: Program, frame: &[u8]) -> Case {
+        Case {
+            key,
+            title,
+            program,
+            method: Method::Repeat,
+            frame: frame.to_vec(),
+            verdict: XDP_PASS,
+            counters: &[],
+            output: Output::Same,
+            backend_id: None,
+            floor: "floor",
+            target: None,
+        }
+    }
+}
+
 /// One measurement of one case.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -392,32 +412,18 @@ fn run() -> Result<()> {
         },
         // The references run in this order: the write leaves the entry the lookup
         // must find (a miss would return XDP_DROP and fail the verdict check).
-        Case {
-            key: "ref_conn_insert",
-            title: "reference: conn-table write alone",
-            program: Program::RefInsert,
-            method: Method::Repeat,
-            frame: ack4.clone(),
-            verdict: XDP_PASS,
-            counters: &[],
-            output: Output::Same,
-            backend_id: None,
-            floor: "floor",
-            target: None,
-        },
-        Case {
-            key: "ref_conn_lookup",
-            title: "reference: conn-table lookup alone",
-            program: Program::RefLookup,
-            method: Method::Repeat,
-            frame: ack4.clone(),
-            verdict: XDP_PASS,
-            counters: &[],
-            output: Output::Same,
-            backend_id: None,
-            floor: "floor",
-            target: None,
-        },
+        Case::reference(
+            "ref_conn_insert",
+            "reference: conn-table write alone",
+            Program::RefInsert,
+            &ack4,
+        ),
+        Case::reference(
+            "ref_conn_lookup",
+            "reference: conn-table lookup alone",
+            Program::RefLookup,
+            &ack4,
+        ),
         Case {
             key: "ref_forward_only",
             title: "reference: established, bare path",
@@ -505,8 +511,8 @@ fn run() -> Result<()> {
     }
 
     let info = [
-        ("lb_pass", dp.pass_program()?.info()),
-        ("lb_xdp", dp.program()?.info()),
+        (programs::PASS, dp.side_program(programs::PASS)?.info()),
+        (programs::BALANCER, dp.program()?.info()),
     ]
     .map(|(name, info)| {
         let info = info.ok();
