@@ -526,6 +526,7 @@ impl Agent {
                         utilisation: sample.and_then(|s| s.cpu),
                         errors_per_s: sample.and_then(|s| s.errors_per_s),
                         latency_s: reading.and_then(|r| r.latency_s()),
+                        in_flight: sample.and_then(|s| s.in_flight),
                         predicted_s: forecast.and_then(|f| f.value),
                         predictor: forecast
                             .map(|f| f.choice.predictor.clone())

@@ -176,6 +176,9 @@ pub struct Input {
     pub errors_per_s: Option<f64>,
     /// Observed latency over the last interval, seconds.
     pub latency_s: Option<f64>,
+    /// Requests queued or in service at the last scrape (the backend's in-flight
+    /// gauge).
+    pub in_flight: Option<f64>,
     /// Latency predicted one interval ahead by the predictor in use, seconds.
     pub predicted_s: Option<f64>,
     /// Which predictor produced `predicted_s` (for the record).
@@ -296,6 +299,7 @@ pub fn step_with_table(
     // shrink with every shed and the quantum, the floor and a returning backend's
     // initial weight would grow against it. A common factor changes no share, so
     // the table moves only by the rounding.
+    let unrescaled = start.clone();
     let start: Vec<u32> = {
         let have: f64 = (0..n).filter(|&k| free[k]).map(|k| start[k] as f64).sum();
         let want: f64 = (0..n).filter(|&k| free[k]).map(|k| initial[k] as f64).sum();
@@ -334,6 +338,16 @@ pub fn step_with_table(
         }
         _ => targets.clone(),
     };
+    // What the backlog drain of `ai` needs: how long a new request would wait at
+    // each backend, and what the pool expects anyway.
+    let wait = waits(inputs, &capacities(params.error_penalty, inputs));
+    let reference = [
+        weighted_median(&expected_latencies(params, inputs), &start),
+        weighted_median(&wait, &start),
+    ]
+    .into_iter()
+    .flatten()
+    .reduce(f64::max);
     let basis_total: f64 = (0..n)
         .filter(|&k| inputs[k].hold.is_none() && inputs[k].healthy)
         .map(|k| shed_basis[k])
@@ -420,12 +434,18 @@ pub fn step_with_table(
             current
         };
         shown_in_pool[k] = shown;
+        // `ai` counts a backend's backlog against it: what drains the backlog is
+        // what it can take (a backend whose backlog alone needs a cut sheds too).
+        let drain = match kind {
+            PolicyKind::Ai => drain_factor(wait[k], reference),
+            _ => 1.0,
+        };
         if current > 0.0
             && strained(params, &inputs[k])
             && observed_enough(params, &inputs[k])
-            && shown.max(target) < params.shed_ratio * current
+            && shown.max(target) * drain < params.shed_ratio * current
         {
-            let target = target.min(shown);
+            let target = target.min(shown) * drain;
             proposal[k] = target;
             shed[k] = true;
             // A new regime: the filter starts again from it.
@@ -441,6 +461,12 @@ pub fn step_with_table(
                  shed at once, outside smoothing and the move budget",
                 params.shed_ratio * 100.0
             );
+            if drain < 1.0 {
+                reasons[k] += &format!(
+                    " ({:.0} % of its capacity, so that its backlog drains within {DRAIN_S} s)",
+                    drain * 100.0
+                );
+            }
             continue;
         }
         // The target, filtered over updates; a change smaller than its noise (two
@@ -599,9 +625,12 @@ pub fn step_with_table(
     // Never leave the VIP without weight while a backend is healthy.
     keep_a_backend(params, inputs, &mut after, &mut reasons);
     // The budget again, on the table itself: the slots the unbounded changes move
-    // alone are allowed, and the budget on top.
+    // alone are allowed, and the budget on top. The scaled backends' rescale is no
+    // unbounded change: a common factor keeps every share, but the rounding of
+    // whole weights still moves slots, which count against the budget (taking
+    // none of the step then also leaves the rescale to a later update).
     let base: Vec<u32> = (0..n)
-        .map(|k| if scaled[k] { start[k] } else { after[k] })
+        .map(|k| if scaled[k] { unrescaled[k] } else { after[k] })
         .collect();
     if after != base
         && let Some(share) = moved(&after)
@@ -746,16 +775,7 @@ fn targets(kind: PolicyKind, params: &Params, inputs: &[Input], before: &[u32]) 
             // so that a backend failing fast does not look idle and huge), scaled by
             // how its predicted latency compares with the others'.
             let capacity = with_fallback(&capacities(params.error_penalty, inputs), before);
-            let preds: Vec<Option<f64>> = inputs
-                .iter()
-                .map(|i| {
-                    let p = i.predicted_s.filter(|p| p.is_finite() && *p > 0.0)?;
-                    Some(with_errors(params, i, p))
-                })
-                .collect();
-            // Reference: the traffic-weighted median prediction, which one slow
-            // backend does not drag along (a mean would call a backend four times
-            // slower than three others only 2.3 times the reference).
+            let preds = expected_latencies(params, inputs);
             let Some(reference) = weighted_median(&preds, before) else {
                 return capacity;
             };
@@ -769,6 +789,55 @@ fn targets(kind: PolicyKind, params: &Params, inputs: &[Input], before: &[u32]) 
                 .collect()
         }
     }
+}
+
+/// The latency `ai` expects of each backend one interval ahead, errors counted
+/// ([`with_errors`]); `None` where nothing is predicted. Their traffic-weighted
+/// median is `ai`'s reference: one slow backend does not drag it along (a mean
+/// would call a backend four times slower than three others only 2.3 times the
+/// reference).
+fn expected_latencies(params: &Params, inputs: &[Input]) -> Vec<Option<f64>> {
+    inputs
+        .iter()
+        .map(|i| {
+            let p = i.predicted_s.filter(|p| p.is_finite() && *p > 0.0)?;
+            Some(with_errors(params, i, p))
+        })
+        .collect()
+}
+
+/// Seconds within which `ai` plans to drain the backlog of a backend it sheds.
+const DRAIN_S: f64 = 2.0;
+
+/// How long a new request would wait at each backend: its requests in flight over
+/// the rate it has shown it can serve them (`in_flight / capacity`, seconds); `None`
+/// without an in-flight gauge or a shown capacity.
+fn waits(inputs: &[Input], capacity: &[Option<f64>]) -> Vec<Option<f64>> {
+    inputs
+        .iter()
+        .zip(capacity)
+        .map(|(i, c)| {
+            let in_flight = i.in_flight.filter(|v| v.is_finite() && *v >= 0.0)?;
+            let c = c.filter(|c| c.is_finite() && *c > 0.0)?;
+            Some(in_flight / c)
+        })
+        .collect()
+}
+
+/// The fraction of its shown capacity `ai` lets a backend take, so that the
+/// backlog it has built drains within [`DRAIN_S`] instead of staying (at exactly
+/// its capacity, arrivals match departures and a queue never shrinks). A new
+/// request there waits `wait` seconds; what exceeds `reference` (what the pool
+/// expects anyway: the larger of the median predicted latency and the median
+/// wait, so that a load every backend queues for drains nobody) is backlog, and
+/// serving `capacity · (1 − excess / DRAIN_S)` requests per second clears it in
+/// [`DRAIN_S`]. 1 when either is unknown; never below 0 (the floor share holds).
+fn drain_factor(wait: Option<f64>, reference: Option<f64>) -> f64 {
+    let (Some(wait), Some(reference)) = (wait, reference) else {
+        return 1.0;
+    };
+    let excess = (wait - reference).max(0.0);
+    (1.0 - excess / DRAIN_S).clamp(0.0, 1.0)
 }
 
 /// How much `ai` scales a backend's shown capacity when its predicted latency is
@@ -1297,6 +1366,66 @@ mod tests {
     }
 
     /// Four equal backends observed at `qps` and `util` each, backend 0 as given.
+    /// Four backends that served 60 req/s at 75 % busy with 3 requests in flight,
+    /// but the first one as given.
+    fn with_backlog(qps0: f64, util0: f64, in_flight0: f64) -> Vec<Input> {
+        let mut inputs = observed(qps0, util0);
+        for (k, i) in inputs.iter_mut().enumerate() {
+            i.in_flight = Some(if k == 0 { in_flight0 } else { 3.0 });
+        }
+        inputs
+    }
+
+    fn shares(w: &[u32]) -> Vec<f64> {
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        w.iter().map(|&x| x as f64 / total).collect()
+    }
+
+    #[test]
+    fn ai_sheds_below_capacity_until_the_backlog_drains() {
+        let p = Params::default();
+        // Slowed to 20 req/s with 40 requests in flight: a new request waits 2 s.
+        let inputs = with_backlog(20.0, 1.0, 40.0);
+        let (reactive, _) = step(PolicyKind::Reactive, &p, &mut State::default(), &inputs);
+        let (ai, decisions) = step(PolicyKind::Ai, &p, &mut State::default(), &inputs);
+        let (reactive, ai) = (shares(&reactive), shares(&ai));
+        // `reactive` sheds to the capacity shown (20 of 20 + 3 · 80 req/s), where
+        // the backlog stays; `ai` goes below it, to the floor here.
+        assert!((reactive[0] - 20.0 / 260.0).abs() < 0.01, "{reactive:?}");
+        assert!(ai[0] < 0.5 * reactive[0], "{ai:?} against {reactive:?}");
+        assert!(
+            decisions[0].reason.contains("backlog drains"),
+            "{decisions:?}"
+        );
+
+        // A backlog alone sheds, in `ai` only: 64 req/s shown, 1.25 s of queue.
+        let inputs = with_backlog(60.0, 0.95, 80.0);
+        let (reactive, _) = step(PolicyKind::Reactive, &p, &mut State::default(), &inputs);
+        let (ai, decisions) = step(PolicyKind::Ai, &p, &mut State::default(), &inputs);
+        assert!(shares(&reactive)[0] > 0.2, "{reactive:?}");
+        assert!(shares(&ai)[0] < 0.125, "{ai:?}");
+        assert!(
+            decisions[0].reason.contains("shed at once"),
+            "{decisions:?}"
+        );
+
+        // A queue every backend has is no backlog of one: nobody sheds.
+        let mut inputs = with_backlog(60.0, 0.95, 80.0);
+        for i in &mut inputs {
+            i.in_flight = Some(80.0);
+            i.utilisation = Some(0.95);
+        }
+        let (ai, decisions) = step(PolicyKind::Ai, &p, &mut State::default(), &inputs);
+        assert!(
+            decisions.iter().all(|d| !d.reason.contains("shed")),
+            "{decisions:?}"
+        );
+        assert!(
+            shares(&ai).iter().all(|s| (s - 0.25).abs() < 0.01),
+            "{ai:?}"
+        );
+    }
+
     fn observed(qps0: f64, util0: f64) -> Vec<Input> {
         let mut inputs = backends(4);
         for (k, i) in inputs.iter_mut().enumerate() {

@@ -630,6 +630,7 @@ impl<'a> Sim<'a> {
                     latency_s: sample
                         .and_then(|s| s.latency_s)
                         .or(b.probe_ok.then_some(probe_latency)),
+                    in_flight: sample.map(|s| s.in_flight),
                     predicted_s: b.forecast.as_ref().and_then(|f| f.value),
                     predictor: b
                         .forecast
