@@ -197,6 +197,22 @@ pub struct Decision {
     pub predicted_s: Option<f64>,
     pub predictor: String,
     pub reason: String,
+    /// Cut at once, outside smoothing and the move budget ([`Params::shed_ratio`]).
+    pub shed: bool,
+    /// Its step was scaled down to keep the move budget (on shares or on slots).
+    pub budget_limited: bool,
+    /// Raised to the floor share.
+    pub floored: bool,
+}
+
+/// Why one backend gets its weight in an update, as it is built: the reason text
+/// and what the guards did.
+#[derive(Debug, Clone, Default)]
+struct Why {
+    reason: String,
+    shed: bool,
+    budget_limited: bool,
+    floored: bool,
 }
 
 /// What a policy carries from one update to the next, per VIP.
@@ -353,17 +369,17 @@ pub fn step_with_table(
         .filter(|&k| inputs[k].hold.is_none() && inputs[k].healthy)
         .map(|k| shed_basis[k])
         .sum();
-    let mut reasons: Vec<String> = vec![String::new(); n];
+    let mut why = vec![Why::default(); n];
     let mut after = before.clone();
 
     // Holds and health first: not smoothed, not budgeted.
     for (k, input) in inputs.iter().enumerate() {
         if let Some(w) = input.hold {
             after[k] = w;
-            reasons[k] = format!("operator hold at {w}");
+            why[k].reason = format!("operator hold at {w}");
         } else if !input.healthy {
             after[k] = 0;
-            reasons[k] = "unhealthy: 0 until its probes pass again".into();
+            why[k].reason = "unhealthy: 0 until its probes pass again".into();
         }
     }
     let free_total: f64 = (0..n).filter(|&k| free[k]).map(|k| targets[k]).sum();
@@ -377,14 +393,14 @@ pub fn step_with_table(
                 PolicyKind::Static => inputs[k].configured_weight.saturating_mul(params.unit),
                 _ => params.unit,
             };
-            reasons[k] = match kind {
+            why[k].reason = match kind {
                 PolicyKind::Static => {
                     format!("static: configured weight {}", inputs[k].configured_weight)
                 }
                 _ => "equal: the same weight as every healthy backend".into(),
             };
         }
-        return finish(kind, state, inputs, before, targets, after, reasons);
+        return finish(kind, state, inputs, before, targets, after, why);
     }
     let free_names: Vec<String> = (0..n)
         .filter(|&k| free[k])
@@ -449,6 +465,7 @@ pub fn step_with_table(
             let target = target.min(shown) * drain;
             proposal[k] = target;
             shed[k] = true;
+            why[k].shed = true;
             // A new regime: the filter starts again from it.
             state.targets.insert(
                 inputs[k].name.clone(),
@@ -457,13 +474,13 @@ pub fn step_with_table(
                     variance: 0.0,
                 },
             );
-            reasons[k] = format!(
+            why[k].reason = format!(
                 "{kind}: target {target:.0} is below {:.0} % of its weight {current:.0}: \
                  shed at once, outside smoothing and the move budget",
                 params.shed_ratio * 100.0
             );
             if drain < 1.0 {
-                reasons[k] += &format!(
+                why[k].reason += &format!(
                     " ({:.0} % of its capacity, so that its backlog drains within {DRAIN_S} s)",
                     drain * 100.0
                 );
@@ -490,14 +507,14 @@ pub fn step_with_table(
                 || (target - current).abs() <= 2.0 * noise)
         {
             proposal[k] = current;
-            reasons[k] = format!(
+            why[k].reason = format!(
                 "{kind}: target {target:.0} (filtered, noise {noise:.0}) within the {:.0} % \
                  hysteresis band or its noise",
                 params.hysteresis * 100.0
             );
         } else {
             proposal[k] = smoothed;
-            reasons[k] = format!(
+            why[k].reason = format!(
                 "{kind}: target {target:.0} (filtered, noise {noise:.0}), smoothed to \
                  {smoothed:.0}"
             );
@@ -541,7 +558,7 @@ pub fn step_with_table(
                         variance: 0.0,
                     },
                 );
-                reasons[k] += &format!(
+                why[k].reason += &format!(
                     "; takes {take:.0} of what the shed backends gave up at once, within \
                      the room its shown capacity and target leave"
                 );
@@ -573,7 +590,8 @@ pub fn step_with_table(
     for k in (0..n).filter(|&k| free[k]) {
         if proposal[k] < floor {
             proposal[k] = floor;
-            reasons[k] += &format!("; raised to the floor {floor:.0}");
+            why[k].reason += &format!("; raised to the floor {floor:.0}");
+            why[k].floored = true;
         }
     }
     // The budget bounds the step of the backends it scales, from `base`: what every
@@ -614,7 +632,8 @@ pub fn step_with_table(
                 let old_share = base[k] / base_total;
                 let new_share = fixed_new[k] / new_total;
                 proposal[k] = (old_share + alpha * (new_share - old_share)) * new_total;
-                reasons[k] += &format!("; move budget: {:.0} % of the step", alpha * 100.0);
+                why[k].reason += &format!("; move budget: {:.0} % of the step", alpha * 100.0);
+                why[k].budget_limited = true;
             }
         }
     }
@@ -624,7 +643,7 @@ pub fn step_with_table(
         after[k] = ((proposal[k] / q).round() * q).max(q) as u32;
     }
     // Never leave the VIP without weight while a backend is healthy.
-    keep_a_backend(params, inputs, &mut after, &mut reasons);
+    keep_a_backend(params, inputs, &mut after, &mut why);
     // The budget again, on the table itself: the slots the unbounded changes move
     // alone are allowed, and the budget on top. The scaled backends' rescale is no
     // unbounded change: a common factor keeps every share, but the rounding of
@@ -672,28 +691,29 @@ pub fn step_with_table(
                 lo = 0.0;
             }
             after = at(lo, &after);
-            keep_a_backend(params, inputs, &mut after, &mut reasons);
+            keep_a_backend(params, inputs, &mut after, &mut why);
             let now = lo_share.map_or(String::new(), |s| format!(", {:.2} %", s * 100.0));
             for k in (0..n).filter(|&k| scaled[k]) {
-                reasons[k] += &format!(
+                why[k].reason += &format!(
                     "; slot budget: the table would move {:.2} % of its slots, {:.0} % of \
                      the step taken{now}",
                     share * 100.0,
                     lo * 100.0
                 );
+                why[k].budget_limited = true;
             }
         }
     }
-    finish(kind, state, inputs, before, targets, after, reasons)
+    finish(kind, state, inputs, before, targets, after, why)
 }
 
 /// Never leaves the VIP without weight while a backend is healthy and free.
-fn keep_a_backend(params: &Params, inputs: &[Input], after: &mut [u32], reasons: &mut [String]) {
+fn keep_a_backend(params: &Params, inputs: &[Input], after: &mut [u32], why: &mut [Why]) {
     if after.iter().all(|&w| w == 0)
         && let Some(k) = (0..inputs.len()).find(|&k| inputs[k].healthy && inputs[k].hold.is_none())
     {
         after[k] = params.quantum.max(1);
-        reasons[k] += "; kept above 0 so the VIP has a backend";
+        why[k].reason += "; kept above 0 so the VIP has a backend";
     }
 }
 
@@ -705,7 +725,7 @@ fn finish(
     before: Vec<u32>,
     targets: Vec<f64>,
     after: Vec<u32>,
-    mut reasons: Vec<String>,
+    why: Vec<Why>,
 ) -> (Vec<u32>, Vec<Decision>) {
     // Only the policy's own weights are remembered: a backend under an operator hold
     // starts again from its initial weight when the hold ends.
@@ -727,8 +747,9 @@ fn finish(
     });
     let decisions = inputs
         .iter()
+        .zip(why)
         .enumerate()
-        .map(|(k, i)| Decision {
+        .map(|(k, (i, why))| Decision {
             backend: i.name.clone(),
             policy: kind,
             before: before[k],
@@ -736,7 +757,10 @@ fn finish(
             after: after[k],
             predicted_s: i.predicted_s,
             predictor: i.predictor.clone(),
-            reason: std::mem::take(&mut reasons[k]),
+            reason: why.reason,
+            shed: why.shed,
+            budget_limited: why.budget_limited,
+            floored: why.floored,
         })
         .collect();
     (after, decisions)
@@ -1398,6 +1422,7 @@ mod tests {
             decisions[0].reason.contains("backlog drains"),
             "{decisions:?}"
         );
+        assert!(decisions[0].shed && !decisions[1].shed, "{decisions:?}");
 
         // A backlog alone sheds, in `ai` only: 64 req/s shown, 1.25 s of queue.
         let inputs = with_backlog(60.0, 0.95, 80.0);

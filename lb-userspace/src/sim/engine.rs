@@ -658,20 +658,14 @@ impl<'a> Sim<'a> {
             &mut moved,
         );
         self.policy_steps += 1;
-        if decisions
-            .iter()
-            .any(|d| d.reason.contains("move budget") || d.reason.contains("slot budget"))
-        {
+        if decisions.iter().any(|d| d.budget_limited) {
             self.budget_limited_steps += 1;
         }
-        self.floor_raised += decisions
-            .iter()
-            .filter(|d| d.reason.contains("raised to the floor"))
-            .count() as u64;
+        self.floor_raised += decisions.iter().filter(|d| d.floored).count() as u64;
         let built = last_built
             .filter(|(w, _)| *w == weights)
             .map(|(_, table)| table);
-        let shed = decisions.iter().any(|d| d.reason.contains("shed at once"));
+        let shed = decisions.iter().any(|d| d.shed);
         if weights != self.weights && !self.install(weights, built, shed, t) {
             self.table_failures += 1;
         }
