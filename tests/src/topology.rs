@@ -305,6 +305,44 @@ pub fn set_tx_checksum_offload(ns: &Netns, ifname: &str, enabled: bool) -> Resul
     ethtool_value(ns, ifname, ETHTOOL_STXCSUM, u32::from(enabled)).map(|_| ())
 }
 
+/// Has every packet that `ifname` inside `ns` receives processed on a CPU chosen by
+/// its flow hash (receive packet steering over all CPUs), as a real network card's
+/// receive-side scaling would, instead of on whichever CPU sent it.
+///
+/// A veth hands each frame to the receiving stack on the sending CPU. Without
+/// steering, two segments of one TCP connection sent from different CPUs (the
+/// handshake's last ACK, sent where the SYN-ACK was processed, and the first data
+/// segment, sent where the client thread runs) reach the server's stack at the same
+/// moment on two CPUs. Linux then has a race: while one CPU replaces the connection's
+/// request socket with the full socket in the established hash, the other CPU's
+/// lockless lookup can miss both and hand its segment to the listener, which answers
+/// the valid ACK with a reset that kills the new connection (one in several hundred
+/// thousand connections here). Steering keeps a flow's segments on one CPU, in order.
+pub fn steer_each_flow_to_one_cpu(ns: &Netns, ifname: &str) -> Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.clamp(1, 4096) as usize;
+    // The mask in the kernel's format: 32-bit hex words, most significant first.
+    let mut words = vec![0u32; cpus.div_ceil(32)];
+    for cpu in 0..cpus {
+        words[cpu / 32] |= 1 << (cpu % 32);
+    }
+    let mask = words
+        .iter()
+        .rev()
+        .map(|w| format!("{w:08x}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    ns.exec(&[
+        "sh",
+        "-c",
+        &format!(
+            "for q in /sys/class/net/{ifname}/queues/rx-*; do echo {mask} > $q/rps_cpus || exit 1; done"
+        ),
+    ])
+    .with_context(|| format!("cannot set receive packet steering on {ifname} in {}", ns.name()))?;
+    Ok(())
+}
+
 /// Whether TX checksum offload of `ifname` inside `ns` is on.
 pub fn tx_checksum_offload(ns: &Netns, ifname: &str) -> Result<bool> {
     ethtool_value(ns, ifname, ETHTOOL_GTXCSUM, 0).map(|data| data != 0)
@@ -668,6 +706,9 @@ fn add_host(switch: &Netns, bridge: &str, prefix: &str, role: Role) -> Result<Ho
     // Full checksums on the wire, so that frames the load balancer sends on with
     // XDP_TX are still valid at the backend (see set_tx_checksum_offload).
     set_tx_checksum_offload(&ns, &ifname, false).with_context(context)?;
+    if matches!(role, Role::Backend(_)) {
+        steer_each_flow_to_one_cpu(&ns, &ifname).with_context(context)?;
+    }
 
     Ok(Host {
         role,
