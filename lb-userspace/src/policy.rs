@@ -357,7 +357,8 @@ pub fn step_with_table(
     };
     // What the backlog drain of `ai` needs: how long a new request would wait at
     // each backend, and what the pool expects anyway.
-    let wait = waits(inputs, &capacities(params.error_penalty, inputs));
+    let shown_rps = capacities(params.error_penalty, inputs);
+    let wait = waits(inputs, &shown_rps);
     let reference = [
         weighted_median(&expected_latencies(params, inputs), &start),
         weighted_median(&wait, &start),
@@ -438,6 +439,8 @@ pub fn step_with_table(
     // Each free backend's shown capacity and filtered target, in the pool's units.
     let mut shown_in_pool = vec![0.0; n];
     let mut filtered_in_pool = vec![0.0; n];
+    // How much further `ai` would cut each shed backend to drain its backlog.
+    let mut backlog_cut = vec![0.0; n];
     for k in (0..n).filter(|&k| free[k]) {
         let target = if free_total > 0.0 {
             pool * targets[k] / free_total
@@ -462,29 +465,17 @@ pub fn step_with_table(
             && observed_enough(params, &inputs[k])
             && shown.max(target) * drain < params.shed_ratio * current
         {
-            let target = target.min(shown) * drain;
+            // Never above what it holds: a backlog alone can make the shed.
+            let target = target.min(shown).min(current);
             proposal[k] = target;
+            backlog_cut[k] = target * (1.0 - drain);
             shed[k] = true;
             why[k].shed = true;
-            // A new regime: the filter starts again from it.
-            state.targets.insert(
-                inputs[k].name.clone(),
-                Filtered {
-                    mean: target / pool.max(1.0),
-                    variance: 0.0,
-                },
-            );
             why[k].reason = format!(
                 "{kind}: target {target:.0} is below {:.0} % of its weight {current:.0}: \
                  shed at once, outside smoothing and the move budget",
                 params.shed_ratio * 100.0
             );
-            if drain < 1.0 {
-                why[k].reason += &format!(
-                    " ({:.0} % of its capacity, so that its backlog drains within {DRAIN_S} s)",
-                    drain * 100.0
-                );
-            }
             continue;
         }
         // The target, filtered over updates; a change smaller than its noise (two
@@ -530,39 +521,85 @@ pub fn step_with_table(
     // equal weights at 90 % load, the 2× backends), whose queues then grow while
     // the budget lets them down slowly.
     let mut relieving = vec![false; n];
+    let room: Vec<f64> = (0..n)
+        .map(|k| {
+            if free[k] && !shed[k] && !strained(params, &inputs[k]) {
+                (shown_in_pool[k].min(filtered_in_pool[k]) - proposal[k]).max(0.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let total_room: f64 = room.iter().sum();
+    // `ai`'s backlog cuts go only as far as the others can take without being
+    // strained themselves, once the shed capacity is placed: draining one backend's
+    // queue by overloading the others only moves the queue (on a pool at 90 % load
+    // it went from backend to backend). The others' spare is what their shown
+    // capacities carry below the strain line beyond what they are given, converted
+    // to pool units by what the pool served.
+    let by_capacity: f64 = (0..n)
+        .filter(|&k| shed[k])
+        .map(|k| (start[k] as f64 - proposal[k]).max(0.0))
+        .sum();
+    let served: f64 = (0..n)
+        .filter(|&k| free[k])
+        .filter_map(|k| inputs[k].qps.filter(|q| q.is_finite() && *q > 0.0))
+        .sum();
+    let spare: f64 = if served > 0.0 {
+        (0..n)
+            .filter(|&k| free[k] && !shed[k] && !strained(params, &inputs[k]))
+            .filter_map(|k| Some(STRAINED * shown_rps[k]? * pool / served - proposal[k]))
+            .map(|x| x.max(0.0))
+            .sum()
+    } else {
+        0.0
+    };
+    let wanted: f64 = backlog_cut.iter().sum();
+    let taken = if wanted > 0.0 {
+        ((spare - by_capacity).max(0.0) / wanted).min(1.0)
+    } else {
+        0.0
+    };
+    for k in (0..n).filter(|&k| shed[k]) {
+        let cut = backlog_cut[k] * taken;
+        proposal[k] -= cut;
+        if cut > 0.0 {
+            why[k].reason += &format!(
+                ", and {cut:.0} further so that its backlog drains ({:.0} % of the cut that \
+                 drains it within {DRAIN_S} s: the room the others have)",
+                taken * 100.0
+            );
+        }
+        // A new regime: the filter starts again from it.
+        state.targets.insert(
+            inputs[k].name.clone(),
+            Filtered {
+                mean: proposal[k] / pool.max(1.0),
+                variance: 0.0,
+            },
+        );
+    }
     let freed: f64 = (0..n)
         .filter(|&k| shed[k])
         .map(|k| (start[k] as f64 - proposal[k]).max(0.0))
         .sum();
-    if freed > 0.0 {
-        let room: Vec<f64> = (0..n)
-            .map(|k| {
-                if free[k] && !shed[k] && !strained(params, &inputs[k]) {
-                    (shown_in_pool[k].min(filtered_in_pool[k]) - proposal[k]).max(0.0)
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let total_room: f64 = room.iter().sum();
-        if total_room > 0.0 {
-            let given = freed.min(total_room);
-            for k in (0..n).filter(|&k| room[k] > 0.0) {
-                let take = given * room[k] / total_room;
-                proposal[k] += take;
-                relieving[k] = true;
-                state.targets.insert(
-                    inputs[k].name.clone(),
-                    Filtered {
-                        mean: proposal[k] / pool.max(1.0),
-                        variance: 0.0,
-                    },
-                );
-                why[k].reason += &format!(
-                    "; takes {take:.0} of what the shed backends gave up at once, within \
-                     the room its shown capacity and target leave"
-                );
-            }
+    if freed > 0.0 && total_room > 0.0 {
+        let given = freed.min(total_room);
+        for k in (0..n).filter(|&k| room[k] > 0.0) {
+            let take = given * room[k] / total_room;
+            proposal[k] += take;
+            relieving[k] = true;
+            state.targets.insert(
+                inputs[k].name.clone(),
+                Filtered {
+                    mean: proposal[k] / pool.max(1.0),
+                    variance: 0.0,
+                },
+            );
+            why[k].reason += &format!(
+                "; takes {take:.0} of what the shed backends gave up at once, within \
+                 the room its shown capacity and target leave"
+            );
         }
     }
     // A shed backend gets its target as a share of all the weight, whatever the
@@ -1391,12 +1428,15 @@ mod tests {
     }
 
     /// Four equal backends observed at `qps` and `util` each, backend 0 as given.
-    /// Four backends that served 60 req/s at 75 % busy with 3 requests in flight,
-    /// but the first one as given.
-    fn with_backlog(qps0: f64, util0: f64, in_flight0: f64) -> Vec<Input> {
+    /// Four backends that served 60 req/s with 3 requests in flight, the others
+    /// `others_util` busy, the first one as given.
+    fn with_backlog(qps0: f64, util0: f64, in_flight0: f64, others_util: f64) -> Vec<Input> {
         let mut inputs = observed(qps0, util0);
         for (k, i) in inputs.iter_mut().enumerate() {
             i.in_flight = Some(if k == 0 { in_flight0 } else { 3.0 });
+            if k > 0 {
+                i.utilisation = Some(others_util);
+            }
         }
         inputs
     }
@@ -1409,14 +1449,15 @@ mod tests {
     #[test]
     fn ai_sheds_below_capacity_until_the_backlog_drains() {
         let p = Params::default();
-        // Slowed to 20 req/s with 40 requests in flight: a new request waits 2 s.
-        let inputs = with_backlog(20.0, 1.0, 40.0);
+        // Slowed to 20 req/s with 40 requests in flight (a new request waits 2 s);
+        // the others at half their capacity of 120 req/s.
+        let inputs = with_backlog(20.0, 1.0, 40.0, 0.5);
         let (reactive, _) = step(PolicyKind::Reactive, &p, &mut State::default(), &inputs);
         let (ai, decisions) = step(PolicyKind::Ai, &p, &mut State::default(), &inputs);
         let (reactive, ai) = (shares(&reactive), shares(&ai));
-        // `reactive` sheds to the capacity shown (20 of 20 + 3 · 80 req/s), where
+        // `reactive` sheds to the capacity shown (20 of 20 + 3 · 120 req/s), where
         // the backlog stays; `ai` goes below it, to the floor here.
-        assert!((reactive[0] - 20.0 / 260.0).abs() < 0.01, "{reactive:?}");
+        assert!((reactive[0] - 20.0 / 380.0).abs() < 0.01, "{reactive:?}");
         assert!(ai[0] < 0.5 * reactive[0], "{ai:?} against {reactive:?}");
         assert!(
             decisions[0].reason.contains("backlog drains"),
@@ -1424,22 +1465,30 @@ mod tests {
         );
         assert!(decisions[0].shed && !decisions[1].shed, "{decisions:?}");
 
-        // A backlog alone sheds, in `ai` only: 64 req/s shown, 1.25 s of queue.
-        let inputs = with_backlog(60.0, 0.95, 80.0);
+        // The same backlog while the others are near their own limit (85 % busy):
+        // they have no room for it, and `ai` cuts no further than `reactive`.
+        let inputs = with_backlog(20.0, 1.0, 40.0, 0.85);
         let (reactive, _) = step(PolicyKind::Reactive, &p, &mut State::default(), &inputs);
         let (ai, decisions) = step(PolicyKind::Ai, &p, &mut State::default(), &inputs);
-        assert!(shares(&reactive)[0] > 0.2, "{reactive:?}");
-        assert!(shares(&ai)[0] < 0.125, "{ai:?}");
+        let (reactive, ai) = (shares(&reactive), shares(&ai));
+        assert!(decisions[0].shed, "{decisions:?}");
+        assert!(ai[0] > 0.9 * reactive[0], "{ai:?} against {reactive:?}");
+
+        // A backlog alone sheds, in `ai` only: 64 req/s shown, 1.25 s of queue.
+        let inputs = with_backlog(60.0, 0.95, 80.0, 0.5);
+        let (reactive, _) = step(PolicyKind::Reactive, &p, &mut State::default(), &inputs);
+        let (ai, decisions) = step(PolicyKind::Ai, &p, &mut State::default(), &inputs);
+        assert!(shares(&reactive)[0] > 0.1, "{reactive:?}");
+        assert!(shares(&ai)[0] < 0.5 * shares(&reactive)[0], "{ai:?}");
         assert!(
             decisions[0].reason.contains("shed at once"),
             "{decisions:?}"
         );
 
         // A queue every backend has is no backlog of one: nobody sheds.
-        let mut inputs = with_backlog(60.0, 0.95, 80.0);
+        let mut inputs = with_backlog(60.0, 0.95, 80.0, 0.95);
         for i in &mut inputs {
             i.in_flight = Some(80.0);
-            i.utilisation = Some(0.95);
         }
         let (ai, decisions) = step(PolicyKind::Ai, &p, &mut State::default(), &inputs);
         assert!(
