@@ -341,11 +341,13 @@ pub fn step_with_table(
     // with every queue and would shed healthy backends in turn; and the target too,
     // so that `ai` never sheds a backend it keeps above its capacity share because
     // it answers faster.
+    // Each backend's shown capacity in requests per second (`None` unobserved).
+    let shown_rps = capacities(params.error_penalty, inputs);
     let shed_basis = match kind {
         PolicyKind::Ai => {
             // Only the free backends' capacities: a drained or held backend that
             // still reports would make the free ones' shares look smaller.
-            let mut shown = capacities(params.error_penalty, inputs);
+            let mut shown = shown_rps.clone();
             for (k, c) in shown.iter_mut().enumerate() {
                 if inputs[k].hold.is_some() || !inputs[k].healthy {
                     *c = None;
@@ -357,7 +359,6 @@ pub fn step_with_table(
     };
     // What the backlog drain of `ai` needs: how long a new request would wait at
     // each backend, and what the pool expects anyway.
-    let shown_rps = capacities(params.error_penalty, inputs);
     let wait = waits(inputs, &shown_rps);
     let reference = [
         weighted_median(&expected_latencies(params, inputs), &start),

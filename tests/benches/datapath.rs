@@ -217,8 +217,9 @@ struct Case {
 }
 
 impl Case {
-    /// A reference program that passes `frame` unchanged, moves no counter and
-    /// returns `XDP_PASS` when its one map operation succeeded, repeated.
+    /// A program that passes `frame` unchanged, moves no counter and returns
+    /// `XDP_PASS` (the reference programs: when their one map operation succeeded),
+    /// repeated: the floor and the references.
     fn reference(key: &'static str, title: &'static str, program: Program, frame: &[u8]) -> Case {
         Case {
             key,
@@ -356,19 +357,7 @@ fn run() -> Result<()> {
     let (id_syn, mac_syn, _) = backend_of(syn4)?;
 
     let cases = vec![
-        Case {
-            key: "floor",
-            title: "floor: lb_pass (XDP_PASS)",
-            program: Program::Pass,
-            method: Method::Repeat,
-            frame: ack4.clone(),
-            verdict: XDP_PASS,
-            counters: &[],
-            output: Output::Same,
-            backend_id: None,
-            floor: "floor",
-            target: None,
-        },
+        Case::reference("floor", "floor: lb_pass (XDP_PASS)", Program::Pass, &ack4),
         Case {
             key: "established_v4",
             title: "IPv4 established (conn hit, DSR)",
