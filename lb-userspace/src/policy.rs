@@ -440,8 +440,9 @@ pub fn step_with_table(
     // Each free backend's shown capacity and filtered target, in the pool's units.
     let mut shown_in_pool = vec![0.0; n];
     let mut filtered_in_pool = vec![0.0; n];
-    // How much further `ai` would cut each shed backend to drain its backlog.
-    let mut backlog_cut = vec![0.0; n];
+    // How far below its shown capacity `ai` would cut each shed backend: for its
+    // predicted latency and to drain its backlog.
+    let mut deep_cut = vec![0.0; n];
     for k in (0..n).filter(|&k| free[k]) {
         let target = if free_total > 0.0 {
             pool * targets[k] / free_total
@@ -466,10 +467,14 @@ pub fn step_with_table(
             && observed_enough(params, &inputs[k])
             && shown.max(target) * drain < params.shed_ratio * current
         {
-            // Never above what it holds: a backlog alone can make the shed.
+            // Never above what it holds: a backlog alone can make the shed. The
+            // capacity it lost goes at once; what `ai` cuts below the capacity it
+            // still shows (for its predicted latency and to drain its backlog) goes
+            // only as far as the others have spare (below).
             let target = target.min(shown).min(current);
-            proposal[k] = target;
-            backlog_cut[k] = target * (1.0 - drain);
+            let kept = shown.min(current);
+            proposal[k] = kept;
+            deep_cut[k] = kept - target * drain;
             shed[k] = true;
             why[k].shed = true;
             why[k].reason = format!(
@@ -532,12 +537,13 @@ pub fn step_with_table(
         })
         .collect();
     let total_room: f64 = room.iter().sum();
-    // `ai`'s backlog cuts go only as far as the others can take without being
-    // strained themselves, once the shed capacity is placed: draining one backend's
-    // queue by overloading the others only moves the queue (on a pool at 90 % load
-    // it went from backend to backend). The others' spare is what their shown
-    // capacities carry below the strain line beyond what they are given, converted
-    // to pool units by what the pool served.
+    // `ai`'s cuts below a shed backend's shown capacity go only as far as the
+    // others can take without being strained themselves, once the capacity it lost
+    // is placed: draining one backend's queue, or sparing requests its latency, by
+    // overloading the others only moves the queue (on a pool at 90 % load it went
+    // from backend to backend). The others' spare is what their shown capacities
+    // carry below the strain line beyond what they are given, converted to pool
+    // units by what the pool served.
     let by_capacity: f64 = (0..n)
         .filter(|&k| shed[k])
         .map(|k| (start[k] as f64 - proposal[k]).max(0.0))
@@ -555,19 +561,21 @@ pub fn step_with_table(
     } else {
         0.0
     };
-    let wanted: f64 = backlog_cut.iter().sum();
+    let wanted: f64 = deep_cut.iter().sum();
     let taken = if wanted > 0.0 {
         ((spare - by_capacity).max(0.0) / wanted).min(1.0)
     } else {
         0.0
     };
     for k in (0..n).filter(|&k| shed[k]) {
-        let cut = backlog_cut[k] * taken;
+        let cut = deep_cut[k] * taken;
+        let kept = proposal[k];
         proposal[k] -= cut;
         if cut > 0.0 {
             why[k].reason += &format!(
-                ", and {cut:.0} further so that its backlog drains ({:.0} % of the cut that \
-                 drains it within {DRAIN_S} s: the room the others have)",
+                ", {cut:.0} below its shown capacity {kept:.0} for its latency and so that \
+                 its backlog drains within {DRAIN_S} s ({:.0} % of that cut: the spare the \
+                 others have)",
                 taken * 100.0
             );
         }
