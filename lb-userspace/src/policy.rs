@@ -1510,6 +1510,60 @@ mod tests {
         );
     }
 
+    /// Capacities 1×, 2× and 4× (80, 160 and 320 req/s) at 90 % load, the 2×
+    /// backend given more than it can carry: saturated, a second of queue, its
+    /// predicted latency ten times the others'. It sheds in `ai`; how far below the
+    /// capacity it still shows depends on the spare the 4× backend has.
+    fn uneven(big_util: f64) -> (Vec<Input>, State) {
+        let mut inputs = backends(3);
+        let figures = [
+            (80.0, 0.95, 4.0, 0.08),
+            (160.0, 1.0, 160.0, 0.5),
+            (262.0, big_util, 13.0, 0.05),
+        ];
+        let mut state = State::default();
+        let scale = Params::default().scale as f64;
+        for (k, (i, (qps, util, in_flight, predicted))) in
+            inputs.iter_mut().zip(figures).enumerate()
+        {
+            i.qps = Some(qps);
+            i.utilisation = Some(util);
+            i.in_flight = Some(in_flight);
+            i.predicted_s = Some(predicted);
+            let held = [0.116, 0.363, 0.521][k] * scale;
+            state.weights.insert(i.name.clone(), held as u32);
+        }
+        (inputs, state)
+    }
+
+    #[test]
+    fn ai_cuts_below_a_shown_capacity_only_into_the_others_spare() {
+        let p = Params::default();
+        // The 4× backend 82 % busy: 288 req/s (the strain line) of its 320 leave
+        // it about 26 req/s spare, less than the 2× backend must give up anyway.
+        let (inputs, mut state) = uneven(0.82);
+        let (ai, decisions) = step(PolicyKind::Ai, &p, &mut state, &inputs);
+        assert!(decisions[1].shed, "{decisions:?}");
+        let ai = shares(&ai);
+        // It keeps its shown capacity (160 of 84 + 160 + 320 req/s), and what it
+        // gives up leaves the 4× backend within its capacity at the 504 req/s
+        // offered. Cut for its latency and backlog, the 4× backend got its share
+        // and queued.
+        assert!(ai[1] > 0.95 * 160.0 / 564.0, "{ai:?}");
+        assert!(ai[2] * 504.0 < 320.0, "{ai:?}");
+
+        // With the 4× backend half busy (524 req/s shown) there is room: the 2×
+        // backend goes well below its shown capacity, and the cut says why.
+        let (inputs, mut state) = uneven(0.5);
+        let (ai, decisions) = step(PolicyKind::Ai, &p, &mut state, &inputs);
+        let ai = shares(&ai);
+        assert!(ai[1] < 0.5 * 160.0 / 768.0, "{ai:?}");
+        assert!(
+            decisions[1].reason.contains("below its shown capacity"),
+            "{decisions:?}"
+        );
+    }
+
     fn observed(qps0: f64, util0: f64) -> Vec<Input> {
         let mut inputs = backends(4);
         for (k, i) in inputs.iter_mut().enumerate() {
