@@ -1610,6 +1610,49 @@ mod tests {
         );
     }
 
+    /// Capacities 1×, 2× and 4× (80, 160 and 320 req/s) under equal weights at
+    /// 504 req/s: the 1× backend saturated with a backlog, the 2× one at its limit,
+    /// the 4× one half busy, each target filtered at a third. What the 1× backend
+    /// sheds goes to the 4× backend, beyond the room its filtered target leaves; the
+    /// 2× one, already over its capacity, gains nothing.
+    #[test]
+    fn a_shed_share_skips_backends_at_their_limit() {
+        let mut inputs = backends(3);
+        let figures = [
+            (80.0, 1.0, 90.0, 0.4),
+            (160.0, 1.0, 12.0, 0.06),
+            (168.0, 0.52, 4.0, 0.05),
+        ];
+        for (i, (qps, util, in_flight, predicted)) in inputs.iter_mut().zip(figures) {
+            i.qps = Some(qps);
+            i.utilisation = Some(util);
+            i.in_flight = Some(in_flight);
+            i.predicted_s = Some(predicted);
+        }
+        let p = Params::default();
+        // Equal weights that have held for a while: each target filtered at a third.
+        let mut settled = State::default();
+        for i in &inputs {
+            let third = Filtered {
+                mean: 1.0 / 3.0,
+                variance: 0.0,
+            };
+            settled.targets.insert(i.name.clone(), third);
+            settled.weights.insert(i.name.clone(), p.scale / 3);
+        }
+        settled.free = inputs.iter().map(|i| i.name.clone()).collect();
+        for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+            let (w, decisions) = step(kind, &p, &mut settled.clone(), &inputs);
+            assert!(
+                decisions[0].shed && !decisions[1].shed,
+                "{kind}: {decisions:?}"
+            );
+            let s = shares(&w);
+            assert!(s[1] <= 1.0 / 3.0 + 0.005, "{kind}: {s:?}");
+            assert!(s[2] > 0.5, "{kind}: {s:?}");
+        }
+    }
+
     fn observed(qps0: f64, util0: f64) -> Vec<Input> {
         let mut inputs = backends(4);
         for (k, i) in inputs.iter_mut().enumerate() {
