@@ -23,10 +23,12 @@
 //! outright; unhealthy backends get 0 at once (safety beats the move budget); a
 //! strained backend ([`strained`]: busy or failing nearly all the time) whose shown
 //! capacity and target both fall below [`Params::shed_ratio`] of what it holds sheds
-//! to the lower of the two at once (`ai`: cut further, by what drains the backlog it
-//! has built, see [`drain_factor`]), also outside smoothing and the budget (cutting a
-//! saturated backend's traffic is safety too: waiting 8 s at 2 % per second while
-//! its queue grows is what breaks requests); the others' targets are filtered over
+//! to its shown capacity at once (`ai`: further, to its target and by what drains the
+//! backlog it has built, see [`drain_factor`], as far as the others have spare below
+//! the strain line), also outside smoothing and the budget (cutting a saturated
+//! backend's traffic is safety too: waiting 8 s at 2 % per second while its queue
+//! grows is what breaks requests), its share going to the backends not strained;
+//! the others' targets are filtered over
 //! updates ([`Filtered`]) and a change within twice the filter's noise or within the
 //! hysteresis band is not made, so that measurement noise alone never moves a
 //! weight; the rest is smoothed toward the filtered target, kept at or above a floor
