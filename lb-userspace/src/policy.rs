@@ -480,8 +480,9 @@ pub fn step_with_table(
             shed[k] = true;
             why[k].shed = true;
             why[k].reason = format!(
-                "{kind}: target {target:.0} is below {:.0} % of its weight {current:.0}: \
-                 shed at once, outside smoothing and the move budget",
+                "{kind}: shown capacity {shown:.0} and target {target:.0} (× {drain:.2} for \
+                 its backlog) are below {:.0} % of its weight {current:.0}: shed at once to \
+                 {kept:.0}, outside smoothing and the move budget",
                 params.shed_ratio * 100.0
             );
             continue;
@@ -569,15 +570,30 @@ pub fn step_with_table(
     } else {
         0.0
     };
-    for k in (0..n).filter(|&k| shed[k]) {
+    for k in 0..n {
+        if !shed[k] {
+            continue;
+        }
         let cut = deep_cut[k] * taken;
-        let kept = proposal[k];
         proposal[k] -= cut;
+        if proposal[k] >= start[k] as f64 {
+            // A backlog alone called for the shed, and the others have no spare to
+            // take any of it: nothing is cut, so this is no shed (its filter and
+            // the budget carry on as for any other backend).
+            shed[k] = false;
+            why[k].shed = false;
+            proposal[k] = start[k] as f64;
+            why[k].reason = format!(
+                "{kind}: its backlog calls for a cut, but the other backends have no spare \
+                 below the strain line to take it: kept at {:.0}",
+                proposal[k]
+            );
+            continue;
+        }
         if cut > 0.0 {
             why[k].reason += &format!(
-                ", {cut:.0} below its shown capacity {kept:.0} for its latency and so that \
-                 its backlog drains within {DRAIN_S} s ({:.0} % of that cut: the spare the \
-                 others have)",
+                ", and {cut:.0} further for its latency and so that its backlog drains \
+                 within {DRAIN_S} s ({:.0} % of that cut: the spare the others have)",
                 taken * 100.0
             );
         }
@@ -644,6 +660,9 @@ pub fn step_with_table(
             } else {
                 left / takers.len() as f64
             };
+            if take <= 0.0 {
+                continue;
+            }
             proposal[k] += take;
             relieving[k] = true;
             state.targets.insert(
@@ -1607,7 +1626,7 @@ mod tests {
         let ai = shares(&ai);
         assert!(ai[1] < 0.5 * 160.0 / 768.0, "{ai:?}");
         assert!(
-            decisions[1].reason.contains("below its shown capacity"),
+            decisions[1].reason.contains("so that its backlog drains"),
             "{decisions:?}"
         );
     }

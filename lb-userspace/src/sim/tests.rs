@@ -65,16 +65,18 @@ fn table_moves_stay_within_the_budget() {
         // Quantization may add half a quantum per backend on each side.
         let slack = r.backends as f64 * params.quantum as f64 / params.scale as f64;
         let size = f64::from(p.table_size);
-        // A backend sheds outside the budget only when it has just lost capacity:
-        // in the first seconds, where S1's equal start overloads the small
-        // backends, or right after S2's slowdown.
+        // A backend sheds outside the budget only right after the pool's capacity
+        // changed: in the first seconds, where S1's equal start overloads the
+        // small backends; right after S2's slowdown; or right after its recovery,
+        // while the backends that carried the slowed quarter are saturated and the
+        // recovered ones win their share back only within the budget. Never in
+        // between.
         let scenario_ = Scenario::new(scenario, &p);
         let shed_allowed = |t: f64| {
             t <= 5.0
-                || scenario_
-                    .degradations()
-                    .iter()
-                    .any(|&(at, _, _)| (at..=at + 5.0).contains(&t))
+                || scenario_.degradations().iter().any(|&(at, _, end)| {
+                    (at..=at + 5.0).contains(&t) || (end..=end + 5.0).contains(&t)
+                })
         };
         for u in &r.updates {
             if u.shed {
