@@ -1606,8 +1606,9 @@ mod tests {
     #[test]
     fn ai_cuts_below_a_shown_capacity_only_into_the_others_spare() {
         let p = Params::default();
-        // The 4× backend 82 % busy: 288 req/s (the strain line) of its 320 leave
-        // it about 26 req/s spare, less than the 2× backend must give up anyway.
+        // The 4× backend 82 % busy: its own step toward its capacity takes it to
+        // its strain line (288 of 320 req/s), so it has no spare for a cut below
+        // the 2× backend's shown capacity.
         let (inputs, mut state) = uneven(0.82);
         let (ai, decisions) = step(PolicyKind::Ai, &p, &mut state, &inputs);
         assert!(decisions[1].shed, "{decisions:?}");
