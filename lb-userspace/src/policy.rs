@@ -1675,6 +1675,43 @@ mod tests {
         }
     }
 
+    /// Four backends sent 50 req/s each under equal weights that have held for a
+    /// while: backend 0 slowed to 20 req/s and saturated, backend 1 a third busy,
+    /// backend 2 at 83 % (just below the strain line), backend 3 at its limit. What
+    /// backend 0 sheds goes mostly to backend 1, which has the most spare; backend 3
+    /// gains nothing.
+    #[test]
+    fn a_shed_share_goes_by_spare() {
+        let mut inputs = backends(4);
+        let figures = [(20.0, 1.0), (50.0, 0.31), (50.0, 0.83), (50.0, 1.0)];
+        for (i, (qps, util)) in inputs.iter_mut().zip(figures) {
+            i.qps = Some(qps);
+            i.utilisation = Some(util);
+            i.in_flight = Some(4.0);
+            i.predicted_s = Some(0.05);
+        }
+        let p = Params::default();
+        let mut settled = State::default();
+        for i in &inputs {
+            let quarter = Filtered {
+                mean: 0.25,
+                variance: 0.0,
+            };
+            settled.targets.insert(i.name.clone(), quarter);
+            settled.weights.insert(i.name.clone(), p.scale / 4);
+        }
+        settled.free = inputs.iter().map(|i| i.name.clone()).collect();
+        for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+            let (w, decisions) = step(kind, &p, &mut settled.clone(), &inputs);
+            assert!(decisions[0].shed, "{kind}: {decisions:?}");
+            let s = shares(&w);
+            let gain = |k: usize| s[k] - 0.25;
+            // By their spare, about 12 to 1; by weight it would be 2.4 to 1.
+            assert!(gain(1) > 4.0 * gain(2).max(0.0), "{kind}: {s:?}");
+            assert!(gain(3) <= 0.005, "{kind}: {s:?}");
+        }
+    }
+
     fn observed(qps0: f64, util0: f64) -> Vec<Input> {
         let mut inputs = backends(4);
         for (k, i) in inputs.iter_mut().enumerate() {
