@@ -242,6 +242,14 @@ pub struct Filtered {
 const FILTER: f64 = 0.2;
 
 impl Filtered {
+    /// A filter that starts at `share`, with no variance yet.
+    fn at(share: f64) -> Filtered {
+        Filtered {
+            mean: share,
+            variance: 0.0,
+        }
+    }
+
     fn update(&mut self, x: f64) {
         let d = x - self.mean;
         self.mean += FILTER * d;
@@ -494,10 +502,7 @@ pub fn step_with_table(
         let filtered = state
             .targets
             .entry(inputs[k].name.clone())
-            .or_insert(Filtered {
-                mean: share,
-                variance: 0.0,
-            });
+            .or_insert(Filtered::at(share));
         filtered.update(share);
         let (target, noise) = (filtered.mean * pool, filtered.noise() * pool);
         filtered_in_pool[k] = target;
@@ -600,10 +605,7 @@ pub fn step_with_table(
         // A new regime: the filter starts again from it.
         state.targets.insert(
             inputs[k].name.clone(),
-            Filtered {
-                mean: proposal[k] / pool.max(1.0),
-                variance: 0.0,
-            },
+            Filtered::at(proposal[k] / pool.max(1.0)),
         );
     }
     let freed: f64 = (0..n)
@@ -618,10 +620,7 @@ pub fn step_with_table(
             relieving[k] = true;
             state.targets.insert(
                 inputs[k].name.clone(),
-                Filtered {
-                    mean: proposal[k] / pool.max(1.0),
-                    variance: 0.0,
-                },
+                Filtered::at(proposal[k] / pool.max(1.0)),
             );
             why[k].reason += &format!(
                 "; takes {take:.0} of what the shed backends gave up at once, within \
@@ -667,10 +666,7 @@ pub fn step_with_table(
             relieving[k] = true;
             state.targets.insert(
                 inputs[k].name.clone(),
-                Filtered {
-                    mean: proposal[k] / pool.max(1.0),
-                    variance: 0.0,
-                },
+                Filtered::at(proposal[k] / pool.max(1.0)),
             );
             why[k].reason += &format!(
                 "; takes {take:.0} of what the shed backends gave up beyond the others' \
@@ -1655,10 +1651,7 @@ mod tests {
         // Equal weights that have held for a while: each target filtered at a third.
         let mut settled = State::default();
         for i in &inputs {
-            let third = Filtered {
-                mean: 1.0 / 3.0,
-                variance: 0.0,
-            };
+            let third = Filtered::at(1.0 / 3.0);
             settled.targets.insert(i.name.clone(), third);
             settled.weights.insert(i.name.clone(), p.scale / 3);
         }
@@ -1693,10 +1686,7 @@ mod tests {
         let p = Params::default();
         let mut settled = State::default();
         for i in &inputs {
-            let quarter = Filtered {
-                mean: 0.25,
-                variance: 0.0,
-            };
+            let quarter = Filtered::at(0.25);
             settled.targets.insert(i.name.clone(), quarter);
             settled.weights.insert(i.name.clone(), p.scale / 4);
         }
