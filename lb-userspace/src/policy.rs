@@ -560,15 +560,15 @@ pub fn step_with_table(
         .filter(|&k| free[k])
         .filter_map(|k| inputs[k].qps.filter(|q| q.is_finite() && *q > 0.0))
         .sum();
-    let spare: f64 = if served > 0.0 {
-        (0..n)
-            .filter(|&k| free[k] && !shed[k] && !strained(params, &inputs[k]))
-            .filter_map(|k| Some(STRAINED * shown_rps[k]? * pool / served - proposal[k]))
-            .map(|x| x.max(0.0))
-            .sum()
-    } else {
-        0.0
+    // The free backends below the strain line: the only ones with spare.
+    let takers: Vec<usize> = (0..n)
+        .filter(|&k| free[k] && !shed[k] && !strained(params, &inputs[k]))
+        .collect();
+    let spare_of = |k: usize, proposal: &[f64]| match shown_rps[k] {
+        Some(c) if served > 0.0 => (STRAINED * c * pool / served - proposal[k]).max(0.0),
+        _ => 0.0,
     };
+    let spare: f64 = takers.iter().map(|&k| spare_of(k, &proposal)).sum();
     let wanted: f64 = deep_cut.iter().sum();
     let taken = if wanted > 0.0 {
         ((spare - by_capacity).max(0.0) / wanted).min(1.0)
@@ -612,20 +612,16 @@ pub fn step_with_table(
         .filter(|&k| shed[k])
         .map(|k| (start[k] as f64 - proposal[k]).max(0.0))
         .sum();
-    if freed > 0.0 && total_room > 0.0 {
-        let given = freed.min(total_room);
+    let given = if total_room > 0.0 {
+        freed.min(total_room)
+    } else {
+        0.0
+    };
+    let mut within_room = vec![0.0; n];
+    if given > 0.0 {
         for k in (0..n).filter(|&k| room[k] > 0.0) {
-            let take = given * room[k] / total_room;
-            proposal[k] += take;
-            relieving[k] = true;
-            state.targets.insert(
-                inputs[k].name.clone(),
-                Filtered::at(proposal[k] / pool.max(1.0)),
-            );
-            why[k].reason += &format!(
-                "; takes {take:.0} of what the shed backends gave up at once, within \
-                 the room its shown capacity and target leave"
-            );
+            within_room[k] = given * room[k] / total_room;
+            proposal[k] += within_room[k];
         }
     }
     // What is left beyond that room goes at once too, to the free backends that
@@ -634,43 +630,43 @@ pub fn step_with_table(
     // share of backends already at their limit (at 90 % load, the 2× backend rose
     // from a third to 43 % of the traffic, 135 % of its capacity, when the 1×
     // backend shed). Only with no such backend does it go to all by weight.
-    let given = if total_room > 0.0 {
-        freed.min(total_room)
-    } else {
-        0.0
-    };
     let left = freed - given;
-    let takers: Vec<usize> = (0..n)
-        .filter(|&k| free[k] && !shed[k] && !strained(params, &inputs[k]))
-        .collect();
+    let mut beyond_room = vec![0.0; n];
     if left > 0.0 && !takers.is_empty() {
-        let spare_of = |k: usize| match shown_rps[k] {
-            Some(c) if served > 0.0 => (STRAINED * c * pool / served - proposal[k]).max(0.0),
-            _ => 0.0,
-        };
-        let spare: Vec<f64> = takers.iter().map(|&k| spare_of(k)).collect();
+        let spare: Vec<f64> = takers.iter().map(|&k| spare_of(k, &proposal)).collect();
         let by_spare: f64 = spare.iter().sum();
         let by_weight: f64 = takers.iter().map(|&k| proposal[k]).sum();
         for (j, &k) in takers.iter().enumerate() {
-            let take = if by_spare > 0.0 {
+            beyond_room[k] = if by_spare > 0.0 {
                 left * spare[j] / by_spare
             } else if by_weight > 0.0 {
                 left * proposal[k] / by_weight
             } else {
                 left / takers.len() as f64
             };
-            if take <= 0.0 {
-                continue;
-            }
-            proposal[k] += take;
-            relieving[k] = true;
-            state.targets.insert(
-                inputs[k].name.clone(),
-                Filtered::at(proposal[k] / pool.max(1.0)),
-            );
+            proposal[k] += beyond_room[k];
+        }
+    }
+    // A backend that takes some makes its whole step at once, outside the budget,
+    // and its filter restarts from the share it now has.
+    for k in (0..n).filter(|&k| within_room[k] > 0.0 || beyond_room[k] > 0.0) {
+        relieving[k] = true;
+        state.targets.insert(
+            inputs[k].name.clone(),
+            Filtered::at(proposal[k] / pool.max(1.0)),
+        );
+        if within_room[k] > 0.0 {
             why[k].reason += &format!(
-                "; takes {take:.0} of what the shed backends gave up beyond the others' \
-                 room, as a backend below the strain line"
+                "; takes {:.0} of what the shed backends gave up at once, within the room \
+                 its shown capacity and target leave",
+                within_room[k]
+            );
+        }
+        if beyond_room[k] > 0.0 {
+            why[k].reason += &format!(
+                "; takes {:.0} of what the shed backends gave up beyond the others' room, \
+                 as a backend below the strain line",
+                beyond_room[k]
             );
         }
     }
