@@ -90,6 +90,10 @@ enum Bench {
     /// Maglev table build time for 10/100/1,000 backends and slots moved per weight
     /// change, against the theoretical minimum.
     Table,
+    /// One control tick of the agent's pure part (every VIP's control step and the
+    /// desired state) for 4 VIPs x 1,000 backends when one weight changes, against one
+    /// table build measured in the same run.
+    Control,
     /// ns/packet of each datapath path through BPF_PROG_TEST_RUN, as ratios to a
     /// program that only returns XDP_PASS. Needs root.
     Datapath,
@@ -170,6 +174,14 @@ fn main() -> anyhow::Result<()> {
             .env("LB_BENCH_JSON", root.join("target/bench/table.json"))
             .status()
             .context("running the table benchmark")
+            .and_then(exit_like),
+        Task::Bench {
+            which: Bench::Control,
+        } => cargo(&root)
+            .args(["bench", "-p", "lb-userspace", "--bench", "control"])
+            .env("LB_BENCH_JSON", root.join("target/bench/control.json"))
+            .status()
+            .context("running the control-tick benchmark")
             .and_then(exit_like),
         Task::Bench {
             which: Bench::Datapath,
