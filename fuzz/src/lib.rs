@@ -28,7 +28,8 @@ use lb_userspace::{
         text::{Exposition, Selector},
     },
     config::{Config, Forwarding, HashFields, MAX_WEIGHT},
-    control, maglev,
+    control,
+    core::maglev,
 };
 
 /// A configuration with every section and field, as an operator would write it.

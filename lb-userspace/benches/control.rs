@@ -19,9 +19,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use lb_userspace::config::Config;
-use lb_userspace::desired::{Desired, addr_bytes, vip_key};
-use lb_userspace::maglev::{self, MaglevBackend};
-use lb_userspace::policy::{self, Input, Params, State};
+use lb_userspace::core::BackendId;
+use lb_userspace::core::control::{Backends, Observation, VipControl};
+use lb_userspace::core::maglev::{self, MaglevBackend};
+use lb_userspace::core::policy::Input;
+use lb_userspace::desired::{Desired, Tables, addr_bytes, vip_key};
 
 const VIPS: usize = 4;
 const BACKENDS: usize = 1000;
@@ -55,64 +57,65 @@ fn config() -> Config {
     Config::parse(&text).expect("the benchmark's configuration is valid")
 }
 
-/// Per VIP: its parameters and policy state, as the agent keeps them.
-struct Vip {
-    params: Params,
-    state: State,
-}
-
-/// One tick as the agent runs it: each VIP's policy step with the slot budget on the
-/// real table, then, if a weight changed, the desired state of every VIP.
-fn tick(config: &Config, desired: &Desired, vips: &mut [Vip], unhealthy: Option<IpAddr>) -> Desired {
+/// One tick as the agent's `control_tick` runs it once the collectors are read:
+/// each VIP's control step against the table in force, then, if a weight changed,
+/// the desired state, given the tables the steps built.
+fn tick(
+    config: &Config,
+    desired: &Desired,
+    vips: &mut [VipControl],
+    unhealthy: Option<IpAddr>,
+) -> Desired {
     let mut changed = false;
+    let mut tables = Tables::new();
     for (vip, control) in config.vips.iter().zip(vips.iter_mut()) {
         let key = vip_key(vip);
-        let ids: BTreeMap<IpAddr, u32> = desired
-            .backends
-            .iter()
-            .filter(|(_, d)| d.vip == key)
-            .map(|(id, d)| (d.address, *id))
-            .collect();
+        let in_force = &desired.vips[&key];
         let inputs: Vec<Input> = vip
             .backends
             .iter()
-            .map(|b| Input {
-                name: b.address.to_string(),
-                configured_weight: b.weight,
+            .zip(&in_force.ids)
+            .map(|(b, &id)| Input {
                 healthy: Some(b.address) != unhealthy,
-                ..Input::default()
+                ..Input::observed(BackendId(id), b.weight, Observation::default(), None)
             })
             .collect();
-        let current: Option<Vec<u32>> = desired.vips.get(&key).and_then(|d| {
-            let index: BTreeMap<u32, u32> = (0..)
-                .zip(&vip.backends)
-                .filter_map(|(i, b)| Some((*ids.get(&b.address)?, i)))
-                .collect();
-            d.table.iter().map(|id| index.get(id).copied()).collect()
-        });
-        let keys: Vec<[u8; 16]> = vip.backends.iter().map(|b| addr_bytes(b.address).0).collect();
-        let mut moved = |weights: &[u32]| {
-            let table = maglev::build(&MaglevBackend::zip(&keys, weights), vip.table_size);
-            maglev::moved_share(&table.ok()?, current.as_deref()?)
+        let keys: Vec<[u8; 16]> = vip
+            .backends
+            .iter()
+            .map(|b| addr_bytes(b.address).0)
+            .collect();
+        let backends = Backends {
+            inputs: &inputs,
+            keys: &keys,
+            table_size: vip.table_size,
         };
         let before = control.state.weights.clone();
-        let _ = policy::step_with_table(
-            vip.policy,
-            &control.params,
-            &mut control.state,
-            &inputs,
-            &mut moved,
-        );
+        let outcome = control.step(&backends, in_force.built.as_ref());
+        if let Some(Ok(table)) = outcome.table {
+            tables.insert(key, table);
+        }
         changed |= control.state.weights != before;
     }
     if !changed {
         return desired.clone();
     }
-    Desired::plan(config, Some(desired), &|vip, b| {
-        let i = config.vips.iter().position(|v| v == vip).unwrap_or(0);
-        let w = vips[i].state.weights.get(&b.address.to_string()).copied();
-        (w.unwrap_or(b.weight), 0)
-    })
+    let index: BTreeMap<_, usize> = config
+        .vips
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (vip_key(v), i))
+        .collect();
+    Desired::plan(
+        config,
+        Some(desired),
+        &|vip, b, id| {
+            let i = index[&vip_key(vip)];
+            let w = vips[i].state.weights.get(&id).copied();
+            (w.unwrap_or(b.weight), 0)
+        },
+        &tables,
+    )
     .expect("the plan builds")
 }
 
@@ -123,16 +126,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let config = config();
-    let fresh = || -> Vec<Vip> {
+    let fresh = || -> Vec<VipControl> {
         config
             .vips
             .iter()
-            .map(|v| Vip {
-                params: policy::params_for(
-                    &v.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
-                    &config.control,
-                ),
-                state: State::default(),
+            .map(|v| {
+                let configured: Vec<u32> = v.backends.iter().map(|b| b.weight).collect();
+                VipControl::new(v.policy, config.control.params_for(&configured))
             })
             .collect()
     };

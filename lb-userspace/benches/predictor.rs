@@ -1,5 +1,5 @@
 //! Measures the load model on recorded series: replays each series as one backend's
-//! load through `lb_userspace::model::BackendModel`, exactly as the agent would tick it,
+//! load through `lb_userspace::core::model::BackendModel`, exactly as the agent would tick it,
 //! and reports the one-step-ahead error of the SVR, last value and EWMA, plus the SVR's
 //! fit time at several window sizes and its prediction time.
 //!
@@ -18,7 +18,7 @@
 //!   chronological validation split of the training half: each of the 12 candidates is
 //!   fitted on a 500-sample window that ends 20 % before the end of the training half
 //!   and scored by MAE on that last 20 %. The kernel width is not searched: it is the
-//!   median heuristic of `lb_userspace::model::svr`.
+//!   median heuristic of `lb_userspace::core::model::svr`.
 //! - During the test half the SVR is refitted every [`REFIT_EVERY`] ticks on its
 //!   500-sample sliding window. The fit happens between two ticks, as a background
 //!   fit installed before the next tick would.
@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use lb_userspace::model::{
+use lb_userspace::core::model::{
     BackendModel, BackendModelConfig, Ewma, FeatureSpec, FeatureWindow, Forecast, KernelWidth,
     SvrParams, TrainingSet,
 };

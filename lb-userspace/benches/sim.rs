@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use lb_userspace::policy::PolicyKind;
+use lb_userspace::core::policy::PolicyKind;
 use lb_userspace::sim::{self, ScenarioId, SimParams, SimReport};
 use serde_json::json;
 

@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use lb_userspace::maglev::{self, MaglevBackend};
+use lb_userspace::core::maglev::{self, MaglevBackend};
 
 /// The table size every figure is for.
 const SIZE: u32 = 65537;

@@ -24,10 +24,13 @@ use crate::{
     api::{BackendView, Request, Response},
     config::{Backend, Config, MAX_WEIGHT, Vip},
     control,
+    core::{
+        BackendId,
+        control::{Backends, Observation, VipControl},
+        policy::{self, Input},
+    },
     dataplane::Dataplane,
-    desired::{Desired, addr_bytes, vip_key},
-    maglev::{self, MaglevBackend},
-    policy::{self, Decision, Input, Params, PolicyKind},
+    desired::{Desired, Tables, addr_bytes, vip_key},
     signals::Signals,
 };
 
@@ -65,24 +68,10 @@ enum Override {
     Drain,
 }
 
-/// One VIP's weight policy: its state between updates and its last decisions.
-struct VipControl {
-    kind: PolicyKind,
-    params: Params,
-    state: policy::State,
-    decisions: Vec<Decision>,
-}
-
-impl VipControl {
-    fn new(vip: &Vip, control: &crate::config::Control) -> VipControl {
-        let configured: Vec<u32> = vip.backends.iter().map(|b| b.weight).collect();
-        VipControl {
-            kind: vip.policy,
-            params: policy::params_for(&configured, control),
-            state: policy::State::default(),
-            decisions: Vec::new(),
-        }
-    }
+/// A VIP's control step as `config` sets it up, with no state yet.
+fn vip_control(vip: &Vip, control: &crate::config::Control) -> VipControl {
+    let configured: Vec<u32> = vip.backends.iter().map(|b| b.weight).collect();
+    VipControl::new(vip.policy, control.params_for(&configured))
 }
 
 /// Policy units per configured weight unit for `vip` (see `policy::unit`).
@@ -127,17 +116,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut control: BTreeMap<VipKey, VipControl> = config
         .vips
         .iter()
-        .map(|v| (vip_key(v), VipControl::new(v, &config.control)))
+        .map(|v| (vip_key(v), vip_control(v, &config.control)))
         .collect();
     // Continue from the weights an earlier agent left in force.
     if let Some(previous) = &previous {
-        for b in previous.backends.values() {
+        for (&id, b) in &previous.backends {
             if let Some(c) = control.get_mut(&b.vip) {
-                c.state.weights.insert(b.address.to_string(), b.weight);
+                c.state.weights.insert(BackendId(id), b.weight);
             }
         }
     }
-    let desired = plan(&config, previous.as_ref(), &overrides, &control)?;
+    let desired = plan(
+        &config,
+        previous.as_ref(),
+        &overrides,
+        &control,
+        &Tables::new(),
+    )?;
     let report = dataplane
         .apply(&desired)
         .context("filling the datapath's maps")?;
@@ -267,25 +262,26 @@ fn plan(
     previous: Option<&Desired>,
     overrides: &BTreeMap<(VipKey, IpAddr), Override>,
     control: &BTreeMap<VipKey, VipControl>,
+    tables: &Tables,
 ) -> anyhow::Result<Desired> {
     Ok(Desired::plan(
         config,
         previous,
-        &|vip: &Vip, b: &Backend| {
+        &|vip: &Vip, b: &Backend, id: BackendId| {
             let key = vip_key(vip);
-            let unit = unit(vip);
+            let control = control.get(&key);
+            let unit = control.map_or_else(|| unit(vip), |c| c.params.unit);
             match overrides.get(&(key, b.address)) {
                 Some(Override::Set(w)) => (w.saturating_mul(unit), BACKEND_F_SET),
                 Some(Override::Pin(w)) => (w.saturating_mul(unit), BACKEND_F_PINNED),
                 Some(Override::Drain) => (0, BACKEND_F_DRAINED),
                 None => {
-                    let policy = control
-                        .get(&key)
-                        .and_then(|c| c.state.weights.get(&b.address.to_string()));
+                    let policy = control.and_then(|c| c.state.weights.get(&id));
                     (policy.copied().unwrap_or(b.weight.saturating_mul(unit)), 0)
                 }
             }
         },
+        tables,
     )?)
 }
 
@@ -415,7 +411,13 @@ impl Agent {
     ) -> anyhow::Result<serde_json::Value> {
         let mut overrides = self.overrides.clone();
         change(&mut overrides);
-        let desired = plan(&self.config, Some(&self.desired), &overrides, &self.control)?;
+        let desired = plan(
+            &self.config,
+            Some(&self.desired),
+            &overrides,
+            &self.control,
+            &Tables::new(),
+        )?;
         let report = self.dataplane.apply(&desired)?;
         self.overrides = overrides;
         self.desired = desired;
@@ -437,7 +439,7 @@ impl Agent {
             let mut control: BTreeMap<VipKey, VipControl> = BTreeMap::new();
             for vip in &config.vips {
                 let key = vip_key(vip);
-                let mut fresh = VipControl::new(vip, &config.control);
+                let mut fresh = vip_control(vip, &config.control);
                 let same = self
                     .config
                     .vips
@@ -450,7 +452,13 @@ impl Agent {
                 }
                 control.insert(key, fresh);
             }
-            let desired = plan(&config, Some(&self.desired), &overrides, &control)?;
+            let desired = plan(
+                &config,
+                Some(&self.desired),
+                &overrides,
+                &control,
+                &Tables::new(),
+            )?;
             self.dataplane.apply(&desired)?;
             if config.vips != self.config.vips || config.control != self.config.control {
                 self.signals = Signals::start(&config);
@@ -493,76 +501,57 @@ impl Agent {
             self.signals.observe(&flows_by_key);
         }
         let mut changed = false;
+        let mut tables = Tables::new();
         for vip in &self.config.vips {
             let key = vip_key(vip);
-            let unit = unit(vip);
-            // This VIP's backend ids, by address: one pass over the desired backends.
-            let ids: BTreeMap<IpAddr, u32> = self
-                .desired
-                .backends
-                .iter()
-                .filter(|(_, d)| d.vip == key)
-                .map(|(id, d)| (d.address, *id))
-                .collect();
+            let (Some(in_force), Some(control)) =
+                (self.desired.vips.get(&key), self.control.get_mut(&key))
+            else {
+                continue;
+            };
+            let unit = control.params.unit;
             let inputs: Vec<Input> = vip
                 .backends
                 .iter()
-                .map(|b| {
-                    let id = ids.get(&b.address).copied();
+                .zip(&in_force.ids)
+                .map(|(b, &id)| {
                     let reading = self.signals.readings.get(&(key, b.address));
                     let sample = reading.and_then(|r| r.sample.as_ref());
+                    let seen = Observation {
+                        qps: sample
+                            .and_then(|s| s.requests_per_s)
+                            .or_else(|| qps.get(&id).copied()),
+                        utilisation: sample.and_then(|s| s.cpu),
+                        errors_per_s: sample.and_then(|s| s.errors_per_s),
+                        latency_s: reading.and_then(|r| r.latency_s()),
+                        in_flight: sample.and_then(|s| s.in_flight),
+                    };
                     let forecast = reading.and_then(|r| r.forecast.as_ref());
                     Input {
-                        name: b.address.to_string(),
-                        configured_weight: b.weight,
                         healthy: reading.is_none_or(|r| r.healthy),
                         hold: self.overrides.get(&(key, b.address)).map(|o| match o {
                             Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
                             Override::Drain => 0,
                         }),
-                        qps: sample
-                            .and_then(|s| s.requests_per_s)
-                            .or_else(|| id.and_then(|id| qps.get(&id).copied())),
-                        utilisation: sample.and_then(|s| s.cpu),
-                        errors_per_s: sample.and_then(|s| s.errors_per_s),
-                        latency_s: reading.and_then(|r| r.latency_s()),
-                        in_flight: sample.and_then(|s| s.in_flight),
-                        predicted_s: forecast.and_then(|f| f.value),
-                        predictor: forecast
-                            .map(|f| f.choice.predictor.clone())
-                            .unwrap_or_default(),
+                        ..Input::observed(BackendId(id), b.weight, seen, forecast)
                     }
                 })
                 .collect();
-            // The table in force, as indices into `vip.backends`, for the move budget.
-            let current: Option<Vec<u32>> = self.desired.vips.get(&key).and_then(|d| {
-                let index: BTreeMap<u32, u32> = (0..)
-                    .zip(&vip.backends)
-                    .filter_map(|(i, b)| Some((*ids.get(&b.address)?, i)))
-                    .collect();
-                d.table.iter().map(|id| index.get(id).copied()).collect()
-            });
             let keys: Vec<[u8; 16]> = vip
                 .backends
                 .iter()
                 .map(|b| addr_bytes(b.address).0)
                 .collect();
-            let mut moved = |weights: &[u32]| {
-                let table = maglev::build(&MaglevBackend::zip(&keys, weights), vip.table_size);
-                maglev::moved_share(&table.ok()?, current.as_deref()?)
-            };
-            let Some(control) = self.control.get_mut(&key) else {
-                continue;
+            let backends = Backends {
+                inputs: &inputs,
+                keys: &keys,
+                table_size: vip.table_size,
             };
             let before = control.state.weights.clone();
-            let (_, decisions) = policy::step_with_table(
-                control.kind,
-                &control.params,
-                &mut control.state,
-                &inputs,
-                &mut moved,
-            );
-            control.decisions = decisions;
+            let outcome = control.step(&backends, in_force.built.as_ref());
+            if let Some(Ok(table)) = outcome.table {
+                tables.insert(key, table);
+            }
             changed |= control.state.weights != before;
         }
         if changed {
@@ -571,6 +560,7 @@ impl Agent {
                 Some(&self.desired),
                 &self.overrides,
                 &self.control,
+                &tables,
             )?;
             self.dataplane.apply(&desired)?;
             self.desired = desired;
@@ -770,14 +760,15 @@ impl Agent {
             .map(|b| {
                 let key = self.config.vips.iter().find(|v| v.to_string() == b.vip).map(vip_key);
                 let control = key.and_then(|k| self.control.get(&k));
+                let id = self.desired.backends.iter().find(|(_, d)| Some(d.vip) == key && d.address == b.backend).map(|(&id, _)| BackendId(id));
                 let decision = control
-                    .and_then(|c| c.decisions.iter().find(|d| d.backend == b.backend.to_string()));
+                    .and_then(|c| c.decisions.iter().find(|d| Some(d.backend) == id));
                 let why = match b.control.as_str() {
                     "set" => format!("operator set {} (until auto or reload)", b.weight),
                     "pinned" => format!("operator pinned {} (until auto)", b.weight),
                     "drained" => "operator drained it: 0, no new flows".to_owned(),
                     _ => decision
-                        .map(|d| d.reason.clone())
+                        .map(|d| d.to_string())
                         .unwrap_or_else(|| format!("configured weight {} (no update yet)", b.configured_weight)),
                 };
                 json!({

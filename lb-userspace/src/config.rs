@@ -31,7 +31,7 @@ use std::{
 use lb_common::maps::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
 use serde::Deserialize;
 
-use crate::maglev;
+use crate::core::{maglev, policy};
 
 /// Largest weight a backend may have. Weights are relative; this keeps every sum of
 /// weights far from overflow and well inside what the table builder accepts.
@@ -158,6 +158,30 @@ impl Default for Control {
     }
 }
 
+impl Control {
+    /// The policy parameters of a VIP with `configured` weights under this section:
+    /// the scale is the configured sum in policy units ([`policy::unit`]), the
+    /// quantum a thousandth of it or a hundredth of an average backend's weight,
+    /// whichever is finer. Used by the agent and the simulator alike.
+    pub fn params_for(&self, configured: &[u32]) -> policy::Params {
+        let unit = policy::unit(configured);
+        let scale = configured.iter().sum::<u32>().saturating_mul(unit).max(1);
+        let per_backend = scale / (configured.len() as u32).max(1);
+        policy::Params {
+            scale,
+            unit,
+            quantum: (scale / 1000).min(per_backend / 100).max(1),
+            floor_share: self.floor_share,
+            smoothing: self.smoothing,
+            hysteresis: self.hysteresis,
+            budget_per_second: self.move_budget_per_second,
+            interval_s: self.interval_ms as f64 / 1000.0,
+            shed_ratio: self.shed_ratio,
+            ..policy::Params::default()
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawControl {
@@ -252,7 +276,7 @@ pub struct Vip {
     pub table_size: u32,
     pub forwarding: Forwarding,
     /// How this VIP's weights are set.
-    pub policy: crate::policy::PolicyKind,
+    pub policy: crate::core::policy::PolicyKind,
     /// Active probes of each backend, if configured.
     pub health: Option<Health>,
     /// Prometheus scrapes of each backend, if configured.
@@ -458,7 +482,7 @@ struct RawVip {
     #[serde(default)]
     forwarding: Forwarding,
     #[serde(default)]
-    policy: crate::policy::PolicyKind,
+    policy: crate::core::policy::PolicyKind,
     health: Option<RawHealth>,
     metrics: Option<RawMetrics>,
     #[serde(default)]
@@ -900,7 +924,7 @@ weight = 1
         let config = Config::parse(&ok).unwrap();
         assert_eq!(config.control.interval_ms, 500);
         assert_eq!(config.control.smoothing, 1.0);
-        assert_eq!(config.vips[0].policy, crate::policy::PolicyKind::Ai);
+        assert_eq!(config.vips[0].policy, crate::core::policy::PolicyKind::Ai);
         for (bad, field) in [
             ("interval_ms = 5", "control.interval_ms"),
             (
@@ -919,7 +943,7 @@ weight = 1
         );
         assert_eq!(
             Config::parse(&text).unwrap().vips[0].policy,
-            crate::policy::PolicyKind::Reactive
+            crate::core::policy::PolicyKind::Reactive
         );
         assert!(
             Config::parse(&GOOD.replace(

@@ -380,6 +380,8 @@ impl Dataplane {
                         name: String::new(),
                         meta: v.meta,
                         table,
+                        ids: Vec::new(),
+                        built: None,
                     },
                 )
             })

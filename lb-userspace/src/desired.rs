@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     config::{Backend, Config, Forwarding, HashFields, Vip},
-    maglev::{self, MaglevBackend, MaglevError},
+    core::{BackendId, control::Table, maglev::MaglevError},
 };
 
 /// Everything the maps hold for one configuration and set of weights.
@@ -45,6 +45,11 @@ pub struct DesiredVip {
     pub meta: VipMeta,
     /// Backend id of every slot; `meta.ring_size` long. Shared, as tables are large.
     pub table: Arc<Vec<u32>>,
+    /// The backends' ids in configured order (empty when read back from the maps).
+    pub ids: Vec<u32>,
+    /// The same table by backend index, with the weights it was built from: what the
+    /// control step's move budget compares with (`None` when read back from the maps).
+    pub built: Option<Table>,
 }
 
 /// One backend of one VIP.
@@ -95,16 +100,19 @@ pub fn vip_key(vip: &Vip) -> VipKey {
 impl Desired {
     /// The maps' contents for `config` with the configured weights, from scratch.
     pub fn from_config(config: &Config) -> Result<Desired, PlanError> {
-        Desired::plan(config, None, &|_, b| (b.weight, 0))
+        Desired::plan(config, None, &|_, b, _| (b.weight, 0), &Tables::new())
     }
 
     /// The maps' contents for `config` with the weight (and `BACKEND_F_*` flags
     /// recording why) that `weight` gives each backend, keeping the VIP and backend
-    /// ids of `previous` for whatever stays.
+    /// ids of `previous` for whatever stays. A VIP's lookup table is built only when
+    /// neither `previous` (same backends, same weights) nor `tables` (the tables the
+    /// control steps built) has the table of its weights.
     pub fn plan(
         config: &Config,
         previous: Option<&Desired>,
-        weight: &dyn Fn(&Vip, &Backend) -> (u32, u8),
+        weight: &dyn Fn(&Vip, &Backend, BackendId) -> (u32, u8),
+        tables: &Tables,
     ) -> Result<Desired, PlanError> {
         let mut ids = IdAllocator::new(previous);
         let mut vips = BTreeMap::new();
@@ -113,33 +121,41 @@ impl Desired {
         for vip in &config.vips {
             let key = vip_key(vip);
             let vip_id = ids.vip(key);
-            let choices: Vec<(u32, u8)> = vip.backends.iter().map(|b| weight(vip, b)).collect();
+            let backend_ids: Vec<u32> = vip
+                .backends
+                .iter()
+                .map(|b| ids.backend(key, b.address))
+                .collect();
+            let choices: Vec<(u32, u8)> = vip
+                .backends
+                .iter()
+                .zip(&backend_ids)
+                .map(|(b, &id)| weight(vip, b, BackendId(id)))
+                .collect();
             let weights: Vec<u32> = choices.iter().map(|c| c.0).collect();
             if weights.iter().all(|&w| w == 0) {
                 return Err(PlanError::NoWeight {
                     vip: vip.to_string(),
                 });
             }
-            let keys: Vec<[u8; 16]> = vip
-                .backends
-                .iter()
-                .map(|b| addr_bytes(b.address).0)
-                .collect();
-            let input = MaglevBackend::zip(&keys, &weights);
-            let by_index =
-                maglev::build(&input, vip.table_size).map_err(|source| PlanError::Table {
-                    vip: vip.to_string(),
-                    source,
-                })?;
-            let backend_ids: Vec<u32> = vip
-                .backends
-                .iter()
-                .map(|b| ids.backend(key, b.address))
-                .collect();
-            let table = by_index
-                .into_iter()
-                .map(|i| backend_ids[i as usize])
-                .collect();
+            // The VIP's table in force, when it is the table of these weights.
+            let reused = previous.and_then(|p| p.vips.get(&key)).filter(|p| {
+                p.ids == backend_ids
+                    && p.meta.ring_size == vip.table_size
+                    && p.built.as_ref().is_some_and(|t| t.weights == weights)
+            });
+            let (built, table) = match reused.and_then(|p| Some((p.built.clone()?, p))) {
+                Some((built, p)) => (built, Arc::clone(&p.table)),
+                None => {
+                    let built = table_of(vip, &weights, tables.get(&key))?;
+                    let table: Vec<u32> = built
+                        .slots
+                        .iter()
+                        .map(|&i| backend_ids[i as usize])
+                        .collect();
+                    (built, Arc::new(table))
+                }
+            };
             for ((b, &id), &(w, flags)) in vip.backends.iter().zip(&backend_ids).zip(&choices) {
                 let (addr, family) = addr_bytes(b.address);
                 backends.insert(
@@ -159,13 +175,6 @@ impl Desired {
                     },
                 );
             }
-            let mut flags = match vip.hash {
-                HashFields::FiveTuple => 0,
-                HashFields::Source => VIP_F_HASH_SRC_ONLY,
-            };
-            if vip.forwarding == Forwarding::Ipip {
-                flags |= VIP_F_ENCAP;
-            }
             vips.insert(
                 key,
                 DesiredVip {
@@ -174,9 +183,11 @@ impl Desired {
                         vip_id,
                         ring_size: vip.table_size,
                         active: 0,
-                        flags,
+                        flags: vip_flags(vip),
                     },
-                    table: Arc::new(table),
+                    table,
+                    ids: backend_ids,
+                    built: Some(built),
                 },
             );
             let proto = if key.family == FAMILY_V4 {
@@ -215,6 +226,40 @@ impl Desired {
             flags: VIP_F_ECHO,
         }
     }
+}
+
+/// The tables the control steps built, by VIP, for [`Desired::plan`] to use instead
+/// of building them again.
+pub type Tables = BTreeMap<VipKey, Table>;
+
+/// The table of `weights` for `vip`: `built` when it is that table, else a new build.
+fn table_of(vip: &Vip, weights: &[u32], built: Option<&Table>) -> Result<Table, PlanError> {
+    if let Some(t) = built.filter(|t| t.weights == weights)
+        && t.slots.len() == vip.table_size as usize
+    {
+        return Ok(t.clone());
+    }
+    let keys: Vec<[u8; 16]> = vip
+        .backends
+        .iter()
+        .map(|b| addr_bytes(b.address).0)
+        .collect();
+    Table::build(&keys, weights, vip.table_size).map_err(|source| PlanError::Table {
+        vip: vip.to_string(),
+        source,
+    })
+}
+
+/// A VIP's `VIP_F_*` flags: its hash fields and forwarding.
+fn vip_flags(vip: &Vip) -> u32 {
+    let mut flags = match vip.hash {
+        HashFields::FiveTuple => 0,
+        HashFields::Source => VIP_F_HASH_SRC_ONLY,
+    };
+    if vip.forwarding == Forwarding::Ipip {
+        flags |= VIP_F_ENCAP;
+    }
+    flags
 }
 
 /// Hands out VIP and backend ids: the previous id for whatever already had one, the
@@ -347,9 +392,12 @@ weight = 3
         let before = Desired::from_config(&Config::parse(TWO_VIPS).unwrap()).unwrap();
         // Drop the first VIP's first backend (198.18.0.11, id 0), add a new one.
         let text = TWO_VIPS.replace("198.18.0.11", "198.18.0.13");
-        let after = Desired::plan(&Config::parse(&text).unwrap(), Some(&before), &|_, b| {
-            (b.weight, 0)
-        })
+        let after = Desired::plan(
+            &Config::parse(&text).unwrap(),
+            Some(&before),
+            &|_, b, _| (b.weight, 0),
+            &Tables::new(),
+        )
         .unwrap();
         let id_of = |d: &Desired, a: &str| {
             *d.backends
@@ -373,18 +421,24 @@ weight = 3
     fn weights_come_from_the_caller_and_zero_drains() {
         let config = Config::parse(TWO_VIPS).unwrap();
         let drained = "198.18.0.11".parse::<IpAddr>().unwrap();
-        let desired = Desired::plan(&config, None, &|_, b| {
-            (if b.address == drained { 0 } else { b.weight }, 0)
-        })
+        let desired = Desired::plan(
+            &config,
+            None,
+            &|_, b, _| (if b.address == drained { 0 } else { b.weight }, 0),
+            &Tables::new(),
+        )
         .unwrap();
         let v0 = &desired.vips[&key(&desired, 0)];
         assert!(
             v0.table.iter().all(|&id| id == 1),
             "the drained backend (id 0) still has slots"
         );
-        let all_zero = Desired::plan(&config, None, &|v, b| {
-            (if v.port == 80 { 0 } else { b.weight }, 0)
-        });
+        let all_zero = Desired::plan(
+            &config,
+            None,
+            &|v, b, _| (if v.port == 80 { 0 } else { b.weight }, 0),
+            &Tables::new(),
+        );
         assert!(matches!(all_zero, Err(PlanError::NoWeight { .. })));
     }
 }

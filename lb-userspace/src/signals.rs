@@ -11,34 +11,12 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use crate::{
     collect::{BackendSample, ProbeConfig, ProbeResult, Prober, Rejects, ScrapeConfig, Scraper},
     config::Config,
+    core::model::{self, BackendModel, FittedSvr, Forecast, Load, REFIT_EVERY},
     desired::vip_key,
-    model::{BackendModel, BackendModelConfig, FeatureSpec, FittedSvr, Forecast},
 };
 
 /// A backend of a VIP.
 pub type Key = (VipKey, IpAddr);
-
-/// Extra metrics the model sees besides the latency history, in this order.
-pub const MODEL_FEATURES: [&str; 5] =
-    ["cpu", "memory", "disk_busy", "in_flight", "new_flows_per_s"];
-
-/// Refit every backend's model after this many observations.
-pub const REFIT_EVERY: u64 = 10;
-
-/// The model every backend gets: a short latency history (four lags, a mean over
-/// eight, the last difference) and [`MODEL_FEATURES`]. Used by the agent and the
-/// simulator alike.
-pub fn model_config() -> BackendModelConfig {
-    BackendModelConfig {
-        features: FeatureSpec {
-            lags: 4,
-            mean_window: 8,
-            diff: true,
-            extra_metrics: MODEL_FEATURES.len(),
-        },
-        ..BackendModelConfig::default()
-    }
-}
 
 /// The latest of everything about one backend.
 #[derive(Debug, Default, Clone)]
@@ -129,7 +107,7 @@ impl Signals {
                         ..Reading::default()
                     },
                 );
-                let model_config = model_config();
+                let model_config = model::model_config();
                 if let Ok(model) = BackendModel::new(model_config) {
                     signals.models.insert(key, model);
                 }
@@ -278,15 +256,15 @@ impl Signals {
                 continue;
             };
             let s = reading.sample.clone().unwrap_or_default();
-            let extra = [
-                s.cpu.unwrap_or(0.0),
-                s.memory.unwrap_or(0.0),
-                s.disk_busy.unwrap_or(0.0),
-                s.in_flight.unwrap_or(0.0),
-                new_flows_per_s.get(key).copied().unwrap_or(0.0),
-            ];
+            let load = Load {
+                cpu: s.cpu.unwrap_or(0.0),
+                memory: s.memory.unwrap_or(0.0),
+                disk_busy: s.disk_busy.unwrap_or(0.0),
+                in_flight: s.in_flight.unwrap_or(0.0),
+                new_flows_per_s: new_flows_per_s.get(key).copied().unwrap_or(0.0),
+            };
             // Input the model refuses (non-finite) leaves it unchanged.
-            if let Ok(forecast) = model.tick(target, &extra) {
+            if let Ok(forecast) = model.tick(target, &load.features()) {
                 reading.forecast = Some(forecast);
             }
             if self.observations.is_multiple_of(REFIT_EVERY) && !self.fitting.contains(key) {

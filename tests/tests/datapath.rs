@@ -18,7 +18,7 @@ use lb_tests::packet::*;
 use lb_userspace::{
     config::Config,
     dataplane::Dataplane,
-    desired::{Desired, addr_bytes},
+    desired::{Desired, Tables, addr_bytes},
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -1016,16 +1016,21 @@ fn established_flows_survive_table_switches() {
     let drained: IpAddr = ip("198.18.0.13");
     let drained_mac = [2, 0, 0, 0, 0, 0x13];
     assert!(first.values().any(|m| *m == drained_mac));
-    let desired = Desired::plan(&world.config, Some(&world.desired), &|v, b| {
-        (
-            if v.port == 80 && b.address == drained {
-                0
-            } else {
-                b.weight
-            },
-            0,
-        )
-    })
+    let desired = Desired::plan(
+        &world.config,
+        Some(&world.desired),
+        &|v, b, _| {
+            (
+                if v.port == 80 && b.address == drained {
+                    0
+                } else {
+                    b.weight
+                },
+                0,
+            )
+        },
+        &Tables::new(),
+    )
     .unwrap();
     let report = world.dataplane.apply(&desired).unwrap();
     assert!(
@@ -1064,7 +1069,13 @@ fn established_flows_survive_table_switches() {
         1,
     );
     let config = Config::parse(&text).unwrap();
-    let desired = Desired::plan(&config, Some(&world.desired), &|_, b| (b.weight, 0)).unwrap();
+    let desired = Desired::plan(
+        &config,
+        Some(&world.desired),
+        &|_, b, _| (b.weight, 0),
+        &Tables::new(),
+    )
+    .unwrap();
     world.dataplane.apply(&desired).unwrap();
     for f in &flows {
         let (v, out) = world.run(&f.frame(TCP_ACK, b"more"));
@@ -1105,11 +1116,12 @@ fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
         Desired::plan(
             &world.config,
             Some(&world.desired),
-            &|v, b| match b.address {
+            &|v, b, _| match b.address {
                 a if v.port == 80 && a == down => (0, flags),
                 a if v.port == 80 && a == grown => (b.weight * 5, 0),
                 _ => (b.weight, 0),
             },
+            &Tables::new(),
         )
         .unwrap()
     };
@@ -1250,7 +1262,13 @@ fn vip_shortcuts_never_decide_alone() {
     let without = format!("{}{}", &CONFIG[..start], &CONFIG[end..]);
     let apply = |world: &mut World, text: &str| {
         let config = Config::parse(text).unwrap();
-        let desired = Desired::plan(&config, Some(&world.desired), &|_, b| (b.weight, 0)).unwrap();
+        let desired = Desired::plan(
+            &config,
+            Some(&world.desired),
+            &|_, b, _| (b.weight, 0),
+            &Tables::new(),
+        )
+        .unwrap();
         world.dataplane.apply(&desired).unwrap();
         world.desired = desired;
     };

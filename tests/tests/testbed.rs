@@ -15,7 +15,7 @@ use lb_tests::testbed::loadgen::{self, LoadSpec, Outcome};
 use lb_tests::testbed::report::RunMetrics;
 use lb_tests::testbed::scenario::{self, RunOptions, Scenario};
 use lb_tests::topology::Topology;
-use lb_userspace::policy::PolicyKind;
+use lb_userspace::core::policy::PolicyKind;
 
 /// The backend's address inside a one-namespace world.
 const ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);

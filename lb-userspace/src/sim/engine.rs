@@ -14,10 +14,11 @@ use super::histogram::Histogram;
 use super::rng::Rng;
 use super::scenario::{Change, Scenario};
 use super::{Little, ModelStats, ServiceDist, SimParams, SimReport, TableUpdate, TickPoint, worst};
+use crate::core::BackendId;
+use crate::core::control::{Backends, Observation, Table, VipControl};
+use crate::core::model::{self, BackendModel, Forecast, Load, ModelError};
+use crate::core::policy::{self, Decision, Input, Params, PolicyKind};
 use crate::desired::addr_bytes;
-use crate::maglev::{self, MaglevBackend};
-use crate::model::{BackendModel, Forecast, ModelError};
-use crate::policy::{self, Input, Params, PolicyKind};
 
 /// What a scrape of one backend gives at a control tick: the rates over the interval
 /// that just ended and the gauges now, as `collect::BackendSample` would hold them.
@@ -135,12 +136,12 @@ impl Arrivals {
 }
 
 /// Refit every model after this many observations, as the agent does.
-pub(super) const REFIT_EVERY: u64 = crate::signals::REFIT_EVERY;
+pub(super) const REFIT_EVERY: u64 = model::REFIT_EVERY;
 
 /// The policy parameters the agent would use for this VIP (the agent's own
-/// `policy::params_for`).
+/// `Control::params_for`).
 pub(super) fn agent_params(configured: &[u32], p: &SimParams) -> Params {
-    crate::policy::params_for(configured, &p.control)
+    p.control.params_for(configured)
 }
 
 /// One run in progress.
@@ -148,13 +149,12 @@ struct Sim<'a> {
     p: &'a SimParams,
     scenario: &'a Scenario,
     kind: PolicyKind,
-    params: Params,
-    state: policy::State,
-    names: Vec<String>,
+    /// The VIP's control step, as the agent runs it.
+    control: VipControl,
     keys: Vec<[u8; 16]>,
     configured: Vec<u32>,
-    weights: Vec<u32>,
-    table: Vec<u32>,
+    /// The table in force and its weights.
+    table: Table,
     /// Slots of each backend in `table`.
     slot_counts: Vec<u32>,
     backends: Vec<Backend>,
@@ -241,11 +241,10 @@ impl<'a> Sim<'a> {
         let addresses: Vec<IpAddr> = (0..n)
             .map(|i| IpAddr::V4(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8)))
             .collect();
-        let names = addresses.iter().map(IpAddr::to_string).collect();
         let keys: Vec<[u8; 16]> = addresses.iter().map(|&a| addr_bytes(a).0).collect();
         // Before the first update the agent's table holds the configured weights.
         let weights: Vec<u32> = configured.iter().map(|&w| w * params.unit).collect();
-        let model_config = crate::signals::model_config();
+        let model_config = model::model_config();
         let backends = scenario
             .units
             .iter()
@@ -292,13 +291,13 @@ impl<'a> Sim<'a> {
             p,
             scenario,
             kind,
-            params,
-            state: policy::State::default(),
-            names,
+            control: VipControl::new(kind, params),
             keys,
             configured,
-            weights: Vec::new(),
-            table: Vec::new(),
+            table: Table {
+                weights: Vec::new(),
+                slots: Default::default(),
+            },
             slot_counts: vec![0; n],
             backends,
             bins,
@@ -327,9 +326,11 @@ impl<'a> Sim<'a> {
             series: Vec::with_capacity(ticks),
             slot_history: Vec::with_capacity(ticks),
         };
-        assert!(
-            sim.install(weights, None, false, 0.0),
-            "the configured weights give no table"
+        let first = Table::build(&sim.keys, &weights, p.table_size);
+        sim.install(
+            first.expect("the configured weights give a table"),
+            false,
+            0.0,
         );
         sim.updates.clear();
         for i in 0..scenario.events.len() {
@@ -368,8 +369,8 @@ impl<'a> Sim<'a> {
         let mut key = self.flow;
         key.src[..4].copy_from_slice(&(bits as u32).to_be_bytes());
         key.src_port_be = (1024 + ((bits >> 32) as u16) % 64512).to_be();
-        let slot = flow_hash(&key) % self.table.len() as u32;
-        let b = self.table[slot as usize] as usize;
+        let slot = flow_hash(&key) % self.table.slots.len() as u32;
+        let b = self.table.slots[slot as usize] as usize;
         // Drawn for every request, so that every policy sees the same draws.
         let u = self.service.uniform();
         self.requests += 1;
@@ -519,7 +520,7 @@ impl<'a> Sim<'a> {
         self.series.push(TickPoint {
             t,
             watched_flow_share: share(watched.iter().map(|&b| arrivals(b)).sum(), all),
-            watched_table_share: share(slots, self.table.len() as f64),
+            watched_table_share: share(slots, self.table.slots.len() as f64),
             watched_capacity_share: watched.iter().map(|&b| caps[b]).sum(),
             mean_latency_s: (done_all > 0).then(|| latency_all / done_all as f64),
             in_system: in_system as f64,
@@ -546,14 +547,13 @@ impl<'a> Sim<'a> {
             let Some(target) = sample.latency_s.or(b.probe_ok.then_some(probe_latency)) else {
                 continue;
             };
-            let extra = [
-                sample.cpu,
-                0.0,
-                0.0,
-                sample.in_flight,
-                sample.new_flows_per_s,
-            ];
-            if let Ok(forecast) = model.tick(target, &extra) {
+            let load = Load {
+                cpu: sample.cpu,
+                in_flight: sample.in_flight,
+                new_flows_per_s: sample.new_flows_per_s,
+                ..Load::default()
+            };
+            if let Ok(forecast) = model.tick(target, &load.features()) {
                 self.model_stats.ticks += 1;
                 if forecast.choice.uses_model {
                     self.model_stats.svr_chosen += 1;
@@ -609,8 +609,8 @@ impl<'a> Sim<'a> {
         self.model_stats.fit_wall_s += started.elapsed().as_secs_f64();
     }
 
-    /// The policy runs on what is known of every backend, built as the agent's
-    /// `control_tick` builds it; the table is rebuilt if a weight changed.
+    /// The control step runs on what is known of every backend, as in the agent's
+    /// control tick; the table it returns, if the weights changed, is installed.
     fn decide(&mut self, t: f64) {
         let probe_latency = self.p.probe_latency_s;
         let inputs: Vec<Input> = self
@@ -619,11 +619,7 @@ impl<'a> Sim<'a> {
             .enumerate()
             .map(|(i, b)| {
                 let sample = b.sample.as_ref();
-                Input {
-                    name: self.names[i].clone(),
-                    configured_weight: self.configured[i],
-                    healthy: b.healthy,
-                    hold: None,
+                let seen = Observation {
                     qps: sample.map(|s| s.requests_per_s),
                     utilisation: sample.map(|s| s.cpu),
                     errors_per_s: sample.map(|s| s.errors_per_s),
@@ -631,85 +627,62 @@ impl<'a> Sim<'a> {
                         .and_then(|s| s.latency_s)
                         .or(b.probe_ok.then_some(probe_latency)),
                     in_flight: sample.map(|s| s.in_flight),
-                    predicted_s: b.forecast.as_ref().and_then(|f| f.value),
-                    predictor: b
-                        .forecast
-                        .as_ref()
-                        .map(|f| f.choice.predictor.clone())
-                        .unwrap_or_default(),
+                };
+                let id = BackendId(i as u32);
+                Input {
+                    healthy: b.healthy,
+                    ..Input::observed(id, self.configured[i], seen, b.forecast.as_ref())
                 }
             })
             .collect();
-        // The policy's budget check builds tables; the last one it built is kept so
-        // that installing the same weights does not build it again.
-        let (keys, current, size) = (&self.keys, &self.table, self.p.table_size);
-        let mut last_built: Option<(Vec<u32>, Vec<u32>)> = None;
-        let mut moved = |weights: &[u32]| {
-            let table = maglev::build(&MaglevBackend::zip(keys, weights), size).ok()?;
-            let share = maglev::moved_share(&table, current);
-            last_built = Some((weights.to_vec(), table));
-            share
+        let vip = Backends {
+            inputs: &inputs,
+            keys: &self.keys,
+            table_size: self.p.table_size,
         };
-        let (weights, decisions) = policy::step_with_table(
-            self.kind,
-            &self.params,
-            &mut self.state,
-            &inputs,
-            &mut moved,
-        );
+        let outcome = self.control.step(&vip, Some(&self.table));
+        let decisions = &self.control.decisions;
         self.policy_steps += 1;
-        if decisions.iter().any(|d| d.budget_limited) {
+        if decisions.iter().any(Decision::budget_limited) {
             self.budget_limited_steps += 1;
         }
-        self.floor_raised += decisions.iter().filter(|d| d.floored).count() as u64;
-        let built = last_built
-            .filter(|(w, _)| *w == weights)
-            .map(|(_, table)| table);
-        let shed = decisions.iter().any(|d| d.shed);
-        if weights != self.weights && !self.install(weights, built, shed, t) {
-            self.table_failures += 1;
+        self.floor_raised += decisions.iter().filter(|d| d.floored()).count() as u64;
+        let shed = decisions.iter().any(Decision::shed);
+        match outcome.table {
+            Some(Ok(table)) => self.install(table, shed, t),
+            // The agent then keeps the table it has.
+            Some(Err(_)) => self.table_failures += 1,
+            None => {}
         }
     }
 
-    /// Makes the table of `weights` current (`built`, if the policy already built it,
-    /// else built here as the agent does: `Desired::plan`, the backends' address bytes
-    /// as keys); false if it cannot be built (the agent then keeps the table it has).
-    fn install(&mut self, weights: Vec<u32>, built: Option<Vec<u32>>, shed: bool, t: f64) -> bool {
-        let table = match built {
-            Some(table) => table,
-            None => {
-                match maglev::build(&MaglevBackend::zip(&self.keys, &weights), self.p.table_size) {
-                    Ok(table) => table,
-                    Err(_) => return false,
-                }
-            }
-        };
-        let slots = if self.table.len() == table.len() {
+    /// Makes `table` current, recording how many slots it moved.
+    fn install(&mut self, table: Table, shed: bool, t: f64) {
+        let slots = if self.table.slots.len() == table.slots.len() {
             self.table
+                .slots
                 .iter()
-                .zip(&table)
+                .zip(table.slots.iter())
                 .filter(|(a, b)| a != b)
                 .count() as u64
         } else {
-            table.len() as u64
+            table.slots.len() as u64
         };
         self.updates.push(TableUpdate {
             t,
             slots,
-            ideal_share: if self.weights.is_empty() {
+            ideal_share: if self.table.weights.is_empty() {
                 1.0
             } else {
-                policy::share_moved(&self.weights, &weights)
+                policy::share_moved(&self.table.weights, &table.weights)
             },
             shed,
         });
         self.slot_counts.iter_mut().for_each(|c| *c = 0);
-        for &i in &table {
+        for &i in table.slots.iter() {
             self.slot_counts[i as usize] += 1;
         }
         self.table = table;
-        self.weights = weights;
-        true
     }
 
     /// Reaction times of every measured slowdown, from the flows of a window of
@@ -829,7 +802,7 @@ impl<'a> Sim<'a> {
             floor_raised: self.floor_raised,
             health_changes: self.health_changes,
             table_failures: self.table_failures,
-            final_weights: self.weights,
+            final_weights: self.table.weights,
             little: Little {
                 arrival_rate: self.in_system_requests as f64 / d,
                 mean_time_in_system_s: self.in_system_time / self.in_system_requests.max(1) as f64,

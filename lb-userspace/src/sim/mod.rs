@@ -1,9 +1,9 @@
 //! A discrete-event simulation of one VIP at a scale one machine cannot host (120
 //! backends and 100,000 to 400,000 requests per second by default), driven by the
-//! agent's own code: [`crate::policy::step`] sets the weights,
-//! [`crate::maglev::build`] turns them into the lookup table, each new flow is hashed
+//! agent's own code: [`crate::core::policy::step`] sets the weights,
+//! [`crate::core::maglev::build`] turns them into the lookup table, each new flow is hashed
 //! into it with [`lb_common::hash::flow_hash`], and under `ai` every backend's
-//! [`crate::model::BackendModel`] predicts its latency one interval ahead. Nothing of
+//! [`crate::core::model::BackendModel`] predicts its latency one interval ahead. Nothing of
 //! these is copied here; what is written here is what the agent gets from the
 //! outside world (the backends, the scrapes, the probes) and the bookkeeping the
 //! agent does around those calls. The `sim` bench runs every scenario under every
@@ -68,7 +68,7 @@
 //! run's figure is the worst; `None` if one is not reached before the next change).
 //! Unlike the testbed, the slowed backends are taken together: with 30 of them, each
 //! holding a few hundred slots, the table's own rounding (up to 262 slots per backend
-//! at 65537, see [`crate::maglev::accuracy_band`]) would decide a per-backend test.
+//! at 65537, see [`crate::core::maglev::accuracy_band`]) would decide a per-backend test.
 //! The same from the table instead of the flows is `reaction_table_s`. Slots moved
 //! are counted between consecutive tables (the testbed estimates them from weights).
 //!
@@ -101,7 +101,7 @@ pub use rng::Rng;
 pub use scenario::{Change, Event, Scenario, ScenarioId};
 
 use crate::config::Control;
-use crate::policy::PolicyKind;
+use crate::core::policy::PolicyKind;
 
 /// The distribution of service times.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

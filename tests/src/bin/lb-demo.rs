@@ -21,7 +21,7 @@ use lb_tests::{
         scenario::{RunOptions, Scenario},
     },
 };
-use lb_userspace::policy::PolicyKind;
+use lb_userspace::core::policy::PolicyKind;
 
 const WEIGHTS: [u32; 3] = [1, 2, 3];
 const CONNECTIONS: usize = 600;

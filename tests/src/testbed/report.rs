@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lb_userspace::policy::PolicyKind;
+use lb_userspace::core::policy::PolicyKind;
 use serde_json::{Value, json};
 
 use super::scenario::{RunData, Sample, Scenario, TABLE_SIZE};

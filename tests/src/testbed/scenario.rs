@@ -30,8 +30,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use lb_userspace::core::policy::PolicyKind;
 use lb_userspace::dataplane::PassThrough;
-use lb_userspace::policy::PolicyKind;
 
 use super::backend::{BackendCounts, BackendSpec, EmulatedBackend};
 use super::loadgen::{LoadGen, LoadReport, LoadSpec, RateFn};

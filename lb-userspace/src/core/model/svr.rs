@@ -532,7 +532,7 @@ impl Predictor for SvrModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{FeatureSpec, FeatureWindow, LastValue};
+    use crate::core::model::{FeatureSpec, FeatureWindow, LastValue};
 
     /// A fixed pseudo-random sequence in [0, 1), so tests are repeatable.
     fn uniform(seed: &mut u64) -> f64 {

@@ -216,7 +216,7 @@ impl BackendModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Reason;
+    use crate::core::model::Reason;
 
     fn config() -> BackendModelConfig {
         BackendModelConfig {

@@ -41,6 +41,52 @@ pub use scale::{Scaling, Standardizer};
 pub use select::{Choice, ErrorTracker, Reason, Scored, Selector};
 pub use svr::{FittedSvr, KernelWidth, SvrModel, SvrParams, TrainingSet};
 
+/// Extra metrics the model sees besides the latency history, in this order.
+pub const MODEL_FEATURES: [&str; 5] =
+    ["cpu", "memory", "disk_busy", "in_flight", "new_flows_per_s"];
+
+/// Refit every backend's model after this many observations.
+pub const REFIT_EVERY: u64 = 10;
+
+/// The model every backend gets: a short latency history (four lags, a mean over
+/// eight, the last difference) and [`MODEL_FEATURES`]. Used by the agent and the
+/// simulator alike.
+pub fn model_config() -> BackendModelConfig {
+    BackendModelConfig {
+        features: FeatureSpec {
+            lags: 4,
+            mean_window: 8,
+            diff: true,
+            extra_metrics: MODEL_FEATURES.len(),
+        },
+        ..BackendModelConfig::default()
+    }
+}
+
+/// A backend's metrics besides its latency, as the model sees them
+/// ([`MODEL_FEATURES`]); what a source does not measure is 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Load {
+    pub cpu: f64,
+    pub memory: f64,
+    pub disk_busy: f64,
+    pub in_flight: f64,
+    pub new_flows_per_s: f64,
+}
+
+impl Load {
+    /// The extra metrics in [`MODEL_FEATURES`] order, for [`BackendModel::tick`].
+    pub fn features(&self) -> [f64; MODEL_FEATURES.len()] {
+        [
+            self.cpu,
+            self.memory,
+            self.disk_busy,
+            self.in_flight,
+            self.new_flows_per_s,
+        ]
+    }
+}
+
 /// A one-step-ahead predictor of a backend's target metric.
 ///
 /// The caller alternates two calls per control tick: [`Predictor::observe`] with the

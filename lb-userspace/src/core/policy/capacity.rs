@@ -1,0 +1,98 @@
+//! What each backend has shown it can carry, from the last interval's observations:
+//! Envoy's capacity figure, whether a backend is strained, and what its errors cost.
+//! Read by the target, shed and hand-over stages.
+
+use super::{Input, Params};
+
+/// Requests a backend must have answered in the last interval for its shown
+/// capacity to decide a shed: with fewer, one interval's count is mostly noise.
+/// Kept low on purpose: a backend that slowed down answers fewer requests, and the
+/// demo's 4× slower backend (20 req/s, 10 per 500 ms interval) failed a threshold of
+/// 20 and was not shed for 11 s.
+pub(super) const SHED_EVIDENCE: f64 = 5.0;
+
+/// Whether the last interval saw enough of a backend's requests to shed on.
+pub(super) fn observed_enough(params: &Params, input: &Input) -> bool {
+    input
+        .qps
+        .is_some_and(|q| q.is_finite() && q * params.interval_s >= SHED_EVIDENCE)
+}
+
+/// Utilisation at or above which a backend counts as strained (see [`strained`]).
+pub(super) const STRAINED: f64 = 0.9;
+
+/// Whether a backend is at the end of what it can do: busy nearly all the time, or
+/// failing, Envoy's way, `utilisation + error_penalty · errors/qps ≥ 0.9`. Only a
+/// strained backend is shed: a backend with room never needs its traffic cut at
+/// once, whatever the other backends' figures make its share look like.
+pub(super) fn strained(params: &Params, input: &Input) -> bool {
+    let qps = input.qps.filter(|q| q.is_finite() && *q > 0.0);
+    let util = input
+        .utilisation
+        .filter(|u| u.is_finite() && *u >= 0.0)
+        .unwrap_or(0.0);
+    let failing = match (qps, input.errors_per_s) {
+        (Some(q), Some(e)) if e.is_finite() && e >= 0.0 => params.error_penalty * e / q,
+        _ => 0.0,
+    };
+    util + failing >= STRAINED
+}
+
+/// Each backend's capacity as Envoy's client-side weighted round robin sees it,
+/// `qps / (utilisation + error_penalty · errors/qps)`; `None` without observations.
+pub(super) fn capacities(error_penalty: f64, inputs: &[Input]) -> Vec<Option<f64>> {
+    inputs
+        .iter()
+        .map(|i| {
+            let qps = i.qps.filter(|q| q.is_finite() && *q > 0.0)?;
+            let util = i.utilisation.filter(|u| u.is_finite() && *u > 0.0)?;
+            let eps = i
+                .errors_per_s
+                .filter(|e| e.is_finite() && *e >= 0.0)
+                .unwrap_or(0.0);
+            Some(qps / (util + error_penalty * eps / qps))
+        })
+        .collect()
+}
+
+/// The latency `ai` expects of a backend once its errors are counted: a failed
+/// request costs the client [`Params::error_cost_s`] (a timeout or a retry), so with
+/// a share `e` of requests failing the expectation is (1 − e) · predicted + e · cost.
+/// A backend that fails fast answers quickest, and without this would look like the
+/// best one.
+pub(super) fn with_errors(params: &Params, input: &Input, predicted: f64) -> f64 {
+    let qps = input.qps.filter(|q| q.is_finite() && *q > 0.0);
+    let errors = input.errors_per_s.filter(|e| e.is_finite() && *e >= 0.0);
+    match (qps, errors) {
+        (Some(qps), Some(errors)) => {
+            let e = (errors / qps).min(1.0);
+            (1.0 - e) * predicted + e * params.error_cost_s.max(predicted)
+        }
+        _ => predicted,
+    }
+}
+
+/// Scores where known; unknown backends keep their current share of the known ones.
+pub(super) fn with_fallback(scores: &[Option<f64>], before: &[u32]) -> Vec<f64> {
+    let known: f64 = scores.iter().flatten().sum();
+    let known_weight: f64 = scores
+        .iter()
+        .zip(before)
+        .filter(|(s, _)| s.is_some())
+        .map(|(_, &w)| w as f64)
+        .sum();
+    let total_weight: f64 = before.iter().map(|&w| w as f64).sum();
+    if known <= 0.0 || known_weight <= 0.0 {
+        return before.iter().map(|&w| w as f64).collect();
+    }
+    scores
+        .iter()
+        .zip(before)
+        .map(|(s, &w)| match s {
+            // Scale scores so that the known group keeps its total weight.
+            Some(s) => s / known * known_weight,
+            None => w as f64,
+        })
+        .map(|x| x / total_weight.max(1.0))
+        .collect()
+}

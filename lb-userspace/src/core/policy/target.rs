@@ -1,0 +1,112 @@
+//! The target stage: the weight each backend starts from the first time a policy
+//! sees it, and each policy's unnormalized target (`reactive`: Envoy's capacity;
+//! `ai`: that capacity scaled by how its predicted latency compares with the
+//! others').
+
+use super::capacity::{capacities, with_errors, with_fallback};
+use super::{Input, Params, PolicyKind};
+
+/// The weight each backend starts from the first time a policy sees it (in
+/// `inputs` order), computed once per update: the agent calls the policy every
+/// interval for up to thousands of backends.
+pub(super) fn initial_weights(kind: PolicyKind, params: &Params, inputs: &[Input]) -> Vec<u32> {
+    let n = inputs.len().max(1) as f64;
+    let total: f64 = inputs.iter().map(|i| i.configured_weight as f64).sum();
+    inputs
+        .iter()
+        .map(|input| match kind {
+            PolicyKind::Equal => params.unit,
+            PolicyKind::Static => input.configured_weight.saturating_mul(params.unit),
+            _ if total > 0.0 => {
+                (params.scale as f64 * input.configured_weight as f64 / total) as u32
+            }
+            _ => (params.scale as f64 / n) as u32,
+        })
+        .collect()
+}
+
+/// Each backend's unnormalized target (only ratios among free backends matter).
+pub(super) fn targets(
+    kind: PolicyKind,
+    params: &Params,
+    inputs: &[Input],
+    before: &[u32],
+) -> Vec<f64> {
+    match kind {
+        PolicyKind::Equal => inputs.iter().map(|_| 1.0).collect(),
+        PolicyKind::Static => inputs.iter().map(|i| i.configured_weight as f64).collect(),
+        PolicyKind::Reactive => {
+            // Envoy CSWRR: qps / (utilisation + penalty · eps/qps). Backends without
+            // observations keep what they have.
+            with_fallback(&capacities(params.error_penalty, inputs), before)
+        }
+        PolicyKind::Ai => {
+            // Headroom: what each backend has shown it can carry (Envoy's capacity,
+            // so that a backend failing fast does not look idle and huge), scaled by
+            // how its predicted latency compares with the others'.
+            let capacity = with_fallback(&capacities(params.error_penalty, inputs), before);
+            let preds = expected_latencies(params, inputs);
+            let Some(reference) = weighted_median(&preds, before) else {
+                return capacity;
+            };
+            preds
+                .iter()
+                .zip(capacity)
+                .map(|(p, c)| match p {
+                    Some(p) => c * latency_factor(params, reference / p),
+                    None => c,
+                })
+                .collect()
+        }
+    }
+}
+
+/// The latency `ai` expects of each backend one interval ahead, errors counted
+/// ([`with_errors`]); `None` where nothing is predicted. Their traffic-weighted
+/// median is `ai`'s reference: one slow backend does not drag it along (a mean
+/// would call a backend four times slower than three others only 2.3 times the
+/// reference).
+pub(super) fn expected_latencies(params: &Params, inputs: &[Input]) -> Vec<Option<f64>> {
+    inputs
+        .iter()
+        .map(|i| {
+            let p = i.predicted_s.filter(|p| p.is_finite() && *p > 0.0)?;
+            Some(with_errors(params, i, p))
+        })
+        .collect()
+}
+
+/// How much `ai` scales a backend's shown capacity when its predicted latency is
+/// `ratio` times faster than the reference: 1 within the dead band (a factor of
+/// [`Params::latency_band`] either way, where differences between backends are
+/// mostly noise of their queues), and the ratio beyond the band's edge, to the
+/// power [`Params::gain`]. Continuous, so that a backend near the edge does not
+/// jump.
+pub(super) fn latency_factor(params: &Params, ratio: f64) -> f64 {
+    let band = params.latency_band.max(1.0).ln();
+    let x = ratio.ln();
+    let beyond = x.signum() * (x.abs() - band).max(0.0);
+    (beyond * params.gain).exp()
+}
+
+/// The median of the known `values`, each counted with its weight: the smallest
+/// value at or below which at least half the weight lies. `None` if no known value
+/// has weight.
+pub(super) fn weighted_median(values: &[Option<f64>], weights: &[u32]) -> Option<f64> {
+    let mut known: Vec<(f64, f64)> = values
+        .iter()
+        .zip(weights)
+        .filter_map(|(v, &w)| Some((*v.as_ref()?, w as f64)))
+        .filter(|&(_, w)| w > 0.0)
+        .collect();
+    let total: f64 = known.iter().map(|&(_, w)| w).sum();
+    known.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut below = 0.0;
+    for (v, w) in known {
+        below += w;
+        if below >= total / 2.0 {
+            return Some(v);
+        }
+    }
+    None
+}
