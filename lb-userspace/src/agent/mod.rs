@@ -1,0 +1,264 @@
+//! The agent's lifetime and control loop: check everything, adopt or load the
+//! datapath, attach it, then serve one `tokio::select!` loop — signals, control
+//! requests, and a periodic refresh — until told to stop. Called by `lb run`.
+//!
+//! The datapath is pinned under `/sys/fs/bpf/lb/<instance>/`. A restarted agent
+//! adopts what it finds there (maps with their contents, and the link, whose program
+//! it replaces atomically), so a restart forwards no packet differently. When the
+//! agent stops, the datapath keeps forwarding with the last weights (fail-static),
+//! unless `--detach-on-exit` was given or `lb detach` is run.
+
+//!
+//! # Layout
+//! - this module: the process's lifetime ([`run`]) and its `select!` loop;
+//! - `tick`: the control tick (every VIP's control step, then the maps);
+//! - `overrides`: operator actions (holds, drain, reload) and request dispatch;
+//! - `views`: what `/metrics` and the control socket's read commands show.
+
+mod overrides;
+mod tick;
+mod views;
+
+use std::{collections::BTreeMap, ffi::CString, net::IpAddr, path::PathBuf, time::Instant};
+
+use anyhow::{Context, bail};
+use aya::programs::XdpMode;
+use lb_common::types::{GlobalStats, VipKey};
+use log::{info, warn};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use self::overrides::{Override, overrides_of};
+use self::tick::{plan, vip_control};
+use crate::{
+    config::Config,
+    control,
+    core::{BackendId, control::VipControl},
+    dataplane::Dataplane,
+    desired::{Desired, Tables, vip_key},
+    signals::Signals,
+};
+
+/// Where an instance keeps its pins.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/lb").join(instance)
+}
+
+/// What `lb run` was asked to do.
+pub struct RunOptions {
+    /// Interface the balancer attaches to.
+    pub iface: String,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// How XDP is attached.
+    pub mode: XdpMode,
+    /// Names the pin directory and the control socket.
+    pub instance: String,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Detach and remove the pins on exit instead of staying fail-static.
+    pub detach_on_exit: bool,
+    /// Where `/metrics` is served (Prometheus); `None` turns it off.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// The agent's state; the control loop owns it and nothing else touches it.
+struct Agent {
+    opts: RunOptions,
+    /// The configuration in force (the last one that applied).
+    config: Config,
+    /// What the maps hold (the shadow is inside the dataplane; this is the plan).
+    desired: Desired,
+    dataplane: Dataplane,
+    /// Operator overrides by (VIP, backend address), in configured weight units.
+    overrides: BTreeMap<(VipKey, IpAddr), Override>,
+    /// Each VIP's policy state and last decisions.
+    control: BTreeMap<VipKey, VipControl>,
+    /// Datapath counters per backend id at the last control tick, for rates.
+    last_counters: BTreeMap<u32, (Instant, lb_common::types::BackendStats)>,
+    /// Probes, scrapes and load models of every backend.
+    signals: Signals,
+    started: Instant,
+    /// Outcome of the last reload, for `status`.
+    last_reload: Option<(Instant, Result<(), String>)>,
+}
+
+/// Runs the agent until SIGINT or SIGTERM. Nothing is attached unless the config,
+/// the interface and the program are all good.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let config = Config::load(&opts.config)?;
+    check_interface(&opts.iface)?;
+    let dir = pin_dir(&opts.instance);
+    let (mut dataplane, adopted) = Dataplane::load_pinned(&dir)
+        .with_context(|| format!("loading the datapath pinned at {}", dir.display()))?;
+    let previous = adopted.then(|| dataplane.current());
+    let overrides = previous
+        .as_ref()
+        .map(|p| overrides_of(p, &config))
+        .unwrap_or_default();
+    let mut control: BTreeMap<VipKey, VipControl> = config
+        .vips
+        .iter()
+        .map(|v| (vip_key(v), vip_control(v, &config.control)))
+        .collect();
+    // Continue from the weights an earlier agent left in force.
+    if let Some(previous) = &previous {
+        for (&id, b) in &previous.backends {
+            if let Some(c) = control.get_mut(&b.vip) {
+                c.state.weights.insert(BackendId(id), b.weight);
+            }
+        }
+    }
+    let desired = plan(
+        &config,
+        previous.as_ref(),
+        &overrides,
+        &control,
+        &Tables::new(),
+    )?;
+    let report = dataplane
+        .apply(&desired)
+        .context("filling the datapath's maps")?;
+    if adopted {
+        info!(
+            "adopted the datapath pinned at {} ({} table slots and {} entries differed)",
+            dir.display(),
+            report.slots_written,
+            report.entries_changed
+        );
+    }
+    // Subscribe before attaching, so that no signal after the attach is missed.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    dataplane.attach(&opts.iface, opts.mode)?;
+    let listener = control::bind(&opts.socket)?;
+    for vip in &config.vips {
+        let weights: Vec<String> = vip
+            .backends
+            .iter()
+            .map(|b| format!("{}={}", b.address, b.weight))
+            .collect();
+        info!("VIP {vip}: backends {}", weights.join(" "));
+    }
+    info!(
+        "attached to {} in {:?} mode; serving {} VIP(s); control socket {}",
+        opts.iface,
+        opts.mode,
+        config.vips.len(),
+        opts.socket.display()
+    );
+    println!("lb: ready on {}", opts.iface);
+
+    let interval = std::time::Duration::from_millis(config.control.interval_ms);
+    let signals = Signals::start(&config);
+    let mut agent = Agent {
+        opts,
+        config,
+        desired,
+        dataplane,
+        overrides,
+        signals,
+        control,
+        last_counters: BTreeMap::new(),
+        started: Instant::now(),
+        last_reload: None,
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (tx, mut requests) = mpsc::channel(16);
+    let server = tokio::spawn(control::serve(listener, tx));
+    let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(agent.metrics_snapshot());
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = agent.opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        info!("metrics on http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(listener, metrics_rx, async {
+            let _ = metrics_stopped.await;
+        }));
+    }
+    let mut refresh = tokio::time::interval(std::time::Duration::from_secs(1));
+    let why = loop {
+        tokio::select! {
+            _ = interrupt.recv() => break "SIGINT",
+            _ = terminate.recv() => break "SIGTERM",
+            _ = hangup.recv() => {
+                match agent.reload() {
+                    Ok(()) => info!("SIGHUP: configuration reloaded"),
+                    Err(e) => warn!("SIGHUP: reload refused, nothing changed: {e:#}"),
+                }
+            }
+            Some((request, reply)) = requests.recv() => {
+                let response = agent.handle(request);
+                let _ = reply.send(response);
+            }
+            _ = refresh.tick() => {
+                let _ = metrics_tx.send(agent.metrics_snapshot());
+            }
+            _ = tick.tick() => {
+                if let Err(e) = agent.control_tick(true) {
+                    warn!("control tick: weights unchanged: {e:#}");
+                }
+            }
+            changed = agent.signals.next() => {
+                // A backend's health changed: act now, not at the next tick.
+                if let Some((_, backend)) = changed {
+                    info!("backend {backend} is now {}", if agent.signals.readings.values().any(|r| !r.healthy) { "part of a change (see lb status)" } else { "healthy" });
+                    if let Err(e) = agent.control_tick(false) {
+                        warn!("health change: weights unchanged: {e:#}");
+                    }
+                }
+            }
+        }
+    };
+    server.abort();
+    let _ = stop_metrics.send(());
+    let _ = std::fs::remove_file(&agent.opts.socket);
+    let stats = agent.dataplane.global_stats()?;
+    info!("{why}: {}", summary(&stats));
+    if agent.opts.detach_on_exit {
+        agent.dataplane.detach()?;
+        info!("detached from {} and removed the pins", agent.opts.iface);
+    } else {
+        info!(
+            "left attached (fail-static): `lb detach --instance {}` removes it",
+            agent.opts.instance
+        );
+    }
+    Ok(())
+}
+
+fn summary(s: &GlobalStats) -> String {
+    format!(
+        "frames {} forwarded {} passed-not-vip {} conn hits {} new {} non-SYN misses {}",
+        s.rx_frames, s.tx, s.pass_not_vip, s.conn_hit, s.conn_miss_syn, s.conn_miss_non_syn
+    )
+}
+
+/// Fails unless `iface` names an interface of this network namespace.
+fn check_interface(iface: &str) -> anyhow::Result<u32> {
+    let name = CString::new(iface).with_context(|| format!("interface name {iface:?}"))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("interface {iface:?} does not exist (see `ip link`)");
+    }
+    Ok(index)
+}
+
+/// `lb detach`: removes an instance's pins, which detaches its program.
+pub fn detach(instance: &str) -> anyhow::Result<()> {
+    let dir = pin_dir(instance);
+    if !dir.exists() {
+        bail!(
+            "nothing is pinned for instance {instance:?} (no {})",
+            dir.display()
+        );
+    }
+    crate::dataplane::remove_pins(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Operator actions on a running agent: the control socket's requests, the holds
+//! (`weight set`, `weight pin`, `drain`) they place, and `reload`. Each is applied
+//! completely, or refused with nothing changed.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+
+use anyhow::bail;
+use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, VipKey};
+use serde_json::json;
+
+use super::{
+    Agent,
+    tick::{plan, unit, vip_control},
+};
+use crate::{
+    api::{Request, Response},
+    config::{Config, MAX_WEIGHT, Vip},
+    core::control::VipControl,
+    desired::{Desired, Tables, vip_key},
+    signals::Signals,
+};
+
+/// An operator's hold on one backend's weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Override {
+    /// `weight set`: until `auto` or the next reload.
+    Set(u32),
+    /// `weight pin`: until `auto`, across reloads.
+    Pin(u32),
+    /// `drain`: weight 0 until `undrain` or `auto`.
+    Drain,
+}
+
+/// The overrides an earlier agent recorded in the pinned backend entries (their
+/// weights are in policy units; holds are kept in configured units).
+pub(super) fn overrides_of(
+    previous: &Desired,
+    config: &Config,
+) -> BTreeMap<(VipKey, IpAddr), Override> {
+    let units: BTreeMap<VipKey, u32> = config.vips.iter().map(|v| (vip_key(v), unit(v))).collect();
+    previous
+        .backends
+        .values()
+        .filter_map(|b| {
+            let unit = units.get(&b.vip).copied().unwrap_or(1);
+            let o = if b.entry.flags & BACKEND_F_DRAINED != 0 {
+                Override::Drain
+            } else if b.entry.flags & BACKEND_F_PINNED != 0 {
+                Override::Pin(b.weight / unit)
+            } else if b.entry.flags & BACKEND_F_SET != 0 {
+                Override::Set(b.weight / unit)
+            } else {
+                return None;
+            };
+            Some(((b.vip, b.address), o))
+        })
+        .collect()
+}
+
+impl Agent {
+    pub(super) fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => Ok(self.status()),
+            Request::VipList => Ok(self.vip_list()),
+            Request::BackendList => Ok(json!(self.backend_views())),
+            Request::Stats => self.stats(),
+            Request::Explain => Ok(self.explain()),
+            Request::Tables => self.tables(),
+            Request::Reload => self.reload().map(|()| json!({"reloaded": true})),
+            Request::WeightSet {
+                backend,
+                vip,
+                weight,
+            } => self.override_weight(backend, vip, Some(Override::Set(weight))),
+            Request::WeightPin {
+                backend,
+                vip,
+                weight,
+            } => self.override_weight(backend, vip, Some(Override::Pin(weight))),
+            Request::WeightAuto { backend, vip } => self.override_weight(backend, vip, None),
+            Request::Drain { backend, vip } => {
+                self.override_weight(backend, vip, Some(Override::Drain))
+            }
+            Request::Undrain { backend, vip } => match self.find(backend, vip.as_deref()) {
+                Ok(key) if self.overrides.get(&key) == Some(&Override::Drain) => self
+                    .change_overrides(|o| {
+                        o.remove(&key);
+                    }),
+                Ok(_) => Err(anyhow::anyhow!("backend {backend} is not drained")),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(value) => Response::ok(value),
+            Err(e) => Response::error(format!("{e:#}")),
+        }
+    }
+
+    /// The (VIP, address) a request names; the VIP may be left out when the address
+    /// serves only one.
+    fn find(&self, backend: IpAddr, vip: Option<&str>) -> anyhow::Result<(VipKey, IpAddr)> {
+        let serving: Vec<&Vip> = self
+            .config
+            .vips
+            .iter()
+            .filter(|v| v.backends.iter().any(|b| b.address == backend))
+            .collect();
+        match (vip, serving.as_slice()) {
+            (_, []) => bail!("{backend} is not a backend of any VIP"),
+            (None, [one]) => Ok((vip_key(one), backend)),
+            (None, many) => bail!(
+                "{backend} serves {} VIPs; name one with --vip ({})",
+                many.len(),
+                many.iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            (Some(name), many) => match many.iter().find(|v| v.to_string() == name) {
+                Some(v) => Ok((vip_key(v), backend)),
+                None => bail!(
+                    "{backend} is not a backend of VIP {name:?}; it serves {}",
+                    many.iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+        }
+    }
+
+    fn override_weight(
+        &mut self,
+        backend: IpAddr,
+        vip: Option<String>,
+        o: Option<Override>,
+    ) -> anyhow::Result<serde_json::Value> {
+        if let Some(Override::Set(w) | Override::Pin(w)) = o
+            && w > MAX_WEIGHT
+        {
+            bail!("weight {w} is above {MAX_WEIGHT}");
+        }
+        let key = self.find(backend, vip.as_deref())?;
+        self.change_overrides(|overrides| match o {
+            Some(o) => {
+                overrides.insert(key, o);
+            }
+            None => {
+                overrides.remove(&key);
+            }
+        })
+    }
+
+    /// Applies a change of overrides completely, or not at all: the new plan is
+    /// computed (and refused if a VIP would be left without weight) before anything
+    /// is written.
+    fn change_overrides(
+        &mut self,
+        change: impl FnOnce(&mut BTreeMap<(VipKey, IpAddr), Override>),
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut overrides = self.overrides.clone();
+        change(&mut overrides);
+        let desired = plan(
+            &self.config,
+            Some(&self.desired),
+            &overrides,
+            &self.control,
+            &Tables::new(),
+        )?;
+        let report = self.dataplane.apply(&desired)?;
+        self.overrides = overrides;
+        self.desired = desired;
+        Ok(json!({
+            "slots_written": report.slots_written,
+            "tables_switched": report.tables_switched,
+        }))
+    }
+
+    /// Re-reads the configuration file: validated completely, then applied, or
+    /// refused with nothing changed. `weight set` holds end here; pins stay.
+    pub(super) fn reload(&mut self) -> anyhow::Result<()> {
+        let result = (|| {
+            let config = Config::load(&self.opts.config)?;
+            let mut overrides = self.overrides.clone();
+            overrides.retain(|_, o| !matches!(o, Override::Set(_)));
+            // Policies restart from the configured weights of the new file, except
+            // for VIPs whose policy and backends did not change.
+            let mut control: BTreeMap<VipKey, VipControl> = BTreeMap::new();
+            for vip in &config.vips {
+                let key = vip_key(vip);
+                let mut fresh = vip_control(vip, &config.control);
+                let same = self
+                    .config
+                    .vips
+                    .iter()
+                    .find(|v| vip_key(v) == key)
+                    .is_some_and(|old| old.policy == vip.policy && old.backends == vip.backends);
+                if same && let Some(old) = self.control.get(&key) {
+                    fresh.state = old.state.clone();
+                    fresh.decisions = old.decisions.clone();
+                }
+                control.insert(key, fresh);
+            }
+            let desired = plan(
+                &config,
+                Some(&self.desired),
+                &overrides,
+                &control,
+                &Tables::new(),
+            )?;
+            self.dataplane.apply(&desired)?;
+            if config.vips != self.config.vips || config.control != self.config.control {
+                self.signals = Signals::start(&config);
+            }
+            self.config = config;
+            self.overrides = overrides;
+            self.control = control;
+            self.desired = desired;
+            Ok(())
+        })();
+        self.last_reload = Some((
+            Instant::now(),
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e: &anyhow::Error| format!("{e:#}")),
+        ));
+        result
+    }
+}

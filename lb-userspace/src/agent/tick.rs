@@ -1,0 +1,151 @@
+//! The control tick: every VIP's control step on what the collectors and the
+//! datapath's counters say about its backends, then the maps, if a weight changed.
+//! Also the plan every change of the maps goes through ([`plan`]).
+
+use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+
+use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, VipKey};
+
+use super::{Agent, overrides::Override};
+use crate::{
+    config::{Backend, Config, Vip},
+    core::{
+        BackendId,
+        control::{Backends, Observation, VipControl},
+        policy::{self, Input},
+    },
+    desired::{Desired, Tables, addr_bytes, vip_key},
+};
+
+/// A VIP's control step as `config` sets it up, with no state yet.
+pub(super) fn vip_control(vip: &Vip, control: &crate::config::Control) -> VipControl {
+    let configured: Vec<u32> = vip.backends.iter().map(|b| b.weight).collect();
+    VipControl::new(vip.policy, control.params_for(&configured))
+}
+
+/// Policy units per configured weight unit for `vip` (see `policy::unit`).
+pub(super) fn unit(vip: &Vip) -> u32 {
+    policy::unit(&vip.backends.iter().map(|b| b.weight).collect::<Vec<_>>())
+}
+
+/// The desired state for `config`: operator holds first, then each VIP's policy
+/// weights (configured weights until the policy has run). Weights are in policy
+/// units; holds are converted from configured units.
+pub(super) fn plan(
+    config: &Config,
+    previous: Option<&Desired>,
+    overrides: &BTreeMap<(VipKey, IpAddr), Override>,
+    control: &BTreeMap<VipKey, VipControl>,
+    tables: &Tables,
+) -> anyhow::Result<Desired> {
+    Ok(Desired::plan(
+        config,
+        previous,
+        &|vip: &Vip, b: &Backend, id: BackendId| {
+            let key = vip_key(vip);
+            let control = control.get(&key);
+            let unit = control.map_or_else(|| unit(vip), |c| c.params.unit);
+            match overrides.get(&(key, b.address)) {
+                Some(Override::Set(w)) => (w.saturating_mul(unit), BACKEND_F_SET),
+                Some(Override::Pin(w)) => (w.saturating_mul(unit), BACKEND_F_PINNED),
+                Some(Override::Drain) => (0, BACKEND_F_DRAINED),
+                None => {
+                    let policy = control.and_then(|c| c.state.weights.get(&id));
+                    (policy.copied().unwrap_or(b.weight.saturating_mul(unit)), 0)
+                }
+            }
+        },
+        tables,
+    )?)
+}
+
+impl Agent {
+    /// One control interval: every VIP's policy runs on what is known about its
+    /// backends; the maps change only if some weight did.
+    pub(super) fn control_tick(&mut self, observe: bool) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let mut qps: BTreeMap<u32, f64> = BTreeMap::new();
+        let mut flows_by_key = BTreeMap::new();
+        if observe {
+            for (&id, d) in &self.desired.backends {
+                let stats = self.dataplane.backend_stats(id)?;
+                if let Some((at, last)) = self.last_counters.get(&id) {
+                    let secs = now.duration_since(*at).as_secs_f64();
+                    if secs > 0.0 && stats.new_flows >= last.new_flows {
+                        let rate = (stats.new_flows - last.new_flows) as f64 / secs;
+                        qps.insert(id, rate);
+                        flows_by_key.insert((d.vip, d.address), rate);
+                    }
+                }
+                self.last_counters.insert(id, (now, stats));
+            }
+            self.signals.observe(&flows_by_key);
+        }
+        let mut changed = false;
+        let mut tables = Tables::new();
+        for vip in &self.config.vips {
+            let key = vip_key(vip);
+            let (Some(in_force), Some(control)) =
+                (self.desired.vips.get(&key), self.control.get_mut(&key))
+            else {
+                continue;
+            };
+            let unit = control.params.unit;
+            let inputs: Vec<Input> = vip
+                .backends
+                .iter()
+                .zip(&in_force.ids)
+                .map(|(b, &id)| {
+                    let reading = self.signals.readings.get(&(key, b.address));
+                    let sample = reading.and_then(|r| r.sample.as_ref());
+                    let seen = Observation {
+                        qps: sample
+                            .and_then(|s| s.requests_per_s)
+                            .or_else(|| qps.get(&id).copied()),
+                        utilisation: sample.and_then(|s| s.cpu),
+                        errors_per_s: sample.and_then(|s| s.errors_per_s),
+                        latency_s: reading.and_then(|r| r.latency_s()),
+                        in_flight: sample.and_then(|s| s.in_flight),
+                    };
+                    let forecast = reading.and_then(|r| r.forecast.as_ref());
+                    Input {
+                        healthy: reading.is_none_or(|r| r.healthy),
+                        hold: self.overrides.get(&(key, b.address)).map(|o| match o {
+                            Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
+                            Override::Drain => 0,
+                        }),
+                        ..Input::observed(BackendId(id), b.weight, seen, forecast)
+                    }
+                })
+                .collect();
+            let keys: Vec<[u8; 16]> = vip
+                .backends
+                .iter()
+                .map(|b| addr_bytes(b.address).0)
+                .collect();
+            let backends = Backends {
+                inputs: &inputs,
+                keys: &keys,
+                table_size: vip.table_size,
+            };
+            let before = control.state.weights.clone();
+            let outcome = control.step(&backends, in_force.built.as_ref());
+            if let Some(Ok(table)) = outcome.table {
+                tables.insert(key, table);
+            }
+            changed |= control.state.weights != before;
+        }
+        if changed {
+            let desired = plan(
+                &self.config,
+                Some(&self.desired),
+                &self.overrides,
+                &self.control,
+                &tables,
+            )?;
+            self.dataplane.apply(&desired)?;
+            self.desired = desired;
+        }
+        Ok(())
+    }
+}
