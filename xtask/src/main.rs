@@ -5,6 +5,7 @@
 mod deploy;
 mod fuzz;
 mod setup;
+mod simdiff;
 
 use std::{
     path::{Path, PathBuf},
@@ -76,6 +77,15 @@ enum Task {
     Bench {
         #[command(subcommand)]
         which: Bench,
+    },
+    /// Compare two outputs of `cargo xtask bench sim` (target/bench/sim.json) on every
+    /// figure but the wall-clock ones; fails if any differs. A change that must keep
+    /// behaviour (a refactor of the control step) is checked with it.
+    SimDiff {
+        /// The output before the change.
+        before: PathBuf,
+        /// The output after it.
+        after: PathBuf,
     },
     /// Check the files under deploy/ with the tools that read them: the systemd unit
     /// with `systemd-analyze verify`, the Kubernetes manifests with
@@ -234,6 +244,7 @@ fn main() -> anyhow::Result<()> {
                 .and_then(exit_like)
         }
         Task::CheckDeploy => deploy::run(&root),
+        Task::SimDiff { before, after } => simdiff::run(&before, &after),
     }
 }
 
