@@ -57,12 +57,14 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
-    #[error("cannot attach XDP to interface {iface} ({mode:?} mode): {source}")]
+    #[error("cannot attach XDP to interface {iface} ({mode:?} mode): {source}{hint}")]
     Attach {
         iface: String,
         mode: XdpMode,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
+        /// What to do about it, when the errno says (see `attach_hint`).
+        hint: String,
     },
     #[error("pin directory {path}: {source}")]
     Pin {
@@ -80,6 +82,65 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+}
+
+/// A failed attach, with what to do about it.
+fn attach_error(iface: &str, mode: XdpMode, source: ProgramError) -> DataplaneError {
+    DataplaneError::Attach {
+        iface: iface.to_owned(),
+        mode,
+        hint: attach_hint(iface, mode, &source),
+        source: Box::new(source),
+    }
+}
+
+/// What to do about a failed attach, from the errno behind it: a driver without
+/// native XDP, or an interface that already has an XDP program (named, when
+/// `ip` can tell which).
+fn attach_hint(iface: &str, mode: XdpMode, source: &ProgramError) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    let mut errno = None;
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            errno = io.raw_os_error();
+            break;
+        }
+        cause = e.source();
+    }
+    match errno {
+        Some(libc::EOPNOTSUPP) if matches!(mode, XdpMode::Driver) => {
+            format!(" (the driver of {iface} has no native XDP: start with `--xdp-mode generic`)")
+        }
+        Some(libc::EBUSY | libc::EEXIST) => {
+            let holder = attached_program(iface)
+                .map_or_else(String::new, |(id, name)| format!(" ({name}, id {id})"));
+            format!(
+                " (interface {iface} already has an XDP program{holder}: if it is another \
+                 lb instance's, `lb detach --instance NAME`; else `ip link set dev {iface} \
+                 xdp off` removes it)"
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// The id and name of the XDP program attached to `iface`, as `ip -details -json link
+/// show` reports it; `None` if `ip` cannot tell.
+fn attached_program(iface: &str) -> Option<(u64, String)> {
+    let out = std::process::Command::new("ip")
+        .args(["-details", "-json", "link", "show", "dev", iface])
+        .output()
+        .ok()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let xdp = &links.get(0)?["xdp"];
+    let prog = xdp.get("prog").or_else(|| xdp.get("attached")?.get(0))?;
+    let prog = prog.get("prog").unwrap_or(prog);
+    let id = prog.get("id")?.as_u64()?;
+    let name = prog
+        .get("name")
+        .and_then(|n| n.as_str())
+        .unwrap_or("unnamed");
+    Some((id, name.to_owned()))
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -257,7 +318,7 @@ impl Dataplane {
             path: dir.to_owned(),
             source,
         })?;
-        let adopted = dir.join(names::VIPS).exists();
+        let adopted = is_pinned(dir);
         let mut loader = EbpfLoader::new();
         for name in names::ALL {
             loader.map_pin_path(name, dir.join(name));
@@ -684,11 +745,7 @@ impl Dataplane {
             let program = xdp_program(&mut self.ebpf, programs::BALANCER)?;
             let link = program
                 .attach(iface, mode)
-                .map_err(|source| DataplaneError::Attach {
-                    iface: iface.to_owned(),
-                    mode,
-                    source,
-                })?;
+                .map_err(|source| attach_error(iface, mode, source))?;
             self.link = Some(link);
             return Ok(());
         };
@@ -718,11 +775,7 @@ impl Dataplane {
         if !replaced {
             let id = program
                 .attach(iface, mode)
-                .map_err(|source| DataplaneError::Attach {
-                    iface: iface.to_owned(),
-                    mode,
-                    source,
-                })?;
+                .map_err(|source| attach_error(iface, mode, source))?;
             let link = program
                 .take_link(id)
                 .map_err(|source| DataplaneError::Program {
@@ -927,6 +980,12 @@ fn remove_legacy_pins(dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// Whether an agent's datapath is pinned under `dir` (its maps are there).
+pub fn is_pinned(dir: &Path) -> bool {
+    dir.join(names::VIPS).exists()
+}
+
+/// Removes an instance's pins: the link first (which detaches the program), then
 /// the program and the maps, then the directory. Missing files are fine.
 pub fn remove_pins(dir: &Path) -> Result<(), DataplaneError> {
     remove_legacy_pins(dir)?;
@@ -975,11 +1034,7 @@ impl PassThrough {
         })?;
         program
             .attach(iface, XdpMode::Driver)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_owned(),
-                mode: XdpMode::Driver,
-                source,
-            })?;
+            .map_err(|source| attach_error(iface, XdpMode::Driver, source))?;
         Ok(PassThrough { _ebpf: ebpf })
     }
 }

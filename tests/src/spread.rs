@@ -64,20 +64,30 @@ impl Agent {
         config: &std::path::Path,
         extra: &[&str],
     ) -> Result<Agent> {
+        Agent::start_in(host.ns(), host.ifname(), instance, config, extra)
+    }
+
+    /// Starts `lb run` in `ns` on its interface `iface` as instance `instance`.
+    pub fn start_in(
+        ns: &crate::netns::Netns,
+        iface: &str,
+        instance: &str,
+        config: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let lb = lb_binary()?;
         let instance = instance.to_owned();
         let socket = std::env::temp_dir().join(format!("{instance}-lb/lb.sock"));
-        let mut cmd = host.ns().net_command(&lb);
+        let mut cmd = ns.net_command(&lb);
         cmd.args(["--instance", &instance, "--socket"])
             .arg(&socket)
-            .args(["run", "--iface", host.ifname(), "--config"])
+            .args(["run", "--iface", iface, "--config"])
             .arg(config)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = host
-            .ns()
+        let mut child = ns
             .spawn_command(&mut cmd)
             .with_context(|| format!("starting {}", lb.display()))?;
         let (tx, log) = mpsc::channel();

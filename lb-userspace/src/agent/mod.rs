@@ -85,56 +85,16 @@ struct Agent {
     last_reload: Option<(Instant, Result<(), String>)>,
 }
 
-/// Runs the agent until SIGINT or SIGTERM. Nothing is attached unless the config,
-/// the interface and the program are all good.
+/// Runs the agent until SIGINT or SIGTERM. Everything that can fail is done before
+/// the datapath is touched or `ready` is printed: the configuration, the interface,
+/// the control socket, the metrics listener and the signal handlers first, then the
+/// datapath (loaded, filled, attached). A failure leaves nothing behind: no socket,
+/// and no pins or attachment unless it adopted an earlier agent's datapath.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&opts.config)?;
     check_interface(&opts.iface)?;
-    let dir = pin_dir(&opts.instance);
-    let (mut dataplane, adopted) = Dataplane::load_pinned(&dir)
-        .with_context(|| format!("loading the datapath pinned at {}", dir.display()))?;
-    let previous = adopted.then(|| dataplane.current());
-    let overrides = previous
-        .as_ref()
-        .map(|p| overrides_of(p, &config))
-        .unwrap_or_default();
-    let mut control: BTreeMap<VipKey, VipControl> = config
-        .vips
-        .iter()
-        .map(|v| (vip_key(v), vip_control(v, &config.control)))
-        .collect();
-    // Continue from the weights an earlier agent left in force.
-    if let Some(previous) = &previous {
-        for (&id, b) in &previous.backends {
-            if let Some(c) = control.get_mut(&b.vip) {
-                c.state.weights.insert(BackendId(id), b.weight);
-            }
-        }
-    }
-    let desired = plan(
-        &config,
-        previous.as_ref(),
-        &overrides,
-        &control,
-        &Tables::new(),
-    )?;
-    let report = dataplane
-        .apply(&desired)
-        .context("filling the datapath's maps")?;
-    if adopted {
-        info!(
-            "adopted the datapath pinned at {} ({} table slots and {} entries differed)",
-            dir.display(),
-            report.slots_written,
-            report.entries_changed
-        );
-    }
-    // Subscribe before attaching, so that no signal after the attach is missed.
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    dataplane.attach(&opts.iface, opts.mode)?;
-    let listener = control::bind(&opts.socket)?;
+    let held = Held::take(&opts).await?;
+    let started = start(&opts, &config)?;
     for vip in &config.vips {
         let weights: Vec<String> = vip
             .backends
@@ -151,31 +111,171 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         opts.socket.display()
     );
     println!("lb: ready on {}", opts.iface);
-
-    let interval = std::time::Duration::from_millis(config.control.interval_ms);
     let signals = Signals::start(&config);
-    let mut agent = Agent {
+    let agent = Agent {
         opts,
         config,
-        desired,
-        dataplane,
-        overrides,
+        desired: started.desired,
+        dataplane: started.dataplane,
+        overrides: started.overrides,
         signals,
-        control,
+        control: started.control,
         last_counters: BTreeMap::new(),
         started: Instant::now(),
         last_reload: None,
     };
+    serve(agent, held).await
+}
+
+/// What the agent holds before it touches the datapath.
+struct Held {
+    listener: tokio::net::UnixListener,
+    /// Removes the control socket when the agent stops or fails to start.
+    _socket: SocketFile,
+    metrics: Option<(std::net::SocketAddr, tokio::net::TcpListener)>,
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Held {
+    /// Subscribes to signals (before anything is attached, so that none is missed),
+    /// binds the control socket (refused if another agent answers on it) and the
+    /// metrics listener.
+    async fn take(opts: &RunOptions) -> anyhow::Result<Held> {
+        let interrupt = signal(SignalKind::interrupt())?;
+        let terminate = signal(SignalKind::terminate())?;
+        let hangup = signal(SignalKind::hangup())?;
+        let listener = control::bind(&opts.socket)?;
+        let socket = SocketFile(opts.socket.clone());
+        let metrics = match opts.metrics {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+                Some((addr, listener))
+            }
+            None => None,
+        };
+        Ok(Held {
+            listener,
+            _socket: socket,
+            metrics,
+            interrupt,
+            terminate,
+            hangup,
+        })
+    }
+}
+
+/// A control socket's path, removed when dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The datapath, attached, and the state it was filled from.
+struct Started {
+    dataplane: Dataplane,
+    desired: Desired,
+    overrides: BTreeMap<(VipKey, IpAddr), Override>,
+    control: BTreeMap<VipKey, VipControl>,
+}
+
+/// Loads (or adopts) the pinned datapath, fills its maps and attaches it. If it
+/// fails on a datapath it created, its pins go (which detaches it); an adopted one
+/// is left to the agent that made it.
+fn start(opts: &RunOptions, config: &Config) -> anyhow::Result<Started> {
+    let dir = pin_dir(&opts.instance);
+    let adopting = crate::dataplane::is_pinned(&dir);
+    let result = load_fill_attach(opts, config, &dir);
+    if result.is_err()
+        && !adopting
+        && let Err(e) = crate::dataplane::remove_pins(&dir)
+    {
+        warn!(
+            "removing the pins of the failed start at {}: {e}",
+            dir.display()
+        );
+    }
+    result
+}
+
+fn load_fill_attach(
+    opts: &RunOptions,
+    config: &Config,
+    dir: &std::path::Path,
+) -> anyhow::Result<Started> {
+    let (mut dataplane, adopted) = Dataplane::load_pinned(dir)
+        .with_context(|| format!("loading the datapath pinned at {}", dir.display()))?;
+    let previous = adopted.then(|| dataplane.current());
+    let overrides = previous
+        .as_ref()
+        .map(|p| overrides_of(p, config))
+        .unwrap_or_default();
+    let mut control: BTreeMap<VipKey, VipControl> = config
+        .vips
+        .iter()
+        .map(|v| (vip_key(v), vip_control(v, &config.control)))
+        .collect();
+    // Continue from the weights an earlier agent left in force.
+    if let Some(previous) = &previous {
+        for (&id, b) in &previous.backends {
+            if let Some(c) = control.get_mut(&b.vip) {
+                c.state.weights.insert(BackendId(id), b.weight);
+            }
+        }
+    }
+    let desired = plan(
+        config,
+        previous.as_ref(),
+        &overrides,
+        &control,
+        &Tables::new(),
+    )?;
+    let report = dataplane
+        .apply(&desired)
+        .context("filling the datapath's maps")?;
+    if adopted {
+        info!(
+            "adopted the datapath pinned at {} ({} table slots and {} entries differed)",
+            dir.display(),
+            report.slots_written,
+            report.entries_changed
+        );
+    }
+    dataplane.attach(&opts.iface, opts.mode)?;
+    Ok(Started {
+        dataplane,
+        desired,
+        overrides,
+        control,
+    })
+}
+
+/// The control loop: signals, control requests, the metrics refresh, the control
+/// tick and health changes, until SIGINT or SIGTERM; then the datapath stays
+/// (fail-static) or goes (`--detach-on-exit`).
+async fn serve(mut agent: Agent, held: Held) -> anyhow::Result<()> {
+    let Held {
+        listener,
+        _socket,
+        metrics,
+        mut interrupt,
+        mut terminate,
+        mut hangup,
+    } = held;
+    let interval = std::time::Duration::from_millis(agent.config.control.interval_ms);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (tx, mut requests) = mpsc::channel(16);
     let server = tokio::spawn(control::serve(listener, tx));
     let (metrics_tx, metrics_rx) = tokio::sync::watch::channel(agent.metrics_snapshot());
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(addr) = agent.opts.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    if let Some((addr, listener)) = metrics {
         info!("metrics on http://{addr}/metrics");
         tokio::spawn(crate::metrics::serve(listener, metrics_rx, async {
             let _ = metrics_stopped.await;
@@ -217,7 +317,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     server.abort();
     let _ = stop_metrics.send(());
-    let _ = std::fs::remove_file(&agent.opts.socket);
+    drop(_socket);
     let stats = agent.dataplane.global_stats()?;
     info!("{why}: {}", summary(&stats));
     if agent.opts.detach_on_exit {
