@@ -161,6 +161,11 @@ pub struct ApplyReport {
     pub tables_switched: u32,
     /// VIP, echo and backend entries written or removed.
     pub entries_changed: u32,
+    /// Some VIP's new table waits this long for its inactive copy's grace
+    /// ([`COPY_GRACE`]) to end: that switch (and the removal of backends, which the old
+    /// table may still name) is left for an `apply` of the same desired state then
+    /// ([`Dataplane::retry_at`]). Nothing blocks meanwhile.
+    pub deferred: Option<Duration>,
 }
 
 /// The loaded load-balancing program, its maps, and the shadow of what they hold.
@@ -178,6 +183,8 @@ pub struct Dataplane {
     /// What the maps hold now, as last written: the truth that changes are computed
     /// against, so that only what differs is written.
     shadow: Shadow,
+    /// When the last `apply` left something for later (see [`ApplyReport::deferred`]).
+    retry_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -354,6 +361,7 @@ impl Dataplane {
             pinned_link: None,
             rings,
             shadow: Shadow::default(),
+            retry_at: None,
         })
     }
 
@@ -484,8 +492,12 @@ impl Dataplane {
     /// copy and made active by one update of the VIP's entry (a packet sees the old
     /// table or the new one, never a mix); then echo entries; then removed VIPs go;
     /// removed backends go last, when no table names them any more.
+    ///
+    /// Never blocks: a table switch that would overwrite a copy packets may still be
+    /// reading is left for later ([`ApplyReport::deferred`], [`Dataplane::retry_at`]).
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataplaneError> {
         let mut report = ApplyReport::default();
+        self.retry_at = None;
         if self.shadow.settings != desired.settings {
             let mut map: Array<&mut MapData, Settings> =
                 Array::try_from(self.map_mut(names::SETTINGS)?)
@@ -563,7 +575,7 @@ impl Dataplane {
             .filter(|id| !desired.backends.contains_key(id))
             .copied()
             .collect();
-        if !gone.is_empty() {
+        if !gone.is_empty() && report.deferred.is_none() {
             let mut map: Array<&mut MapData, lb_common::types::Backend> = Array::try_from(
                 self.ebpf
                     .map_mut(names::BACKENDS)
@@ -580,7 +592,31 @@ impl Dataplane {
         // After the keys left VIPS: their ids and filter slots.
         self.write_vip_ids(&ids, true, &mut report)?;
         self.write_filter(&filter, &mut report)?;
+        self.retry_at = report.deferred.map(|wait| Instant::now() + wait);
         Ok(report)
+    }
+
+    /// When an `apply` of the same desired state finishes what the last one left
+    /// for later; `None` when nothing waits.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// [`Dataplane::apply`], waiting (blocking the thread) for any copy's grace, so
+    /// that everything is written when it returns. For tests, benchmarks and tools,
+    /// never on the agent's runtime.
+    pub fn apply_and_wait(&mut self, desired: &Desired) -> Result<ApplyReport, DataplaneError> {
+        let mut total = ApplyReport::default();
+        loop {
+            let r = self.apply(desired)?;
+            total.slots_written += r.slots_written;
+            total.tables_switched += r.tables_switched;
+            total.entries_changed += r.entries_changed;
+            match r.deferred {
+                Some(wait) => std::thread::sleep(wait),
+                None => return Ok(total),
+            }
+        }
     }
 
     /// Writes the `VIP_IDS` entries of `ids` that differ from what the map holds;
@@ -683,7 +719,8 @@ impl Dataplane {
                 }
                 let wait = COPY_GRACE.saturating_sub(shadow.switched_at.elapsed());
                 if !wait.is_zero() {
-                    std::thread::sleep(wait);
+                    report.deferred = Some(report.deferred.map_or(wait, |w| w.max(wait)));
+                    return Ok(());
                 }
                 let target = 1 - active;
                 (target, shadow.copies[target].clone())

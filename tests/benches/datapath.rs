@@ -283,7 +283,7 @@ fn run() -> Result<()> {
         Err(e @ DataplaneError::NotBuilt) => bail!("{e}"),
         Err(e) => return Err(e).context("loading the XDP program"),
     };
-    dp.apply(&desired).context("writing the maps")?;
+    dp.apply_and_wait(&desired).context("writing the maps")?;
     // Load the side programs before anything is timed.
     for side in [
         Program::Pass,

@@ -174,7 +174,7 @@ impl World {
         let config = Config::parse(CONFIG).unwrap();
         let desired = Desired::from_config(&config).unwrap();
         let mut dataplane = Dataplane::load().expect("loading the XDP program");
-        dataplane.apply(&desired).unwrap();
+        dataplane.apply_and_wait(&desired).unwrap();
         World {
             dataplane,
             desired,
@@ -1032,7 +1032,7 @@ fn established_flows_survive_table_switches() {
         &Tables::new(),
     )
     .unwrap();
-    let report = world.dataplane.apply(&desired).unwrap();
+    let report = world.dataplane.apply_and_wait(&desired).unwrap();
     assert!(
         report.tables_switched >= 1 && report.slots_written > 0,
         "{report:?}"
@@ -1076,7 +1076,7 @@ fn established_flows_survive_table_switches() {
         &Tables::new(),
     )
     .unwrap();
-    world.dataplane.apply(&desired).unwrap();
+    world.dataplane.apply_and_wait(&desired).unwrap();
     for f in &flows {
         let (v, out) = world.run(&f.frame(TCP_ACK, b"more"));
         assert_eq!(v, XDP_TX);
@@ -1126,7 +1126,7 @@ fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
         .unwrap()
     };
     let desired = plan(&world, 0);
-    world.dataplane.apply(&desired).unwrap();
+    world.dataplane.apply_and_wait(&desired).unwrap();
     world.desired = desired;
     let moved: Vec<&Flow> = flows
         .iter()
@@ -1209,7 +1209,7 @@ fn a_retransmitted_syn_keeps_its_backend_until_the_client_closes() {
     let mut world = World::new();
     let (flows, first) = open_flows(&mut world, 22000);
     let desired = plan(&world, BACKEND_F_DRAINED);
-    world.dataplane.apply(&desired).unwrap();
+    world.dataplane.apply_and_wait(&desired).unwrap();
     world.desired = desired;
     let drained: Vec<&Flow> = flows
         .iter()
@@ -1269,7 +1269,7 @@ fn vip_shortcuts_never_decide_alone() {
             &Tables::new(),
         )
         .unwrap();
-        world.dataplane.apply(&desired).unwrap();
+        world.dataplane.apply_and_wait(&desired).unwrap();
         world.desired = desired;
     };
     apply(&mut world, &without);
@@ -1421,4 +1421,79 @@ fn adopting_pins_removes_the_old_connection_table_pin() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// A second table switch of a VIP within the grace of its inactive copy is not
+/// waited for: `apply` returns at once with the switch (and the removal of a backend
+/// the old table still names) deferred, the old table stays whole in force, and an
+/// `apply` of the same state once `retry_at` has come finishes it.
+#[test]
+fn a_table_switch_within_the_copy_grace_is_deferred_not_waited_for() {
+    let mut world = World::new();
+    let key = *world.desired.vips.keys().next().unwrap();
+    let plan = |world: &World, text: &str, weight_13: Option<u32>| {
+        Desired::plan(
+            &Config::parse(text).unwrap(),
+            Some(&world.desired),
+            &|_, b, _| match b.address {
+                a if a == ip("198.18.0.13") => (weight_13.unwrap_or(b.weight), 0),
+                _ => (b.weight, 0),
+            },
+            &Tables::new(),
+        )
+        .unwrap()
+    };
+    // A first switch, completed: its copy's grace starts now.
+    let first = plan(&world, CONFIG, Some(5));
+    world.dataplane.apply_and_wait(&first).unwrap();
+    let switched = std::time::Instant::now();
+    world.desired = first.clone();
+    // The third backend removed from the configuration: a new table, and a backend
+    // entry that the table in force still names.
+    let text = CONFIG.replacen(
+        "[[vip.backend]]\naddress = \"198.18.0.13\"\nmac = \"02:00:00:00:00:13\"\nweight = 3\n",
+        "",
+        1,
+    );
+    let second = plan(&world, &text, None);
+    let removed = first
+        .backends
+        .iter()
+        .find(|(id, b)| b.address == ip("198.18.0.13") && !second.backends.contains_key(id))
+        .map(|(&id, _)| id)
+        .expect("the third backend goes");
+    let report = world.dataplane.apply(&second).unwrap();
+    let waited = switched.elapsed();
+    let Some(deferred) = report.deferred else {
+        // Only a machine too slow to call `apply` within the grace gets here.
+        assert!(waited >= lb_userspace::dataplane::COPY_GRACE, "{report:?}");
+        return;
+    };
+    assert!(
+        deferred <= lb_userspace::dataplane::COPY_GRACE,
+        "{deferred:?}"
+    );
+    assert!(
+        waited < lb_userspace::dataplane::COPY_GRACE,
+        "apply blocked for {waited:?}"
+    );
+    let retry_at = world.dataplane.retry_at().expect("a retry is due");
+    assert_eq!(
+        world.dataplane.active_table(&key).unwrap().as_deref(),
+        Some(first.vips[&key].table.as_slice()),
+        "the old table is no longer whole in force"
+    );
+    assert!(
+        world.dataplane.current().backends.contains_key(&removed),
+        "a backend the table in force names was removed"
+    );
+    std::thread::sleep(retry_at.saturating_duration_since(std::time::Instant::now()));
+    let report = world.dataplane.apply(&second).unwrap();
+    assert_eq!(report.deferred, None, "{report:?}");
+    assert_eq!(world.dataplane.retry_at(), None);
+    assert_eq!(
+        world.dataplane.active_table(&key).unwrap().as_deref(),
+        Some(second.vips[&key].table.as_slice())
+    );
+    assert!(!world.dataplane.current().backends.contains_key(&removed));
 }

@@ -299,6 +299,13 @@ async fn serve(mut agent: Agent, held: Held) -> anyhow::Result<()> {
             _ = refresh.tick() => {
                 let _ = metrics_tx.send(agent.metrics_snapshot());
             }
+            _ = until(agent.dataplane.retry_at()), if agent.dataplane.retry_at().is_some() => {
+                // A table switch waited for its copy's grace: finish it now.
+                let desired = agent.desired.clone();
+                if let Err(e) = agent.dataplane.apply(&desired) {
+                    warn!("finishing a deferred table switch: {e:#}");
+                }
+            }
             _ = tick.tick() => {
                 if let Err(e) = agent.control_tick(true) {
                     warn!("control tick: weights unchanged: {e:#}");
@@ -330,6 +337,14 @@ async fn serve(mut agent: Agent, held: Held) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Sleeps until `at` (forever without one: the `select!` arm is disabled then).
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn summary(s: &GlobalStats) -> String {
