@@ -9,9 +9,12 @@ use lb_common::types::VipKey;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use crate::{
-    collect::{BackendSample, ProbeConfig, ProbeResult, Prober, Rejects, ScrapeConfig, Scraper},
+    collect::{
+        BackendSample, CollectError, ProbeConfig, ProbeResult, Prober, Rejects, ScrapeConfig,
+        Scraper,
+    },
     config::Config,
-    core::model::{self, BackendModel, FittedSvr, Forecast, Load, REFIT_EVERY},
+    core::model::{self, BackendModel, FittedSvr, Forecast, Load, ModelError, REFIT_EVERY},
     desired::vip_key,
 };
 
@@ -53,12 +56,12 @@ enum Update {
     },
     Scrape {
         key: Key,
-        result: Result<BackendSample, String>,
+        result: Result<BackendSample, CollectError>,
         rejects: Rejects,
     },
     Fitted {
         key: Key,
-        result: Result<FittedSvr, String>,
+        result: Result<FittedSvr, ModelError>,
     },
 }
 
@@ -72,10 +75,13 @@ pub struct Signals {
     /// Backends whose model is being fitted now.
     fitting: std::collections::BTreeSet<Key>,
     observations: u64,
-    /// Fits that failed since start (the last good model stays in use).
-    pub fit_failures: u64,
+    /// Fits that failed since start, by [`ModelError::kind`] (the last good model
+    /// stays in use).
+    pub fit_failures: BTreeMap<&'static str, u64>,
     /// How long the last successful fit took.
     pub last_fit: Option<Duration>,
+    /// When the last successful fit was installed.
+    pub last_fit_at: Option<std::time::SystemTime>,
     fit_started: BTreeMap<Key, Instant>,
 }
 
@@ -91,7 +97,8 @@ impl Signals {
             models: BTreeMap::new(),
             fitting: Default::default(),
             observations: 0,
-            fit_failures: 0,
+            fit_failures: BTreeMap::new(),
+            last_fit_at: None,
             last_fit: None,
             fit_started: BTreeMap::new(),
         };
@@ -166,7 +173,7 @@ impl Signals {
                         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         loop {
                             tick.tick().await;
-                            let result = scraper.scrape().await.map_err(|e| e.to_string());
+                            let result = scraper.scrape().await;
                             let rejects = scraper.rejects().clone();
                             if tx
                                 .send(Update::Scrape {
@@ -222,7 +229,7 @@ impl Signals {
                     Err(e) => {
                         // A failed scrape leaves no stale numbers behind.
                         r.sample = None;
-                        r.scrape_error = Some(e);
+                        r.scrape_error = Some(e.to_string());
                     }
                 }
                 None
@@ -233,11 +240,13 @@ impl Signals {
                 match result.and_then(|fitted| {
                     self.models
                         .get_mut(&key)
-                        .map(|m| m.install(fitted).map_err(|e| e.to_string()))
-                        .unwrap_or(Ok(()))
+                        .map_or(Ok(()), |m| m.install(fitted))
                 }) {
-                    Ok(()) => self.last_fit = took,
-                    Err(_) => self.fit_failures += 1,
+                    Ok(()) => {
+                        self.last_fit = took;
+                        self.last_fit_at = Some(std::time::SystemTime::now());
+                    }
+                    Err(e) => *self.fit_failures.entry(e.kind()).or_default() += 1,
                 }
                 None
             }
@@ -275,7 +284,7 @@ impl Signals {
                 self.fitting.insert(key);
                 self.fit_started.insert(key, Instant::now());
                 tokio::task::spawn_blocking(move || {
-                    let result = set.fit(&params).map_err(|e| e.to_string());
+                    let result = set.fit(&params);
                     let _ = tx.blocking_send(Update::Fitted { key, result });
                 });
             }

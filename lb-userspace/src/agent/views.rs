@@ -71,7 +71,7 @@ impl Agent {
             "backends": self.desired.backends.len(),
             "policy": self.control.values().map(|c| c.kind.to_string()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "),
             "model": {
-                "fit_failures": self.signals.fit_failures,
+                "fit_failures": self.signals.fit_failures.values().sum::<u64>(),
                 "last_fit_seconds": self.signals.last_fit.map(|d| d.as_secs_f64()),
                 "unhealthy_backends": self.signals.readings.iter().filter(|(_, r)| !r.healthy).map(|((_, a), _)| a.to_string()).collect::<Vec<_>>(),
             },

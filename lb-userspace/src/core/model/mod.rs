@@ -159,6 +159,21 @@ pub enum ModelError {
     Fit(String),
 }
 
+impl ModelError {
+    /// A short, stable name of the kind of error, for counters and labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelError::NonFinite { .. } => "non_finite",
+            ModelError::FeatureCount { .. } => "feature_count",
+            ModelError::InvalidParameter { .. } => "invalid_parameter",
+            ModelError::NotReady { .. } => "not_ready",
+            ModelError::NotFitted => "not_fitted",
+            ModelError::TooFewSamples { .. } => "too_few_samples",
+            ModelError::Fit(_) => "fit",
+        }
+    }
+}
+
 /// Refuses the first non-finite value of `values`, naming it as `what`.
 pub(crate) fn check_finite(what: &'static str, values: &[f64]) -> Result<(), ModelError> {
     match values.iter().position(|v| !v.is_finite()) {
