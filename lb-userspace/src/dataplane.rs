@@ -401,7 +401,12 @@ impl Dataplane {
                 ShadowVip {
                     meta,
                     copies,
-                    switched_at: Instant::now(),
+                    // The earlier agent flipped this copy before it stopped,
+                    // and loading the program since took far longer than a
+                    // packet's run: its inactive copy is free to write.
+                    switched_at: Instant::now()
+                        .checked_sub(COPY_GRACE)
+                        .unwrap_or_else(Instant::now),
                 },
             );
         }

@@ -215,19 +215,21 @@ fn main() -> std::process::ExitCode {
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(agent::run(agent::RunOptions {
-                    iface,
-                    config,
-                    mode: xdp_mode.into(),
-                    instance: cli.instance,
-                    socket,
-                    detach_on_exit,
-                    metrics: metrics_address.0,
-                })),
+                Ok(rt) => rt
+                    .block_on(agent::run(agent::RunOptions {
+                        iface,
+                        config,
+                        mode: xdp_mode.into(),
+                        instance: cli.instance,
+                        socket,
+                        detach_on_exit,
+                        metrics: metrics_address.0,
+                    }))
+                    .map_err(anyhow::Error::from),
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Detach => agent::detach(&cli.instance),
+        Command::Detach => agent::detach(&cli.instance).map_err(anyhow::Error::from),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
             Ok(())
@@ -240,7 +242,11 @@ fn main() -> std::process::ExitCode {
             eprintln!("lb: error: {e:#}");
             let config_error = e
                 .downcast_ref::<lb_userspace::config::ConfigError>()
-                .is_some();
+                .is_some()
+                || matches!(
+                    e.downcast_ref::<agent::AgentError>(),
+                    Some(agent::AgentError::Config(_))
+                );
             std::process::ExitCode::from(if config_error { 2 } else { 1 })
         }
     }

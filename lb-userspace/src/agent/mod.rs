@@ -21,7 +21,6 @@ mod views;
 
 use std::{collections::BTreeMap, ffi::CString, net::IpAddr, path::PathBuf, time::Instant};
 
-use anyhow::{Context, bail};
 use aya::programs::XdpMode;
 use lb_common::types::{GlobalStats, VipKey};
 use log::{info, warn};
@@ -33,13 +32,54 @@ use tokio::{
 use self::overrides::{Override, overrides_of};
 use self::tick::{plan, vip_control};
 use crate::{
-    config::Config,
+    config::{Config, ConfigError},
     control,
     core::{BackendId, control::VipControl},
-    dataplane::Dataplane,
-    desired::{Desired, Tables, vip_key},
+    dataplane::{Dataplane, DataplaneError},
+    desired::{Desired, PlanError, Tables, vip_key},
     signals::Signals,
 };
+
+/// Why the agent could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("interface name {0:?} has a NUL byte")]
+    InterfaceName(String),
+    #[error("interface {0:?} does not exist (see `ip link`)")]
+    NoInterface(String),
+    #[error("installing the signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("control socket: {0:#}")]
+    Socket(anyhow::Error),
+    #[error("binding the metrics endpoint {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the datapath pinned at {}", dir.display())]
+    Load {
+        dir: PathBuf,
+        #[source]
+        source: Box<DataplaneError>,
+    },
+    #[error("filling the datapath's maps")]
+    Fill(#[source] Box<DataplaneError>),
+    #[error(transparent)]
+    Dataplane(Box<DataplaneError>),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("nothing is pinned for instance {instance:?} (no {})", dir.display())]
+    NothingPinned { instance: String, dir: PathBuf },
+}
+
+impl From<DataplaneError> for AgentError {
+    fn from(e: DataplaneError) -> AgentError {
+        AgentError::Dataplane(Box::new(e))
+    }
+}
 
 /// Where an instance keeps its pins.
 pub fn pin_dir(instance: &str) -> PathBuf {
@@ -90,7 +130,7 @@ struct Agent {
 /// the control socket, the metrics listener and the signal handlers first, then the
 /// datapath (loaded, filled, attached). A failure leaves nothing behind: no socket,
 /// and no pins or attachment unless it adopted an earlier agent's datapath.
-pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let config = Config::load(&opts.config)?;
     check_interface(&opts.iface)?;
     let held = Held::take(&opts).await?;
@@ -142,17 +182,17 @@ impl Held {
     /// Subscribes to signals (before anything is attached, so that none is missed),
     /// binds the control socket (refused if another agent answers on it) and the
     /// metrics listener.
-    async fn take(opts: &RunOptions) -> anyhow::Result<Held> {
-        let interrupt = signal(SignalKind::interrupt())?;
-        let terminate = signal(SignalKind::terminate())?;
-        let hangup = signal(SignalKind::hangup())?;
-        let listener = control::bind(&opts.socket)?;
+    async fn take(opts: &RunOptions) -> Result<Held, AgentError> {
+        let interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+        let terminate = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+        let hangup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
+        let listener = control::bind(&opts.socket).map_err(AgentError::Socket)?;
         let socket = SocketFile(opts.socket.clone());
         let metrics = match opts.metrics {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
-                    .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+                    .map_err(|source| AgentError::Metrics { addr, source })?;
                 Some((addr, listener))
             }
             None => None,
@@ -188,7 +228,7 @@ struct Started {
 /// Loads (or adopts) the pinned datapath, fills its maps and attaches it. If it
 /// fails on a datapath it created, its pins go (which detaches it); an adopted one
 /// is left to the agent that made it.
-fn start(opts: &RunOptions, config: &Config) -> anyhow::Result<Started> {
+fn start(opts: &RunOptions, config: &Config) -> Result<Started, AgentError> {
     let dir = pin_dir(&opts.instance);
     let adopting = crate::dataplane::is_pinned(&dir);
     let result = load_fill_attach(opts, config, &dir);
@@ -208,9 +248,12 @@ fn load_fill_attach(
     opts: &RunOptions,
     config: &Config,
     dir: &std::path::Path,
-) -> anyhow::Result<Started> {
-    let (mut dataplane, adopted) = Dataplane::load_pinned(dir)
-        .with_context(|| format!("loading the datapath pinned at {}", dir.display()))?;
+) -> Result<Started, AgentError> {
+    let (mut dataplane, adopted) =
+        Dataplane::load_pinned(dir).map_err(|source| AgentError::Load {
+            dir: dir.to_owned(),
+            source: Box::new(source),
+        })?;
     let previous = adopted.then(|| dataplane.current());
     let overrides = previous
         .as_ref()
@@ -238,7 +281,7 @@ fn load_fill_attach(
     )?;
     let report = dataplane
         .apply(&desired)
-        .context("filling the datapath's maps")?;
+        .map_err(|e| AgentError::Fill(Box::new(e)))?;
     if adopted {
         info!(
             "adopted the datapath pinned at {} ({} table slots and {} entries differed)",
@@ -259,7 +302,7 @@ fn load_fill_attach(
 /// The control loop: signals, control requests, the metrics refresh, the control
 /// tick and health changes, until SIGINT or SIGTERM; then the datapath stays
 /// (fail-static) or goes (`--detach-on-exit`).
-async fn serve(mut agent: Agent, held: Held) -> anyhow::Result<()> {
+async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
     let Held {
         listener,
         _socket,
@@ -355,24 +398,24 @@ fn summary(s: &GlobalStats) -> String {
 }
 
 /// Fails unless `iface` names an interface of this network namespace.
-fn check_interface(iface: &str) -> anyhow::Result<u32> {
-    let name = CString::new(iface).with_context(|| format!("interface name {iface:?}"))?;
+fn check_interface(iface: &str) -> Result<u32, AgentError> {
+    let name = CString::new(iface).map_err(|_| AgentError::InterfaceName(iface.to_owned()))?;
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if index == 0 {
-        bail!("interface {iface:?} does not exist (see `ip link`)");
+        return Err(AgentError::NoInterface(iface.to_owned()));
     }
     Ok(index)
 }
 
 /// `lb detach`: removes an instance's pins, which detaches its program.
-pub fn detach(instance: &str) -> anyhow::Result<()> {
+pub fn detach(instance: &str) -> Result<(), AgentError> {
     let dir = pin_dir(instance);
     if !dir.exists() {
-        bail!(
-            "nothing is pinned for instance {instance:?} (no {})",
-            dir.display()
-        );
+        return Err(AgentError::NothingPinned {
+            instance: instance.to_owned(),
+            dir,
+        });
     }
     crate::dataplane::remove_pins(&dir)?;
     Ok(())

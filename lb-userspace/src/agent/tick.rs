@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, VipKey};
 
-use super::{Agent, overrides::Override};
+use super::{Agent, AgentError, overrides::Override};
 use crate::{
     config::{Backend, Config, Vip},
     core::{
@@ -14,7 +14,7 @@ use crate::{
         control::{Backends, Observation, VipControl},
         policy::{self, Input},
     },
-    desired::{Desired, Tables, addr_bytes, vip_key},
+    desired::{Desired, PlanError, Tables, addr_bytes, vip_key},
 };
 
 /// A VIP's control step as `config` sets it up, with no state yet.
@@ -37,8 +37,8 @@ pub(super) fn plan(
     overrides: &BTreeMap<(VipKey, IpAddr), Override>,
     control: &BTreeMap<VipKey, VipControl>,
     tables: &Tables,
-) -> anyhow::Result<Desired> {
-    Ok(Desired::plan(
+) -> Result<Desired, PlanError> {
+    Desired::plan(
         config,
         previous,
         &|vip: &Vip, b: &Backend, id: BackendId| {
@@ -56,13 +56,13 @@ pub(super) fn plan(
             }
         },
         tables,
-    )?)
+    )
 }
 
 impl Agent {
     /// One control interval: every VIP's policy runs on what is known about its
     /// backends; the maps change only if some weight did.
-    pub(super) fn control_tick(&mut self, observe: bool) -> anyhow::Result<()> {
+    pub(super) fn control_tick(&mut self, observe: bool) -> Result<(), AgentError> {
         let now = Instant::now();
         let mut qps: BTreeMap<u32, f64> = BTreeMap::new();
         let mut flows_by_key = BTreeMap::new();
