@@ -1,6 +1,7 @@
-//! The agent's Prometheus endpoint: [`render`] turns a [`MetricsSnapshot`] into the
-//! OpenMetrics text format with the `prometheus-client` encoder, and [`serve()`] answers
-//! `GET /metrics` with it over a minimal HTTP/1.1 responder on tokio.
+//! The agent's Prometheus endpoint, started by the agent (`lb run`): [`render`] turns a
+//! [`MetricsSnapshot`] into the OpenMetrics text format with the `prometheus-client`
+//! encoder (in `encode`), and [`serve()`] answers `GET /metrics` with it through axum
+//! on hyper's HTTP/1.1 server on tokio (in `serve`).
 //!
 //! The agent owns the numbers: once per control interval it builds a new snapshot
 //! (datapath counters summed over CPUs, per-VIP and per-backend counters, weights,
@@ -38,14 +39,22 @@
 //! shown as zero. A family with no sample at all is left out entirely.
 //!
 //! # The HTTP side
-//! One tokio task per connection, each with its own deadline, so a slow or silent client
-//! never holds up another. The request head is read up to a bound (8 KiB for the request
-//! line, 16 KiB in all) and within 5 s; the response is written within another 5 s;
-//! every response carries `Connection: close`. Bad input gets a 4xx answer or a closed
-//! connection, never a panic.
+//! axum routes, hyper speaks HTTP/1.1, one tokio task per connection, each with its own
+//! deadline, so a slow or silent client never holds up another; at most 256 connections
+//! are served at once. `GET /metrics` (and `HEAD`) is answered with the OpenMetrics
+//! content type, any other path with 404, any other method on `/metrics` with 405 and
+//! `Allow: GET, HEAD`. hyper bounds the request: a head over 16 KiB gets 431, a
+//! malformed request 400, and a request target over 8 KiB gets 414. A client that has
+//! not sent its request head within 5 s is disconnected, and so is every connection
+//! still open 10 s after its accept. Each connection serves one request; an HTTP/1.1
+//! answer carries `Connection: close`, and an HTTP/1.0 request is answered in HTTP/1.0.
+//! When the shutdown future resolves, the listener is closed, connections that have sent
+//! nothing are closed at once, and the others (an answer under way, a request head still
+//! coming in) get 1 s to finish before they are closed too. Bad input gets a 4xx answer
+//! or a closed connection, never a panic.
 
 mod encode;
 mod serve;
 
 pub use encode::{BackendMetrics, MetricsSnapshot, ModelMetrics, VipMetrics, render};
-pub use serve::serve;
+pub use serve::{ServeError, serve};

@@ -1,12 +1,21 @@
 //! The HTTP side of the metrics endpoint: [`serve`] answers `GET /metrics` with the
-//! rendered snapshot; the agent starts it when `lb run` has a metrics address.
+//! latest snapshot, rendered, through axum's router on hyper's HTTP/1.1 server; the
+//! agent spawns it when `lb run` has a metrics address.
 
 use std::future::Future;
 use std::io;
 use std::pin::pin;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -14,8 +23,8 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use super::encode::{MetricsSnapshot, render_owned};
 
-/// The longest request line accepted (without its line end).
-const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// The longest request target (path and query) accepted.
+const MAX_REQUEST_TARGET: usize = 8 * 1024;
 /// The longest request head accepted: request line and header fields.
 const MAX_HEAD: usize = 16 * 1024;
 /// Connections served at once; more are closed as soon as they are accepted.
@@ -27,32 +36,56 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 #[derive(Clone, Copy, Debug)]
 struct Limits {
     /// To receive the whole request head, counted from the accept.
-    read: Duration,
-    /// To send the whole response.
-    write: Duration,
-    /// To send an error response after the client ran out of time.
-    late_write: Duration,
-    /// After the response: how long unread input is drained so that closing does not
-    /// reset the connection before the client has read the answer.
-    linger: Duration,
+    head: Duration,
+    /// For the whole connection, counted from the accept: head, answer and sending it.
+    connection: Duration,
+    /// After shutdown: how long answers under way may take to finish.
+    grace: Duration,
 }
 
+/// The time limits in force.
 const LIMITS: Limits = Limits {
-    read: Duration::from_secs(5),
-    write: Duration::from_secs(5),
-    late_write: Duration::from_secs(1),
-    linger: Duration::from_secs(1),
+    head: Duration::from_secs(5),
+    connection: Duration::from_secs(10),
+    grace: Duration::from_secs(1),
 };
 
+/// Why [`serve`] stopped serving before its shutdown future resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Accepting failed for a reason that is neither about one connection nor a
+    /// passing shortage of resources.
+    #[error("accepting a connection to the metrics endpoint: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// Why one connection ended without a whole exchange, for the debug log.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    /// hyper gave up on the connection: a malformed or oversized request head (answered
+    /// with 400 or 431 first), a request head not received in time, or a client that
+    /// went away.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    /// The connection was still open at its deadline and was closed.
+    #[error("still open at its deadline; closed")]
+    Deadline,
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves; any other path → 404,
-/// any other method → 405 (`HEAD /metrics` is answered too, without a body). Each
-/// request is answered with the latest snapshot from `snapshot`.
+/// any other method → 405 with `Allow: GET, HEAD` (`HEAD /metrics` is answered too,
+/// without a body). Each request is answered with the latest snapshot from `snapshot`,
+/// with the OpenMetrics content type.
 ///
-/// Never panics on bad input: a request line over 8 KiB gets 414, a head over 16 KiB
-/// 431, a client that has not sent its request head within 5 s 408, a malformed request
-/// 400, and a client that goes away just a closed connection. Each connection has its
-/// own task, so one client never blocks the others; at most 256 are served at once.
-/// When `shutdown` resolves, connections still open are closed and this returns.
+/// The router is axum's, the HTTP/1.1 server hyper's. Never panics on bad input: a
+/// request target over 8 KiB gets 414, a head over 16 KiB 431, a malformed request
+/// 400, a client that has not sent its request head within 5 s a closed connection,
+/// and so does every connection still open 10 s after it was accepted. Each connection
+/// has its own task and serves one request (`Connection: close`), so one client never
+/// blocks the others; at most 256 are served at once. When `shutdown` resolves, the
+/// listener is closed, connections that have sent nothing are closed at once, the others
+/// (an answer under way, a request head still coming in) get 1 s to finish before they
+/// are closed too, and this returns.
 ///
 /// Returns an error only if accepting fails for a reason that is not about one
 /// connection or a passing shortage of resources (those are logged and waited out).
@@ -60,16 +93,21 @@ pub async fn serve(
     listener: TcpListener,
     snapshot: watch::Receiver<MetricsSnapshot>,
     shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
+) -> Result<(), ServeError> {
     serve_with(listener, snapshot, shutdown, LIMITS).await
 }
 
+/// [`serve`] with the given time limits (the tests shorten them).
 async fn serve_with(
     listener: TcpListener,
     snapshot: watch::Receiver<MetricsSnapshot>,
     shutdown: impl Future<Output = ()>,
     limits: Limits,
-) -> io::Result<()> {
+) -> Result<(), ServeError> {
+    let app = router(snapshot);
+    let http = http_server(limits);
+    // Turns true when the connections are to finish what they are doing and close.
+    let (closing, closing_rx) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
     let mut tasks: JoinSet<()> = JoinSet::new();
     let result = loop {
@@ -88,9 +126,14 @@ async fn serve_with(
                         drop(stream);
                         continue;
                     }
-                    let snapshot = snapshot.clone();
+                    let deadline = Instant::now() + limits.connection;
+                    let connection = http.serve_connection(
+                        TokioIo::new(stream),
+                        TowerToHyperService::new(app.clone()),
+                    );
+                    let closing = closing_rx.clone();
                     tasks.spawn(async move {
-                        if let Err(e) = handle_connection(stream, snapshot, limits).await {
+                        if let Err(e) = drive(connection, closing, deadline).await {
                             log::debug!("metrics: connection from {peer}: {e}");
                         }
                     });
@@ -102,12 +145,116 @@ async fn serve_with(
                     log::warn!("metrics: accept: {e}; pausing");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => break Err(e),
+                Err(e) => break Err(ServeError::Accept(e)),
             }
         }
     };
-    tasks.shutdown().await;
+    drop(listener);
+    closing.send_replace(true);
+    let finished = timeout(limits.grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        log::debug!(
+            "metrics: closing {} connections still busy {:?} after shutdown",
+            tasks.len(),
+            limits.grace
+        );
+        tasks.shutdown().await;
+    }
     result
+}
+
+/// hyper's HTTP/1.1 server with the endpoint's bounds: one request per connection, a
+/// bounded head received within `limits.head`.
+fn http_server(limits: Limits) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.head)
+        .max_header_size(MAX_HEAD)
+        .keep_alive(false)
+        .title_case_headers(true);
+    http
+}
+
+/// The routes: `/metrics` for GET and HEAD, 405 for its other methods, 404 elsewhere.
+fn router(snapshot: watch::Receiver<MetricsSnapshot>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics).fallback(method_not_allowed))
+        .fallback(not_found)
+        .layer(middleware::from_fn(bound_target))
+        .with_state(snapshot)
+}
+
+/// One accepted connection, served by hyper with the router.
+type Connection = http1::Connection<TokioIo<TcpStream>, TowerToHyperService<Router>>;
+
+/// Drives `connection` to its end or to `deadline`, whichever comes first. When
+/// `closing` turns true, hyper is told to shut down gracefully: a connection that has
+/// sent nothing is closed at once, a request under way is still answered (the caller
+/// bounds how long that may take).
+async fn drive(
+    connection: Connection,
+    mut closing: watch::Receiver<bool>,
+    deadline: Instant,
+) -> Result<(), ConnectionError> {
+    let mut connection = pin!(connection);
+    let mut asked_to_finish = false;
+    let served = async {
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                // An error here means the server is gone: finish all the same.
+                _ = closing.wait_for(|&closing| closing), if !asked_to_finish => {
+                    asked_to_finish = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    };
+    match timeout_at(deadline, served).await {
+        Ok(result) => Ok(result?),
+        Err(_elapsed) => Err(ConnectionError::Deadline),
+    }
+}
+
+/// Answers a request whose target is too long with 414 before it is routed.
+async fn bound_target(request: Request, next: Next) -> Response {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |t| t.as_str().len());
+    if target > MAX_REQUEST_TARGET {
+        return (StatusCode::URI_TOO_LONG, "request target too long\n").into_response();
+    }
+    next.run(request).await
+}
+
+/// `GET /metrics`: the latest snapshot, rendered.
+async fn metrics(State(snapshot): State<watch::Receiver<MetricsSnapshot>>) -> Response {
+    // Copy the snapshot out so that the sender is not held up while rendering.
+    let current = snapshot.borrow().clone();
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        render_owned(current),
+    )
+        .into_response()
+}
+
+/// Any method but GET and HEAD on `/metrics`.
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, "GET, HEAD")],
+        "only GET and HEAD are allowed\n",
+    )
+        .into_response()
+}
+
+/// Any path but `/metrics`.
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found; try /metrics\n").into_response()
 }
 
 /// An accept error about one connection only: try the next.
@@ -131,239 +278,12 @@ fn is_resource_error(e: &io::Error) -> bool {
     ) || e.kind() == io::ErrorKind::OutOfMemory
 }
 
-/// Why a request head could not be taken.
-#[derive(Debug)]
-enum HeadError {
-    /// The client closed or failed before sending a whole head: nothing to answer.
-    Gone(Option<io::Error>),
-    /// The request line is longer than [`MAX_REQUEST_LINE`].
-    LineTooLong,
-    /// The head is longer than [`MAX_HEAD`].
-    HeadTooLarge,
-    /// Not an HTTP/1.x request line.
-    Malformed,
-}
-
-/// The part of a request that decides the answer.
-#[derive(Debug, PartialEq, Eq)]
-struct Request {
-    method: String,
-    path: String,
-}
-
-async fn handle_connection(
-    mut stream: TcpStream,
-    snapshot: watch::Receiver<MetricsSnapshot>,
-    limits: Limits,
-) -> io::Result<()> {
-    let started = Instant::now();
-    let (response, write_limit) =
-        match timeout_at(started + limits.read, read_head(&mut stream)).await {
-            Err(_elapsed) => (
-                Response::error(408, "Request Timeout", "request not received in time\n"),
-                limits.late_write,
-            ),
-            Ok(Err(HeadError::Gone(e))) => return e.map_or(Ok(()), Err),
-            Ok(Err(HeadError::LineTooLong)) => (
-                Response::error(414, "URI Too Long", "request line too long\n"),
-                limits.write,
-            ),
-            Ok(Err(HeadError::HeadTooLarge)) => (
-                Response::error(
-                    431,
-                    "Request Header Fields Too Large",
-                    "request head too large\n",
-                ),
-                limits.write,
-            ),
-            Ok(Err(HeadError::Malformed)) => (
-                Response::error(400, "Bad Request", "malformed request\n"),
-                limits.write,
-            ),
-            Ok(Ok(request)) => (respond(&request, &snapshot), limits.write),
-        };
-    let bytes = response.to_bytes();
-    match timeout(write_limit, async {
-        stream.write_all(&bytes).await?;
-        stream.shutdown().await
-    })
-    .await
-    {
-        Err(_elapsed) => return Err(io::Error::new(io::ErrorKind::TimedOut, "writing")),
-        Ok(r) => r?,
-    }
-    // Read and discard what the client may still send (the rest of an oversized head,
-    // a body), a bounded amount for a bounded time, so that closing with unread input
-    // does not reset the connection before the client has read the answer.
-    let _ = timeout(limits.linger, async {
-        let mut sink = [0u8; 4096];
-        let mut left = 64 * 1024usize;
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    })
-    .await;
-    Ok(())
-}
-
-/// Reads up to the end of the request head (the empty line) and parses its request
-/// line. Header fields are read past, not interpreted; a body is never read.
-async fn read_head(stream: &mut TcpStream) -> Result<Request, HeadError> {
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    let mut request: Option<Request> = None;
-    // Where the search for line ends goes on from.
-    let mut scanned = 0;
-    loop {
-        let room = MAX_HEAD + 1 - buf.len();
-        let want = room.min(chunk.len());
-        let n = match stream.read(&mut chunk[..want]).await {
-            Ok(0) => return Err(HeadError::Gone(None)),
-            Ok(n) => n,
-            Err(e) => return Err(HeadError::Gone(Some(e))),
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        while let Some(offset) = buf[scanned..].iter().position(|&b| b == b'\n') {
-            let end = scanned + offset;
-            scanned = end + 1;
-            match &request {
-                None => {
-                    let line = strip_cr(&buf[..end]);
-                    if line.len() > MAX_REQUEST_LINE {
-                        return Err(HeadError::LineTooLong);
-                    }
-                    request = Some(parse_request_line(line).ok_or(HeadError::Malformed)?);
-                }
-                Some(_) => {
-                    // The line that ends here started after the previous line end.
-                    let start = buf[..end]
-                        .iter()
-                        .rposition(|&b| b == b'\n')
-                        .map_or(0, |p| p + 1);
-                    if strip_cr(&buf[start..end]).is_empty() {
-                        return request.ok_or(HeadError::Malformed);
-                    }
-                }
-            }
-        }
-        if request.is_none() && buf.len() > MAX_REQUEST_LINE + 1 {
-            // No line end yet, and the line is already over the limit (allowing one
-            // byte for a CR that may precede the LF).
-            return Err(HeadError::LineTooLong);
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(HeadError::HeadTooLarge);
-        }
-    }
-}
-
-fn strip_cr(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// `METHOD SP request-target SP HTTP/1.x`, or `None`.
-fn parse_request_line(line: &[u8]) -> Option<Request> {
-    let line = std::str::from_utf8(line).ok()?;
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let is_token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-    if method.is_empty() || !method.chars().all(is_token_char) {
-        return None;
-    }
-    if target.is_empty() || target.chars().any(|c| c.is_control()) {
-        return None;
-    }
-    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") {
-        return None;
-    }
-    let path = target.split_once('?').map_or(target, |(path, _query)| path);
-    Some(Request {
-        method: method.to_string(),
-        path: path.to_string(),
-    })
-}
-
-/// The answer to a well-formed request.
-fn respond(request: &Request, snapshot: &watch::Receiver<MetricsSnapshot>) -> Response {
-    if request.path != "/metrics" {
-        return Response::error(404, "Not Found", "not found; try /metrics\n");
-    }
-    let head_only = match request.method.as_str() {
-        "GET" => false,
-        "HEAD" => true,
-        _ => {
-            let mut response =
-                Response::error(405, "Method Not Allowed", "only GET and HEAD are allowed\n");
-            response.allow = true;
-            return response;
-        }
-    };
-    // Copy the snapshot out so that the sender is not held up while rendering.
-    let current = snapshot.borrow().clone();
-    Response {
-        status: 200,
-        reason: "OK",
-        content_type: METRICS_CONTENT_TYPE,
-        body: render_owned(current),
-        allow: false,
-        head_only,
-    }
-}
-
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    reason: &'static str,
-    content_type: &'static str,
-    body: String,
-    /// Send `Allow: GET, HEAD`.
-    allow: bool,
-    /// Send the head but not the body (an answer to HEAD).
-    head_only: bool,
-}
-
-impl Response {
-    fn error(status: u16, reason: &'static str, body: &str) -> Self {
-        Self {
-            status,
-            reason,
-            content_type: "text/plain; charset=utf-8",
-            body: body.to_string(),
-            allow: false,
-            head_only: false,
-        }
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            self.status,
-            self.reason,
-            self.content_type,
-            self.body.len()
-        );
-        if self.allow {
-            out.push_str("Allow: GET, HEAD\r\n");
-        }
-        out.push_str("\r\n");
-        if !self.head_only {
-            out.push_str(&self.body);
-        }
-        out.into_bytes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
 
     use lb_common::types::GlobalStats;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::oneshot;
     use tokio::task::JoinHandle;
 
@@ -380,46 +300,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn request_lines_are_parsed_strictly() {
-        let ok = |method: &str, path: &str| {
-            Some(Request {
-                method: method.into(),
-                path: path.into(),
-            })
-        };
-        assert_eq!(
-            parse_request_line(b"GET /metrics HTTP/1.1"),
-            ok("GET", "/metrics")
-        );
-        assert_eq!(
-            parse_request_line(b"GET /metrics?x=1 HTTP/1.0"),
-            ok("GET", "/metrics")
-        );
-        for bad in [
-            &b""[..],
-            b"GET /metrics",
-            b"GET  /metrics HTTP/1.1",
-            b"GET /metrics HTTP/2.0",
-            b"GET /metrics HTTP/1.1 extra",
-            b"G\xffT /metrics HTTP/1.1",
-            b"GE(T /metrics HTTP/1.1",
-            b"GET /me\x01trics HTTP/1.1",
-        ] {
-            assert_eq!(
-                parse_request_line(bad),
-                None,
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
     /// A server on 127.0.0.1 with its shutdown trigger and the task it runs in.
     struct Server {
         addr: SocketAddr,
         stop: oneshot::Sender<()>,
-        task: JoinHandle<io::Result<()>>,
+        task: JoinHandle<Result<(), ServeError>>,
         /// Kept so that the snapshot stays published.
         _publish: watch::Sender<MetricsSnapshot>,
     }
@@ -471,6 +356,14 @@ mod tests {
         answer.lines().next().unwrap_or("")
     }
 
+    /// The status code of an HTTP/1.0 or HTTP/1.1 answer, e.g. `"200"`.
+    fn code(answer: &str) -> &str {
+        status(answer)
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
+            .unwrap_or("")
+    }
+
     #[tokio::test]
     async fn serves_metrics_over_tcp() {
         let server = start(LIMITS).await;
@@ -483,12 +376,12 @@ mod tests {
         assert_eq!(status(&answer), "HTTP/1.1 200 OK", "{answer}");
         let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
         assert!(
-            head.contains(&format!("Content-Type: {METRICS_CONTENT_TYPE}")),
+            head.contains(&format!("\r\nContent-Type: {METRICS_CONTENT_TYPE}\r\n")),
             "{head}"
         );
-        assert!(head.contains("Connection: close"), "{head}");
+        assert!(head.contains("\r\nConnection: close\r\n"), "{head}");
         assert!(
-            head.contains(&format!("Content-Length: {}", body.len())),
+            head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
             "{head}"
         );
         assert!(
@@ -498,11 +391,16 @@ mod tests {
         );
         assert!(body.ends_with("# EOF\n"));
 
-        // HEAD: the same head, no body. Bare LF line ends are accepted.
+        // HEAD: the same head, no body. Bare LF line ends are accepted. hyper answers
+        // an HTTP/1.0 request in HTTP/1.0.
         let answer = exchange(server.addr, b"HEAD /metrics HTTP/1.0\n\n")
             .await
             .unwrap();
-        assert_eq!(status(&answer), "HTTP/1.1 200 OK", "{answer}");
+        assert_eq!(status(&answer), "HTTP/1.0 200 OK", "{answer}");
+        assert!(
+            answer.contains(&format!("\r\nContent-Type: {METRICS_CONTENT_TYPE}\r\n")),
+            "{answer}"
+        );
         assert!(answer.ends_with("\r\n\r\n"), "{answer}");
         server.stop().await;
     }
@@ -530,6 +428,9 @@ mod tests {
         );
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();
+        // Once `serve` has returned, the listener is closed.
+        let refused = TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "{refused:?}");
     }
 
     #[tokio::test]
@@ -561,6 +462,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn request_lines_are_checked_strictly() {
+        let server = start(LIMITS).await;
+        for good in [
+            &b"GET /metrics HTTP/1.1\r\n\r\n"[..],
+            b"GET /metrics?x=1 HTTP/1.0\r\n\r\n",
+        ] {
+            let answer = exchange(server.addr, good).await.unwrap();
+            assert_eq!(code(&answer), "200", "{answer}");
+            assert!(answer.ends_with("# EOF\n"), "{answer}");
+        }
+        for bad in [
+            &b"GET /metrics\r\n\r\n"[..],
+            b"GET  /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/2.0\r\n\r\n",
+            b"GET /metrics HTTP/1.1 extra\r\n\r\n",
+            b"G\xffT /metrics HTTP/1.1\r\n\r\n",
+            b"GE(T /metrics HTTP/1.1\r\n\r\n",
+            b"GET /me\x01trics HTTP/1.1\r\n\r\n",
+        ] {
+            let answer = exchange(server.addr, bad).await.unwrap();
+            assert_eq!(
+                status(&answer),
+                "HTTP/1.1 400 Bad Request",
+                "{:?} got {answer}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
     async fn garbage_gets_400() {
         let server = start(LIMITS).await;
         for garbage in [
@@ -575,14 +507,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_overlong_request_line_gets_414_or_a_close() {
+    async fn an_overlong_request_gets_414_431_or_a_close() {
         let server = start(LIMITS).await;
+        // A request target over 8 KiB in a head under 16 KiB: 414, on any path.
+        for prefix in ["/metrics?", "/"] {
+            let mut raw = format!("GET {prefix}").into_bytes();
+            raw.resize(10 * 1024, b'a');
+            raw.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+            let answer = exchange(server.addr, &raw).await.unwrap();
+            assert_eq!(status(&answer), "HTTP/1.1 414 URI Too Long", "{answer}");
+        }
+        // A request line over the head's bound: 431 or a closed connection.
         let mut raw = b"GET /".to_vec();
         raw.resize(16 * 1024, b'a');
         raw.extend_from_slice(b" HTTP/1.1\r\n\r\n");
         match exchange(server.addr, &raw).await {
             Ok(answer) => assert!(
-                answer.is_empty() || status(&answer) == "HTTP/1.1 414 URI Too Long",
+                answer.is_empty() || status(&answer).starts_with("HTTP/1.1 431 "),
                 "{answer}"
             ),
             Err(e) => assert_ne!(e.kind(), io::ErrorKind::TimedOut, "{e}"),
@@ -624,28 +565,97 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        // Shutting down does not wait for the silent clients' deadlines.
+        // Shutting down does not wait for the silent clients' deadlines (5 s), only for
+        // the grace given to the one that has sent part of a request (1 s).
         server.stop().await;
     }
 
+    /// Reads from `stream` until the server closes it (bounded in time) and returns what
+    /// was read; a reset counts as a close.
+    async fn read_until_closed(stream: &mut TcpStream) -> String {
+        let mut answer = Vec::new();
+        match timeout(Duration::from_secs(3), stream.read_to_end(&mut answer))
+            .await
+            .expect("closed by the server")
+        {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
     #[tokio::test]
-    async fn a_slow_client_gets_408_after_the_deadline() {
+    async fn a_slow_client_is_dropped_after_the_head_deadline() {
         let limits = Limits {
-            read: Duration::from_millis(200),
+            head: Duration::from_millis(200),
             ..LIMITS
         };
         let server = start(limits).await;
         let mut slow = TcpStream::connect(server.addr).await.unwrap();
         slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
         let started = std::time::Instant::now();
-        let mut answer = Vec::new();
-        timeout(Duration::from_secs(3), slow.read_to_end(&mut answer))
-            .await
-            .expect("closed by the server")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
-        assert_eq!(status(&answer), "HTTP/1.1 408 Request Timeout", "{answer}");
+        let answer = read_until_closed(&mut slow).await;
+        assert!(!answer.contains(" 200 "), "{answer}");
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        // So is one that sends nothing at all.
+        let mut silent = TcpStream::connect(server.addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let answer = read_until_closed(&mut silent).await;
+        assert!(!answer.contains(" 200 "), "{answer}");
         assert!(started.elapsed() >= Duration::from_millis(150));
         server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_closed_at_its_deadline() {
+        // The head's own deadline is out of reach: only the connection's applies.
+        let limits = Limits {
+            connection: Duration::from_millis(300),
+            ..LIMITS
+        };
+        let server = start(limits).await;
+        let mut slow = TcpStream::connect(server.addr).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        let started = std::time::Instant::now();
+        let answer = read_until_closed(&mut slow).await;
+        assert!(answer.is_empty(), "{answer}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < LIMITS.head,
+            "{took:?}"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_a_request_under_way_finish() {
+        let Server {
+            addr,
+            stop,
+            task,
+            _publish,
+        } = start(LIMITS).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        // The test runtime has one thread: while this sleeps, the server takes the
+        // connection and reads the first part of the head.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The listener is closed, but the request under way is still answered.
+        let refused = TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "{refused:?}");
+        client.write_all(b"Host: localhost\r\n\r\n").await.unwrap();
+        let answer = read_until_closed(&mut client).await;
+        assert_eq!(status(&answer), "HTTP/1.1 200 OK", "{answer}");
+        assert!(answer.ends_with("# EOF\n"), "{answer}");
+        let result = timeout(Duration::from_secs(2), task)
+            .await
+            .expect("serve returns soon after shutdown")
+            .expect("serve did not panic");
+        result.expect("serve returned Ok");
     }
 }
