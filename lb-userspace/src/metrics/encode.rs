@@ -1,0 +1,628 @@
+//! The snapshot types and their OpenMetrics encoder: the agent fills a
+//! [`MetricsSnapshot`] once per control interval, and [`super::serve()`] calls [`render`]
+//! on the latest one at every scrape.
+
+use std::fmt;
+
+use lb_common::types::GlobalStats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+/// Everything the endpoint shows, refreshed by the agent once per control interval.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    /// Datapath-wide counters, summed over CPUs.
+    pub global: GlobalStats,
+    /// One entry per VIP; `vip` must be unique.
+    pub vips: Vec<VipMetrics>,
+    /// One entry per (VIP, backend) pair; the pair must be unique.
+    pub backends: Vec<BackendMetrics>,
+    /// The load model's state.
+    pub model: ModelMetrics,
+}
+
+/// One VIP's counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipMetrics {
+    /// The VIP as shown in the `vip` label, e.g. `198.18.1.1:80/tcp`.
+    pub vip: String,
+    /// Packets balanced for this VIP.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// New flows given a backend by the lookup table.
+    pub new_flows: u64,
+}
+
+/// One backend of one VIP: its counters, weights and predictions.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BackendMetrics {
+    /// The VIP, as in [`VipMetrics::vip`].
+    pub vip: String,
+    /// The backend's address, shown in the `backend` label.
+    pub backend: String,
+    /// The weight in the lookup table now.
+    pub weight: u32,
+    /// The weight the configuration gives it.
+    pub configured_weight: u32,
+    /// Whether the weight is pinned (the controller leaves it alone).
+    pub pinned: bool,
+    /// Whether the backend is considered healthy.
+    pub healthy: bool,
+    /// Packets sent to this backend.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// New flows given to this backend.
+    pub new_flows: u64,
+    /// The policy's prediction of a new flow's latency one interval ahead, in seconds.
+    pub prediction: Option<f64>,
+    /// The best baseline's prediction of the same, in seconds.
+    pub baseline_prediction: Option<f64>,
+}
+
+/// The load model's state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelMetrics {
+    /// What drives the weights: `"model"`, `"baseline:ewma"`, ... Empty: not shown.
+    pub policy_source: String,
+    /// How long the last fit of the model took, in seconds.
+    pub last_fit_seconds: Option<f64>,
+    /// Fits that failed since the agent started.
+    pub fit_failures: u64,
+    /// The model's rolling mean absolute error, in seconds.
+    pub model_error: Option<f64>,
+    /// The best baseline's rolling mean absolute error, in seconds.
+    pub baseline_error: Option<f64>,
+}
+
+/// Renders the snapshot in the Prometheus text format (OpenMetrics as
+/// prometheus-client encodes it, ending with `# EOF`).
+pub fn render(snapshot: &MetricsSnapshot) -> String {
+    render_owned(snapshot.clone())
+}
+
+/// [`render`] for a snapshot the caller already owns (saves a copy per scrape).
+pub(super) fn render_owned(snapshot: MetricsSnapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut out = String::new();
+    // Writing into a String cannot fail, and the collector only passes on the
+    // writer's errors; should it ever fail, what was written is still served.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        log::error!("metrics: encoding the snapshot failed: {e}");
+    }
+    out
+}
+
+/// Hands the snapshot to the encoder at scrape time, in a fixed order.
+#[derive(Debug)]
+struct SnapshotCollector(MetricsSnapshot);
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        encode_snapshot(&self.0, &mut encoder)
+    }
+}
+
+/// A label set of one label.
+type L1<'a> = [(&'static str, &'a str); 1];
+/// A label set of two labels.
+type L2<'a> = [(&'static str, &'a str); 2];
+
+fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Result {
+    encode_global(&s.global, e)?;
+    encode_vips(&s.vips, e)?;
+    encode_backends(&s.backends, e)?;
+    encode_model(&s.model, e)
+}
+
+fn encode_global(g: &GlobalStats, e: &mut DescriptorEncoder) -> fmt::Result {
+    counter_family(
+        e,
+        "lb_datapath_frames",
+        "Frames the XDP program saw on the interface, of any kind",
+        &[([] as [(&str, &str); 0], g.rx_frames)],
+    )?;
+    let reason = |r| [("reason", r)];
+    counter_family(
+        e,
+        "lb_datapath_passed",
+        "Frames handed on to the kernel's network stack untouched, by reason: not_ip \
+         (not IPv4 or IPv6), not_vip (not TCP or UDP to a configured VIP), fragment \
+         (an IPv4 fragment), truncated (cut short before the needed headers), malformed \
+         (an IP header that contradicts itself), ipv6_extension (an IPv6 extension \
+         header before the transport header), icmp_other (ICMP that is neither echo to \
+         a VIP nor an error about a VIP flow)",
+        &[
+            (reason("not_ip"), g.pass_not_ip),
+            (reason("not_vip"), g.pass_not_vip),
+            (reason("fragment"), g.pass_fragment),
+            (reason("truncated"), g.pass_truncated),
+            (reason("malformed"), g.pass_malformed),
+            (reason("ipv6_extension"), g.pass_ipv6_extension),
+            (reason("icmp_other"), g.pass_icmp_other),
+        ],
+    )?;
+    counter_family(
+        e,
+        "lb_datapath_ipv4_options",
+        "VIP packets whose IPv4 header carries options; they are balanced like any other, \
+         this only counts them",
+        &[([] as [(&str, &str); 0], g.ipv4_options)],
+    )?;
+    counter_family(
+        e,
+        "lb_datapath_dropped",
+        "VIP packets dropped, by reason: no_backend (the lookup table slot names no \
+         usable backend), encap_failed (the frame could not be grown for encapsulation)",
+        &[
+            (reason("no_backend"), g.drop_no_backend),
+            (reason("encap_failed"), g.drop_encap_failed),
+        ],
+    )?;
+    let result = |r| [("result", r)];
+    counter_family(
+        e,
+        "lb_conntrack",
+        "Connection table lookups and inserts, by result: hit (a known flow), miss_syn \
+         (a new flow: a TCP SYN or an unknown UDP flow), miss_non_syn (an unknown TCP \
+         flow without SYN, which may break), insert_failed (a new flow could not be \
+         remembered and is forwarded by its hash)",
+        &[
+            (result("hit"), g.conn_hit),
+            (result("miss_syn"), g.conn_miss_syn),
+            (result("miss_non_syn"), g.conn_miss_non_syn),
+            (result("insert_failed"), g.conn_insert_failed),
+        ],
+    )?;
+    // `tx` counts every transmitted frame and `tx_encap` the encapsulated ones among
+    // them. The per-CPU values are read one CPU at a time, so guard against a sum
+    // that momentarily has more encapsulated frames than frames.
+    counter_family(
+        e,
+        "lb_tx",
+        "Frames sent back out of the interface towards a backend, by mode: dsr (L2 direct \
+         server return), encap (IP-in-IP encapsulation)",
+        &[
+            ([("mode", "dsr")], g.tx.saturating_sub(g.tx_encap)),
+            ([("mode", "encap")], g.tx_encap),
+        ],
+    )?;
+    counter_family(
+        e,
+        "lb_icmp",
+        "ICMP handled by the datapath, by kind: echo_reply (an echo request to a VIP \
+         address answered directly), error_forwarded (fragmentation needed or packet too \
+         big about a VIP flow, forwarded to that flow's backend)",
+        &[
+            ([("kind", "echo_reply")], g.icmp_echo_reply),
+            ([("kind", "error_forwarded")], g.icmp_error_forwarded),
+        ],
+    )
+}
+
+fn encode_vips(vips: &[VipMetrics], e: &mut DescriptorEncoder) -> fmt::Result {
+    let each = |f: fn(&VipMetrics) -> u64| -> Vec<(L1<'_>, u64)> {
+        vips.iter()
+            .map(|v| ([("vip", v.vip.as_str())], f(v)))
+            .collect()
+    };
+    counter_family(
+        e,
+        "lb_vip_packets",
+        "Packets balanced for a VIP",
+        &each(|v| v.packets),
+    )?;
+    counter_family(
+        e,
+        "lb_vip_bytes",
+        "Bytes of the packets balanced for a VIP",
+        &each(|v| v.bytes),
+    )?;
+    counter_family(
+        e,
+        "lb_vip_new_flows",
+        "New flows of a VIP given a backend by its lookup table",
+        &each(|v| v.new_flows),
+    )
+}
+
+fn backend_labels(b: &BackendMetrics) -> L2<'_> {
+    [("vip", b.vip.as_str()), ("backend", b.backend.as_str())]
+}
+
+fn encode_backends(backends: &[BackendMetrics], e: &mut DescriptorEncoder) -> fmt::Result {
+    let each = |f: fn(&BackendMetrics) -> u64| -> Vec<(L2<'_>, u64)> {
+        backends.iter().map(|b| (backend_labels(b), f(b))).collect()
+    };
+    counter_family(
+        e,
+        "lb_backend_packets",
+        "Packets of a VIP sent to a backend",
+        &each(|b| b.packets),
+    )?;
+    counter_family(
+        e,
+        "lb_backend_bytes",
+        "Bytes of the packets of a VIP sent to a backend",
+        &each(|b| b.bytes),
+    )?;
+    counter_family(
+        e,
+        "lb_backend_new_flows",
+        "New flows of a VIP given to a backend",
+        &each(|b| b.new_flows),
+    )?;
+    gauge_family(
+        e,
+        "lb_backend_weight",
+        "The backend's weight in its VIP's lookup table now",
+        None,
+        &each(|b| u64::from(b.weight)),
+    )?;
+    gauge_family(
+        e,
+        "lb_backend_configured_weight",
+        "The backend's weight as the configuration gives it",
+        None,
+        &each(|b| u64::from(b.configured_weight)),
+    )?;
+    gauge_family(
+        e,
+        "lb_backend_pinned",
+        "1 if the backend's weight is pinned (the controller does not change it), else 0",
+        None,
+        &each(|b| u64::from(b.pinned)),
+    )?;
+    gauge_family(
+        e,
+        "lb_backend_healthy",
+        "1 if the backend is considered healthy, else 0",
+        None,
+        &each(|b| u64::from(b.healthy)),
+    )?;
+    let present = |f: fn(&BackendMetrics) -> Option<f64>| -> Vec<(L2<'_>, f64)> {
+        backends
+            .iter()
+            .filter_map(|b| finite(f(b)).map(|v| (backend_labels(b), v)))
+            .collect()
+    };
+    gauge_family(
+        e,
+        "lb_backend_predicted_latency",
+        "The latency a new flow sent to the backend is predicted to see one control \
+         interval ahead, by the predictor that drives the weights",
+        Some(&Unit::Seconds),
+        &present(|b| b.prediction),
+    )?;
+    gauge_family(
+        e,
+        "lb_backend_baseline_predicted_latency",
+        "The same latency as predicted by the best baseline predictor",
+        Some(&Unit::Seconds),
+        &present(|b| b.baseline_prediction),
+    )
+}
+
+fn encode_model(m: &ModelMetrics, e: &mut DescriptorEncoder) -> fmt::Result {
+    if !m.policy_source.is_empty() {
+        let info = Info::new([("source", m.policy_source.clone())]);
+        let metric = e.encode_descriptor(
+            "lb_model",
+            &help_text(
+                "What drives the backends' weights: the model or a named baseline predictor",
+            ),
+            None,
+            MetricType::Info,
+        )?;
+        info.encode(metric)?;
+    }
+    counter_family(
+        e,
+        "lb_model_fit_failures",
+        "Fits of the load model that failed (the last good fit stays in use)",
+        &[([] as [(&str, &str); 0], m.fit_failures)],
+    )?;
+    let last_fit: Vec<_> = finite(m.last_fit_seconds)
+        .map(|v| ([] as [(&str, &str); 0], v))
+        .into_iter()
+        .collect();
+    gauge_family(
+        e,
+        "lb_model_last_fit_duration",
+        "How long the last fit of the load model took",
+        Some(&Unit::Seconds),
+        &last_fit,
+    )?;
+    let errors: Vec<(L1<'_>, f64)> = [("model", m.model_error), ("baseline", m.baseline_error)]
+        .into_iter()
+        .filter_map(|(p, v)| finite(v).map(|v| ([("predictor", p)], v)))
+        .collect();
+    gauge_family(
+        e,
+        "lb_model_rolling_error",
+        "Rolling mean absolute error of recent latency predictions, by predictor: \
+         model (the load model), baseline (the best baseline predictor)",
+        Some(&Unit::Seconds),
+        &errors,
+    )
+}
+
+/// `v` if it is present and finite: the text format has no spelling for what dtoa
+/// prints for infinities, and a NaN would only mislead.
+fn finite(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| v.is_finite())
+}
+
+/// One counter family (the encoder appends `_total` to `name`); nothing if no sample.
+fn counter_family<S: EncodeLabelSet>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(S, u64)],
+) -> fmt::Result {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut metric = e.encode_descriptor(name, &help_text(help), None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// One gauge family (the encoder appends the unit to `name`); nothing if no sample.
+fn gauge_family<S: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: &[(S, V)],
+) -> fmt::Result {
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let mut metric = e.encode_descriptor(name, &help_text(help), unit, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+/// HELP text ends with a full stop, as the registry's own `register` writes it.
+fn help_text(help: &str) -> String {
+    format!("{help}.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> MetricsSnapshot {
+        MetricsSnapshot {
+            global: GlobalStats {
+                rx_frames: 1000,
+                pass_not_ip: 11,
+                pass_not_vip: 12,
+                pass_fragment: 13,
+                ipv4_options: 14,
+                pass_truncated: 15,
+                pass_malformed: 16,
+                pass_ipv6_extension: 17,
+                drop_no_backend: 18,
+                conn_hit: 500,
+                conn_miss_syn: 40,
+                conn_miss_non_syn: 7,
+                conn_insert_failed: 2,
+                tx: 600,
+                tx_encap: 250,
+                icmp_echo_reply: 3,
+                icmp_error_forwarded: 4,
+                pass_icmp_other: 19,
+                drop_encap_failed: 5,
+            },
+            vips: vec![VipMetrics {
+                vip: "198.18.1.1:80/tcp".into(),
+                packets: 900,
+                bytes: 123_456,
+                new_flows: 40,
+            }],
+            backends: vec![
+                BackendMetrics {
+                    vip: "198.18.1.1:80/tcp".into(),
+                    backend: "10.0.0.1".into(),
+                    weight: 70,
+                    configured_weight: 100,
+                    pinned: false,
+                    healthy: true,
+                    packets: 600,
+                    bytes: 80_000,
+                    new_flows: 25,
+                    prediction: Some(0.0125),
+                    baseline_prediction: Some(0.02),
+                },
+                BackendMetrics {
+                    vip: "198.18.1.1:80/tcp".into(),
+                    backend: "10.0.0.2".into(),
+                    weight: 30,
+                    configured_weight: 100,
+                    pinned: true,
+                    healthy: false,
+                    packets: 300,
+                    bytes: 43_456,
+                    new_flows: 15,
+                    prediction: None,
+                    baseline_prediction: Some(f64::NAN),
+                },
+            ],
+            model: ModelMetrics {
+                policy_source: "baseline:ewma".into(),
+                last_fit_seconds: Some(0.25),
+                fit_failures: 3,
+                model_error: Some(0.004),
+                baseline_error: None,
+            },
+        }
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    #[test]
+    fn render_shows_the_known_numbers() {
+        let text = render(&sample());
+        let lines = lines(&text);
+        for expected in [
+            "lb_datapath_frames_total 1000",
+            r#"lb_datapath_passed_total{reason="not_ip"} 11"#,
+            r#"lb_datapath_passed_total{reason="not_vip"} 12"#,
+            r#"lb_datapath_passed_total{reason="fragment"} 13"#,
+            r#"lb_datapath_passed_total{reason="truncated"} 15"#,
+            r#"lb_datapath_passed_total{reason="malformed"} 16"#,
+            r#"lb_datapath_passed_total{reason="ipv6_extension"} 17"#,
+            r#"lb_datapath_passed_total{reason="icmp_other"} 19"#,
+            "lb_datapath_ipv4_options_total 14",
+            r#"lb_datapath_dropped_total{reason="no_backend"} 18"#,
+            r#"lb_datapath_dropped_total{reason="encap_failed"} 5"#,
+            r#"lb_conntrack_total{result="hit"} 500"#,
+            r#"lb_conntrack_total{result="miss_syn"} 40"#,
+            r#"lb_conntrack_total{result="miss_non_syn"} 7"#,
+            r#"lb_conntrack_total{result="insert_failed"} 2"#,
+            r#"lb_tx_total{mode="dsr"} 350"#,
+            r#"lb_tx_total{mode="encap"} 250"#,
+            r#"lb_icmp_total{kind="echo_reply"} 3"#,
+            r#"lb_icmp_total{kind="error_forwarded"} 4"#,
+            r#"lb_vip_packets_total{vip="198.18.1.1:80/tcp"} 900"#,
+            r#"lb_vip_bytes_total{vip="198.18.1.1:80/tcp"} 123456"#,
+            r#"lb_vip_new_flows_total{vip="198.18.1.1:80/tcp"} 40"#,
+            r#"lb_backend_packets_total{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 600"#,
+            r#"lb_backend_bytes_total{vip="198.18.1.1:80/tcp",backend="10.0.0.2"} 43456"#,
+            r#"lb_backend_new_flows_total{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 25"#,
+            r#"lb_backend_weight{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 70"#,
+            r#"lb_backend_weight{vip="198.18.1.1:80/tcp",backend="10.0.0.2"} 30"#,
+            r#"lb_backend_configured_weight{vip="198.18.1.1:80/tcp",backend="10.0.0.2"} 100"#,
+            r#"lb_backend_pinned{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 0"#,
+            r#"lb_backend_pinned{vip="198.18.1.1:80/tcp",backend="10.0.0.2"} 1"#,
+            r#"lb_backend_healthy{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 1"#,
+            r#"lb_backend_healthy{vip="198.18.1.1:80/tcp",backend="10.0.0.2"} 0"#,
+            r#"lb_backend_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 0.0125"#,
+            r#"lb_backend_baseline_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 0.02"#,
+            r#"lb_model_info{source="baseline:ewma"} 1"#,
+            "lb_model_fit_failures_total 3",
+            "lb_model_last_fit_duration_seconds 0.25",
+            r#"lb_model_rolling_error_seconds{predictor="model"} 0.004"#,
+            "# TYPE lb_conntrack counter",
+            "# TYPE lb_backend_weight gauge",
+            "# TYPE lb_model info",
+            "# UNIT lb_backend_predicted_latency_seconds seconds",
+        ] {
+            assert!(lines.contains(&expected), "missing {expected:?} in\n{text}");
+        }
+        assert_eq!(lines.last(), Some(&"# EOF"), "{text}");
+        // Absent or non-finite values are left out, not shown as zero or NaN.
+        assert!(!text.contains(r#"backend="10.0.0.2"} NaN"#), "{text}");
+        assert!(!text.contains("NaN"), "{text}");
+        assert!(
+            !text.contains(r#"lb_backend_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.2"}"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"lb_model_rolling_error_seconds{predictor="baseline"}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_family_is_named_lb_has_help_and_counters_end_in_total() {
+        let text = render(&sample());
+        let mut families = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE line has a kind");
+                families.push((name.to_string(), kind.to_string()));
+            }
+        }
+        assert!(families.len() >= 20, "only {} families", families.len());
+        for (name, kind) in &families {
+            assert!(name.starts_with("lb_"), "{name} lacks the lb_ prefix");
+            let help = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("# HELP {name} ")))
+                .unwrap_or_else(|| panic!("{name} has no HELP"));
+            assert!(help.len() > 15, "{name}'s HELP is too short: {help:?}");
+            let samples: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter(|l| {
+                    let sample_name = l.split(['{', ' ']).next().unwrap_or("");
+                    sample_name
+                        .strip_prefix(name.as_str())
+                        .is_some_and(|rest| matches!(rest, "" | "_total" | "_info"))
+                })
+                .collect();
+            assert!(!samples.is_empty(), "{name} has no sample");
+            let suffix = match kind.as_str() {
+                "counter" => "_total",
+                "info" => "_info",
+                "gauge" => "",
+                other => panic!("unexpected type {other} for {name}"),
+            };
+            for sample in samples {
+                let sample_name = sample.split(['{', ' ']).next().unwrap_or("");
+                assert_eq!(sample_name, format!("{name}{suffix}"), "{sample}");
+            }
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut snapshot = MetricsSnapshot::default();
+        snapshot.vips.push(VipMetrics {
+            vip: "we\"ird\\vip\nname".into(),
+            packets: 9,
+            bytes: 0,
+            new_flows: 0,
+        });
+        snapshot.model.policy_source = "a\"b".into();
+        let text = render(&snapshot);
+        assert!(
+            text.lines()
+                .any(|l| l == r#"lb_vip_packets_total{vip="we\"ird\\vip\nname"} 9"#),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == r#"lb_model_info{source="a\"b"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_empty_snapshot_renders_the_datapath_counters_and_nothing_absent() {
+        let text = render(&MetricsSnapshot::default());
+        assert!(
+            text.lines().any(|l| l == "lb_datapath_frames_total 0"),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == "lb_model_fit_failures_total 0"),
+            "{text}"
+        );
+        for absent in [
+            "lb_vip_",
+            "lb_backend_",
+            "lb_model_info",
+            "lb_model_last_fit",
+        ] {
+            assert!(!text.contains(absent), "{absent} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

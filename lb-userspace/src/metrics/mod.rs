@@ -1,0 +1,60 @@
+//! The agent's Prometheus endpoint, started by the agent (`lb run`): [`render`] turns a
+//! [`MetricsSnapshot`] into the OpenMetrics text format with the `prometheus-client`
+//! encoder (in `encode`), and [`serve()`] answers `GET /metrics` with it through axum
+//! on hyper's HTTP/1.1 server on tokio (in `serve`).
+//!
+//! The agent owns the numbers: once per control interval it builds a new snapshot
+//! (datapath counters summed over CPUs, per-VIP and per-backend counters, weights,
+//! predictions, the model's state) and sends it into a `tokio::sync::watch` channel.
+//! Every scrape renders the latest value, so nothing here keeps state between scrapes.
+//!
+//! # Metrics
+//! Datapath-wide (from [`GlobalStats`](lb_common::types::GlobalStats)):
+//! - `lb_datapath_frames_total`: every frame the XDP program saw.
+//! - `lb_datapath_passed_total{reason}`: frames handed to the kernel stack; `reason` is
+//!   `not_ip`, `not_vip`, `fragment`, `truncated`, `malformed`, `ipv6_extension` or
+//!   `icmp_other`.
+//! - `lb_datapath_ipv4_options_total`: VIP packets with IPv4 options (balanced as usual).
+//! - `lb_datapath_dropped_total{reason}`: `no_backend` or `encap_failed`.
+//! - `lb_conntrack_total{result}`: `hit`, `miss_syn`, `miss_non_syn` or `insert_failed`.
+//! - `lb_tx_total{mode}`: frames sent back out towards a backend, `dsr` or `encap`.
+//! - `lb_icmp_total{kind}`: `echo_reply` or `error_forwarded`.
+//!
+//! Per VIP (`vip` label) and per backend (`vip` and `backend` labels):
+//! - `lb_vip_packets_total`, `lb_vip_bytes_total`, `lb_vip_new_flows_total`
+//! - `lb_backend_packets_total`, `lb_backend_bytes_total`, `lb_backend_new_flows_total`
+//! - gauges `lb_backend_weight`, `lb_backend_configured_weight`, `lb_backend_pinned`
+//!   and `lb_backend_healthy` (the last two are 0 or 1)
+//! - gauges `lb_backend_predicted_latency_seconds` and
+//!   `lb_backend_baseline_predicted_latency_seconds`, only for backends that have them.
+//!
+//! The model:
+//! - `lb_model_info{source} 1`: what drives the weights (`model`, `baseline:ewma`, ...).
+//! - `lb_model_fit_failures_total`: fits of the model that failed.
+//! - `lb_model_last_fit_duration_seconds`: how long the last fit took.
+//! - `lb_model_rolling_error_seconds{predictor}`: rolling mean absolute error of the
+//!   model (`predictor="model"`) and of the best baseline (`predictor="baseline"`).
+//!
+//! Optional values (and any value that is NaN or infinite) are left out rather than
+//! shown as zero. A family with no sample at all is left out entirely.
+//!
+//! # The HTTP side
+//! axum routes, hyper speaks HTTP/1.1, one tokio task per connection, each with its own
+//! deadline, so a slow or silent client never holds up another; at most 256 connections
+//! are served at once. `GET /metrics` (and `HEAD`) is answered with the OpenMetrics
+//! content type, any other path with 404, any other method on `/metrics` with 405 and
+//! `Allow: GET, HEAD`. hyper bounds the request: a head over 16 KiB gets 431, a
+//! malformed request 400, and a request target over 8 KiB gets 414. A client that has
+//! not sent its request head within 5 s is disconnected, and so is every connection
+//! still open 10 s after its accept. Each connection serves one request; an HTTP/1.1
+//! answer carries `Connection: close`, and an HTTP/1.0 request is answered in HTTP/1.0.
+//! When the shutdown future resolves, the listener is closed, connections that have sent
+//! nothing are closed at once, and the others (an answer under way, a request head still
+//! coming in) get 1 s to finish before they are closed too. Bad input gets a 4xx answer
+//! or a closed connection, never a panic.
+
+mod encode;
+mod serve;
+
+pub use encode::{BackendMetrics, MetricsSnapshot, ModelMetrics, VipMetrics, render};
+pub use serve::{ServeError, serve};
