@@ -243,6 +243,13 @@ fn weight_change_and_drain_keep_long_lived_connections() {
         .find(|l| l.starts_with("lb_backend_weight{") && l.contains("198.18.0.11"))
         .unwrap_or_else(|| panic!("no weight of 198.18.0.11 in:\n{metrics}"));
     assert!(weight_line.ends_with(" 5"), "{weight_line}");
+    // The model's state is what the agent tracks, not a constant: fit failures by
+    // kind (none here), and no claim about what drives weights it has no forecast for.
+    for kind in ["too_few_samples", "fit", "non_finite"] {
+        let line = format!("lb_model_fit_failures_total{{kind=\"{kind}\"}} 0");
+        assert!(metrics.lines().any(|l| l == line), "no {line} in:\n{metrics}");
+    }
+    assert!(!metrics.contains("lb_model_info{"), "{metrics}");
     agent.stop().unwrap();
 }
 

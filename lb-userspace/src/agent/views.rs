@@ -7,12 +7,13 @@ use lb_common::types::GlobalStats;
 use serde_json::json;
 
 use super::{Agent, overrides::Override, tick::unit};
+use crate::core::model::{Choice, Forecast, ModelError};
 use crate::{api::BackendView, core::BackendId, desired::vip_key};
 
 impl Agent {
     /// What `/metrics` shows, read from the datapath's counters now.
     pub(super) fn metrics_snapshot(&self) -> crate::metrics::MetricsSnapshot {
-        use crate::metrics::{BackendMetrics, MetricsSnapshot, ModelMetrics, VipMetrics};
+        use crate::metrics::{BackendMetrics, MetricsSnapshot, VipMetrics};
         let vip_stats = |id: u32| self.dataplane.vip_stats(id).unwrap_or_default();
         MetricsSnapshot {
             global: self.dataplane.global_stats().unwrap_or_default(),
@@ -33,30 +34,76 @@ impl Agent {
             backends: self
                 .backend_views()
                 .into_iter()
-                .map(|b| BackendMetrics {
-                    vip: b.vip.clone(),
-                    backend: b.backend.to_string(),
-                    weight: b.weight.round() as u32,
-                    configured_weight: b.configured_weight,
-                    pinned: b.control != "policy",
-                    healthy: self
+                .map(|b| {
+                    let reading = self
                         .config
                         .vips
                         .iter()
                         .find(|v| v.to_string() == b.vip)
-                        .and_then(|v| self.signals.readings.get(&(vip_key(v), b.backend)))
-                        .is_none_or(|r| r.healthy),
-                    packets: b.packets,
-                    bytes: b.bytes,
-                    new_flows: b.new_flows,
-                    prediction: b.predicted_ms.map(|v| v / 1000.0),
-                    baseline_prediction: None,
+                        .and_then(|v| self.signals.readings.get(&(vip_key(v), b.backend)));
+                    let forecast = reading.and_then(|r| r.forecast.as_ref());
+                    let choice = forecast.map(|f| &f.choice);
+                    BackendMetrics {
+                        vip: b.vip.clone(),
+                        backend: b.backend.to_string(),
+                        weight: b.weight.round() as u32,
+                        configured_weight: b.configured_weight,
+                        pinned: b.control != "policy",
+                        healthy: reading.is_none_or(|r| r.healthy),
+                        packets: b.packets,
+                        bytes: b.bytes,
+                        new_flows: b.new_flows,
+                        prediction: b.predicted_ms.map(|v| v / 1000.0),
+                        baseline_prediction: forecast.and_then(baseline_prediction),
+                        predictor: choice.map(|c| c.predictor.clone()),
+                        model_error: choice.and_then(|c| c.model_mae),
+                        baseline_error: choice.and_then(|c| c.baseline_mae),
+                    }
                 })
                 .collect(),
-            model: ModelMetrics {
-                policy_source: "static".into(),
-                ..ModelMetrics::default()
-            },
+            model: self.model_metrics(),
+        }
+    }
+
+    /// What drives the weights, how the predictors fare, and the fits.
+    fn model_metrics(&self) -> crate::metrics::ModelMetrics {
+        let choices: Vec<&Choice> = self
+            .signals
+            .readings
+            .values()
+            .filter_map(|r| r.forecast.as_ref().map(|f| &f.choice))
+            .collect();
+        let mut sources: BTreeMap<String, usize> = BTreeMap::new();
+        for c in &choices {
+            let source = if c.uses_model {
+                "model".to_owned()
+            } else {
+                format!("baseline:{}", c.predictor)
+            };
+            *sources.entry(source).or_default() += 1;
+        }
+        let mean = |f: fn(&Choice) -> Option<f64>| {
+            let v: Vec<f64> = choices.iter().filter_map(|c| f(c)).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        crate::metrics::ModelMetrics {
+            policy_source: sources
+                .into_iter()
+                .max_by_key(|&(_, n)| n)
+                .map(|(s, _)| s)
+                .unwrap_or_default(),
+            last_fit_seconds: self.signals.last_fit.map(|d| d.as_secs_f64()),
+            fit_failures: ModelError::KINDS
+                .iter()
+                .map(|&k| (k, self.signals.fit_failures.get(k).copied().unwrap_or(0)))
+                .collect(),
+            last_fit_timestamp: self
+                .signals
+                .last_fit_at
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64()),
+            model_error: mean(|c| c.model_mae),
+            baseline_error: mean(|c| c.baseline_mae),
         }
     }
 
@@ -254,4 +301,14 @@ fn stats_json(s: &GlobalStats) -> serde_json::Value {
         "drop_no_backend": s.drop_no_backend,
         "drop_encap_failed": s.drop_encap_failed,
     })
+}
+
+/// The best baseline's own prediction in a forecast (the one the selector compares
+/// the model with).
+fn baseline_prediction(f: &Forecast) -> Option<f64> {
+    match f.choice.baseline.as_deref()? {
+        "last_value" => f.last_value,
+        "ewma" => f.ewma,
+        _ => None,
+    }
 }

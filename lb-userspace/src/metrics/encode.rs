@@ -64,6 +64,12 @@ pub struct BackendMetrics {
     pub prediction: Option<f64>,
     /// The best baseline's prediction of the same, in seconds.
     pub baseline_prediction: Option<f64>,
+    /// The predictor that drives this backend's weight (`model`, `ewma`, ...).
+    pub predictor: Option<String>,
+    /// The model's rolling mean absolute error on this backend, in seconds.
+    pub model_error: Option<f64>,
+    /// The best baseline's rolling mean absolute error on this backend, in seconds.
+    pub baseline_error: Option<f64>,
 }
 
 /// The load model's state.
@@ -73,8 +79,10 @@ pub struct ModelMetrics {
     pub policy_source: String,
     /// How long the last fit of the model took, in seconds.
     pub last_fit_seconds: Option<f64>,
-    /// Fits that failed since the agent started.
-    pub fit_failures: u64,
+    /// Fits that failed since the agent started, by kind (every kind, 0 included).
+    pub fit_failures: Vec<(&'static str, u64)>,
+    /// When the last fit was installed, in seconds since the Unix epoch.
+    pub last_fit_timestamp: Option<f64>,
     /// The model's rolling mean absolute error, in seconds.
     pub model_error: Option<f64>,
     /// The best baseline's rolling mean absolute error, in seconds.
@@ -114,6 +122,8 @@ impl Collector for SnapshotCollector {
 type L1<'a> = [(&'static str, &'a str); 1];
 /// A label set of two labels.
 type L2<'a> = [(&'static str, &'a str); 2];
+/// Three labels.
+type L3<'a> = [(&'static str, &'a str); 3];
 
 fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Result {
     encode_global(&s.global, e)?;
@@ -307,6 +317,47 @@ fn encode_backends(backends: &[BackendMetrics], e: &mut DescriptorEncoder) -> fm
         "The same latency as predicted by the best baseline predictor",
         Some(&Unit::Seconds),
         &present(|b| b.baseline_prediction),
+    )?;
+    let drivers: Vec<(L3<'_>, u64)> = backends
+        .iter()
+        .filter_map(|b| {
+            let p = b.predictor.as_deref()?;
+            Some((
+                [
+                    ("vip", b.vip.as_str()),
+                    ("backend", b.backend.as_str()),
+                    ("predictor", p),
+                ],
+                1,
+            ))
+        })
+        .collect();
+    gauge_family(
+        e,
+        "lb_backend_predictor",
+        "1 for the predictor whose prediction drives the backend's weight: model (the \
+         load model) or a baseline (last_value, ewma)",
+        None,
+        &drivers,
+    )?;
+    let errors: Vec<(L3<'_>, f64)> = backends
+        .iter()
+        .flat_map(|b| {
+            [("model", b.model_error), ("baseline", b.baseline_error)]
+                .into_iter()
+                .filter_map(move |(p, v)| {
+                    let labels = [("vip", b.vip.as_str()), ("backend", b.backend.as_str())];
+                    finite(v).map(|v| ([labels[0], labels[1], ("predictor", p)], v))
+                })
+        })
+        .collect();
+    gauge_family(
+        e,
+        "lb_backend_prediction_error",
+        "Rolling mean absolute error of the backend's recent latency predictions, by \
+         predictor: model (the load model), baseline (the best baseline predictor)",
+        Some(&Unit::Seconds),
+        &errors,
     )
 }
 
@@ -323,11 +374,28 @@ fn encode_model(m: &ModelMetrics, e: &mut DescriptorEncoder) -> fmt::Result {
         )?;
         info.encode(metric)?;
     }
+    let failures: Vec<(L1<'_>, u64)> = m
+        .fit_failures
+        .iter()
+        .map(|&(kind, n)| ([("kind", kind)], n))
+        .collect();
     counter_family(
         e,
         "lb_model_fit_failures",
-        "Fits of the load model that failed (the last good fit stays in use)",
-        &[([] as [(&str, &str); 0], m.fit_failures)],
+        "Fits of the load model that failed, by kind (the last good fit stays in use): \
+         too_few_samples while a window fills, fit when the solver fails, non_finite, ...",
+        &failures,
+    )?;
+    let last_fit_at: Vec<_> = finite(m.last_fit_timestamp)
+        .map(|v| ([] as [(&str, &str); 0], v))
+        .into_iter()
+        .collect();
+    gauge_family(
+        e,
+        "lb_model_last_fit_timestamp",
+        "When the last fit of the load model was installed, since the Unix epoch",
+        Some(&Unit::Seconds),
+        &last_fit_at,
     )?;
     let last_fit: Vec<_> = finite(m.last_fit_seconds)
         .map(|v| ([] as [(&str, &str); 0], v))
@@ -446,6 +514,9 @@ mod tests {
                     new_flows: 25,
                     prediction: Some(0.0125),
                     baseline_prediction: Some(0.02),
+                    predictor: Some("ewma".into()),
+                    model_error: Some(0.003),
+                    baseline_error: Some(0.002),
                 },
                 BackendMetrics {
                     vip: "198.18.1.1:80/tcp".into(),
@@ -459,12 +530,16 @@ mod tests {
                     new_flows: 15,
                     prediction: None,
                     baseline_prediction: Some(f64::NAN),
+                    predictor: None,
+                    model_error: Some(f64::INFINITY),
+                    baseline_error: None,
                 },
             ],
             model: ModelMetrics {
                 policy_source: "baseline:ewma".into(),
                 last_fit_seconds: Some(0.25),
-                fit_failures: 3,
+                fit_failures: vec![("fit", 3), ("too_few_samples", 0)],
+                last_fit_timestamp: Some(1_700_000_000.5),
                 model_error: Some(0.004),
                 baseline_error: None,
             },
@@ -515,8 +590,13 @@ mod tests {
             r#"lb_backend_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 0.0125"#,
             r#"lb_backend_baseline_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 0.02"#,
             r#"lb_model_info{source="baseline:ewma"} 1"#,
-            "lb_model_fit_failures_total 3",
+            r#"lb_model_fit_failures_total{kind="fit"} 3"#,
+            r#"lb_model_fit_failures_total{kind="too_few_samples"} 0"#,
             "lb_model_last_fit_duration_seconds 0.25",
+            "lb_model_last_fit_timestamp_seconds 1700000000.5",
+            r#"lb_backend_predictor{vip="198.18.1.1:80/tcp",backend="10.0.0.1",predictor="ewma"} 1"#,
+            r#"lb_backend_prediction_error_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1",predictor="model"} 0.003"#,
+            r#"lb_backend_prediction_error_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1",predictor="baseline"} 0.002"#,
             r#"lb_model_rolling_error_seconds{predictor="model"} 0.004"#,
             "# TYPE lb_conntrack counter",
             "# TYPE lb_backend_weight gauge",
@@ -535,6 +615,16 @@ mod tests {
         );
         assert!(
             !text.contains(r#"lb_model_rolling_error_seconds{predictor="baseline"}"#),
+            "{text}"
+        );
+        // A backend without a driving predictor or a finite error shows neither.
+        assert!(
+            !text.contains(r#"lb_backend_predictor{vip="198.18.1.1:80/tcp",backend="10.0.0.2""#),
+            "{text}"
+        );
+        assert!(
+            !text
+                .contains(r#"prediction_error_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.2""#),
             "{text}"
         );
     }
@@ -611,15 +701,12 @@ mod tests {
             text.lines().any(|l| l == "lb_datapath_frames_total 0"),
             "{text}"
         );
-        assert!(
-            text.lines().any(|l| l == "lb_model_fit_failures_total 0"),
-            "{text}"
-        );
         for absent in [
             "lb_vip_",
             "lb_backend_",
             "lb_model_info",
             "lb_model_last_fit",
+            "lb_model_fit_failures",
         ] {
             assert!(!text.contains(absent), "{absent} in\n{text}");
         }

@@ -27,13 +27,22 @@
 //!   and `lb_backend_healthy` (the last two are 0 or 1)
 //! - gauges `lb_backend_predicted_latency_seconds` and
 //!   `lb_backend_baseline_predicted_latency_seconds`, only for backends that have them.
+//! - `lb_backend_predictor{vip,backend,predictor} 1`: which predictor drives the
+//!   backend's weight (`model`, `last_value`, `ewma`).
+//! - `lb_backend_prediction_error_seconds{vip,backend,predictor}`: the rolling mean
+//!   absolute error on that backend of the model (`predictor="model"`) and of the best
+//!   baseline (`predictor="baseline"`).
 //!
 //! The model:
-//! - `lb_model_info{source} 1`: what drives the weights (`model`, `baseline:ewma`, ...).
-//! - `lb_model_fit_failures_total`: fits of the model that failed.
-//! - `lb_model_last_fit_duration_seconds`: how long the last fit took.
-//! - `lb_model_rolling_error_seconds{predictor}`: rolling mean absolute error of the
-//!   model (`predictor="model"`) and of the best baseline (`predictor="baseline"`).
+//! - `lb_model_info{source} 1`: what drives most backends' weights (`model`,
+//!   `baseline:ewma`, ...).
+//! - `lb_model_fit_failures_total{kind}`: fits of the model that failed, by kind
+//!   (`too_few_samples`, `fit`, `non_finite`, ...; every kind shown, 0 included).
+//! - `lb_model_last_fit_duration_seconds`: how long the last fit took, and
+//!   `lb_model_last_fit_timestamp_seconds`: when it was installed.
+//! - `lb_model_rolling_error_seconds{predictor}`: the mean over backends of the
+//!   rolling mean absolute error of the model (`predictor="model"`) and of the best
+//!   baseline (`predictor="baseline"`).
 //!
 //! Optional values (and any value that is NaN or infinite) are left out rather than
 //! shown as zero. A family with no sample at all is left out entirely.

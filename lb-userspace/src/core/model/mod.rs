@@ -160,6 +160,17 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// Every [`ModelError::kind`].
+    pub const KINDS: [&'static str; 7] = [
+        "non_finite",
+        "feature_count",
+        "invalid_parameter",
+        "not_ready",
+        "not_fitted",
+        "too_few_samples",
+        "fit",
+    ];
+
     /// A short, stable name of the kind of error, for counters and labels.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -183,5 +194,36 @@ pub(crate) fn check_finite(what: &'static str, values: &[f64]) -> Result<(), Mod
             value: values[index],
         }),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_kind_is_listed_once() {
+        let all = [
+            ModelError::NonFinite {
+                what: "target",
+                index: 0,
+                value: f64::NAN,
+            },
+            ModelError::FeatureCount {
+                expected: 1,
+                got: 2,
+            },
+            ModelError::InvalidParameter {
+                name: "c",
+                value: -1.0,
+                reason: "must be positive",
+            },
+            ModelError::NotReady { predictor: "ewma" },
+            ModelError::NotFitted,
+            ModelError::TooFewSamples { needed: 2, have: 1 },
+            ModelError::Fit("solver".into()),
+        ];
+        let kinds: Vec<&str> = all.iter().map(ModelError::kind).collect();
+        assert_eq!(kinds, ModelError::KINDS);
     }
 }
