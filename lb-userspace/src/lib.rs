@@ -3,13 +3,12 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML file, checked completely before anything else happens.
-//! - [`maglev`]: the weighted Maglev lookup table (pure).
+//! - [`core`]: the pure core the agent, the simulator (crate `lb-sim`) and a fleet
+//!   leader share: the control step, the policy's stages, the Maglev table, the load
+//!   model. No I/O, no clock, no configuration types.
 //! - [`metrics`]: the Prometheus `/metrics` endpoint.
 //! - [`collect`]: per-backend metrics scrapes and health probes.
-//! - [`model`]: the load model and its baselines (pure).
-//! - [`policy`]: weights from health, holds and predictions (pure).
-//! - [`signals`]: per-backend probes, scrapes and models, for the policies.
-//! - [`sim`]: a discrete-event simulation of 100+ backends on the agent's own code.
+//! - [`signals`]: per-backend probes, scrapes and models, for the control steps.
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
@@ -25,4 +24,3 @@ pub mod dataplane;
 pub mod desired;
 pub mod metrics;
 pub mod signals;
-pub mod sim;

@@ -247,7 +247,10 @@ fn weight_change_and_drain_keep_long_lived_connections() {
     // kind (none here), and no claim about what drives weights it has no forecast for.
     for kind in ["too_few_samples", "fit", "non_finite"] {
         let line = format!("lb_model_fit_failures_total{{kind=\"{kind}\"}} 0");
-        assert!(metrics.lines().any(|l| l == line), "no {line} in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
     }
     assert!(!metrics.contains("lb_model_info{"), "{metrics}");
     agent.stop().unwrap();

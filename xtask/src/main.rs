@@ -206,7 +206,7 @@ fn main() -> anyhow::Result<()> {
                 .and_then(exit_like)
         }
         Task::Bench { which: Bench::Sim } => cargo(&root)
-            .args(["bench", "-p", "lb-userspace", "--bench", "sim"])
+            .args(["bench", "-p", "lb-sim", "--bench", "sim"])
             .env("LB_BENCH_JSON", root.join("target/bench/sim.json"))
             .status()
             .context("running the simulator")

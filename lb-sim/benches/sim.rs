@@ -1,8 +1,8 @@
 //! Runs the testbed's five scenarios at scale in the simulator
-//! (`lb_userspace::sim`): 120 backends and 100,000 to 400,000 requests per second of
+//! (`lb_sim`): 120 backends and 100,000 to 400,000 requests per second of
 //! simulated time, every policy on the agent's own policy, table and model code.
 //!
-//! Run it as `cargo bench -p lb-userspace --bench sim`. Runs are interleaved as on
+//! Run it as `cargo bench -p lb-sim --bench sim`. Runs are interleaved as on
 //! the testbed: for each seed, each scenario, each policy (equal, static, reactive,
 //! ai), all policies of a seed seeing the very same requests. The table shows the
 //! median over seeds of each figure (the testbed's definitions, see the `sim` module);
@@ -23,8 +23,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use lb_sim::{self as sim, ScenarioId, SimParams, SimReport};
 use lb_userspace::core::policy::PolicyKind;
-use lb_userspace::sim::{self, ScenarioId, SimParams, SimReport};
 use serde_json::json;
 
 const POLICIES: [PolicyKind; 4] = [

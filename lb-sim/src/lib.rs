@@ -1,9 +1,12 @@
 //! A discrete-event simulation of one VIP at a scale one machine cannot host (120
 //! backends and 100,000 to 400,000 requests per second by default), driven by the
-//! agent's own code: [`crate::core::policy::step`] sets the weights,
-//! [`crate::core::maglev::build`] turns them into the lookup table, each new flow is hashed
-//! into it with [`lb_common::hash::flow_hash`], and under `ai` every backend's
-//! [`crate::core::model::BackendModel`] predicts its latency one interval ahead. Nothing of
+//! agent's own pure core: [`lb_userspace::core::control::VipControl::step`] sets the
+//! weights and builds the lookup table (through the policy and
+//! [`lb_userspace::core::maglev::build`]), each new flow is hashed into it with
+//! [`lb_common::hash::flow_hash`], and under `ai` every backend's
+//! [`lb_userspace::core::model::BackendModel`] predicts its latency one interval
+//! ahead. It is a crate of its own, apart from the agent's library, and uses only
+//! that core (and the configuration's `[control]` section). Nothing of
 //! these is copied here; what is written here is what the agent gets from the
 //! outside world (the backends, the scrapes, the probes) and the bookkeeping the
 //! agent does around those calls. The `sim` bench runs every scenario under every
@@ -68,7 +71,7 @@
 //! run's figure is the worst; `None` if one is not reached before the next change).
 //! Unlike the testbed, the slowed backends are taken together: with 30 of them, each
 //! holding a few hundred slots, the table's own rounding (up to 262 slots per backend
-//! at 65537, see [`crate::core::maglev::accuracy_band`]) would decide a per-backend test.
+//! at 65537, see [`lb_userspace::core::maglev::accuracy_band`]) would decide a per-backend test.
 //! The same from the table instead of the flows is `reaction_table_s`. Slots moved
 //! are counted between consecutive tables (the testbed estimates them from weights).
 //!
@@ -100,8 +103,8 @@ pub use histogram::Histogram;
 pub use rng::Rng;
 pub use scenario::{Change, Event, Scenario, ScenarioId};
 
-use crate::config::Control;
-use crate::core::policy::PolicyKind;
+use lb_userspace::config::Control;
+use lb_userspace::core::policy::PolicyKind;
 
 /// The distribution of service times.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -14,11 +14,11 @@ use super::histogram::Histogram;
 use super::rng::Rng;
 use super::scenario::{Change, Scenario};
 use super::{Little, ModelStats, ServiceDist, SimParams, SimReport, TableUpdate, TickPoint, worst};
-use crate::core::BackendId;
-use crate::core::control::{Backends, Observation, Table, VipControl};
-use crate::core::model::{self, BackendModel, Forecast, Load, ModelError};
-use crate::core::policy::{self, Decision, Input, Params, PolicyKind};
-use crate::desired::addr_bytes;
+use lb_userspace::core::BackendId;
+use lb_userspace::core::control::{Backends, Observation, Table, VipControl};
+use lb_userspace::core::model::{self, BackendModel, Forecast, Load, ModelError};
+use lb_userspace::core::policy::{self, Decision, Input, Params, PolicyKind};
+use lb_userspace::desired::addr_bytes;
 
 /// What a scrape of one backend gives at a control tick: the rates over the interval
 /// that just ended and the gauges now, as `collect::BackendSample` would hold them.
