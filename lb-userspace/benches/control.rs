@@ -18,12 +18,13 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use lb_common::types::VipKey;
+use lb_userspace::agent::step_vips;
 use lb_userspace::config::Config;
-use lb_userspace::core::BackendId;
-use lb_userspace::core::control::{Backends, Observation, VipControl};
+use lb_userspace::core::control::{Observation, VipControl};
 use lb_userspace::core::maglev::{self, MaglevBackend};
 use lb_userspace::core::policy::Input;
-use lb_userspace::desired::{Desired, Tables, addr_bytes, vip_key};
+use lb_userspace::desired::{Desired, addr_bytes, vip_key};
 
 const VIPS: usize = 4;
 const BACKENDS: usize = 1000;
@@ -58,60 +59,27 @@ fn config() -> Config {
 }
 
 /// One tick as the agent's `control_tick` runs it once the collectors are read:
-/// each VIP's control step against the table in force, then, if a weight changed,
-/// the desired state, given the tables the steps built.
+/// every VIP's control step against the table in force (`agent::step_vips`, the
+/// agent's own), then, if a weight changed, the desired state, given the tables the
+/// steps built.
 fn tick(
     config: &Config,
     desired: &Desired,
-    vips: &mut [VipControl],
+    vips: &mut BTreeMap<VipKey, VipControl>,
     unhealthy: Option<IpAddr>,
 ) -> Desired {
-    let mut changed = false;
-    let mut tables = Tables::new();
-    for (vip, control) in config.vips.iter().zip(vips.iter_mut()) {
-        let key = vip_key(vip);
-        let in_force = &desired.vips[&key];
-        let inputs: Vec<Input> = vip
-            .backends
-            .iter()
-            .zip(&in_force.ids)
-            .map(|(b, &id)| Input {
-                healthy: Some(b.address) != unhealthy,
-                ..Input::observed(BackendId(id), b.weight, Observation::default(), None)
-            })
-            .collect();
-        let keys: Vec<[u8; 16]> = vip
-            .backends
-            .iter()
-            .map(|b| addr_bytes(b.address).0)
-            .collect();
-        let backends = Backends {
-            inputs: &inputs,
-            keys: &keys,
-            table_size: vip.table_size,
-        };
-        let before = control.state.weights.clone();
-        let outcome = control.step(&backends, in_force.built.as_ref());
-        if let Some(Ok(table)) = outcome.table {
-            tables.insert(key, table);
-        }
-        changed |= control.state.weights != before;
-    }
+    let (changed, tables) = step_vips(config, desired, vips, &mut |_, b, id, _| Input {
+        healthy: Some(b.address) != unhealthy,
+        ..Input::observed(id, b.weight, Observation::default(), None)
+    });
     if !changed {
         return desired.clone();
     }
-    let index: BTreeMap<_, usize> = config
-        .vips
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (vip_key(v), i))
-        .collect();
     Desired::plan(
         config,
         Some(desired),
         &|vip, b, id| {
-            let i = index[&vip_key(vip)];
-            let w = vips[i].state.weights.get(&id).copied();
+            let w = vips[&vip_key(vip)].state.weights.get(&id).copied();
             (w.unwrap_or(b.weight), 0)
         },
         &tables,
@@ -126,13 +94,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let config = config();
-    let fresh = || -> Vec<VipControl> {
+    let fresh = || -> BTreeMap<VipKey, VipControl> {
         config
             .vips
             .iter()
             .map(|v| {
                 let configured: Vec<u32> = v.backends.iter().map(|b| b.weight).collect();
-                VipControl::new(v.policy, config.control.params_for(&configured))
+                let params = config.control.params_for(&configured);
+                (vip_key(v), VipControl::new(v.policy, params))
             })
             .collect()
     };

@@ -38,6 +38,32 @@ pub fn lb_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The control socket of `instance` in these tests.
+pub fn socket_of(instance: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{instance}-lb/lb.sock"))
+}
+
+/// `lb run` in `ns` on its interface `iface` as instance `instance`, with its
+/// socket at [`socket_of`], stdin closed and stdout and stderr piped.
+pub fn run_command(
+    ns: &crate::netns::Netns,
+    iface: &str,
+    instance: &str,
+    config: &std::path::Path,
+    extra: &[&str],
+) -> Result<std::process::Command> {
+    let mut cmd = ns.net_command(lb_binary()?);
+    cmd.args(["--instance", instance, "--socket"])
+        .arg(socket_of(instance))
+        .args(["run", "--iface", iface, "--config"])
+        .arg(config)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Ok(cmd)
+}
+
 /// The `lb` agent running inside a namespace; killed on drop if still running, and
 /// its pins removed.
 pub struct Agent {
@@ -75,21 +101,10 @@ impl Agent {
         config: &std::path::Path,
         extra: &[&str],
     ) -> Result<Agent> {
-        let lb = lb_binary()?;
+        let mut cmd = run_command(ns, iface, instance, config, extra)?;
         let instance = instance.to_owned();
-        let socket = std::env::temp_dir().join(format!("{instance}-lb/lb.sock"));
-        let mut cmd = ns.net_command(&lb);
-        cmd.args(["--instance", &instance, "--socket"])
-            .arg(&socket)
-            .args(["run", "--iface", iface, "--config"])
-            .arg(config)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = ns
-            .spawn_command(&mut cmd)
-            .with_context(|| format!("starting {}", lb.display()))?;
+        let socket = socket_of(&instance);
+        let mut child = ns.spawn_command(&mut cmd).context("starting lb run")?;
         let (tx, log) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let tx2 = tx.clone();

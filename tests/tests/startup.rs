@@ -6,30 +6,23 @@
 
 use std::{
     path::Path,
-    process::{Output, Stdio},
+    process::Output,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     netns::Netns,
-    spread::{Agent, lb_binary, write_config},
+    spread::{Agent, run_command, socket_of, write_config},
     topology::Topology,
 };
 use lb_userspace::agent::pin_dir;
 
 /// Runs `lb run` in `ns` on `iface` and waits (at most 30 s) for it to exit.
 fn failed_run(ns: &Netns, instance: &str, iface: &str, config: &Path, extra: &[&str]) -> Output {
-    let socket = socket_of(instance);
-    let mut cmd = ns.net_command(lb_binary().unwrap());
-    cmd.args(["--instance", instance, "--socket"])
-        .arg(&socket)
-        .args(["run", "--iface", iface, "--config"])
-        .arg(config)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
+    let mut child = run_command(ns, iface, instance, config, extra)
+        .unwrap()
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -39,11 +32,6 @@ fn failed_run(ns: &Netns, instance: &str, iface: &str, config: &Path, extra: &[&
         std::thread::sleep(Duration::from_millis(50));
     }
     child.wait_with_output().unwrap()
-}
-
-/// The control socket an instance uses in these tests (as `Agent::start_on` does).
-fn socket_of(instance: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("{instance}-lb/lb.sock"))
 }
 
 /// The id of the XDP program attached to `iface` in `ns`, if any.

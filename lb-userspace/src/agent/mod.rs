@@ -30,6 +30,7 @@ use tokio::{
 };
 
 use self::overrides::{Override, overrides_of};
+pub use self::tick::step_vips;
 use self::tick::{plan, vip_control};
 use crate::{
     config::{Config, ConfigError},

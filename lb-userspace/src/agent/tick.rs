@@ -81,60 +81,34 @@ impl Agent {
             }
             self.signals.observe(&flows_by_key);
         }
-        let mut changed = false;
-        let mut tables = Tables::new();
-        for vip in &self.config.vips {
-            let key = vip_key(vip);
-            let (Some(in_force), Some(control)) =
-                (self.desired.vips.get(&key), self.control.get_mut(&key))
-            else {
-                continue;
-            };
-            let unit = control.params.unit;
-            let inputs: Vec<Input> = vip
-                .backends
-                .iter()
-                .zip(&in_force.ids)
-                .map(|(b, &id)| {
-                    let reading = self.signals.readings.get(&(key, b.address));
-                    let sample = reading.and_then(|r| r.sample.as_ref());
-                    let seen = Observation {
-                        qps: sample
-                            .and_then(|s| s.requests_per_s)
-                            .or_else(|| qps.get(&id).copied()),
-                        utilisation: sample.and_then(|s| s.cpu),
-                        errors_per_s: sample.and_then(|s| s.errors_per_s),
-                        latency_s: reading.and_then(|r| r.latency_s()),
-                        in_flight: sample.and_then(|s| s.in_flight),
-                    };
-                    let forecast = reading.and_then(|r| r.forecast.as_ref());
-                    Input {
-                        healthy: reading.is_none_or(|r| r.healthy),
-                        hold: self.overrides.get(&(key, b.address)).map(|o| match o {
-                            Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
-                            Override::Drain => 0,
-                        }),
-                        ..Input::observed(BackendId(id), b.weight, seen, forecast)
-                    }
-                })
-                .collect();
-            let keys: Vec<[u8; 16]> = vip
-                .backends
-                .iter()
-                .map(|b| addr_bytes(b.address).0)
-                .collect();
-            let backends = Backends {
-                inputs: &inputs,
-                keys: &keys,
-                table_size: vip.table_size,
-            };
-            let before = control.state.weights.clone();
-            let outcome = control.step(&backends, in_force.built.as_ref());
-            if let Some(Ok(table)) = outcome.table {
-                tables.insert(key, table);
-            }
-            changed |= control.state.weights != before;
-        }
+        let (readings, overrides) = (&self.signals.readings, &self.overrides);
+        let (changed, tables) = step_vips(
+            &self.config,
+            &self.desired,
+            &mut self.control,
+            &mut |key, b, id, unit| {
+                let reading = readings.get(&(key, b.address));
+                let sample = reading.and_then(|r| r.sample.as_ref());
+                let seen = Observation {
+                    qps: sample
+                        .and_then(|s| s.requests_per_s)
+                        .or_else(|| qps.get(&id.0).copied()),
+                    utilisation: sample.and_then(|s| s.cpu),
+                    errors_per_s: sample.and_then(|s| s.errors_per_s),
+                    latency_s: reading.and_then(|r| r.latency_s()),
+                    in_flight: sample.and_then(|s| s.in_flight),
+                };
+                let forecast = reading.and_then(|r| r.forecast.as_ref());
+                Input {
+                    healthy: reading.is_none_or(|r| r.healthy),
+                    hold: overrides.get(&(key, b.address)).map(|o| match o {
+                        Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
+                        Override::Drain => 0,
+                    }),
+                    ..Input::observed(id, b.weight, seen, forecast)
+                }
+            },
+        );
         if changed {
             let desired = plan(
                 &self.config,
@@ -148,4 +122,50 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The control step of every VIP of `config`, each against the table `desired` holds
+/// for it, on the inputs `input` gives each backend (called with the VIP's key, the
+/// backend, its id and the VIP's policy units per configured unit). Returns whether
+/// any policy weight changed, and the tables the steps built, for [`plan`]. The
+/// agent's tick and the control benchmark run this.
+pub fn step_vips(
+    config: &Config,
+    desired: &Desired,
+    control: &mut BTreeMap<VipKey, VipControl>,
+    input: &mut dyn FnMut(VipKey, &Backend, BackendId, u32) -> Input,
+) -> (bool, Tables) {
+    let mut changed = false;
+    let mut tables = Tables::new();
+    for vip in &config.vips {
+        let key = vip_key(vip);
+        let (Some(in_force), Some(control)) = (desired.vips.get(&key), control.get_mut(&key))
+        else {
+            continue;
+        };
+        let unit = control.params.unit;
+        let inputs: Vec<Input> = vip
+            .backends
+            .iter()
+            .zip(&in_force.ids)
+            .map(|(b, &id)| input(key, b, BackendId(id), unit))
+            .collect();
+        let keys: Vec<[u8; 16]> = vip
+            .backends
+            .iter()
+            .map(|b| addr_bytes(b.address).0)
+            .collect();
+        let backends = Backends {
+            inputs: &inputs,
+            keys: &keys,
+            table_size: vip.table_size,
+        };
+        let before = control.state.weights.clone();
+        let outcome = control.step(&backends, in_force.built.as_ref());
+        if let Some(Ok(table)) = outcome.table {
+            tables.insert(key, table);
+        }
+        changed |= control.state.weights != before;
+    }
+    (changed, tables)
 }
