@@ -7,7 +7,7 @@ use lb_common::types::GlobalStats;
 use serde_json::json;
 
 use super::{Agent, overrides::Override, tick::unit};
-use crate::core::model::{Choice, Forecast, ModelError};
+use crate::core::model::{Choice, ModelError};
 use crate::{api::BackendView, core::BackendId, desired::vip_key};
 
 impl Agent {
@@ -54,7 +54,7 @@ impl Agent {
                         bytes: b.bytes,
                         new_flows: b.new_flows,
                         prediction: b.predicted_ms.map(|v| v / 1000.0),
-                        baseline_prediction: forecast.and_then(baseline_prediction),
+                        baseline_prediction: forecast.and_then(|f| f.baseline),
                         predictor: choice.map(|c| c.predictor.clone()),
                         model_error: choice.and_then(|c| c.model_mae),
                         baseline_error: choice.and_then(|c| c.baseline_mae),
@@ -301,14 +301,4 @@ fn stats_json(s: &GlobalStats) -> serde_json::Value {
         "drop_no_backend": s.drop_no_backend,
         "drop_encap_failed": s.drop_encap_failed,
     })
-}
-
-/// The best baseline's own prediction in a forecast (the one the selector compares
-/// the model with).
-fn baseline_prediction(f: &Forecast) -> Option<f64> {
-    match f.choice.baseline.as_deref()? {
-        "last_value" => f.last_value,
-        "ewma" => f.ewma,
-        _ => None,
-    }
 }

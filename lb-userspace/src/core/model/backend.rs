@@ -53,6 +53,8 @@ pub struct Forecast {
     pub ewma: Option<f64>,
     /// The SVR's prediction (`None` until it is fitted and the features are complete).
     pub svr: Option<f64>,
+    /// The best baseline's prediction (the one the model is compared with).
+    pub baseline: Option<f64>,
 }
 
 /// Indices into [`BackendModel::trackers`].
@@ -146,19 +148,17 @@ impl BackendModel {
             }
         }
         let choice = self.choice();
-        let value = if choice.uses_model {
-            svr
-        } else if choice.predictor == self.ewma.name() {
-            ewma
-        } else {
-            last_value
-        };
+        // The baselines in the order `choice` was given them.
+        let baselines = [last_value, ewma];
+        let baseline = choice.baseline_index.and_then(|i| baselines[i]);
+        let value = if choice.uses_model { svr } else { baseline };
         Ok(Forecast {
             value: value.or(last_value),
             choice,
             last_value,
             ewma,
             svr,
+            baseline,
         })
     }
 

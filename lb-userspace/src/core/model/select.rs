@@ -138,6 +138,8 @@ pub struct Choice {
     pub model_scored: usize,
     /// The best baseline's name (the first baseline when none is scored), if any.
     pub baseline: Option<String>,
+    /// That baseline's index in the baselines the selector was given.
+    pub baseline_index: Option<usize>,
     /// The best baseline's rolling error, if it has scored predictions.
     pub baseline_mae: Option<f64>,
 }
@@ -204,6 +206,7 @@ impl Selector {
             model_mae,
             model_scored,
             baseline: None,
+            baseline_index: None,
             baseline_mae: None,
         };
         let Some(first) = baselines.first() else {
@@ -211,16 +214,21 @@ impl Selector {
         };
         let best = baselines
             .iter()
-            .filter_map(|b| b.tracker.mae().map(|m| (b, m)))
-            .fold(None::<(&Scored<'_>, f64)>, |best, (b, m)| match best {
-                Some((_, bm)) if bm <= m => best,
-                _ => Some((b, m)),
-            });
-        let (baseline, baseline_mae) = match best {
-            Some((b, m)) => (b, Some(m)),
-            None => (first, None),
+            .enumerate()
+            .filter_map(|(i, b)| b.tracker.mae().map(|m| (i, b, m)))
+            .fold(
+                None::<(usize, &Scored<'_>, f64)>,
+                |best, (i, b, m)| match best {
+                    Some((_, _, bm)) if bm <= m => best,
+                    _ => Some((i, b, m)),
+                },
+            );
+        let (index, baseline, baseline_mae) = match best {
+            Some((i, b, m)) => (i, b, Some(m)),
+            None => (0, first, None),
         };
         choice.baseline = Some(baseline.name.to_string());
+        choice.baseline_index = Some(index);
         choice.baseline_mae = baseline_mae;
         let need = self.min_scores.max(1);
         choice.reason = match (model_mae, baseline_mae) {
