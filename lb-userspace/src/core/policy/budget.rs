@@ -147,3 +147,71 @@ pub(super) fn on_table(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Input, Params, PolicyKind, State, pool};
+    use super::*;
+
+    fn update<'a>(p: &'a Params, inputs: &'a [Input]) -> Update<'a> {
+        pool::begin(PolicyKind::Ai, p, &State::default(), inputs)
+    }
+
+    fn free(n: usize) -> Vec<Input> {
+        vec![
+            Input {
+                healthy: true,
+                configured_weight: 1,
+                ..Input::default()
+            };
+            n
+        ]
+    }
+
+    #[test]
+    fn a_step_beyond_the_budget_on_shares_is_scaled_down_to_it() {
+        let p = Params::default();
+        let inputs = free(2);
+        let mut u = update(&p, &inputs);
+        // 5,000 / 5,000 to 8,000 / 2,000: 30 % of the table, the budget is 2 %.
+        u.proposal = vec![8000.0, 2000.0];
+        let scaled = on_shares(&mut u);
+        assert_eq!(scaled, vec![true, true]);
+        let moved = (u.proposal[0] / 10_000.0 - 0.5).abs();
+        assert!((moved - 0.02).abs() < 1e-9, "{:?}", u.proposal);
+        assert!(matches!(u.notes[0][0], Note::MoveBudget { .. }));
+    }
+
+    #[test]
+    fn a_shed_backend_is_not_scaled() {
+        let p = Params::default();
+        let inputs = free(2);
+        let mut u = update(&p, &inputs);
+        u.shed[0] = true;
+        u.proposal = vec![1000.0, 9000.0];
+        let scaled = on_shares(&mut u);
+        assert_eq!(scaled, vec![false, true]);
+        assert_eq!(u.proposal[0], 1000.0);
+    }
+
+    #[test]
+    fn the_table_budget_takes_the_part_of_the_step_that_fits() {
+        let p = Params::default();
+        let inputs = free(2);
+        let mut u = update(&p, &inputs);
+        u.after = vec![8000, 2000];
+        // A fake table: the share moved is the first weight's change over the scale.
+        let mut moved = |w: &[u32]| Some((f64::from(w[0]) - 5000.0).abs() / 10_000.0);
+        on_table(&mut u, &[true, true], &mut moved);
+        let share = (f64::from(u.after[0]) - 5000.0) / 10_000.0;
+        assert!(share > 0.0 && share <= 0.02 + 1e-9, "{:?}", u.after);
+        assert!(matches!(u.notes[1][0], Note::SlotBudget { .. }));
+    }
+
+    #[test]
+    fn ideal_share_moved_is_half_the_share_changes() {
+        assert_eq!(share_moved(&[1, 1], &[1, 1]), 0.0);
+        assert!((share_moved(&[1, 1], &[3, 1]) - 0.25).abs() < 1e-12);
+        assert_eq!(share_moved(&[0, 0], &[1, 1]), 1.0);
+    }
+}

@@ -96,3 +96,64 @@ pub(super) fn with_fallback(scores: &[Option<f64>], before: &[u32]) -> Vec<f64> 
         .map(|x| x / total_weight.max(1.0))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(qps: f64, util: f64, errors: f64) -> Input {
+        Input {
+            qps: Some(qps),
+            utilisation: Some(util),
+            errors_per_s: Some(errors),
+            healthy: true,
+            ..Input::default()
+        }
+    }
+
+    #[test]
+    fn capacity_is_envoys_and_errors_count_against_it() {
+        let c = capacities(1.0, &[seen(100.0, 0.5, 0.0), seen(100.0, 0.5, 50.0)]);
+        assert_eq!(c[0], Some(200.0));
+        // Half the requests failing: 100 / (0.5 + 0.5).
+        assert_eq!(c[1], Some(100.0));
+        assert_eq!(capacities(1.0, &[Input::default()]), vec![None]);
+    }
+
+    #[test]
+    fn strained_is_busy_or_failing_nearly_all_the_time() {
+        let p = Params::default();
+        assert!(!strained(&p, &seen(100.0, 0.85, 0.0)));
+        assert!(strained(&p, &seen(100.0, 0.95, 0.0)));
+        assert!(strained(&p, &seen(100.0, 0.1, 90.0)));
+        assert!(!strained(&p, &Input::default()));
+    }
+
+    #[test]
+    fn a_shed_needs_enough_requests_seen() {
+        let p = Params::default();
+        assert!(!observed_enough(&p, &seen(4.0, 1.0, 0.0)));
+        assert!(observed_enough(&p, &seen(5.0, 1.0, 0.0)));
+    }
+
+    #[test]
+    fn a_failed_request_costs_the_error_cost() {
+        let p = Params::default();
+        // A quarter failing: 0.75 · 10 ms + 0.25 · 1 s.
+        let e = with_errors(&p, &seen(100.0, 0.5, 25.0), 0.010);
+        assert!((e - 0.2575).abs() < 1e-12, "{e}");
+        assert_eq!(with_errors(&p, &Input::default(), 0.010), 0.010);
+    }
+
+    #[test]
+    fn unknown_scores_keep_their_share_and_known_ones_share_theirs() {
+        // Two known backends split their 60 % by score; the unknown one keeps 40 %
+        // (as shares of the whole).
+        let s = with_fallback(&[Some(1.0), Some(3.0), None], &[30, 30, 40]);
+        assert!(
+            (s[0] - 0.15).abs() < 1e-12 && (s[1] - 0.45).abs() < 1e-12,
+            "{s:?}"
+        );
+        assert!((s[2] - 0.4).abs() < 1e-12, "{s:?}");
+    }
+}

@@ -15,3 +15,32 @@ pub(super) fn raise(u: &mut Update) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Input, Params, PolicyKind, State, pool};
+    use super::*;
+
+    #[test]
+    fn the_floor_raises_the_low_and_is_at_most_a_fifth_of_an_equal_share() {
+        let p = Params {
+            floor_share: 0.1,
+            ..Params::default()
+        };
+        let inputs = vec![
+            Input {
+                healthy: true,
+                configured_weight: 1,
+                ..Input::default()
+            };
+            4
+        ];
+        let mut u = pool::begin(PolicyKind::Ai, &p, &State::default(), &inputs);
+        u.proposal = vec![10.0, 4000.0, 3000.0, 2990.0];
+        raise(&mut u);
+        // A fifth of an equal share of four is 5 %, below the 10 % asked for.
+        assert_eq!(u.proposal, vec![500.0, 4000.0, 3000.0, 2990.0]);
+        assert_eq!(u.notes[0], vec![Note::Floor { floor: 500.0 }]);
+        assert!(u.notes[1].is_empty());
+    }
+}

@@ -158,3 +158,55 @@ pub(super) fn settle_shed_shares(u: &mut Update) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Input, Params, PolicyKind, State, pool};
+    use super::*;
+
+    /// Three free backends at 1,000 / 1,000 / 1,000 of a 3,000 pool: the first shed
+    /// to 400 (giving up 600); the second has room for 200 below its capacity and
+    /// target, the third is strained.
+    fn world() -> Vec<Input> {
+        let mut inputs = vec![
+            Input {
+                healthy: true,
+                configured_weight: 1,
+                qps: Some(100.0),
+                utilisation: Some(0.5),
+                ..Input::default()
+            };
+            3
+        ];
+        inputs[2].utilisation = Some(0.95);
+        inputs
+    }
+
+    #[test]
+    fn what_a_shed_gives_up_goes_to_room_first_then_by_spare_never_to_the_strained() {
+        let p = Params {
+            scale: 3000,
+            ..Params::default()
+        };
+        let inputs = world();
+        let mut state = State::default();
+        let mut u = pool::begin(PolicyKind::Reactive, &p, &state, &inputs);
+        u.shed[0] = true;
+        u.proposal = vec![400.0, 1000.0, 1000.0];
+        let room = room(&u, &[0.0, 1200.0, 1500.0], &[0.0, 1300.0, 1500.0]);
+        assert_eq!(room, vec![0.0, 200.0, 0.0], "no room for shed or strained");
+        let shown = [Some(200.0), Some(200.0), Some(105.0)];
+        let takers = Takers::of(&u, &shown);
+        give(&mut u, &mut state, &room, &takers);
+        // 200 within its room, and the other 400 to it too: the only taker.
+        assert!((u.proposal[1] - 1600.0).abs() < 1e-9, "{:?}", u.proposal);
+        assert_eq!(u.proposal[2], 1000.0, "a strained backend took some");
+        assert!(u.relieving[1] && !u.relieving[2]);
+        assert!(matches!(u.notes[1][0], Note::TookWithinRoom { .. }));
+        assert!(matches!(u.notes[1][1], Note::TookBeyondRoom { .. }));
+        assert!(
+            state.targets.contains_key(&inputs[1].id),
+            "its filter restarts"
+        );
+    }
+}

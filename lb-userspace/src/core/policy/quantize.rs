@@ -22,3 +22,35 @@ pub(super) fn keep_a_backend(u: &mut Update) {
         u.notes[k].push(Note::KeptForTheVip);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Input, Params, PolicyKind, State, pool};
+    use super::*;
+
+    #[test]
+    fn weights_are_whole_quanta_and_a_vip_keeps_a_backend() {
+        let p = Params::default();
+        let mut inputs = vec![
+            Input {
+                healthy: true,
+                configured_weight: 1,
+                ..Input::default()
+            };
+            3
+        ];
+        inputs[0].hold = Some(0);
+        let mut u = pool::begin(PolicyKind::Ai, &p, &State::default(), &inputs);
+        u.proposal = vec![0.0, 1234.0, 2.0];
+        round(&mut u);
+        assert_eq!(u.after, vec![0, 1230, 10], "never below one quantum");
+        u.after = vec![0, 0, 0];
+        keep_a_backend(&mut u);
+        assert_eq!(
+            u.after,
+            vec![0, 10, 0],
+            "the first free backend, not the held one"
+        );
+        assert_eq!(u.notes[1], vec![Note::KeptForTheVip]);
+    }
+}

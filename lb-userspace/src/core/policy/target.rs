@@ -110,3 +110,54 @@ pub(super) fn weighted_median(values: &[Option<f64>], weights: &[u32]) -> Option
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_within_the_band_changes_nothing_and_beyond_it_scales() {
+        let p = Params::default();
+        assert_eq!(latency_factor(&p, 1.0), 1.0);
+        assert_eq!(latency_factor(&p, 2.9), 1.0);
+        assert_eq!(latency_factor(&p, 1.0 / 2.9), 1.0);
+        // Four times slower than the reference: a third of the band's edge.
+        assert!((latency_factor(&p, 0.25) - 0.75).abs() < 1e-12);
+        assert!((latency_factor(&p, 6.0) - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_weighted_median_ignores_unknown_and_weightless_values() {
+        let v = [Some(1.0), Some(10.0), None, Some(100.0)];
+        assert_eq!(weighted_median(&v, &[1, 1, 50, 1]), Some(10.0));
+        assert_eq!(weighted_median(&v, &[5, 1, 0, 1]), Some(1.0));
+        assert_eq!(weighted_median(&[None, Some(2.0)], &[1, 0]), None);
+    }
+
+    #[test]
+    fn initial_weights_follow_the_policy() {
+        let p = Params {
+            scale: 600,
+            unit: 10,
+            ..Params::default()
+        };
+        let inputs: Vec<Input> = [1, 2, 3]
+            .map(|w| Input {
+                configured_weight: w,
+                ..Input::default()
+            })
+            .to_vec();
+        assert_eq!(
+            initial_weights(PolicyKind::Equal, &p, &inputs),
+            vec![10, 10, 10]
+        );
+        assert_eq!(
+            initial_weights(PolicyKind::Static, &p, &inputs),
+            vec![10, 20, 30]
+        );
+        assert_eq!(
+            initial_weights(PolicyKind::Ai, &p, &inputs),
+            vec![100, 200, 300]
+        );
+    }
+}
