@@ -21,8 +21,8 @@
 //!   until predictions are within the band.
 //!
 //! # Stages
-//! One update runs these stages in this order, each a module of its own (the order
-//! docs/CONFIG.md explains them in):
+//! One update runs these stages in this order, each a module of its own
+//! (docs/CONFIG.md explains each for operators, "What `reactive` and `ai` aim at"):
 //! 1. [`pool`]: what each backend holds; operator holds win outright, unhealthy
 //!    backends get 0 at once (safety beats the move budget); `static` and `equal`
 //!    stop here, exact.
