@@ -127,6 +127,24 @@ fn yes() -> bool {
     true
 }
 
+/// The text of an error and its causes, each said once: `a: b: c`, leaving out a
+/// cause whose text is already part of what was said (many errors include their
+/// source in their own message, and `{:#}` would repeat it). What `lb` prints after
+/// `lb: error:` and what the agent answers with.
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +184,69 @@ mod tests {
                 "accepted {bad}"
             );
         }
+    }
+
+    /// An error whose message already says its source, as many library errors do.
+    #[derive(Debug)]
+    struct Says(String, Option<Box<Says>>);
+
+    impl std::fmt::Display for Says {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Says {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|s| s as _)
+        }
+    }
+
+    fn chain(messages: &[&str]) -> Says {
+        let mut error: Option<Box<Says>> = None;
+        for m in messages.iter().rev() {
+            error = Some(Box::new(Says(m.to_string(), error)));
+        }
+        *error.unwrap()
+    }
+
+    #[test]
+    fn an_error_chain_says_each_message_once() {
+        let e = chain(&[
+            "reading /etc/lb.toml",
+            "No such file or directory (os error 2)",
+            "No such file or directory (os error 2)",
+        ]);
+        assert_eq!(
+            error_text(&e),
+            "reading /etc/lb.toml: No such file or directory (os error 2)"
+        );
+        let e = chain(&[
+            "`bpf_link_create` failed: Invalid argument (os error 22)",
+            "`bpf_link_create` failed",
+            "Invalid argument (os error 22)",
+        ]);
+        assert_eq!(
+            error_text(&e),
+            "`bpf_link_create` failed: Invalid argument (os error 22)"
+        );
+        let e = chain(&["attaching to eth0", "`bpf_link_create` failed", "EINVAL"]);
+        assert_eq!(
+            error_text(&e),
+            "attaching to eth0: `bpf_link_create` failed: EINVAL"
+        );
+        assert_eq!(error_text(&chain(&["alone"])), "alone");
+    }
+
+    #[test]
+    fn error_text_dedups_an_anyhow_context_too() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(io)
+            .context(format!(
+                "{}",
+                std::io::Error::from(std::io::ErrorKind::NotFound)
+            ))
+            .context("reading lb.toml");
+        assert_eq!(error_text(e.as_ref()), "reading lb.toml: entity not found");
     }
 }

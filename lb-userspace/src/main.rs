@@ -237,7 +237,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb: error: {e:#}");
+            eprintln!("lb: error: {}", lb_userspace::api::error_text(e.as_ref()));
             let config_error = e
                 .downcast_ref::<lb_userspace::config::ConfigError>()
                 .is_some();

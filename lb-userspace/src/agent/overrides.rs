@@ -92,7 +92,7 @@ impl Agent {
         };
         match result {
             Ok(value) => Response::ok(value),
-            Err(e) => Response::error(format!("{e:#}")),
+            Err(e) => Response::error(crate::api::error_text(e.as_ref())),
         }
     }
 
@@ -223,7 +223,7 @@ impl Agent {
             result
                 .as_ref()
                 .map(|_| ())
-                .map_err(|e: &anyhow::Error| format!("{e:#}")),
+                .map_err(|e: &anyhow::Error| crate::api::error_text(e.as_ref())),
         ));
         result
     }
