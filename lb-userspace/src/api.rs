@@ -62,13 +62,14 @@ pub enum Request {
         #[serde(default)]
         vip: Option<String>,
     },
-    /// No new flows to the backend; established flows continue. [`Change`].
+    /// No new flows to the backend; established flows continue. Asking again for a
+    /// drained backend changes nothing and is not an error. [`Change`].
     Drain {
         backend: IpAddr,
         #[serde(default)]
         vip: Option<String>,
     },
-    /// Undo `drain`. [`Change`].
+    /// Undo `drain`; a backend that is not drained is left as it is. [`Change`].
     Undrain {
         backend: IpAddr,
         #[serde(default)]

@@ -34,6 +34,17 @@ pub(super) enum Override {
     Drain,
 }
 
+impl Override {
+    /// The hold in words, as a request that asks for it again is told: `set to 5`.
+    fn words(self) -> String {
+        match self {
+            Override::Set(w) => format!("set to {w}"),
+            Override::Pin(w) => format!("pinned at {w}"),
+            Override::Drain => "drained".to_owned(),
+        }
+    }
+}
+
 /// Who decides a backend's weight, given its hold (if any).
 pub(super) fn control_of(hold: Option<&Override>) -> Control {
     match hold {
@@ -142,7 +153,8 @@ impl Agent {
         }
     }
 
-    /// Places (`Some`) or drops (`None`) a hold on one backend.
+    /// Places (`Some`) or drops (`None`) a hold on one backend. Asking for the hold
+    /// that is already there changes nothing and says so.
     fn override_weight(
         &mut self,
         backend: IpAddr,
@@ -161,6 +173,15 @@ impl Agent {
             Some(Override::Drain) => "drained".to_owned(),
             None => "weight given back to the policy".to_owned(),
         };
+        match (self.overrides.get(&key).copied(), o) {
+            (Some(held), Some(asked)) if held == asked => {
+                return Ok(self.unchanged(action, key, format!("already {}", held.words())));
+            }
+            (None, None) => {
+                return Ok(self.unchanged(action, key, "already decided by the policy".into()));
+            }
+            _ => {}
+        }
         self.change_overrides(action, key, |overrides| match o {
             Some(o) => {
                 overrides.insert(key, o);
@@ -171,15 +192,28 @@ impl Agent {
         })
     }
 
-    /// Ends a drain.
+    /// Ends a drain; a backend that is not drained is left as it is.
     fn undrain(&mut self, backend: IpAddr, vip: Option<String>) -> anyhow::Result<Change> {
         let key = self.find(backend, vip.as_deref())?;
-        if self.overrides.get(&key) != Some(&Override::Drain) {
-            bail!("backend {backend} is not drained");
+        let action = "undrained".to_owned();
+        match self.overrides.get(&key) {
+            Some(Override::Drain) => self.change_overrides(action, key, |o| {
+                o.remove(&key);
+            }),
+            None => Ok(self.unchanged(action, key, "not drained".into())),
+            Some(&held) => {
+                Ok(self.unchanged(action, key, format!("not drained ({})", held.words())))
+            }
         }
-        self.change_overrides("undrained".to_owned(), key, |o| {
-            o.remove(&key);
-        })
+    }
+
+    /// The answer to a request that asked for what already holds.
+    fn unchanged(&self, action: String, key: (VipKey, IpAddr), note: String) -> Change {
+        let side = self.side();
+        Change {
+            note: Some(note),
+            ..change::between(action, &side, &side, Some(key))
+        }
     }
 
     /// The agent's state as a [`Change`] compares it.

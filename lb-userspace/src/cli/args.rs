@@ -107,9 +107,10 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: WeightCommand,
     },
-    /// Stop sending new flows to a backend; established flows continue.
+    /// Stop sending new flows to a backend; established flows continue. Draining a
+    /// drained backend changes nothing and succeeds.
     Drain(Target),
-    /// Undo `drain`.
+    /// Undo `drain`. A backend that is not drained is left as it is.
     Undrain(Target),
     /// Which inputs produced each backend's weight.
     Explain(Format),
