@@ -85,6 +85,21 @@ pub enum Request {
     Reload,
 }
 
+impl Request {
+    /// Whether the request changes what the agent does (as opposed to reading it).
+    pub fn changes_state(&self) -> bool {
+        matches!(
+            self,
+            Request::WeightSet { .. }
+                | Request::WeightPin { .. }
+                | Request::WeightAuto { .. }
+                | Request::Drain { .. }
+                | Request::Undrain { .. }
+                | Request::Reload
+        )
+    }
+}
+
 /// The request as the `lb` command that sends it: `weight set 198.18.0.11 5`.
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

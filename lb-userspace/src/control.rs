@@ -1,7 +1,8 @@
 //! The control socket: a Unix socket, root-only (mode 0600, in a 0700 directory),
 //! one JSON request line and one JSON response line per connection (see [`api`]).
 //! The agent's loop calls [`bind`] and [`serve`]; the `lb` command line calls
-//! [`request`].
+//! [`request`]. Every request that changes something is logged with who sent it
+//! (the peer's uid and pid), what it asked and how it ended.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -15,6 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use log::{debug, info, warn};
 use serde::de::DeserializeOwned;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
@@ -97,13 +99,17 @@ pub async fn serve(listener: UnixListener, agent: mpsc::Sender<Job>) {
         };
         let agent = agent.clone();
         tokio::spawn(async move {
+            let peer = Peer::of(&stream);
             let (read, mut write) = stream.into_split();
-            let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
-                Err(_) => Response::error("no request within 5 s"),
-                Ok(Err(message)) => Response::error(message),
-                Ok(Ok(request)) => {
+            let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
+                Err(_) => Err("no request within 5 s".to_owned()),
+                Ok(result) => result,
+            };
+            let response = match &request {
+                Err(message) => Response::error(message.clone()),
+                Ok(request) => {
                     let (tx, rx) = oneshot::channel();
-                    if agent.send((request, tx)).await.is_err() {
+                    if agent.send((request.clone(), tx)).await.is_err() {
                         Response::error("the agent is shutting down")
                     } else {
                         rx.await
@@ -111,10 +117,64 @@ pub async fn serve(listener: UnixListener, agent: mpsc::Sender<Job>) {
                     }
                 }
             };
+            log_request(&peer, &request, &response);
             let mut line = serde_json::to_vec(&response).unwrap_or_default();
             line.push(b'\n');
             let _ = write.write_all(&line).await;
         });
+    }
+}
+
+/// Who is on the other end of a connection, by the kernel's word (SO_PEERCRED).
+struct Peer {
+    uid: Option<u32>,
+    pid: Option<i32>,
+}
+
+impl Peer {
+    fn of(stream: &tokio::net::UnixStream) -> Peer {
+        match stream.peer_cred() {
+            Ok(cred) => Peer {
+                uid: Some(cred.uid()),
+                pid: cred.pid(),
+            },
+            Err(_) => Peer {
+                uid: None,
+                pid: None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or_unknown = |v: Option<String>| v.unwrap_or_else(|| "?".to_owned());
+        write!(
+            f,
+            "uid {} pid {}",
+            or_unknown(self.uid.map(|u| u.to_string())),
+            or_unknown(self.pid.map(|p| p.to_string()))
+        )
+    }
+}
+
+/// One line in the agent's log per request: `info` for one that changes something
+/// (an operator action), `warn` for one that was refused or could not be read,
+/// `debug` for a read (`lb top` asks every second).
+fn log_request(peer: &Peer, request: &Result<Request, String>, response: &Response<Answer>) {
+    match (request, response) {
+        (Err(message), _) => warn!("control: {peer}: unreadable request: {message}"),
+        (Ok(request), Response::Error { error, .. }) => {
+            warn!("control: {peer}: {request}: refused: {error}")
+        }
+        (Ok(request), Response::Ok { result, .. }) if request.changes_state() => {
+            let outcome = match result {
+                Answer::Change(change) => crate::cli::change::lines(change).join("; "),
+                _ => "done".to_owned(),
+            };
+            info!("control: {peer}: {request}: ok: {outcome}")
+        }
+        (Ok(request), Response::Ok { .. }) => debug!("control: {peer}: {request}: ok"),
     }
 }
 
