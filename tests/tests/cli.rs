@@ -2,7 +2,8 @@
 //! XDP program: every read command into a closed pipe ends quietly; every command
 //! takes `--json` and prints JSON; `drain` and `undrain` succeed when repeated and say
 //! what moved; each operator action leaves one line in the agent's log naming who,
-//! what and how it ended; text output is text, aligned; errors say each cause once.
+//! what and how it ended; text output is text, aligned; errors say each cause once;
+//! docs/OPERATING.md shows every command its generator runs.
 
 use std::{
     os::unix::process::ExitStatusExt,
@@ -319,5 +320,21 @@ fn an_error_says_each_cause_once() {
     assert_eq!(
         stderr.trim_end(),
         "lb: error: the agent is not running (nothing answers on /nonexistent/lb.sock)"
+    );
+}
+
+#[test]
+fn operating_doc_shows_every_command_it_is_generated_from() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/OPERATING.md");
+    let doc = std::fs::read_to_string(path).unwrap();
+    for command in operating::shown_commands() {
+        assert!(
+            doc.contains(&format!("$ {command}\n")),
+            "no `{command}` in {path}"
+        );
+    }
+    assert!(
+        doc.contains(operating::REGENERATE),
+        "{path} does not say how to regenerate it"
     );
 }
