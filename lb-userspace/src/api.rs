@@ -1,10 +1,17 @@
-//! The control API: versioned JSON requests and responses over the agent's Unix
-//! socket, one line each way per connection. Used by the agent (`control`) and by
-//! the `lb` command line; every request is validated by the agent before it acts.
+//! The control API: versioned JSON requests and typed answers over the agent's Unix
+//! socket, one line each way per connection. The agent (`agent::overrides`,
+//! `agent::views`) builds the answers, [`crate::control`] carries them, and the `lb`
+//! command line ([`crate::cli`]) reads them back into the same types; every request is
+//! validated by the agent before it acts.
+//!
+//! The answers' JSON is what `lb ... --json` prints, so their field names are an
+//! interface: scripts and the end-to-end tests read them.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::core::policy::PolicyKind;
 
 /// The protocol version this build speaks. A request of another version is refused.
 pub const VERSION: u32 = 1;
@@ -23,71 +30,144 @@ pub struct Envelope {
 
 /// What the caller asks for. A backend is named by its address, and by its VIP
 /// (`198.18.1.1:80/tcp`, `[fd00::1]:80/tcp`) when the address serves more than one.
+/// Each request's answer is named in its doc.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// The agent's state: instance, interface, VIPs, counters, last reload.
+    /// The agent's state: instance, interface, VIPs, counters, last reload. [`Status`].
     Status,
-    /// Configured VIPs.
+    /// Configured VIPs. A list of [`VipView`].
     VipList,
-    /// Every backend with its weights and counters.
+    /// Every backend with its weights and counters. A list of [`BackendView`].
     BackendList,
-    /// Counters, with the agent's clock, for rates.
+    /// Counters, with the agent's clock, for rates. [`Stats`].
     Stats,
-    /// Hold `weight` until `auto` or the next reload.
+    /// Hold `weight` until `auto` or the next reload. [`Change`].
     WeightSet {
         backend: IpAddr,
         #[serde(default)]
         vip: Option<String>,
         weight: u32,
     },
-    /// Hold `weight` across reloads until `auto`.
+    /// Hold `weight` across reloads until `auto`. [`Change`].
     WeightPin {
         backend: IpAddr,
         #[serde(default)]
         vip: Option<String>,
         weight: u32,
     },
-    /// Give the weight back to the policy (drops a pin, a set or a drain).
+    /// Give the weight back to the policy (drops a pin, a set or a drain). [`Change`].
     WeightAuto {
         backend: IpAddr,
         #[serde(default)]
         vip: Option<String>,
     },
-    /// No new flows to the backend; established flows continue.
+    /// No new flows to the backend; established flows continue. Asking again for a
+    /// drained backend changes nothing and is not an error. [`Change`].
     Drain {
         backend: IpAddr,
         #[serde(default)]
         vip: Option<String>,
     },
-    /// Undo `drain`.
+    /// Undo `drain`; a backend that is not drained is left as it is. [`Change`].
     Undrain {
         backend: IpAddr,
         #[serde(default)]
         vip: Option<String>,
     },
-    /// Which inputs produced each backend's weight.
+    /// Which inputs produced each backend's weight. A list of [`Explanation`].
     Explain,
     /// Each VIP's lookup table as the datapath reads it now: size, backend slot
-    /// counts and a digest of its bytes (two LBs with one config must agree).
+    /// counts and a digest of its bytes (two LBs with one config must agree). A list
+    /// of [`TableView`].
     Tables,
-    /// Re-read the configuration file; apply it completely or not at all.
+    /// Re-read the configuration file; apply it completely or not at all. [`Change`].
     Reload,
 }
 
-/// The answer.
+impl Request {
+    /// Whether the request changes what the agent does (as opposed to reading it).
+    pub fn changes_state(&self) -> bool {
+        matches!(
+            self,
+            Request::WeightSet { .. }
+                | Request::WeightPin { .. }
+                | Request::WeightAuto { .. }
+                | Request::Drain { .. }
+                | Request::Undrain { .. }
+                | Request::Reload
+        )
+    }
+}
+
+/// The request as the `lb` command that sends it: `weight set 198.18.0.11 5`.
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let target = |f: &mut fmt::Formatter<'_>, backend: &IpAddr, vip: &Option<String>| {
+            write!(f, " {backend}")?;
+            match vip {
+                Some(vip) => write!(f, " --vip {vip}"),
+                None => Ok(()),
+            }
+        };
+        match self {
+            Request::Status => f.write_str("status"),
+            Request::VipList => f.write_str("vip list"),
+            Request::BackendList => f.write_str("backend list"),
+            Request::Stats => f.write_str("stats"),
+            Request::Explain => f.write_str("explain"),
+            Request::Tables => f.write_str("tables"),
+            Request::Reload => f.write_str("reload"),
+            Request::WeightSet {
+                backend,
+                vip,
+                weight,
+            } => {
+                f.write_str("weight set")?;
+                target(f, backend, vip)?;
+                write!(f, " {weight}")
+            }
+            Request::WeightPin {
+                backend,
+                vip,
+                weight,
+            } => {
+                f.write_str("weight pin")?;
+                target(f, backend, vip)?;
+                write!(f, " {weight}")
+            }
+            Request::WeightAuto { backend, vip } => {
+                f.write_str("weight auto")?;
+                target(f, backend, vip)
+            }
+            Request::Drain { backend, vip } => {
+                f.write_str("drain")?;
+                target(f, backend, vip)
+            }
+            Request::Undrain { backend, vip } => {
+                f.write_str("undrain")?;
+                target(f, backend, vip)
+            }
+        }
+    }
+}
+
+/// The answer, as sent on the socket: `{"ok":true,"result":...}` with the request's
+/// answer type as `T`, or `{"ok":false,"error":"..."}`. The agent sends
+/// `Response<Answer>`; a reader that does not know the request reads
+/// `Response<serde_json::Value>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum Response {
-    Ok { ok: bool, result: serde_json::Value },
+pub enum Response<T = serde_json::Value> {
+    Ok { ok: bool, result: T },
     Error { ok: bool, error: String },
 }
 
-impl Response {
-    pub fn ok(result: serde_json::Value) -> Response {
+impl<T> Response<T> {
+    pub fn ok(result: T) -> Response<T> {
         Response::Ok { ok: true, result }
     }
-    pub fn error(message: impl Into<String>) -> Response {
+    pub fn error(message: impl Into<String>) -> Response<T> {
         Response::Error {
             ok: false,
             error: message.into(),
@@ -95,7 +175,152 @@ impl Response {
     }
 }
 
-/// One backend, as `backend list` and `status` show it.
+/// Every answer the agent gives, serialized as the answer itself (no tag): which one
+/// comes back is decided by the request (see [`Request`]'s docs).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Status(Box<Status>),
+    Vips(Vec<VipView>),
+    Backends(Vec<BackendView>),
+    Stats(Stats),
+    Explain(Vec<Explanation>),
+    Tables(Vec<TableView>),
+    Change(Change),
+}
+
+/// `status`: the agent and its datapath at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub instance: String,
+    pub iface: String,
+    /// The configuration file.
+    pub config: PathBuf,
+    pub uptime_seconds: u64,
+    /// Configured VIPs.
+    pub vips: usize,
+    /// Backends of all VIPs.
+    pub backends: usize,
+    /// The VIPs' policies, comma-separated, each once.
+    pub policy: String,
+    pub model: ModelStatus,
+    /// The last reload (SIGHUP or `lb reload`), if any.
+    pub last_reload: Option<ReloadOutcome>,
+    /// The datapath's counters since it was loaded.
+    pub datapath: DatapathCounters,
+}
+
+/// The load models' state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// Fits that failed since the agent started (the last good model stays in use).
+    pub fit_failures: u64,
+    /// How long the last successful fit took, in seconds.
+    pub last_fit_seconds: Option<f64>,
+    /// Addresses of the backends whose health probes fail now.
+    pub unhealthy_backends: Vec<String>,
+}
+
+/// How the last reload went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    pub seconds_ago: u64,
+    pub ok: bool,
+    /// Why it was refused (nothing changed then).
+    pub error: Option<String>,
+}
+
+/// The datapath's global counters (`lb_common::types::GlobalStats`), by name; all
+/// count frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathCounters {
+    pub rx_frames: u64,
+    pub tx: u64,
+    pub tx_encap: u64,
+    pub conn_hit: u64,
+    pub conn_miss_syn: u64,
+    pub conn_miss_non_syn: u64,
+    pub conn_insert_failed: u64,
+    pub pass_not_ip: u64,
+    pub pass_not_vip: u64,
+    pub pass_fragment: u64,
+    pub pass_truncated: u64,
+    pub pass_malformed: u64,
+    pub pass_ipv6_extension: u64,
+    pub pass_icmp_other: u64,
+    pub ipv4_options: u64,
+    pub icmp_echo_reply: u64,
+    pub icmp_error_forwarded: u64,
+    pub drop_no_backend: u64,
+    pub drop_encap_failed: u64,
+}
+
+impl From<&lb_common::types::GlobalStats> for DatapathCounters {
+    fn from(s: &lb_common::types::GlobalStats) -> DatapathCounters {
+        DatapathCounters {
+            rx_frames: s.rx_frames,
+            tx: s.tx,
+            tx_encap: s.tx_encap,
+            conn_hit: s.conn_hit,
+            conn_miss_syn: s.conn_miss_syn,
+            conn_miss_non_syn: s.conn_miss_non_syn,
+            conn_insert_failed: s.conn_insert_failed,
+            pass_not_ip: s.pass_not_ip,
+            pass_not_vip: s.pass_not_vip,
+            pass_fragment: s.pass_fragment,
+            pass_truncated: s.pass_truncated,
+            pass_malformed: s.pass_malformed,
+            pass_ipv6_extension: s.pass_ipv6_extension,
+            pass_icmp_other: s.pass_icmp_other,
+            ipv4_options: s.ipv4_options,
+            icmp_echo_reply: s.icmp_echo_reply,
+            icmp_error_forwarded: s.icmp_error_forwarded,
+            drop_no_backend: s.drop_no_backend,
+            drop_encap_failed: s.drop_encap_failed,
+        }
+    }
+}
+
+/// One configured VIP, as `vip list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipView {
+    /// `198.18.1.1:80/tcp`.
+    pub vip: String,
+    /// `dsr` or `ipip`.
+    pub forwarding: String,
+    /// `5-tuple` or `source`.
+    pub hash: String,
+    /// Slots of its lookup table.
+    pub table_size: u32,
+    pub backends: usize,
+}
+
+/// Who decides a backend's weight now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Control {
+    /// The VIP's policy.
+    Policy,
+    /// `weight set`: held until `weight auto` or the next reload.
+    Set,
+    /// `weight pin`: held across reloads until `weight auto`.
+    Pinned,
+    /// `drain`: 0 until `undrain` or `weight auto`.
+    Drained,
+}
+
+impl fmt::Display for Control {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Control::Policy => "policy",
+            Control::Set => "set",
+            Control::Pinned => "pinned",
+            Control::Drained => "drained",
+        })
+    }
+}
+
+/// One backend, as `backend list` and `stats` show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendView {
     pub vip: String,
@@ -104,10 +329,13 @@ pub struct BackendView {
     pub configured_weight: u32,
     /// The weight in force, in the same units as the configured weight.
     pub weight: f64,
-    /// `pinned`, `set`, `drained`, or `policy`.
-    pub control: String,
+    /// Who decides the weight now.
+    pub control: Control,
+    /// Frames forwarded to it since the datapath was loaded.
     pub packets: u64,
+    /// Bytes forwarded to it.
     pub bytes: u64,
+    /// New flows sent to it.
     pub new_flows: u64,
     /// Health by the probes (true when the VIP has no `[vip.health]`).
     #[serde(default = "yes")]
@@ -125,6 +353,142 @@ pub struct BackendView {
 
 fn yes() -> bool {
     true
+}
+
+/// `stats`: counters and the agent's clock, so that two answers give rates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Milliseconds since the agent started.
+    pub uptime_ms: u64,
+    pub datapath: DatapathCounters,
+    pub backends: Vec<BackendView>,
+}
+
+/// One VIP's lookup table as the datapath reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableView {
+    pub vip: String,
+    /// Slots.
+    pub size: usize,
+    /// FNV-1a 64 over the slots as little-endian u32 backend ids, in hex.
+    pub digest: String,
+    /// Slots per backend address.
+    pub slots: BTreeMap<String, usize>,
+}
+
+/// Why one backend has its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub vip: String,
+    pub backend: IpAddr,
+    /// The VIP's policy.
+    pub policy: Option<PolicyKind>,
+    pub inputs: ExplainInputs,
+    /// The weight before the policy's last update, in configured units.
+    pub weight_before: Option<f64>,
+    /// The weight in force, in configured units.
+    pub weight: f64,
+    /// Policy units per configured weight unit: the policy works in finer steps, and
+    /// the figures in `why` are in its units (weight 1 is this many of them).
+    pub policy_units_per_weight: u32,
+    /// The deciding stage and what later stages did, in words (figures in policy
+    /// units), or the operator's hold.
+    pub why: String,
+}
+
+/// What the policy decided a backend's weight from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExplainInputs {
+    pub configured_weight: u32,
+    /// Who decides the weight now.
+    #[serde(rename = "override")]
+    pub control: Control,
+    /// The predicted latency the policy used, in seconds.
+    pub predicted_latency_s: Option<f64>,
+    /// Which predictor made it.
+    pub predictor: Option<String>,
+}
+
+/// What a setting command (`weight set|pin|auto`, `drain`, `undrain`, `reload`) did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// What was done, in words: `drained`, `configuration reloaded from lb.toml`.
+    pub action: String,
+    /// False when the request asked for what already held: nothing was written.
+    pub changed: bool,
+    /// Why nothing changed (`already drained`), when `changed` is false.
+    pub note: Option<String>,
+    /// Every backend whose weight or hold changed, or that came or went.
+    pub backends: Vec<BackendChange>,
+    /// Every VIP whose lookup table changed, or that came or went.
+    pub vips: Vec<VipChange>,
+}
+
+/// One backend's part in a [`Change`]. Weights in configured units; `None` where the
+/// backend did not exist (before a reload added it, after one removed it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendChange {
+    pub vip: String,
+    pub backend: IpAddr,
+    /// The backend the request named (listed even when nothing about it changed).
+    pub named: bool,
+    pub weight_before: Option<f64>,
+    pub weight: Option<f64>,
+    pub control_before: Option<Control>,
+    pub control: Option<Control>,
+    /// Slots of its VIP's lookup table it held before and holds now.
+    pub slots_before: usize,
+    pub slots: usize,
+    /// Slots it gave up, by the backend that holds them now (most first).
+    pub moved_to: Vec<SlotMove>,
+    /// Slots it took over, by the backend that held them (most first).
+    pub moved_from: Vec<SlotMove>,
+}
+
+/// Slots that went from one backend to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotMove {
+    pub backend: IpAddr,
+    pub slots: usize,
+}
+
+/// One VIP's part in a [`Change`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipChange {
+    pub vip: String,
+    /// `added`, `removed` or `changed`.
+    pub change: VipChangeKind,
+    /// Slots of its lookup table (now, or before it was removed).
+    pub size: usize,
+    /// Slots whose backend differs between the table before and after.
+    pub slots_moved: usize,
+}
+
+/// What happened to a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VipChangeKind {
+    Added,
+    Removed,
+    Changed,
+}
+
+/// The text of an error and its causes, each said once: `a: b: c`, leaving out a
+/// cause whose text is already part of what was said (many errors include their
+/// source in their own message, and `{:#}` would repeat it). What `lb` prints after
+/// `lb: error:` and what the agent answers with.
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -148,6 +512,10 @@ mod tests {
         assert_eq!(serde_json::from_str::<Envelope>(&back).unwrap(), env);
         let status: Envelope = serde_json::from_str(r#"{"version":1,"request":"status"}"#).unwrap();
         assert_eq!(status.request, Request::Status);
+        assert_eq!(
+            env.request.to_string(),
+            "weight set 198.18.0.11 --vip 198.18.1.1:80/tcp 5"
+        );
     }
 
     #[test]
@@ -166,5 +534,144 @@ mod tests {
                 "accepted {bad}"
             );
         }
+    }
+
+    /// The field names scripts and the end-to-end tests read from `lb status --json`
+    /// and `lb backend list --json`.
+    #[test]
+    fn answers_keep_the_field_names_their_readers_use() {
+        let status = serde_json::to_value(Status::default()).unwrap();
+        for path in [
+            "/instance",
+            "/datapath/conn_miss_non_syn",
+            "/datapath/tx",
+            "/model/unhealthy_backends",
+            "/model/fit_failures",
+            "/model/last_fit_seconds",
+            "/last_reload",
+        ] {
+            assert!(status.pointer(path).is_some(), "no {path} in {status}");
+        }
+        let backend = BackendView {
+            vip: "198.18.1.1:80/tcp".into(),
+            backend: "198.18.0.11".parse().unwrap(),
+            mac: "02:00:00:00:00:11".into(),
+            configured_weight: 1,
+            weight: 5.0,
+            control: Control::Set,
+            packets: 1,
+            bytes: 2,
+            new_flows: 3,
+            healthy: true,
+            latency_ms: Some(1.5),
+            predicted_ms: None,
+            predictor: None,
+        };
+        let text = serde_json::to_string_pretty(&[&backend]).unwrap();
+        assert!(text.contains("\"weight\": 5"), "{text}");
+        assert!(text.contains("\"control\": \"set\""), "{text}");
+        let value = serde_json::to_value(&backend).unwrap();
+        for key in [
+            "backend",
+            "weight",
+            "new_flows",
+            "packets",
+            "healthy",
+            "latency_ms",
+            "predicted_ms",
+        ] {
+            assert!(value.get(key).is_some(), "no {key} in {value}");
+        }
+        assert_eq!(
+            serde_json::from_value::<BackendView>(value).unwrap(),
+            backend
+        );
+    }
+
+    #[test]
+    fn a_typed_answer_reads_back_as_its_type_and_as_json() {
+        let answer = Response::ok(Answer::Change(Change {
+            action: "drained".into(),
+            changed: false,
+            note: Some("already drained".into()),
+            ..Change::default()
+        }));
+        let line = serde_json::to_string(&answer).unwrap();
+        let typed: Response<Change> = serde_json::from_str(&line).unwrap();
+        match typed {
+            Response::Ok { ok, result } => {
+                assert!(ok);
+                assert_eq!(result.note.as_deref(), Some("already drained"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused: Response<Change> =
+            serde_json::from_str(r#"{"ok":false,"error":"no"}"#).unwrap();
+        assert_eq!(refused, Response::error("no"));
+        assert!(serde_json::from_str::<Response>(&line).is_ok());
+    }
+
+    /// An error whose message already says its source, as many library errors do.
+    #[derive(Debug)]
+    struct Says(String, Option<Box<Says>>);
+
+    impl fmt::Display for Says {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Says {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|s| s as _)
+        }
+    }
+
+    fn chain(messages: &[&str]) -> Says {
+        let mut error: Option<Box<Says>> = None;
+        for m in messages.iter().rev() {
+            error = Some(Box::new(Says(m.to_string(), error)));
+        }
+        *error.unwrap()
+    }
+
+    #[test]
+    fn an_error_chain_says_each_message_once() {
+        let e = chain(&[
+            "reading /etc/lb.toml",
+            "No such file or directory (os error 2)",
+            "No such file or directory (os error 2)",
+        ]);
+        assert_eq!(
+            error_text(&e),
+            "reading /etc/lb.toml: No such file or directory (os error 2)"
+        );
+        let e = chain(&[
+            "`bpf_link_create` failed: Invalid argument (os error 22)",
+            "`bpf_link_create` failed",
+            "Invalid argument (os error 22)",
+        ]);
+        assert_eq!(
+            error_text(&e),
+            "`bpf_link_create` failed: Invalid argument (os error 22)"
+        );
+        let e = chain(&["attaching to eth0", "`bpf_link_create` failed", "EINVAL"]);
+        assert_eq!(
+            error_text(&e),
+            "attaching to eth0: `bpf_link_create` failed: EINVAL"
+        );
+        assert_eq!(error_text(&chain(&["alone"])), "alone");
+    }
+
+    #[test]
+    fn error_text_dedups_an_anyhow_context_too() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(io)
+            .context(format!(
+                "{}",
+                std::io::Error::from(std::io::ErrorKind::NotFound)
+            ))
+            .context("reading lb.toml");
+        assert_eq!(error_text(e.as_ref()), "reading lb.toml: entity not found");
     }
 }

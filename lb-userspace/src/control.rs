@@ -1,7 +1,8 @@
 //! The control socket: a Unix socket, root-only (mode 0600, in a 0700 directory),
 //! one JSON request line and one JSON response line per connection (see [`api`]).
 //! The agent's loop calls [`bind`] and [`serve`]; the `lb` command line calls
-//! [`request`].
+//! [`request`]. Every request that changes something is logged with who sent it
+//! (the peer's uid and pid), what it asked and how it ended.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -15,13 +16,15 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use log::{debug, info, warn};
+use serde::de::DeserializeOwned;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
 
-use crate::api::{self, Envelope, MAX_REQUEST, Request, Response, VERSION};
+use crate::api::{Answer, Envelope, MAX_REQUEST, Request, Response, VERSION};
 
 /// The default socket of an instance.
 pub fn default_socket(instance: &str) -> PathBuf {
@@ -32,7 +35,7 @@ pub fn default_socket(instance: &str) -> PathBuf {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A request handed to the agent's loop, with where to send its answer.
-pub type Job = (Request, oneshot::Sender<Response>);
+pub type Job = (Request, oneshot::Sender<Response<Answer>>);
 
 /// Creates the socket, mode 0600, refusing to take over one that another agent
 /// answers on. A missing parent directory is created 0700; an existing one is left
@@ -96,13 +99,17 @@ pub async fn serve(listener: UnixListener, agent: mpsc::Sender<Job>) {
         };
         let agent = agent.clone();
         tokio::spawn(async move {
+            let peer = Peer::of(&stream);
             let (read, mut write) = stream.into_split();
-            let response = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
-                Err(_) => Response::error("no request within 5 s"),
-                Ok(Err(message)) => Response::error(message),
-                Ok(Ok(request)) => {
+            let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
+                Err(_) => Err("no request within 5 s".to_owned()),
+                Ok(result) => result,
+            };
+            let response = match &request {
+                Err(message) => Response::error(message.clone()),
+                Ok(request) => {
                     let (tx, rx) = oneshot::channel();
-                    if agent.send((request, tx)).await.is_err() {
+                    if agent.send((request.clone(), tx)).await.is_err() {
                         Response::error("the agent is shutting down")
                     } else {
                         rx.await
@@ -110,10 +117,64 @@ pub async fn serve(listener: UnixListener, agent: mpsc::Sender<Job>) {
                     }
                 }
             };
+            log_request(&peer, &request, &response);
             let mut line = serde_json::to_vec(&response).unwrap_or_default();
             line.push(b'\n');
             let _ = write.write_all(&line).await;
         });
+    }
+}
+
+/// Who is on the other end of a connection, by the kernel's word (SO_PEERCRED).
+struct Peer {
+    uid: Option<u32>,
+    pid: Option<i32>,
+}
+
+impl Peer {
+    fn of(stream: &tokio::net::UnixStream) -> Peer {
+        match stream.peer_cred() {
+            Ok(cred) => Peer {
+                uid: Some(cred.uid()),
+                pid: cred.pid(),
+            },
+            Err(_) => Peer {
+                uid: None,
+                pid: None,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or_unknown = |v: Option<String>| v.unwrap_or_else(|| "?".to_owned());
+        write!(
+            f,
+            "uid {} pid {}",
+            or_unknown(self.uid.map(|u| u.to_string())),
+            or_unknown(self.pid.map(|p| p.to_string()))
+        )
+    }
+}
+
+/// One line in the agent's log per request: `info` for one that changes something
+/// (an operator action), `warn` for one that was refused or could not be read,
+/// `debug` for a read (`lb top` asks every second).
+fn log_request(peer: &Peer, request: &Result<Request, String>, response: &Response<Answer>) {
+    match (request, response) {
+        (Err(message), _) => warn!("control: {peer}: unreadable request: {message}"),
+        (Ok(request), Response::Error { error, .. }) => {
+            warn!("control: {peer}: {request}: refused: {error}")
+        }
+        (Ok(request), Response::Ok { result, .. }) if request.changes_state() => {
+            let outcome = match result {
+                Answer::Change(change) => crate::cli::change::lines(change).join("; "),
+                _ => "done".to_owned(),
+            };
+            info!("control: {peer}: {request}: ok: {outcome}")
+        }
+        (Ok(request), Response::Ok { .. }) => debug!("control: {peer}: {request}: ok"),
     }
 }
 
@@ -144,50 +205,99 @@ pub fn decode(line: &[u8]) -> Result<Request, String> {
     Ok(envelope.request)
 }
 
-/// Sends `request` to the agent at `socket` and returns its result, or an error
-/// that says why (not running, not allowed, refused).
-pub fn request(socket: &Path, request: Request) -> anyhow::Result<serde_json::Value> {
+/// Why a request to the agent got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "permission denied on {}: the control socket is root-only; run this as root",
+        socket.display()
+    )]
+    PermissionDenied { socket: PathBuf },
+    #[error("the agent is not running (nothing answers on {})", socket.display())]
+    NotRunning { socket: PathBuf },
+    #[error("connecting to {}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent on {}", socket.display())]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent's answer is not what `{request}` expects: {answer:?}")]
+    BadAnswer {
+        request: String,
+        answer: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the agent refused: {message}")]
+    Refused { message: String },
+}
+
+/// Sends `request` to the agent at `socket` and returns its answer, read as `T` (the
+/// answer type named in [`Request`]'s docs), or an error that says why there is none
+/// (not running, not allowed, refused).
+pub fn request<T: DeserializeOwned>(socket: &Path, request: Request) -> Result<T, ClientError> {
+    let io = |source| ClientError::Io {
+        socket: socket.to_owned(),
+        source,
+    };
     let mut stream = match UnixStream::connect(socket) {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-            "permission denied on {}: the control socket is root-only; run this as root",
-            socket.display()
-        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(ClientError::PermissionDenied {
+                socket: socket.to_owned(),
+            });
+        }
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            bail!(
-                "the agent is not running (nothing answers on {})",
-                socket.display()
-            )
+            return Err(ClientError::NotRunning {
+                socket: socket.to_owned(),
+            });
         }
-        Err(e) => return Err(e).with_context(|| format!("connecting to {}", socket.display())),
+        Err(source) => {
+            return Err(ClientError::Connect {
+                socket: socket.to_owned(),
+                source,
+            });
+        }
     };
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let what = request.to_string();
     let mut line = serde_json::to_vec(&Envelope {
         version: VERSION,
         request,
-    })?;
+    })
+    .expect("a request always encodes");
     line.push(b'\n');
-    stream.write_all(&line)?;
+    stream.write_all(&line).map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .context("reading the agent's answer")?;
-    match serde_json::from_str::<api::Response>(&answer)
-        .with_context(|| format!("the agent's answer is not a response: {answer:?}"))?
-    {
-        Response::Ok { result, .. } => Ok(result),
-        Response::Error { error, .. } => bail!("the agent refused: {error}"),
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    match serde_json::from_str::<Response<T>>(&answer) {
+        Ok(Response::Ok { result, .. }) => Ok(result),
+        Ok(Response::Error { error, .. }) => Err(ClientError::Refused { message: error }),
+        Err(source) => Err(ClientError::BadAnswer {
+            request: what,
+            answer,
+            source,
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{Change, Status};
 
     #[test]
     fn decode_checks_version_and_shape() {
@@ -215,17 +325,30 @@ mod tests {
         let server = tokio::spawn(serve(listener, tx));
         let agent = tokio::spawn(async move {
             while let Some((req, reply)) = rx.recv().await {
-                let _ = reply.send(Response::ok(
-                    serde_json::json!({ "echo": format!("{req:?}") }),
-                ));
+                let _ = reply.send(match req {
+                    Request::Status => Response::ok(Answer::Status(Box::new(Status {
+                        instance: "echo".into(),
+                        ..Status::default()
+                    }))),
+                    other => Response::error(format!("not here: {other}")),
+                });
             }
         });
         let p = path.clone();
-        let result = tokio::task::spawn_blocking(move || request(&p, Request::Status))
+        let result: Status = tokio::task::spawn_blocking(move || request(&p, Request::Status))
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(result["echo"], "Status");
+        assert_eq!(result.instance, "echo");
+        let p = path.clone();
+        let refused = tokio::task::spawn_blocking(move || request::<Change>(&p, Request::Reload))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(&refused, ClientError::Refused { message } if message == "not here: reload"),
+            "{refused}"
+        );
         let p = path.clone();
         let big = tokio::task::spawn_blocking(move || {
             let mut s = UnixStream::connect(&p).unwrap();

@@ -12,10 +12,12 @@
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
-//! - [`api`]: the control API's requests and responses.
+//! - [`api`]: the control API's requests and typed answers.
 //! - [`control`]: the control socket (server side for the agent, client for the CLI).
+//! - [`cli`]: the `lb` commands that talk to the agent, and their text and JSON.
 pub mod agent;
 pub mod api;
+pub mod cli;
 pub mod collect;
 pub mod config;
 pub mod control;

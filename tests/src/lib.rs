@@ -10,6 +10,7 @@
 //!   which backend answered.
 //! - [`packet`]: frames built field by field, for the datapath tests.
 //! - [`spread`]: the end-to-end scenario of weighted backends behind the real agent.
+//! - [`operating`]: the `lb` command line against a real agent, and docs/OPERATING.md.
 //! - [`testbed`]: the policy testbed (emulated backends, open-loop load, scenarios S1-S5).
 //! - [`versus`]: the XDP balancer against HAProxy, nginx and no balancer.
 //!
@@ -17,6 +18,7 @@
 //! 198.18.0.0/15 and fd00::/8 only, and has no default route.
 
 pub mod netns;
+pub mod operating;
 pub mod packet;
 pub mod spread;
 pub mod tcp;

@@ -139,19 +139,49 @@ impl Agent {
         }
     }
 
-    /// Everything the agent printed so far.
+    /// Everything the agent printed (standard output and error) since the last call.
     pub fn drain_log(&mut self) -> Vec<String> {
         self.log.try_iter().collect()
+    }
+
+    /// Reads the agent's output until a line satisfies `wanted` or `timeout` passes;
+    /// returns every line read, the matching one last (if any).
+    pub fn wait_for_log(
+        &mut self,
+        wanted: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut lines = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => {
+                    let done = wanted(&line);
+                    lines.push(line);
+                    if done {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        lines
+    }
+
+    /// The command `lb ARGS` against this agent (its instance and socket), to be run
+    /// by the caller (with its own standard output, say).
+    pub fn ctl_command(&self, args: &[&str]) -> Result<std::process::Command> {
+        let mut cmd = std::process::Command::new(lb_binary()?);
+        cmd.args(["--instance", &self.instance, "--socket"])
+            .arg(&self.socket)
+            .args(args);
+        Ok(cmd)
     }
 
     /// Runs `lb ARGS` against this agent (its instance and socket) and returns what
     /// it printed; fails if the command fails.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        let out = std::process::Command::new(lb_binary()?)
-            .args(["--instance", &self.instance, "--socket"])
-            .arg(&self.socket)
-            .args(args)
-            .output()?;
+        let out = self.ctl_command(args)?.output()?;
         ensure!(
             out.status.success(),
             "lb {} failed: {}",
@@ -159,6 +189,11 @@ impl Agent {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The agent's instance name (empty once it was killed or stopped).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The agent's process id.

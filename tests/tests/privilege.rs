@@ -18,7 +18,7 @@ use std::{
 
 use lb_tests::{netns::Netns, spread::lb_binary};
 use lb_userspace::{
-    api::{MAX_REQUEST, Request, Response},
+    api::{Answer, MAX_REQUEST, Request, Response, Status},
     control,
 };
 
@@ -60,7 +60,8 @@ impl Drop for TempDir {
 }
 
 /// The real control socket, served on a runtime of its own, with a stand-in for the
-/// agent's loop that answers `status` (and every other request) with a fixed result.
+/// agent's loop that answers `status` with a fixed result (instance `privilege-test`)
+/// and refuses every other request.
 struct Server {
     dir: TempDir,
     socket: PathBuf,
@@ -92,10 +93,13 @@ impl Server {
         runtime.spawn(control::serve(listener, tx));
         runtime.spawn(async move {
             while let Some((request, reply)) = rx.recv().await {
-                let _ = reply.send(Response::ok(serde_json::json!({
-                    "instance": "privilege-test",
-                    "answered": format!("{request:?}"),
-                })));
+                let _ = reply.send(match request {
+                    Request::Status => Response::ok(Answer::Status(Box::new(Status {
+                        instance: "privilege-test".into(),
+                        ..Status::default()
+                    }))),
+                    other => Response::error(format!("the stand-in answers only status: {other}")),
+                });
             }
         });
         Server {
@@ -202,9 +206,9 @@ fn control_socket_answers_root_and_refuses_others() {
         "root was not answered: {}",
         String::from_utf8_lossy(&root.stderr)
     );
+    // Only a `status` request is answered with this instance.
     let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(answer["instance"], "privilege-test");
-    assert_eq!(answer["answered"], "Status");
+    assert_eq!(answer["instance"], "privilege-test", "{stdout}");
 
     // Nothing about the socket changed: still root's and 0600.
     assert_eq!(mode(&server.socket), 0o600);
@@ -344,9 +348,9 @@ fn a_megabyte_of_garbage_gets_an_error_and_the_agent_keeps_serving() {
         }
         // The agent still answers, through the library and through `lb`.
         let socket = server.socket.clone();
-        let answer = control::request(&socket, Request::Status)
+        let answer: Status = control::request(&socket, Request::Status)
             .unwrap_or_else(|e| panic!("no answer after {what}: {e:#}"));
-        assert_eq!(answer["answered"], "Status");
+        assert_eq!(answer.instance, "privilege-test");
     }
     let out = lb(
         &[

@@ -1,19 +1,22 @@
-//! Operator actions on a running agent: the control socket's requests, the holds
-//! (`weight set`, `weight pin`, `drain`) they place, and `reload`. Each is applied
-//! completely, or refused with nothing changed.
+//! Operator actions on a running agent: the control socket's requests (dispatched
+//! by [`Agent::handle`], called by the loop), the holds (`weight set`, `weight pin`,
+//! `drain`) they place, and `reload`. Each is applied completely, or refused with
+//! nothing changed, and answers with what it changed (see `change`).
+
+mod change;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use anyhow::bail;
 use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, VipKey};
-use serde_json::json;
 
+use self::change::Side;
 use super::{
     Agent,
     tick::{plan, unit, vip_control},
 };
 use crate::{
-    api::{Request, Response},
+    api::{self, Answer, Change, Control, Request, Response},
     config::{Config, MAX_WEIGHT, Vip},
     core::control::VipControl,
     desired::{Desired, Tables, vip_key},
@@ -29,6 +32,27 @@ pub(super) enum Override {
     Pin(u32),
     /// `drain`: weight 0 until `undrain` or `auto`.
     Drain,
+}
+
+impl Override {
+    /// The hold in words, as a request that asks for it again is told: `set to 5`.
+    fn words(self) -> String {
+        match self {
+            Override::Set(w) => format!("set to {w}"),
+            Override::Pin(w) => format!("pinned at {w}"),
+            Override::Drain => "drained".to_owned(),
+        }
+    }
+}
+
+/// Who decides a backend's weight, given its hold (if any).
+pub(super) fn control_of(hold: Option<&Override>) -> Control {
+    match hold {
+        None => Control::Policy,
+        Some(Override::Set(_)) => Control::Set,
+        Some(Override::Pin(_)) => Control::Pinned,
+        Some(Override::Drain) => Control::Drained,
+    }
 }
 
 /// The overrides an earlier agent recorded in the pinned backend entries (their
@@ -58,41 +82,41 @@ pub(super) fn overrides_of(
 }
 
 impl Agent {
-    pub(super) fn handle(&mut self, request: Request) -> Response {
-        let result = match request {
-            Request::Status => Ok(self.status()),
-            Request::VipList => Ok(self.vip_list()),
-            Request::BackendList => Ok(json!(self.backend_views())),
-            Request::Stats => self.stats(),
-            Request::Explain => Ok(self.explain()),
-            Request::Tables => self.tables(),
-            Request::Reload => self.reload().map(|()| json!({"reloaded": true})),
+    /// Answers one control request; a refusal says why, with nothing changed.
+    pub(super) fn handle(&mut self, request: Request) -> Response<Answer> {
+        let answer = match request {
+            Request::Status => Ok(Answer::Status(Box::new(self.status()))),
+            Request::VipList => Ok(Answer::Vips(self.vip_list())),
+            Request::BackendList => Ok(Answer::Backends(self.backend_views())),
+            Request::Stats => self.stats().map(Answer::Stats),
+            Request::Explain => Ok(Answer::Explain(self.explain())),
+            Request::Tables => self.tables().map(Answer::Tables),
+            Request::Reload => self.reload_change().map(Answer::Change),
             Request::WeightSet {
                 backend,
                 vip,
                 weight,
-            } => self.override_weight(backend, vip, Some(Override::Set(weight))),
+            } => self
+                .override_weight(backend, vip, Some(Override::Set(weight)))
+                .map(Answer::Change),
             Request::WeightPin {
                 backend,
                 vip,
                 weight,
-            } => self.override_weight(backend, vip, Some(Override::Pin(weight))),
-            Request::WeightAuto { backend, vip } => self.override_weight(backend, vip, None),
-            Request::Drain { backend, vip } => {
-                self.override_weight(backend, vip, Some(Override::Drain))
+            } => self
+                .override_weight(backend, vip, Some(Override::Pin(weight)))
+                .map(Answer::Change),
+            Request::WeightAuto { backend, vip } => {
+                self.override_weight(backend, vip, None).map(Answer::Change)
             }
-            Request::Undrain { backend, vip } => match self.find(backend, vip.as_deref()) {
-                Ok(key) if self.overrides.get(&key) == Some(&Override::Drain) => self
-                    .change_overrides(|o| {
-                        o.remove(&key);
-                    }),
-                Ok(_) => Err(anyhow::anyhow!("backend {backend} is not drained")),
-                Err(e) => Err(e),
-            },
+            Request::Drain { backend, vip } => self
+                .override_weight(backend, vip, Some(Override::Drain))
+                .map(Answer::Change),
+            Request::Undrain { backend, vip } => self.undrain(backend, vip).map(Answer::Change),
         };
-        match result {
-            Ok(value) => Response::ok(value),
-            Err(e) => Response::error(format!("{e:#}")),
+        match answer {
+            Ok(answer) => Response::ok(answer),
+            Err(e) => Response::error(api::error_text(e.as_ref())),
         }
     }
 
@@ -129,19 +153,36 @@ impl Agent {
         }
     }
 
+    /// Places (`Some`) or drops (`None`) a hold on one backend. Asking for the hold
+    /// that is already there changes nothing and says so.
     fn override_weight(
         &mut self,
         backend: IpAddr,
         vip: Option<String>,
         o: Option<Override>,
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<Change> {
         if let Some(Override::Set(w) | Override::Pin(w)) = o
             && w > MAX_WEIGHT
         {
             bail!("weight {w} is above {MAX_WEIGHT}");
         }
         let key = self.find(backend, vip.as_deref())?;
-        self.change_overrides(|overrides| match o {
+        let action = match o {
+            Some(Override::Set(w)) => format!("weight set to {w}"),
+            Some(Override::Pin(w)) => format!("weight pinned at {w}"),
+            Some(Override::Drain) => "drained".to_owned(),
+            None => "weight given back to the policy".to_owned(),
+        };
+        match (self.overrides.get(&key).copied(), o) {
+            (Some(held), Some(asked)) if held == asked => {
+                return Ok(self.unchanged(action, key, format!("already {}", held.words())));
+            }
+            (None, None) => {
+                return Ok(self.unchanged(action, key, "already decided by the policy".into()));
+            }
+            _ => {}
+        }
+        self.change_overrides(action, key, |overrides| match o {
             Some(o) => {
                 overrides.insert(key, o);
             }
@@ -151,13 +192,48 @@ impl Agent {
         })
     }
 
+    /// Ends a drain; a backend that is not drained is left as it is.
+    fn undrain(&mut self, backend: IpAddr, vip: Option<String>) -> anyhow::Result<Change> {
+        let key = self.find(backend, vip.as_deref())?;
+        let action = "undrained".to_owned();
+        match self.overrides.get(&key) {
+            Some(Override::Drain) => self.change_overrides(action, key, |o| {
+                o.remove(&key);
+            }),
+            None => Ok(self.unchanged(action, key, "not drained".into())),
+            Some(&held) => {
+                Ok(self.unchanged(action, key, format!("not drained ({})", held.words())))
+            }
+        }
+    }
+
+    /// The answer to a request that asked for what already holds.
+    fn unchanged(&self, action: String, key: (VipKey, IpAddr), note: String) -> Change {
+        let side = self.side();
+        Change {
+            note: Some(note),
+            ..change::between(action, &side, &side, Some(key))
+        }
+    }
+
+    /// The agent's state as a [`Change`] compares it.
+    fn side(&self) -> Side<'_> {
+        Side {
+            config: &self.config,
+            desired: &self.desired,
+            overrides: &self.overrides,
+        }
+    }
+
     /// Applies a change of overrides completely, or not at all: the new plan is
     /// computed (and refused if a VIP would be left without weight) before anything
-    /// is written.
+    /// is written. Answers with the weights and table slots that changed.
     fn change_overrides(
         &mut self,
+        action: String,
+        target: (VipKey, IpAddr),
         change: impl FnOnce(&mut BTreeMap<(VipKey, IpAddr), Override>),
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<Change> {
         let mut overrides = self.overrides.clone();
         change(&mut overrides);
         let desired = plan(
@@ -167,64 +243,90 @@ impl Agent {
             &self.control,
             &Tables::new(),
         )?;
-        let report = self.dataplane.apply(&desired)?;
+        self.dataplane.apply(&desired)?;
+        let answer = change::between(
+            action,
+            &self.side(),
+            &Side {
+                config: &self.config,
+                desired: &desired,
+                overrides: &overrides,
+            },
+            Some(target),
+        );
         self.overrides = overrides;
         self.desired = desired;
-        Ok(json!({
-            "slots_written": report.slots_written,
-            "tables_switched": report.tables_switched,
-        }))
+        Ok(answer)
+    }
+
+    /// Re-reads the configuration file (SIGHUP); see [`Agent::reload_change`].
+    pub(super) fn reload(&mut self) -> anyhow::Result<()> {
+        self.reload_change().map(|_| ())
     }
 
     /// Re-reads the configuration file: validated completely, then applied, or
-    /// refused with nothing changed. `weight set` holds end here; pins stay.
-    pub(super) fn reload(&mut self) -> anyhow::Result<()> {
-        let result = (|| {
-            let config = Config::load(&self.opts.config)?;
-            let mut overrides = self.overrides.clone();
-            overrides.retain(|_, o| !matches!(o, Override::Set(_)));
-            // Policies restart from the configured weights of the new file, except
-            // for VIPs whose policy and backends did not change.
-            let mut control: BTreeMap<VipKey, VipControl> = BTreeMap::new();
-            for vip in &config.vips {
-                let key = vip_key(vip);
-                let mut fresh = vip_control(vip, &config.control);
-                let same = self
-                    .config
-                    .vips
-                    .iter()
-                    .find(|v| vip_key(v) == key)
-                    .is_some_and(|old| old.policy == vip.policy && old.backends == vip.backends);
-                if same && let Some(old) = self.control.get(&key) {
-                    fresh.state = old.state.clone();
-                    fresh.decisions = old.decisions.clone();
-                }
-                control.insert(key, fresh);
-            }
-            let desired = plan(
-                &config,
-                Some(&self.desired),
-                &overrides,
-                &control,
-                &Tables::new(),
-            )?;
-            self.dataplane.apply(&desired)?;
-            if config.vips != self.config.vips || config.control != self.config.control {
-                self.signals = Signals::start(&config);
-            }
-            self.config = config;
-            self.overrides = overrides;
-            self.control = control;
-            self.desired = desired;
-            Ok(())
-        })();
+    /// refused with nothing changed. `weight set` holds end here; pins stay. Answers
+    /// with what changed.
+    fn reload_change(&mut self) -> anyhow::Result<Change> {
+        let result = self.apply_config();
         self.last_reload = Some((
             Instant::now(),
             result
                 .as_ref()
                 .map(|_| ())
-                .map_err(|e: &anyhow::Error| format!("{e:#}")),
+                .map_err(|e| api::error_text(e.as_ref())),
         ));
         result
+    }
+
+    /// A reload's work: the new file's plan, applied, or an error with nothing changed.
+    fn apply_config(&mut self) -> anyhow::Result<Change> {
+        let config = Config::load(&self.opts.config)?;
+        let mut overrides = self.overrides.clone();
+        overrides.retain(|_, o| !matches!(o, Override::Set(_)));
+        // Policies restart from the configured weights of the new file, except
+        // for VIPs whose policy and backends did not change.
+        let mut control: BTreeMap<VipKey, VipControl> = BTreeMap::new();
+        for vip in &config.vips {
+            let key = vip_key(vip);
+            let mut fresh = vip_control(vip, &config.control);
+            let same = self
+                .config
+                .vips
+                .iter()
+                .find(|v| vip_key(v) == key)
+                .is_some_and(|old| old.policy == vip.policy && old.backends == vip.backends);
+            if same && let Some(old) = self.control.get(&key) {
+                fresh.state = old.state.clone();
+                fresh.decisions = old.decisions.clone();
+            }
+            control.insert(key, fresh);
+        }
+        let desired = plan(
+            &config,
+            Some(&self.desired),
+            &overrides,
+            &control,
+            &Tables::new(),
+        )?;
+        self.dataplane.apply(&desired)?;
+        let answer = change::between(
+            format!("configuration reloaded from {}", self.opts.config.display()),
+            &self.side(),
+            &Side {
+                config: &config,
+                desired: &desired,
+                overrides: &overrides,
+            },
+            None,
+        );
+        if config.vips != self.config.vips || config.control != self.config.control {
+            self.signals = Signals::start(&config);
+        }
+        self.config = config;
+        self.overrides = overrides;
+        self.control = control;
+        self.desired = desired;
+        Ok(answer)
     }
 }

@@ -1,14 +1,22 @@
 //! What the agent shows: `/metrics` snapshots and the control socket's read answers
-//! (`status`, `vip list`, `backend list`, `stats`, `tables`, `explain`).
+//! (`status`, `vip list`, `backend list`, `stats`, `tables`, `explain`), as the
+//! typed answers of [`crate::api`]. Called by the loop and by `overrides::handle`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::types::GlobalStats;
-use serde_json::json;
-
-use super::{Agent, overrides::Override, tick::unit};
-use crate::core::model::{Choice, ModelError};
-use crate::{api::BackendView, core::BackendId, desired::vip_key};
+use super::{Agent, overrides::control_of, tick::unit};
+use crate::{
+    api::{
+        BackendView, Control, ExplainInputs, Explanation, ModelStatus, ReloadOutcome, Stats,
+        Status, TableView, VipView,
+    },
+    config::HashFields,
+    core::{
+        BackendId,
+        model::{Choice, ModelError},
+    },
+    desired::vip_key,
+};
 
 impl Agent {
     /// What `/metrics` shows, read from the datapath's counters now.
@@ -48,7 +56,7 @@ impl Agent {
                         backend: b.backend.to_string(),
                         weight: b.weight.round() as u32,
                         configured_weight: b.configured_weight,
-                        pinned: b.control != "policy",
+                        pinned: b.control != Control::Policy,
                         healthy: reading.is_none_or(|r| r.healthy),
                         packets: b.packets,
                         bytes: b.bytes,
@@ -107,43 +115,54 @@ impl Agent {
         }
     }
 
-    pub(super) fn status(&self) -> serde_json::Value {
+    pub(super) fn status(&self) -> Status {
         let stats = self.dataplane.global_stats().unwrap_or_default();
-        json!({
-            "instance": self.opts.instance,
-            "iface": self.opts.iface,
-            "config": self.opts.config,
-            "uptime_seconds": self.started.elapsed().as_secs(),
-            "vips": self.config.vips.len(),
-            "backends": self.desired.backends.len(),
-            "policy": self.control.values().map(|c| c.kind.to_string()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "),
-            "model": {
-                "fit_failures": self.signals.fit_failures.values().sum::<u64>(),
-                "last_fit_seconds": self.signals.last_fit.map(|d| d.as_secs_f64()),
-                "unhealthy_backends": self.signals.readings.iter().filter(|(_, r)| !r.healthy).map(|((_, a), _)| a.to_string()).collect::<Vec<_>>(),
+        let policies: BTreeSet<String> =
+            self.control.values().map(|c| c.kind.to_string()).collect();
+        Status {
+            instance: self.opts.instance.clone(),
+            iface: self.opts.iface.clone(),
+            config: self.opts.config.clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            vips: self.config.vips.len(),
+            backends: self.desired.backends.len(),
+            policy: policies.into_iter().collect::<Vec<_>>().join(", "),
+            model: ModelStatus {
+                fit_failures: self.signals.fit_failures.values().sum(),
+                last_fit_seconds: self.signals.last_fit.map(|d| d.as_secs_f64()),
+                unhealthy_backends: self
+                    .signals
+                    .readings
+                    .iter()
+                    .filter(|(_, r)| !r.healthy)
+                    .map(|((_, a), _)| a.to_string())
+                    .collect(),
             },
-            "last_reload": self.last_reload.as_ref().map(|(at, r)| json!({
-                "seconds_ago": at.elapsed().as_secs(),
-                "ok": r.is_ok(),
-                "error": r.as_ref().err(),
-            })),
-            "datapath": stats_json(&stats),
-        })
+            last_reload: self.last_reload.as_ref().map(|(at, r)| ReloadOutcome {
+                seconds_ago: at.elapsed().as_secs(),
+                ok: r.is_ok(),
+                error: r.as_ref().err().cloned(),
+            }),
+            datapath: (&stats).into(),
+        }
     }
 
-    pub(super) fn vip_list(&self) -> serde_json::Value {
-        json!(self
-            .config
+    pub(super) fn vip_list(&self) -> Vec<VipView> {
+        self.config
             .vips
             .iter()
-            .map(|v| json!({
-                "vip": v.to_string(),
-                "forwarding": format!("{:?}", v.forwarding).to_lowercase(),
-                "hash": match v.hash { crate::config::HashFields::FiveTuple => "5-tuple", crate::config::HashFields::Source => "source" },
-                "table_size": v.table_size,
-                "backends": v.backends.len(),
-            }))
-            .collect::<Vec<_>>())
+            .map(|v| VipView {
+                vip: v.to_string(),
+                forwarding: format!("{:?}", v.forwarding).to_lowercase(),
+                hash: match v.hash {
+                    HashFields::FiveTuple => "5-tuple",
+                    HashFields::Source => "source",
+                }
+                .to_owned(),
+                table_size: v.table_size,
+                backends: v.backends.len(),
+            })
+            .collect()
     }
 
     pub(super) fn backend_views(&self) -> Vec<BackendView> {
@@ -173,13 +192,7 @@ impl Agent {
                     configured_weight: b.weight,
                     // In configured units, to two decimals (policy steps are finer).
                     weight: (d.weight as f64 / unit(vip) as f64 * 100.0).round() / 100.0,
-                    control: match self.overrides.get(&(key, b.address)) {
-                        None => "policy",
-                        Some(Override::Set(_)) => "set",
-                        Some(Override::Pin(_)) => "pinned",
-                        Some(Override::Drain) => "drained",
-                    }
-                    .to_owned(),
+                    control: control_of(self.overrides.get(&(key, b.address))),
                     packets: s.packets,
                     bytes: s.bytes,
                     new_flows: s.new_flows,
@@ -198,19 +211,19 @@ impl Agent {
         out
     }
 
-    pub(super) fn stats(&self) -> anyhow::Result<serde_json::Value> {
+    pub(super) fn stats(&self) -> anyhow::Result<Stats> {
         let stats = self.dataplane.global_stats()?;
-        Ok(json!({
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "datapath": stats_json(&stats),
-            "backends": self.backend_views(),
-        }))
+        Ok(Stats {
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            datapath: (&stats).into(),
+            backends: self.backend_views(),
+        })
     }
 
     /// Every VIP's active lookup table, read back from the kernel: its digest
     /// (FNV-1a 64 over the slots as little-endian u32 backend ids) and how many
     /// slots each backend holds.
-    pub(super) fn tables(&self) -> anyhow::Result<serde_json::Value> {
+    pub(super) fn tables(&self) -> anyhow::Result<Vec<TableView>> {
         let mut out = Vec::new();
         for vip in &self.config.vips {
             let key = vip_key(vip);
@@ -232,73 +245,56 @@ impl Agent {
                     .map_or_else(|| format!("id {id}"), |b| b.address.to_string());
                 *slots.entry(name).or_default() += 1;
             }
-            out.push(json!({
-                "vip": vip.to_string(),
-                "size": table.len(),
-                "digest": format!("{digest:016x}"),
-                "slots": slots,
-            }));
+            out.push(TableView {
+                vip: vip.to_string(),
+                size: table.len(),
+                digest: format!("{digest:016x}"),
+                slots,
+            });
         }
-        Ok(json!(out))
+        Ok(out)
     }
 
-    pub(super) fn explain(&self) -> serde_json::Value {
-        let views = self.backend_views();
-        json!(views
+    pub(super) fn explain(&self) -> Vec<Explanation> {
+        self.backend_views()
             .into_iter()
             .map(|b| {
-                let key = self.config.vips.iter().find(|v| v.to_string() == b.vip).map(vip_key);
+                let vip = self.config.vips.iter().find(|v| v.to_string() == b.vip);
+                let key = vip.map(vip_key);
                 let control = key.and_then(|k| self.control.get(&k));
-                let id = self.desired.backends.iter().find(|(_, d)| Some(d.vip) == key && d.address == b.backend).map(|(&id, _)| BackendId(id));
-                let decision = control
-                    .and_then(|c| c.decisions.iter().find(|d| Some(d.backend) == id));
-                let why = match b.control.as_str() {
-                    "set" => format!("operator set {} (until auto or reload)", b.weight),
-                    "pinned" => format!("operator pinned {} (until auto)", b.weight),
-                    "drained" => "operator drained it: 0, no new flows".to_owned(),
-                    _ => decision
-                        .map(|d| d.to_string())
-                        .unwrap_or_else(|| format!("configured weight {} (no update yet)", b.configured_weight)),
+                let units = control.map_or_else(|| vip.map_or(1, unit), |c| c.params.unit);
+                let id = self
+                    .desired
+                    .backends
+                    .iter()
+                    .find(|(_, d)| Some(d.vip) == key && d.address == b.backend)
+                    .map(|(&id, _)| BackendId(id));
+                let decision =
+                    control.and_then(|c| c.decisions.iter().find(|d| Some(d.backend) == id));
+                let why = match b.control {
+                    Control::Set => format!("operator set {} (until auto or reload)", b.weight),
+                    Control::Pinned => format!("operator pinned {} (until auto)", b.weight),
+                    Control::Drained => "operator drained it: 0, no new flows".to_owned(),
+                    Control::Policy => decision.map(|d| d.to_string()).unwrap_or_else(|| {
+                        format!("configured weight {} (no update yet)", b.configured_weight)
+                    }),
                 };
-                json!({
-                    "vip": b.vip,
-                    "backend": b.backend,
-                    "policy": control.map(|c| c.kind.to_string()),
-                    "inputs": {
-                        "configured_weight": b.configured_weight,
-                        "override": b.control,
-                        "predicted_latency_s": decision.and_then(|d| d.predicted_s),
-                        "predictor": decision.map(|d| d.predictor.clone()),
+                Explanation {
+                    vip: b.vip,
+                    backend: b.backend,
+                    policy: control.map(|c| c.kind),
+                    inputs: ExplainInputs {
+                        configured_weight: b.configured_weight,
+                        control: b.control,
+                        predicted_latency_s: decision.and_then(|d| d.predicted_s),
+                        predictor: decision.map(|d| d.predictor.clone()),
                     },
-                    "weight_before": decision.map(|d| d.before as f64 / control.map_or(1.0, |c| c.params.unit as f64)),
-                    "weight": b.weight,
-                    "why": why,
-                })
+                    weight_before: decision.map(|d| d.before as f64 / units as f64),
+                    weight: b.weight,
+                    policy_units_per_weight: units,
+                    why,
+                }
             })
-            .collect::<Vec<_>>())
+            .collect()
     }
-}
-
-fn stats_json(s: &GlobalStats) -> serde_json::Value {
-    json!({
-        "rx_frames": s.rx_frames,
-        "tx": s.tx,
-        "tx_encap": s.tx_encap,
-        "conn_hit": s.conn_hit,
-        "conn_miss_syn": s.conn_miss_syn,
-        "conn_miss_non_syn": s.conn_miss_non_syn,
-        "conn_insert_failed": s.conn_insert_failed,
-        "pass_not_ip": s.pass_not_ip,
-        "pass_not_vip": s.pass_not_vip,
-        "pass_fragment": s.pass_fragment,
-        "pass_truncated": s.pass_truncated,
-        "pass_malformed": s.pass_malformed,
-        "pass_ipv6_extension": s.pass_ipv6_extension,
-        "pass_icmp_other": s.pass_icmp_other,
-        "ipv4_options": s.ipv4_options,
-        "icmp_echo_reply": s.icmp_echo_reply,
-        "icmp_error_forwarded": s.icmp_error_forwarded,
-        "drop_no_backend": s.drop_no_backend,
-        "drop_encap_failed": s.drop_encap_failed,
-    })
 }

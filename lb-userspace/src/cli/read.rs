@@ -1,0 +1,334 @@
+//! The text of the read commands (`status`, `vip list`, `backend list`, `explain`,
+//! `tables`), from the agent's typed answers; pure, so tests read them without an
+//! agent. `--json` prints the answers themselves instead.
+
+use crate::api::{
+    BackendView, Control, DatapathCounters, Explanation, ModelStatus, ReloadOutcome, Status,
+    TableView, VipView,
+};
+
+use super::output::{Align, Table, bytes, count, duration, ms, percent, weight};
+
+/// A datapath counter: what it counts, and where it is.
+type Counter = (&'static str, fn(&DatapathCounters) -> u64);
+
+/// Each datapath counter, in the order `status` shows them.
+const COUNTERS: &[Counter] = &[
+    ("frames received", |d| d.rx_frames),
+    ("forwarded to a backend", |d| d.tx),
+    ("  of them encapsulated", |d| d.tx_encap),
+    ("connection table hits", |d| d.conn_hit),
+    ("new flows", |d| d.conn_miss_syn),
+    ("non-SYN misses (flows that may break)", |d| {
+        d.conn_miss_non_syn
+    }),
+    ("connection table inserts failed", |d| d.conn_insert_failed),
+    ("dropped: no backend", |d| d.drop_no_backend),
+    ("dropped: encapsulation failed", |d| d.drop_encap_failed),
+    ("ICMP echo requests answered", |d| d.icmp_echo_reply),
+    ("ICMP errors forwarded to a backend", |d| {
+        d.icmp_error_forwarded
+    }),
+    ("IPv4 with options (balanced)", |d| d.ipv4_options),
+    ("passed to the kernel: not a VIP", |d| d.pass_not_vip),
+    ("passed to the kernel: not IP", |d| d.pass_not_ip),
+    ("passed to the kernel: fragment", |d| d.pass_fragment),
+    ("passed to the kernel: truncated", |d| d.pass_truncated),
+    ("passed to the kernel: malformed", |d| d.pass_malformed),
+    ("passed to the kernel: IPv6 extension header", |d| {
+        d.pass_ipv6_extension
+    }),
+    ("passed to the kernel: other ICMP", |d| d.pass_icmp_other),
+];
+
+/// `lb status`.
+pub fn status(s: &Status) -> String {
+    let mut head = Table::untitled(&[Align::Left, Align::Left]);
+    for (label, value) in [
+        ("instance", s.instance.clone()),
+        ("interface", s.iface.clone()),
+        ("config", s.config.display().to_string()),
+        ("uptime", duration(s.uptime_seconds)),
+        (
+            "VIPs",
+            format!(
+                "{} with {} backends",
+                count(s.vips as u64),
+                count(s.backends as u64)
+            ),
+        ),
+        ("policy", s.policy.clone()),
+        ("model", model(&s.model)),
+        ("last reload", last_reload(s.last_reload.as_ref())),
+    ] {
+        head.row(vec![label.to_owned(), value]);
+    }
+    let mut counters = Table::untitled(&[Align::Left, Align::Right]);
+    for (label, value) in COUNTERS {
+        counters.row(vec![(*label).to_owned(), count(value(&s.datapath))]);
+    }
+    format!(
+        "{}\n\ndatapath (frames since it was loaded)\n{}",
+        head.render(),
+        counters.render_indented("  ")
+    )
+}
+
+fn model(m: &ModelStatus) -> String {
+    let fit = m.last_fit_seconds.map_or_else(
+        || "no fit yet".to_owned(),
+        |s| format!("last fit took {s:.2} s"),
+    );
+    let health = match m.unhealthy_backends.as_slice() {
+        [] => "every backend healthy".to_owned(),
+        down => format!("unhealthy: {}", down.join(", ")),
+    };
+    format!("{fit}, {} fit failures; {health}", count(m.fit_failures))
+}
+
+fn last_reload(r: Option<&ReloadOutcome>) -> String {
+    match r {
+        None => "none".to_owned(),
+        Some(r) if r.ok => format!("ok, {} ago", duration(r.seconds_ago)),
+        Some(r) => format!(
+            "REFUSED {} ago, nothing changed: {}",
+            duration(r.seconds_ago),
+            r.error.as_deref().unwrap_or("no reason given")
+        ),
+    }
+}
+
+/// `lb vip list`.
+pub fn vips(vips: &[VipView]) -> String {
+    let mut t = Table::new(&[
+        ("VIP", Align::Left),
+        ("forwarding", Align::Left),
+        ("hash", Align::Left),
+        ("table slots", Align::Right),
+        ("backends", Align::Right),
+    ]);
+    for v in vips {
+        t.row(vec![
+            v.vip.clone(),
+            v.forwarding.clone(),
+            v.hash.clone(),
+            count(u64::from(v.table_size)),
+            count(v.backends as u64),
+        ]);
+    }
+    t.render()
+}
+
+/// `lb backend list` and `lb weight show`.
+pub fn backends(views: &[BackendView]) -> String {
+    let mut t = Table::new(&[
+        ("VIP", Align::Left),
+        ("backend", Align::Left),
+        ("weight", Align::Right),
+        ("configured", Align::Right),
+        ("set by", Align::Left),
+        ("health", Align::Left),
+        ("latency ms", Align::Right),
+        ("predicted ms", Align::Right),
+        ("new flows", Align::Right),
+        ("packets", Align::Right),
+        ("bytes", Align::Right),
+    ]);
+    for b in views {
+        t.row(vec![
+            b.vip.clone(),
+            b.backend.to_string(),
+            weight(b.weight),
+            count(u64::from(b.configured_weight)),
+            b.control.to_string(),
+            health(b.healthy).to_owned(),
+            ms(b.latency_ms),
+            ms(b.predicted_ms),
+            count(b.new_flows),
+            count(b.packets),
+            bytes(b.bytes as f64),
+        ]);
+    }
+    format!(
+        "{}\n\n{}",
+        t.render(),
+        "weight: in force, in configured units; set by: policy, set (until `weight auto` or \
+         a reload), pinned, drained;\nnew flows, packets, bytes: sent to the backend since the \
+         datapath was loaded"
+    )
+}
+
+pub(super) fn health(healthy: bool) -> &'static str {
+    if healthy { "up" } else { "DOWN" }
+}
+
+/// `lb explain`: per backend, its weight in configured units, what decided it, and
+/// the decision in the policy's own (finer) units, said as such.
+pub fn explain(items: &[Explanation]) -> String {
+    let mut blocks = Vec::new();
+    for e in items {
+        let mut t = Table::untitled(&[Align::Left, Align::Left]);
+        let before = e
+            .weight_before
+            .map(|w| format!(", {} before the policy's last update", weight(w)))
+            .unwrap_or_default();
+        t.row(vec![
+            "weight".into(),
+            format!(
+                "{} (configured {}{before})",
+                weight(e.weight),
+                count(u64::from(e.inputs.configured_weight))
+            ),
+        ]);
+        let policy = e.policy.map_or_else(|| "-".to_owned(), |p| p.to_string());
+        t.row(vec![
+            "set by".into(),
+            match e.inputs.control {
+                Control::Policy => format!("policy {policy}"),
+                held => format!("operator: {held} (policy {policy} waits)"),
+            },
+        ]);
+        if let Some(s) = e.inputs.predicted_latency_s {
+            t.row(vec![
+                "prediction".into(),
+                format!(
+                    "{:.2} ms by {}",
+                    s * 1000.0,
+                    e.inputs.predictor.as_deref().unwrap_or("?")
+                ),
+            ]);
+        }
+        t.row(vec!["why".into(), e.why.clone()]);
+        // The decision's figures are in policy units only when the policy decided.
+        if e.inputs.control == Control::Policy && e.weight_before.is_some() {
+            t.row(vec![
+                String::new(),
+                format!(
+                    "(figures in policy units: weight 1 is {} of them)",
+                    count(u64::from(e.policy_units_per_weight))
+                ),
+            ]);
+        }
+        blocks.push(format!(
+            "{} backend {}\n{}",
+            e.vip,
+            e.backend,
+            t.render_indented("  ")
+        ));
+    }
+    blocks.join("\n\n")
+}
+
+/// `lb tables`: per VIP, its size and digest, then the slots of each backend.
+pub fn tables(tables: &[TableView]) -> String {
+    let mut blocks = Vec::new();
+    for v in tables {
+        let mut t = Table::new(&[
+            ("backend", Align::Left),
+            ("slots", Align::Right),
+            ("share", Align::Right),
+        ]);
+        for (backend, slots) in &v.slots {
+            t.row(vec![
+                backend.clone(),
+                count(*slots as u64),
+                percent(*slots as f64, v.size as f64),
+            ]);
+        }
+        blocks.push(format!(
+            "VIP {}: {} slots, digest {}\n{}",
+            v.vip,
+            count(v.size as u64),
+            v.digest,
+            t.render_indented("  ")
+        ));
+    }
+    blocks.join("\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::api::ExplainInputs;
+
+    #[test]
+    fn status_shows_the_model_and_a_refused_reload() {
+        let s = Status {
+            instance: "default".into(),
+            iface: "eth0".into(),
+            uptime_seconds: 200,
+            vips: 1,
+            backends: 3,
+            policy: "ai".into(),
+            model: ModelStatus {
+                fit_failures: 2,
+                last_fit_seconds: Some(0.125),
+                unhealthy_backends: vec!["198.18.0.13".into()],
+            },
+            last_reload: Some(ReloadOutcome {
+                seconds_ago: 5,
+                ok: false,
+                error: Some("vip[0].port: bad".into()),
+            }),
+            ..Status::default()
+        };
+        let text = status(&s);
+        assert!(
+            text.contains(
+                "model        last fit took 0.12 s, 2 fit failures; unhealthy: 198.18.0.13"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("REFUSED 5 s ago, nothing changed: vip[0].port: bad"),
+            "{text}"
+        );
+        assert!(text.contains("uptime       3 min 20 s"), "{text}");
+        assert!(!text.contains('{'), "{text}");
+    }
+
+    #[test]
+    fn tables_are_text_not_json() {
+        let t = TableView {
+            vip: "198.18.1.1:80/tcp".into(),
+            size: 7,
+            digest: "d9e8a718b48a4644".into(),
+            slots: BTreeMap::from([("198.18.0.11".into(), 4), ("198.18.0.12".into(), 3)]),
+        };
+        assert_eq!(
+            tables(&[t]),
+            "VIP 198.18.1.1:80/tcp: 7 slots, digest d9e8a718b48a4644\n\
+             \x20 backend      slots   share\n\
+             \x20 198.18.0.11      4  57.1 %\n\
+             \x20 198.18.0.12      3  42.9 %"
+        );
+    }
+
+    #[test]
+    fn explain_names_the_units_of_both_scales() {
+        let e = Explanation {
+            vip: "198.18.1.1:80/tcp".into(),
+            backend: "198.18.0.11".parse().unwrap(),
+            policy: Some(crate::core::policy::PolicyKind::Ai),
+            inputs: ExplainInputs {
+                configured_weight: 1,
+                control: Control::Policy,
+                predicted_latency_s: Some(0.0123),
+                predictor: Some("svr".into()),
+            },
+            weight_before: Some(1.0),
+            weight: 0.9,
+            policy_units_per_weight: 3333,
+            why: "ai: target 2,900 (filtered, noise 10), smoothed to 3,000".into(),
+        };
+        let text = explain(&[e]);
+        assert!(
+            text.contains("weight      0.9 (configured 1, 1 before"),
+            "{text}"
+        );
+        assert!(text.contains("weight 1 is 3,333 of them"), "{text}");
+        assert!(text.contains("12.30 ms by svr"), "{text}");
+    }
+}
