@@ -16,13 +16,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use log::{debug, info, warn};
 use serde::de::DeserializeOwned;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
     net::UnixListener,
     sync::{mpsc, oneshot},
 };
+use tracing::{debug, info, warn};
 
 use crate::api::{Answer, Envelope, MAX_REQUEST, Request, Response, VERSION};
 
@@ -158,23 +158,27 @@ impl std::fmt::Display for Peer {
     }
 }
 
-/// One line in the agent's log per request: `info` for one that changes something
-/// (an operator action), `warn` for one that was refused or could not be read,
-/// `debug` for a read (`lb top` asks every second).
+/// One event in the agent's log per request, with who asked (`uid`, `pid`), what
+/// (`request`) and how it ended (`result` or `error`) as fields: `info` for one that
+/// changes something (an operator action), `warn` for one that was refused or could
+/// not be read, `debug` for a read (`lb top` asks every second).
 fn log_request(peer: &Peer, request: &Result<Request, String>, response: &Response<Answer>) {
+    let (uid, pid) = (peer.uid, peer.pid);
     match (request, response) {
-        (Err(message), _) => warn!("control: {peer}: unreadable request: {message}"),
+        (Err(message), _) => warn!(uid, pid, error = %message, "control: unreadable request"),
         (Ok(request), Response::Error { error, .. }) => {
-            warn!("control: {peer}: {request}: refused: {error}")
+            warn!(uid, pid, request = %request, error = %error, "control: refused")
         }
         (Ok(request), Response::Ok { result, .. }) if request.changes_state() => {
             let outcome = match result {
                 Answer::Change(change) => crate::cli::change::lines(change).join("; "),
                 _ => "done".to_owned(),
             };
-            info!("control: {peer}: {request}: ok: {outcome}")
+            info!(uid, pid, request = %request, result = %outcome, "control: operator action")
         }
-        (Ok(request), Response::Ok { .. }) => debug!("control: {peer}: {request}: ok"),
+        (Ok(request), Response::Ok { .. }) => {
+            debug!(uid, pid, request = %request, "control: read")
+        }
     }
 }
 

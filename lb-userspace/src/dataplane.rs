@@ -1009,7 +1009,7 @@ const LEGACY_PINS: [&str; 1] = ["CONNS"];
 fn remove_legacy_pins(dir: &Path) -> Result<(), DataplaneError> {
     for name in LEGACY_PINS {
         match std::fs::remove_file(dir.join(name)) {
-            Ok(()) => log::info!("removed the pin {name} of an earlier version"),
+            Ok(()) => tracing::info!("removed the pin {name} of an earlier version"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(DataplaneError::Pin {

@@ -12,6 +12,7 @@
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
+//! - [`logging`]: the agent's log, as text or JSON, levels per module.
 //! - [`api`]: the control API's requests and typed answers.
 //! - [`control`]: the control socket (server side for the agent, client for the CLI).
 //! - [`cli`]: the `lb` commands that talk to the agent, and their text and JSON.
@@ -24,5 +25,6 @@ pub mod control;
 pub mod core;
 pub mod dataplane;
 pub mod desired;
+pub mod logging;
 pub mod metrics;
 pub mod signals;

@@ -14,8 +14,8 @@ use lb_userspace::{
 };
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
+    lb_userspace::logging::init(args.log_format);
     let socket = args.socket();
     let result = match args.command {
         Command::Run(run) => run_agent(run, args.instance, socket),

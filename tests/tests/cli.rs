@@ -233,7 +233,7 @@ fn an_operator_action_leaves_one_log_line_naming_who_what_and_the_result() {
     assert!(out.status.success());
     let (refused_pid, out) = run(&["weight", "set", "198.18.0.99", "5"]);
     assert_eq!(out.status.code(), Some(1));
-    let who = |pid: u32| format!("control: uid 0 pid {pid}: ");
+    let who = |pid: u32| format!("uid=0 pid={pid} ");
     let lines = w
         .agent
         .wait_for_log(|l| l.contains(&who(refused_pid)), Duration::from_secs(5));
@@ -244,7 +244,8 @@ fn an_operator_action_leaves_one_log_line_naming_who_what_and_the_result() {
     let drain = of(drain_pid);
     assert_eq!(drain.len(), 1, "{lines:#?}");
     assert!(
-        drain[0].contains("drain 198.18.0.13: ok: backend 198.18.0.13")
+        drain[0].contains("control: operator action")
+            && drain[0].contains("request=drain 198.18.0.13 result=backend 198.18.0.13")
             && drain[0].contains("slots moved to"),
         "{}",
         drain[0]
@@ -252,7 +253,8 @@ fn an_operator_action_leaves_one_log_line_naming_who_what_and_the_result() {
     let refused = of(refused_pid);
     assert_eq!(refused.len(), 1, "{lines:#?}");
     assert!(
-        refused[0].contains("weight set 198.18.0.99 5: refused: ")
+        refused[0].contains("control: refused")
+            && refused[0].contains("request=weight set 198.18.0.99 5 error=")
             && refused[0].contains("not a backend of any VIP"),
         "{}",
         refused[0]
@@ -337,4 +339,44 @@ fn operating_doc_shows_every_command_it_is_generated_from() {
         doc.contains(operating::REGENERATE),
         "{path} does not say how to regenerate it"
     );
+}
+
+/// With `--log-format json` every log line is one JSON object, and an operator action
+/// carries who, what and the result as fields of their own.
+#[test]
+fn the_log_is_json_when_asked_with_an_operator_action_as_fields() {
+    let topo = lb_tests::topology::Topology::build(2).unwrap();
+    let config = lb_tests::spread::write_config(&topo, &[1, 1], "").unwrap();
+    let extra = ["--log-format", "json", "--metrics-address", "off"];
+    let mut agent = lb_tests::spread::Agent::start(&topo, &config, &extra).unwrap();
+    let backend = topo.backend(1).ipv4().to_string();
+    agent.ctl(&["drain", &backend]).unwrap();
+    let lines = agent.wait_for_log(|l| l.contains("operator action"), Duration::from_secs(5));
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| !l.starts_with("lb: "))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["message"] == "attached to"
+            || e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("attached to"))),
+        "{lines:#?}"
+    );
+    let action = events
+        .iter()
+        .find(|e| e["message"] == "control: operator action")
+        .unwrap_or_else(|| panic!("no operator action in {lines:#?}"));
+    assert_eq!(action["level"], "INFO", "{action}");
+    assert_eq!(action["uid"], 0, "{action}");
+    assert!(action["pid"].as_u64().is_some(), "{action}");
+    assert_eq!(action["request"], format!("drain {backend}"), "{action}");
+    assert!(
+        action["result"]
+            .as_str()
+            .is_some_and(|r| r.contains("slots moved")),
+        "{action}"
+    );
+    agent.stop().unwrap();
 }

@@ -23,11 +23,11 @@ use std::{collections::BTreeMap, ffi::CString, net::IpAddr, path::PathBuf, time:
 
 use aya::programs::XdpMode;
 use lb_common::types::{GlobalStats, VipKey};
-use log::{info, warn};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
+use tracing::{info, warn};
 
 use self::overrides::{Override, overrides_of};
 pub use self::tick::step_vips;

@@ -3,6 +3,7 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
+use crate::logging::LogFormat;
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -19,6 +20,12 @@ pub struct Args {
     /// Control socket path, instead of the instance's default.
     #[arg(long, global = true, env = "LB_SOCKET")]
     pub socket: Option<PathBuf>,
+    /// How the agent's log (standard error) is written: `text` for people, `json`
+    /// (one object per line, the event's fields at the top level) for log
+    /// shippers. Levels, per module, come from RUST_LOG (default `info`; e.g.
+    /// `RUST_LOG=info,lb_userspace::signals=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LB_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

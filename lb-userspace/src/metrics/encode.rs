@@ -103,7 +103,7 @@ pub(super) fn render_owned(snapshot: MetricsSnapshot) -> String {
     // Writing into a String cannot fail, and the collector only passes on the
     // writer's errors; should it ever fail, what was written is still served.
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        log::error!("metrics: encoding the snapshot failed: {e}");
+        tracing::error!("metrics: encoding the snapshot failed: {e}");
     }
     out
 }

@@ -116,13 +116,13 @@ async fn serve_with(
             () = &mut shutdown => break Ok(()),
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = joined {
-                    log::error!("metrics: a connection task failed: {e}");
+                    tracing::error!("metrics: a connection task failed: {e}");
                 }
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     if tasks.len() >= MAX_CONNECTIONS {
-                        log::warn!("metrics: {MAX_CONNECTIONS} connections open, closing {peer}");
+                        tracing::warn!("metrics: {MAX_CONNECTIONS} connections open, closing {peer}");
                         drop(stream);
                         continue;
                     }
@@ -134,15 +134,15 @@ async fn serve_with(
                     let closing = closing_rx.clone();
                     tasks.spawn(async move {
                         if let Err(e) = drive(connection, closing, deadline).await {
-                            log::debug!("metrics: connection from {peer}: {e}");
+                            tracing::debug!("metrics: connection from {peer}: {e}");
                         }
                     });
                 }
                 Err(e) if is_connection_error(&e) => {
-                    log::debug!("metrics: accept: {e}");
+                    tracing::debug!("metrics: accept: {e}");
                 }
                 Err(e) if is_resource_error(&e) => {
-                    log::warn!("metrics: accept: {e}; pausing");
+                    tracing::warn!("metrics: accept: {e}; pausing");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => break Err(ServeError::Accept(e)),
@@ -156,7 +156,7 @@ async fn serve_with(
     })
     .await;
     if finished.is_err() {
-        log::debug!(
+        tracing::debug!(
             "metrics: closing {} connections still busy {:?} after shutdown",
             tasks.len(),
             limits.grace
