@@ -253,9 +253,13 @@ fn document(body: &str, log: &[String]) -> String {
          {body}\
          ## The agent's log\n\n\
          Every request that changes something leaves one line in the agent's log: who \
-         sent it (the caller's uid and pid, from the socket), what it asked, and how it \
-         ended. Refused requests are logged as warnings; reads only at debug level \
-         (`RUST_LOG=debug`). The commands above left:\n\n\
+         sent it (the caller's uid and pid, from the socket, as the fields `uid` and \
+         `pid`), what it asked (`request`), and how it ended (`result`, or `error`). \
+         Refused requests are logged as warnings; reads only at debug level. Levels are \
+         set per module with `RUST_LOG` (default `info`; e.g. \
+         `RUST_LOG=info,lb_userspace::control=debug`), and `lb --log-format json run ...` \
+         writes one JSON object per line, the fields at the top level, for log \
+         shippers. The commands above left:\n\n\
          ```text\n{}\n```\n",
         log.join("\n")
     )
