@@ -333,7 +333,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
             _ = hangup.recv() => {
                 match agent.reload() {
                     Ok(()) => info!("SIGHUP: configuration reloaded"),
-                    Err(e) => warn!("SIGHUP: reload refused, nothing changed: {e:#}"),
+                    Err(e) => warn!(error = %said(e.as_ref()), "SIGHUP: reload refused, nothing changed"),
                 }
             }
             Some((request, reply)) = requests.recv() => {
@@ -347,20 +347,29 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                 // A table switch waited for its copy's grace: finish it now.
                 let desired = agent.desired.clone();
                 if let Err(e) = agent.dataplane.apply(&desired) {
-                    warn!("finishing a deferred table switch: {e:#}");
+                    warn!(error = %said(&e), "finishing a deferred table switch");
                 }
             }
             _ = tick.tick() => {
                 if let Err(e) = agent.control_tick(true) {
-                    warn!("control tick: weights unchanged: {e:#}");
+                    warn!(error = %said(&e), "control tick: weights unchanged");
                 }
             }
             changed = agent.signals.next() => {
                 // A backend's health changed: act now, not at the next tick.
-                if let Some((_, backend)) = changed {
-                    info!("backend {backend} is now {}", if agent.signals.readings.values().any(|r| !r.healthy) { "part of a change (see lb status)" } else { "healthy" });
+                if let Some(key) = changed {
+                    let healthy = agent.signals.readings.get(&key).is_none_or(|r| r.healthy);
+                    let vip = agent.desired.vips.get(&key.0).map_or("?", |v| v.name.as_str());
+                    info!(
+                        backend = %key.1,
+                        vip,
+                        healthy,
+                        "backend {} of VIP {vip} is now {}",
+                        key.1,
+                        if healthy { "healthy" } else { "unhealthy: weight 0" }
+                    );
                     if let Err(e) = agent.control_tick(false) {
-                        warn!("health change: weights unchanged: {e:#}");
+                        warn!(error = %said(&e), "health change: weights unchanged");
                     }
                 }
             }
@@ -381,6 +390,11 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
         );
     }
     Ok(())
+}
+
+/// An error and its causes, each said once.
+fn said(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::api::error_text(e)
 }
 
 /// Sleeps until `at` (forever without one: the `select!` arm is disabled then).
