@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
@@ -37,6 +36,21 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A request handed to the agent's loop, with where to send its answer.
 pub type Job = (Request, oneshot::Sender<Response<Answer>>);
 
+/// Why the control socket cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another agent is answering on {}; stop it or use another --instance", path.display())]
+    Taken { path: PathBuf },
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done: "creating", "restricting", "removing stale", ...
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Creates the socket, mode 0600, refusing to take over one that another agent
 /// answers on. A missing parent directory is created 0700; an existing one is left
 /// as it is (`--socket /tmp/lb.sock` must not lock everyone out of `/tmp`).
@@ -45,24 +59,27 @@ pub type Job = (Request, oneshot::Sender<Response<Answer>>);
 /// only then renamed into place: there is no moment at which anyone but root could
 /// connect, and no process-wide state (such as the umask) changes, so other threads
 /// creating files meanwhile are unaffected.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| BindError::Io { what, path, source }
+    };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
     if !dir.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting {}", dir.display()))?;
+            .map_err(io("restricting", dir))?;
     }
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            bail!(
-                "another agent is answering on {}; stop it or use another --instance",
-                path.display()
-            );
+            return Err(BindError::Taken {
+                path: path.to_owned(),
+            });
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+        std::fs::remove_file(path).map_err(io("removing stale", path))?;
     }
     static BINDS: AtomicU32 = AtomicU32::new(0);
     let private = dir.join(format!(
@@ -75,15 +92,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
-        .with_context(|| format!("creating {}", private.display()))?;
+        .map_err(io("creating", &private))?;
     let staged = private.join("lb.sock");
     let bound = UnixListener::bind(&staged)
-        .with_context(|| format!("binding the control socket {}", path.display()))
+        .map_err(io("binding the control socket", path))
         .and_then(|listener| {
             std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("restricting {}", staged.display()))?;
-            std::fs::rename(&staged, path)
-                .with_context(|| format!("moving the control socket to {}", path.display()))?;
+                .map_err(io("restricting", &staged))?;
+            std::fs::rename(&staged, path).map_err(io("moving the control socket to", path))?;
             Ok(listener)
         });
     let _ = std::fs::remove_dir_all(&private);

@@ -8,7 +8,7 @@ use clap::Parser;
 use lb_userspace::{
     agent,
     cli::{
-        self,
+        self, CliError,
         args::{Args, Command, RunArgs},
     },
 };
@@ -25,10 +25,11 @@ fn main() -> ExitCode {
 }
 
 /// `lb run`: the agent, on a single-threaded runtime.
-fn run_agent(run: RunArgs, instance: String, socket: std::path::PathBuf) -> anyhow::Result<()> {
+fn run_agent(run: RunArgs, instance: String, socket: std::path::PathBuf) -> Result<(), CliError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(CliError::Runtime)?;
     runtime.block_on(agent::run(agent::RunOptions {
         iface: run.iface,
         config: run.config,

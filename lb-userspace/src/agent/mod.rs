@@ -52,8 +52,8 @@ pub enum AgentError {
     NoInterface(String),
     #[error("installing the signal handlers")]
     Signals(#[source] std::io::Error),
-    #[error("control socket: {0:#}")]
-    Socket(anyhow::Error),
+    #[error(transparent)]
+    Socket(#[from] control::BindError),
     #[error("binding the metrics endpoint {addr}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -333,7 +333,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
             _ = hangup.recv() => {
                 match agent.reload() {
                     Ok(()) => info!("SIGHUP: configuration reloaded"),
-                    Err(e) => warn!(error = %said(e.as_ref()), "SIGHUP: reload refused, nothing changed"),
+                    Err(e) => warn!(error = %said(&e), "SIGHUP: reload refused, nothing changed"),
                 }
             }
             Some((request, reply)) = requests.recv() => {

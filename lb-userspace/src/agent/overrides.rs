@@ -7,7 +7,6 @@ mod change;
 
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
-use anyhow::bail;
 use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, VipKey};
 
 use self::change::Side;
@@ -17,11 +16,44 @@ use super::{
 };
 use crate::{
     api::{self, Answer, Change, Control, Request, Response},
-    config::{Config, MAX_WEIGHT, Vip},
+    config::{Config, ConfigError, MAX_WEIGHT, Vip},
     core::control::VipControl,
-    desired::{Desired, Tables, vip_key},
+    dataplane::DataplaneError,
+    desired::{Desired, PlanError, Tables, vip_key},
     signals::Signals,
 };
+
+/// Why a control request was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{backend} is not a backend of any VIP")]
+    NotABackend { backend: IpAddr },
+    #[error("{backend} serves {} VIPs; name one with --vip ({})", serving.len(), serving.join(", "))]
+    WhichVip {
+        backend: IpAddr,
+        serving: Vec<String>,
+    },
+    #[error("{backend} is not a backend of VIP {vip:?}; it serves {}", serving.join(", "))]
+    NotOfVip {
+        backend: IpAddr,
+        vip: String,
+        serving: Vec<String>,
+    },
+    #[error("weight {weight} is above {MAX_WEIGHT}")]
+    WeightTooHigh { weight: u32 },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Dataplane(Box<DataplaneError>),
+}
+
+impl From<DataplaneError> for RequestError {
+    fn from(e: DataplaneError) -> RequestError {
+        RequestError::Dataplane(Box::new(e))
+    }
+}
 
 /// An operator's hold on one backend's weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,9 +120,12 @@ impl Agent {
             Request::Status => Ok(Answer::Status(Box::new(self.status()))),
             Request::VipList => Ok(Answer::Vips(self.vip_list())),
             Request::BackendList => Ok(Answer::Backends(self.backend_views())),
-            Request::Stats => self.stats().map(Answer::Stats),
+            Request::Stats => self.stats().map(Answer::Stats).map_err(RequestError::from),
             Request::Explain => Ok(Answer::Explain(self.explain())),
-            Request::Tables => self.tables().map(Answer::Tables),
+            Request::Tables => self
+                .tables()
+                .map(Answer::Tables)
+                .map_err(RequestError::from),
             Request::Reload => self.reload_change().map(Answer::Change),
             Request::WeightSet {
                 backend,
@@ -116,39 +151,34 @@ impl Agent {
         };
         match answer {
             Ok(answer) => Response::ok(answer),
-            Err(e) => Response::error(api::error_text(e.as_ref())),
+            Err(e) => Response::error(api::error_text(&e)),
         }
     }
 
     /// The (VIP, address) a request names; the VIP may be left out when the address
     /// serves only one.
-    fn find(&self, backend: IpAddr, vip: Option<&str>) -> anyhow::Result<(VipKey, IpAddr)> {
+    fn find(&self, backend: IpAddr, vip: Option<&str>) -> Result<(VipKey, IpAddr), RequestError> {
         let serving: Vec<&Vip> = self
             .config
             .vips
             .iter()
             .filter(|v| v.backends.iter().any(|b| b.address == backend))
             .collect();
+        let names = || serving.iter().map(|v| v.to_string()).collect();
         match (vip, serving.as_slice()) {
-            (_, []) => bail!("{backend} is not a backend of any VIP"),
+            (_, []) => Err(RequestError::NotABackend { backend }),
             (None, [one]) => Ok((vip_key(one), backend)),
-            (None, many) => bail!(
-                "{backend} serves {} VIPs; name one with --vip ({})",
-                many.len(),
-                many.iter()
-                    .map(|v| v.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            (None, _) => Err(RequestError::WhichVip {
+                backend,
+                serving: names(),
+            }),
             (Some(name), many) => match many.iter().find(|v| v.to_string() == name) {
                 Some(v) => Ok((vip_key(v), backend)),
-                None => bail!(
-                    "{backend} is not a backend of VIP {name:?}; it serves {}",
-                    many.iter()
-                        .map(|v| v.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                None => Err(RequestError::NotOfVip {
+                    backend,
+                    vip: name.to_owned(),
+                    serving: names(),
+                }),
             },
         }
     }
@@ -160,11 +190,11 @@ impl Agent {
         backend: IpAddr,
         vip: Option<String>,
         o: Option<Override>,
-    ) -> anyhow::Result<Change> {
+    ) -> Result<Change, RequestError> {
         if let Some(Override::Set(w) | Override::Pin(w)) = o
             && w > MAX_WEIGHT
         {
-            bail!("weight {w} is above {MAX_WEIGHT}");
+            return Err(RequestError::WeightTooHigh { weight: w });
         }
         let key = self.find(backend, vip.as_deref())?;
         let action = match o {
@@ -193,7 +223,7 @@ impl Agent {
     }
 
     /// Ends a drain; a backend that is not drained is left as it is.
-    fn undrain(&mut self, backend: IpAddr, vip: Option<String>) -> anyhow::Result<Change> {
+    fn undrain(&mut self, backend: IpAddr, vip: Option<String>) -> Result<Change, RequestError> {
         let key = self.find(backend, vip.as_deref())?;
         let action = "undrained".to_owned();
         match self.overrides.get(&key) {
@@ -233,7 +263,7 @@ impl Agent {
         action: String,
         target: (VipKey, IpAddr),
         change: impl FnOnce(&mut BTreeMap<(VipKey, IpAddr), Override>),
-    ) -> anyhow::Result<Change> {
+    ) -> Result<Change, RequestError> {
         let mut overrides = self.overrides.clone();
         change(&mut overrides);
         let desired = plan(
@@ -260,27 +290,24 @@ impl Agent {
     }
 
     /// Re-reads the configuration file (SIGHUP); see [`Agent::reload_change`].
-    pub(super) fn reload(&mut self) -> anyhow::Result<()> {
+    pub(super) fn reload(&mut self) -> Result<(), RequestError> {
         self.reload_change().map(|_| ())
     }
 
     /// Re-reads the configuration file: validated completely, then applied, or
     /// refused with nothing changed. `weight set` holds end here; pins stay. Answers
     /// with what changed.
-    fn reload_change(&mut self) -> anyhow::Result<Change> {
+    fn reload_change(&mut self) -> Result<Change, RequestError> {
         let result = self.apply_config();
         self.last_reload = Some((
             Instant::now(),
-            result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| api::error_text(e.as_ref())),
+            result.as_ref().map(|_| ()).map_err(|e| api::error_text(e)),
         ));
         result
     }
 
     /// A reload's work: the new file's plan, applied, or an error with nothing changed.
-    fn apply_config(&mut self) -> anyhow::Result<Change> {
+    fn apply_config(&mut self) -> Result<Change, RequestError> {
         let config = Config::load(&self.opts.config)?;
         let mut overrides = self.overrides.clone();
         overrides.retain(|_, o| !matches!(o, Override::Set(_)));

@@ -15,6 +15,7 @@ use crate::{
         BackendId,
         model::{Choice, ModelError},
     },
+    dataplane::DataplaneError,
     desired::vip_key,
 };
 
@@ -211,7 +212,7 @@ impl Agent {
         out
     }
 
-    pub(super) fn stats(&self) -> anyhow::Result<Stats> {
+    pub(super) fn stats(&self) -> Result<Stats, DataplaneError> {
         let stats = self.dataplane.global_stats()?;
         Ok(Stats {
             uptime_ms: self.started.elapsed().as_millis() as u64,
@@ -223,7 +224,7 @@ impl Agent {
     /// Every VIP's active lookup table, read back from the kernel: its digest
     /// (FNV-1a 64 over the slots as little-endian u32 backend ids) and how many
     /// slots each backend holds.
-    pub(super) fn tables(&self) -> anyhow::Result<Vec<TableView>> {
+    pub(super) fn tables(&self) -> Result<Vec<TableView>, DataplaneError> {
         let mut out = Vec::new();
         for vip in &self.config.vips {
             let key = vip_key(vip);

@@ -31,8 +31,27 @@ use crate::{
     control,
 };
 
+/// Why a command of `lb` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] control::ClientError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error(transparent)]
+    Agent(#[from] Box<crate::agent::AgentError>),
+    #[error("starting the agent's runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl From<crate::agent::AgentError> for CliError {
+    fn from(e: crate::agent::AgentError) -> CliError {
+        CliError::Agent(Box::new(e))
+    }
+}
+
 /// Runs one client command against the agent at `socket`, printing to standard output.
-pub fn run(command: ClientCommand, instance: &str, socket: &Path) -> anyhow::Result<()> {
+pub fn run(command: ClientCommand, instance: &str, socket: &Path) -> Result<(), CliError> {
     let out = &mut Out::stdout();
     match command {
         ClientCommand::Status(f) => show::<Status>(out, socket, Request::Status, f, read::status),
@@ -109,7 +128,7 @@ fn show<T: Serialize + DeserializeOwned>(
     request: Request,
     format: Format,
     text: impl FnOnce(&T) -> String,
-) -> anyhow::Result<()> {
+) -> Result<(), CliError> {
     let answer: T = control::request(socket, request)?;
     match format.json {
         true => out.json(&answer)?,
@@ -124,7 +143,7 @@ fn setting(
     socket: &Path,
     request: Request,
     format: Format,
-) -> anyhow::Result<()> {
+) -> Result<(), CliError> {
     show::<Change>(out, socket, request, format, |c| {
         change::lines(c).join("\n")
     })
@@ -172,7 +191,7 @@ struct Detached {
     pins: std::path::PathBuf,
 }
 
-fn detach(out: &mut Out<impl Write>, instance: &str, format: Format) -> anyhow::Result<()> {
+fn detach(out: &mut Out<impl Write>, instance: &str, format: Format) -> Result<(), CliError> {
     crate::agent::detach(instance)?;
     let done = Detached {
         instance: instance.to_owned(),
@@ -193,23 +212,16 @@ fn detach(out: &mut Out<impl Write>, instance: &str, format: Format) -> anyhow::
 /// 0 on success and when the reader of standard output went away (`lb status |
 /// head -1`), 2 for a configuration error, 1 for any other error. The error is
 /// printed with each cause once (see [`api::error_text`]).
-pub fn finish(result: anyhow::Result<()>) -> ExitCode {
+pub fn finish(result: Result<(), CliError>) -> ExitCode {
     let Err(e) = result else {
         return ExitCode::SUCCESS;
     };
-    if let Some(OutputError::Closed) = e.downcast_ref::<OutputError>() {
+    if let CliError::Output(OutputError::Closed) = e {
         return ExitCode::SUCCESS;
     }
     // Standard error may be closed too; there is nothing left to tell then.
-    let _ = writeln!(
-        std::io::stderr(),
-        "lb: error: {}",
-        api::error_text(e.as_ref())
-    );
-    let config_error = e.downcast_ref::<crate::config::ConfigError>().is_some()
-        || matches!(
-            e.downcast_ref::<crate::agent::AgentError>(),
-            Some(crate::agent::AgentError::Config(_))
-        );
+    let _ = writeln!(std::io::stderr(), "lb: error: {}", api::error_text(&e));
+    let config_error =
+        matches!(&e, CliError::Agent(a) if matches!(**a, crate::agent::AgentError::Config(_)));
     ExitCode::from(if config_error { 2 } else { 1 })
 }

@@ -11,6 +11,7 @@ use crate::{
 };
 
 use super::{
+    CliError,
     args::Format,
     output::{Align, Out, Table, bytes, rate, weight},
 };
@@ -130,7 +131,7 @@ pub fn stats(
     socket: &Path,
     interval: f64,
     format: Format,
-) -> anyhow::Result<()> {
+) -> Result<(), CliError> {
     let first: Stats = control::request(socket, Request::Stats)?;
     std::thread::sleep(Duration::from_secs_f64(interval.clamp(0.1, 3600.0)));
     let second: Stats = control::request(socket, Request::Stats)?;

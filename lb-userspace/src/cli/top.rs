@@ -11,6 +11,7 @@ use crate::{
 };
 
 use super::{
+    CliError,
     args::Format,
     output::{Align, Out, Table, bytes, duration, ms, rate, weight},
     rates::{self, Rates},
@@ -26,7 +27,7 @@ pub fn run(
     instance: &str,
     count: u32,
     format: Format,
-) -> anyhow::Result<()> {
+) -> Result<(), CliError> {
     let terminal = std::io::stdout().is_terminal();
     let mut previous: Stats = control::request(socket, Request::Stats)?;
     let mut shown = 0;
