@@ -20,6 +20,7 @@ use lb_userspace::{
     dataplane::Dataplane,
     desired::{Desired, Tables, addr_bytes},
 };
+use log::LevelFilter;
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -1402,11 +1403,12 @@ fn adopting_pins_removes_the_old_connection_table_pin() {
     let old = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
     let new = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
     let result = std::panic::catch_unwind(|| {
-        drop(Dataplane::load_pinned(&old).expect("pinning a first datapath"));
+        drop(Dataplane::load_pinned(&old, LevelFilter::Off).expect("pinning a first datapath"));
         std::fs::create_dir_all(&new).unwrap();
         std::fs::rename(old.join("CONNS_V4"), new.join("CONNS")).unwrap();
         assert!(new.join("CONNS").exists());
-        let (dataplane, adopted) = Dataplane::load_pinned(&new).expect("loading over it");
+        let (dataplane, adopted) =
+            Dataplane::load_pinned(&new, LevelFilter::Off).expect("loading over it");
         assert!(!adopted, "nothing but the old table was pinned there");
         assert!(
             !new.join("CONNS").exists(),

@@ -251,7 +251,7 @@ fn load_fill_attach(
     dir: &std::path::Path,
 ) -> Result<Started, AgentError> {
     let (mut dataplane, adopted) =
-        Dataplane::load_pinned(dir).map_err(|source| AgentError::Load {
+        Dataplane::load_pinned(dir, log::LevelFilter::Off).map_err(|source| AgentError::Load {
             dir: dir.to_owned(),
             source: Box::new(source),
         })?;
