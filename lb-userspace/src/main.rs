@@ -60,6 +60,12 @@ enum Command {
         /// otherwise. `off` turns it off.
         #[arg(long, default_value = "127.0.0.1:9432", value_parser = parse_metrics)]
         metrics_address: MetricsAddress,
+        /// Log the datapath's rare events at LEVEL and above (target `lb::datapath`):
+        /// `error` a failed encapsulation, `warn` a failed connection-table insert,
+        /// `debug` a malformed IP header; `info` adds nothing yet. `off` removes them
+        /// from the program when it is loaded, so they cost nothing.
+        #[arg(long, value_name = "LEVEL", default_value = "off", value_parser = parse_datapath_log)]
+        datapath_log: log::LevelFilter,
     },
     /// Detach a stopped agent's datapath and remove its pins.
     Detach,
@@ -179,6 +185,16 @@ fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
         .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9432 (or `off`)"))
 }
 
+/// `--datapath-log`: one of `off`, `error`, `warn`, `info`, `debug`.
+fn parse_datapath_log(text: &str) -> Result<log::LevelFilter, String> {
+    match text.parse() {
+        Ok(log::LevelFilter::Trace) | Err(_) => Err(format!(
+            "{text:?} is not one of off, error, warn, info, debug"
+        )),
+        Ok(level) => Ok(level),
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     Native,
@@ -197,8 +213,16 @@ impl From<Mode> for XdpMode {
 }
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    let mut logger = env_logger::Builder::new();
+    // The datapath's records are chosen by `--datapath-log` when the program is loaded;
+    // the agent shows every one it gets (unless RUST_LOG names `lb::datapath` itself).
+    if let Command::Run { datapath_log, .. } = &cli.command {
+        logger.filter_module(lb_common::maps::LOG_TARGET, *datapath_log);
+    }
+    logger
+        .parse_env(env_logger::Env::default().default_filter_or("info"))
+        .init();
     let socket = cli
         .socket
         .clone()
@@ -210,6 +234,7 @@ fn main() -> std::process::ExitCode {
             xdp_mode,
             detach_on_exit,
             metrics_address,
+            datapath_log,
         } => {
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -224,6 +249,7 @@ fn main() -> std::process::ExitCode {
                         socket,
                         detach_on_exit,
                         metrics: metrics_address.0,
+                        datapath_log,
                     }))
                     .map_err(anyhow::Error::from),
                 Err(e) => Err(e.into()),
