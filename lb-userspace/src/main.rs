@@ -63,7 +63,7 @@ enum Command {
         /// Log the datapath's rare events at LEVEL and above (target `lb::datapath`):
         /// `error` a failed encapsulation, `warn` a failed connection-table insert,
         /// `debug` a malformed IP header; `info` adds nothing yet. `off` removes them
-        /// from the program when it is loaded, so they cost nothing.
+        /// from the program when it is loaded: they cost the packet path nothing.
         #[arg(long, value_name = "LEVEL", default_value = "off", value_parser = parse_datapath_log)]
         datapath_log: log::LevelFilter,
     },
