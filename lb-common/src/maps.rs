@@ -32,6 +32,11 @@ pub const fn ring_base(vip_id: u32, copy: u32) -> u32 {
     (vip_id * RING_COPIES + copy) * MAX_RING_SIZE
 }
 
+/// The target the datapath's records (aya-log, see `lb-ebpf/src/events.rs`) carry
+/// in the agent's log. Their ring buffer is aya-log's own map, `AYA_LOGS`, and is
+/// never pinned: every agent reads the one of the program it loaded.
+pub const LOG_TARGET: &str = "lb::datapath";
+
 /// Map names, as declared in `lb-ebpf/src/maps.rs`.
 pub mod names {
     pub const VIPS: &str = "VIPS";

@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::{
-    keys,
+    events, keys,
     maps::{CONNS_V4, CONNS_V6},
     parse::Packet,
     stats,
@@ -54,19 +54,28 @@ pub fn mark_closing(pkt: &Packet) {
     }
 }
 
-/// Remembers a new flow's backend. A failed insert is counted and the packet still
-/// goes out: the flow then follows the lookup table, which is right until it changes.
+/// Remembers a new flow's backend. A failed insert is counted (and logged, see
+/// [`events`]) and the packet still goes out: the flow then follows the lookup
+/// table, which is right until it changes.
 #[inline(always)]
 pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Global) {
     // A flow first seen by its FIN or RST (its entry lost) is closing already.
     let closing = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
     let entry = keys::Entry::new(backend_id, vip_id | closing);
-    let inserted = if pkt.family == FAMILY_V4 {
-        CONNS_V4.insert(keys::ConnV4::new(pkt).key(), entry.value(), 0)
+    let failed = if pkt.family == FAMILY_V4 {
+        let key = keys::ConnV4::new(pkt);
+        CONNS_V4
+            .insert(key.key(), entry.value(), 0)
+            .inspect_err(|&error| events::insert_failed_v4(key.key(), vip_id, error))
+            .is_err()
     } else {
-        CONNS_V6.insert(keys::ConnV6::new(pkt).key(), entry.value(), 0)
+        let key = keys::ConnV6::new(pkt);
+        CONNS_V6
+            .insert(key.key(), entry.value(), 0)
+            .inspect_err(|&error| events::insert_failed_v6(key.key(), vip_id, error))
+            .is_err()
     };
-    if inserted.is_err() {
+    if failed {
         stats::bump(counters, |s| &mut s.conn_insert_failed);
     }
 }

@@ -7,7 +7,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{Stop, icmp::ipv4_header_checksum, maps::SETTINGS, parse::Packet, ptr};
+use crate::{Stop, events, icmp::ipv4_header_checksum, maps::SETTINGS, parse::Packet, ptr};
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
@@ -56,7 +56,7 @@ pub fn encapsulate(
     };
     let hash_bytes = hash.to_be_bytes();
     if backend.family == FAMILY_V4 {
-        grow(ctx, Ipv4Hdr::LEN)?;
+        grow(ctx, Ipv4Hdr::LEN, backend)?;
         let eth: *mut EthHdr = ptr::at(ctx, 0)?;
         let ip: *mut Ipv4Hdr = ptr::at(ctx, EthHdr::LEN)?;
         let mut src = settings.encap_src_v4;
@@ -85,7 +85,7 @@ pub fn encapsulate(
             (*ip).check = ipv4_header_checksum(ip as *const [u8; Ipv4Hdr::LEN]).to_ne_bytes();
         }
     } else {
-        grow(ctx, Ipv6Hdr::LEN)?;
+        grow(ctx, Ipv6Hdr::LEN, backend)?;
         let eth: *mut EthHdr = ptr::at(ctx, 0)?;
         let ip: *mut Ipv6Hdr = ptr::at(ctx, EthHdr::LEN)?;
         let mut src = settings.encap_src_v6;
@@ -107,11 +107,14 @@ pub fn encapsulate(
 }
 
 /// Makes room for `len` more bytes in front of the packet (the Ethernet header is
-/// rewritten in full afterwards, so it need not be moved).
+/// rewritten in full afterwards, so it need not be moved), for the outer header to
+/// `backend`.
 #[inline(always)]
-fn grow(ctx: &XdpContext, len: usize) -> Result<(), Stop> {
+fn grow(ctx: &XdpContext, len: usize, backend: &Backend) -> Result<(), Stop> {
     // SAFETY: the helper only moves `data` within the frame's headroom, or fails.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(len as i32)) } != 0 {
+    let error = unsafe { bpf_xdp_adjust_head(ctx.ctx, -(len as i32)) };
+    if error != 0 {
+        events::encap_failed(backend, len as u32, error);
         return Err(Stop::EncapFailed);
     }
     Ok(())

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod conntrack;
+mod events;
 mod forward;
 mod icmp;
 mod keys;

@@ -23,7 +23,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{Stop, ptr};
+use crate::{Stop, events, ptr};
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
@@ -145,6 +145,8 @@ fn ipv4(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
     let header_len = ((vihl & 0x0f) as usize) * 4;
     let ip_len = u16::from_be_bytes(tot_len);
     if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || (ip_len as usize) < header_len {
+        // SAFETY: `ptr::at` checked the fixed header.
+        unsafe { events::malformed_ipv4(ip) };
         return Err(Stop::Malformed);
     }
     if u16::from_be_bytes(frags) & IPV4_MF_OR_OFFSET != 0 {
@@ -177,6 +179,8 @@ fn ipv6(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Stop> {
         )
     };
     if vcf[0] >> 4 != 6 {
+        // SAFETY: `ptr::at` checked the header.
+        unsafe { events::malformed_ipv6(ip) };
         return Err(Stop::Malformed);
     }
     if next != PROTO_TCP && next != PROTO_UDP && next != PROTO_ICMPV6 {

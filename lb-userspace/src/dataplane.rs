@@ -1,6 +1,7 @@
-//! The kernel side, seen from userspace: loads the XDP object, writes the desired
-//! state into its maps, attaches it to an interface and reads its counters. Used by
-//! the agent, and by the tests (packet fixtures through `BPF_PROG_TEST_RUN`).
+//! The kernel side, seen from userspace: loads the XDP object (with the level of its
+//! log), writes the desired state into its maps, attaches it to an interface, reads
+//! its counters and hands its log records (aya-log) to a reader. Used by the agent,
+//! and by the tests (packet fixtures through `BPF_PROG_TEST_RUN`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,6 +21,7 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
+use aya_log::EbpfLogger;
 use lb_common::{
     hash::vip_filter_slot,
     maps::{MAX_RING_SIZE, MAX_VIPS, RING_COPIES, VIP_FILTER_SLOTS, names, programs, ring_base},
@@ -28,6 +30,7 @@ use lb_common::{
         VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
     },
 };
+use log::LevelFilter;
 
 use crate::desired::{Desired, DesiredBackend, DesiredVip};
 
@@ -82,6 +85,8 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("the datapath's log (aya-log): {0}")]
+    Log(#[source] aya_log::Error),
 }
 
 /// A failed attach, with what to do about it.
@@ -310,27 +315,31 @@ impl Drop for RingsMapping {
 }
 
 impl Dataplane {
-    /// Loads the object and verifies the balancer program, without attaching it.
-    /// Nothing is pinned: the program and maps go away with this value.
+    /// Loads the object and verifies the balancer program, without attaching it, its
+    /// log off. Nothing is pinned: the program and maps go away with this value.
     pub fn load() -> Result<Dataplane, DataplaneError> {
-        Dataplane::load_with(EbpfLoader::new(), None)
+        Dataplane::load_with(None, LevelFilter::Off)
+    }
+
+    /// As [`Dataplane::load`], with the datapath's records at `log` and above made
+    /// (see [`Dataplane::take_log`]).
+    pub fn load_logging(log: LevelFilter) -> Result<Dataplane, DataplaneError> {
+        Dataplane::load_with(None, log)
     }
 
     /// Loads with every map pinned under `dir` (created if missing): maps already
     /// pinned there by an earlier agent are adopted with their contents, and the
     /// shadow state is read back from them, so that the next [`Dataplane::apply`]
-    /// writes only real changes. Returns whether an earlier agent's state was found.
-    pub fn load_pinned(dir: &Path) -> Result<(Dataplane, bool), DataplaneError> {
+    /// writes only real changes. The datapath's records at `log` and above are made
+    /// (see [`Dataplane::take_log`]). Returns whether an earlier agent's state was
+    /// found.
+    pub fn load_pinned(dir: &Path, log: LevelFilter) -> Result<(Dataplane, bool), DataplaneError> {
         std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
             path: dir.to_owned(),
             source,
         })?;
         let adopted = is_pinned(dir);
-        let mut loader = EbpfLoader::new();
-        for name in names::ALL {
-            loader.map_pin_path(name, dir.join(name));
-        }
-        let mut dataplane = Dataplane::load_with(loader, Some(dir.to_owned()))?;
+        let mut dataplane = Dataplane::load_with(Some(dir.to_owned()), log)?;
         // The old program keeps its own references until the new one replaces it.
         remove_legacy_pins(dir)?;
         if adopted {
@@ -339,12 +348,21 @@ impl Dataplane {
         Ok((dataplane, adopted))
     }
 
-    fn load_with(
-        mut loader: EbpfLoader<'_>,
-        pins: Option<PathBuf>,
-    ) -> Result<Dataplane, DataplaneError> {
+    fn load_with(pins: Option<PathBuf>, log: LevelFilter) -> Result<Dataplane, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NotBuilt);
+        }
+        let level = aya_log_level(log);
+        let mut loader = EbpfLoader::new();
+        // Always set: aya-log-ebpf's own default makes every record. The global lives
+        // in `.rodata`, which aya freezes before the program is verified, so the
+        // verifier removes the code of every record below `level` (see
+        // `lb-ebpf/src/events.rs`): with the log off, none is left.
+        loader.override_global(aya_log::LEVEL, &level, true);
+        if let Some(dir) = &pins {
+            for name in names::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         xdp_program(&mut ebpf, programs::BALANCER)?
@@ -859,6 +877,13 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The datapath's records (aya-log's ring buffer), for `logger` to write as the
+    /// reader calls `flush` on the value returned: the agent's reader task, or a
+    /// test. Only one reader can take them.
+    pub fn take_log<T: log::Log>(&mut self, logger: T) -> Result<EbpfLogger<T>, DataplaneError> {
+        EbpfLogger::init_with_logger(&mut self.ebpf, logger).map_err(DataplaneError::Log)
+    }
+
     /// The balancer program, for `BPF_PROG_TEST_RUN`.
     pub fn program(&mut self) -> Result<&mut Xdp, DataplaneError> {
         xdp_program(&mut self.ebpf, programs::BALANCER)
@@ -1047,6 +1072,20 @@ pub fn remove_pins(dir: &Path) -> Result<(), DataplaneError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(pin_err(e)),
     }
+}
+
+/// The value of aya-log-ebpf's `AYA_LOG_LEVEL` for `filter`: a record is made when
+/// its level's number is at most this (0: none).
+fn aya_log_level(filter: LevelFilter) -> u8 {
+    let level = match filter.to_level() {
+        None => return 0,
+        Some(log::Level::Error) => aya_log::Level::Error,
+        Some(log::Level::Warn) => aya_log::Level::Warn,
+        Some(log::Level::Info) => aya_log::Level::Info,
+        Some(log::Level::Debug) => aya_log::Level::Debug,
+        Some(log::Level::Trace) => aya_log::Level::Trace,
+    };
+    level as u8
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {

@@ -5,7 +5,8 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use lb_common::maps::LOG_TARGET;
+use tracing_subscriber::{EnvFilter, filter::Directive};
 
 /// How the log is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -18,14 +19,22 @@ pub enum LogFormat {
 }
 
 /// Installs the subscriber (once; a second call changes nothing). A `RUST_LOG` that
-/// does not parse falls back to `info`, saying so in the log.
-pub fn init(format: LogFormat) {
+/// does not parse falls back to `info`, saying so in the log. The datapath's records
+/// (target [`LOG_TARGET`]) are shown down to `datapath`, the level the program was
+/// loaded with, unless `RUST_LOG` names that target itself.
+pub fn init(format: LogFormat, datapath: log::LevelFilter) {
     let (filter, bad) = match EnvFilter::try_from_default_env() {
         Ok(filter) => (filter, None),
         Err(e) => (
             EnvFilter::new("info"),
             std::env::var("RUST_LOG").ok().map(|v| (v, e)),
         ),
+    };
+    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(LOG_TARGET));
+    let directive = format!("{LOG_TARGET}={}", datapath.as_str().to_lowercase());
+    let filter = match directive.parse::<Directive>() {
+        Ok(d) if !named && datapath != log::LevelFilter::Off => filter.add_directive(d),
+        _ => filter,
     };
     // Colours only for a person at a terminal: not in a file, a pipe or journald.
     let builder = tracing_subscriber::fmt()

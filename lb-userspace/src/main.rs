@@ -15,7 +15,13 @@ use lb_userspace::{
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    lb_userspace::logging::init(args.log_format);
+    // The datapath's records are chosen by `--datapath-log` when the program is
+    // loaded; the agent shows every one it gets (unless RUST_LOG names their target).
+    let datapath = match &args.command {
+        Command::Run(run) => run.datapath_log,
+        Command::Client(_) => log::LevelFilter::Off,
+    };
+    lb_userspace::logging::init(args.log_format, datapath);
     let socket = args.socket();
     let result = match args.command {
         Command::Run(run) => run_agent(run, args.instance, socket),
@@ -38,6 +44,7 @@ fn run_agent(run: RunArgs, instance: String, socket: std::path::PathBuf) -> Resu
         socket,
         detach_on_exit: run.detach_on_exit,
         metrics: run.metrics_address.0,
+        datapath_log: run.datapath_log,
     }))?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Frames built field by field for the packet fixtures, and checksum checks that do
-//! not trust the builder. Used by the datapath tests (`tests/tests/datapath.rs`).
+//! not trust the builder. Used by the datapath tests (`tests/tests/datapath.rs`), and
+//! [`send_raw`] to put such frames on a test network (`tests/tests/datapath_log.rs`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -304,6 +305,57 @@ fn verify_ip(ether_type: u16, ip: &[u8]) -> Result<(), String> {
         41 => verify_ip(ETH_P_IPV6, l4).map_err(|e| format!("inner {e}")),
         _ => Ok(()),
     }
+}
+
+/// Sends `frame` exactly as given (Ethernet header included) out of `ifname`, an
+/// interface of the calling thread's network namespace (e.g. inside
+/// [`crate::netns::Netns::run_in`]), through an `AF_PACKET` socket: for frames no
+/// socket of the kernel's own would send, such as a malformed IP header.
+pub fn send_raw(ifname: &str, frame: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Protocol 0: the socket sends and receives nothing.
+    // SAFETY: socket(2) has no preconditions.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data, valid when zeroed.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    // The frame's own ether type, as the kernel would take it from a header it built.
+    to.sll_protocol = u16::from_ne_bytes([frame[12], frame[13]]);
+    to.sll_ifindex = index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&frame[..6]);
+    // SAFETY: `frame` and `to` are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if sent as usize != frame.len() {
+        return Err(std::io::Error::other(format!(
+            "sent {sent} of {} bytes",
+            frame.len()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

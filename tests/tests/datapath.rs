@@ -20,6 +20,7 @@ use lb_userspace::{
     dataplane::Dataplane,
     desired::{Desired, Tables, addr_bytes},
 };
+use log::LevelFilter;
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -171,9 +172,14 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::logging(LevelFilter::Off)
+    }
+
+    /// The world with the datapath's log at `log` (its records are left unread).
+    fn logging(log: LevelFilter) -> World {
         let config = Config::parse(CONFIG).unwrap();
         let desired = Desired::from_config(&config).unwrap();
-        let mut dataplane = Dataplane::load().expect("loading the XDP program");
+        let mut dataplane = Dataplane::load_logging(log).expect("loading the XDP program");
         dataplane.apply_and_wait(&desired).unwrap();
         World {
             dataplane,
@@ -911,9 +917,16 @@ fn fixtures(world: &World) -> Vec<Fixture> {
     out
 }
 
+/// Every fixture, with the datapath's log off and at `debug`: a record never changes a
+/// verdict or an output byte.
 #[test]
 fn packet_fixtures() {
-    let mut world = World::new();
+    for log in [LevelFilter::Off, LevelFilter::Debug] {
+        fixtures_pass(World::logging(log), log);
+    }
+}
+
+fn fixtures_pass(mut world: World, log: LevelFilter) {
     let fixtures = fixtures(&world);
     assert!(fixtures.len() >= 40, "only {} fixtures", fixtures.len());
     let mut failures = Vec::new();
@@ -947,7 +960,7 @@ fn packet_fixtures() {
     }
     assert!(
         failures.is_empty(),
-        "{} of {} fixtures failed:\n{}",
+        "{} of {} fixtures failed with the log {log}:\n{}",
         failures.len(),
         fixtures.len(),
         failures.join("\n")
@@ -1402,11 +1415,12 @@ fn adopting_pins_removes_the_old_connection_table_pin() {
     let old = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
     let new = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
     let result = std::panic::catch_unwind(|| {
-        drop(Dataplane::load_pinned(&old).expect("pinning a first datapath"));
+        drop(Dataplane::load_pinned(&old, LevelFilter::Off).expect("pinning a first datapath"));
         std::fs::create_dir_all(&new).unwrap();
         std::fs::rename(old.join("CONNS_V4"), new.join("CONNS")).unwrap();
         assert!(new.join("CONNS").exists());
-        let (dataplane, adopted) = Dataplane::load_pinned(&new).expect("loading over it");
+        let (dataplane, adopted) =
+            Dataplane::load_pinned(&new, LevelFilter::Off).expect("loading over it");
         assert!(!adopted, "nothing but the old table was pinned there");
         assert!(
             !new.join("CONNS").exists(),

@@ -13,8 +13,10 @@
 //! - this module: the process's lifetime ([`run`]) and its `select!` loop;
 //! - `tick`: the control tick (every VIP's control step, then the maps);
 //! - `overrides`: operator actions (holds, drain, reload) and request dispatch;
-//! - `views`: what `/metrics` and the control socket's read commands show.
+//! - `views`: what `/metrics` and the control socket's read commands show;
+//! - `datapath_log`: the datapath's records (`--datapath-log`) into the agent's log.
 
+mod datapath_log;
 mod overrides;
 mod tick;
 mod views;
@@ -74,6 +76,8 @@ pub enum AgentError {
     Plan(#[from] PlanError),
     #[error("nothing is pinned for instance {instance:?} (no {})", dir.display())]
     NothingPinned { instance: String, dir: PathBuf },
+    #[error("reading the datapath's log")]
+    DatapathLog(#[source] std::io::Error),
 }
 
 impl From<DataplaneError> for AgentError {
@@ -103,6 +107,9 @@ pub struct RunOptions {
     pub detach_on_exit: bool,
     /// Where `/metrics` is served (Prometheus); `None` turns it off.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The datapath's rare events at this level and above go to the log (target
+    /// `lb::datapath`); `Off` removes them from the program when it is loaded.
+    pub datapath_log: log::LevelFilter,
 }
 
 /// The agent's state; the control loop owns it and nothing else touches it.
@@ -251,10 +258,13 @@ fn load_fill_attach(
     dir: &std::path::Path,
 ) -> Result<Started, AgentError> {
     let (mut dataplane, adopted) =
-        Dataplane::load_pinned(dir).map_err(|source| AgentError::Load {
+        Dataplane::load_pinned(dir, opts.datapath_log).map_err(|source| AgentError::Load {
             dir: dir.to_owned(),
             source: Box::new(source),
         })?;
+    if opts.datapath_log != log::LevelFilter::Off {
+        datapath_log::start_reader(&mut dataplane)?;
+    }
     let previous = adopted.then(|| dataplane.current());
     let overrides = previous
         .as_ref()

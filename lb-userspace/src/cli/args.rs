@@ -76,6 +76,12 @@ pub struct RunArgs {
     /// otherwise. `off` turns it off.
     #[arg(long, default_value = "127.0.0.1:9432", value_parser = parse_metrics)]
     pub metrics_address: MetricsAddress,
+    /// Log the datapath's rare events at LEVEL and above (target `lb::datapath`):
+    /// `error` a failed encapsulation, `warn` a failed connection-table insert,
+    /// `debug` a malformed IP header; `info` adds nothing yet. `off` removes them
+    /// from the program when it is loaded: they cost the packet path nothing.
+    #[arg(long, value_name = "LEVEL", default_value = "off", value_parser = parse_datapath_log)]
+    pub datapath_log: log::LevelFilter,
 }
 
 /// Every command but `run`: they talk to a running agent (or, `detach` and
@@ -212,6 +218,15 @@ fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
     text.parse()
         .map(|a| MetricsAddress(Some(a)))
         .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9432 (or `off`)"))
+}
+
+fn parse_datapath_log(text: &str) -> Result<log::LevelFilter, String> {
+    match text.parse() {
+        Ok(log::LevelFilter::Trace) | Err(_) => Err(format!(
+            "{text:?} is not one of off, error, warn, info, debug"
+        )),
+        Ok(level) => Ok(level),
+    }
 }
 
 /// `--xdp-mode`.
