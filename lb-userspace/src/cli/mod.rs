@@ -77,24 +77,18 @@ pub fn run(command: ClientCommand, instance: &str, socket: &Path) -> Result<(), 
             setting(out, socket, request, f)
         }
         ClientCommand::Drain(t) => {
-            let (request, f) = (
-                Request::Drain {
-                    backend: t.backend,
-                    vip: t.vip,
-                },
-                t.format,
-            );
-            setting(out, socket, request, f)
+            let request = Request::Drain {
+                backend: t.backend,
+                vip: t.vip,
+            };
+            setting(out, socket, request, t.format)
         }
         ClientCommand::Undrain(t) => {
-            let (request, f) = (
-                Request::Undrain {
-                    backend: t.backend,
-                    vip: t.vip,
-                },
-                t.format,
-            );
-            setting(out, socket, request, f)
+            let request = Request::Undrain {
+                backend: t.backend,
+                vip: t.vip,
+            };
+            setting(out, socket, request, t.format)
         }
         ClientCommand::Reload(f) => setting(out, socket, Request::Reload, f),
         ClientCommand::Explain(f) => {
