@@ -179,7 +179,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
 struct Held {
     listener: tokio::net::UnixListener,
     /// Removes the control socket when the agent stops or fails to start.
-    _socket: SocketFile,
+    socket: SocketFile,
     metrics: Option<(std::net::SocketAddr, tokio::net::TcpListener)>,
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
@@ -207,7 +207,7 @@ impl Held {
         };
         Ok(Held {
             listener,
-            _socket: socket,
+            socket,
             metrics,
             interrupt,
             terminate,
@@ -316,7 +316,7 @@ fn load_fill_attach(
 async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
     let Held {
         listener,
-        _socket,
+        socket,
         metrics,
         mut interrupt,
         mut terminate,
@@ -343,7 +343,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
             _ = hangup.recv() => {
                 match agent.reload() {
                     Ok(()) => info!("SIGHUP: configuration reloaded"),
-                    Err(e) => warn!(error = %said(&e), "SIGHUP: reload refused, nothing changed"),
+                    Err(e) => warn!(error = %crate::api::error_text(&e), "SIGHUP: reload refused, nothing changed"),
                 }
             }
             Some((request, reply)) = requests.recv() => {
@@ -357,12 +357,12 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                 // A table switch waited for its copy's grace: finish it now.
                 let desired = agent.desired.clone();
                 if let Err(e) = agent.dataplane.apply(&desired) {
-                    warn!(error = %said(&e), "finishing a deferred table switch");
+                    warn!(error = %crate::api::error_text(&e), "finishing a deferred table switch");
                 }
             }
             _ = tick.tick() => {
                 if let Err(e) = agent.control_tick(true) {
-                    warn!(error = %said(&e), "control tick: weights unchanged");
+                    warn!(error = %crate::api::error_text(&e), "control tick: weights unchanged");
                 }
             }
             changed = agent.signals.next() => {
@@ -379,7 +379,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                         if healthy { "healthy" } else { "unhealthy: weight 0" }
                     );
                     if let Err(e) = agent.control_tick(false) {
-                        warn!(error = %said(&e), "health change: weights unchanged");
+                        warn!(error = %crate::api::error_text(&e), "health change: weights unchanged");
                     }
                 }
             }
@@ -387,7 +387,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
     };
     server.abort();
     let _ = stop_metrics.send(());
-    drop(_socket);
+    drop(socket);
     let stats = agent.dataplane.global_stats()?;
     info!("{why}: {}", summary(&stats));
     if agent.opts.detach_on_exit {
@@ -400,11 +400,6 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
         );
     }
     Ok(())
-}
-
-/// An error and its causes, each said once.
-fn said(e: &(dyn std::error::Error + 'static)) -> String {
-    crate::api::error_text(e)
 }
 
 /// Sleeps until `at` (forever without one: the `select!` arm is disabled then).

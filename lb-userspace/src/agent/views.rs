@@ -2,7 +2,12 @@
 //! (`status`, `vip list`, `backend list`, `stats`, `tables`, `explain`), as the
 //! typed answers of [`crate::api`]. Called by the loop and by `overrides::handle`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::types::VipKey;
 
 use super::{Agent, overrides::control_of, tick::unit};
 use crate::{
@@ -10,10 +15,11 @@ use crate::{
         BackendView, Control, ExplainInputs, Explanation, ModelStatus, ReloadOutcome, Stats,
         Status, TableView, VipView,
     },
-    config::HashFields,
+    config::{HashFields, Vip},
     core::{
         BackendId,
         model::{Choice, ModelError},
+        policy::Decision,
     },
     dataplane::DataplaneError,
     desired::vip_key,
@@ -24,6 +30,7 @@ impl Agent {
     pub(super) fn metrics_snapshot(&self) -> crate::metrics::MetricsSnapshot {
         use crate::metrics::{BackendMetrics, MetricsSnapshot, VipMetrics};
         let vip_stats = |id: u32| self.dataplane.vip_stats(id).unwrap_or_default();
+        let vips = self.vips_by_name();
         MetricsSnapshot {
             global: self.dataplane.global_stats().unwrap_or_default(),
             vips: self
@@ -44,11 +51,8 @@ impl Agent {
                 .backend_views()
                 .into_iter()
                 .map(|b| {
-                    let reading = self
-                        .config
-                        .vips
-                        .iter()
-                        .find(|v| v.to_string() == b.vip)
+                    let reading = vips
+                        .get(&b.vip)
                         .and_then(|v| self.signals.readings.get(&(vip_key(v), b.backend)));
                     let forecast = reading.and_then(|r| r.forecast.as_ref());
                     let choice = forecast.map(|f| &f.choice);
@@ -166,17 +170,23 @@ impl Agent {
             .collect()
     }
 
+    /// The configured VIPs by the name the views show.
+    fn vips_by_name(&self) -> BTreeMap<String, &Vip> {
+        self.config
+            .vips
+            .iter()
+            .map(|v| (v.to_string(), v))
+            .collect()
+    }
+
     pub(super) fn backend_views(&self) -> Vec<BackendView> {
         let mut out = Vec::new();
         for vip in &self.config.vips {
             let key = vip_key(vip);
-            for b in &vip.backends {
-                let Some((&id, d)) = self
-                    .desired
-                    .backends
-                    .iter()
-                    .find(|(_, d)| d.vip == key && d.address == b.address)
-                else {
+            // Each backend's id, in configured order, as the plan gave it.
+            let ids = self.desired.vips.get(&key).map_or(&[][..], |d| &d.ids);
+            for (b, &id) in vip.backends.iter().zip(ids) {
+                let Some(d) = self.desired.backends.get(&id) else {
                     continue;
                 };
                 let s = self.dataplane.backend_stats(id).unwrap_or_default();
@@ -257,21 +267,27 @@ impl Agent {
     }
 
     pub(super) fn explain(&self) -> Vec<Explanation> {
+        let vips = self.vips_by_name();
+        let ids: BTreeMap<(VipKey, IpAddr), BackendId> = self
+            .desired
+            .backends
+            .iter()
+            .map(|(&id, d)| ((d.vip, d.address), BackendId(id)))
+            .collect();
+        let decisions: BTreeMap<BackendId, &Decision> = self
+            .control
+            .values()
+            .flat_map(|c| c.decisions.iter().map(|d| (d.backend, d)))
+            .collect();
         self.backend_views()
             .into_iter()
             .map(|b| {
-                let vip = self.config.vips.iter().find(|v| v.to_string() == b.vip);
+                let vip = vips.get(&b.vip).copied();
                 let key = vip.map(vip_key);
                 let control = key.and_then(|k| self.control.get(&k));
                 let units = control.map_or_else(|| vip.map_or(1, unit), |c| c.params.unit);
-                let id = self
-                    .desired
-                    .backends
-                    .iter()
-                    .find(|(_, d)| Some(d.vip) == key && d.address == b.backend)
-                    .map(|(&id, _)| BackendId(id));
-                let decision =
-                    control.and_then(|c| c.decisions.iter().find(|d| Some(d.backend) == id));
+                let id = key.and_then(|k| ids.get(&(k, b.backend)));
+                let decision = id.and_then(|id| decisions.get(id).copied());
                 let why = match b.control {
                     Control::Set => format!("operator set {} (until auto or reload)", b.weight),
                     Control::Pinned => format!("operator pinned {} (until auto)", b.weight),
