@@ -83,6 +83,8 @@ pub enum Request {
     Tables,
     /// Re-read the configuration file; apply it completely or not at all. [`Change`].
     Reload,
+    /// This LB in its fleet: leader, epochs, every LB's tables. [`ClusterStatus`].
+    ClusterStatus,
 }
 
 impl Request {
@@ -118,6 +120,7 @@ impl fmt::Display for Request {
             Request::Explain => f.write_str("explain"),
             Request::Tables => f.write_str("tables"),
             Request::Reload => f.write_str("reload"),
+            Request::ClusterStatus => f.write_str("cluster status"),
             Request::WeightSet {
                 backend,
                 vip,
@@ -187,6 +190,63 @@ pub enum Answer {
     Explain(Vec<Explanation>),
     Tables(Vec<TableView>),
     Change(Change),
+    Cluster(Box<ClusterStatus>),
+}
+
+/// `cluster status`: this LB in its fleet. Without a `[cluster]` section, `enabled`
+/// is false and the rest empty.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub enabled: bool,
+    /// The fleet's name (the etcd key prefix `/lb/<name>/`).
+    pub cluster: String,
+    /// This LB's name in the fleet.
+    pub node: String,
+    pub endpoints: Vec<String>,
+    /// Whether a session with etcd is up now.
+    pub connected: bool,
+    /// Whether this LB leads.
+    pub leading: bool,
+    /// The leading LB, as etcd's election says (last known while disconnected).
+    pub leader: Option<String>,
+    /// This LB's configuration digest; LBs with another apply none of its epochs.
+    pub config_digest: String,
+    /// The newest epoch applied here (0: none yet).
+    pub epoch_applied: u64,
+    /// The newest epoch published, as seen here, and who published it.
+    pub epoch_newest: u64,
+    pub epoch_leader: Option<String>,
+    /// Milliseconds the newest epoch has waited here unapplied (0: applied).
+    pub lag_ms: u64,
+    /// Why the newest epoch is not applied here, if it is not.
+    pub not_applied: Option<String>,
+    /// Why the last etcd session ended, while there is none.
+    pub last_error: Option<String>,
+    /// Epochs this LB published, and publications etcd refused because another LB
+    /// led by then (fenced).
+    pub published: u64,
+    pub fenced: u64,
+    /// Records read from etcd and refused, newest last, each with its key and why.
+    pub refused_records: Vec<String>,
+    /// Every LB with a record in etcd (their leases alive), this one included.
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One LB of the fleet, from its last record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub node: String,
+    pub config_digest: String,
+    /// Whether its configuration digest equals this LB's.
+    pub same_config: bool,
+    pub epoch_applied: u64,
+    /// Milliseconds since its record arrived here.
+    pub age_ms: u64,
+    /// The digest of each VIP's table in force there (by configured backend index,
+    /// as epochs give it; not the same digest as `lb tables`, which is over ids).
+    pub tables: BTreeMap<String, Option<String>>,
+    /// Whether every VIP's table there is the newest epoch's.
+    pub agrees: bool,
 }
 
 /// `status`: the agent and its datapath at a glance.

@@ -124,6 +124,193 @@ pub struct Config {
     pub control: Control,
     /// Outer source prefixes of encapsulated packets, when a VIP uses `ipip`.
     pub encapsulation: Encapsulation,
+    /// The fleet this LB belongs to; `None`: a single LB, deciding alone.
+    pub cluster: Option<Cluster>,
+}
+
+impl Config {
+    /// A digest of everything that decides the tables (VIPs, backends, policies and
+    /// `[control]`), so that LBs of a fleet can tell whether they were given the same
+    /// decisions to make. `[cluster]` is left out: each LB names itself there. The
+    /// text it hashes is this build's rendering of those sections, so LBs of
+    /// different builds may differ, which is the safe side: a policy may differ too.
+    pub fn digest(&self) -> String {
+        let text = format!(
+            "{:?}|{:?}|{:?}",
+            self.vips, self.control, self.encapsulation
+        );
+        format!("{:016x}", crate::core::fnv1a(text.as_bytes()))
+    }
+}
+
+/// The `[cluster]` section: etcd, where a fleet of LBs shares what each observes,
+/// elects the LB that decides, and reads the decision every LB applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// etcd client URLs (`http://host:port` or `https://host:port`).
+    pub endpoints: Vec<String>,
+    /// The fleet's name: every key lives under `/lb/<name>/`.
+    pub name: String,
+    /// This LB's name in the fleet (default: the host name).
+    pub node: String,
+    /// Seconds an LB's records and leadership outlive its last keep-alive (2..=60).
+    pub lease_s: u64,
+    /// TLS towards etcd; `None`: plain `http://` endpoints.
+    pub tls: Option<ClusterTls>,
+}
+
+/// `[cluster.tls]`: the CA that signed etcd's certificate, and this LB's client
+/// certificate and key (both or neither) when etcd asks for one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    endpoints: Vec<String>,
+    name: String,
+    node: Option<String>,
+    lease_s: Option<u64>,
+    tls: Option<RawClusterTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClusterTls {
+    ca: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+/// The default lease: a dead leader is replaced within this plus one interval.
+pub const DEFAULT_LEASE_S: u64 = 5;
+
+/// A name usable in an etcd key: 1 to 63 of `[A-Za-z0-9._-]`.
+fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{name:?} must be 1 to 63 letters, digits, '.', '_' or '-'"),
+        ))
+    }
+}
+
+/// This machine's host name (`gethostname`).
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, which is what is passed.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).ok()
+}
+
+fn check_cluster(raw: Option<RawCluster>) -> Result<Option<Cluster>, ConfigError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if raw.endpoints.is_empty() {
+        return Err(invalid(
+            "cluster.endpoints",
+            "no etcd endpoint; give at least one, e.g. \"http://198.18.0.9:2379\"",
+        ));
+    }
+    let tls = raw.tls.is_some();
+    for (i, e) in raw.endpoints.iter().enumerate() {
+        let field = format!("cluster.endpoints[{i}]");
+        let (scheme, rest) = e.split_once("://").ok_or_else(|| {
+            invalid(
+                &field,
+                format!("{e:?} is not a URL like \"http://host:2379\""),
+            )
+        })?;
+        match (scheme, tls) {
+            ("http", false) | ("https", true) => {}
+            ("http", true) => {
+                return Err(invalid(
+                    &field,
+                    format!("{e:?} is plain http, but [cluster.tls] is set: use https://"),
+                ));
+            }
+            ("https", false) => {
+                return Err(invalid(
+                    &field,
+                    format!("{e:?} is https, but there is no [cluster.tls] with the CA to trust"),
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    &field,
+                    format!("{e:?}: the scheme must be http or https"),
+                ));
+            }
+        }
+        let port_ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok || rest.contains('/') {
+            return Err(invalid(
+                &field,
+                format!("{e:?} must be scheme://host:port, with nothing after the port"),
+            ));
+        }
+    }
+    check_name("cluster.name", &raw.name)?;
+    let node = match raw.node {
+        Some(node) => node,
+        None => host_name().ok_or_else(|| {
+            invalid(
+                "cluster.node",
+                "not given, and the host name cannot be read",
+            )
+        })?,
+    };
+    check_name("cluster.node", &node)?;
+    let lease_s = raw.lease_s.unwrap_or(DEFAULT_LEASE_S);
+    if !(2..=60).contains(&lease_s) {
+        return Err(invalid(
+            "cluster.lease_s",
+            format!("{lease_s} is outside [2, 60] (etcd refuses shorter leases)"),
+        ));
+    }
+    let tls = match raw.tls {
+        None => None,
+        Some(t) => {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err(invalid(
+                    if t.cert.is_some() {
+                        "cluster.tls.key"
+                    } else {
+                        "cluster.tls.cert"
+                    },
+                    "a client certificate needs its key, and a key its certificate",
+                ));
+            }
+            Some(ClusterTls {
+                ca: t.ca,
+                cert: t.cert,
+                key: t.key,
+            })
+        }
+    };
+    Ok(Some(Cluster {
+        endpoints: raw.endpoints,
+        name: raw.name,
+        node,
+        lease_s,
+        tls,
+    }))
 }
 
 /// The `[control]` section: the control loop's tuning (see `policy::Params`).
@@ -461,6 +648,7 @@ struct RawConfig {
     vip: Vec<RawVip>,
     encapsulation: Option<RawEncapsulation>,
     control: Option<RawControl>,
+    cluster: Option<RawCluster>,
 }
 
 #[derive(Deserialize)]
@@ -545,6 +733,7 @@ impl Config {
         }
         let encapsulation = check_encapsulation(raw.encapsulation)?;
         let control = check_control(raw.control)?;
+        let cluster = check_cluster(raw.cluster)?;
         let mut seen = BTreeSet::new();
         let mut vips = Vec::with_capacity(raw.vip.len());
         let mut total_backends = 0usize;
@@ -587,6 +776,7 @@ impl Config {
             vips,
             control,
             encapsulation,
+            cluster,
         })
     }
 }
@@ -794,6 +984,85 @@ weight = 1
             Err(other) => panic!("expected a field error, got {other}"),
             Ok(_) => panic!("expected an error"),
         }
+    }
+
+    #[test]
+    fn a_cluster_section_is_checked_field_by_field() {
+        let with = |cluster: &str| format!("{GOOD}\n[cluster]\n{cluster}");
+        let good = with(
+            "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"edge\"\nnode = \"lb-a\"\nlease_s = 3\n",
+        );
+        let c = Config::parse(&good).unwrap().cluster.unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.node.as_str(), c.lease_s),
+            ("edge", "lb-a", 3)
+        );
+        assert!(c.tls.is_none());
+        // Without a node name, the host name.
+        let c = Config::parse(&with(
+            "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"edge\"\n",
+        ))
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert!(!c.node.is_empty());
+        assert_eq!(c.lease_s, DEFAULT_LEASE_S);
+        let cases = [
+            ("endpoints = []\nname = \"e\"", "cluster.endpoints"),
+            (
+                "endpoints = [\"198.18.0.9:2379\"]\nname = \"e\"",
+                "cluster.endpoints[0]",
+            ),
+            (
+                "endpoints = [\"ftp://198.18.0.9:2379\"]\nname = \"e\"",
+                "cluster.endpoints[0]",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9\"]\nname = \"e\"",
+                "cluster.endpoints[0]",
+            ),
+            (
+                "endpoints = [\"https://198.18.0.9:2379\"]\nname = \"e\"",
+                "cluster.endpoints[0]",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"a/b\"",
+                "cluster.name",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nnode = \"\"",
+                "cluster.node",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nlease_s = 1",
+                "cluster.lease_s",
+            ),
+            (
+                "endpoints = [\"https://198.18.0.9:2379\"]\nname = \"e\"\n[cluster.tls]\nca = \"/ca\"\ncert = \"/c\"",
+                "cluster.tls.key",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\n[cluster.tls]\nca = \"/ca\"",
+                "cluster.endpoints[0]",
+            ),
+        ];
+        for (text, field) in cases {
+            assert_eq!(field_of(&with(text)), field, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_digest_covers_the_decisions_but_not_the_cluster_section() {
+        let a = Config::parse(GOOD).unwrap();
+        let mut b = a.clone();
+        b.cluster = Config::parse(&format!(
+            "{GOOD}\n[cluster]\nendpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nnode = \"x\""
+        ))
+        .unwrap()
+        .cluster;
+        assert_eq!(a.digest(), b.digest());
+        let c = Config::parse(&GOOD.replace("weight = 2", "weight = 3")).unwrap();
+        assert_ne!(a.digest(), c.digest());
     }
 
     #[test]

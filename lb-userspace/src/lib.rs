@@ -12,6 +12,7 @@
 //! - [`desired`]: what the maps must hold for a configuration (pure).
 //! - [`dataplane`]: loads, fills, attaches and reads the XDP program and its maps.
 //! - [`agent`]: the lifetime and control loop of `lb run`.
+//! - [`cluster`]: a fleet of LBs through etcd: records, merge, the session task.
 //! - [`logging`]: the agent's log, as text or JSON, levels per module.
 //! - [`api`]: the control API's requests and typed answers.
 //! - [`control`]: the control socket (server side for the agent, client for the CLI).
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod collect;
 pub mod config;
 pub mod control;

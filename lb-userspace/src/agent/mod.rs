@@ -14,9 +14,11 @@
 //! - `tick`: the control tick (every VIP's control step, then the maps);
 //! - `overrides`: operator actions (holds, drain, reload) and request dispatch;
 //! - `views`: what `/metrics` and the control socket's read commands show;
-//! - `datapath_log`: the datapath's records (`--datapath-log`) into the agent's log.
+//! - `datapath_log`: the datapath's records (`--datapath-log`) into the agent's log;
+//! - `fleet`: a fleet member's tick, epochs, fleet holds and `cluster status`.
 
 mod datapath_log;
+mod fleet;
 mod overrides;
 mod tick;
 mod views;
@@ -33,7 +35,7 @@ use tracing::{info, warn};
 
 use self::overrides::{Override, overrides_of};
 pub use self::tick::step_vips;
-use self::tick::{plan, vip_control};
+use self::tick::{Weights, plan, vip_control};
 use crate::{
     config::{Config, ConfigError},
     control,
@@ -131,6 +133,8 @@ struct Agent {
     started: Instant,
     /// Outcome of the last reload, for `status`.
     last_reload: Option<(Instant, Result<(), String>)>,
+    /// The fleet this LB is a member of (`[cluster]`), if any.
+    fleet: Option<fleet::Fleet>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Everything that can fail is done before
@@ -160,6 +164,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     );
     println!("lb: ready on {}", opts.iface);
     let signals = Signals::start(&config);
+    let fleet = config.cluster.clone().map(fleet::Fleet::start);
     let agent = Agent {
         opts,
         config,
@@ -171,6 +176,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         last_counters: BTreeMap::new(),
         started: Instant::now(),
         last_reload: None,
+        fleet,
     };
     serve(agent, held).await
 }
@@ -286,7 +292,7 @@ fn load_fill_attach(
     let desired = plan(
         config,
         previous.as_ref(),
-        &overrides,
+        Weights::Local(&overrides),
         &control,
         &Tables::new(),
     )?;
@@ -336,6 +342,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
         }));
     }
     let mut refresh = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut fleet_state = agent.fleet.as_ref().map(|f| f.session.state.clone());
     let why = loop {
         tokio::select! {
             _ = interrupt.recv() => break "SIGINT",
@@ -347,8 +354,24 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                 }
             }
             Some((request, reply)) = requests.recv() => {
-                let response = agent.handle(request);
-                let _ = reply.send(response);
+                match agent.fleet_request(request) {
+                    // A fleet hold: the reply waits for etcd, the loop does not.
+                    Ok(pending) => {
+                        tokio::spawn(async move {
+                            let _ = reply.send(pending.await);
+                        });
+                    }
+                    Err(request) => {
+                        let _ = reply.send(agent.handle(request));
+                    }
+                }
+            }
+            alive = fleet_changed(&mut fleet_state) => {
+                if alive {
+                    agent.on_fleet_change();
+                } else {
+                    fleet_state = None;
+                }
             }
             _ = refresh.tick() => {
                 let _ = metrics_tx.send(agent.metrics_snapshot());
@@ -400,6 +423,17 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
         );
     }
     Ok(())
+}
+
+/// Waits until the fleet's state changes (forever outside a fleet); false when the
+/// session is gone for good.
+async fn fleet_changed(
+    state: &mut Option<tokio::sync::watch::Receiver<crate::cluster::session::FleetState>>,
+) -> bool {
+    match state {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps until `at` (forever without one: the `select!` arm is disabled then).

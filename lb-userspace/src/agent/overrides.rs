@@ -12,7 +12,7 @@ use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, VipKe
 use self::change::Side;
 use super::{
     Agent,
-    tick::{plan, unit, vip_control},
+    tick::{Weights, plan, unit, vip_control},
 };
 use crate::{
     api::{self, Answer, Change, Control, Request, Response},
@@ -47,6 +47,11 @@ pub enum RequestError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Dataplane(Box<DataplaneError>),
+    #[error(
+        "[cluster] differs from the running agent's: it cannot change by reload; restart \
+         the agent to join another fleet or change how it reaches etcd"
+    )]
+    ClusterChanged,
 }
 
 impl From<DataplaneError> for RequestError {
@@ -75,6 +80,18 @@ impl Override {
             Override::Drain => "drained".to_owned(),
         }
     }
+}
+
+/// What a hold request asks for (see [`Agent::ask`]).
+pub(super) enum Asked {
+    /// What already holds: nothing to do; the answer says so.
+    Unchanged(Change),
+    /// Place (`Some`) or lift (`None`) the hold on `key`.
+    Hold {
+        action: String,
+        key: (VipKey, IpAddr),
+        hold: Option<Override>,
+    },
 }
 
 /// Who decides a backend's weight, given its hold (if any).
@@ -127,27 +144,22 @@ impl Agent {
                 .map(Answer::Tables)
                 .map_err(RequestError::from),
             Request::Reload => self.reload_change().map(Answer::Change),
-            Request::WeightSet {
-                backend,
-                vip,
-                weight,
-            } => self
-                .override_weight(backend, vip, Some(Override::Set(weight)))
-                .map(Answer::Change),
-            Request::WeightPin {
-                backend,
-                vip,
-                weight,
-            } => self
-                .override_weight(backend, vip, Some(Override::Pin(weight)))
-                .map(Answer::Change),
-            Request::WeightAuto { backend, vip } => {
-                self.override_weight(backend, vip, None).map(Answer::Change)
+            Request::ClusterStatus => Ok(Answer::Cluster(Box::new(self.cluster_status()))),
+            hold => match self.ask(&hold) {
+                Ok(Asked::Unchanged(change)) => Ok(change),
+                Ok(Asked::Hold { action, key, hold }) => {
+                    self.change_overrides(action, key, |overrides| match hold {
+                        Some(o) => {
+                            overrides.insert(key, o);
+                        }
+                        None => {
+                            overrides.remove(&key);
+                        }
+                    })
+                }
+                Err(e) => Err(e),
             }
-            Request::Drain { backend, vip } => self
-                .override_weight(backend, vip, Some(Override::Drain))
-                .map(Answer::Change),
-            Request::Undrain { backend, vip } => self.undrain(backend, vip).map(Answer::Change),
+            .map(Answer::Change),
         };
         match answer {
             Ok(answer) => Response::ok(answer),
@@ -183,62 +195,69 @@ impl Agent {
         }
     }
 
-    /// Places (`Some`) or drops (`None`) a hold on one backend. Asking for the hold
-    /// that is already there changes nothing and says so.
-    fn override_weight(
-        &mut self,
-        backend: IpAddr,
-        vip: Option<String>,
-        o: Option<Override>,
-    ) -> Result<Change, RequestError> {
-        if let Some(Override::Set(w) | Override::Pin(w)) = o
+    /// What a hold request (`weight set|pin|auto`, `drain`, `undrain`) asks for:
+    /// a hold placed (`Some`) or lifted (`None`) on one backend, or nothing, when it
+    /// asks for what already holds (which is not an error, and says so).
+    pub(super) fn ask(&self, request: &Request) -> Result<Asked, RequestError> {
+        let (backend, vip, hold) = match request {
+            Request::WeightSet {
+                backend,
+                vip,
+                weight,
+            } => (backend, vip, Some(Override::Set(*weight))),
+            Request::WeightPin {
+                backend,
+                vip,
+                weight,
+            } => (backend, vip, Some(Override::Pin(*weight))),
+            Request::WeightAuto { backend, vip } => (backend, vip, None),
+            Request::Drain { backend, vip } => (backend, vip, Some(Override::Drain)),
+            Request::Undrain { backend, vip } => {
+                let key = self.find(*backend, vip.as_deref())?;
+                let action = "undrained".to_owned();
+                return Ok(match self.overrides.get(&key) {
+                    Some(Override::Drain) => Asked::Hold {
+                        action,
+                        key,
+                        hold: None,
+                    },
+                    None => Asked::Unchanged(self.unchanged(action, key, "not drained".into())),
+                    Some(&held) => Asked::Unchanged(self.unchanged(
+                        action,
+                        key,
+                        format!("not drained ({})", held.words()),
+                    )),
+                });
+            }
+            other => unreachable!("{other} is not a hold request"),
+        };
+        if let Some(Override::Set(w) | Override::Pin(w)) = hold
             && w > MAX_WEIGHT
         {
             return Err(RequestError::WeightTooHigh { weight: w });
         }
-        let key = self.find(backend, vip.as_deref())?;
-        let action = match o {
+        let key = self.find(*backend, vip.as_deref())?;
+        let action = match hold {
             Some(Override::Set(w)) => format!("weight set to {w}"),
             Some(Override::Pin(w)) => format!("weight pinned at {w}"),
             Some(Override::Drain) => "drained".to_owned(),
             None => "weight given back to the policy".to_owned(),
         };
-        match (self.overrides.get(&key).copied(), o) {
+        Ok(match (self.overrides.get(&key).copied(), hold) {
             (Some(held), Some(asked)) if held == asked => {
-                return Ok(self.unchanged(action, key, format!("already {}", held.words())));
+                Asked::Unchanged(self.unchanged(action, key, format!("already {}", held.words())))
             }
-            (None, None) => {
-                return Ok(self.unchanged(action, key, "already decided by the policy".into()));
-            }
-            _ => {}
-        }
-        self.change_overrides(action, key, |overrides| match o {
-            Some(o) => {
-                overrides.insert(key, o);
-            }
-            None => {
-                overrides.remove(&key);
-            }
+            (None, None) => Asked::Unchanged(self.unchanged(
+                action,
+                key,
+                "already decided by the policy".into(),
+            )),
+            _ => Asked::Hold { action, key, hold },
         })
     }
 
-    /// Ends a drain; a backend that is not drained is left as it is.
-    fn undrain(&mut self, backend: IpAddr, vip: Option<String>) -> Result<Change, RequestError> {
-        let key = self.find(backend, vip.as_deref())?;
-        let action = "undrained".to_owned();
-        match self.overrides.get(&key) {
-            Some(Override::Drain) => self.change_overrides(action, key, |o| {
-                o.remove(&key);
-            }),
-            None => Ok(self.unchanged(action, key, "not drained".into())),
-            Some(&held) => {
-                Ok(self.unchanged(action, key, format!("not drained ({})", held.words())))
-            }
-        }
-    }
-
     /// The answer to a request that asked for what already holds.
-    fn unchanged(&self, action: String, key: (VipKey, IpAddr), note: String) -> Change {
+    pub(super) fn unchanged(&self, action: String, key: (VipKey, IpAddr), note: String) -> Change {
         let side = self.side();
         Change {
             note: Some(note),
@@ -269,7 +288,7 @@ impl Agent {
         let desired = plan(
             &self.config,
             Some(&self.desired),
-            &overrides,
+            Weights::Local(&overrides),
             &self.control,
             &Tables::new(),
         )?;
@@ -309,8 +328,14 @@ impl Agent {
     /// A reload's work: the new file's plan, applied, or an error with nothing changed.
     fn apply_config(&mut self) -> Result<Change, RequestError> {
         let config = Config::load(&self.opts.config)?;
+        if config.cluster != self.config.cluster {
+            return Err(RequestError::ClusterChanged);
+        }
         let mut overrides = self.overrides.clone();
-        overrides.retain(|_, o| !matches!(o, Override::Set(_)));
+        if self.fleet.is_none() {
+            // A fleet's holds are the fleet's: they stay until lifted in etcd.
+            overrides.retain(|_, o| !matches!(o, Override::Set(_)));
+        }
         // Policies restart from the configured weights of the new file, except
         // for VIPs whose policy and backends did not change.
         let mut control: BTreeMap<VipKey, VipControl> = BTreeMap::new();
@@ -329,10 +354,18 @@ impl Agent {
             }
             control.insert(key, fresh);
         }
+        let down = self.locally_down();
+        let weights = match self.fleet {
+            Some(_) => Weights::Fleet {
+                holds: &overrides,
+                down: &down,
+            },
+            None => Weights::Local(&overrides),
+        };
         let desired = plan(
             &config,
             Some(&self.desired),
-            &overrides,
+            weights,
             &control,
             &Tables::new(),
         )?;

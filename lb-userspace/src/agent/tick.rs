@@ -2,7 +2,11 @@
 //! datapath's counters say about its backends, then the maps, if a weight changed.
 //! Also the plan every change of the maps goes through ([`plan`]).
 
-use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Instant,
+};
 
 use lb_common::types::{BACKEND_F_DRAINED, BACKEND_F_PINNED, BACKEND_F_SET, VipKey};
 
@@ -28,13 +32,27 @@ pub(super) fn unit(vip: &Vip) -> u32 {
     policy::unit(&vip.backends.iter().map(|b| b.weight).collect::<Vec<_>>())
 }
 
-/// The desired state for `config`: operator holds first, then each VIP's policy
-/// weights (configured weights until the policy has run). Weights are in policy
-/// units; holds are converted from configured units.
+/// Where a backend's weight comes from when the maps are planned.
+#[derive(Clone, Copy)]
+pub(super) enum Weights<'a> {
+    /// A single LB: its operator holds first, then the policy's weights
+    /// (configured weights until the policy has run).
+    Local(&'a BTreeMap<(VipKey, IpAddr), Override>),
+    /// A member of a fleet: the weights in force are the epoch's (which carry the
+    /// fleet's holds, so holds only mark their backends here), except that a backend
+    /// this LB's own probes fail gets 0 at once (`down`; see `agent::fleet`).
+    Fleet {
+        holds: &'a BTreeMap<(VipKey, IpAddr), Override>,
+        down: &'a BTreeSet<(VipKey, IpAddr)>,
+    },
+}
+
+/// The desired state for `config`, each backend weighted as `weights` says (in
+/// policy units; holds are converted from configured units).
 pub(super) fn plan(
     config: &Config,
     previous: Option<&Desired>,
-    overrides: &BTreeMap<(VipKey, IpAddr), Override>,
+    weights: Weights<'_>,
     control: &BTreeMap<VipKey, VipControl>,
     tables: &Tables,
 ) -> Result<Desired, PlanError> {
@@ -45,15 +63,28 @@ pub(super) fn plan(
             let key = vip_key(vip);
             let control = control.get(&key);
             let unit = control.map_or_else(|| unit(vip), |c| c.params.unit);
-            match overrides.get(&(key, b.address)) {
-                Some(Override::Set(w)) => (w.saturating_mul(unit), BACKEND_F_SET),
-                Some(Override::Pin(w)) => (w.saturating_mul(unit), BACKEND_F_PINNED),
-                Some(Override::Drain) => (0, BACKEND_F_DRAINED),
-                None => {
-                    let policy = control.and_then(|c| c.state.weights.get(&id));
-                    (policy.copied().unwrap_or(b.weight.saturating_mul(unit)), 0)
-                }
-            }
+            let policy = || {
+                let policy = control.and_then(|c| c.state.weights.get(&id));
+                policy.copied().unwrap_or(b.weight.saturating_mul(unit))
+            };
+            let (holds, down) = match weights {
+                Weights::Local(holds) => (holds, None),
+                Weights::Fleet { holds, down } => (holds, Some(down)),
+            };
+            let hold = holds.get(&(key, b.address));
+            let flags = match hold {
+                Some(Override::Set(_)) => BACKEND_F_SET,
+                Some(Override::Pin(_)) => BACKEND_F_PINNED,
+                Some(Override::Drain) => BACKEND_F_DRAINED,
+                None => 0,
+            };
+            let weight = match (down, hold) {
+                (Some(down), _) if down.contains(&(key, b.address)) => 0,
+                (Some(_), _) | (None, None) => policy(),
+                (None, Some(Override::Set(w) | Override::Pin(w))) => w.saturating_mul(unit),
+                (None, Some(Override::Drain)) => 0,
+            };
+            (weight, flags)
         },
         tables,
     )
@@ -61,25 +92,16 @@ pub(super) fn plan(
 
 impl Agent {
     /// One control interval: every VIP's policy runs on what is known about its
-    /// backends; the maps change only if some weight did.
+    /// backends; the maps change only if some weight did. In a fleet, see
+    /// [`Agent::fleet_tick`].
     pub(super) fn control_tick(&mut self, observe: bool) -> Result<(), AgentError> {
-        let now = Instant::now();
-        let mut qps: BTreeMap<u32, f64> = BTreeMap::new();
-        let mut flows_by_key = BTreeMap::new();
-        if observe {
-            for (&id, d) in &self.desired.backends {
-                let stats = self.dataplane.backend_stats(id)?;
-                if let Some((at, last)) = self.last_counters.get(&id) {
-                    let secs = now.duration_since(*at).as_secs_f64();
-                    if secs > 0.0 && stats.new_flows >= last.new_flows {
-                        let rate = (stats.new_flows - last.new_flows) as f64 / secs;
-                        qps.insert(id, rate);
-                        flows_by_key.insert((d.vip, d.address), rate);
-                    }
-                }
-                self.last_counters.insert(id, (now, stats));
-            }
-            self.signals.observe(&flows_by_key);
+        let rates = if observe {
+            self.observe()?
+        } else {
+            Rates::default()
+        };
+        if self.fleet.is_some() {
+            return self.fleet_tick(&rates, observe);
         }
         let (readings, overrides) = (&self.signals.readings, &self.overrides);
         let (changed, tables) = step_vips(
@@ -92,7 +114,7 @@ impl Agent {
                 let seen = Observation {
                     qps: sample
                         .and_then(|s| s.requests_per_s)
-                        .or_else(|| qps.get(&id.0).copied()),
+                        .or_else(|| rates.flows.get(&id.0).copied()),
                     utilisation: sample.and_then(|s| s.cpu),
                     errors_per_s: sample.and_then(|s| s.errors_per_s),
                     latency_s: reading.and_then(|r| r.latency_s()),
@@ -101,10 +123,7 @@ impl Agent {
                 let forecast = reading.and_then(|r| r.forecast.as_ref());
                 Input {
                     healthy: reading.is_none_or(|r| r.healthy),
-                    hold: overrides.get(&(key, b.address)).map(|o| match o {
-                        Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
-                        Override::Drain => 0,
-                    }),
+                    hold: hold_weight(overrides.get(&(key, b.address)), unit),
                     ..Input::observed(id, b.weight, seen, forecast)
                 }
             },
@@ -113,7 +132,7 @@ impl Agent {
             let desired = plan(
                 &self.config,
                 Some(&self.desired),
-                &self.overrides,
+                Weights::Local(&self.overrides),
                 &self.control,
                 &tables,
             )?;
@@ -122,6 +141,49 @@ impl Agent {
         }
         Ok(())
     }
+
+    /// Reads every backend's datapath counters: their rates since the last reading,
+    /// which also go to the load models.
+    fn observe(&mut self) -> Result<Rates, AgentError> {
+        let now = Instant::now();
+        let mut rates = Rates::default();
+        let mut flows_by_key = BTreeMap::new();
+        for (&id, d) in &self.desired.backends {
+            let stats = self.dataplane.backend_stats(id)?;
+            if let Some((at, last)) = self.last_counters.get(&id) {
+                let secs = now.duration_since(*at).as_secs_f64();
+                if secs > 0.0 && stats.new_flows >= last.new_flows {
+                    let rate = (stats.new_flows - last.new_flows) as f64 / secs;
+                    rates.flows.insert(id, rate);
+                    flows_by_key.insert((d.vip, d.address), rate);
+                }
+                if secs > 0.0 && stats.bytes >= last.bytes {
+                    let rate = (stats.bytes - last.bytes) as f64 / secs;
+                    rates.bytes.insert(id, rate);
+                }
+            }
+            self.last_counters.insert(id, (now, stats));
+        }
+        self.signals.observe(&flows_by_key);
+        Ok(rates)
+    }
+}
+
+/// What this LB's datapath sent each backend (by id) over the last interval.
+#[derive(Debug, Default)]
+pub(super) struct Rates {
+    /// New flows per second.
+    pub flows: BTreeMap<u32, f64>,
+    /// Bytes per second.
+    pub bytes: BTreeMap<u32, f64>,
+}
+
+/// An operator hold as the policy takes it: the weight held, in policy units.
+pub(super) fn hold_weight(hold: Option<&Override>, unit: u32) -> Option<u32> {
+    hold.map(|o| match o {
+        Override::Set(w) | Override::Pin(w) => w.saturating_mul(unit),
+        Override::Drain => 0,
+    })
 }
 
 /// The control step of every VIP of `config`, each against the table `desired` holds

@@ -241,12 +241,6 @@ impl Agent {
             let Some(table) = self.dataplane.active_table(&key)? else {
                 continue;
             };
-            let mut digest: u64 = 0xcbf2_9ce4_8422_2325;
-            for slot in &table {
-                for byte in slot.to_le_bytes() {
-                    digest = (digest ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-                }
-            }
             let mut slots: BTreeMap<String, usize> = BTreeMap::new();
             for id in &table {
                 let name = self
@@ -259,7 +253,7 @@ impl Agent {
             out.push(TableView {
                 vip: vip.to_string(),
                 size: table.len(),
-                digest: format!("{digest:016x}"),
+                digest: crate::core::table_digest(&table),
                 slots,
             });
         }

@@ -130,6 +130,11 @@ pub enum ClientCommand {
     /// Each VIP's lookup table as the datapath reads it: size, slots per backend
     /// and a digest (LBs sharing a VIP behind ECMP must show the same digest).
     Tables(Format),
+    /// The fleet this LB belongs to (`[cluster]` in the configuration).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// A live view of backends, weights and rates (packets/s, bytes/s, new
     /// flows/s), refreshed every second until Ctrl-C. When standard output is not a
     /// terminal, each refresh is printed after the last one.
@@ -175,6 +180,16 @@ pub struct Target {
 pub enum VipCommand {
     /// List the configured VIPs.
     List(Format),
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// This LB in its fleet: connected to etcd or not, the leader, the epoch
+    /// applied here and the newest published (and how long it has waited), and
+    /// every LB's configuration digest, epoch and table digest per VIP. An LB whose
+    /// tables are not the newest epoch's is marked; one with another configuration
+    /// applies no epoch of this one's leader.
+    Status(Format),
 }
 
 #[derive(Subcommand)]

@@ -5,7 +5,8 @@
 //! # Layout
 //! - `args`: the arguments (clap), with the manual in their docs.
 //! - `output`: writing (a closed pipe is a quiet stop), aligned tables, number formats.
-//! - `read`: the text of `status`, `vip list`, `backend list`, `explain`, `tables`.
+//! - `read`: the text of `status`, `vip list`, `backend list`, `explain`, `tables`,
+//!   `cluster status`.
 //! - `change`: what a setting command did, in words (also the agent's log line).
 //! - `rates`: `stats`, rates between two samples.
 //! - `top`: the live view.
@@ -23,11 +24,16 @@ use clap::CommandFactory;
 use serde::{Serialize, de::DeserializeOwned};
 
 use self::{
-    args::{Args, BackendCommand, ClientCommand, Format, Target, VipCommand, WeightCommand},
+    args::{
+        Args, BackendCommand, ClientCommand, ClusterCommand, Format, Target, VipCommand,
+        WeightCommand,
+    },
     output::{Out, OutputError},
 };
 use crate::{
-    api::{self, BackendView, Change, Explanation, Request, Status, TableView, VipView},
+    api::{
+        self, BackendView, Change, ClusterStatus, Explanation, Request, Status, TableView, VipView,
+    },
     control,
 };
 
@@ -97,6 +103,9 @@ pub fn run(command: ClientCommand, instance: &str, socket: &Path) -> Result<(), 
         ClientCommand::Tables(f) => {
             show::<Vec<TableView>>(out, socket, Request::Tables, f, |v| read::tables(v))
         }
+        ClientCommand::Cluster {
+            command: ClusterCommand::Status(f),
+        } => show::<ClusterStatus>(out, socket, Request::ClusterStatus, f, read::cluster),
         ClientCommand::Stats { interval, format } => rates::stats(out, socket, interval, format),
         ClientCommand::Top { count, format } => top::run(out, socket, instance, count, format),
         ClientCommand::Detach(f) => detach(out, instance, f),

@@ -1,10 +1,10 @@
 //! The text of the read commands (`status`, `vip list`, `backend list`, `explain`,
-//! `tables`), from the agent's typed answers; pure, so tests read them without an
+//! `tables`, `cluster status`), from the agent's typed answers; pure, so tests read them without an
 //! agent. `--json` prints the answers themselves instead.
 
 use crate::api::{
-    BackendView, Control, DatapathCounters, Explanation, ModelStatus, ReloadOutcome, Status,
-    TableView, VipView,
+    BackendView, ClusterStatus, Control, DatapathCounters, Explanation, ModelStatus, ReloadOutcome,
+    Status, TableView, VipView,
 };
 
 use super::output::{Align, Table, bytes, count, duration, ms, percent, weight};
@@ -244,6 +244,77 @@ pub fn tables(tables: &[TableView]) -> String {
         ));
     }
     blocks.join("\n\n")
+}
+
+/// `cluster status` as text.
+pub fn cluster(c: &ClusterStatus) -> String {
+    if !c.enabled {
+        return "not in a fleet: the configuration has no [cluster] section".to_owned();
+    }
+    let mut out = format!(
+        "fleet {} as {}: {}; leader {}{}\n",
+        c.cluster,
+        c.node,
+        if c.connected {
+            "connected to etcd".to_owned()
+        } else {
+            format!(
+                "NOT connected to etcd ({}): keeping epoch {}",
+                c.last_error.as_deref().unwrap_or("connecting"),
+                c.epoch_applied
+            )
+        },
+        c.leader.as_deref().unwrap_or("none"),
+        if c.leading { " (this LB)" } else { "" },
+    );
+    out += &format!(
+        "epoch applied here {}, newest {}{}",
+        c.epoch_applied,
+        c.epoch_newest,
+        c.epoch_leader
+            .as_ref()
+            .map_or_else(String::new, |l| format!(" (from {l})"))
+    );
+    if c.lag_ms > 0 {
+        out += &format!(", waiting {} ms", c.lag_ms);
+    }
+    out += &format!("\nconfiguration digest {}\n", c.config_digest);
+    if let Some(why) = &c.not_applied {
+        out += &format!("newest epoch NOT applied: {why}\n");
+    }
+    if c.published > 0 || c.fenced > 0 {
+        out += &format!(
+            "published {} epochs here; {} refused by etcd (another LB led)\n",
+            c.published, c.fenced
+        );
+    }
+    for r in &c.refused_records {
+        out += &format!("refused record: {r}\n");
+    }
+    let mut t = Table::new(&[
+        ("node", Align::Left),
+        ("epoch", Align::Right),
+        ("config", Align::Left),
+        ("tables", Align::Left),
+        ("age", Align::Right),
+        ("vip digests", Align::Left),
+    ]);
+    for n in &c.nodes {
+        let digests: Vec<String> = n
+            .tables
+            .iter()
+            .map(|(vip, d)| format!("{vip}={}", d.as_deref().unwrap_or("-")))
+            .collect();
+        t.row(vec![
+            n.node.clone(),
+            n.epoch_applied.to_string(),
+            if n.same_config { "same" } else { "DIFFERS" }.to_owned(),
+            if n.agrees { "newest" } else { "OTHER" }.to_owned(),
+            format!("{} ms", n.age_ms),
+            digests.join(" "),
+        ]);
+    }
+    out + &t.render_indented("")
 }
 
 #[cfg(test)]

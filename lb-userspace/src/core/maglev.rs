@@ -236,7 +236,7 @@ pub fn accuracy_band(size: u32) -> u32 {
 }
 
 /// The FNV-1a 64 offset basis.
-const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+pub(crate) const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 /// The FNV 64-bit prime.
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// The seeds of the four hashes that give a backend's permutation: inner offset,
@@ -249,7 +249,7 @@ const PERMUTATION_SEEDS: [u64; 4] = [
 ];
 
 /// Continues an FNV-1a 64 hash from `state` over `bytes`.
-fn fnv1a64(mut state: u64, bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(mut state: u64, bytes: &[u8]) -> u64 {
     for &byte in bytes {
         state ^= u64::from(byte);
         state = state.wrapping_mul(FNV_PRIME);

@@ -1,4 +1,4 @@
-//! The pure core: what the agent, the simulator and (next) a fleet leader compute the
+//! The pure core: what the agent, the simulator and a fleet's leader compute the
 //! same way, with no I/O, no clock, no async runtime and no configuration types.
 //!
 //! - [`control`]: the one control step of a VIP: readings, holds and the table in
@@ -17,6 +17,22 @@ pub mod policy;
 /// the backend across reloads and restarts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
 pub struct BackendId(pub u32);
+
+/// FNV-1a 64 of `bytes`: for digests that must agree across machines (a config's,
+/// a table's), not for anything an adversary chooses.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    maglev::fnv1a64(maglev::FNV_OFFSET_BASIS, bytes)
+}
+
+/// The digest of a lookup table, as 16 hex digits: FNV-1a 64 over its slots as
+/// little-endian u32s. What the slots hold (datapath ids, configured indices) is the
+/// caller's; two digests compare only when both hold the same kind.
+pub fn table_digest<'a>(slots: impl IntoIterator<Item = &'a u32>) -> String {
+    let digest = slots.into_iter().fold(maglev::FNV_OFFSET_BASIS, |h, s| {
+        maglev::fnv1a64(h, &s.to_le_bytes())
+    });
+    format!("{digest:016x}")
+}
 
 impl std::fmt::Display for BackendId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
