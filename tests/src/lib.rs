@@ -5,7 +5,14 @@
 //! # Layout
 //! - [`netns`]: named network namespaces that are removed on drop, on panic and on
 //!   SIGINT/SIGTERM, and ways to run code inside them.
-//! - [`topology`]: the client, load balancer and backends on one bridged segment.
+//! - [`topology`]: the client, load balancers, backends and service hosts on one
+//!   bridged segment.
+//! - [`etcd`]: a real single-member etcd inside a namespace, plain or TLS, that can
+//!   be stopped, killed and restarted on its data.
+//! - [`certs`]: a throwaway CA with server and client certificates (and an untrusted
+//!   client), as PEM files.
+//! - [`scratch`]: private temporary directories, removed on drop and swept after
+//!   killed runs.
 //! - [`tcp`]: backend servers that answer with their name, and clients that count
 //!   which backend answered.
 //! - [`packet`]: frames built field by field, for the datapath tests.
@@ -17,9 +24,12 @@
 //! Every test network lives only in namespaces this crate creates, uses addresses from
 //! 198.18.0.0/15 and fd00::/8 only, and has no default route.
 
+pub mod certs;
+pub mod etcd;
 pub mod netns;
 pub mod operating;
 pub mod packet;
+pub mod scratch;
 pub mod spread;
 pub mod tcp;
 pub mod testbed;

@@ -7,9 +7,23 @@
 //! - a switch namespace holding a Linux bridge;
 //! - namespaces for the client, the load balancer and N backends, each with one veth
 //!   whose peer is a port of that bridge;
-//! - IPv4 198.18.0.0/24 and IPv6 fd00:18::/64 on the segment: client .1/::1, load
-//!   balancer .2/::2, backend i .(11+i)/::(11+i) (the IPv6 suffix is written with the
-//!   same decimal digits, so backend 0 is `fd00:18::11`);
+//! - IPv4 198.18.0.0/24 and IPv6 fd00:18::/64 on the segment (the IPv6 suffix is
+//!   always written with the same decimal digits as the IPv4 last octet, so backend 0
+//!   is `fd00:18::11`):
+//!
+//!   | host | IPv4 | IPv6 | added by |
+//!   |---|---|---|---|
+//!   | client | 198.18.0.1 | fd00:18::1 | [`Topology::build`] |
+//!   | load balancer 0 | 198.18.0.2 | fd00:18::2 | [`Topology::build`] |
+//!   | load balancer 1 + n ([`Role::ExtraLoadBalancer`]`(n)`, n < 8) | 198.18.0.(3+n) | fd00:18::(3+n) | [`Topology::add_load_balancer`] |
+//!   | backend i (i < 99) | 198.18.0.(11+i) | fd00:18::(11+i) | [`Topology::build`] |
+//!   | service host k ([`Role::Service`]`(k)`, k < 50) | 198.18.0.(200+k) | fd00:18::(200+k) | [`Topology::add_service_host`] |
+//!
+//!   Load balancers fill .2 to .10 and backends .11 to .109; a service host (an etcd,
+//!   say) is a plain host on the segment, with no VIP and no route to it. Nothing
+//!   here uses .110 to .199 or .250 to .254: a test that puts a service on a
+//!   secondary address of an existing host (`ip addr add 198.18.0.250/24 dev ...`)
+//!   takes it from there;
 //! - the VIP 198.18.1.1/32 and fd00:18:1::1/128 on `lo` of every backend, with
 //!   `arp_ignore=1` and `arp_announce=2` so that only the load balancer answers for it;
 //! - a host route from the client to each VIP via the load balancer, and no default
@@ -23,8 +37,13 @@
 //! those frames and counts them as TX drops of the load balancer's veth.
 //!
 //! Host-side MAC addresses are fixed: `02:00:00:00:00:XX` where XX is the host's last
-//! IPv4 octet; bridge ports are `02:00:00:00:01:XX`. Dropping the topology deletes
-//! its namespaces, which deletes the veths and the bridge with them.
+//! IPv4 octet; bridge ports are `02:00:00:00:01:XX`. Link names are the topology's
+//! prefix (at most 11 characters), `h` (the host's veth) or `p` (its bridge port), and
+//! a role tag of at most 3 characters (`c`, `l`, `b0`..`b98`, `m0`..`m7` for the extra
+//! load balancers, `s0`..`s49` for service hosts), so they fit the kernel's 15.
+//! Namespaces are `PREFIX-client`, `PREFIX-lb`, `PREFIX-lb2`..`PREFIX-lb9`,
+//! `PREFIX-backendI` and `PREFIX-svc-TAG`. Dropping the topology deletes its
+//! namespaces, which deletes the veths and the bridge with them.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -52,6 +71,12 @@ pub const SEGMENT_V4_PREFIX_LEN: u8 = 24;
 pub const SEGMENT_V6_PREFIX_LEN: u8 = 64;
 /// The most backends a topology can have (the role tag `b98` must fit a link name).
 pub const MAX_BACKENDS: usize = 99;
+/// The most load balancers a topology can have besides the first (198.18.0.3 to .10).
+pub const MAX_EXTRA_LOAD_BALANCERS: usize = 8;
+/// The most service hosts a topology can have (198.18.0.200 to .249).
+pub const MAX_SERVICE_HOSTS: usize = 50;
+/// The longest tag [`Topology::add_service_host`] takes.
+pub const MAX_SERVICE_TAG_LEN: usize = 16;
 
 /// How long [`Topology::build`] waits for links and addresses to become usable.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,8 +91,45 @@ pub fn backend_v4(index: usize) -> Ipv4Addr {
 /// decimal digits of 11 + index (so backend 0 is `fd00:18::11`).
 pub fn backend_v6(index: usize) -> Ipv6Addr {
     assert!(index < MAX_BACKENDS, "backend index {index} out of range");
-    let digits = format!("{}", 11 + index);
-    let group = u16::from_str_radix(&digits, 16).expect("decimal digits parse as hex");
+    decimal_v6(11 + index)
+}
+
+/// The IPv4 address of extra load balancer `n` (the load balancer number `1 + n` of
+/// [`Topology::load_balancers`]): 198.18.0.(3 + n).
+pub fn extra_lb_v4(n: usize) -> Ipv4Addr {
+    assert!(
+        n < MAX_EXTRA_LOAD_BALANCERS,
+        "extra load balancer {n} out of range"
+    );
+    Ipv4Addr::new(198, 18, 0, 3 + n as u8)
+}
+
+/// The IPv6 address of extra load balancer `n`: `fd00:18::` followed by the decimal
+/// digits of 3 + n (so extra load balancer 7 is `fd00:18::10`).
+pub fn extra_lb_v6(n: usize) -> Ipv6Addr {
+    assert!(
+        n < MAX_EXTRA_LOAD_BALANCERS,
+        "extra load balancer {n} out of range"
+    );
+    decimal_v6(3 + n)
+}
+
+/// The IPv4 address of service host `k`: 198.18.0.(200 + k).
+pub fn service_v4(k: usize) -> Ipv4Addr {
+    assert!(k < MAX_SERVICE_HOSTS, "service host {k} out of range");
+    Ipv4Addr::new(198, 18, 0, 200 + k as u8)
+}
+
+/// The IPv6 address of service host `k`: `fd00:18::` followed by the decimal digits
+/// of 200 + k.
+pub fn service_v6(k: usize) -> Ipv6Addr {
+    assert!(k < MAX_SERVICE_HOSTS, "service host {k} out of range");
+    decimal_v6(200 + k)
+}
+
+/// `fd00:18::N` with N's decimal digits read as hex, as every host's IPv6 suffix is.
+fn decimal_v6(n: usize) -> Ipv6Addr {
+    let group = u16::from_str_radix(&n.to_string(), 16).expect("decimal digits parse as hex");
     Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, group)
 }
 
@@ -103,28 +165,36 @@ pub enum Role {
     LoadBalancer,
     /// Backend number `.0`, which serves the VIP from its `lo`.
     Backend(usize),
-    /// A second load balancer (198.18.0.3), for scale-out tests.
-    SecondLoadBalancer,
+    /// Another load balancer for scale-out tests, number `.0` of those added with
+    /// [`Topology::add_load_balancer`] (at 198.18.0.(3 + n)); `ExtraLoadBalancer(0)`
+    /// is the second load balancer of [`Topology::lb2`].
+    ExtraLoadBalancer(usize),
+    /// Service host number `.0` (at 198.18.0.(200 + k)): a plain host on the segment
+    /// for something the load balancers talk to, such as etcd.
+    Service(usize),
 }
 
 impl Role {
-    /// The short tag used in link names: `c`, `l` or `b<index>`.
+    /// The short tag used in link names: `c`, `l`, `b<index>`, `m<n>` or `s<k>`.
     fn tag(self) -> String {
         match self {
             Role::Client => "c".into(),
             Role::LoadBalancer => "l".into(),
             Role::Backend(i) => format!("b{i}"),
-            Role::SecondLoadBalancer => "m".into(),
+            Role::ExtraLoadBalancer(n) => format!("m{n}"),
+            Role::Service(k) => format!("s{k}"),
         }
     }
 
-    /// The suffix used in namespace names: `client`, `lb` or `backend<index>`.
+    /// The suffix used in namespace names: `client`, `lb`, `backend<index>` or
+    /// `lb<2 + n>` (a service host's namespace is named after its tag instead).
     fn ns_suffix(self) -> String {
         match self {
             Role::Client => "client".into(),
             Role::LoadBalancer => "lb".into(),
             Role::Backend(i) => format!("backend{i}"),
-            Role::SecondLoadBalancer => "lb2".into(),
+            Role::ExtraLoadBalancer(n) => format!("lb{}", 2 + n),
+            Role::Service(k) => format!("svc{k}"),
         }
     }
 
@@ -133,11 +203,14 @@ impl Role {
             Role::Client => (CLIENT_V4, CLIENT_V6),
             Role::LoadBalancer => (LB_V4, LB_V6),
             Role::Backend(i) => (backend_v4(i), backend_v6(i)),
-            Role::SecondLoadBalancer => (
-                Ipv4Addr::new(198, 18, 0, 3),
-                Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 3),
-            ),
+            Role::ExtraLoadBalancer(n) => (extra_lb_v4(n), extra_lb_v6(n)),
+            Role::Service(k) => (service_v4(k), service_v6(k)),
         }
+    }
+
+    /// Whether the host is a load balancer (the first or an extra one).
+    pub fn is_load_balancer(self) -> bool {
+        matches!(self, Role::LoadBalancer | Role::ExtraLoadBalancer(_))
     }
 }
 
@@ -356,8 +429,11 @@ pub struct Topology {
     client: Host,
     lb: Host,
     backends: Vec<Host>,
-    /// A second load balancer, for scale-out tests.
-    lb2: Option<Host>,
+    /// The load balancers added after the build, for scale-out tests; number n is
+    /// `Role::ExtraLoadBalancer(n)`.
+    extra_lbs: Vec<Host>,
+    /// The service hosts with their tags; number k is `Role::Service(k)`.
+    services: Vec<(String, Host)>,
     // Declared last so that it is dropped last, after the hosts whose veths it holds
     // the peers of (any order works; this one deletes the fewest links twice).
     switch: Netns,
@@ -386,10 +462,11 @@ impl Topology {
         let bridge = format!("{prefix}br");
         setup_switch(&switch, &bridge).context("cannot set up the switch namespace")?;
 
-        let client = add_host(&switch, &bridge, &prefix, Role::Client)?;
-        let lb = add_host(&switch, &bridge, &prefix, Role::LoadBalancer)?;
+        let add = |role: Role| add_host(&switch, &bridge, &prefix, role, &role.ns_suffix());
+        let client = add(Role::Client)?;
+        let lb = add(Role::LoadBalancer)?;
         let backends = (0..backends)
-            .map(|i| add_host(&switch, &bridge, &prefix, Role::Backend(i)))
+            .map(|i| add(Role::Backend(i)))
             .collect::<Result<Vec<_>>>()?;
 
         let topology = Topology {
@@ -398,7 +475,8 @@ impl Topology {
             client,
             lb,
             backends,
-            lb2: None,
+            extra_lbs: Vec::new(),
+            services: Vec::new(),
             switch,
         };
         topology
@@ -407,26 +485,117 @@ impl Topology {
         Ok(topology)
     }
 
-    /// Adds a second load balancer host (198.18.0.3) to the segment, for scale-out
-    /// tests; [`Topology::lb2`] returns it. Its namespace goes with the topology.
+    /// Adds another load balancer host to the segment, for scale-out tests, and
+    /// waits until its link is ready; returns its index in
+    /// [`Topology::load_balancers`] (1 for the first one added, at 198.18.0.3; at
+    /// most [`MAX_EXTRA_LOAD_BALANCERS`] can be added, the last at 198.18.0.10). Its
+    /// namespace goes with the topology.
+    pub fn add_load_balancer(&mut self) -> Result<usize> {
+        let n = self.extra_lbs.len();
+        ensure!(
+            n < MAX_EXTRA_LOAD_BALANCERS,
+            "at most {MAX_EXTRA_LOAD_BALANCERS} load balancers besides the first"
+        );
+        let role = Role::ExtraLoadBalancer(n);
+        let host = add_host(
+            &self.switch,
+            &self.bridge,
+            &self.prefix,
+            role,
+            &role.ns_suffix(),
+        )?;
+        self.extra_lbs.push(host);
+        self.wait_ready(READY_TIMEOUT)?;
+        Ok(1 + n)
+    }
+
+    /// Every load balancer, in order: the first ([`Topology::lb`]) and then those
+    /// added with [`Topology::add_load_balancer`].
+    pub fn load_balancers(&self) -> Vec<&Host> {
+        std::iter::once(&self.lb)
+            .chain(self.extra_lbs.iter())
+            .collect()
+    }
+
+    /// Load balancer number `index` of [`Topology::load_balancers`]; panics if there
+    /// is no such load balancer.
+    pub fn load_balancer(&self, index: usize) -> &Host {
+        match index {
+            0 => &self.lb,
+            i => &self.extra_lbs[i - 1],
+        }
+    }
+
+    /// The load balancers added after the build, in order.
+    pub fn extra_load_balancers(&self) -> &[Host] {
+        &self.extra_lbs
+    }
+
+    /// Adds the second load balancer host (198.18.0.3), for scale-out tests;
+    /// [`Topology::lb2`] returns it. Fails if a load balancer was added already.
     pub fn add_second_load_balancer(&mut self) -> Result<()> {
         ensure!(
-            self.lb2.is_none(),
+            self.extra_lbs.is_empty(),
             "the second load balancer exists already"
+        );
+        self.add_load_balancer().map(|_| ())
+    }
+
+    /// The second load balancer (the first extra one), once added.
+    pub fn lb2(&self) -> Option<&Host> {
+        self.extra_lbs.first()
+    }
+
+    /// Adds a service host, a plain host on the segment for a service the load
+    /// balancers use (etcd, say), and waits until its link is ready. Service host k
+    /// (counting from 0 in the order they are added) is at 198.18.0.(200 + k) and
+    /// fd00:18::(200 + k), in the namespace `PREFIX-svc-TAG`; it has no VIP and no
+    /// route beyond the segment.
+    ///
+    /// `tag` names the host: 1 to [`MAX_SERVICE_TAG_LEN`] lowercase ASCII letters,
+    /// digits or dashes, unique within the topology.
+    pub fn add_service_host(&mut self, tag: &str) -> Result<&Host> {
+        ensure!(
+            !tag.is_empty()
+                && tag.len() <= MAX_SERVICE_TAG_LEN
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "a service host tag is 1 to {MAX_SERVICE_TAG_LEN} lowercase letters, digits or \
+             dashes, not {tag:?}"
+        );
+        ensure!(
+            self.service_host(tag).is_none(),
+            "service host {tag:?} exists already"
+        );
+        let k = self.services.len();
+        ensure!(
+            k < MAX_SERVICE_HOSTS,
+            "at most {MAX_SERVICE_HOSTS} service hosts"
         );
         let host = add_host(
             &self.switch,
             &self.bridge,
             &self.prefix,
-            Role::SecondLoadBalancer,
+            Role::Service(k),
+            &format!("svc-{tag}"),
         )?;
-        self.lb2 = Some(host);
-        self.wait_ready(READY_TIMEOUT)
+        self.services.push((tag.to_owned(), host));
+        self.wait_ready(READY_TIMEOUT)?;
+        Ok(&self.services[k].1)
     }
 
-    /// The second load balancer, once added.
-    pub fn lb2(&self) -> Option<&Host> {
-        self.lb2.as_ref()
+    /// The service host added with `tag`, if any.
+    pub fn service_host(&self, tag: &str) -> Option<&Host> {
+        self.services
+            .iter()
+            .find(|(t, _)| t == tag)
+            .map(|(_, host)| host)
+    }
+
+    /// The service hosts with their tags, in the order they were added.
+    pub fn service_hosts(&self) -> impl Iterator<Item = (&str, &Host)> {
+        self.services.iter().map(|(tag, host)| (tag.as_str(), host))
     }
 
     /// The unique prefix of every namespace and link name of this topology.
@@ -475,12 +644,14 @@ impl Topology {
         self.lb.bridge_port()
     }
 
-    /// Every host: client, load balancer, then the backends.
+    /// Every host: client, load balancer, the backends, the extra load balancers,
+    /// then the service hosts.
     pub fn hosts(&self) -> impl Iterator<Item = &Host> {
         [&self.client, &self.lb]
             .into_iter()
             .chain(self.backends.iter())
-            .chain(self.lb2.iter())
+            .chain(self.extra_lbs.iter())
+            .chain(self.services.iter().map(|(_, host)| host))
     }
 
     /// Every namespace of the topology, the switch first.
@@ -577,8 +748,15 @@ fn setup_switch(switch: &Netns, bridge: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates one host namespace and its veth, and plugs the veth into the bridge.
-fn add_host(switch: &Netns, bridge: &str, prefix: &str, role: Role) -> Result<Host> {
+/// Creates one host namespace, `PREFIX-NS_SUFFIX`, and its veth, and plugs the veth
+/// into the bridge.
+fn add_host(
+    switch: &Netns,
+    bridge: &str,
+    prefix: &str,
+    role: Role,
+    ns_suffix: &str,
+) -> Result<Host> {
     let (ipv4, ipv6) = role.addresses();
     let tag = role.tag();
     let ifname = format!("{prefix}h{tag}");
@@ -590,7 +768,7 @@ fn add_host(switch: &Netns, bridge: &str, prefix: &str, role: Role) -> Result<Ho
     let last_octet = ipv4.octets()[3];
     let mac = Mac::local(0x00, last_octet);
     let bridge_port_mac = Mac::local(0x01, last_octet);
-    let ns = Netns::new(format!("{prefix}-{}", role.ns_suffix()))?;
+    let ns = Netns::new(format!("{prefix}-{ns_suffix}"))?;
     let context = || format!("cannot set up {:?} in namespace {}", role, ns.name());
 
     // The defaults apply to the veth when it appears, so they are set first: no
@@ -697,7 +875,7 @@ fn add_host(switch: &Netns, bridge: &str, prefix: &str, role: Role) -> Result<Ho
                 &ifname,
             ]));
         }
-        Role::LoadBalancer | Role::SecondLoadBalancer => {}
+        Role::LoadBalancer | Role::ExtraLoadBalancer(_) | Role::Service(_) => {}
     }
     for command in &commands {
         let args: Vec<&str> = command.iter().map(String::as_str).collect();
@@ -744,5 +922,42 @@ mod tests {
         assert_eq!(VIP_V6.to_string(), "fd00:18:1::1");
         assert_eq!(Mac::local(0, 11).to_string(), "02:00:00:00:00:0b");
         assert_eq!(Role::Backend(98).tag(), "b98");
+    }
+
+    #[test]
+    fn extra_load_balancers_and_service_hosts_fit_the_plan() {
+        let last_lb = MAX_EXTRA_LOAD_BALANCERS - 1;
+        assert_eq!(extra_lb_v4(0), Ipv4Addr::new(198, 18, 0, 3));
+        assert_eq!(extra_lb_v4(last_lb), Ipv4Addr::new(198, 18, 0, 10));
+        assert_eq!(extra_lb_v6(0).to_string(), "fd00:18::3");
+        assert_eq!(extra_lb_v6(last_lb).to_string(), "fd00:18::10");
+        assert_eq!(service_v4(0), Ipv4Addr::new(198, 18, 0, 200));
+        assert_eq!(
+            service_v6(MAX_SERVICE_HOSTS - 1).to_string(),
+            "fd00:18::249"
+        );
+        assert_eq!(Role::ExtraLoadBalancer(0).ns_suffix(), "lb2");
+
+        // Every address (so every MAC) is distinct, and no role tag is longer than
+        // the 3 characters a link name leaves after the longest prefix and `h`/`p`.
+        let roles = [Role::Client, Role::LoadBalancer]
+            .into_iter()
+            .chain((0..MAX_BACKENDS).map(Role::Backend))
+            .chain((0..MAX_EXTRA_LOAD_BALANCERS).map(Role::ExtraLoadBalancer))
+            .chain((0..MAX_SERVICE_HOSTS).map(Role::Service))
+            .collect::<Vec<_>>();
+        let mut v4 = std::collections::BTreeSet::new();
+        let mut v6 = std::collections::BTreeSet::new();
+        let mut tags = std::collections::BTreeSet::new();
+        for role in &roles {
+            let (a4, a6) = role.addresses();
+            assert!(v4.insert(a4), "{role:?} repeats {a4}");
+            assert!(v6.insert(a6), "{role:?} repeats {a6}");
+            let tag = role.tag();
+            assert!(tag.len() <= 3, "{role:?} has a long tag {tag}");
+            assert!(tags.insert(tag), "{role:?} repeats a tag");
+        }
+        let longest_prefix = format!("{}zzzzz-zz", crate::netns::NAME_PREFIX);
+        assert!(format!("{longest_prefix}hs49").len() <= 15);
     }
 }

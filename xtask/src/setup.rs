@@ -8,9 +8,19 @@
 //!    major as the bitcode rustc emits) into `.tools/bin/`, reused by later runs.
 //! 3. bpffs mounted on /sys/fs/bpf (needed to pin maps and links).
 //! 4. Checks: root, the BPF syscall (loads a two-instruction XDP program), kernel BTF.
+//! 5. The Debian packages of [`TEST_PACKAGES`], installed when missing (as root):
+//!    `prometheus-node-exporter` (the collector tests scrape a real one),
+//!    `etcd-server` (the fleet tests start `/usr/bin/etcd` inside their namespaces)
+//!    and `protobuf-compiler`: `protoc` is needed at build time, by the build script
+//!    of the `etcd-client` crate, which compiles etcd's gRPC protocol. etcd is a
+//!    daemon package whose maintainer scripts would start it as a service on
+//!    127.0.0.1:2379; it is installed with service starts refused and its service
+//!    disabled afterwards (see [`install_without_starting`]), so that only the tests
+//!    ever run it. An etcd found running outside any namespace is reported, not
+//!    touched.
 //!
 //! [`ensure_versus_packages`] is not part of it: only `cargo xtask bench versus` needs
-//! haproxy and nginx, and installs them itself.
+//! haproxy and nginx, and installs them itself, the same way.
 
 use std::{
     path::{Path, PathBuf},
@@ -62,14 +72,29 @@ pub fn run(root: &Path, report: Report) -> anyhow::Result<()> {
     } else {
         say("warn not root: skipped bpffs and the BPF syscall check (tests, demo and run need root)".into());
     }
-    let packages = ["prometheus-node-exporter"];
-    let missing = ensure_debian_packages(&packages)?;
+    let missing = install_without_starting(&TEST_PACKAGES, &TEST_DAEMONS)?;
     if missing.is_empty() {
-        say(format!("ok   Debian packages: {}", packages.join(", ")));
+        say(format!(
+            "ok   Debian packages: {}",
+            TEST_PACKAGES.join(", ")
+        ));
     } else {
         say(format!(
-            "warn Debian packages missing: {} (run `cargo xtask setup` as root; the tests need them)",
+            "warn Debian packages missing: {} (run `cargo xtask setup` as root; the tests \
+             need them, and building the etcd client needs protoc)",
             missing.join(", ")
+        ));
+    }
+    let outside = daemon_pids(&["etcd"])
+        .into_iter()
+        .filter(|&pid| in_own_netns(pid))
+        .collect::<Vec<_>>();
+    if !outside.is_empty() {
+        // Not started by this setup (the install refuses service starts), so not
+        // stopped either; the tests run their own etcd in their namespaces.
+        say(format!(
+            "warn etcd is running outside the tests' namespaces (pids {outside:?}); the tests \
+             do not need it"
         ));
     }
     if Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -130,20 +155,54 @@ fn ensure_debian_packages(names: &[&str]) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// The Debian packages the tests need (see the module documentation): protoc is
+/// also needed to build the etcd client.
+pub const TEST_PACKAGES: [&str; 3] = [
+    "prometheus-node-exporter",
+    "etcd-server",
+    "protobuf-compiler",
+];
+
+/// The daemons among [`TEST_PACKAGES`] that the tests start themselves, in their
+/// namespaces, and that must not run as services.
+const TEST_DAEMONS: [Daemon; 1] = [Daemon {
+    package: "etcd-server",
+    process: "etcd",
+    service: "etcd",
+}];
+
 /// The Debian packages of `cargo xtask bench versus`, which runs them beside the XDP
 /// balancer (never needed by the tests).
 pub const VERSUS_PACKAGES: [&str; 3] = ["haproxy", "nginx", "libnginx-mod-stream"];
 
-/// Installs [`VERSUS_PACKAGES`] when missing (as root), so that no service of theirs is
-/// left running outside the benchmark's namespaces: Debian's maintainer scripts start
-/// a freshly installed daemon through `invoke-rc.d`, which asks `/usr/sbin/policy-rc.d`
-/// first, so one that refuses (exit 101) is put in place for the install when there is
-/// none, and removed again. Any haproxy or nginx process that appeared during the
-/// install all the same is stopped, and the services are disabled (systemd or
-/// sysvinit, whichever is there), so that only the benchmark ever starts them.
+/// The daemons of [`VERSUS_PACKAGES`], which only the benchmark starts.
+const VERSUS_DAEMONS: [Daemon; 2] = [
+    Daemon {
+        package: "haproxy",
+        process: "haproxy",
+        service: "haproxy",
+    },
+    Daemon {
+        package: "nginx",
+        process: "nginx",
+        service: "nginx",
+    },
+];
+
+/// A daemon that a Debian package installs as a service, which the harness starts
+/// itself instead.
+struct Daemon {
+    /// The package that installs it.
+    package: &'static str,
+    /// Its process's command name (`/proc/PID/comm`).
+    process: &'static str,
+    /// Its systemd unit (without `.service`) and its sysvinit script.
+    service: &'static str,
+}
+
+/// Installs [`VERSUS_PACKAGES`] when missing (as root), without starting their
+/// services: see [`install_without_starting`].
 pub fn ensure_versus_packages() -> anyhow::Result<()> {
-    const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
-    const DAEMONS: [&str; 2] = ["haproxy", "nginx"];
     if VERSUS_PACKAGES.iter().all(|p| installed(p)) {
         return Ok(());
     }
@@ -153,62 +212,100 @@ pub fn ensure_versus_packages() -> anyhow::Result<()> {
             VERSUS_PACKAGES.join(", ")
         );
     }
-    let before = daemon_pids(&DAEMONS);
+    let missing = install_without_starting(&VERSUS_PACKAGES, &VERSUS_DAEMONS)?;
+    if !missing.is_empty() {
+        bail!("Debian packages still missing: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// Installs the missing ones of `packages` like [`ensure_debian_packages`] (only as
+/// root; returns the names still missing), so that no service of `daemons` is left
+/// running outside the tests' or the benchmark's namespaces.
+///
+/// Debian's maintainer scripts start a freshly installed daemon through `invoke-rc.d`
+/// (sysvinit) or `deb-systemd-invoke` (systemd), and both ask `/usr/sbin/policy-rc.d`
+/// first, so one that refuses (exit 101) is put in place for any install when there
+/// is none, and removed again. Then the service of each daemon whose package was
+/// just installed is disabled (systemd or sysvinit, whichever is there), so that no
+/// init system starts it later either, and any process of it that appeared during
+/// the install all the same in this network namespace (not inside a test's) is
+/// stopped.
+fn install_without_starting(packages: &[&str], daemons: &[Daemon]) -> anyhow::Result<Vec<String>> {
+    const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+    let missing_before: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing_before.is_empty() || !is_root() {
+        return ensure_debian_packages(packages);
+    }
+    let new_daemons: Vec<&Daemon> = daemons
+        .iter()
+        .filter(|d| missing_before.contains(&d.package))
+        .collect();
+    let processes: Vec<&str> = new_daemons.iter().map(|d| d.process).collect();
+    let before = daemon_pids(&processes);
     let own_policy = !Path::new(POLICY_RC_D).exists();
     if own_policy {
         use std::os::unix::fs::PermissionsExt;
         std::fs::write(
             POLICY_RC_D,
-            "#!/bin/sh\n# Written by `cargo xtask bench versus` for one apt-get install:\n\
-             # no service may start outside the benchmark.\nexit 101\n",
+            "#!/bin/sh\n# Written by `cargo xtask` for one apt-get install:\n\
+             # no service may start outside the tests and benchmarks.\nexit 101\n",
         )
         .with_context(|| format!("writing {POLICY_RC_D}"))?;
         std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
     }
-    let result = ensure_debian_packages(&VERSUS_PACKAGES);
+    let result = ensure_debian_packages(packages);
     if own_policy {
         let _ = std::fs::remove_file(POLICY_RC_D);
     }
     let missing = result?;
-    if !missing.is_empty() {
-        bail!("Debian packages still missing: {}", missing.join(", "));
-    }
-    // Disable the services, so that no init system starts them later either.
-    if Path::new("/run/systemd/system").is_dir() {
-        let _ = Command::new("systemctl")
-            .args(["disable", "--now", "haproxy.service", "nginx.service"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    } else {
-        for daemon in DAEMONS {
-            let _ = Command::new("update-rc.d")
-                .args([daemon, "disable"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-    let started: Vec<u32> = daemon_pids(&DAEMONS)
+    let installed_now: Vec<&Daemon> = new_daemons
         .into_iter()
-        .filter(|pid| !before.contains(pid))
+        .filter(|d| installed(d.package))
+        .collect();
+    let systemd = Path::new("/run/systemd/system").is_dir();
+    for daemon in &installed_now {
+        let mut cmd = if systemd {
+            let mut cmd = Command::new("systemctl");
+            cmd.args(["disable", "--now", &format!("{}.service", daemon.service)]);
+            cmd
+        } else {
+            let mut cmd = Command::new("update-rc.d");
+            cmd.args([daemon.service, "disable"]);
+            cmd
+        };
+        let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+    let processes: Vec<&str> = installed_now.iter().map(|d| d.process).collect();
+    let started: Vec<u32> = daemon_pids(&processes)
+        .into_iter()
+        .filter(|&pid| !before.contains(&pid) && in_own_netns(pid))
         .collect();
     for &pid in &started {
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     }
     if !started.is_empty() {
-        eprintln!("setup: stopped haproxy/nginx processes the install started: {started:?}");
+        let names = processes.join("/");
+        eprintln!("setup: stopped {names} processes the install started: {started:?}");
         std::thread::sleep(std::time::Duration::from_secs(1));
-        let left: Vec<u32> = daemon_pids(&DAEMONS)
+        let left: Vec<u32> = daemon_pids(&processes)
             .into_iter()
             .filter(|pid| started.contains(pid))
             .collect();
         if !left.is_empty() {
-            bail!("haproxy/nginx processes {left:?} started by the install did not stop");
+            bail!("{names} processes {left:?} started by the install did not stop");
         }
     }
-    Ok(())
+    Ok(missing)
+}
+
+/// Whether process `pid` is in this process's network namespace (a daemon there
+/// serves the machine; one inside a test's namespace belongs to that test).
+fn in_own_netns(pid: u32) -> bool {
+    let own = std::fs::read_link("/proc/self/ns/net");
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"));
+    matches!((own, theirs), (Ok(a), Ok(b)) if a == b)
 }
 
 /// The ids of the running processes whose command name is one of `names`.
@@ -406,4 +503,34 @@ fn check_bpf_xdp_load() -> anyhow::Result<()> {
     // SAFETY: fd is a file descriptor we own.
     unsafe { libc::close(fd as i32) };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemons_belong_to_their_package_lists() {
+        for daemon in &TEST_DAEMONS {
+            assert!(
+                TEST_PACKAGES.contains(&daemon.package),
+                "{}",
+                daemon.package
+            );
+        }
+        for daemon in &VERSUS_DAEMONS {
+            assert!(
+                VERSUS_PACKAGES.contains(&daemon.package),
+                "{}",
+                daemon.package
+            );
+        }
+        assert!(TEST_PACKAGES.contains(&"protobuf-compiler"));
+    }
+
+    #[test]
+    fn this_process_is_in_its_own_network_namespace() {
+        assert!(in_own_netns(std::process::id()));
+        assert!(!in_own_netns(u32::MAX));
+    }
 }
