@@ -216,10 +216,20 @@ pub struct ClusterStatus {
     /// The newest epoch published, as seen here, and who published it.
     pub epoch_newest: u64,
     pub epoch_leader: Option<String>,
+    /// When the leader made the newest epoch, and when the one applied here took
+    /// effect in this LB's datapath (milliseconds since the Unix epoch, each by its
+    /// own host's clock).
+    pub epoch_newest_written_ms: u64,
+    pub epoch_applied_ms: u64,
+    /// Milliseconds from the applied epoch's arrival here to its tables in force.
+    pub apply_lag_ms: Option<f64>,
     /// Milliseconds the newest epoch has waited here unapplied (0: applied).
     pub lag_ms: u64,
     /// Why the newest epoch is not applied here, if it is not.
     pub not_applied: Option<String>,
+    /// Backends (`VIP backend`) this LB's own probes took out of its tables ahead of
+    /// the fleet: while any is listed, its tables differ from the epoch's.
+    pub down_here: Vec<String>,
     /// Why the last etcd session ended, while there is none.
     pub last_error: Option<String>,
     /// Epochs this LB published, and publications etcd refused because another LB

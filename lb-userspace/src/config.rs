@@ -1052,6 +1052,25 @@ weight = 1
     }
 
     #[test]
+    fn the_kubernetes_example_configuration_is_valid() {
+        let yaml = include_str!("../../deploy/kubernetes/configmap.yaml");
+        let start = yaml.find("lb.toml: |\n").expect("the lb.toml key") + "lb.toml: |\n".len();
+        let toml: String = yaml[start..]
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = Config::parse(&toml).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.cluster.is_some(), "the example runs a fleet");
+        assert!(
+            config
+                .vips
+                .iter()
+                .all(|v| v.policy == policy::PolicyKind::Ai)
+        );
+    }
+
+    #[test]
     fn the_digest_covers_the_decisions_but_not_the_cluster_section() {
         let a = Config::parse(GOOD).unwrap();
         let mut b = a.clone();

@@ -9,6 +9,8 @@
 //!   bridged segment.
 //! - [`etcd`]: a real single-member etcd inside a namespace, plain or TLS, that can
 //!   be stopped, killed and restarted on its data.
+//! - [`fleet`]: LBs behind an ECMP router, coordinated through etcd, with emulated
+//!   backends (the fleet test and benchmark).
 //! - [`certs`]: a throwaway CA with server and client certificates (and an untrusted
 //!   client), as PEM files.
 //! - [`scratch`]: private temporary directories, removed on drop and swept after
@@ -26,6 +28,7 @@
 
 pub mod certs;
 pub mod etcd;
+pub mod fleet;
 pub mod netns;
 pub mod operating;
 pub mod packet;

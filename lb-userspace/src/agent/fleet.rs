@@ -45,9 +45,15 @@ use crate::{
 pub(super) struct Fleet {
     pub cluster: config::Cluster,
     pub session: session::Handle,
-    /// The newest epoch applied here (0: none yet) and when.
+    /// The newest epoch applied here (0: none yet) and when: its tables are the
+    /// ones the datapath reads.
     pub applied: u64,
     pub applied_at: Option<Instant>,
+    /// When, by the wall clock (milliseconds since the Unix epoch).
+    pub applied_ms: u64,
+    /// An epoch whose table switch waits for its copy's grace (milliseconds; the
+    /// loop finishes it), and when it arrived: applied once the switch is made.
+    pub switching: Option<(u64, Instant)>,
     /// Why the newest epoch seen is not applied here, while it is not.
     pub not_applied: Option<(u64, String)>,
     /// The fleet holds last taken over into the agent's overrides.
@@ -60,6 +66,9 @@ pub(super) struct Fleet {
     pub others: BTreeSet<String>,
     /// Milliseconds from an epoch's arrival to its application here, last ones.
     pub apply_lag_ms: Option<f64>,
+    /// The applied epoch's weights, by VIP and backend (policy units); empty before
+    /// the first epoch.
+    pub in_force: BTreeMap<VipKey, BTreeMap<BackendId, u32>>,
 }
 
 impl Fleet {
@@ -75,12 +84,15 @@ impl Fleet {
             cluster,
             applied: 0,
             applied_at: None,
+            applied_ms: 0,
+            switching: None,
             not_applied: None,
             holds: BTreeMap::new(),
             leading: false,
             published_this_term: false,
             others: BTreeSet::new(),
             apply_lag_ms: None,
+            in_force: BTreeMap::new(),
         }
     }
 
@@ -98,6 +110,19 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One VIP of an epoch without its reasons: name, table digest, weights.
+type VipWeights<'a> = (&'a str, &'a str, Vec<(IpAddr, u32)>);
+
+/// An epoch's decisions without their reasons.
+fn weights_of(vips: &[VipDecision]) -> Vec<VipWeights<'_>> {
+    vips.iter()
+        .map(|v| {
+            let w = v.backends.iter().map(|b| (b.address, b.weight)).collect();
+            (v.vip.as_str(), v.digest.as_str(), w)
+        })
+        .collect()
 }
 
 /// A measured value as a record carries it: finite and not negative, else none.
@@ -192,7 +217,11 @@ impl Agent {
         }
         if state.leading {
             let newest = state.epoch.as_ref().map(|(e, _)| e);
-            let differs = newest.is_none_or(|e| e.config_digest != digest || e.vips != draft);
+            // Reasons are words with figures that change every step: only weights
+            // and tables make a new epoch.
+            let differs = newest.is_none_or(|e| {
+                e.config_digest != digest || weights_of(&e.vips) != weights_of(&draft)
+            });
             if differs || !fleet.published_this_term {
                 let epoch = EpochRecord {
                     epoch: 0,
@@ -232,15 +261,14 @@ impl Agent {
             else {
                 continue;
             };
+            // Held backends are not in the policy's state: their weight is the hold's.
             let weights: Vec<u32> = in_force
                 .ids
                 .iter()
                 .zip(&vip.backends)
                 .map(|(id, b)| {
-                    c.state
-                        .weights
-                        .get(&BackendId(*id))
-                        .copied()
+                    hold_weight(self.overrides.get(&(key, b.address)), c.params.unit)
+                        .or_else(|| c.state.weights.get(&BackendId(*id)).copied())
                         .unwrap_or(b.weight.saturating_mul(c.params.unit))
                 })
                 .collect();
@@ -346,7 +374,11 @@ impl Agent {
         let mut down = BTreeSet::new();
         for vip in &self.config.vips {
             let key = vip_key(vip);
-            let weights = self.control.get(&key).map(|c| &c.state.weights);
+            let weights = self
+                .fleet
+                .as_ref()
+                .and_then(|f| f.in_force.get(&key))
+                .or_else(|| self.control.get(&key).map(|c| &c.state.weights));
             let ids = self.desired.vips.get(&key).map(|v| v.ids.as_slice());
             let failing: Vec<IpAddr> = vip
                 .backends
@@ -381,12 +413,16 @@ impl Agent {
     /// writes what changed.
     pub(super) fn replan(&mut self) -> Result<(), AgentError> {
         let down = self.locally_down();
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
         let desired = plan(
             &self.config,
             Some(&self.desired),
             Weights::Fleet {
                 holds: &self.overrides,
                 down: &down,
+                in_force: &fleet.in_force,
             },
             &self.control,
             &Tables::new(),
@@ -467,7 +503,7 @@ impl Agent {
     /// this configuration; else says why not (once per epoch).
     fn take_epoch(&mut self, epoch: &EpochRecord, arrived: Instant) {
         let Some(fleet) = &self.fleet else { return };
-        if epoch.epoch <= fleet.applied {
+        if epoch.epoch <= fleet.applied || fleet.switching.is_some_and(|(n, _)| n >= epoch.epoch) {
             return;
         }
         if fleet
@@ -480,17 +516,16 @@ impl Agent {
         match self.apply_epoch(epoch) {
             Ok(()) => {
                 let fleet = self.fleet.as_mut().expect("checked above");
-                fleet.applied = epoch.epoch;
-                fleet.applied_at = Some(Instant::now());
-                fleet.apply_lag_ms = Some(arrived.elapsed().as_secs_f64() * 1000.0);
                 fleet.not_applied = None;
+                fleet.switching = Some((epoch.epoch, arrived));
                 info!(
                     epoch = epoch.epoch,
                     leader = %epoch.leader,
-                    "applied epoch {} from {}",
+                    "applying epoch {} from {}",
                     epoch.epoch,
                     epoch.leader
                 );
+                self.switched();
             }
             Err(why) => {
                 warn!(
@@ -500,6 +535,22 @@ impl Agent {
                 let fleet = self.fleet.as_mut().expect("checked above");
                 fleet.not_applied = Some((epoch.epoch, why));
             }
+        }
+    }
+
+    /// Called after every write of the maps: an epoch whose table switch waited is
+    /// applied once no switch waits any more.
+    pub(super) fn switched(&mut self) {
+        let waiting = self.dataplane.retry_at().is_some();
+        let Some(fleet) = &mut self.fleet else { return };
+        if waiting {
+            return;
+        }
+        if let Some((n, arrived)) = fleet.switching.take() {
+            fleet.applied = n;
+            fleet.applied_at = Some(Instant::now());
+            fleet.applied_ms = now_ms();
+            fleet.apply_lag_ms = Some(arrived.elapsed().as_secs_f64() * 1000.0);
         }
     }
 
@@ -536,23 +587,26 @@ impl Agent {
             }
             weights.insert(key, w);
         }
-        let saved: BTreeMap<VipKey, BTreeMap<BackendId, u32>> = self
-            .control
-            .iter()
-            .map(|(k, c)| (*k, c.state.weights.clone()))
-            .collect();
-        for (key, w) in weights {
-            if let Some(c) = self.control.get_mut(&key) {
-                c.state.weights = w;
-            }
-        }
+        let fleet = self.fleet.as_mut().expect("a fleet member");
+        let saved = std::mem::replace(&mut fleet.in_force, weights);
         if let Err(e) = self.replan() {
-            for (key, w) in saved {
-                if let Some(c) = self.control.get_mut(&key) {
-                    c.state.weights = w;
-                }
-            }
+            self.fleet.as_mut().expect("a fleet member").in_force = saved;
             return Err(api::error_text(&e));
+        }
+        // The next step goes on from the epoch's weights, as the leader's did; held
+        // backends are left out, as the policy leaves them out of its own state.
+        let fleet = self.fleet.as_ref().expect("a fleet member");
+        for (key, w) in &fleet.in_force {
+            if let Some(c) = self.control.get_mut(key) {
+                c.state.weights = w
+                    .iter()
+                    .filter(|(id, _)| {
+                        let address = self.desired.backends.get(&id.0).map(|b| b.address);
+                        !address.is_some_and(|a| self.overrides.contains_key(&(*key, a)))
+                    })
+                    .map(|(id, w)| (*id, *w))
+                    .collect();
+            }
         }
         Ok(())
     }
@@ -581,21 +635,10 @@ impl Agent {
             Err(e) => return Ok(ready(Response::error(api::error_text(&e)))),
         };
         // Refused here, as on a single LB, if it would leave a VIP without weight.
-        let mut proposed = self.overrides.clone();
-        match hold {
-            Some(o) => proposed.insert(key, o),
-            None => proposed.remove(&key),
+        let mut change = match self.preview(action.clone(), key, hold) {
+            Ok(change) => change,
+            Err(e) => return Ok(ready(Response::error(api::error_text(&e)))),
         };
-        let check = plan(
-            &self.config,
-            Some(&self.desired),
-            Weights::Local(&proposed),
-            &self.control,
-            &Tables::new(),
-        );
-        if let Err(e) = check {
-            return Ok(ready(Response::error(api::error_text(&e))));
-        }
         let vip = self
             .config
             .vips
@@ -622,7 +665,6 @@ impl Agent {
         };
         let sent = fleet.session.commands.try_send(command).is_ok();
         let cluster = fleet.cluster.name.clone();
-        let mut change = self.unchanged(action.clone(), key, String::new());
         Ok(Box::pin(async move {
             if !sent {
                 return Response::error(
@@ -631,7 +673,6 @@ impl Agent {
             }
             match tokio::time::timeout(REQUEST_TIMEOUT * 2, answer).await {
                 Ok(Ok(Ok(()))) => {
-                    change.changed = true;
                     change.note = Some(format!(
                         "recorded in etcd for fleet {cluster:?}: every LB applies it with the \
                          leader's next epoch"
@@ -704,8 +745,18 @@ impl Agent {
             epoch_applied: fleet.applied,
             epoch_newest: newest.map_or(0, |e| e.epoch),
             epoch_leader: newest.map(|e| e.leader.clone()),
+            epoch_newest_written_ms: newest.map_or(0, |e| e.written_ms),
+            epoch_applied_ms: fleet.applied_ms,
+            apply_lag_ms: fleet.apply_lag_ms,
             lag_ms,
             not_applied: fleet.not_applied.as_ref().map(|(_, why)| why.clone()),
+            down_here: {
+                let names = self.vip_names();
+                self.locally_down()
+                    .iter()
+                    .map(|(k, a)| format!("{} {a}", names.get(k).map_or("?", |n| n.as_str())))
+                    .collect()
+            },
             last_error: state.last_error.clone(),
             published: state.published,
             fenced: state.fenced,

@@ -80,6 +80,8 @@ pub enum AgentError {
     NothingPinned { instance: String, dir: PathBuf },
     #[error("reading the datapath's log")]
     DatapathLog(#[source] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl From<DataplaneError> for AgentError {
@@ -145,6 +147,9 @@ struct Agent {
 pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let config = Config::load(&opts.config)?;
     check_interface(&opts.iface)?;
+    if let Some(cluster) = &config.cluster {
+        crate::cluster::etcd::check_tls(cluster)?;
+    }
     let held = Held::take(&opts).await?;
     let started = start(&opts, &config)?;
     for vip in &config.vips {
@@ -382,6 +387,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                 if let Err(e) = agent.dataplane.apply(&desired) {
                     warn!(error = %crate::api::error_text(&e), "finishing a deferred table switch");
                 }
+                agent.switched();
             }
             _ = tick.tick() => {
                 if let Err(e) = agent.control_tick(true) {

@@ -257,7 +257,7 @@ impl Agent {
     }
 
     /// The answer to a request that asked for what already holds.
-    pub(super) fn unchanged(&self, action: String, key: (VipKey, IpAddr), note: String) -> Change {
+    fn unchanged(&self, action: String, key: (VipKey, IpAddr), note: String) -> Change {
         let side = self.side();
         Change {
             note: Some(note),
@@ -272,6 +272,39 @@ impl Agent {
             desired: &self.desired,
             overrides: &self.overrides,
         }
+    }
+
+    /// What placing (`Some`) or lifting (`None`) `hold` on `key` would change, as a
+    /// single LB would apply it, without applying it; refused if it would leave a VIP
+    /// without weight. A fleet member answers a fleet hold with this.
+    pub(super) fn preview(
+        &self,
+        action: String,
+        key: (VipKey, IpAddr),
+        hold: Option<Override>,
+    ) -> Result<Change, RequestError> {
+        let mut overrides = self.overrides.clone();
+        match hold {
+            Some(o) => overrides.insert(key, o),
+            None => overrides.remove(&key),
+        };
+        let desired = plan(
+            &self.config,
+            Some(&self.desired),
+            Weights::Local(&overrides),
+            &self.control,
+            &Tables::new(),
+        )?;
+        Ok(change::between(
+            action,
+            &self.side(),
+            &Side {
+                config: &self.config,
+                desired: &desired,
+                overrides: &overrides,
+            },
+            Some(key),
+        ))
     }
 
     /// Applies a change of overrides completely, or not at all: the new plan is
@@ -355,10 +388,11 @@ impl Agent {
             control.insert(key, fresh);
         }
         let down = self.locally_down();
-        let weights = match self.fleet {
-            Some(_) => Weights::Fleet {
+        let weights = match &self.fleet {
+            Some(fleet) => Weights::Fleet {
                 holds: &overrides,
                 down: &down,
+                in_force: &fleet.in_force,
             },
             None => Weights::Local(&overrides),
         };

@@ -38,12 +38,14 @@ pub(super) enum Weights<'a> {
     /// A single LB: its operator holds first, then the policy's weights
     /// (configured weights until the policy has run).
     Local(&'a BTreeMap<(VipKey, IpAddr), Override>),
-    /// A member of a fleet: the weights in force are the epoch's (which carry the
-    /// fleet's holds, so holds only mark their backends here), except that a backend
-    /// this LB's own probes fail gets 0 at once (`down`; see `agent::fleet`).
+    /// A member of a fleet: the weights in force are the epoch's (`in_force`, which
+    /// carry the fleet's holds, so holds only mark their backends here; before the
+    /// first epoch, as `Local` without holds), except that a backend this LB's own
+    /// probes fail gets 0 at once (`down`; see `agent::fleet`).
     Fleet {
         holds: &'a BTreeMap<(VipKey, IpAddr), Override>,
         down: &'a BTreeSet<(VipKey, IpAddr)>,
+        in_force: &'a BTreeMap<VipKey, BTreeMap<BackendId, u32>>,
     },
 }
 
@@ -67,9 +69,13 @@ pub(super) fn plan(
                 let policy = control.and_then(|c| c.state.weights.get(&id));
                 policy.copied().unwrap_or(b.weight.saturating_mul(unit))
             };
-            let (holds, down) = match weights {
+            let (holds, fleet) = match weights {
                 Weights::Local(holds) => (holds, None),
-                Weights::Fleet { holds, down } => (holds, Some(down)),
+                Weights::Fleet {
+                    holds,
+                    down,
+                    in_force,
+                } => (holds, Some((down, in_force))),
             };
             let hold = holds.get(&(key, b.address));
             let flags = match hold {
@@ -78,9 +84,14 @@ pub(super) fn plan(
                 Some(Override::Drain) => BACKEND_F_DRAINED,
                 None => 0,
             };
-            let weight = match (down, hold) {
-                (Some(down), _) if down.contains(&(key, b.address)) => 0,
-                (Some(_), _) | (None, None) => policy(),
+            let weight = match (fleet, hold) {
+                (Some((down, _)), _) if down.contains(&(key, b.address)) => 0,
+                (Some((_, in_force)), _) => in_force
+                    .get(&key)
+                    .and_then(|w| w.get(&id))
+                    .copied()
+                    .unwrap_or_else(policy),
+                (None, None) => policy(),
                 (None, Some(Override::Set(w) | Override::Pin(w))) => w.saturating_mul(unit),
                 (None, Some(Override::Drain)) => 0,
             };

@@ -75,6 +75,24 @@ impl Agent {
                 })
                 .collect(),
             model: self.model_metrics(),
+            cluster: self.fleet.as_ref().map(|_| {
+                let c = self.cluster_status();
+                let count = |f: &dyn Fn(&crate::api::ClusterNode) -> bool| {
+                    c.nodes.iter().filter(|n| f(n)).count() as u64
+                };
+                crate::metrics::ClusterMetrics {
+                    connected: c.connected,
+                    leading: c.leading,
+                    epoch_applied: c.epoch_applied,
+                    epoch_newest: c.epoch_newest,
+                    lag_seconds: c.lag_ms as f64 / 1000.0,
+                    nodes_agreeing: count(&|n| n.same_config && n.agrees),
+                    nodes_other_table: count(&|n| n.same_config && !n.agrees),
+                    nodes_other_config: count(&|n| !n.same_config),
+                    published: c.published,
+                    fenced: c.fenced,
+                }
+            }),
         }
     }
 

@@ -35,6 +35,10 @@ pub fn lines(change: &Change) -> Vec<String> {
     if named.is_none() && out.len() == 1 {
         out[0].push_str(": no weight changed");
     }
+    if let Some(note) = &change.note {
+        // A fleet hold: what it will do, and when.
+        out.push(format!("{indent}{note}"));
+    }
     out
 }
 

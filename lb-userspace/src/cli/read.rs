@@ -282,6 +282,12 @@ pub fn cluster(c: &ClusterStatus) -> String {
     if let Some(why) = &c.not_applied {
         out += &format!("newest epoch NOT applied: {why}\n");
     }
+    if !c.down_here.is_empty() {
+        out += &format!(
+            "taken out here by this LB's own probes, ahead of the fleet: {}\n",
+            c.down_here.join(", ")
+        );
+    }
     if c.published > 0 || c.fenced > 0 {
         out += &format!(
             "published {} epochs here; {} refused by etcd (another LB led)\n",

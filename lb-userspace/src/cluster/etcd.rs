@@ -164,6 +164,19 @@ pub async fn timed<T>(
     }
 }
 
+/// Reads every TLS file `cluster` names, so that a missing or unreadable one stops
+/// the agent at start, named, instead of failing every session after it.
+pub fn check_tls(cluster: &config::Cluster) -> Result<(), ClusterError> {
+    if let Some(tls) = &cluster.tls {
+        read_tls("cluster.tls.ca", &tls.ca)?;
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            read_tls("cluster.tls.cert", cert)?;
+            read_tls("cluster.tls.key", key)?;
+        }
+    }
+    Ok(())
+}
+
 impl Etcd {
     /// Connects to `cluster`'s endpoints (TLS files are read now, and a bad one named).
     pub async fn connect(cluster: &config::Cluster) -> Result<Etcd, ClusterError> {

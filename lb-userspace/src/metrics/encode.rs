@@ -24,6 +24,26 @@ pub struct MetricsSnapshot {
     pub backends: Vec<BackendMetrics>,
     /// The load model's state.
     pub model: ModelMetrics,
+    /// The fleet, when this LB is a member of one (`[cluster]`).
+    pub cluster: Option<ClusterMetrics>,
+}
+
+/// This LB in its fleet (see `lb cluster status`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterMetrics {
+    pub connected: bool,
+    pub leading: bool,
+    pub epoch_applied: u64,
+    pub epoch_newest: u64,
+    /// Seconds the newest epoch has waited here unapplied (0: applied).
+    pub lag_seconds: f64,
+    /// LBs with a record in etcd: whose tables are the newest epoch's, whose are
+    /// not, and which run another configuration.
+    pub nodes_agreeing: u64,
+    pub nodes_other_table: u64,
+    pub nodes_other_config: u64,
+    pub published: u64,
+    pub fenced: u64,
 }
 
 /// One VIP's counters, summed over CPUs.
@@ -129,7 +149,72 @@ fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Resul
     encode_global(&s.global, e)?;
     encode_vips(&s.vips, e)?;
     encode_backends(&s.backends, e)?;
-    encode_model(&s.model, e)
+    encode_model(&s.model, e)?;
+    match &s.cluster {
+        Some(c) => encode_cluster(c, e),
+        None => Ok(()),
+    }
+}
+
+fn encode_cluster(c: &ClusterMetrics, e: &mut DescriptorEncoder) -> fmt::Result {
+    let none = |v: i64| [([] as [(&str, &str); 0], v)];
+    gauge_family(
+        e,
+        "lb_cluster_connected",
+        "1 while a session with the fleet's etcd is up; 0: the last epoch stays in force",
+        None,
+        &none(i64::from(c.connected)),
+    )?;
+    gauge_family(
+        e,
+        "lb_cluster_leader",
+        "1 while this LB leads the fleet (publishes its epochs)",
+        None,
+        &none(i64::from(c.leading)),
+    )?;
+    gauge_family(
+        e,
+        "lb_cluster_epoch",
+        "Fleet epochs: applied (the newest applied here), newest (the newest published, \
+         as seen here)",
+        None,
+        &[
+            ([("epoch", "applied")], c.epoch_applied as i64),
+            ([("epoch", "newest")], c.epoch_newest as i64),
+        ],
+    )?;
+    gauge_family(
+        e,
+        "lb_cluster_epoch_lag",
+        "How long the newest epoch has waited here unapplied (0 once applied)",
+        Some(&Unit::Seconds),
+        &[([] as [(&str, &str); 0], c.lag_seconds)],
+    )?;
+    gauge_family(
+        e,
+        "lb_cluster_nodes",
+        "LBs of the fleet with a live record, by state: agreeing (tables are the newest \
+         epoch's), other_table (not yet, or their own health checks took a backend out), \
+         other_config (another configuration digest: they apply none of this one's epochs)",
+        None,
+        &[
+            ([("state", "agreeing")], c.nodes_agreeing as i64),
+            ([("state", "other_table")], c.nodes_other_table as i64),
+            ([("state", "other_config")], c.nodes_other_config as i64),
+        ],
+    )?;
+    counter_family(
+        e,
+        "lb_cluster_epochs_published",
+        "Epochs this LB published as leader",
+        &[([] as [(&str, &str); 0], c.published)],
+    )?;
+    counter_family(
+        e,
+        "lb_cluster_publications_fenced",
+        "Publications etcd refused because another LB led by then (a deposed leader)",
+        &[([] as [(&str, &str); 0], c.fenced)],
+    )
 }
 
 fn encode_global(g: &GlobalStats, e: &mut DescriptorEncoder) -> fmt::Result {
@@ -543,6 +628,18 @@ mod tests {
                 model_error: Some(0.004),
                 baseline_error: None,
             },
+            cluster: Some(ClusterMetrics {
+                connected: true,
+                leading: false,
+                epoch_applied: 41,
+                epoch_newest: 42,
+                lag_seconds: 0.05,
+                nodes_agreeing: 2,
+                nodes_other_table: 1,
+                nodes_other_config: 0,
+                published: 0,
+                fenced: 1,
+            }),
         }
     }
 
@@ -556,6 +653,13 @@ mod tests {
         let lines = lines(&text);
         for expected in [
             "lb_datapath_frames_total 1000",
+            "lb_cluster_connected 1",
+            "lb_cluster_leader 0",
+            r#"lb_cluster_epoch{epoch="applied"} 41"#,
+            r#"lb_cluster_epoch{epoch="newest"} 42"#,
+            "lb_cluster_epoch_lag_seconds 0.05",
+            r#"lb_cluster_nodes{state="other_table"} 1"#,
+            "lb_cluster_publications_fenced_total 1",
             r#"lb_datapath_passed_total{reason="not_ip"} 11"#,
             r#"lb_datapath_passed_total{reason="not_vip"} 12"#,
             r#"lb_datapath_passed_total{reason="fragment"} 13"#,

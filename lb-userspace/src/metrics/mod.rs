@@ -65,5 +65,7 @@
 mod encode;
 mod serve;
 
-pub use encode::{BackendMetrics, MetricsSnapshot, ModelMetrics, VipMetrics, render};
+pub use encode::{
+    BackendMetrics, ClusterMetrics, MetricsSnapshot, ModelMetrics, VipMetrics, render,
+};
 pub use serve::{ServeError, serve};

@@ -1,0 +1,381 @@
+//! A fleet of load balancers behind an ECMP router, coordinated through a real etcd:
+//! the world of `tests/tests/fleet.rs` and `cargo xtask bench fleet`.
+//!
+//! [`FleetWorld::build`] makes, under one topology prefix:
+//! - the segment of [`crate::topology`] with N backends and M load balancers
+//!   (198.18.0.2, .3, ...), every backend running an emulated HTTP service
+//!   ([`crate::testbed::backend`]: the VIP on port 80, health on its own :80, metrics
+//!   on its own :9100);
+//! - the client host of the segment as the router: a multipath route to the VIP over
+//!   every load balancer, hashed on the L4 fields (`fib_multipath_hash_policy=1`);
+//! - the real client behind the router, on its own link (198.18.10.1/24);
+//! - etcd on a service host (198.18.0.200:2379), plain or TLS with certificates
+//!   generated for the run.
+//!
+//! Each LB gets its own configuration file (the same VIP, policy and backends; its own
+//! node name in `[cluster]`) and is started by [`FleetWorld::start_lb`].
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{
+    certs::{self, TlsFiles},
+    etcd::EtcdServer,
+    netns::{Netns, unique_prefix},
+    scratch::ScratchDir,
+    spread::{Agent, PORT},
+    testbed::backend::{BackendSpec, EmulatedBackend, METRICS_PORT, PROBE_PORT},
+    topology::{Topology, VIP_V4},
+};
+
+/// The real client's address, behind the router.
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
+
+/// What the fleet runs.
+#[derive(Clone, Debug)]
+pub struct FleetSpec {
+    pub lbs: usize,
+    /// Each backend's slots and service time (capacity = slots / service time).
+    pub backends: Vec<(usize, Duration)>,
+    pub policy: &'static str,
+    pub interval_ms: u64,
+    pub lease_s: u64,
+    pub tls: bool,
+}
+
+impl FleetSpec {
+    /// `lbs` LBs, three backends of 8 slots × 10 ms, `ai`, 500 ms intervals, 2 s lease.
+    pub fn new(lbs: usize) -> FleetSpec {
+        FleetSpec {
+            lbs,
+            backends: vec![(8, Duration::from_millis(10)); 3],
+            policy: "ai",
+            interval_ms: 500,
+            lease_s: 2,
+            tls: false,
+        }
+    }
+}
+
+/// The world; dropping it stops everything and removes the namespaces.
+pub struct FleetWorld {
+    pub spec: FleetSpec,
+    pub backends: Vec<EmulatedBackend>,
+    pub etcd: EtcdServer,
+    pub tls: Option<TlsFiles>,
+    /// The client behind the router.
+    pub client: Netns,
+    pub dir: ScratchDir,
+    _pass: Vec<lb_userspace::dataplane::PassThrough>,
+    // Last: the namespaces go after everything that lives in them.
+    pub topo: Topology,
+}
+
+/// The node name of LB `i`.
+pub fn node_name(i: usize) -> String {
+    format!("lb-{i}")
+}
+
+impl FleetWorld {
+    pub fn build(spec: FleetSpec) -> Result<FleetWorld> {
+        let mut topo = Topology::build(spec.backends.len())?;
+        for _ in 1..spec.lbs {
+            topo.add_load_balancer()?;
+        }
+        let etcd_host = topo.add_service_host("etcd")?;
+        let etcd_ip = etcd_host.ipv4();
+        let dir = ScratchDir::new("fleet")?;
+        let tls = if spec.tls {
+            Some(certs::generate(dir.path(), &[etcd_ip.into()])?)
+        } else {
+            None
+        };
+        let etcd = EtcdServer::start(
+            topo.service_host("etcd").expect("added").ns(),
+            etcd_ip,
+            tls.as_ref(),
+        )?;
+        let client = Netns::new(format!("{}-c2", topo.prefix()))?;
+        route(&topo, &client)?;
+        let lbs: Vec<Ipv4Addr> = topo.load_balancers().iter().map(|h| h.ipv4()).collect();
+        set_route(&topo, &lbs)?;
+        // An XDP program on each LB's bridge port, so that XDP_TX frames are not
+        // dropped (see `topology`).
+        let pass = topo
+            .load_balancers()
+            .iter()
+            .map(|lb| {
+                let port = lb.bridge_port().to_owned();
+                topo.switch()
+                    .run_in(move || lb_userspace::dataplane::PassThrough::attach(&port))?
+                    .context("attaching the pass-through program")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vip = SocketAddr::new(VIP_V4.into(), PORT);
+        let backends = topo
+            .backends()
+            .iter()
+            .zip(&spec.backends)
+            .enumerate()
+            .map(|(i, (h, &(slots, service)))| {
+                EmulatedBackend::start(
+                    h.ns(),
+                    BackendSpec::new(format!("backend{i}"), slots, service),
+                    vip,
+                    h.ipv4().into(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FleetWorld {
+            spec,
+            backends,
+            etcd,
+            tls,
+            client,
+            dir,
+            _pass: pass,
+            topo,
+        })
+    }
+
+    /// The VIP as the client reaches it.
+    pub fn vip(&self) -> SocketAddr {
+        SocketAddr::new(VIP_V4.into(), PORT)
+    }
+
+    /// The configuration of LB `i` (written to the scratch directory); `cluster`
+    /// adds to or replaces lines of its `[cluster]` section.
+    pub fn config(&self, i: usize, cluster_extra: &str) -> Result<PathBuf> {
+        let s = &self.spec;
+        let mut text = format!(
+            "[control]\ninterval_ms = {}\n\n[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\n\
+             protocol = \"tcp\"\npolicy = \"{}\"\n\n[vip.health]\nport = {PROBE_PORT}\n\
+             http_path = \"/\"\ninterval_ms = 500\ntimeout_ms = 300\nrise = 2\nfall = 2\n\n\
+             [vip.metrics]\nport = {METRICS_PORT}\npath = \"/metrics\"\n\
+             in_flight = \"app_requests_in_flight\"\nlatency = \"app_request_duration_seconds\"\n\
+             requests = \"app_requests_total\"\nerrors = \"app_errors_total\"\ntimeout_ms = 300\n",
+            s.interval_ms, s.policy
+        );
+        for h in self.topo.backends() {
+            text += &format!(
+                "\n[[vip.backend]]\naddress = \"{}\"\nmac = \"{}\"\nweight = 1\n",
+                h.ipv4(),
+                h.mac()
+            );
+        }
+        text += &format!(
+            "\n[cluster]\nendpoints = [\"{}\"]\nname = \"{}\"\nnode = \"{}\"\nlease_s = {}\n{cluster_extra}\n",
+            self.etcd.endpoint(),
+            self.topo.prefix(),
+            node_name(i),
+            s.lease_s
+        );
+        if let Some(t) = &self.tls {
+            text += &format!(
+                "\n[cluster.tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                t.ca.display(),
+                t.client_cert.display(),
+                t.client_key.display()
+            );
+        }
+        let path = self.dir.join(format!("lb-{i}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// The instance name of LB `i` (its pins and control socket).
+    pub fn instance(&self, i: usize) -> String {
+        format!("{}f{i}", self.topo.prefix())
+    }
+
+    /// Starts the agent of LB `i` on its interface.
+    pub fn start_lb(&self, i: usize) -> Result<Agent> {
+        let config = self.config(i, "")?;
+        Agent::start_on(
+            self.topo.load_balancer(i),
+            &self.instance(i),
+            &config,
+            &["--detach-on-exit"],
+        )
+    }
+
+    /// Sends the VIP's traffic to the LBs numbered in `which` only (as BGP does when
+    /// an LB withdraws its route).
+    pub fn route_via(&self, which: &[usize]) -> Result<()> {
+        let lbs: Vec<Ipv4Addr> = which
+            .iter()
+            .map(|&i| self.topo.load_balancer(i).ipv4())
+            .collect();
+        set_route(&self.topo, &lbs)
+    }
+
+    /// Cuts LB `i` off from etcd (`true`), or heals it: a blackhole route to etcd's
+    /// address in its namespace. Its datapath keeps forwarding.
+    pub fn cut_from_etcd(&self, i: usize, cut: bool) -> Result<()> {
+        let etcd = format!("{}/32", self.etcd.client_addr().ip());
+        let ns = self.topo.load_balancer(i).ns();
+        if cut {
+            ns.ip(&["route", "add", "blackhole", &etcd])?;
+        } else {
+            ns.ip(&["route", "del", "blackhole", &etcd])?;
+        }
+        Ok(())
+    }
+}
+
+/// The router: forwarding, an L4 multipath hash, the link to the real client, and
+/// each backend's route back to that client.
+fn route(topo: &Topology, client: &Netns) -> Result<()> {
+    let router = topo.client().ns();
+    let (rif, cif) = (
+        format!("{}rr", unique_prefix()),
+        format!("{}rc", unique_prefix()),
+    );
+    router.ip(&[
+        "link",
+        "add",
+        &rif,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &cif,
+        "netns",
+        client.name(),
+    ])?;
+    router.ip(&["addr", "add", "198.18.10.254/24", "dev", &rif])?;
+    router.ip(&["link", "set", &rif, "up"])?;
+    client.ip(&["link", "set", "lo", "up"])?;
+    client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", &cif])?;
+    client.ip(&["link", "set", &cif, "up"])?;
+    client.ip(&[
+        "route",
+        "add",
+        &format!("{VIP_V4}/32"),
+        "via",
+        "198.18.10.254",
+    ])?;
+    router.sysctl(&[
+        ("net/ipv4/ip_forward", "1"),
+        ("net/ipv4/fib_multipath_hash_policy", "1"),
+    ])?;
+    let via = topo.client().ipv4().to_string();
+    for b in topo.backends() {
+        b.ns()
+            .ip(&["route", "add", "198.18.10.0/24", "via", &via])?;
+    }
+    Ok(())
+}
+
+/// The router's route to the VIP: over every LB of `lbs` (at least one).
+fn set_route(topo: &Topology, lbs: &[Ipv4Addr]) -> Result<()> {
+    let vip = format!("{VIP_V4}/32");
+    let mut args: Vec<String> = ["route", "replace", &vip].map(String::from).to_vec();
+    match lbs {
+        [] => bail!("a route needs at least one LB"),
+        [one] => args.extend(["via".into(), one.to_string()]),
+        many => {
+            for lb in many {
+                args.extend(["nexthop".into(), "via".into(), lb.to_string()]);
+            }
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    topo.client().ns().ip(&args)?;
+    Ok(())
+}
+
+/// `lb cluster status --json` of `agent`.
+pub fn cluster_status(agent: &Agent) -> Result<Value> {
+    serde_json::from_str(&agent.ctl(&["cluster", "status", "--json"])?)
+        .context("cluster status is not JSON")
+}
+
+/// Each VIP's digest of the table in the kernel of `agent` (`lb tables --json`).
+pub fn kernel_digests(agent: &Agent) -> Result<Vec<String>> {
+    let v: Value = serde_json::from_str(&agent.ctl(&["tables", "--json"])?)?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| t["digest"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The epoch applied by `agent` and its kernel's table digests, read so that both
+/// belong to one epoch (the epoch read before and after the tables is the same);
+/// `None` while an epoch is being applied, when the newest seen there is not the
+/// one applied, or while its own probes keep a backend out ahead of the fleet.
+pub fn applied(agent: &Agent) -> Result<Option<(u64, Vec<String>)>> {
+    let s = cluster_status(agent)?;
+    let epoch = s["epoch_applied"].as_u64().unwrap_or(0);
+    let down_here = s["down_here"].as_array().is_some_and(|d| !d.is_empty());
+    if epoch != s["epoch_newest"].as_u64().unwrap_or(0) || down_here {
+        return Ok(None);
+    }
+    let digests = kernel_digests(agent)?;
+    let again = cluster_status(agent)?["epoch_applied"]
+        .as_u64()
+        .unwrap_or(0);
+    Ok((again == epoch).then_some((epoch, digests)))
+}
+
+/// Whether every agent has applied the same newest epoch (≥ `at_least`); returns it.
+/// Panics if agents that applied the same epoch hold different tables in their
+/// kernels: that is the one thing a fleet must never do.
+pub fn agreed(agents: &[&Agent], at_least: u64) -> Result<Option<u64>> {
+    let mut seen: Vec<(u64, Vec<String>)> = Vec::new();
+    for a in agents {
+        match applied(a)? {
+            Some((epoch, digests)) if epoch >= at_least => seen.push((epoch, digests)),
+            _ => return Ok(None),
+        }
+    }
+    let Some((epoch, digests)) = seen.first().cloned() else {
+        return Ok(None);
+    };
+    if seen.iter().any(|(e, _)| *e != epoch) {
+        return Ok(None);
+    }
+    if seen.iter().any(|(_, d)| *d != digests) {
+        let statuses: Vec<String> = agents
+            .iter()
+            .map(|a| cluster_status(a).map_or_else(|e| format!("{e:#}"), |s| s.to_string()))
+            .collect();
+        panic!(
+            "LBs that applied epoch {epoch} hold different tables: {seen:?}\n{}",
+            statuses.join("\n")
+        );
+    }
+    Ok(Some(epoch))
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or fails after `timeout`
+/// saying `what`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut last_error = None;
+    while start.elapsed() < timeout {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "{what}: not within {timeout:?}{}",
+        last_error.map_or_else(String::new, |e| format!(" (last error: {e:#})"))
+    )
+}

@@ -1,0 +1,501 @@
+//! A fleet of three LBs behind an ECMP router, `ai` policy, coordinated through a
+//! real etcd (Debian's `etcd-server`, started here in its own namespace): identical
+//! tables once each epoch is applied, holds given on one LB applied on all, an LB cut
+//! off from etcd that keeps its epoch and catches up, an etcd outage ridden out, the
+//! leader killed and replaced, a deposed leader fenced, TLS, and bad `[cluster]`
+//! input refused naming the field. Real TCP connections run through the fleet the
+//! whole time and none may fail.
+
+use std::time::{Duration, Instant};
+
+use lb_tests::{
+    etcd::EtcdServer,
+    fleet::{FleetSpec, FleetWorld, agreed, cluster_status, kernel_digests, node_name, wait_for},
+    netns::{Netns, unique_prefix},
+    spread::{Agent, remove_pins, run_command},
+    testbed::loadgen::{LoadGen, LoadSpec},
+};
+use lb_userspace::{
+    cluster::{
+        etcd::{EpochSeen, Etcd, Leadership, PublishError},
+        records::EpochRecord,
+    },
+    config::Cluster,
+};
+use serde_json::Value;
+
+/// The weight of `backend` in `lb backend list --json` of `agent`, and its control.
+fn weight_of(agent: &Agent, backend: &str) -> (f64, String) {
+    let list: Value =
+        serde_json::from_str(&agent.ctl(&["backend", "list", "--json"]).unwrap()).unwrap();
+    let b = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["backend"] == backend)
+        .unwrap_or_else(|| panic!("{backend} not listed: {list}"));
+    (
+        b["weight"].as_f64().unwrap(),
+        b["control"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Which of `agents` leads (exactly one must), by index.
+fn leader(agents: &[Option<Agent>]) -> Option<usize> {
+    let leading: Vec<usize> = agents
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.as_ref().map(|a| (i, a)))
+        .filter(|(_, a)| cluster_status(a).is_ok_and(|s| s["leading"] == true))
+        .map(|(i, _)| i)
+        .collect();
+    match leading.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
+    agents.iter().flatten().collect()
+}
+
+fn newest_epoch(agent: &Agent) -> (u64, String) {
+    let s = cluster_status(agent).unwrap();
+    (
+        s["epoch_newest"].as_u64().unwrap_or(0),
+        s["epoch_leader"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn a_fleet_of_three_applies_one_decision_through_every_failure() {
+    let mut world = FleetWorld::build(FleetSpec::new(3)).unwrap();
+    let mut agents: Vec<Option<Agent>> = (0..3).map(|i| Some(world.start_lb(i).unwrap())).collect();
+
+    // One epoch, applied everywhere: identical tables in every kernel.
+    let first = wait_for(
+        "the first epoch applied by all",
+        Duration::from_secs(20),
+        || agreed(&live(&agents), 1),
+    )
+    .unwrap();
+    let lead = wait_for("one leader", Duration::from_secs(10), || {
+        Ok(leader(&agents))
+    })
+    .unwrap();
+    eprintln!(
+        "fleet: epoch {first} applied by all; {} leads",
+        node_name(lead)
+    );
+    let s = cluster_status(agents[0].as_ref().unwrap()).unwrap();
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
+    assert!(
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["same_config"] == true),
+        "{s}"
+    );
+
+    // Real traffic through the router for the whole test.
+    let load = LoadGen::start(
+        &world.client,
+        LoadSpec {
+            timeout: Duration::from_secs(5),
+            ..LoadSpec::new(world.vip(), 60.0, Duration::from_secs(600))
+        },
+    )
+    .unwrap();
+
+    // A backend degrades: the leader moves weights away from it, and every LB
+    // applies each epoch.
+    world.backends[0].set_slowdown(10.0);
+    let b0 = world.topo.backend(0).ipv4().to_string();
+    let b1 = world.topo.backend(1).ipv4().to_string();
+    let b2 = world.topo.backend(2).ipv4().to_string();
+    wait_for(
+        "the degraded backend's weight falls everywhere",
+        Duration::from_secs(40),
+        || {
+            let Some(epoch) = agreed(&live(&agents), first + 1)? else {
+                return Ok(None);
+            };
+            let all_lower = live(&agents)
+                .iter()
+                .all(|a| weight_of(a, &b0).0 < weight_of(a, &b1).0);
+            Ok(all_lower.then_some(epoch))
+        },
+    )
+    .unwrap();
+
+    // A drain given on one LB is fleet state: every LB applies it.
+    let follower = (lead + 1) % 3;
+    let out = agents[follower]
+        .as_ref()
+        .unwrap()
+        .ctl(&["drain", &b2])
+        .unwrap();
+    assert!(out.contains("etcd"), "{out}");
+    let drained = wait_for(
+        "the drain applied by every LB",
+        Duration::from_secs(10),
+        || {
+            let done = live(&agents).iter().all(|a| {
+                let (w, control) = weight_of(a, &b2);
+                w == 0.0 && control == "drained"
+            });
+            Ok(done.then_some(()))
+        },
+    );
+    if let Err(e) = drained {
+        for a in live(&agents) {
+            eprintln!("{}", cluster_status(a).unwrap());
+            eprintln!("{}", a.ctl(&["backend", "list"]).unwrap());
+        }
+        for (i, a) in agents.iter_mut().enumerate() {
+            if let Some(a) = a {
+                eprintln!("--- lb-{i}\n{}", a.drain_log().join("\n"));
+            }
+        }
+        panic!("{e:#}");
+    }
+    wait_for("agreement after the drain", Duration::from_secs(30), || {
+        agreed(&live(&agents), 1)
+    })
+    .unwrap();
+    agents[lead]
+        .as_ref()
+        .unwrap()
+        .ctl(&["undrain", &b2])
+        .unwrap();
+    wait_for(
+        "the undrain applied by every LB",
+        Duration::from_secs(10),
+        || {
+            let done = live(&agents).iter().all(|a| weight_of(a, &b2).0 > 0.0);
+            Ok(done.then_some(()))
+        },
+    )
+    .unwrap();
+
+    // One LB cut off from etcd keeps its epoch and says so; the others go on; it
+    // catches up when it reconnects.
+    let cut = (lead + 2) % 3;
+    world.cut_from_etcd(cut, true).unwrap();
+    let cut_agent = agents[cut].as_ref().unwrap();
+    let kept = wait_for("the cut LB notices", Duration::from_secs(15), || {
+        let s = cluster_status(cut_agent)?;
+        Ok((s["connected"] == false).then(|| s["epoch_applied"].as_u64().unwrap()))
+    })
+    .unwrap();
+    let digests_kept = kernel_digests(cut_agent).unwrap();
+    agents[lead]
+        .as_ref()
+        .unwrap()
+        .ctl(&["weight", "set", &b1, "3"])
+        .unwrap();
+    let others: Vec<&Agent> = [lead, follower]
+        .iter()
+        .map(|&i| agents[i].as_ref().unwrap())
+        .collect();
+    let moved_on = wait_for(
+        "the others apply a newer epoch",
+        Duration::from_secs(15),
+        || agreed(&others, kept + 1),
+    )
+    .unwrap();
+    let s = cluster_status(cut_agent).unwrap();
+    assert_eq!(
+        s["epoch_applied"].as_u64().unwrap(),
+        kept,
+        "the cut LB kept its epoch: {s}"
+    );
+    assert_eq!(s["connected"], false, "{s}");
+    assert!(s["last_error"].as_str().is_some(), "{s}");
+    assert_eq!(kernel_digests(cut_agent).unwrap(), digests_kept);
+    world.cut_from_etcd(cut, false).unwrap();
+    wait_for("the cut LB catches up", Duration::from_secs(20), || {
+        agreed(&live(&agents), moved_on)
+    })
+    .unwrap();
+
+    // etcd stops: every LB keeps the last epoch (tables stay identical) and the fleet
+    // resumes by itself when etcd returns.
+    wait_for(
+        "agreement before the outage",
+        Duration::from_secs(20),
+        || agreed(&live(&agents), 1),
+    )
+    .unwrap();
+    world.etcd.stop().unwrap();
+    wait_for(
+        "every LB notices the outage",
+        Duration::from_secs(15),
+        || {
+            Ok(live(&agents)
+                .iter()
+                .all(|a| cluster_status(a).is_ok_and(|s| s["connected"] == false))
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    let before = agreed(&live(&agents), 1)
+        .unwrap()
+        .expect("every LB kept the same epoch when etcd went");
+    let digests = kernel_digests(agents[0].as_ref().unwrap()).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(agreed(&live(&agents), 1).unwrap(), Some(before));
+    for a in live(&agents) {
+        assert_eq!(
+            kernel_digests(a).unwrap(),
+            digests,
+            "tables moved during the outage"
+        );
+    }
+    world.etcd.restart().unwrap();
+    let after = wait_for(
+        "the fleet resumes after the outage",
+        Duration::from_secs(30),
+        || agreed(&live(&agents), before + 1),
+    )
+    .unwrap();
+    eprintln!("fleet: etcd outage ridden out, epoch {before} -> {after}");
+
+    // The leader is killed: another leads within about a lease and goes on from the
+    // last epoch. The dead agent's datapath keeps forwarding (fail-static).
+    let lead = wait_for("one leader", Duration::from_secs(10), || {
+        Ok(leader(&agents))
+    })
+    .unwrap();
+    let killed = node_name(lead);
+    let (epoch_before, _) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap());
+    let t0 = Instant::now();
+    agents[lead].take().unwrap().kill(libc::SIGKILL).unwrap();
+    let new_leader = wait_for("a new leader's epoch", Duration::from_secs(20), || {
+        let (n, by) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap());
+        Ok((n > epoch_before && by != killed).then_some(by))
+    })
+    .unwrap();
+    let failover = t0.elapsed();
+    eprintln!("fleet: {killed} killed, {new_leader} published after {failover:.2?}");
+    wait_for("the two left agree", Duration::from_secs(10), || {
+        agreed(&live(&agents), epoch_before + 1)
+    })
+    .unwrap();
+    // It comes back (adopting its pinned datapath) and applies the newest epoch.
+    agents[lead] = Some(world.start_lb(lead).unwrap());
+    wait_for(
+        "the restarted LB catches up",
+        Duration::from_secs(20),
+        || agreed(&live(&agents), epoch_before + 1),
+    )
+    .unwrap();
+
+    // A leader frozen past its lease is deposed; woken, it cannot publish.
+    let lead = wait_for("one leader", Duration::from_secs(10), || {
+        Ok(leader(&agents))
+    })
+    .unwrap();
+    let frozen = node_name(lead);
+    let other = agents[(lead + 1) % 3].as_ref().unwrap();
+    let (epoch_before, _) = newest_epoch(other);
+    let pid = agents[lead].as_ref().unwrap().pid() as i32;
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let successor = wait_for("a successor's epoch", Duration::from_secs(20), || {
+        let (n, by) = newest_epoch(other);
+        Ok((n > epoch_before && by != frozen).then_some((n, by)))
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let (successor_epoch, successor) = successor.unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let s = cluster_status(agents[lead].as_ref().unwrap()).unwrap();
+    assert_eq!(s["leading"], false, "the deposed leader still leads: {s}");
+    let (n, by) = newest_epoch(other);
+    assert!(
+        n >= successor_epoch && by != frozen,
+        "epoch {n} by {by} after {frozen} woke"
+    );
+    eprintln!(
+        "fleet: {frozen} frozen, {successor} led from epoch {successor_epoch}; woken, {frozen} fenced {} time(s)",
+        s["fenced"]
+    );
+    wait_for(
+        "all agree after the fencing",
+        Duration::from_secs(20),
+        || agreed(&live(&agents), n),
+    )
+    .unwrap();
+
+    // Not one connection failed through all of it.
+    load.stop();
+    let report = load.join().unwrap();
+    eprintln!("fleet: load {}", report.summary());
+    assert!(report.total() > 500, "{}", report.summary());
+    assert_eq!(report.failed(), 0, "{}", report.summary());
+    for a in agents.into_iter().flatten() {
+        a.stop().unwrap();
+    }
+    for i in 0..3 {
+        remove_pins(&world.instance(i));
+    }
+}
+
+#[test]
+fn a_fleet_over_tls_agrees_and_bad_cluster_input_is_refused() {
+    let world = FleetWorld::build(FleetSpec {
+        tls: true,
+        ..FleetSpec::new(2)
+    })
+    .unwrap();
+    let agents: Vec<Agent> = (0..2).map(|i| world.start_lb(i).unwrap()).collect();
+    let refs: Vec<&Agent> = agents.iter().collect();
+    let epoch = wait_for("an epoch over TLS", Duration::from_secs(20), || {
+        agreed(&refs, 1)
+    })
+    .unwrap();
+    eprintln!("fleet over TLS: epoch {epoch} applied by both");
+
+    // Bad [cluster] input: the agent refuses to start, naming the field.
+    let lb = world.topo.load_balancer(1);
+    let refused = |extra: &str, field: &str| {
+        let config = world.config(1, extra).unwrap();
+        let out = run_command(
+            lb.ns(),
+            lb.ifname(),
+            &format!("{}x", unique_prefix()),
+            &config,
+            &[],
+        )
+        .unwrap()
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with {extra:?}");
+        assert!(
+            err.contains(field),
+            "{field} not named for {extra:?}: {err}"
+        );
+    };
+    // (A second `lease_s` line is a TOML error naming the key.)
+    let bad_lease = world.dir.join("bad-lease.toml");
+    let text = std::fs::read_to_string(world.config(1, "").unwrap())
+        .unwrap()
+        .replace("lease_s = 2", "lease_s = 1");
+    std::fs::write(&bad_lease, text).unwrap();
+    let out = run_command(
+        lb.ns(),
+        lb.ifname(),
+        &format!("{}y", unique_prefix()),
+        &bad_lease,
+        &[],
+    )
+    .unwrap()
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster.lease_s"),
+        "{err}"
+    );
+    refused("unknown_field = 1", "unknown_field");
+    let missing_ca = world.dir.join("missing-ca.toml");
+    let text = std::fs::read_to_string(world.config(1, "").unwrap())
+        .unwrap()
+        .replace(
+            &world.tls.as_ref().unwrap().ca.display().to_string(),
+            "/nonexistent/ca.pem",
+        );
+    std::fs::write(&missing_ca, text).unwrap();
+    let out = run_command(
+        lb.ns(),
+        lb.ifname(),
+        &format!("{}z", unique_prefix()),
+        &missing_ca,
+        &[],
+    )
+    .unwrap()
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cluster.tls.ca"),
+        "{err}"
+    );
+    for a in agents {
+        a.stop().unwrap();
+    }
+}
+
+/// Leadership at the level of etcd itself: a leader whose lease is gone (revoked
+/// here, as an expiry would) cannot publish, even holding its old key, and the epoch
+/// in etcd stays the new leader's.
+#[test]
+fn a_deposed_leader_cannot_publish() {
+    let ns = Netns::new(format!("{}-fence", unique_prefix())).unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    let server = EtcdServer::start(&ns, "127.0.0.1".parse().unwrap(), None).unwrap();
+    let cluster = Cluster {
+        endpoints: vec![server.endpoint()],
+        name: "fence".into(),
+        node: "a".into(),
+        lease_s: 5,
+        tls: None,
+    };
+    let epoch = |leader: &str| EpochRecord {
+        epoch: 0,
+        leader: leader.into(),
+        config_digest: "d".into(),
+        written_ms: 0,
+        vips: vec![],
+    };
+    ns.run_in(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut a = Etcd::connect(&cluster).await.unwrap();
+            let mut b = Etcd::connect(&cluster).await.unwrap();
+            let lease_a = a.client.lease_grant(5, None).await.unwrap().id();
+            let lease_b = b.client.lease_grant(5, None).await.unwrap().id();
+            let won = a
+                .client
+                .campaign(a.keys.election(), "a", lease_a)
+                .await
+                .unwrap();
+            let la = Leadership::from(won.leader().unwrap());
+            let n = a
+                .publish(&la, epoch("a"), EpochSeen::default())
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+            let seen = a.snapshot().await.unwrap().epoch.unwrap().1;
+            // A's lease goes (as when it expires); B is elected.
+            a.client.lease_revoke(lease_a).await.unwrap();
+            let won = b
+                .client
+                .campaign(b.keys.election(), "b", lease_b)
+                .await
+                .unwrap();
+            let lb = Leadership::from(won.leader().unwrap());
+            // A, still holding its old key, is refused.
+            match a.publish(&la, epoch("a"), seen).await {
+                Err(PublishError::Fenced) => {}
+                other => panic!("a deposed leader published: {other:?}"),
+            }
+            assert_eq!(b.publish(&lb, epoch("b"), seen).await.unwrap(), 2);
+            // A publication based on an old epoch is stale, not a second epoch 2.
+            match b.publish(&lb, epoch("b"), seen).await {
+                Err(PublishError::Stale) => {}
+                other => panic!("a stale publication went through: {other:?}"),
+            }
+            let (record, _) = b.snapshot().await.unwrap().epoch.unwrap();
+            assert_eq!((record.epoch, record.leader.as_str()), (2, "b"));
+        });
+    })
+    .unwrap();
+    drop(server);
+}
