@@ -227,6 +227,9 @@ pub struct ClusterStatus {
     pub lag_ms: u64,
     /// Why the newest epoch is not applied here, if it is not.
     pub not_applied: Option<String>,
+    /// The digest of each VIP's table this LB's datapath reads now (as `nodes`'
+    /// `tables`, which are as of each LB's last record).
+    pub tables_here: BTreeMap<String, String>,
     /// Backends (`VIP backend`) this LB's own probes took out of its tables ahead of
     /// the fleet: while any is listed, its tables differ from the epoch's.
     pub down_here: Vec<String>,

@@ -793,6 +793,22 @@ impl Dataplane {
             .map(Some)
     }
 
+    /// The same table as [`Dataplane::active_table`] (the active copy from the
+    /// kernel's own VIP entry), read through the shared mapping of `RINGS`: the very
+    /// memory the datapath reads, in one copy instead of a syscall per slot. For the
+    /// fleet's per-interval digest; `lb tables` keeps the syscall path.
+    pub fn active_table_mapped(&self, key: &VipKey) -> Result<Option<Vec<u32>>, DataplaneError> {
+        let vips: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        let meta = match vips.get(key, 0) {
+            Ok(meta) => meta,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(names::VIPS)(e)),
+        };
+        let base = ring_base(meta.vip_id, meta.active);
+        Ok(Some(self.rings.read(base, meta.ring_size as usize)))
+    }
+
     fn vips_map(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipMeta>, DataplaneError> {
         HashMap::try_from(self.map_mut(names::VIPS)?).map_err(map_err(names::VIPS))
     }

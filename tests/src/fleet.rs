@@ -47,6 +47,8 @@ pub struct FleetSpec {
     pub interval_ms: u64,
     pub lease_s: u64,
     pub tls: bool,
+    /// Write `[cluster]` (false: each LB decides alone, as without a fleet).
+    pub cluster: bool,
 }
 
 impl FleetSpec {
@@ -59,6 +61,7 @@ impl FleetSpec {
             interval_ms: 500,
             lease_s: 2,
             tls: false,
+            cluster: true,
         }
     }
 }
@@ -169,6 +172,11 @@ impl FleetWorld {
                 h.mac()
             );
         }
+        if !s.cluster {
+            let path = self.dir.join(format!("lb-{i}.toml"));
+            std::fs::write(&path, text)?;
+            return Ok(path);
+        }
         text += &format!(
             "\n[cluster]\nendpoints = [\"{}\"]\nname = \"{}\"\nnode = \"{}\"\nlease_s = {}\n{cluster_extra}\n",
             self.etcd.endpoint(),
@@ -229,9 +237,10 @@ impl FleetWorld {
     }
 }
 
-/// The router: forwarding, an L4 multipath hash, the link to the real client, and
-/// each backend's route back to that client.
-fn route(topo: &Topology, client: &Netns) -> Result<()> {
+/// The router (the topology's client host): forwarding, an L4 multipath hash, the
+/// link to the real client behind it (`client`, [`CLIENT_V4`]), and each backend's
+/// route back to that client.
+pub fn route(topo: &Topology, client: &Netns) -> Result<()> {
     let router = topo.client().ns();
     let (rif, cif) = (
         format!("{}rr", unique_prefix()),
@@ -252,6 +261,8 @@ fn route(topo: &Topology, client: &Netns) -> Result<()> {
     router.ip(&["addr", "add", "198.18.10.254/24", "dev", &rif])?;
     router.ip(&["link", "set", &rif, "up"])?;
     client.ip(&["link", "set", "lo", "up"])?;
+    // One socket per request: the client must not run out of ports.
+    client.sysctl(&[("net/ipv4/ip_local_port_range", "10000 65000")])?;
     client.ip(&["addr", "add", &format!("{CLIENT_V4}/24"), "dev", &cif])?;
     client.ip(&["link", "set", &cif, "up"])?;
     client.ip(&[
@@ -274,7 +285,7 @@ fn route(topo: &Topology, client: &Netns) -> Result<()> {
 }
 
 /// The router's route to the VIP: over every LB of `lbs` (at least one).
-fn set_route(topo: &Topology, lbs: &[Ipv4Addr]) -> Result<()> {
+pub fn set_route(topo: &Topology, lbs: &[Ipv4Addr]) -> Result<()> {
     let vip = format!("{VIP_V4}/32");
     let mut args: Vec<String> = ["route", "replace", &vip].map(String::from).to_vec();
     match lbs {

@@ -11,7 +11,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lb_tests::{
-    netns::{Netns, unique_prefix},
+    fleet,
+    netns::Netns,
     spread::{Agent, PORT},
     tcp::{BackendServer, PersistentConn, run_clients},
     topology::{Topology, VIP_V4},
@@ -24,79 +25,13 @@ const CONNECTIONS: usize = 200;
 fn two_lbs_agree_and_flows_survive_losing_one() {
     let mut topo = Topology::build(4).unwrap();
     topo.add_second_load_balancer().unwrap();
-    let router = topo.client().ns();
     let lb1 = topo.lb().ipv4();
     let lb2 = topo.lb2().unwrap().ipv4();
 
-    // The real client, behind the router.
+    // The real client, behind the router, which spreads flows over both LBs.
     let client = Netns::new(format!("{}-c2", topo.prefix())).unwrap();
-    let (rif, cif) = (
-        format!("{}rr", unique_prefix()),
-        format!("{}rc", unique_prefix()),
-    );
-    router
-        .ip(&[
-            "link",
-            "add",
-            &rif,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &cif,
-            "netns",
-            client.name(),
-        ])
-        .unwrap();
-    router
-        .ip(&["addr", "add", "198.18.10.254/24", "dev", &rif])
-        .unwrap();
-    router.ip(&["link", "set", &rif, "up"]).unwrap();
-    client.ip(&["link", "set", "lo", "up"]).unwrap();
-    client
-        .ip(&["addr", "add", "198.18.10.1/24", "dev", &cif])
-        .unwrap();
-    client.ip(&["link", "set", &cif, "up"]).unwrap();
-    client
-        .ip(&[
-            "route",
-            "add",
-            &format!("{VIP_V4}/32"),
-            "via",
-            "198.18.10.254",
-        ])
-        .unwrap();
-    router
-        .sysctl(&[
-            ("net/ipv4/ip_forward", "1"),
-            ("net/ipv4/fib_multipath_hash_policy", "1"),
-        ])
-        .unwrap();
-    let vip_route = format!("{VIP_V4}/32");
-    router
-        .ip(&[
-            "route",
-            "replace",
-            &vip_route,
-            "nexthop",
-            "via",
-            &lb1.to_string(),
-            "nexthop",
-            "via",
-            &lb2.to_string(),
-        ])
-        .unwrap();
-    for b in topo.backends() {
-        b.ns()
-            .ip(&[
-                "route",
-                "add",
-                "198.18.10.0/24",
-                "via",
-                &topo.client().ipv4().to_string(),
-            ])
-            .unwrap();
-    }
+    fleet::route(&topo, &client).unwrap();
+    fleet::set_route(&topo, &[lb1, lb2]).unwrap();
 
     // The same configuration for both LBs.
     let dir = std::env::temp_dir().join(format!("{}-lb", topo.prefix()));
@@ -178,9 +113,7 @@ fn two_lbs_agree_and_flows_survive_losing_one() {
     );
 
     // Withdraw the first LB, as BGP would: the router sends everything to the second.
-    router
-        .ip(&["route", "replace", &vip_route, "via", &lb2.to_string()])
-        .unwrap();
+    fleet::set_route(&topo, &[lb2]).unwrap();
     first.stop().unwrap();
     let mut survived = 0;
     let mut broken = Vec::new();

@@ -6,7 +6,10 @@
 //! input refused naming the field. Real TCP connections run through the fleet the
 //! whole time and none may fail.
 
-use std::time::{Duration, Instant};
+use std::{
+    io::{Read, Write},
+    time::{Duration, Instant},
+};
 
 use lb_tests::{
     etcd::EtcdServer,
@@ -424,6 +427,71 @@ fn a_fleet_over_tls_agrees_and_bad_cluster_input_is_refused() {
         !out.status.success() && err.contains("cluster.tls.ca"),
         "{err}"
     );
+
+    // /metrics says the same as `cluster status` (its snapshot is a second old at most).
+    let scrape = || {
+        world.topo.load_balancer(0).ns().run_in(|| {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9432").unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            text
+        })
+    };
+    let metrics = wait_for(
+        "both LBs agreeing in /metrics",
+        Duration::from_secs(10),
+        || {
+            let text = scrape()?;
+            Ok(text
+                .contains("lb_cluster_nodes{state=\"agreeing\"} 2")
+                .then_some(text))
+        },
+    )
+    .unwrap();
+    assert!(metrics.contains("lb_cluster_connected 1"), "{metrics}");
+    assert!(
+        metrics.contains("lb_cluster_epoch{epoch=\"applied\"}"),
+        "{metrics}"
+    );
+
+    // An LB given another configuration applies none of the leader's epochs, and
+    // both sides say so.
+    let mut agents = agents;
+    agents.pop().unwrap().stop().unwrap();
+    let other = world.dir.join("other.toml");
+    let text = std::fs::read_to_string(world.config(1, "").unwrap())
+        .unwrap()
+        .replacen("weight = 1", "weight = 2", 1);
+    std::fs::write(&other, text).unwrap();
+    let odd = Agent::start_on(lb, &world.instance(1), &other, &["--detach-on-exit"]).unwrap();
+    let s = wait_for(
+        "the odd LB refuses the epoch",
+        Duration::from_secs(20),
+        || {
+            let s = cluster_status(&odd)?;
+            Ok(s["not_applied"].is_string().then_some(s))
+        },
+    )
+    .unwrap();
+    assert!(
+        s["not_applied"].as_str().unwrap().contains("configuration"),
+        "{s}"
+    );
+    assert_eq!(s["epoch_applied"].as_u64(), Some(0), "{s}");
+    wait_for(
+        "the leader sees the other configuration",
+        Duration::from_secs(10),
+        || {
+            let s = cluster_status(&agents[0])?;
+            let odd = s["nodes"]
+                .as_array()
+                .and_then(|n| n.iter().find(|n| n["node"] == "lb-1").cloned());
+            Ok(odd.filter(|n| n["same_config"] == false))
+        },
+    )
+    .unwrap();
+    odd.stop().unwrap();
     for a in agents {
         a.stop().unwrap();
     }

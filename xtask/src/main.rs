@@ -128,6 +128,15 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// A fleet of LBs behind an ECMP router with a real etcd, `ai`, scenario S2:
+    /// table agreement, apply lag, failover after the leader is killed, an etcd
+    /// outage under load, and p99 against one LB under the same load in the same run
+    /// (about 4 minutes). Writes target/bench/fleet.json. Needs root.
+    Fleet {
+        /// Arguments for lb-bench-fleet (e.g. `--duration 30 --outage 10`, `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// One-step-ahead error of the load model against last-value and EWMA on the
     /// real series in testdata/nab (and any `--series PATH`), fit and predict time.
     Predictor {
@@ -229,6 +238,14 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_versus_packages()?;
             run_testbed_bin(&root, "lb-bench-versus", true, &args, Some("versus.json"))
                 .context("running the versus benchmark")
+        }
+        Task::Bench {
+            which: Bench::Fleet { args },
+        } => {
+            require_root("the fleet attaches XDP programs and creates network namespaces")?;
+            setup::run(&root, setup::Report::Quiet)?;
+            run_testbed_bin(&root, "lb-bench-fleet", true, &args, Some("fleet.json"))
+                .context("running the fleet benchmark")
         }
         Task::Bench {
             which: Bench::Predictor { series },

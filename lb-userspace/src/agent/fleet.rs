@@ -313,21 +313,13 @@ impl Agent {
     fn node_record(&self, rates: &Rates) -> Result<NodeRecord, AgentError> {
         let fleet = self.fleet.as_ref().expect("a fleet member");
         let mut vips = Vec::new();
+        let digests = self.table_digests()?;
         for vip in &self.config.vips {
             let key = vip_key(vip);
             let Some(in_force) = self.desired.vips.get(&key) else {
                 continue;
             };
-            let index: HashMap<u32, u32> = in_force
-                .ids
-                .iter()
-                .enumerate()
-                .map(|(i, &id)| (id, i as u32))
-                .collect();
-            let digest = self.dataplane.active_table(&key)?.and_then(|t| {
-                let slots: Option<Vec<u32>> = t.iter().map(|id| index.get(id).copied()).collect();
-                slots.map(|s| table_digest(&s))
-            });
+            let digest = digests.get(&key).cloned();
             let backends = vip
                 .backends
                 .iter()
@@ -366,6 +358,29 @@ impl Agent {
             written_ms: now_ms(),
             vips,
         })
+    }
+
+    /// The digest of each VIP's table the datapath reads now, over each slot's
+    /// backend index in configured order (as epochs give it, so that LBs whose ids
+    /// differ still compare).
+    fn table_digests(&self) -> Result<BTreeMap<VipKey, String>, AgentError> {
+        let mut out = BTreeMap::new();
+        for (key, in_force) in &self.desired.vips {
+            let index: HashMap<u32, u32> = in_force
+                .ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| (id, i as u32))
+                .collect();
+            let Some(table) = self.dataplane.active_table_mapped(key)? else {
+                continue;
+            };
+            let slots: Option<Vec<u32>> = table.iter().map(|id| index.get(id).copied()).collect();
+            if let Some(slots) = slots {
+                out.insert(*key, table_digest(&slots));
+            }
+        }
+        Ok(out)
     }
 
     /// Backends this LB's own probes fail, except where taking them out would leave
@@ -750,6 +765,14 @@ impl Agent {
             apply_lag_ms: fleet.apply_lag_ms,
             lag_ms,
             not_applied: fleet.not_applied.as_ref().map(|(_, why)| why.clone()),
+            tables_here: {
+                let names = self.vip_names();
+                self.table_digests()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(k, d)| Some((names.get(&k)?.clone(), d)))
+                    .collect()
+            },
             down_here: {
                 let names = self.vip_names();
                 self.locally_down()

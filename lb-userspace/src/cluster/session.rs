@@ -93,10 +93,14 @@ impl FleetState {
             // The same epoch read again (a snapshot after a reconnect).
             self.epoch_seen.mod_revision = seen.mod_revision;
         } else {
+            // etcd lost its newest epoch (restored from a backup, say): the newer one
+            // stays in force, and the next publication, numbered after it, replaces
+            // what etcd holds now.
             warn!(
                 "etcd holds epoch {}, older than epoch {} seen before: kept the newer",
                 seen.epoch, self.epoch_seen.epoch
             );
+            self.epoch_seen.mod_revision = seen.mod_revision;
         }
     }
 }
@@ -225,8 +229,10 @@ async fn session(
             .map(|(k, rev, node)| (k, (rev, node)))
             .collect();
         s.elect();
-        if let Some((epoch, seen)) = snapshot.epoch {
-            s.offer_epoch(epoch, seen);
+        match snapshot.epoch {
+            Some((epoch, seen)) => s.offer_epoch(epoch, seen),
+            // No epoch in etcd (a new etcd): the next one is published as new.
+            None => s.epoch_seen.mod_revision = 0,
         }
         for bad in snapshot.refused {
             s.refuse(bad);
@@ -244,6 +250,7 @@ async fn session(
         }))
     };
     let mut campaign = Some(campaign);
+    let mut reporting: Option<AbortOnDrop<Result<(), ClusterError>>> = None;
     let mut leadership: Option<Leadership> = None;
     let mut renew = tokio::time::interval(Duration::from_millis(cluster.lease_s * 1000 / 3));
     loop {
@@ -256,13 +263,34 @@ async fn session(
                     return Ok(());
                 };
                 match command {
-                    Command::Report(record) => etcd.put_node(&record, lease).await?,
+                    Command::Report(record) => {
+                        // Off the loop: a slow write (etcd syncs each to disk) must not
+                        // hold up an epoch's publication or the watch. One at a time;
+                        // a record that finds the last one still going is dropped (the
+                        // next interval's replaces it).
+                        if reporting.as_ref().is_none_or(|r| r.0.is_finished()) {
+                            if let Some(mut done) = reporting.take() {
+                                (&mut done.0)
+                                    .await
+                                    .map_err(|e| ClusterError::Lost(e.to_string()))??;
+                            }
+                            let mut etcd = etcd.clone();
+                            reporting = Some(AbortOnDrop(tokio::spawn(async move {
+                                etcd.put_node(&record, lease).await
+                            })));
+                        }
+                    }
                     Command::Publish(epoch) => {
                         let Some(l) = &leadership else { continue };
                         let seen = state.borrow().epoch_seen;
+                        let started = Instant::now();
                         match etcd.publish(l, epoch, seen).await {
                             Ok(n) => {
-                                debug!(epoch = n, "published epoch {n}");
+                                debug!(
+                                    epoch = n,
+                                    ms = started.elapsed().as_secs_f64() * 1000.0,
+                                    "published epoch {n}"
+                                );
                                 state.send_modify(|s| s.published += 1);
                             }
                             Err(PublishError::Stale) => {

@@ -1,0 +1,380 @@
+//! `lb-bench-fleet`: a fleet of LBs behind an ECMP router, coordinated through a real
+//! etcd (`lb_tests::fleet`), against one LB under the same load in the same run.
+//!
+//! ```text
+//! LB_BIN=... lb-bench-fleet [--lbs 3] [--duration 60] [--outage 30] [--interval-ms 500]
+//!     [--lease-s 2] [--seed 1]
+//! ```
+//!
+//! 1. One LB alone (no `[cluster]`), scenario S2 under `ai` (four equal backends, one
+//!    4x slower from D/3 to 2D/3, 70 % load, one connection per request): its p99.
+//! 2. The fleet, same scenario, same seed: its p99; every 100 ms, each LB's cluster
+//!    status through its control socket (about a millisecond for all of them): the
+//!    digest of each table its datapath reads (from the map's own memory) and its
+//!    epochs. Hence the fraction of samples in which all LBs hold the same tables,
+//!    and per epoch the time from the leader's publication to the last LB applying
+//!    it (each LB's own clock; all on this host).
+//! 3. Under steady load: the leader killed with SIGKILL (time to the next epoch from
+//!    a new leader, failed connections); then etcd stopped for `--outage` seconds and
+//!    started again (failed connections while it was down and until the fleet
+//!    resumed).
+//!
+//! Prints the figures and writes `target/bench/fleet.json` (or `$LB_BENCH_JSON`).
+//! Needs root, and etcd (`cargo xtask setup` installs it).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lb_tests::fleet::{FleetSpec, FleetWorld, agreed, cluster_status, node_name, wait_for};
+use lb_tests::spread::{Agent, socket_of};
+use lb_tests::testbed::loadgen::{LoadGen, LoadReport, LoadSpec, Outcome};
+use lb_tests::testbed::scenario::{Change, Scenario};
+use lb_userspace::api::{ClusterStatus, Request};
+use lb_userspace::control;
+use serde_json::json;
+
+const USAGE: &str = "usage: lb-bench-fleet [--lbs N] [--duration SECONDS] [--outage SECONDS] \
+    [--interval-ms MS] [--lease-s SECONDS] [--seed N]";
+
+struct Args {
+    lbs: usize,
+    duration: f64,
+    outage: f64,
+    interval_ms: u64,
+    lease_s: u64,
+    seed: u64,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        lbs: 3,
+        duration: 60.0,
+        outage: 30.0,
+        interval_ms: 500,
+        lease_s: 2,
+        seed: 1,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(key) = it.next() {
+        if key == "--help" || key == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = it
+            .next()
+            .with_context(|| format!("{key} needs a value\n{USAGE}"))?;
+        let number = |v: &str| -> Result<f64> {
+            let x: f64 = v
+                .parse()
+                .with_context(|| format!("{key}: {v:?} is not a number"))?;
+            if !(x.is_finite() && x > 0.0) {
+                bail!("{key} must be positive");
+            }
+            Ok(x)
+        };
+        match key.as_str() {
+            "--lbs" => a.lbs = number(&value)? as usize,
+            "--duration" => a.duration = number(&value)?,
+            "--outage" => a.outage = number(&value)?,
+            "--interval-ms" => a.interval_ms = number(&value)? as u64,
+            "--lease-s" => a.lease_s = number(&value)? as u64,
+            "--seed" => a.seed = number(&value)? as u64,
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    if !(2..=9).contains(&a.lbs) {
+        bail!("--lbs must be 2 to 9");
+    }
+    Ok(a)
+}
+
+fn spec(args: &Args, scenario: &Scenario, lbs: usize, cluster: bool) -> FleetSpec {
+    FleetSpec {
+        lbs,
+        backends: scenario
+            .backends
+            .iter()
+            .map(|b| (b.slots, b.service_time))
+            .collect(),
+        policy: "ai",
+        interval_ms: args.interval_ms,
+        lease_s: args.lease_s,
+        tls: false,
+        cluster,
+    }
+}
+
+fn load_spec(world: &FleetWorld, scenario: &Scenario, seed: u64) -> LoadSpec {
+    LoadSpec {
+        rate: scenario.rate.clone(),
+        seed,
+        ..LoadSpec::new(world.vip(), 0.0, scenario.duration)
+    }
+}
+
+/// Applies the scenario's events as their time comes, until the load ends; calls
+/// `sample` every 100 ms meanwhile.
+fn drive(world: &FleetWorld, scenario: &Scenario, load: &LoadGen, mut sample: impl FnMut()) {
+    let mut next = 0;
+    while !load.is_finished() {
+        let t = load.origin().elapsed().as_secs_f64();
+        while let Some(e) = scenario.events.get(next).filter(|e| e.at <= t) {
+            match e.change {
+                Change::Slowdown(f) => world.backends[e.backend].set_slowdown(f),
+                Change::FailFast(on) => world.backends[e.backend].set_fail_fast(on),
+            }
+            next += 1;
+        }
+        let started = Instant::now();
+        sample();
+        std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
+    }
+}
+
+fn p99_ms(report: &LoadReport) -> f64 {
+    report.latency_quantile(0.99).unwrap_or(f64::NAN) * 1000.0
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Failed requests scheduled within [from, to) seconds of the load's origin.
+fn failed_between(report: &LoadReport, from: f64, to: f64) -> usize {
+    report
+        .records
+        .iter()
+        .filter(|r| (from..to).contains(&r.scheduled.as_secs_f64()))
+        .filter(|r| matches!(r.outcome, Outcome::Err(_)))
+        .count()
+}
+
+fn start_all(world: &FleetWorld) -> Result<Vec<Option<Agent>>> {
+    (0..world.spec.lbs)
+        .map(|i| world.start_lb(i).map(Some))
+        .collect()
+}
+
+fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
+    agents.iter().flatten().collect()
+}
+
+fn leader(agents: &[Option<Agent>]) -> Option<usize> {
+    let leading: Vec<usize> = agents
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| {
+            a.as_ref()
+                .is_some_and(|a| cluster_status(a).is_ok_and(|s| s["leading"] == true))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    (leading.len() == 1).then(|| leading[0])
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let scenario = Scenario::get("S2", Duration::from_secs_f64(args.duration)).expect("S2");
+    let started = Instant::now();
+
+    // 1. One LB alone.
+    eprintln!("fleet bench: one LB, S2, {} s", args.duration);
+    let single = {
+        let world = FleetWorld::build(spec(&args, &scenario, 1, false))?;
+        let agent = world.start_lb(0)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let load = LoadGen::start(&world.client, load_spec(&world, &scenario, args.seed))?;
+        drive(&world, &scenario, &load, || {});
+        let report = load.join()?;
+        agent.stop()?;
+        report
+    };
+    eprintln!("  {}", single.summary());
+
+    // 2. The fleet, same load.
+    eprintln!("fleet bench: {} LBs, S2, {} s", args.lbs, args.duration);
+    let mut world = FleetWorld::build(spec(&args, &scenario, args.lbs, true))?;
+    let mut agents = start_all(&world)?;
+    wait_for(
+        "the first epoch everywhere",
+        Duration::from_secs(30),
+        || agreed(&live(&agents), 1),
+    )?;
+    let load = LoadGen::start(&world.client, load_spec(&world, &scenario, args.seed))?;
+    // Epochs published before the load (the first ones, while LBs were still starting)
+    // are not counted in the lag.
+    let window_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let mut samples = 0usize;
+    let mut agreeing = 0usize;
+    // epoch → (written by the leader, ms; applied by each LB, ms)
+    let mut epochs: BTreeMap<u64, (u64, BTreeMap<usize, u64>)> = BTreeMap::new();
+    // Sampled through the control sockets from this process: a sample of every LB
+    // takes about a millisecond, so it is (nearly) one instant.
+    let sockets: Vec<_> = (0..args.lbs)
+        .map(|i| socket_of(&world.instance(i)))
+        .collect();
+    drive(&world, &scenario, &load, || {
+        let statuses: Vec<Option<ClusterStatus>> = sockets
+            .iter()
+            .map(|s| control::request(s, Request::ClusterStatus).ok())
+            .collect();
+        if statuses.iter().all(Option::is_some) {
+            samples += 1;
+            let first = statuses[0].as_ref().map(|s| &s.tables_here);
+            if statuses
+                .iter()
+                .all(|s| s.as_ref().map(|s| &s.tables_here) == first)
+            {
+                agreeing += 1;
+            }
+        }
+        for (i, s) in statuses.into_iter().enumerate() {
+            let Some(s) = s else { continue };
+            epochs.entry(s.epoch_newest).or_default().0 = s.epoch_newest_written_ms;
+            let applied = epochs.entry(s.epoch_applied).or_default();
+            applied.1.entry(i).or_insert(s.epoch_applied_ms);
+        }
+    });
+    let fleet = load.join()?;
+    eprintln!("  {}", fleet.summary());
+    let mut lags: Vec<f64> = epochs
+        .values()
+        .filter(|(written, applied)| *written >= window_ms && applied.len() == args.lbs)
+        .map(|(written, applied)| {
+            let last = applied.values().max().copied().unwrap_or(0);
+            last.saturating_sub(*written) as f64
+        })
+        .collect();
+    let epochs_measured = lags.len();
+    let lag_p50 = quantile(&mut lags, 0.5);
+    let lag_p99 = quantile(&mut lags, 0.99);
+
+    // 3. Failover and outage under steady load.
+    eprintln!(
+        "fleet bench: leader killed, then etcd down {} s",
+        args.outage
+    );
+    let rate = scenario.rate.as_ref()(0.0);
+    let steady = LoadGen::start(
+        &world.client,
+        LoadSpec {
+            seed: args.seed + 1,
+            ..LoadSpec::new(world.vip(), rate, Duration::from_secs(3600))
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    let lead = wait_for("one leader", Duration::from_secs(10), || {
+        Ok(leader(&agents))
+    })?;
+    let killed = node_name(lead);
+    let other = (lead + 1) % args.lbs;
+    let newest = |a: &Agent| -> Result<(u64, String)> {
+        let s = cluster_status(a)?;
+        Ok((
+            s["epoch_newest"].as_u64().unwrap_or(0),
+            s["epoch_leader"].as_str().unwrap_or_default().to_owned(),
+        ))
+    };
+    let (before, _) = newest(agents[other].as_ref().expect("alive"))?;
+    let kill_at = steady.origin().elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    agents[lead].take().expect("alive").kill(libc::SIGKILL)?;
+    let failover = loop {
+        let (n, by) = newest(agents[other].as_ref().expect("alive"))?;
+        if n > before && by != killed {
+            break t0.elapsed().as_secs_f64();
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("no new leader within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("  {killed} killed: next epoch from a new leader after {failover:.2} s");
+    agents[lead] = Some(world.start_lb(lead)?);
+    wait_for(
+        "the restarted LB catches up",
+        Duration::from_secs(30),
+        || agreed(&live(&agents), before + 1),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let outage_at = steady.origin().elapsed().as_secs_f64();
+    world.etcd.stop()?;
+    std::thread::sleep(Duration::from_secs_f64(args.outage));
+    world.etcd.restart()?;
+    let resumed = wait_for("the fleet resumes", Duration::from_secs(60), || {
+        agreed(&live(&agents), 1)
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let resumed_at = steady.origin().elapsed().as_secs_f64();
+    steady.stop();
+    let steady = steady.join()?;
+    let kill_failed = failed_between(&steady, kill_at, outage_at);
+    let outage_failed = failed_between(&steady, outage_at, resumed_at);
+    eprintln!(
+        "  failed connections: {kill_failed} around the kill, {outage_failed} through the outage \
+         (resumed at epoch {resumed}); {}",
+        steady.summary()
+    );
+    for a in agents.into_iter().flatten() {
+        a.stop()?;
+    }
+    drop(world);
+
+    let interval_s = args.interval_ms as f64 / 1000.0;
+    let agreement = if samples > 0 {
+        agreeing as f64 / samples as f64
+    } else {
+        f64::NAN
+    };
+    let (p99, p99_single) = (p99_ms(&fleet), p99_ms(&single));
+    let out = json!({
+        "lbs": args.lbs,
+        "scenario": "S2",
+        "policy": "ai",
+        "duration_s": args.duration,
+        "interval_ms": args.interval_ms,
+        "lease_s": args.lease_s,
+        "p99_ms": p99,
+        "p99_ms_single": p99_single,
+        "p99_ratio": p99 / p99_single,
+        "requests": fleet.total(),
+        "requests_single": single.total(),
+        "failed": fleet.failed(),
+        "failed_single": single.failed(),
+        "digest_agreement": agreement,
+        "digest_samples": samples,
+        "apply_lag_ms": {"p50": lag_p50, "p99": lag_p99, "epochs": epochs_measured},
+        "failover_s": failover,
+        "failover_limit_s": args.lease_s as f64 + interval_s,
+        "kill_failed_connections": kill_failed,
+        "outage_s": args.outage,
+        "outage_failed_connections": outage_failed,
+        "steady_requests": steady.total(),
+        "goals": {
+            "digest_agreement": agreement >= 0.99,
+            "apply_lag_p99": lag_p99 <= 200.0,
+            "failover": failover <= args.lease_s as f64 + interval_s,
+            "no_failed_connections": kill_failed == 0 && outage_failed == 0,
+            "p99_within_1_2x_single": p99 <= 1.2 * p99_single,
+        },
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    let path = std::env::var_os("LB_BENCH_JSON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "target/bench/fleet.json".into());
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
