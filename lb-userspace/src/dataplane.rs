@@ -777,12 +777,8 @@ impl Dataplane {
     /// the map syscall (not through the memory mapping it was written with), with
     /// the active copy taken from the kernel's own VIP entry.
     pub fn active_table(&self, key: &VipKey) -> Result<Option<Vec<u32>>, DataplaneError> {
-        let vips: HashMap<&MapData, VipKey, VipMeta> =
-            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
-        let meta = match vips.get(key, 0) {
-            Ok(meta) => meta,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(map_err(names::VIPS)(e)),
+        let Some(meta) = self.vip_entry(key)? else {
+            return Ok(None);
         };
         let rings: Array<&MapData, u32> =
             Array::try_from(self.map(names::RINGS)?).map_err(map_err(names::RINGS))?;
@@ -798,15 +794,22 @@ impl Dataplane {
     /// memory the datapath reads, in one copy instead of a syscall per slot. For the
     /// fleet's per-interval digest; `lb tables` keeps the syscall path.
     pub fn active_table_mapped(&self, key: &VipKey) -> Result<Option<Vec<u32>>, DataplaneError> {
-        let vips: HashMap<&MapData, VipKey, VipMeta> =
-            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
-        let meta = match vips.get(key, 0) {
-            Ok(meta) => meta,
-            Err(MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(map_err(names::VIPS)(e)),
+        let Some(meta) = self.vip_entry(key)? else {
+            return Ok(None);
         };
         let base = ring_base(meta.vip_id, meta.active);
         Ok(Some(self.rings.read(base, meta.ring_size as usize)))
+    }
+
+    /// The kernel's own entry of the VIP `key` (`None`: not in the map).
+    fn vip_entry(&self, key: &VipKey) -> Result<Option<VipMeta>, DataplaneError> {
+        let vips: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(names::VIPS)?).map_err(map_err(names::VIPS))?;
+        match vips.get(key, 0) {
+            Ok(meta) => Ok(Some(meta)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::VIPS)(e)),
+        }
     }
 
     fn vips_map(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipMeta>, DataplaneError> {

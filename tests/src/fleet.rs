@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use lb_userspace::api::Request;
 use serde_json::Value;
 
 use crate::{
@@ -29,7 +30,7 @@ use crate::{
     etcd::EtcdServer,
     netns::{Netns, unique_prefix},
     scratch::ScratchDir,
-    spread::{Agent, PORT},
+    spread::{Agent, PORT, socket_of},
     testbed::backend::{BackendSpec, EmulatedBackend, METRICS_PORT, PROBE_PORT},
     topology::{Topology, VIP_V4},
 };
@@ -302,10 +303,11 @@ pub fn set_route(topo: &Topology, lbs: &[Ipv4Addr]) -> Result<()> {
     Ok(())
 }
 
-/// `lb cluster status --json` of `agent`.
+/// `lb cluster status --json` of `agent`, asked through its control socket from
+/// this process (no `lb` process per call: tests poll it often).
 pub fn cluster_status(agent: &Agent) -> Result<Value> {
-    serde_json::from_str(&agent.ctl(&["cluster", "status", "--json"])?)
-        .context("cluster status is not JSON")
+    lb_userspace::control::request(&socket_of(agent.instance()), Request::ClusterStatus)
+        .context("cluster status")
 }
 
 /// Each VIP's digest of the table in the kernel of `agent` (`lb tables --json`).
@@ -320,29 +322,25 @@ pub fn kernel_digests(agent: &Agent) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-/// The epoch applied by `agent` and its kernel's table digests, read so that both
-/// belong to one epoch (the epoch read before and after the tables is the same);
-/// `None` while an epoch is being applied, when the newest seen there is not the
-/// one applied, or while its own probes keep a backend out ahead of the fleet.
-pub fn applied(agent: &Agent) -> Result<Option<(u64, Vec<String>)>> {
+/// The epoch applied by `agent` and the digests of the tables its datapath reads
+/// (`tables_here`, from the map's memory), both from one answer of its loop, so they
+/// belong together; `None` when the newest epoch seen there is not the one applied,
+/// or while its own probes keep a backend out ahead of the fleet.
+pub fn applied(agent: &Agent) -> Result<Option<(u64, Value)>> {
     let s = cluster_status(agent)?;
     let epoch = s["epoch_applied"].as_u64().unwrap_or(0);
     let down_here = s["down_here"].as_array().is_some_and(|d| !d.is_empty());
     if epoch != s["epoch_newest"].as_u64().unwrap_or(0) || down_here {
         return Ok(None);
     }
-    let digests = kernel_digests(agent)?;
-    let again = cluster_status(agent)?["epoch_applied"]
-        .as_u64()
-        .unwrap_or(0);
-    Ok((again == epoch).then_some((epoch, digests)))
+    Ok(Some((epoch, s["tables_here"].clone())))
 }
 
 /// Whether every agent has applied the same newest epoch (≥ `at_least`); returns it.
 /// Panics if agents that applied the same epoch hold different tables in their
 /// kernels: that is the one thing a fleet must never do.
 pub fn agreed(agents: &[&Agent], at_least: u64) -> Result<Option<u64>> {
-    let mut seen: Vec<(u64, Vec<String>)> = Vec::new();
+    let mut seen: Vec<(u64, Value)> = Vec::new();
     for a in agents {
         match applied(a)? {
             Some((epoch, digests)) if epoch >= at_least => seen.push((epoch, digests)),

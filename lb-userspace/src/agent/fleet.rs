@@ -383,8 +383,9 @@ impl Agent {
         Ok(out)
     }
 
-    /// Backends this LB's own probes fail, except where taking them out would leave
-    /// a VIP without weight (then the epoch's weights stay).
+    /// Backends this LB's own probes fail while the weights in force still give them
+    /// traffic, except where taking them out would leave a VIP without weight (then
+    /// the epoch's weights stay).
     pub(super) fn locally_down(&self) -> BTreeSet<(VipKey, IpAddr)> {
         let mut down = BTreeSet::new();
         for vip in &self.config.vips {
@@ -395,26 +396,28 @@ impl Agent {
                 .and_then(|f| f.in_force.get(&key))
                 .or_else(|| self.control.get(&key).map(|c| &c.state.weights));
             let ids = self.desired.vips.get(&key).map(|v| v.ids.as_slice());
+            let weight = |id: u32| weights.and_then(|w| w.get(&BackendId(id))).copied();
+            // Failing here while the weights in force still give it traffic (one the
+            // epoch already took out needs nothing more).
             let failing: Vec<IpAddr> = vip
                 .backends
                 .iter()
-                .filter(|b| {
+                .zip(ids.unwrap_or_default())
+                .filter(|(b, id)| {
                     self.signals
                         .readings
                         .get(&(key, b.address))
                         .is_some_and(|r| !r.healthy)
+                        && weight(**id).is_none_or(|w| w > 0)
                 })
-                .map(|b| b.address)
+                .map(|(b, _)| b.address)
                 .collect();
             let left = vip
                 .backends
                 .iter()
                 .zip(ids.unwrap_or_default())
                 .filter(|(b, id)| {
-                    !failing.contains(&b.address)
-                        && weights
-                            .and_then(|w| w.get(&BackendId(**id)))
-                            .is_none_or(|&w| w > 0)
+                    !failing.contains(&b.address) && weight(**id).is_none_or(|w| w > 0)
                 })
                 .count();
             if left > 0 {

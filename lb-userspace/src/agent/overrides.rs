@@ -288,23 +288,36 @@ impl Agent {
             Some(o) => overrides.insert(key, o),
             None => overrides.remove(&key),
         };
+        self.planned(action, key, &overrides)
+            .map(|(_, change)| change)
+    }
+
+    /// The plan of `overrides` (refused if a VIP would be left without weight) and
+    /// what it changes against what is in force.
+    fn planned(
+        &self,
+        action: String,
+        target: (VipKey, IpAddr),
+        overrides: &BTreeMap<(VipKey, IpAddr), Override>,
+    ) -> Result<(Desired, Change), RequestError> {
         let desired = plan(
             &self.config,
             Some(&self.desired),
-            Weights::Local(&overrides),
+            Weights::Local(overrides),
             &self.control,
             &Tables::new(),
         )?;
-        Ok(change::between(
+        let change = change::between(
             action,
             &self.side(),
             &Side {
                 config: &self.config,
                 desired: &desired,
-                overrides: &overrides,
+                overrides,
             },
-            Some(key),
-        ))
+            Some(target),
+        );
+        Ok((desired, change))
     }
 
     /// Applies a change of overrides completely, or not at all: the new plan is
@@ -318,24 +331,8 @@ impl Agent {
     ) -> Result<Change, RequestError> {
         let mut overrides = self.overrides.clone();
         change(&mut overrides);
-        let desired = plan(
-            &self.config,
-            Some(&self.desired),
-            Weights::Local(&overrides),
-            &self.control,
-            &Tables::new(),
-        )?;
+        let (desired, answer) = self.planned(action, target, &overrides)?;
         self.dataplane.apply(&desired)?;
-        let answer = change::between(
-            action,
-            &self.side(),
-            &Side {
-                config: &self.config,
-                desired: &desired,
-                overrides: &overrides,
-            },
-            Some(target),
-        );
         self.overrides = overrides;
         self.desired = desired;
         Ok(answer)
