@@ -44,6 +44,24 @@ fn weight_of(agent: &Agent, backend: &str) -> (f64, String) {
     )
 }
 
+/// What every agent says, for a failure's message: cluster status, backends and
+/// its log so far.
+fn dump(agents: &mut [Option<Agent>]) {
+    for (i, a) in agents.iter_mut().enumerate() {
+        let Some(a) = a else { continue };
+        eprintln!("--- lb-{i}");
+        eprintln!("{:?}", cluster_status(a).map(|s| s.to_string()));
+        eprintln!("{:?}", a.ctl(&["backend", "list"]));
+        eprintln!("{}", a.drain_log().join("\n"));
+    }
+}
+
+/// Fails the test with `e`, after what every agent says.
+fn fail(agents: &mut [Option<Agent>], e: anyhow::Error) -> ! {
+    dump(agents);
+    panic!("{e:#}")
+}
+
 /// Which of `agents` leads (exactly one must), by index.
 fn leader(agents: &[Option<Agent>]) -> Option<usize> {
     let leading: Vec<usize> = agents
@@ -82,11 +100,11 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         Duration::from_secs(20),
         || agreed(&live(&agents), 1),
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     let lead = wait_for("one leader", Duration::from_secs(10), || {
         Ok(leader(&agents))
     })
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     eprintln!(
         "fleet: epoch {first} applied by all; {} leads",
         node_name(lead)
@@ -118,7 +136,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
     let b0 = world.topo.backend(0).ipv4().to_string();
     let b1 = world.topo.backend(1).ipv4().to_string();
     let b2 = world.topo.backend(2).ipv4().to_string();
-    wait_for(
+    let fell = wait_for(
         "the degraded backend's weight falls everywhere",
         Duration::from_secs(40),
         || {
@@ -130,8 +148,10 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
                 .all(|a| weight_of(a, &b0).0 < weight_of(a, &b1).0);
             Ok(all_lower.then_some(epoch))
         },
-    )
-    .unwrap();
+    );
+    if let Err(e) = fell {
+        fail(&mut agents, e);
+    }
 
     // A drain given on one LB is fleet state: every LB applies it.
     let follower = (lead + 1) % 3;
@@ -153,21 +173,12 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         },
     );
     if let Err(e) = drained {
-        for a in live(&agents) {
-            eprintln!("{}", cluster_status(a).unwrap());
-            eprintln!("{}", a.ctl(&["backend", "list"]).unwrap());
-        }
-        for (i, a) in agents.iter_mut().enumerate() {
-            if let Some(a) = a {
-                eprintln!("--- lb-{i}\n{}", a.drain_log().join("\n"));
-            }
-        }
-        panic!("{e:#}");
+        fail(&mut agents, e);
     }
     wait_for("agreement after the drain", Duration::from_secs(30), || {
         agreed(&live(&agents), 1)
     })
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     agents[lead]
         .as_ref()
         .unwrap()
@@ -181,7 +192,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
             Ok(done.then_some(()))
         },
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
 
     // One LB cut off from etcd keeps its epoch and says so; the others go on; it
     // catches up when it reconnects.
@@ -222,7 +233,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
     wait_for("the cut LB catches up", Duration::from_secs(20), || {
         agreed(&live(&agents), moved_on)
     })
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
 
     // etcd stops: every LB keeps the last epoch (tables stay identical) and the fleet
     // resumes by itself when etcd returns.
@@ -231,7 +242,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         Duration::from_secs(20),
         || agreed(&live(&agents), 1),
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     world.etcd.stop().unwrap();
     wait_for(
         "every LB notices the outage",
@@ -243,7 +254,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
                 .then_some(()))
         },
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     let before = agreed(&live(&agents), 1)
         .unwrap()
         .expect("every LB kept the same epoch when etcd went");
@@ -277,11 +288,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         },
     );
     if let Err(e) = out {
-        for a in live(&agents) {
-            eprintln!("{}", cluster_status(a).unwrap());
-            eprintln!("{}", a.ctl(&["backend", "list"]).unwrap());
-        }
-        panic!("{e:#}");
+        fail(&mut agents, e);
     }
     let digests = kernel_digests(agents[0].as_ref().unwrap()).unwrap();
     for a in live(&agents) {
@@ -301,7 +308,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         Duration::from_secs(30),
         || agreed(&live(&agents), before + 1),
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     eprintln!("fleet: etcd outage ridden out, epoch {before} -> {after}");
     // The epoch took the dead backend out too: nothing is out here alone any more.
     for a in live(&agents) {
@@ -317,14 +324,14 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
             Ok(back.then_some(()))
         },
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
 
     // The leader is killed: another leads within about a lease and goes on from the
     // last epoch. The dead agent's datapath keeps forwarding (fail-static).
     let lead = wait_for("one leader", Duration::from_secs(10), || {
         Ok(leader(&agents))
     })
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     let killed = node_name(lead);
     let (epoch_before, _) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap());
     let t0 = Instant::now();
@@ -333,13 +340,13 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         let (n, by) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap());
         Ok((n > epoch_before && by != killed).then_some(by))
     })
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     let failover = t0.elapsed();
     eprintln!("fleet: {killed} killed, {new_leader} published after {failover:.2?}");
     wait_for("the two left agree", Duration::from_secs(10), || {
         agreed(&live(&agents), epoch_before + 1)
     })
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     // It comes back (adopting its pinned datapath) and applies the newest epoch.
     agents[lead] = Some(world.start_lb(lead).unwrap());
     wait_for(
@@ -347,13 +354,13 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         Duration::from_secs(20),
         || agreed(&live(&agents), epoch_before + 1),
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
 
     // A leader frozen past its lease is deposed; woken, it cannot publish.
     let lead = wait_for("one leader", Duration::from_secs(10), || {
         Ok(leader(&agents))
     })
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
     let frozen = node_name(lead);
     let other = agents[(lead + 1) % 3].as_ref().unwrap();
     let (epoch_before, _) = newest_epoch(other);
@@ -384,7 +391,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         Duration::from_secs(20),
         || agreed(&live(&agents), n),
     )
-    .unwrap();
+    .unwrap_or_else(|e| fail(&mut agents, e));
 
     // Not one connection failed through all of it.
     load.stop();
