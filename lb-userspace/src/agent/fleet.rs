@@ -72,15 +72,15 @@ pub(super) struct Fleet {
 }
 
 impl Fleet {
-    pub fn start(cluster: config::Cluster) -> Fleet {
+    pub fn start(cluster: config::Cluster) -> Result<Fleet, AgentError> {
         info!(
             "fleet {:?} as node {:?} through etcd at {}",
             cluster.name,
             cluster.node,
             cluster.endpoints.join(", ")
         );
-        Fleet {
-            session: session::start(cluster.clone()),
+        Ok(Fleet {
+            session: session::start(cluster.clone()).map_err(AgentError::Session)?,
             cluster,
             applied: 0,
             applied_at: None,
@@ -93,7 +93,7 @@ impl Fleet {
             others: BTreeSet::new(),
             apply_lag_ms: None,
             in_force: BTreeMap::new(),
-        }
+        })
     }
 
     /// How long a record stays part of the merge after it arrived: a record is

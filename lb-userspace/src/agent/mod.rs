@@ -82,6 +82,8 @@ pub enum AgentError {
     DatapathLog(#[source] std::io::Error),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("starting the etcd session's thread")]
+    Session(#[source] std::io::Error),
 }
 
 impl From<DataplaneError> for AgentError {
@@ -169,7 +171,11 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     );
     println!("lb: ready on {}", opts.iface);
     let signals = Signals::start(&config);
-    let fleet = config.cluster.clone().map(fleet::Fleet::start);
+    let fleet = config
+        .cluster
+        .clone()
+        .map(fleet::Fleet::start)
+        .transpose()?;
     let agent = Agent {
         opts,
         config,
@@ -416,6 +422,10 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
     };
     server.abort();
     let _ = stop_metrics.send(());
+    if let Some(fleet) = agent.fleet.take() {
+        // Give the lease back: another LB leads at once if this one led.
+        fleet.session.stop(std::time::Duration::from_secs(1));
+    }
     drop(socket);
     let stats = agent.dataplane.global_stats()?;
     info!("{why}: {}", summary(&stats));

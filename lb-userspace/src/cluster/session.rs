@@ -1,4 +1,4 @@
-//! The agent's link to etcd: one task that holds the lease, writes this LB's record,
+//! The agent's link to etcd: one task, on its own thread, that holds the lease, writes this LB's record,
 //! stands for election, publishes the leader's epochs and watches the fleet's keys.
 //! The agent talks to it through a [`Handle`]: commands in, the fleet's state out (a
 //! `watch` channel the agent's loop selects on). The task never blocks the agent:
@@ -109,25 +109,41 @@ impl FleetState {
 pub struct Handle {
     pub commands: mpsc::Sender<Command>,
     pub state: watch::Receiver<FleetState>,
-    task: tokio::task::JoinHandle<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Handle {
+    /// Ends the session: the lease is given back (so that, if this LB led, another
+    /// leads at once instead of after the lease), waiting at most `within`.
+    pub fn stop(self, within: Duration) {
+        let Handle {
+            commands, thread, ..
+        } = self;
+        drop(commands);
+        let deadline = Instant::now() + within;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
-/// Starts the session task for `cluster`, as node `cluster.node`.
-pub fn start(cluster: config::Cluster) -> Handle {
+/// Starts the session for `cluster`, as node `cluster.node`, on a thread of its own
+/// with its own runtime: however long the agent's loop is busy (a reload, a large
+/// table), the lease is renewed on time.
+pub fn start(cluster: config::Cluster) -> std::io::Result<Handle> {
     let (commands, rx) = mpsc::channel(64);
     let (state_tx, state) = watch::channel(FleetState::default());
-    let task = tokio::spawn(run(cluster, rx, state_tx));
-    Handle {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("lb-etcd".into())
+        .spawn(move || runtime.block_on(run(cluster, rx, state_tx)))?;
+    Ok(Handle {
         commands,
         state,
-        task,
-    }
+        thread,
+    })
 }
 
 /// Sessions, one after another, until the agent drops its handle.
