@@ -443,6 +443,25 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         "connections failed: {}",
         report.summary()
     );
+    // A leader stopped gracefully gives its lease back: another leads well before
+    // the lease (2 s) would have run out.
+    let lead = wait_for("one leader", Duration::from_secs(10), || {
+        Ok(leader(&agents))
+    })
+    .unwrap_or_else(|e| fail(&mut agents, e));
+    agents[lead].take().unwrap().stop().unwrap();
+    let t0 = Instant::now();
+    wait_for(
+        "a successor after a graceful stop",
+        Duration::from_millis(1500),
+        || Ok(leader(&agents)),
+    )
+    .unwrap_or_else(|e| fail(&mut agents, e));
+    eprintln!(
+        "fleet: {} stopped, a successor led after {:.2?}",
+        node_name(lead),
+        t0.elapsed()
+    );
     for a in agents.into_iter().flatten() {
         a.stop().unwrap();
     }
