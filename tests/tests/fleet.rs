@@ -56,6 +56,17 @@ fn dump(agents: &mut [Option<Agent>]) {
     }
 }
 
+/// Waits until every live agent gives `backend` some weight; fails saying `what`.
+fn wait_weighted(agents: &mut [Option<Agent>], backend: &str, what: &str, secs: u64) {
+    let done = wait_for(what, Duration::from_secs(secs), || {
+        let all = live(agents).iter().all(|a| weight_of(a, backend).0 > 0.0);
+        Ok(all.then_some(()))
+    });
+    if let Err(e) = done {
+        fail(agents, e);
+    }
+}
+
 /// Fails the test with `e`, after what every agent says.
 fn fail(agents: &mut [Option<Agent>], e: anyhow::Error) -> ! {
     dump(agents);
@@ -184,15 +195,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         .unwrap()
         .ctl(&["undrain", &b2])
         .unwrap();
-    wait_for(
-        "the undrain applied by every LB",
-        Duration::from_secs(10),
-        || {
-            let done = live(&agents).iter().all(|a| weight_of(a, &b2).0 > 0.0);
-            Ok(done.then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| fail(&mut agents, e));
+    wait_weighted(&mut agents, &b2, "the undrain applied by every LB", 10);
 
     // One LB cut off from etcd keeps its epoch and says so; the others go on; it
     // catches up when it reconnects.
@@ -353,15 +356,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
     }
     world.backends[2].controls().set_fail_probes(false);
     world.backends[2].set_fail_fast(false);
-    wait_for(
-        "the backend comes back everywhere",
-        Duration::from_secs(20),
-        || {
-            let back = live(&agents).iter().all(|a| weight_of(a, &b2).0 > 0.0);
-            Ok(back.then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| fail(&mut agents, e));
+    wait_weighted(&mut agents, &b2, "the backend comes back everywhere", 20);
 
     // The leader is killed: another leads within about a lease and goes on from the
     // last epoch. The dead agent's datapath keeps forwarding (fail-static).

@@ -48,7 +48,6 @@ pub(super) struct Fleet {
     /// The newest epoch applied here (0: none yet) and when: its tables are the
     /// ones the datapath reads.
     pub applied: u64,
-    pub applied_at: Option<Instant>,
     /// When, by the wall clock (milliseconds since the Unix epoch).
     pub applied_ms: u64,
     /// An epoch whose table switch waits for its copy's grace (milliseconds; the
@@ -69,6 +68,9 @@ pub(super) struct Fleet {
     /// The applied epoch's weights, by VIP and backend (policy units); empty before
     /// the first epoch.
     pub in_force: BTreeMap<VipKey, BTreeMap<BackendId, u32>>,
+    /// The tables of the last step's draft: when an epoch with the same weights
+    /// arrives (the leader's own, always), its tables are not built again.
+    pub drafted: Tables,
 }
 
 impl Fleet {
@@ -83,7 +85,6 @@ impl Fleet {
             session: session::start(cluster.clone()).map_err(AgentError::Session)?,
             cluster,
             applied: 0,
-            applied_at: None,
             applied_ms: 0,
             switching: None,
             not_applied: None,
@@ -93,6 +94,7 @@ impl Fleet {
             others: BTreeSet::new(),
             apply_lag_ms: None,
             in_force: BTreeMap::new(),
+            drafted: Tables::new(),
         })
     }
 
@@ -197,13 +199,14 @@ impl Agent {
             },
         );
         // The step's weights are a draft; the weights in force stay the epoch's.
-        let draft = self.draft(&tables);
+        let (draft, drafted) = self.draft(&tables);
         for (key, weights) in before {
             if let Some(c) = self.control.get_mut(&key) {
                 c.state.weights = weights;
             }
         }
         let fleet = self.fleet.as_mut().expect("checked above");
+        fleet.drafted = drafted;
         if others != fleet.others {
             if !others.is_empty() {
                 warn!(
@@ -252,9 +255,11 @@ impl Agent {
             .collect()
     }
 
-    /// The control step's weights as an epoch's VIPs, with their tables' digests.
-    fn draft(&self, tables: &Tables) -> Vec<VipDecision> {
+    /// The control step's weights as an epoch's VIPs, with their tables' digests,
+    /// and those tables.
+    fn draft(&self, tables: &Tables) -> (Vec<VipDecision>, Tables) {
         let mut out = Vec::new();
+        let mut drafted = Tables::new();
         for vip in &self.config.vips {
             let key = vip_key(vip);
             let (Some(c), Some(in_force)) = (self.control.get(&key), self.desired.vips.get(&key))
@@ -286,9 +291,11 @@ impl Agent {
                     Table::build(&keys, &weights, vip.table_size).ok()
                 });
             let Some(table) = table else { continue };
+            let digest = table_digest(table.slots.iter());
+            drafted.insert(key, table);
             out.push(VipDecision {
                 vip: vip.to_string(),
-                digest: table_digest(table.slots.iter()),
+                digest,
                 backends: vip
                     .backends
                     .iter()
@@ -305,7 +312,7 @@ impl Agent {
                     .collect(),
             });
         }
-        out
+        (out, drafted)
     }
 
     /// This LB's record: what it saw of each backend, and the digest of each table
@@ -443,7 +450,7 @@ impl Agent {
                 in_force: &fleet.in_force,
             },
             &self.control,
-            &Tables::new(),
+            &fleet.drafted,
         )?;
         if desired != self.desired {
             self.dataplane.apply(&desired)?;
@@ -566,7 +573,6 @@ impl Agent {
         }
         if let Some((n, arrived)) = fleet.switching.take() {
             fleet.applied = n;
-            fleet.applied_at = Some(Instant::now());
             fleet.applied_ms = now_ms();
             fleet.apply_lag_ms = Some(arrived.elapsed().as_secs_f64() * 1000.0);
         }
@@ -657,13 +663,7 @@ impl Agent {
             Ok(change) => change,
             Err(e) => return Ok(ready(Response::error(api::error_text(&e)))),
         };
-        let vip = self
-            .config
-            .vips
-            .iter()
-            .find(|v| vip_key(v) == key.0)
-            .map(|v| v.to_string())
-            .unwrap_or_default();
+        let vip = self.vip_names().remove(&key.0).unwrap_or_default();
         let record = hold.map(|o| HoldRecord {
             vip: vip.clone(),
             backend: key.1,

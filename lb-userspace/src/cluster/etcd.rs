@@ -209,21 +209,17 @@ impl Etcd {
     }
 
     /// Classifies one key-value of this fleet, checking it.
-    pub fn record(&self, key: &[u8], kv: &etcd_client::KeyValue) -> Result<Record, BadRecord> {
-        let key = String::from_utf8_lossy(key);
+    pub fn record(&self, kv: &etcd_client::KeyValue) -> Result<Record, BadRecord> {
+        let key = String::from_utf8_lossy(kv.key());
         let value = kv.value();
         if let Some(node) = key.strip_prefix(&self.keys.nodes()) {
             return NodeRecord::parse(&key, node, value).map(Record::Node);
         }
         if key == self.keys.epoch() {
-            let seen = EpochSeen {
-                epoch: 0,
-                mod_revision: kv.mod_revision(),
-            };
             return EpochRecord::parse(&key, value).map(|e| {
                 let seen = EpochSeen {
                     epoch: e.epoch,
-                    ..seen
+                    mod_revision: kv.mod_revision(),
                 };
                 Record::Epoch(e, seen)
             });
@@ -255,7 +251,7 @@ impl Etcd {
             ..Snapshot::default()
         };
         for kv in response.kvs() {
-            match self.record(kv.key(), kv) {
+            match self.record(kv) {
                 Ok(Record::Node(n)) => out.nodes.push(n),
                 Ok(Record::Epoch(e, seen)) => out.epoch = Some((e, seen)),
                 Ok(Record::Hold(h)) => {

@@ -357,7 +357,7 @@ async fn session(
                             }
                             continue;
                         }
-                        match etcd.record(kv.key(), kv) {
+                        match etcd.record(kv) {
                             Ok(Record::Node(n)) => {
                                 s.nodes.insert(n.node.clone(), (n, Instant::now()));
                             }
