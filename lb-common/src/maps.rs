@@ -37,6 +37,16 @@ pub const fn ring_base(vip_id: u32, copy: u32) -> u32 {
 /// never pinned: every agent reads the one of the program it loaded.
 pub const LOG_TARGET: &str = "lb::datapath";
 
+/// Bytes of the `SHARED_FLOWS` ring buffer (a power of two): 2 MiB hold 32,768
+/// records of 64 bytes (a [`crate::types::SharedFlow`] and the ring's 8-byte
+/// header), 1.6 s of new flows at 20,000 per second for an agent that stalls.
+pub const SHARED_FLOWS_BYTES: u32 = 1 << 21;
+
+/// The one-byte global in the program's read-only data that turns flow sharing on
+/// (non-zero). The agent sets it when it loads the program; the verifier, which sees
+/// it as a constant, removes the reporting code when it is zero.
+pub const SHARE_FLOWS_GLOBAL: &str = "SHARE_FLOWS";
+
 /// Map names, as declared in `lb-ebpf/src/maps.rs`.
 pub mod names {
     pub const VIPS: &str = "VIPS";
@@ -50,7 +60,13 @@ pub mod names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SETTINGS: &str = "SETTINGS";
-    /// Every map, for pinning.
+    /// The new connection entries the datapath reports for flow sharing (a ring
+    /// buffer). Never pinned: each agent reads the ring of the program it loaded.
+    pub const SHARED_FLOWS: &str = "SHARED_FLOWS";
+    /// Flow sharing's counters. Not pinned either: they start at zero with each
+    /// loaded program.
+    pub const SHARE_STATS: &str = "SHARE_STATS";
+    /// Every map that is pinned (all but [`SHARED_FLOWS`] and [`SHARE_STATS`]).
     pub const ALL: [&str; 11] = [
         VIPS,
         VIP_FILTER,

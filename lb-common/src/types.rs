@@ -300,6 +300,44 @@ impl ConnEntry {
     }
 }
 
+/// A connection-table entry the datapath just wrote, as it reports it to the agent
+/// through the `SHARED_FLOWS` ring buffer when flow sharing is on (a fleet with
+/// `[cluster] share_listen`): the agent sends it to the other LBs of the fleet, which
+/// insert it into their own tables, so that the flow keeps its backend when ECMP
+/// moves it to them. 56 bytes; IPv4 keys use word 0 of each address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SharedFlow {
+    /// The flow, in the `CONNS_V6` layout whatever its family.
+    pub key: ConnKeyV6,
+    /// The backend the datapath gave it.
+    pub backend_id: u32,
+    /// Its VIP (never with [`CONN_CLOSING`]).
+    pub vip_id: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// `SHARED_F_*` bits.
+    pub flags: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 6],
+}
+
+/// [`SharedFlow::flags`]: the datapath did not see the flow begin (a TCP packet
+/// without SYN that missed the table): its backend is the table's guess, which a
+/// peer must not let replace an entry it holds.
+pub const SHARED_F_GUESSED: u8 = 1 << 0;
+
+/// Counters of flow sharing, per CPU, in the `SHARE_STATS` array (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShareStats {
+    /// Entries put into `SHARED_FLOWS`.
+    pub reported: u64,
+    /// Entries not reported because the ring was full (the agent did not keep up):
+    /// these flows are not shared, and may break if their LB leaves.
+    pub ring_full: u64,
+}
+
 /// Datapath-wide settings, the one entry of the `SETTINGS` array. Written by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -397,6 +435,8 @@ mod pod {
     unsafe impl aya::Pod for super::VipStats {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::SharedFlow {}
+    unsafe impl aya::Pod for super::ShareStats {}
 }
 
 #[cfg(test)]
@@ -418,6 +458,8 @@ mod tests {
         assert_eq!(size_of::<ConnEntry>(), 8);
         assert_eq!(size_of::<GlobalStats>(), 19 * 8);
         assert_eq!(size_of::<Settings>(), 20);
+        assert_eq!(size_of::<SharedFlow>(), 40 + 4 + 4 + 1 + 1 + 6);
+        assert_eq!(size_of::<ShareStats>(), 16);
     }
 
     #[test]

@@ -14,14 +14,14 @@
 
 use lb_common::{
     maps::programs::REFERENCE_KEY,
-    types::{CONN_CLOSING, ConnEntry, FAMILY_V4},
+    types::{CONN_CLOSING, ConnEntry, FAMILY_V4, PROTO_TCP},
 };
 
 use crate::{
     events, keys,
     maps::{CONNS_V4, CONNS_V6},
     parse::Packet,
-    stats,
+    share, stats,
 };
 
 /// The entry of the packet's flow, if the flow is known. Counting is the caller's:
@@ -62,18 +62,28 @@ pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Globa
     // A flow first seen by its FIN or RST (its entry lost) is closing already.
     let closing = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
     let entry = keys::Entry::new(backend_id, vip_id | closing);
+    // A TCP flow first seen without its SYN got the table's guess (see `share`).
+    let guessed = pkt.proto == PROTO_TCP && !pkt.tcp_syn;
     let failed = if pkt.family == FAMILY_V4 {
         let key = keys::ConnV4::new(pkt);
-        CONNS_V4
+        let result = CONNS_V4
             .insert(key.key(), entry.value(), 0)
-            .inspect_err(|&error| events::insert_failed_v4(key.key(), vip_id, error))
-            .is_err()
+            .inspect_err(|&error| events::insert_failed_v4(key.key(), vip_id, error));
+        if result.is_ok() && share::enabled() {
+            // SAFETY: the key lives on this stack frame for the whole call.
+            unsafe { share::report_v4(key.key(), backend_id, vip_id, guessed) }
+        }
+        result.is_err()
     } else {
         let key = keys::ConnV6::new(pkt);
-        CONNS_V6
+        let result = CONNS_V6
             .insert(key.key(), entry.value(), 0)
-            .inspect_err(|&error| events::insert_failed_v6(key.key(), vip_id, error))
-            .is_err()
+            .inspect_err(|&error| events::insert_failed_v6(key.key(), vip_id, error));
+        if result.is_ok() && share::enabled() {
+            // SAFETY: the key lives on this stack frame for the whole call.
+            unsafe { share::report_v6(key.key(), backend_id, vip_id, guessed) }
+        }
+        result.is_err()
     };
     if failed {
         stats::bump(counters, |s| &mut s.conn_insert_failed);

@@ -16,6 +16,7 @@ mod keys;
 mod maps;
 mod parse;
 mod ptr;
+mod share;
 mod stats;
 mod table;
 mod vip;

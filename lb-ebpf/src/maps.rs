@@ -4,16 +4,16 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     maps::{
         CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS,
-        RING_COPIES, VIP_FILTER_SLOTS,
+        RING_COPIES, SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS,
     },
     types::{
-        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, Settings, VipIdEntry,
-        VipKey, VipMeta, VipStats,
+        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, Settings, ShareStats,
+        VipIdEntry, VipKey, VipMeta, VipStats,
     },
 };
 
@@ -76,3 +76,13 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 /// the agent.
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// New connection entries for flow sharing (`lb_common::types::SharedFlow`), written
+/// by the datapath when sharing is on, read by the agent. A full ring refuses the
+/// record at once (counted in `SHARE_STATS`): the datapath never waits on the agent.
+#[map(name = "SHARED_FLOWS")]
+pub static SHARED_FLOWS: RingBuf = RingBuf::with_byte_size(SHARED_FLOWS_BYTES, 0);
+
+/// Flow sharing's counters (index 0), per CPU. Written by the datapath.
+#[map(name = "SHARE_STATS")]
+pub static SHARE_STATS: PerCpuArray<ShareStats> = PerCpuArray::with_max_entries(1, 0);

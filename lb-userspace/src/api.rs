@@ -198,6 +198,13 @@ pub enum Answer {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     pub enabled: bool,
+    /// Whether this LB holds the fleet's current state and may take traffic (as
+    /// `/ready` says); latched once true.
+    pub ready: bool,
+    /// What it still waits for, while not ready.
+    pub waiting_for: Vec<String>,
+    /// Flow sharing (`[cluster] share_listen`), when on.
+    pub share: Option<crate::share::ShareState>,
     /// The fleet's name (the etcd key prefix `/lb/<name>/`).
     pub cluster: String,
     /// This LB's name in the fleet.
@@ -243,6 +250,22 @@ pub struct ClusterStatus {
     pub refused_records: Vec<String>,
     /// Every LB with a record in etcd (their leases alive), this one included.
     pub nodes: Vec<ClusterNode>,
+}
+
+/// Whether an LB may take traffic (`/ready`), and if not, what it waits for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub waiting_for: Vec<String>,
+}
+
+impl Readiness {
+    pub fn ready() -> Readiness {
+        Readiness {
+            ready: true,
+            waiting_for: Vec::new(),
+        }
+    }
 }
 
 /// One LB of the fleet, from its last record.

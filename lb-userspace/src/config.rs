@@ -157,6 +157,10 @@ pub struct Cluster {
     pub lease_s: u64,
     /// TLS towards etcd; `None`: plain `http://` endpoints.
     pub tls: Option<ClusterTls>,
+    /// Flow sharing: this LB's own address and port, where the other LBs send it
+    /// their flows (told to them through etcd). `None`: no sharing, and a flow whose
+    /// LB leaves keeps its backend only if the table did not move since it began.
+    pub share_listen: Option<std::net::SocketAddr>,
 }
 
 /// `[cluster.tls]`: the CA that signed etcd's certificate, and this LB's client
@@ -176,6 +180,7 @@ struct RawCluster {
     node: Option<String>,
     lease_s: Option<u64>,
     tls: Option<RawClusterTls>,
+    share_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -304,13 +309,38 @@ fn check_cluster(raw: Option<RawCluster>) -> Result<Option<Cluster>, ConfigError
             })
         }
     };
+    let share_listen = raw
+        .share_listen
+        .map(|text| check_share_listen(&text))
+        .transpose()?;
     Ok(Some(Cluster {
         endpoints: raw.endpoints,
         name: raw.name,
         node,
         lease_s,
         tls,
+        share_listen,
     }))
+}
+
+/// `cluster.share_listen`: an address the other LBs can reach, with a port.
+fn check_share_listen(text: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    const FIELD: &str = "cluster.share_listen";
+    let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+        invalid(
+            FIELD,
+            format!(
+                "{text:?} is not an address and port like \"198.18.0.2:7947\" or \"[fd00::2]:7947\""
+            ),
+        )
+    })?;
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.port() == 0 {
+        return Err(invalid(
+            FIELD,
+            format!("{text:?}: give this LB's own address and a port: the other LBs connect to it"),
+        ));
+    }
+    Ok(addr)
 }
 
 /// The `[control]` section: the control loop's tuning (see `policy::Params`).
@@ -998,6 +1028,14 @@ weight = 1
             ("edge", "lb-a", 3)
         );
         assert!(c.tls.is_none());
+        assert_eq!(c.share_listen, None);
+        let c = Config::parse(&with(
+            "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nshare_listen = \"[fd00::2]:7947\"",
+        ))
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(c.share_listen, Some("[fd00::2]:7947".parse().unwrap()));
         // Without a node name, the host name.
         let c = Config::parse(&with(
             "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"edge\"\n",
@@ -1036,6 +1074,14 @@ weight = 1
             (
                 "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nlease_s = 1",
                 "cluster.lease_s",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nshare_listen = \"198.18.0.2\"",
+                "cluster.share_listen",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nshare_listen = \"0.0.0.0:7947\"",
+                "cluster.share_listen",
             ),
             (
                 "endpoints = [\"https://198.18.0.9:2379\"]\nname = \"e\"\n[cluster.tls]\nca = \"/ca\"\ncert = \"/c\"",

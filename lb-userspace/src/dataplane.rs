@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -24,10 +24,13 @@ use aya::{
 use aya_log::EbpfLogger;
 use lb_common::{
     hash::vip_filter_slot,
-    maps::{MAX_RING_SIZE, MAX_VIPS, RING_COPIES, VIP_FILTER_SLOTS, names, programs, ring_base},
+    maps::{
+        MAX_RING_SIZE, MAX_VIPS, RING_COPIES, SHARE_FLOWS_GLOBAL, VIP_FILTER_SLOTS, names,
+        programs, ring_base,
+    },
     types::{
         BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, Settings,
-        VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
+        ShareStats, VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
     },
 };
 use log::LevelFilter;
@@ -217,6 +220,16 @@ struct ShadowVip {
     switched_at: Instant,
 }
 
+/// Flow sharing's own handles on the datapath ([`Dataplane::take_shared_flows`]).
+pub struct SharedFlowMaps {
+    /// New connection entries, as `lb_common::types::SharedFlow` records.
+    pub ring: RingBuf<MapData>,
+    pub v4: HashMap<MapData, ConnKeyV4, ConnEntry>,
+    pub v6: HashMap<MapData, ConnKeyV6, ConnEntry>,
+    /// Sharing's counters, per CPU (index 0).
+    pub stats: PerCpuArray<MapData, ShareStats>,
+}
+
 /// A shared mapping of the `RINGS` array. The kernel stores array elements at an
 /// 8-byte stride whatever their size, so each `u32` slot is one `u64` here (the
 /// value in its low half on this little-endian layout, the high half zero).
@@ -318,13 +331,19 @@ impl Dataplane {
     /// Loads the object and verifies the balancer program, without attaching it, its
     /// log off. Nothing is pinned: the program and maps go away with this value.
     pub fn load() -> Result<Dataplane, DataplaneError> {
-        Dataplane::load_with(None, LevelFilter::Off)
+        Dataplane::load_with(None, LevelFilter::Off, false)
     }
 
     /// As [`Dataplane::load`], with the datapath's records at `log` and above made
     /// (see [`Dataplane::take_log`]).
     pub fn load_logging(log: LevelFilter) -> Result<Dataplane, DataplaneError> {
-        Dataplane::load_with(None, log)
+        Dataplane::load_with(None, log, false)
+    }
+
+    /// As [`Dataplane::load`], with flow sharing on: the program reports every
+    /// connection entry it writes (for tests of sharing).
+    pub fn load_sharing() -> Result<Dataplane, DataplaneError> {
+        Dataplane::load_with(None, LevelFilter::Off, true)
     }
 
     /// Loads with every map pinned under `dir` (created if missing): maps already
@@ -334,12 +353,23 @@ impl Dataplane {
     /// (see [`Dataplane::take_log`]). Returns whether an earlier agent's state was
     /// found.
     pub fn load_pinned(dir: &Path, log: LevelFilter) -> Result<(Dataplane, bool), DataplaneError> {
+        Dataplane::load_pinned_sharing(dir, log, false)
+    }
+
+    /// As [`Dataplane::load_pinned`]; with `share_flows`, the program reports every
+    /// connection entry it writes (see [`Dataplane::take_shared_flows`]), else the
+    /// verifier removes that code.
+    pub fn load_pinned_sharing(
+        dir: &Path,
+        log: LevelFilter,
+        share_flows: bool,
+    ) -> Result<(Dataplane, bool), DataplaneError> {
         std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
             path: dir.to_owned(),
             source,
         })?;
         let adopted = is_pinned(dir);
-        let mut dataplane = Dataplane::load_with(Some(dir.to_owned()), log)?;
+        let mut dataplane = Dataplane::load_with(Some(dir.to_owned()), log, share_flows)?;
         // The old program keeps its own references until the new one replaces it.
         remove_legacy_pins(dir)?;
         if adopted {
@@ -348,7 +378,11 @@ impl Dataplane {
         Ok((dataplane, adopted))
     }
 
-    fn load_with(pins: Option<PathBuf>, log: LevelFilter) -> Result<Dataplane, DataplaneError> {
+    fn load_with(
+        pins: Option<PathBuf>,
+        log: LevelFilter,
+        share_flows: bool,
+    ) -> Result<Dataplane, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NotBuilt);
         }
@@ -359,6 +393,9 @@ impl Dataplane {
         // verifier removes the code of every record below `level` (see
         // `lb-ebpf/src/events.rs`): with the log off, none is left.
         loader.override_global(aya_log::LEVEL, &level, true);
+        // The same for flow sharing: off, the reporting code is removed.
+        let share_flows = u8::from(share_flows);
+        loader.override_global(SHARE_FLOWS_GLOBAL, &share_flows, true);
         if let Some(dir) = &pins {
             for name in names::ALL {
                 loader.map_pin_path(name, dir.join(name));
@@ -901,6 +938,55 @@ impl Dataplane {
     /// test. Only one reader can take them.
     pub fn take_log<T: log::Log>(&mut self, logger: T) -> Result<EbpfLogger<T>, DataplaneError> {
         EbpfLogger::init_with_logger(&mut self.ebpf, logger).map_err(DataplaneError::Log)
+    }
+
+    /// What flow sharing needs of the datapath, for a thread of its own: the ring of
+    /// new entries (taken: only one reader), and handles of its own on the
+    /// connection tables and sharing's counters. Loaded without sharing, the ring
+    /// stays empty.
+    pub fn take_shared_flows(&mut self) -> Result<SharedFlowMaps, DataplaneError> {
+        let ring = self
+            .ebpf
+            .take_map(names::SHARED_FLOWS)
+            .ok_or(DataplaneError::MissingMap(names::SHARED_FLOWS))?;
+        let ring = RingBuf::try_from(ring).map_err(map_err(names::SHARED_FLOWS))?;
+        let v4 = HashMap::try_from(self.own_handle(names::CONNS_V4)?)
+            .map_err(map_err(names::CONNS_V4))?;
+        let v6 = HashMap::try_from(self.own_handle(names::CONNS_V6)?)
+            .map_err(map_err(names::CONNS_V6))?;
+        let stats = PerCpuArray::try_from(self.own_handle(names::SHARE_STATS)?)
+            .map_err(map_err(names::SHARE_STATS))?;
+        Ok(SharedFlowMaps {
+            ring,
+            v4,
+            v6,
+            stats,
+        })
+    }
+
+    /// A second handle on map `name` (its descriptor duplicated), owned by the caller.
+    fn own_handle(&self, name: &'static str) -> Result<Map, DataplaneError> {
+        let map = self.map(name)?;
+        let data = match map {
+            Map::LruHashMap(d) | Map::PerCpuArray(d) => d,
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| DataplaneError::Map {
+                map: name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                }),
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_err(name))?;
+        Ok(match map {
+            Map::LruHashMap(_) => Map::LruHashMap(data),
+            _ => Map::PerCpuArray(data),
+        })
     }
 
     /// The balancer program, for `BPF_PROG_TEST_RUN`.

@@ -29,4 +29,5 @@ pub mod dataplane;
 pub mod desired;
 pub mod logging;
 pub mod metrics;
+pub mod share;
 pub mod signals;

@@ -12,13 +12,14 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
     hash::{flow_hash, source_hash, vip_filter_slot},
-    types::{BACKEND_F_DRAINED, FlowKey, VipKey, addr_words},
+    types::{BACKEND_F_DRAINED, FlowKey, SharedFlow, VipKey, addr_words},
 };
 use lb_tests::packet::*;
 use lb_userspace::{
     config::Config,
     dataplane::Dataplane,
     desired::{Desired, Tables, addr_bytes},
+    share::ids::{Entry, FlowIds},
 };
 use log::LevelFilter;
 
@@ -1510,4 +1511,90 @@ fn a_table_switch_within_the_copy_grace_is_deferred_not_waited_for() {
         Some(second.vips[&key].table.as_slice())
     );
     assert!(!world.dataplane.current().backends.contains_key(&removed));
+}
+
+/// The flows the datapath reported for sharing since the last call.
+fn reported(maps: &mut lb_userspace::dataplane::SharedFlowMaps) -> Vec<SharedFlow> {
+    let mut records = Vec::new();
+    while let Some(item) = maps.ring.next() {
+        assert_eq!(item.len(), std::mem::size_of::<SharedFlow>());
+        // SAFETY: the length was checked; a `SharedFlow` is plain data.
+        records.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SharedFlow>()) });
+    }
+    records
+}
+
+/// Flow sharing through the kernel: with sharing on, each connection entry the
+/// program writes is reported once (a SYN's as seen to begin, a non-SYN miss's as
+/// guessed), established packets report nothing, and a program loaded without
+/// sharing reports nothing. A peer whose own table names another backend for a flow
+/// sends that flow where the first LB did once the reported entry is written into
+/// its table, as the sharing thread does.
+#[test]
+fn new_entries_are_reported_for_sharing_and_a_peer_keeps_them() {
+    let config = Config::parse(CONFIG).unwrap();
+    let desired = Desired::from_config(&config).unwrap();
+    let mut dataplane = Dataplane::load_sharing().expect("loading with sharing on");
+    dataplane.apply_and_wait(&desired).unwrap();
+    let mut world = World {
+        dataplane,
+        desired,
+        config,
+    };
+    let mut maps = world.dataplane.take_shared_flows().unwrap();
+    let ids = FlowIds::of(&world.desired);
+
+    let begun = Flow::tcp("198.18.0.1", "198.18.1.1", 41000, 80);
+    let guessed = Flow::tcp("198.18.0.1", "198.18.1.1", 41001, 80);
+    assert_eq!(world.run(&begun.frame(TCP_SYN, b"")).0, XDP_TX);
+    assert_eq!(world.run(&begun.frame(TCP_ACK, b"x")).0, XDP_TX);
+    assert_eq!(world.run(&guessed.frame(TCP_ACK, b"x")).0, XDP_TX);
+    let flows: Vec<_> = reported(&mut maps)
+        .iter()
+        .map(|r| ids.flow(r).expect("ids of the desired state"))
+        .collect();
+    assert_eq!(flows.len(), 2, "{flows:?}");
+    assert_eq!(
+        (flows[0].client_port, flows[0].guessed, flows[0].backend),
+        (41000, false, world.table_backend(&begun).1)
+    );
+    assert_eq!(
+        (flows[1].client_port, flows[1].guessed, flows[1].backend),
+        (41001, true, world.table_backend(&guessed).1)
+    );
+
+    // The peer: its first backend weighs more, so some flows map elsewhere there.
+    let peer_config = Config::parse(&CONFIG.replacen("weight = 1", "weight = 5", 1)).unwrap();
+    let peer_desired = Desired::from_config(&peer_config).unwrap();
+    let mut peer = World::new();
+    peer.dataplane.apply_and_wait(&peer_desired).unwrap();
+    peer.desired = peer_desired;
+    let moved = (42000..43000)
+        .map(|port| Flow::tcp("198.18.0.1", "198.18.1.1", port, 80))
+        .find(|f| world.table_backend(f) != peer.table_backend(f))
+        .expect("a flow the two tables send to different backends");
+    assert_eq!(world.run(&moved.frame(TCP_SYN, b"")).0, XDP_TX);
+    let records = reported(&mut maps);
+    assert_eq!(records.len(), 1);
+    let flow = ids.flow(&records[0]).unwrap();
+    let mut peer_maps = peer.dataplane.take_shared_flows().unwrap();
+    match FlowIds::of(&peer.desired).entry(&flow).unwrap() {
+        Entry::V4(key, entry) => peer_maps.v4.insert(key, entry, 0).unwrap(),
+        Entry::V6(..) => unreachable!("an IPv4 flow"),
+    }
+    let (verdict, out) = peer.run(&moved.frame(TCP_ACK, b"x"));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(
+        out[..6],
+        world.table_backend(&moved).0,
+        "the first LB's backend"
+    );
+    assert_ne!(out[..6], peer.table_backend(&moved).0);
+    // Loaded without sharing, the peer reported none of its own new flows.
+    assert_eq!(
+        peer.run(&Flow::tcp("198.18.0.1", "198.18.1.1", 41999, 80).frame(TCP_SYN, b""))
+            .0,
+        XDP_TX
+    );
+    assert!(reported(&mut peer_maps).is_empty());
 }

@@ -12,7 +12,10 @@
 //!    `prometheus-node-exporter` (the collector tests scrape a real one),
 //!    `etcd-server` (the fleet tests start `/usr/bin/etcd` inside their namespaces)
 //!    and `protobuf-compiler`: `protoc` is needed at build time, by the build script
-//!    of the `etcd-client` crate, which compiles etcd's gRPC protocol. etcd is a
+//!    of the `etcd-client` crate, which compiles etcd's gRPC protocol, with
+//!    `libprotobuf-dev` for the well-known types its files import
+//!    (`google/protobuf/descriptor.proto`; only recommended by `protobuf-compiler`,
+//!    and recommends are not installed here). etcd is a
 //!    daemon package whose maintainer scripts would start it as a service on
 //!    127.0.0.1:2379; it is installed with service starts refused and its service
 //!    disabled afterwards (see [`install_without_starting`]), so that only the tests
@@ -157,10 +160,11 @@ fn ensure_debian_packages(names: &[&str]) -> anyhow::Result<Vec<String>> {
 
 /// The Debian packages the tests need (see the module documentation): protoc is
 /// also needed to build the etcd client.
-pub const TEST_PACKAGES: [&str; 3] = [
+pub const TEST_PACKAGES: [&str; 4] = [
     "prometheus-node-exporter",
     "etcd-server",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// The daemons among [`TEST_PACKAGES`] that the tests start themselves, in their

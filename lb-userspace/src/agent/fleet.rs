@@ -26,7 +26,7 @@ use super::{
     tick::{Rates, Weights, hold_weight, plan, step_vips},
 };
 use crate::{
-    api::{self, Answer, ClusterNode, ClusterStatus, Request, Response},
+    api::{self, Answer, ClusterNode, ClusterStatus, Readiness, Request, Response},
     cluster::{
         etcd::REQUEST_TIMEOUT,
         merge,
@@ -71,6 +71,11 @@ pub(super) struct Fleet {
     /// The tables of the last step's draft: when an epoch with the same weights
     /// arrives (the leader's own, always), its tables are not built again.
     pub drafted: Tables,
+    /// Flow sharing with the other LBs (`[cluster] share_listen`), once started.
+    pub share: Option<crate::share::Handle>,
+    /// When this LB first held the fleet's state (see [`Agent::readiness`]): from
+    /// then on it stays ready.
+    pub ready_at: Option<Instant>,
 }
 
 impl Fleet {
@@ -95,7 +100,34 @@ impl Fleet {
             apply_lag_ms: None,
             in_force: BTreeMap::new(),
             drafted: Tables::new(),
+            share: None,
+            ready_at: None,
         })
+    }
+
+    /// Starts flow sharing: the thread that drains `dataplane`'s ring of new
+    /// entries, listens on `listener` and follows the fleet's members.
+    pub fn start_sharing(
+        &mut self,
+        listener: std::net::TcpListener,
+        dataplane: &mut crate::dataplane::Dataplane,
+        desired: &crate::desired::Desired,
+    ) -> Result<(), AgentError> {
+        let Some(listen) = self.cluster.share_listen else {
+            return Ok(());
+        };
+        let maps = dataplane.take_shared_flows()?;
+        let me = crate::share::Identity {
+            cluster: self.cluster.name.clone(),
+            node: self.cluster.node.clone(),
+            listen,
+        };
+        let ids = crate::share::ids::FlowIds::of(desired);
+        let handle = crate::share::start(me, listener, maps, ids, self.session.state.clone())
+            .map_err(AgentError::Session)?;
+        info!("flow sharing: listening on {listen} for the fleet's flows");
+        self.share = Some(handle);
+        Ok(())
     }
 
     /// How long a record stays part of the merge after it arrived: a record is
@@ -364,6 +396,7 @@ impl Agent {
             epoch_applied: fleet.applied,
             written_ms: now_ms(),
             vips,
+            share: fleet.cluster.share_listen,
         })
     }
 
@@ -711,6 +744,64 @@ impl Agent {
     }
 
     /// `lb cluster status`.
+    /// Whether this LB holds the fleet's current state, so that it may take traffic
+    /// (`/ready`, and BIRD through `deploy/bird/lb-ready`): it applied the newest
+    /// epoch, and every other LB that shares flows (same configuration, alive in
+    /// etcd) has sent it all its flows. Once ready it stays ready: an etcd outage or
+    /// a peer's restart later must not withdraw every LB at once. Outside a fleet:
+    /// ready once attached.
+    pub(super) fn readiness(&self) -> Readiness {
+        let Some(fleet) = &self.fleet else {
+            return Readiness::ready();
+        };
+        if fleet.ready_at.is_some() {
+            return Readiness::ready();
+        }
+        let state = fleet.session.state.borrow();
+        let mut waiting_for = Vec::new();
+        let newest = state.epoch.as_ref().map_or(0, |(e, _)| e.epoch);
+        if !state.connected && fleet.applied == 0 {
+            waiting_for.push("etcd: not connected yet".to_owned());
+        } else if fleet.applied == 0 || fleet.applied < newest {
+            waiting_for.push(format!(
+                "the fleet's epoch {newest} (applied here: {})",
+                fleet.applied
+            ));
+        }
+        if let Some(share) = &fleet.share {
+            let share = share.state.borrow();
+            let digest = self.config.digest();
+            for (node, (record, _)) in &state.nodes {
+                let peer_shares = record.share.is_some() && record.config_digest == digest;
+                let received = share.peers.get(node).is_some_and(|p| p.dump_received);
+                if *node != fleet.cluster.node && peer_shares && !received {
+                    waiting_for.push(format!("the flows of {node}"));
+                }
+            }
+        }
+        Readiness {
+            ready: waiting_for.is_empty(),
+            waiting_for,
+        }
+    }
+
+    /// Latches readiness once reached.
+    pub(super) fn update_readiness(&mut self) {
+        if self.fleet.as_ref().is_some_and(|f| f.ready_at.is_none()) && self.readiness().ready {
+            info!("ready: this LB holds the fleet's current epoch and flows");
+            if let Some(fleet) = &mut self.fleet {
+                fleet.ready_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Tells flow sharing the ids in force (after a start or a reload).
+    pub(super) fn share_ids(&self) {
+        if let Some(share) = self.fleet.as_ref().and_then(|f| f.share.as_ref()) {
+            share.set_ids(crate::share::ids::FlowIds::of(&self.desired));
+        }
+    }
+
     pub(super) fn cluster_status(&self) -> ClusterStatus {
         let Some(fleet) = &self.fleet else {
             return ClusterStatus::default();
@@ -751,8 +842,12 @@ impl Agent {
             }
             _ => 0,
         };
+        let readiness = self.readiness();
         ClusterStatus {
             enabled: true,
+            ready: readiness.ready,
+            waiting_for: readiness.waiting_for,
+            share: fleet.share.as_ref().map(|h| h.state.borrow().clone()),
             cluster: fleet.cluster.name.clone(),
             node: fleet.cluster.node.clone(),
             endpoints: fleet.cluster.endpoints.clone(),

@@ -84,6 +84,12 @@ pub enum AgentError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("starting the etcd session's thread")]
     Session(#[source] std::io::Error),
+    #[error("binding the flow-sharing address {addr} ([cluster] share_listen)")]
+    ShareListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<DataplaneError> for AgentError {
@@ -153,7 +159,17 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         crate::cluster::etcd::check_tls(cluster)?;
     }
     let held = Held::take(&opts).await?;
-    let started = start(&opts, &config)?;
+    // Bound before the datapath is touched, as the other listeners.
+    let share_listener = config
+        .cluster
+        .as_ref()
+        .and_then(|c| c.share_listen)
+        .map(|addr| {
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| AgentError::ShareListen { addr, source })
+        })
+        .transpose()?;
+    let mut started = start(&opts, &config)?;
     for vip in &config.vips {
         let weights: Vec<String> = vip
             .backends
@@ -171,11 +187,14 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     );
     println!("lb: ready on {}", opts.iface);
     let signals = Signals::start(&config);
-    let fleet = config
+    let mut fleet = config
         .cluster
         .clone()
         .map(fleet::Fleet::start)
         .transpose()?;
+    if let (Some(fleet), Some(listener)) = (&mut fleet, share_listener) {
+        fleet.start_sharing(listener, &mut started.dataplane, &started.desired)?;
+    }
     let agent = Agent {
         opts,
         config,
@@ -274,10 +293,16 @@ fn load_fill_attach(
     config: &Config,
     dir: &std::path::Path,
 ) -> Result<Started, AgentError> {
+    let share_flows = config
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.share_listen.is_some());
     let (mut dataplane, adopted) =
-        Dataplane::load_pinned(dir, opts.datapath_log).map_err(|source| AgentError::Load {
-            dir: dir.to_owned(),
-            source: Box::new(source),
+        Dataplane::load_pinned_sharing(dir, opts.datapath_log, share_flows).map_err(|source| {
+            AgentError::Load {
+                dir: dir.to_owned(),
+                source: Box::new(source),
+            }
         })?;
     if opts.datapath_log != log::LevelFilter::Off {
         datapath_log::start_reader(&mut dataplane)?;
@@ -363,6 +388,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                     Ok(()) => info!("SIGHUP: configuration reloaded"),
                     Err(e) => warn!(error = %crate::api::error_text(&e), "SIGHUP: reload refused, nothing changed"),
                 }
+                agent.share_ids();
             }
             Some((request, reply)) = requests.recv() => {
                 match agent.fleet_request(request) {
@@ -374,17 +400,21 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                     }
                     Err(request) => {
                         let _ = reply.send(agent.handle(request));
+                        // A reload may have changed the ids flows are shared by.
+                        agent.share_ids();
                     }
                 }
             }
             alive = fleet_changed(&mut fleet_state) => {
                 if alive {
                     agent.on_fleet_change();
+                    agent.update_readiness();
                 } else {
                     fleet_state = None;
                 }
             }
             _ = refresh.tick() => {
+                agent.update_readiness();
                 let _ = metrics_tx.send(agent.metrics_snapshot());
             }
             _ = until(agent.dataplane.retry_at()), if agent.dataplane.retry_at().is_some() => {

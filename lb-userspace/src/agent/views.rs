@@ -91,8 +91,10 @@ impl Agent {
                     nodes_other_config: count(&|n| !n.same_config),
                     published: c.published,
                     fenced: c.fenced,
+                    share: c.share,
                 }
             }),
+            readiness: self.readiness(),
         }
     }
 

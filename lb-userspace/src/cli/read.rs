@@ -297,6 +297,12 @@ pub fn cluster(c: &ClusterStatus) -> String {
     for r in &c.refused_records {
         out += &format!("refused record: {r}\n");
     }
+    out += &if c.ready {
+        "ready: holds the fleet's state (may take traffic)\n".to_owned()
+    } else {
+        format!("NOT ready: waiting for {}\n", c.waiting_for.join("; "))
+    };
+    out += &share(c.share.as_ref());
     let mut t = Table::new(&[
         ("node", Align::Left),
         ("epoch", Align::Right),
@@ -321,6 +327,58 @@ pub fn cluster(c: &ClusterStatus) -> String {
         ]);
     }
     out + &t.render_indented("")
+}
+
+/// The flow-sharing lines of `lb cluster status`.
+fn share(s: Option<&crate::share::ShareState>) -> String {
+    let Some(s) = s else {
+        return "flow sharing: off (no [cluster] share_listen): a flow whose LB leaves \
+                keeps its backend only if its slot did not move since it began\n"
+            .to_owned();
+    };
+    let mut out = format!(
+        "flow sharing on {}: reported {}, sent {} ({} bytes), received {}, inserted {}, \
+         kept {}, refused {}\n",
+        s.listen.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        s.reported,
+        s.flows_sent,
+        s.bytes_sent,
+        s.flows_received,
+        s.flows_inserted,
+        s.flows_kept,
+        s.flows_refused
+    );
+    if s.ring_full + s.peer_slow + s.unnamed > 0 {
+        out += &format!(
+            "  NOT shared: {} (datapath ring full), {} (a peer too slow), {} (VIP or \
+             backend gone)\n",
+            s.ring_full, s.peer_slow, s.unnamed
+        );
+    }
+    if let Some(why) = &s.last_refusal {
+        out += &format!("  last refusal: {why}\n");
+    }
+    for (node, p) in &s.peers {
+        out += &format!(
+            "  peer {node} {}: to it {}, from it {}{}\n",
+            p.address.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+            match (p.sending, p.dump_sent) {
+                (true, _) => "streaming",
+                (false, true) => "reconnecting",
+                (false, false) => "connecting",
+            },
+            match (p.receiving, p.dump_received) {
+                (true, true) => "streaming",
+                (true, false) => "dump under way",
+                (false, true) => "disconnected (dump was received)",
+                (false, false) => "nothing yet",
+            },
+            p.last_error
+                .as_ref()
+                .map_or_else(String::new, |e| format!(" (last error: {e})"))
+        );
+    }
+    out
 }
 
 #[cfg(test)]

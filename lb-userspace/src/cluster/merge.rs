@@ -169,6 +169,7 @@ mod tests {
             config_digest: "d".into(),
             epoch_applied: 0,
             written_ms: 0,
+            share: None,
             vips: vec![VipReport {
                 vip: "v".into(),
                 digest: None,

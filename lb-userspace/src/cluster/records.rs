@@ -22,6 +22,11 @@ pub struct NodeRecord {
     /// measured by the reader's own clock when the record arrives).
     pub written_ms: u64,
     pub vips: Vec<VipReport>,
+    /// Where it receives the fleet's flows (`[cluster] share_listen`); absent when it
+    /// does not share. (An LB of an earlier version refuses a record with this field,
+    /// so turn sharing on once every LB runs this version.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<std::net::SocketAddr>,
 }
 
 /// One VIP as an LB reports it.
@@ -229,6 +234,7 @@ mod tests {
             config_digest: "00".into(),
             epoch_applied: 3,
             written_ms: 1,
+            share: Some("198.18.0.2:7947".parse().unwrap()),
             vips: vec![VipReport {
                 vip: "198.18.1.1:80/tcp".into(),
                 digest: Some("ab".into()),

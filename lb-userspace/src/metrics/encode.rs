@@ -26,6 +26,8 @@ pub struct MetricsSnapshot {
     pub model: ModelMetrics,
     /// The fleet, when this LB is a member of one (`[cluster]`).
     pub cluster: Option<ClusterMetrics>,
+    /// Whether this LB may take traffic (`/ready`).
+    pub readiness: crate::api::Readiness,
 }
 
 /// This LB in its fleet (see `lb cluster status`).
@@ -44,6 +46,8 @@ pub struct ClusterMetrics {
     pub nodes_other_config: u64,
     pub published: u64,
     pub fenced: u64,
+    /// Flow sharing, when on.
+    pub share: Option<crate::share::ShareState>,
 }
 
 /// One VIP's counters, summed over CPUs.
@@ -150,6 +154,14 @@ fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Resul
     encode_vips(&s.vips, e)?;
     encode_backends(&s.backends, e)?;
     encode_model(&s.model, e)?;
+    gauge_family(
+        e,
+        "lb_ready",
+        "1 once this LB holds the fleet's current epoch and flows and may take traffic \
+         (as /ready says; outside a fleet, once attached)",
+        None,
+        &[([] as [(&str, &str); 0], i64::from(s.readiness.ready))],
+    )?;
     match &s.cluster {
         Some(c) => encode_cluster(c, e),
         None => Ok(()),
@@ -214,6 +226,63 @@ fn encode_cluster(c: &ClusterMetrics, e: &mut DescriptorEncoder) -> fmt::Result 
         "lb_cluster_publications_fenced",
         "Publications etcd refused because another LB led by then (a deposed leader)",
         &[([] as [(&str, &str); 0], c.fenced)],
+    )?;
+    match &c.share {
+        Some(share) => encode_share(share, e),
+        None => Ok(()),
+    }
+}
+
+fn encode_share(s: &crate::share::ShareState, e: &mut DescriptorEncoder) -> fmt::Result {
+    let event = |v| [("event", v)];
+    counter_family(
+        e,
+        "lb_share_flows",
+        "Flow sharing: reported (new connection entries from this datapath), sent (to \
+         peers, per peer, dumps included), received (from peers), inserted (written \
+         into this LB's tables), kept (this LB already had the flow), refused (did not \
+         check or name nothing here; see `lb cluster status`)",
+        &[
+            (event("reported"), s.reported),
+            (event("sent"), s.flows_sent),
+            (event("received"), s.flows_received),
+            (event("inserted"), s.flows_inserted),
+            (event("kept"), s.flows_kept),
+            (event("refused"), s.flows_refused),
+        ],
+    )?;
+    let reason = |v| [("reason", v)];
+    counter_family(
+        e,
+        "lb_share_unshared",
+        "New flows not shared, by reason: ring_full (the datapath's ring was full: the \
+         agent fell behind), peer_slow (a peer's queue was full; per peer), unnamed (a \
+         VIP or backend gone by a reload). These flows may break if this LB leaves",
+        &[
+            (reason("ring_full"), s.ring_full),
+            (reason("peer_slow"), s.peer_slow),
+            (reason("unnamed"), s.unnamed),
+        ],
+    )?;
+    counter_family(
+        e,
+        "lb_share_sent_bytes",
+        "Bytes of flow-sharing frames sent to peers",
+        &[([] as [(&str, &str); 0], s.bytes_sent)],
+    )?;
+    let count = |f: &dyn Fn(&crate::share::PeerState) -> bool| {
+        s.peers.values().filter(|p| f(p)).count() as i64
+    };
+    gauge_family(
+        e,
+        "lb_share_peers",
+        "Other LBs sharing flows, by direction: sending (this LB's connection to them \
+         is up, its dump sent), receiving (their connection here is up)",
+        None,
+        &[
+            ([("direction", "sending")], count(&|p| p.sending)),
+            ([("direction", "receiving")], count(&|p| p.receiving)),
+        ],
     )
 }
 
@@ -639,7 +708,9 @@ mod tests {
                 nodes_other_config: 0,
                 published: 0,
                 fenced: 1,
+                share: None,
             }),
+            readiness: crate::api::Readiness::ready(),
         }
     }
 

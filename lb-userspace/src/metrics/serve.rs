@@ -178,10 +178,12 @@ fn http_server(limits: Limits) -> http1::Builder {
     http
 }
 
-/// The routes: `/metrics` for GET and HEAD, 405 for its other methods, 404 elsewhere.
+/// The routes: `/metrics` and `/ready` for GET and HEAD, 405 for their other methods,
+/// 404 elsewhere.
 fn router(snapshot: watch::Receiver<MetricsSnapshot>) -> Router {
     Router::new()
         .route("/metrics", get(metrics).fallback(method_not_allowed))
+        .route("/ready", get(ready).fallback(method_not_allowed))
         .fallback(not_found)
         .layer(middleware::from_fn(bound_target))
         .with_state(snapshot)
@@ -242,7 +244,25 @@ async fn metrics(State(snapshot): State<watch::Receiver<MetricsSnapshot>>) -> Re
         .into_response()
 }
 
-/// Any method but GET and HEAD on `/metrics`.
+/// `/ready`: 200 when this LB may take traffic (a router's announcement follows
+/// it, see `deploy/bird/`), else 503 with what it waits for.
+async fn ready(State(snapshot): State<watch::Receiver<MetricsSnapshot>>) -> Response {
+    let readiness = snapshot.borrow().readiness.clone();
+    if readiness.ready {
+        (StatusCode::OK, "ready\n".to_owned()).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: waiting for {}\n",
+                readiness.waiting_for.join("; ")
+            ),
+        )
+            .into_response()
+    }
+}
+
+/// Any method but GET and HEAD on `/metrics` or `/ready`.
 async fn method_not_allowed() -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,
