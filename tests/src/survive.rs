@@ -135,6 +135,8 @@ pub struct EventRecord {
     /// by connection id.
     pub before: BTreeMap<usize, Option<usize>>,
     pub after: BTreeMap<usize, Option<usize>>,
+    /// The LBs the route goes over after it.
+    pub route: Vec<usize>,
     /// Each LB's `cluster status` just before (None: not running).
     pub statuses: Vec<Option<Value>>,
 }
@@ -180,8 +182,9 @@ pub struct Survival {
     pub moved: usize,
     pub moved_kept: usize,
     /// Of the established, those opened under other tables than the ones in force
-    /// at the event (on the LBs they went to): without flow sharing, only these can
-    /// lose their backend when they change LB.
+    /// at the event (the sampled tables of the first LB of the route after the
+    /// event; LBs at one epoch hold the same tables): without flow sharing, only
+    /// these can lose their backend when they change LB.
     pub other_table: usize,
     /// Those that both changed LB and were opened under other tables: the ones that
     /// only flow sharing (or luck) keeps on their backend.
@@ -242,10 +245,7 @@ impl LossRun {
             }
             let opened = h.opened.expect("open before");
             ages.push(event.at.saturating_sub(opened));
-            // The tables of the LB it went to after the event, at its opening and at
-            // the event.
-            let lb = after.copied().flatten();
-            if let Some(lb) = lb
+            if let Some(&lb) = event.route.first()
                 && self.tables_at(lb, opened) != self.tables_at(lb, event.at)
             {
                 s.other_table += 1;
@@ -391,6 +391,23 @@ pub fn run(world: &FleetWorld, agents: &mut [Option<Agent>], spec: &LossSpec) ->
         if t >= spec.duration {
             break;
         }
+        // Sampled first, so that a connection opened in this tick finds the tables
+        // it opened under.
+        if t >= next_sample {
+            next_sample = t + Duration::from_millis(500);
+            for (lb, a) in agents.iter().enumerate() {
+                let Some(status) = a.as_ref().and_then(|a| cluster_status(a).ok()) else {
+                    continue;
+                };
+                tables.push(TableSample {
+                    at: start.elapsed(),
+                    lb,
+                    epoch: status["epoch_applied"].as_u64().unwrap_or(0),
+                    tables: status["tables_here"].to_string(),
+                });
+                last_status[lb] = Some(status);
+            }
+        }
         while let Some(s) = steps.next_if(|s| s.at <= t) {
             world.backends[s.backend].set_slowdown(s.slowdown);
         }
@@ -430,28 +447,17 @@ pub fn run(world: &FleetWorld, agents: &mut [Option<Agent>], spec: &LossSpec) ->
                 }
             }
             let after = routes(&open)?;
+            let route = match &e.leave {
+                Leave::Withdraw(route) | Leave::Kill { route, .. } => route.clone(),
+            };
             records.push(EventRecord {
                 name: e.name(lbs),
                 at,
                 before,
                 after,
+                route,
                 statuses,
             });
-        }
-        if t >= next_sample {
-            next_sample = t + Duration::from_millis(500);
-            for (lb, a) in agents.iter().enumerate() {
-                let Some(status) = a.as_ref().and_then(|a| cluster_status(a).ok()) else {
-                    continue;
-                };
-                tables.push(TableSample {
-                    at: t,
-                    lb,
-                    epoch: status["epoch_applied"].as_u64().unwrap_or(0),
-                    tables: status["tables_here"].to_string(),
-                });
-                last_status[lb] = Some(status);
-            }
         }
         std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
     }
