@@ -13,7 +13,9 @@
 //!   generated for the run.
 //!
 //! Each LB gets its own configuration file (the same VIP, policy and backends; its own
-//! node name in `[cluster]`) and is started by [`FleetWorld::start_lb`].
+//! node name in `[cluster]`) and is started by [`FleetWorld::start_lb`], or with
+//! flow sharing on its own address by [`FleetWorld::start_lb_with`] and
+//! [`FleetWorld::share_line`].
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -37,6 +39,10 @@ use crate::{
 
 /// The real client's address, behind the router.
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 1);
+/// The router's address on the client's link.
+const ROUTER_CLIENT_SIDE: &str = "198.18.10.254";
+/// The port each LB shares flows on (`share_listen`), on its own address.
+pub const SHARE_PORT: u16 = 7947;
 
 /// What the fleet runs.
 #[derive(Clone, Debug)]
@@ -76,6 +82,8 @@ pub struct FleetWorld {
     /// The client behind the router.
     pub client: Netns,
     pub dir: ScratchDir,
+    /// The router's interface towards the client (for [`FleetWorld::routes_of`]).
+    router_if: String,
     _pass: Vec<lb_userspace::dataplane::PassThrough>,
     // Last: the namespaces go after everything that lives in them.
     pub topo: Topology,
@@ -107,6 +115,7 @@ impl FleetWorld {
         )?;
         let client = Netns::new(format!("{}-c2", topo.prefix()))?;
         route(&topo, &client)?;
+        let router_if = interface_with(topo.client().ns(), ROUTER_CLIENT_SIDE)?;
         let lbs: Vec<Ipv4Addr> = topo.load_balancers().iter().map(|h| h.ipv4()).collect();
         set_route(&topo, &lbs)?;
         // An XDP program on each LB's bridge port, so that XDP_TX frames are not
@@ -143,6 +152,7 @@ impl FleetWorld {
             tls,
             client,
             dir,
+            router_if,
             _pass: pass,
             topo,
         })
@@ -205,7 +215,21 @@ impl FleetWorld {
 
     /// Starts the agent of LB `i` on its interface.
     pub fn start_lb(&self, i: usize) -> Result<Agent> {
-        let config = self.config(i, "")?;
+        self.start_lb_with(i, "")
+    }
+
+    /// The `[cluster]` line that turns flow sharing on for LB `i`, on its own address
+    /// on the segment: `share_listen = "198.18.0.2:7947"`.
+    pub fn share_line(&self, i: usize) -> String {
+        format!(
+            "share_listen = \"{}:{SHARE_PORT}\"",
+            self.topo.load_balancer(i).ipv4()
+        )
+    }
+
+    /// Starts the agent of LB `i` with `cluster_extra` in its `[cluster]` section.
+    pub fn start_lb_with(&self, i: usize, cluster_extra: &str) -> Result<Agent> {
+        let config = self.config(i, cluster_extra)?;
         Agent::start_on(
             self.topo.load_balancer(i),
             &self.instance(i),
@@ -222,6 +246,65 @@ impl FleetWorld {
             .map(|&i| self.topo.load_balancer(i).ipv4())
             .collect();
         set_route(&self.topo, &lbs)
+    }
+
+    /// Which LB the router sends each of the client's TCP connections to the VIP
+    /// to, by client port, as the router's own route lookup says now (`ip route get`
+    /// with the ports, which hashes them as a forwarded packet's, all in one `ip
+    /// -batch`). `None` for a port the lookup did not answer.
+    pub fn routes_of(&self, ports: &[u16]) -> Result<Vec<Option<usize>>> {
+        if ports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lbs: Vec<Ipv4Addr> = self
+            .topo
+            .load_balancers()
+            .iter()
+            .map(|h| h.ipv4())
+            .collect();
+        let mut batch = String::new();
+        for p in ports {
+            batch += &format!(
+                "route get {VIP_V4} from {CLIENT_V4} iif {} ipproto tcp sport {p} dport {PORT}\n",
+                self.router_if
+            );
+        }
+        let mut child = std::process::Command::new("ip")
+            .args([
+                "-n",
+                self.topo.client().ns().name(),
+                "-force",
+                "-batch",
+                "-",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("ip -batch")?;
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().context("ip's stdin")?;
+            stdin.write_all(batch.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // One unindented line per answer (a `cache` line follows, indented).
+        let vias: Vec<Option<usize>> = text
+            .lines()
+            .filter(|l| !l.starts_with(char::is_whitespace) && !l.trim().is_empty())
+            .map(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|w| *w == "via")?;
+                let via: Ipv4Addr = words.next()?.parse().ok()?;
+                lbs.iter().position(|lb| *lb == via)
+            })
+            .collect();
+        if vias.len() != ports.len() {
+            // An answer missing: no way to tell which.
+            return Ok(vec![None; ports.len()]);
+        }
+        Ok(vias)
     }
 
     /// Cuts LB `i` off from etcd (`true`), or heals it: a blackhole route to etcd's
@@ -283,6 +366,16 @@ pub fn route(topo: &Topology, client: &Netns) -> Result<()> {
             .ip(&["route", "add", "198.18.10.0/24", "via", &via])?;
     }
     Ok(())
+}
+
+/// The interface of `ns` that holds `address`.
+fn interface_with(ns: &Netns, address: &str) -> Result<String> {
+    let out = ns.ip(&["-o", "-4", "addr", "show"])?;
+    out.lines()
+        .find(|l| l.contains(&format!(" {address}/")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .with_context(|| format!("no interface with {address} in {}", ns.name()))
 }
 
 /// The router's route to the VIP: over every LB of `lbs` (at least one).
@@ -387,4 +480,121 @@ pub fn wait_for<T>(
         "{what}: not within {timeout:?}{}",
         last_error.map_or_else(String::new, |e| format!(" (last error: {e:#})"))
     )
+}
+
+/// Whether the LB says it is ready (`cluster status`'s `ready`: with flow sharing,
+/// it has each peer's dump).
+pub fn is_ready(status: &Value) -> bool {
+    status["ready"] == true
+}
+
+/// Flow sharing's counters of one LB (`cluster status`'s `share`), or of several
+/// summed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShareCounts {
+    pub flows_sent: u64,
+    pub flows_received: u64,
+    pub flows_inserted: u64,
+    pub bytes_sent: u64,
+    pub dropped: u64,
+    pub refused: u64,
+}
+
+impl ShareCounts {
+    /// From one `cluster status` (zeros where a counter is missing).
+    pub fn of(status: &Value) -> ShareCounts {
+        let n = |k: &str| status["share"][k].as_u64().unwrap_or(0);
+        ShareCounts {
+            flows_sent: n("flows_sent"),
+            flows_received: n("flows_received"),
+            flows_inserted: n("flows_inserted"),
+            bytes_sent: n("bytes_sent"),
+            dropped: n("dropped"),
+            refused: n("refused"),
+        }
+    }
+
+    /// The sum of `counts`.
+    pub fn sum<'a>(counts: impl IntoIterator<Item = &'a ShareCounts>) -> ShareCounts {
+        counts
+            .into_iter()
+            .fold(ShareCounts::default(), |a, b| ShareCounts {
+                flows_sent: a.flows_sent + b.flows_sent,
+                flows_received: a.flows_received + b.flows_received,
+                flows_inserted: a.flows_inserted + b.flows_inserted,
+                bytes_sent: a.bytes_sent + b.bytes_sent,
+                dropped: a.dropped + b.dropped,
+                refused: a.refused + b.refused,
+            })
+    }
+
+    /// Bytes sent per flow sent (NaN before any flow).
+    pub fn bytes_per_flow(&self) -> f64 {
+        if self.flows_sent == 0 {
+            f64::NAN
+        } else {
+            self.bytes_sent as f64 / self.flows_sent as f64
+        }
+    }
+}
+
+/// The peers of an LB's flow sharing (`share.peers`): (node, connected,
+/// dump_complete).
+pub fn share_peers(status: &Value) -> Vec<(String, bool, bool)> {
+    status["share"]["peers"]
+        .as_array()
+        .map(|peers| {
+            peers
+                .iter()
+                .map(|p| {
+                    (
+                        p["node"].as_str().unwrap_or_default().to_owned(),
+                        p["connected"] == true,
+                        p["dump_complete"] == true,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every agent is ready and, with flow sharing, connected to
+/// `peers` peers that each completed their dump; returns the statuses.
+pub fn wait_sharing(agents: &[&Agent], peers: usize, timeout: Duration) -> Result<Vec<Value>> {
+    wait_for("every LB ready and sharing", timeout, || {
+        let statuses = agents
+            .iter()
+            .map(|a| cluster_status(a))
+            .collect::<Result<Vec<_>>>()?;
+        let done = statuses.iter().all(|s| {
+            let p = share_peers(s);
+            is_ready(s) && p.len() >= peers && p.iter().all(|(_, c, d)| *c && *d)
+        });
+        Ok(done.then_some(statuses))
+    })
+}
+
+/// CPU seconds (user + system, all threads) process `pid` has used so far, from
+/// `/proc/<pid>/stat`.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The fields after the command (which may hold spaces), from the 3rd (state):
+    // utime and stime are the 14th and 15th.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("a /proc stat without a command")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|t| t as f64)
+            .with_context(|| format!("field {i} of /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok((ticks(14)? + ticks(15)?) / hz)
 }

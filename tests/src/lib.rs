@@ -19,6 +19,8 @@
 //!   which backend answered.
 //! - [`packet`]: frames built field by field, for the datapath tests.
 //! - [`spread`]: the end-to-end scenario of weighted backends behind the real agent.
+//! - [`survive`]: LBs leaving a fleet whose weights move, under long-lived
+//!   connections of every age (issue 19: the fleet test and benchmark).
 //! - [`operating`]: the `lb` command line against a real agent, and docs/OPERATING.md.
 //! - [`testbed`]: the policy testbed (emulated backends, open-loop load, scenarios S1-S5).
 //! - [`versus`]: the XDP balancer against HAProxy, nginx and no balancer.
@@ -34,6 +36,7 @@ pub mod operating;
 pub mod packet;
 pub mod scratch;
 pub mod spread;
+pub mod survive;
 pub mod tcp;
 pub mod testbed;
 pub mod topology;

@@ -1,7 +1,8 @@
 //! The policy testbed's pieces (`lb_tests::testbed`), each on its own: the emulated
 //! backend's capacity, slowdown, fail-fast mode and metrics; the open-loop load
-//! generator's rate and its latency from the scheduled start; and one short run of
-//! scenario S2 through the real agent and the real XDP datapath.
+//! generator's rate and its latency from the scheduled start; long-lived (`/hold`)
+//! connections and their client; and one short run of scenario S2 through the real
+//! agent and the real XDP datapath.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::netns::{Netns, unique_prefix};
 use lb_tests::testbed::backend::{BackendSpec, EmulatedBackend, Endpoints};
+use lb_tests::testbed::hold::{HoldClients, HoldSpec, Stage};
 use lb_tests::testbed::loadgen::{self, LoadSpec, Outcome};
 use lb_tests::testbed::report::RunMetrics;
 use lb_tests::testbed::scenario::{self, RunOptions, Scenario};
@@ -85,6 +87,66 @@ fn concurrent(ns: &Netns, n: usize) -> Vec<(Duration, String)> {
         .unwrap();
     out.sort();
     out
+}
+
+/// A held connection is answered by its backend, line after line, outside the
+/// slots and the request metrics; its client records every answer, and the error
+/// that ends a connection whose backend went away.
+#[test]
+fn held_connections_are_answered_until_closed_and_their_end_is_recorded() {
+    let (ns, backend) = lonely_backend(1, 200);
+    // By hand: the head, the name, then the name for each line (two sent at once).
+    let raw = ns
+        .run_in(|| {
+            let mut s = TcpStream::connect((ADDR, APP)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /hold HTTP/1.0\r\n\r\na\nb\n").unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .unwrap();
+    assert_eq!(
+        raw, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nb0\nb0\nb0\n",
+        "{raw:?}"
+    );
+    let holds = HoldClients::start(
+        &ns,
+        HoldSpec {
+            interval: (Duration::from_millis(50), Duration::from_millis(100)),
+            ..HoldSpec::new(SocketAddr::new(IpAddr::V4(ADDR), APP))
+        },
+    )
+    .unwrap();
+    let ids = holds.open(20).unwrap();
+    assert_eq!(ids, (0..20).collect::<Vec<_>>());
+    // Twenty held at once on one slot of 200 ms: none waits for a slot.
+    std::thread::sleep(Duration::from_millis(600));
+    let counts = backend.counts();
+    assert_eq!((counts.holds, counts.held), (21, 20), "{counts:?}");
+    assert_eq!((counts.accepted, counts.in_flight), (0, 0), "{counts:?}");
+    assert!(backend.exposition().contains("app_requests_in_flight 0"));
+    let stopped = holds.stop().unwrap();
+    for h in &stopped {
+        assert!(h.kept(), "{}", h.describe());
+        assert!(h.answers.len() >= 4, "{}", h.describe());
+        assert!(h.local_port.is_some());
+    }
+    // The backend goes: an open connection ends with an error, recorded.
+    let holds =
+        HoldClients::start(&ns, HoldSpec::new(SocketAddr::new(IpAddr::V4(ADDR), APP))).unwrap();
+    holds.open(3).unwrap();
+    drop(backend);
+    std::thread::sleep(Duration::from_millis(800));
+    for h in holds.stop().unwrap() {
+        let e = h
+            .error
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}", h.describe()));
+        assert_eq!(e.stage, Stage::Ping, "{}", h.describe());
+        assert!(!h.kept());
+    }
 }
 
 #[test]

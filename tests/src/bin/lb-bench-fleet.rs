@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! LB_BIN=... lb-bench-fleet [--lbs 3] [--duration 60] [--outage 30] [--interval-ms 500]
-//!     [--lease-s 2] [--seed 1]
+//!     [--lease-s 2] [--seed 1] [--loss-s 90] [--cpu-rate 300]
 //! ```
 //!
 //! 1. One LB alone (no `[cluster]`), scenario S2 under `ai` (four equal backends, one
@@ -18,6 +18,18 @@
 //!    a new leader, failed connections); then etcd stopped for `--outage` seconds and
 //!    started again (failed connections while it was down and until the fleet
 //!    resumed).
+//! 4. An LB leaving (issue 19), twice in fresh fleets of `--lbs` LBs (three backends,
+//!    `ai`): with flow sharing (`share_listen` on each LB) and without. In each:
+//!    first the agents' CPU (utime + stime of every agent, from `/proc/<pid>/stat`)
+//!    over 10 s idle, then over 20 s of new connections at `--cpu-rate` per second
+//!    (one request each); the idle rate is subtracted and the rest divided by the
+//!    rate achieved, per 1,000 new flows per second. Then the scenario of
+//!    `lb_tests::survive` for `--loss-s` seconds: backends slowed and recovered in
+//!    steps so that `ai` moves weights, long-lived connections opened in waves every
+//!    5 s (and 1 s before the end), short connections at 50/s; at `--loss-s` LB 0's
+//!    route is withdrawn, and 10 s later the fraction of the long-lived connections
+//!    established before that kept their backend is the survival. With sharing, the
+//!    bytes sent per flow shared (summed over the LBs).
 //!
 //! Prints the figures and writes `target/bench/fleet.json` (or `$LB_BENCH_JSON`).
 //! Needs root, and etcd (`cargo xtask setup` installs it).
@@ -26,8 +38,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use lb_tests::fleet::{FleetSpec, FleetWorld, agreed, cluster_status, node_name, wait_for};
+use lb_tests::fleet::{
+    FleetSpec, FleetWorld, ShareCounts, agreed, cluster_status, cpu_seconds, node_name, wait_for,
+    wait_sharing,
+};
 use lb_tests::spread::{Agent, socket_of};
+use lb_tests::survive::{self, Event, Leave, LossSpec};
 use lb_tests::testbed::loadgen::{LoadGen, LoadReport, LoadSpec, Outcome};
 use lb_tests::testbed::scenario::{Change, Scenario};
 use lb_userspace::api::{ClusterStatus, Request};
@@ -35,7 +51,7 @@ use lb_userspace::control;
 use serde_json::json;
 
 const USAGE: &str = "usage: lb-bench-fleet [--lbs N] [--duration SECONDS] [--outage SECONDS] \
-    [--interval-ms MS] [--lease-s SECONDS] [--seed N]";
+    [--interval-ms MS] [--lease-s SECONDS] [--seed N] [--loss-s SECONDS] [--cpu-rate FLOWS_PER_S]";
 
 struct Args {
     lbs: usize,
@@ -44,6 +60,8 @@ struct Args {
     interval_ms: u64,
     lease_s: u64,
     seed: u64,
+    loss_s: f64,
+    cpu_rate: f64,
 }
 
 fn parse_args() -> Result<Args> {
@@ -54,6 +72,8 @@ fn parse_args() -> Result<Args> {
         interval_ms: 500,
         lease_s: 2,
         seed: 1,
+        loss_s: 90.0,
+        cpu_rate: 300.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(key) = it.next() {
@@ -80,6 +100,8 @@ fn parse_args() -> Result<Args> {
             "--interval-ms" => a.interval_ms = number(&value)? as u64,
             "--lease-s" => a.lease_s = number(&value)? as u64,
             "--seed" => a.seed = number(&value)? as u64,
+            "--loss-s" => a.loss_s = number(&value)?,
+            "--cpu-rate" => a.cpu_rate = number(&value)?,
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
@@ -327,6 +349,10 @@ fn main() -> Result<()> {
     }
     drop(world);
 
+    // 4. An LB leaving, with flow sharing and without.
+    let shared = lb_loss(&args, true)?;
+    let unshared = lb_loss(&args, false)?;
+
     let interval_s = args.interval_ms as f64 / 1000.0;
     let agreement = if samples > 0 {
         agreeing as f64 / samples as f64
@@ -334,7 +360,7 @@ fn main() -> Result<()> {
         f64::NAN
     };
     let (p99, p99_single) = (p99_ms(&fleet), p99_ms(&single));
-    let out = json!({
+    let mut out = json!({
         "lbs": args.lbs,
         "scenario": "S2",
         "policy": "ai",
@@ -366,6 +392,41 @@ fn main() -> Result<()> {
         },
         "wall_s": started.elapsed().as_secs_f64(),
     });
+    // Phase 4's keys (one `json!` of everything would pass the macro's recursion limit).
+    let loss = json!({
+        "lb_loss_mechanism": "connection sharing",
+        "lb_loss_survival": shared.survival.fraction(),
+        "lb_loss_survival_without": unshared.survival.fraction(),
+        "lb_loss_established": shared.survival.established,
+        "lb_loss_established_without": unshared.survival.established,
+        "lb_loss_detail": {
+            "with": shared.survival.summary(),
+            "without": unshared.survival.summary(),
+            "table_changes": [shared.table_changes, unshared.table_changes],
+            "short_failed": [shared.short_failed, unshared.short_failed],
+            "short_requests": [shared.short_requests, unshared.short_requests],
+            "loss_s": args.loss_s,
+        },
+        "sync_bytes_per_flow": shared.share.bytes_per_flow(),
+        "sync_flows_sent": shared.share.flows_sent,
+        "sync_bytes_sent": shared.share.bytes_sent,
+        "sync_flows_inserted": shared.share.flows_inserted,
+        "sync_dropped": shared.share.dropped,
+        "sync_refused": shared.share.refused,
+        "agent_cpu_per_1k_new_flows_per_s": shared.cpu.per_1k(),
+        "agent_cpu_per_1k_new_flows_per_s_without": unshared.cpu.per_1k(),
+        "agent_cpu_idle_baseline_subtracted": true,
+        "agent_cpu_idle_s_per_s": [shared.cpu.idle, unshared.cpu.idle],
+        "agent_cpu_busy_s_per_s": [shared.cpu.busy, unshared.cpu.busy],
+        "agent_cpu_new_flows_per_s": [shared.cpu.rate, unshared.cpu.rate],
+        "agent_cpu_method": "CPU seconds per second of all agents together (utime + stime \
+            from /proc/<pid>/stat) during 20 s of new connections at a steady rate, minus \
+            the same over 10 s idle just before in the same fleet, per 1,000 new flows per \
+            second achieved; [with sharing, without] where a pair",
+    });
+    if let (Some(out), Some(loss)) = (out.as_object_mut(), loss.as_object()) {
+        out.extend(loss.clone());
+    }
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");
     let path = std::env::var_os("LB_BENCH_JSON")
@@ -377,4 +438,149 @@ fn main() -> Result<()> {
     std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// The agents' CPU around a steady rate of new flows.
+struct Cpu {
+    /// CPU seconds per second of all agents, idle and under the new flows.
+    idle: f64,
+    busy: f64,
+    /// New flows per second achieved (requests scheduled / seconds).
+    rate: f64,
+}
+
+impl Cpu {
+    /// (busy - idle) per 1,000 new flows per second.
+    fn per_1k(&self) -> f64 {
+        (self.busy - self.idle) / (self.rate / 1000.0)
+    }
+}
+
+/// What one LB-loss run gave.
+struct Loss {
+    survival: lb_tests::survive::Survival,
+    table_changes: usize,
+    short_failed: usize,
+    short_requests: usize,
+    share: ShareCounts,
+    cpu: Cpu,
+}
+
+/// CPU seconds of every running agent, summed.
+fn agents_cpu(agents: &[Option<Agent>]) -> Result<f64> {
+    live(agents).iter().map(|a| cpu_seconds(a.pid())).sum()
+}
+
+/// Phase 4 once: a fresh fleet, with flow sharing or without.
+fn lb_loss(args: &Args, share: bool) -> Result<Loss> {
+    let with = if share { "with" } else { "without" };
+    eprintln!("fleet bench: an LB leaving, {with} flow sharing");
+    let world = FleetWorld::build(FleetSpec {
+        interval_ms: args.interval_ms,
+        lease_s: args.lease_s,
+        ..FleetSpec::new(args.lbs)
+    })?;
+    let mut agents: Vec<Option<Agent>> = (0..args.lbs)
+        .map(|i| {
+            let extra = if share {
+                world.share_line(i)
+            } else {
+                String::new()
+            };
+            world.start_lb_with(i, &extra).map(Some)
+        })
+        .collect::<Result<_>>()?;
+    wait_for(
+        "the first epoch everywhere",
+        Duration::from_secs(30),
+        || agreed(&live(&agents), 1),
+    )?;
+    if share {
+        wait_sharing(&live(&agents), args.lbs - 1, Duration::from_secs(30))?;
+    }
+
+    // The agents' CPU, idle and then under a steady rate of new flows.
+    let idle_for = Duration::from_secs(10);
+    let busy_for = Duration::from_secs(20);
+    let (c0, t0) = (agents_cpu(&agents)?, Instant::now());
+    std::thread::sleep(idle_for);
+    let idle = (agents_cpu(&agents)? - c0) / t0.elapsed().as_secs_f64();
+    let load = LoadGen::start(
+        &world.client,
+        LoadSpec {
+            seed: args.seed + 2,
+            ..LoadSpec::new(world.vip(), args.cpu_rate, busy_for)
+        },
+    )?;
+    let (c1, t1) = (agents_cpu(&agents)?, Instant::now());
+    while !load.is_finished() && load.origin().elapsed() < busy_for {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let busy = (agents_cpu(&agents)? - c1) / t1.elapsed().as_secs_f64();
+    let report = load.join()?;
+    let cpu = Cpu {
+        idle,
+        busy,
+        rate: report.total() as f64 / busy_for.as_secs_f64(),
+    };
+    eprintln!(
+        "  agents' CPU: {:.4} s/s idle, {:.4} s/s at {:.0} new flows/s ({} failed): {:.4} s/s \
+         per 1,000 new flows/s",
+        cpu.idle,
+        cpu.busy,
+        cpu.rate,
+        report.failed(),
+        cpu.per_1k()
+    );
+
+    // The scenario: LB 0's route withdrawn at `--loss-s`.
+    let at = Duration::from_secs_f64(args.loss_s);
+    let spec = LossSpec {
+        duration: at + Duration::from_secs(10),
+        wave_size: 10,
+        wave_every: Duration::from_secs(5),
+        ping: (Duration::from_millis(200), Duration::from_millis(500)),
+        short_rate: 50.0,
+        steps: survive::moving_weights(at),
+        events: vec![Event {
+            at,
+            leave: Leave::Withdraw((1..args.lbs).collect()),
+        }],
+        seed: args.seed,
+    };
+    let run = survive::run(&world, &mut agents, &spec)?;
+    let survival = run.survival(0);
+    let statuses: Vec<ShareCounts> = live(&agents)
+        .iter()
+        .map(|a| cluster_status(a).map(|s| ShareCounts::of(&s)))
+        .collect::<Result<_>>()?;
+    let share_counts = ShareCounts::sum(&statuses);
+    let table_changes = (0..args.lbs)
+        .map(|i| run.table_changes(i))
+        .max()
+        .unwrap_or(0);
+    let short_failed = run.short_failures().len();
+    eprintln!(
+        "  {with} sharing: {}; tables changed {table_changes} times; short: {}; share \
+         {share_counts:?}",
+        survival.summary(),
+        run.short.summary()
+    );
+    if survival.kept < survival.established {
+        eprintln!("{}", run.explain(&survival.lost));
+    }
+    for a in agents.into_iter().flatten() {
+        a.stop()?;
+    }
+    for i in 0..args.lbs {
+        lb_tests::spread::remove_pins(&world.instance(i));
+    }
+    Ok(Loss {
+        survival,
+        table_changes,
+        short_failed,
+        short_requests: run.short.total(),
+        share: share_counts,
+        cpu,
+    })
 }

@@ -14,6 +14,15 @@
 //! The protocol is HTTP/1.0: one request (a request line and headers, whatever they
 //! say), one response `HTTP/1.0 200 OK` whose body is the backend's name, then close.
 //!
+//! One exception, for long-lived connections: a request for [`HOLD_PATH`]
+//! (`GET /hold HTTP/1.0`) is answered with a head without a length and the backend's
+//! name on a line; from then on every line the client sends is answered with the name
+//! on a line, until the client closes (or sends nothing for [`HOLD_IDLE`]). A held
+//! connection is not emulated load: it takes no slot and is in none of the request
+//! metrics (in-flight, latency, codes) nor in `accepted`/`served`/`failed`; it is
+//! counted in [`BackendCounts::holds`] and [`BackendCounts::held`] only. In fail-fast
+//! mode a hold request is refused like any request (a 503, counted as one).
+//!
 //! A backend listens on:
 //! - the VIP, port 80 (on the backend's `lo`, as direct server return needs): the
 //!   application, with the capacity above;
@@ -56,6 +65,10 @@ pub const BUCKETS: [f64; 14] = [
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most bytes of request head read.
 const MAX_REQUEST: usize = 8192;
+/// The path of a long-lived request (see the module's documentation).
+pub const HOLD_PATH: &str = "/hold";
+/// How long a held connection may stay silent before the backend closes it.
+pub const HOLD_IDLE: Duration = Duration::from_secs(60);
 
 /// What a backend is: its name (the response body) and its capacity.
 #[derive(Clone, Debug, PartialEq)]
@@ -173,6 +186,10 @@ pub struct BackendCounts {
     pub probes: u64,
     /// Requests to the metrics endpoint.
     pub scrapes: u64,
+    /// Long-lived ([`HOLD_PATH`]) connections opened.
+    pub holds: u64,
+    /// Long-lived connections open now.
+    pub held: u64,
     /// Requests queued or in service now.
     pub in_flight: u64,
     /// Slot-seconds spent serving so far (in-service requests count up to now).
@@ -197,6 +214,8 @@ struct Inner {
     failed: u64,
     probes: u64,
     scrapes: u64,
+    holds: u64,
+    held: u64,
     codes: BTreeMap<u16, u64>,
     buckets: [u64; BUCKETS.len()],
     sum: f64,
@@ -288,6 +307,8 @@ impl Shared {
             failed: inner.failed,
             probes: inner.probes,
             scrapes: inner.scrapes,
+            holds: inner.holds,
+            held: inner.held,
             in_flight: inner.active.len() as u64,
             busy_slot_s: busy_ns as f64 / 1e9,
             uptime_s: uptime_ns as f64 / 1e9,
@@ -407,6 +428,8 @@ impl EmulatedBackend {
                 failed: 0,
                 probes: 0,
                 scrapes: 0,
+                holds: 0,
+                held: 0,
                 codes: BTreeMap::new(),
                 buckets: [0; BUCKETS.len()],
                 sum: 0.0,
@@ -587,6 +610,12 @@ async fn accept_loop(listener: TcpListener, kind: Kind, shared: Arc<Shared>) {
 /// Reads a request head; returns its first line, or `None` when the peer sent
 /// nothing complete (closed, timed out, or too long).
 async fn read_request(stream: &mut TcpStream) -> Option<String> {
+    read_head(stream).await.map(|(line, _)| line)
+}
+
+/// Reads a request head; returns its first line and the bytes that came after the
+/// head, or `None` as [`read_request`].
+async fn read_head(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 1024];
     let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
@@ -599,9 +628,18 @@ async fn read_request(stream: &mut TcpStream) -> Option<String> {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if text.contains("\r\n\r\n") || text.contains("\n\n") {
-            return Some(text.lines().next().unwrap_or("").to_owned());
+        let end = [&b"\r\n\r\n"[..], b"\n\n"]
+            .iter()
+            .filter_map(|sep| {
+                buf.windows(sep.len())
+                    .position(|w| w == *sep)
+                    .map(|i| i + sep.len())
+            })
+            .min();
+        if let Some(end) = end {
+            let text = String::from_utf8_lossy(&buf[..end]);
+            let line = text.lines().next().unwrap_or("").to_owned();
+            return Some((line, buf[end..].to_vec()));
         }
         if buf.len() > MAX_REQUEST {
             return None;
@@ -626,8 +664,17 @@ async fn respond(stream: &mut TcpStream, text: &str, record: impl FnOnce(bool)) 
 }
 
 async fn app(mut stream: TcpStream, accepted_at: Instant, shared: &Shared) {
+    let head = read_head(&mut stream).await;
+    let hold = head
+        .as_ref()
+        .and_then(|(line, _)| line.split_whitespace().nth(1))
+        .is_some_and(|path| path == HOLD_PATH);
+    if hold && !shared.controls.fail_fast() {
+        let rest = head.map(|(_, rest)| rest).unwrap_or_default();
+        return held(stream, rest, shared).await;
+    }
     shared.lock().accepted += 1;
-    if read_request(&mut stream).await.is_none() {
+    if head.is_none() {
         shared.finish(None, accepted_at, 400, false);
         return;
     }
@@ -652,6 +699,39 @@ async fn app(mut stream: TcpStream, accepted_at: Instant, shared: &Shared) {
         shared.finish(Some(id), accepted_at, 200, written)
     })
     .await;
+}
+
+/// A long-lived connection: the head, the name, then the name for every line the
+/// client sends (`rest`: what came after the request head), until it closes.
+async fn held(mut stream: TcpStream, rest: Vec<u8>, shared: &Shared) {
+    {
+        let mut inner = shared.lock();
+        inner.holds += 1;
+        inner.held += 1;
+    }
+    let answer = format!("{}\n", shared.name);
+    let head = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{answer}");
+    let mut pending = rest;
+    let mut chunk = [0u8; 1024];
+    if stream.write_all(head.as_bytes()).await.is_ok() {
+        'conn: loop {
+            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                pending.drain(..=i);
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    break 'conn;
+                }
+            }
+            if pending.len() > MAX_REQUEST {
+                break;
+            }
+            match tokio::time::timeout(HOLD_IDLE, stream.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => pending.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+    }
+    let _ = stream.shutdown().await;
+    shared.lock().held -= 1;
 }
 
 async fn probe(mut stream: TcpStream, shared: &Shared) {

@@ -9,6 +9,8 @@
 //!   namespace with `slots` concurrent requests of a fixed service time (times a
 //!   slowdown factor set at run time), a FIFO queue beyond that, a "fail fast" mode
 //!   and Prometheus metrics (`app_*` and a node-exporter-style CPU counter).
+//! - [`hold`]: [`hold::HoldClients`], long-lived connections to the backends
+//!   (`GET /hold`), each pinging on its own interval, every answer recorded.
 //! - [`loadgen`]: [`loadgen::LoadGen`], Poisson arrivals at a rate that may change
 //!   over time, one new TCP connection per request, never waiting for responses
 //!   (open loop); every request recorded with its scheduled start.
@@ -23,6 +25,7 @@
 //! 198.18.0.0/15 only, no default route, all removed on drop and on SIGINT/SIGTERM.
 
 pub mod backend;
+pub mod hold;
 pub mod loadgen;
 pub mod report;
 pub mod scenario;
