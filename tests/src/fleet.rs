@@ -509,8 +509,8 @@ impl ShareCounts {
             flows_received: n("flows_received"),
             flows_inserted: n("flows_inserted"),
             bytes_sent: n("bytes_sent"),
-            dropped: n("dropped"),
-            refused: n("refused"),
+            dropped: n("ring_full") + n("peer_slow"),
+            refused: n("flows_refused"),
         }
     }
 
@@ -538,19 +538,19 @@ impl ShareCounts {
     }
 }
 
-/// The peers of an LB's flow sharing (`share.peers`): (node, connected,
-/// dump_complete).
+/// The peers of an LB's flow sharing (`share.peers`, by node): (node, connected
+/// both ways, each side's dump sent and received).
 pub fn share_peers(status: &Value) -> Vec<(String, bool, bool)> {
     status["share"]["peers"]
-        .as_array()
+        .as_object()
         .map(|peers| {
             peers
                 .iter()
-                .map(|p| {
+                .map(|(node, p)| {
                     (
-                        p["node"].as_str().unwrap_or_default().to_owned(),
-                        p["connected"] == true,
-                        p["dump_complete"] == true,
+                        node.clone(),
+                        p["sending"] == true && p["receiving"] == true,
+                        p["dump_sent"] == true && p["dump_received"] == true,
                     )
                 })
                 .collect()

@@ -733,6 +733,7 @@ fn a_deposed_leader_cannot_publish() {
         node: "a".into(),
         lease_s: 5,
         tls: None,
+        share_listen: None,
     };
     let epoch = |leader: &str| EpochRecord {
         epoch: 0,
