@@ -708,7 +708,21 @@ mod tests {
                 nodes_other_config: 0,
                 published: 0,
                 fenced: 1,
-                share: None,
+                share: Some(crate::share::ShareState {
+                    reported: 21,
+                    flows_inserted: 22,
+                    peer_slow: 23,
+                    bytes_sent: 24,
+                    peers: [(
+                        "lb-b".to_owned(),
+                        crate::share::PeerState {
+                            sending: true,
+                            ..Default::default()
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                }),
             }),
             readiness: crate::api::Readiness::ready(),
         }
@@ -731,6 +745,13 @@ mod tests {
             "lb_cluster_epoch_lag_seconds 0.05",
             r#"lb_cluster_nodes{state="other_table"} 1"#,
             "lb_cluster_publications_fenced_total 1",
+            "lb_ready 1",
+            r#"lb_share_flows_total{event="reported"} 21"#,
+            r#"lb_share_flows_total{event="inserted"} 22"#,
+            r#"lb_share_unshared_total{reason="peer_slow"} 23"#,
+            "lb_share_sent_bytes_total 24",
+            r#"lb_share_peers{direction="sending"} 1"#,
+            r#"lb_share_peers{direction="receiving"} 0"#,
             r#"lb_datapath_passed_total{reason="not_ip"} 11"#,
             r#"lb_datapath_passed_total{reason="not_vip"} 12"#,
             r#"lb_datapath_passed_total{reason="fragment"} 13"#,

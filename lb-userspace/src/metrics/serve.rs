@@ -453,6 +453,34 @@ mod tests {
         assert!(refused.is_err(), "{refused:?}");
     }
 
+    /// `/ready` follows the snapshot's readiness: 503 naming what it waits for, then 200.
+    #[tokio::test]
+    async fn ready_says_what_it_waits_for() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (publish, snapshot) = watch::channel(MetricsSnapshot {
+            readiness: crate::api::Readiness {
+                ready: false,
+                waiting_for: vec!["the flows of lb-b".into()],
+            },
+            ..MetricsSnapshot::default()
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, snapshot, async {
+            let _ = stopped.await;
+        }));
+        let get = b"GET /ready HTTP/1.1\r\n\r\n";
+        let answer = exchange(addr, get).await.unwrap();
+        assert_eq!(code(&answer), "503", "{answer}");
+        assert!(answer.ends_with("not ready: waiting for the flows of lb-b\n"), "{answer}");
+        publish.send_modify(|s| s.readiness = crate::api::Readiness::ready());
+        let answer = exchange(addr, get).await.unwrap();
+        assert_eq!(code(&answer), "200", "{answer}");
+        assert!(answer.ends_with("ready\n"), "{answer}");
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+
     #[tokio::test]
     async fn other_paths_get_404_and_other_methods_405() {
         let server = start(LIMITS).await;

@@ -244,21 +244,20 @@ async fn run(
     };
     let mut peers = peers::Peers::new(shared.clone());
     tokio::spawn(peers::accept(listener, shared));
-    let mut fleet = fleet;
+    let mut fleet = Some(fleet);
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if let Some(fleet) = &mut fleet {
+        peers.follow(members(&fleet.borrow_and_update(), &me.node));
+    }
     loop {
         tokio::select! {
-            changed = fleet.changed() => {
-                if changed.is_err() {
+            changed = changed(&mut fleet) => {
+                match (changed, &mut fleet) {
+                    (true, Some(f)) => peers.follow(members(&f.borrow_and_update(), &me.node)),
                     // The etcd session is gone for good: keep the peers known.
-                    std::future::pending::<()>().await;
+                    _ => fleet = None,
                 }
-                let members = fleet.borrow_and_update().nodes.iter()
-                    .filter_map(|(node, (record, _))| Some((node.clone(), record.share?)))
-                    .filter(|(node, _)| *node != me.node)
-                    .collect();
-                peers.follow(members);
             }
             _ = drain.tick() => {
                 let mut flows = Vec::new();
@@ -289,6 +288,25 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// The other LBs that share flows, by node: their sharing address from etcd.
+fn members(fleet: &FleetState, me: &str) -> BTreeMap<String, SocketAddr> {
+    fleet
+        .nodes
+        .iter()
+        .filter(|(node, _)| node.as_str() != me)
+        .filter_map(|(node, (record, _))| Some((node.clone(), record.share?)))
+        .collect()
+}
+
+/// Waits until the fleet's members may have changed (forever once the session is
+/// gone); false when it just went.
+async fn changed(fleet: &mut Option<watch::Receiver<FleetState>>) -> bool {
+    match fleet {
+        Some(f) => f.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

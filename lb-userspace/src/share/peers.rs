@@ -337,10 +337,9 @@ async fn receive_from(shared: Shared, stream: TcpStream, from: SocketAddr) {
     let result: Result<(), PeerError> = async {
         while let Some(bytes) = input.next().await {
             let frame = Frame::decode(bytes?)?;
-            let ids = shared.ids.borrow().clone();
             super::receive(
                 &shared.tables,
-                &ids,
+                &shared.ids.borrow(),
                 &frame.flows,
                 frame.dump,
                 &shared.state,
