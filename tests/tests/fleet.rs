@@ -25,7 +25,10 @@ use lb_tests::{
     netns::{Netns, unique_prefix},
     spread::{Agent, remove_pins, run_command},
     survive::{self, Event, Leave, LossSpec},
-    testbed::loadgen::{LoadGen, LoadSpec},
+    testbed::{
+        hold::{HoldClients, HoldSpec},
+        loadgen::{LoadGen, LoadSpec},
+    },
 };
 use lb_userspace::{
     cluster::{
@@ -789,4 +792,111 @@ fn a_deposed_leader_cannot_publish() {
     })
     .unwrap();
     drop(server);
+}
+
+/// `GET /ready` on an LB's metrics endpoint (127.0.0.1:9432 in its namespace): the
+/// status code and the body.
+fn ready_endpoint(world: &FleetWorld, i: usize) -> (String, String) {
+    let answer = world
+        .topo
+        .load_balancer(i)
+        .ns()
+        .run_in(|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9432")?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.write_all(b"GET /ready HTTP/1.0\r\n\r\n")?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            Ok(answer)
+        })
+        .unwrap()
+        .unwrap();
+    let code = answer.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (code, body)
+}
+
+/// Issue 19, a joining LB: it says it is not ready (`/ready` 503, naming what it
+/// waits for) until it holds the fleet's epoch and every other LB's flows, and once
+/// ready it carries the flows that began on the others, across a table change made
+/// after they began, when the router sends it all the traffic.
+#[test]
+fn a_joining_lb_is_ready_only_once_it_holds_the_fleets_flows() {
+    let world = FleetWorld::build(FleetSpec::new(3)).unwrap();
+    let mut agents: Vec<Option<Agent>> = (0..2)
+        .map(|i| Some(world.start_lb_with(i, &world.share_line(i)).unwrap()))
+        .chain([None])
+        .collect();
+    world.route_via(&[0, 1]).unwrap();
+    if let Err(e) = wait_sharing(&live(&agents), 1, Duration::from_secs(30)) {
+        fail(&mut agents, e);
+    }
+    let clients = HoldClients::start(&world.client, HoldSpec::new(world.vip())).unwrap();
+    clients.open(60).unwrap();
+    // The table moves under the open connections: a fleet hold.
+    let b0 = world.topo.backend(0).ipv4().to_string();
+    let before = agreed(&live(&agents), 1).unwrap().unwrap_or(1);
+    agents[0]
+        .as_ref()
+        .unwrap()
+        .ctl(&["weight", "set", &b0, "5"])
+        .unwrap();
+    wait_for("the hold applied", Duration::from_secs(15), || {
+        agreed(&live(&agents), before + 1)
+    })
+    .unwrap_or_else(|e| fail(&mut agents, e));
+
+    // LB 2 starts cut off from etcd: not ready, and /ready says why.
+    world.cut_from_etcd(2, true).unwrap();
+    agents[2] = Some(world.start_lb_with(2, &world.share_line(2)).unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, body) = ready_endpoint(&world, 2);
+    assert_eq!(code, "503", "{body}");
+    assert!(body.contains("etcd"), "{body}");
+    let s = cluster_status(agents[2].as_ref().unwrap()).unwrap();
+    assert_eq!(s["ready"], false, "{s}");
+    world.cut_from_etcd(2, false).unwrap();
+    let statuses = wait_sharing(&live(&agents), 2, Duration::from_secs(30))
+        .unwrap_or_else(|e| fail(&mut agents, e));
+    // `/ready` follows within a second (the metrics' refresh).
+    wait_for("/ready says 200", Duration::from_secs(3), || {
+        Ok((ready_endpoint(&world, 2).0 == "200").then_some(()))
+    })
+    .unwrap_or_else(|e| fail(&mut agents, e));
+    let joined = ShareCounts::of(&statuses[2]);
+    eprintln!("join: lb-2 share {joined:?}");
+    assert!(
+        joined.flows_inserted >= 60,
+        "the joining LB holds the open connections' flows: {joined:?}"
+    );
+
+    // All traffic to the newcomer: every connection keeps its backend.
+    world.route_via(&[2]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let held = clients.stop().unwrap();
+    let lost: Vec<String> = held
+        .iter()
+        .filter(|h| !h.kept())
+        .map(|h| h.describe())
+        .collect();
+    assert_eq!(held.len(), 60);
+    if !lost.is_empty() {
+        fail(
+            &mut agents,
+            anyhow::anyhow!(
+                "{} of 60 connections lost their backend:\n{}",
+                lost.len(),
+                lost.join("\n")
+            ),
+        );
+    }
+    for (i, a) in agents.into_iter().enumerate() {
+        if let Some(a) = a {
+            a.stop().unwrap();
+        }
+        remove_pins(&world.instance(i));
+    }
 }

@@ -472,7 +472,10 @@ mod tests {
         let get = b"GET /ready HTTP/1.1\r\n\r\n";
         let answer = exchange(addr, get).await.unwrap();
         assert_eq!(code(&answer), "503", "{answer}");
-        assert!(answer.ends_with("not ready: waiting for the flows of lb-b\n"), "{answer}");
+        assert!(
+            answer.ends_with("not ready: waiting for the flows of lb-b\n"),
+            "{answer}"
+        );
         publish.send_modify(|s| s.readiness = crate::api::Readiness::ready());
         let answer = exchange(addr, get).await.unwrap();
         assert_eq!(code(&answer), "200", "{answer}");
