@@ -43,6 +43,8 @@ const LB_BIN: &str = "/usr/local/bin/lb";
 const UNIT: &str = "deploy/systemd/lb@.service";
 const KUBERNETES_DIR: &str = "deploy/kubernetes";
 const BIRD_CONF: &str = "deploy/bird/bird.conf";
+/// The script that announces the VIPs only while the agent is ready.
+const BIRD_READY: &str = "deploy/bird/lb-ready";
 
 /// Runs the three checks, printing one line for each, and fails naming every file
 /// whose check failed.
@@ -196,7 +198,19 @@ fn check_bird(root: &Path) -> anyhow::Result<String> {
             out.text.trim_end()
         );
     }
-    Ok(format!("bird -p -c parsed it ({version})"))
+    // The announcing script beside it: parsed by the shell that runs it.
+    let out = captured(
+        Command::new("/bin/sh")
+            .args(["-n", BIRD_READY])
+            .current_dir(root),
+    )
+    .context("running sh -n")?;
+    if !out.success {
+        bail!("sh -n refused {BIRD_READY}:\n{}", out.text.trim_end());
+    }
+    Ok(format!(
+        "bird -p -c parsed it ({version}); sh -n parsed {BIRD_READY}"
+    ))
 }
 
 /// The pinned `kubernetes-validate` in its venv under `.tools/`, installed there from
