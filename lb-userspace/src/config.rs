@@ -157,10 +157,19 @@ pub struct Cluster {
     pub lease_s: u64,
     /// TLS towards etcd; `None`: plain `http://` endpoints.
     pub tls: Option<ClusterTls>,
-    /// Flow sharing: this LB's own address and port, where the other LBs send it
-    /// their flows (told to them through etcd). `None`: no sharing, and a flow whose
-    /// LB leaves keeps its backend only if the table did not move since it began.
-    pub share_listen: Option<std::net::SocketAddr>,
+    /// Flow sharing: where the other LBs send this one their flows (told to them
+    /// through etcd). `None`: no sharing, and a flow whose LB leaves keeps its
+    /// backend only if the table did not move since it began.
+    pub share_listen: Option<ShareListen>,
+}
+
+/// `cluster.share_listen`: an address and port, or only a port (`":7947"`) on the
+/// address of the interface the agent attaches to (the same file then serves every
+/// LB, as in the Kubernetes example).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShareListen {
+    Address(std::net::SocketAddr),
+    Port(u16),
 }
 
 /// `[cluster.tls]`: the CA that signed etcd's certificate, and this LB's client
@@ -323,14 +332,26 @@ fn check_cluster(raw: Option<RawCluster>) -> Result<Option<Cluster>, ConfigError
     }))
 }
 
-/// `cluster.share_listen`: an address the other LBs can reach, with a port.
-fn check_share_listen(text: &str) -> Result<std::net::SocketAddr, ConfigError> {
+/// `cluster.share_listen`: an address the other LBs can reach, with a port, or a
+/// port alone (`":7947"`).
+fn check_share_listen(text: &str) -> Result<ShareListen, ConfigError> {
     const FIELD: &str = "cluster.share_listen";
+    if let Some(port) = text.strip_prefix(':') {
+        return match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(ShareListen::Port(p)),
+            _ => Err(invalid(
+                FIELD,
+                format!("{text:?}: the port must be 1 to 65535"),
+            )),
+        };
+    }
     let addr: std::net::SocketAddr = text.parse().map_err(|_| {
         invalid(
             FIELD,
             format!(
-                "{text:?} is not an address and port like \"198.18.0.2:7947\" or \"[fd00::2]:7947\""
+                "{text:?} is not an address and port like \"198.18.0.2:7947\" or \
+                 \"[fd00::2]:7947\", or a port alone like \":7947\" (on the address of \
+                 the interface the agent attaches to)"
             ),
         )
     })?;
@@ -340,7 +361,7 @@ fn check_share_listen(text: &str) -> Result<std::net::SocketAddr, ConfigError> {
             format!("{text:?}: give this LB's own address and a port: the other LBs connect to it"),
         ));
     }
-    Ok(addr)
+    Ok(ShareListen::Address(addr))
 }
 
 /// The `[control]` section: the control loop's tuning (see `policy::Params`).
@@ -1035,7 +1056,17 @@ weight = 1
         .unwrap()
         .cluster
         .unwrap();
-        assert_eq!(c.share_listen, Some("[fd00::2]:7947".parse().unwrap()));
+        assert_eq!(
+            c.share_listen,
+            Some(ShareListen::Address("[fd00::2]:7947".parse().unwrap()))
+        );
+        let c = Config::parse(&with(
+            "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nshare_listen = \":7947\"",
+        ))
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(c.share_listen, Some(ShareListen::Port(7947)));
         // Without a node name, the host name.
         let c = Config::parse(&with(
             "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"edge\"\n",
@@ -1081,6 +1112,10 @@ weight = 1
             ),
             (
                 "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nshare_listen = \"0.0.0.0:7947\"",
+                "cluster.share_listen",
+            ),
+            (
+                "endpoints = [\"http://198.18.0.9:2379\"]\nname = \"e\"\nshare_listen = \":0\"",
                 "cluster.share_listen",
             ),
             (

@@ -109,13 +109,11 @@ impl Fleet {
     /// entries, listens on `listener` and follows the fleet's members.
     pub fn start_sharing(
         &mut self,
+        listen: std::net::SocketAddr,
         listener: std::net::TcpListener,
         dataplane: &mut crate::dataplane::Dataplane,
         desired: &crate::desired::Desired,
     ) -> Result<(), AgentError> {
-        let Some(listen) = self.cluster.share_listen else {
-            return Ok(());
-        };
         let maps = dataplane.take_shared_flows()?;
         let me = crate::share::Identity {
             cluster: self.cluster.name.clone(),
@@ -396,7 +394,7 @@ impl Agent {
             epoch_applied: fleet.applied,
             written_ms: now_ms(),
             vips,
-            share: fleet.cluster.share_listen,
+            share: fleet.share.as_ref().and_then(|h| h.state.borrow().listen),
         })
     }
 

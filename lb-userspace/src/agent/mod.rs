@@ -84,6 +84,17 @@ pub enum AgentError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("starting the etcd session's thread")]
     Session(#[source] std::io::Error),
+    #[error(
+        "[cluster] share_listen gives only a port, and interface {iface:?} has no IPv4 or \
+         global IPv6 address to listen on: give the address too"
+    )]
+    ShareNoAddress { iface: String },
+    #[error("reading the addresses of interface {iface:?} for [cluster] share_listen")]
+    ShareInterface {
+        iface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("binding the flow-sharing address {addr} ([cluster] share_listen)")]
     ShareListen {
         addr: std::net::SocketAddr,
@@ -164,8 +175,10 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         .cluster
         .as_ref()
         .and_then(|c| c.share_listen)
-        .map(|addr| {
+        .map(|listen| {
+            let addr = share_address(listen, &opts.iface)?;
             std::net::TcpListener::bind(addr)
+                .map(|l| (addr, l))
                 .map_err(|source| AgentError::ShareListen { addr, source })
         })
         .transpose()?;
@@ -192,8 +205,8 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         .clone()
         .map(fleet::Fleet::start)
         .transpose()?;
-    if let (Some(fleet), Some(listener)) = (&mut fleet, share_listener) {
-        fleet.start_sharing(listener, &mut started.dataplane, &started.desired)?;
+    if let (Some(fleet), Some((addr, listener))) = (&mut fleet, share_listener) {
+        fleet.start_sharing(addr, listener, &mut started.dataplane, &started.desired)?;
     }
     let agent = Agent {
         opts,
@@ -506,6 +519,69 @@ fn check_interface(iface: &str) -> Result<u32, AgentError> {
         return Err(AgentError::NoInterface(iface.to_owned()));
     }
     Ok(index)
+}
+
+/// The address flow sharing listens on: as configured, or for a port alone, the
+/// first IPv4 address of `iface` (the interface the agent attaches to), else its
+/// first IPv6 address that is not link-local.
+fn share_address(
+    listen: crate::config::ShareListen,
+    iface: &str,
+) -> Result<std::net::SocketAddr, AgentError> {
+    let port = match listen {
+        crate::config::ShareListen::Address(addr) => return Ok(addr),
+        crate::config::ShareListen::Port(port) => port,
+    };
+    let addresses = interface_addresses(iface).map_err(|source| AgentError::ShareInterface {
+        iface: iface.to_owned(),
+        source,
+    })?;
+    let v4 = addresses.iter().find(|a| a.is_ipv4());
+    let v6 = addresses
+        .iter()
+        .find(|a| matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) != 0xfe80));
+    v4.or(v6)
+        .map(|&ip| std::net::SocketAddr::new(ip, port))
+        .ok_or_else(|| AgentError::ShareNoAddress {
+            iface: iface.to_owned(),
+        })
+}
+
+/// Every address of interface `iface`, in the order the kernel lists them.
+fn interface_addresses(iface: &str) -> std::io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `list` is a valid place for the result; freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cursor = list;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freeifaddrs;
+        // its name is a NUL-terminated string, its address (when not null) a
+        // sockaddr of the family it says, which selects the cast.
+        unsafe {
+            let ifa = &*cursor;
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
+            if name.to_bytes() == iface.as_bytes() && !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        out.push(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cursor = ifa.ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
 }
 
 /// `lb detach`: removes an instance's pins, which detaches its program.
