@@ -92,6 +92,25 @@ pub struct LossSpec {
     pub seed: u64,
 }
 
+impl LossSpec {
+    /// The scenario of the test and the bench: `events`, the run ending `tail` after
+    /// the last; waves of 10 connections every 5 s, each pinging every 200-500 ms,
+    /// 50 short connections per second, and weights moving until the last event.
+    pub fn moving(events: Vec<Event>, tail: Duration, seed: u64) -> LossSpec {
+        let last = events.last().map_or(Duration::ZERO, |e| e.at);
+        LossSpec {
+            duration: last + tail,
+            wave_size: 10,
+            wave_every: Duration::from_secs(5),
+            ping: (Duration::from_millis(200), Duration::from_millis(500)),
+            short_rate: 50.0,
+            steps: moving_weights(last),
+            events,
+            seed,
+        }
+    }
+}
+
 /// Slowdown steps over `span` for three or more backends: backend 0 degrades and
 /// recovers, then backend 1, then backend 0 again, each in steps of `span / 16`, so
 /// that `ai` keeps moving weights.

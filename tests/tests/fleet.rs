@@ -502,14 +502,8 @@ fn established_flows_survive_an_lb_leaving_and_one_killed() {
         fail(&mut agents, e);
     }
     let (withdraw, kill) = (Duration::from_secs(120), Duration::from_secs(170));
-    let spec = LossSpec {
-        duration: kill + Duration::from_secs(15),
-        wave_size: 10,
-        wave_every: Duration::from_secs(5),
-        ping: (Duration::from_millis(200), Duration::from_millis(500)),
-        short_rate: 50.0,
-        steps: survive::moving_weights(kill),
-        events: vec![
+    let spec = LossSpec::moving(
+        vec![
             Event {
                 at: withdraw,
                 leave: Leave::Withdraw(vec![1, 2]),
@@ -522,8 +516,9 @@ fn established_flows_survive_an_lb_leaving_and_one_killed() {
                 },
             },
         ],
-        seed: 19,
-    };
+        Duration::from_secs(15),
+        19,
+    );
     let run = survive::run(&world, &mut agents, &spec).unwrap_or_else(|e| fail(&mut agents, e));
 
     // The weights moved: LB 2 (there all along) applied new tables several times.

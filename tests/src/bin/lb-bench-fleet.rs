@@ -535,19 +535,14 @@ fn lb_loss(args: &Args, share: bool) -> Result<Loss> {
 
     // The scenario: LB 0's route withdrawn at `--loss-s`.
     let at = Duration::from_secs_f64(args.loss_s);
-    let spec = LossSpec {
-        duration: at + Duration::from_secs(10),
-        wave_size: 10,
-        wave_every: Duration::from_secs(5),
-        ping: (Duration::from_millis(200), Duration::from_millis(500)),
-        short_rate: 50.0,
-        steps: survive::moving_weights(at),
-        events: vec![Event {
+    let spec = LossSpec::moving(
+        vec![Event {
             at,
             leave: Leave::Withdraw((1..args.lbs).collect()),
         }],
-        seed: args.seed,
-    };
+        Duration::from_secs(10),
+        args.seed,
+    );
     let run = survive::run(&world, &mut agents, &spec)?;
     let survival = run.survival(0);
     let statuses: Vec<ShareCounts> = live(&agents)
