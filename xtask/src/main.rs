@@ -130,8 +130,10 @@ enum Bench {
     },
     /// A fleet of LBs behind an ECMP router with a real etcd, `ai`, scenario S2:
     /// table agreement, apply lag, failover after the leader is killed, an etcd
-    /// outage under load, and p99 against one LB under the same load in the same run
-    /// (about 4 minutes). Writes target/bench/fleet.json. Needs root.
+    /// outage under load, p99 against one LB under the same load in the same run, and
+    /// the established connections that survive an LB withdrawn with flow sharing and
+    /// without it, with sharing's bytes per flow and agent CPU per 1,000 new flows/s
+    /// (about 9 minutes). Writes target/bench/fleet.json. Needs root.
     Fleet {
         /// Arguments for lb-bench-fleet (e.g. `--duration 30 --outage 10`, `--help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
