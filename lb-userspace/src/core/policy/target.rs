@@ -1,7 +1,6 @@
 //! The target stage: the weight each backend starts from the first time a policy
 //! sees it, and each policy's unnormalized target (`reactive`: Envoy's capacity;
-//! `ai`: that capacity scaled by how its predicted latency compares with the
-//! others').
+//! `ai`: that capacity, cut when its predicted latency is well above the others').
 
 use super::capacity::{capacities, with_errors, with_fallback};
 use super::{Input, Params, PolicyKind};
@@ -42,8 +41,8 @@ pub(super) fn targets(
         }
         PolicyKind::Ai => {
             // Headroom: what each backend has shown it can carry (Envoy's capacity,
-            // so that a backend failing fast does not look idle and huge), scaled by
-            // how its predicted latency compares with the others'.
+            // so that a backend failing fast does not look idle and huge), cut when
+            // its predicted latency is well above the others'.
             let capacity = with_fallback(&capacities(params.error_penalty, inputs), before);
             let preds = expected_latencies(params, inputs);
             let Some(reference) = weighted_median(&preds, before) else {
@@ -78,15 +77,19 @@ pub(super) fn expected_latencies(params: &Params, inputs: &[Input]) -> Vec<Optio
 
 /// How much `ai` scales a backend's shown capacity when its predicted latency is
 /// `ratio` times faster than the reference: 1 within the dead band (a factor of
-/// [`Params::latency_band`] either way, where differences between backends are
-/// mostly noise of their queues), and the ratio beyond the band's edge, to the
-/// power [`Params::gain`]. Continuous, so that a backend near the edge does not
-/// jump.
+/// [`Params::latency_band`], where differences between backends are mostly noise of
+/// their queues) and on the faster side, and beyond the band's slower edge the ratio
+/// to the power [`Params::gain`]. Continuous, so that a backend near the edge does not
+/// jump. Never above 1: a backend is given at most the capacity it has shown, however
+/// fast it answers. Answering faster than the median is what a backend with room does
+/// when the others queue (after a burst, the backends that drained first answered in
+/// a service time while the median was still queued, and raising them 10 to 900×
+/// their capacity moved every weight of the pool); its capacity already says how
+/// much it can take.
 pub(super) fn latency_factor(params: &Params, ratio: f64) -> f64 {
     let band = params.latency_band.max(1.0).ln();
-    let x = ratio.ln();
-    let beyond = x.signum() * (x.abs() - band).max(0.0);
-    (beyond * params.gain).exp()
+    let slower = -ratio.ln();
+    (-(slower - band).max(0.0) * params.gain).exp()
 }
 
 /// The median of the known `values`, each counted with its weight: the smallest
@@ -123,7 +126,10 @@ mod tests {
         assert_eq!(latency_factor(&p, 1.0 / 2.9), 1.0);
         // Four times slower than the reference: a third of the band's edge.
         assert!((latency_factor(&p, 0.25) - 0.75).abs() < 1e-12);
-        assert!((latency_factor(&p, 6.0) - 2.0).abs() < 1e-12);
+        assert!((latency_factor(&p, 1.0 / 6.0) - 0.5).abs() < 1e-12);
+        // Faster, however much, never raises a backend above its shown capacity.
+        assert_eq!(latency_factor(&p, 6.0), 1.0);
+        assert_eq!(latency_factor(&p, 1000.0), 1.0);
     }
 
     #[test]
