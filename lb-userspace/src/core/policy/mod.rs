@@ -14,7 +14,8 @@
 //!   capacity (Envoy's figure above), cut when its predicted latency is well above
 //!   the traffic-weighted median prediction (`target::latency_factor`: 1 within a
 //!   factor of [`Params::latency_band`] and on the faster side, the ratio beyond the
-//!   slower edge; never more than the capacity shown), where the prediction
+//!   slower edge; never more than the capacity shown; not for a queue it is working
+//!   off by itself, `target::drains_by_itself`), where the prediction
 //!   (made worse by the backend's error rate, `capacity::with_errors`) is one control
 //!   interval ahead, from the model while it beats the baselines, else from the best
 //!   baseline (the caller says which). Without observations a backend's capacity is
