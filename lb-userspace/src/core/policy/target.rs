@@ -105,8 +105,9 @@ pub(super) fn latency_factor(params: &Params, ratio: f64) -> f64 {
 
 /// Whether each backend is draining a queue that is the past: it is strained (busy
 /// working the queue off), a new request there would wait (`in_flight / shown`)
-/// less than half what its predicted latency says (the queue has at least halved
-/// since the requests it answers arrived), and what is left drains by itself within
+/// less than half the observed latency of the requests it answered (the queue has at
+/// least halved since they arrived; the prediction, from a model that has seen
+/// bursts, can already be lower than that), and what is left drains by itself within
 /// [`DRAIN_S`] (the time `ai` gives a shed backend's backlog) at the rate its weight
 /// sends it requests: `in_flight ≤ (shown − arrivals) · DRAIN_S`. The arrivals are its
 /// weight times the responses per second per unit of weight of the backends that are
@@ -145,7 +146,7 @@ fn drains_by_itself(
             let (Some(in_flight), Some(c)) = (i.in_flight.filter(|v| v.is_finite()), *c) else {
                 return false;
             };
-            let shrunk = i.predicted_s.is_some_and(|p| in_flight / c < p / 2.0);
+            let shrunk = i.latency_s.is_some_and(|l| in_flight / c < l / 2.0);
             shrunk && strained(params, i) && in_flight <= (c - rate * w as f64) * DRAIN_S
         })
         .collect()
@@ -191,9 +192,10 @@ mod tests {
         assert_eq!(latency_factor(&p, 1000.0), 1.0);
     }
 
-    /// Four backends at half load; the first busy with `in_flight` requests and
-    /// predicted `predicted_s` (the others 3 ms): its target against another's.
-    fn draining(in_flight: f64, predicted_s: f64) -> f64 {
+    /// Four backends at half load; the first busy with `in_flight` requests, its
+    /// answered requests `latency_s` old, predicted `predicted_s` (the others 3 ms):
+    /// its target against another's.
+    fn draining(in_flight: f64, latency_s: f64, predicted_s: f64) -> f64 {
         let p = Params {
             interval_s: 0.5,
             ..Params::default()
@@ -204,6 +206,7 @@ mod tests {
                 qps: Some(if k == 0 { 1600.0 } else { 800.0 }),
                 utilisation: Some(if k == 0 { 1.0 } else { 0.5 }),
                 in_flight: Some(if k == 0 { in_flight } else { 2.0 }),
+                latency_s: Some(if k == 0 { latency_s } else { 0.003 }),
                 predicted_s: Some(if k == 0 { predicted_s } else { 0.003 }),
                 ..Input::default()
             })
@@ -217,11 +220,13 @@ mod tests {
         // 400 in flight at 1,600/s: a new request waits 0.25 s, a quarter of what
         // its answered requests took, and at 800/s of arrivals the queue is gone
         // in half a second. It keeps its capacity (as much as the others').
-        assert!((draining(400.0, 1.0) - 1.0).abs() < 1e-9);
+        assert!((draining(400.0, 1.0, 1.0) - 1.0).abs() < 1e-9);
+        // The same when the model already predicts less than the observed latency.
+        assert!((draining(400.0, 1.0, 0.3) - 1.0).abs() < 1e-9);
         // A queue that has not shrunk (a new request waits 0.625 s of 1 s) is cut.
-        assert!(draining(1000.0, 1.0) < 0.01);
-        // Nor one that would outlast the drain time (1,800 in flight, 2.25 s).
-        assert!(draining(1800.0, 4.0) < 0.01);
+        assert!(draining(1000.0, 1.0, 1.0) < 0.01);
+        // So is one that would outlast the drain time (1,800 in flight, 2.25 s).
+        assert!(draining(1800.0, 4.0, 4.0) < 0.01);
     }
 
     #[test]
