@@ -7,7 +7,9 @@
 //! ai), all policies of a seed seeing the very same requests. The table shows the
 //! median over seeds of each figure (the testbed's definitions, see the `sim` module);
 //! a reaction time shows how many seeds reached it when some did not. A second table
-//! shows why the adaptive policies do what they do: how often the move budget and the
+//! shows the slots moved per minute in each of a scenario's phases (`Scenario::phases`:
+//! S2's steady first third, its slowdown, its recovery; S4's bursts and the calm
+//! between them), a third why the adaptive policies do what they do: how often the move budget and the
 //! floor bound them, and how the predictors fared.
 //!
 //! Environment: `LB_SIM_SEEDS` (3), `LB_SIM_DURATION_S` (90), `LB_SIM_BACKENDS`
@@ -98,6 +100,12 @@ fn main() {
                     r.wall_s,
                     r.sim_requests_per_s / 1e6
                 );
+                let phases: Vec<String> = r
+                    .phases
+                    .iter()
+                    .map(|ph| format!("{} {:.0}", ph.name, ph.slots_moved_per_min))
+                    .collect();
+                eprintln!("    moved/min by phase: {}", phases.join(", "));
                 reports.push(r);
             }
         }
@@ -145,6 +153,7 @@ fn main() {
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     let mut summary = Vec::new();
+    let mut phase_rows = Vec::new();
     for ((scenario, p), runs) in &groups {
         let policy = POLICIES[*p];
         let m = |f: &dyn Fn(&SimReport) -> Option<f64>| median(runs.iter().map(|r| f(r)));
@@ -172,6 +181,16 @@ fn main() {
                 (None, _) => format!("never ({reached}/{})", runs.len()),
             }
         };
+        // Every run of a scenario has the same phases, in the same order.
+        let phases: Vec<_> = runs[0]
+            .phases
+            .iter()
+            .enumerate()
+            .map(|(i, ph)| {
+                let moved = m(&|r| r.phases.get(i).map(|x| x.slots_moved_per_min));
+                (ph.name, ph.seconds, moved)
+            })
+            .collect();
         let rf = reaction(&|r| r.reaction_s);
         let rt = reaction(&|r| r.reaction_table_s);
         let _ = writeln!(
@@ -200,7 +219,23 @@ fn main() {
             "reaction_table_s": runs.iter().map(|r| r.reaction_table_s).collect::<Vec<_>>(),
             "slots_moved_per_min": moved, "offered_rate": offered,
             "sim_requests_per_s": speed,
+            "phases": phases.iter().map(|(name, seconds, moved)| json!({
+                "name": name, "seconds": seconds, "slots_moved_per_min": moved,
+            })).collect::<Vec<_>>(),
         }));
+        phase_rows.push((*scenario, policy, phases));
+    }
+    let _ = writeln!(
+        out,
+        "\n### Slots moved per minute in each phase (medians over seeds)\n\n\
+         | scenario | policy | phase (s of the run): slots moved/min |\n|---|---|---|"
+    );
+    for (scenario, policy, phases) in &phase_rows {
+        let cells: Vec<String> = phases
+            .iter()
+            .map(|(name, seconds, moved)| format!("{name} ({seconds:.0} s): {}", fmt(*moved, 0)))
+            .collect();
+        let _ = writeln!(out, "| {scenario} | {policy} | {} |", cells.join(" · "));
     }
     let _ = writeln!(
         out,

@@ -13,7 +13,10 @@ use lb_common::types::{FAMILY_V4, FlowKey, PROTO_TCP};
 use super::histogram::Histogram;
 use super::rng::Rng;
 use super::scenario::{Change, Scenario};
-use super::{Little, ModelStats, ServiceDist, SimParams, SimReport, TableUpdate, TickPoint, worst};
+use super::{
+    Little, ModelStats, PhaseMoves, ServiceDist, SimParams, SimReport, TableUpdate, TickPoint,
+    worst,
+};
 use lb_userspace::core::BackendId;
 use lb_userspace::core::control::{Backends, Observation, Table, VipControl};
 use lb_userspace::core::model::{self, BackendModel, Forecast, Load, ModelError};
@@ -750,6 +753,26 @@ impl<'a> Sim<'a> {
         let reactions_s = self.reactions(true);
         let reactions_table_s = self.reactions(false);
         let slots_moved: u64 = self.updates.iter().map(|u| u.slots).sum();
+        let phases = self
+            .scenario
+            .phases
+            .iter()
+            .map(|phase| {
+                let seconds = phase.seconds();
+                let slots: u64 = self
+                    .updates
+                    .iter()
+                    .filter(|u| phase.holds(u.t))
+                    .map(|u| u.slots)
+                    .sum();
+                PhaseMoves {
+                    name: phase.name,
+                    seconds,
+                    slots_moved: slots,
+                    slots_moved_per_min: slots as f64 / (seconds.max(1e-9) / 60.0),
+                }
+            })
+            .collect();
         let errors = self.failed_fast + self.timeouts;
         let mut model = None;
         if self.kind == PolicyKind::Ai {
@@ -796,6 +819,7 @@ impl<'a> Sim<'a> {
             reactions_table_s,
             slots_moved,
             slots_moved_per_min: slots_moved as f64 / (d / 60.0),
+            phases,
             updates: self.updates,
             policy_steps: self.policy_steps,
             budget_limited_steps: self.budget_limited_steps,

@@ -73,7 +73,10 @@
 //! holding a few hundred slots, the table's own rounding (up to 262 slots per backend
 //! at 65537, see [`lb_userspace::core::maglev::accuracy_band`]) would decide a per-backend test.
 //! The same from the table instead of the flows is `reaction_table_s`. Slots moved
-//! are counted between consecutive tables (the testbed estimates them from weights).
+//! are counted between consecutive tables (the testbed estimates them from weights),
+//! over the run and in each of the scenario's phases ([`Scenario::phases`]: S2's
+//! steady first third, its slowdown and its recovery; S4's bursts and the calm between
+//! them), where an update belongs to the phase its time falls in.
 //!
 //! Besides the testbed's figures, `p99_all_s` is the p99 of all requests with the
 //! failed ones counted as the slowest: the testbed's p99 is of successful requests
@@ -101,7 +104,7 @@ mod tests;
 
 pub use histogram::Histogram;
 pub use rng::Rng;
-pub use scenario::{Change, Event, Scenario, ScenarioId};
+pub use scenario::{Change, Event, Phase, Scenario, ScenarioId};
 
 use lb_userspace::config::Control;
 use lb_userspace::core::policy::PolicyKind;
@@ -226,6 +229,17 @@ pub struct TickPoint {
     pub slots_moved: u64,
 }
 
+/// The table slots moved in one phase of a run ([`Scenario::phases`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PhaseMoves {
+    pub name: &'static str,
+    /// Seconds of the run the phase covers.
+    pub seconds: f64,
+    /// Slots moved by the table updates made in it, and per minute of it.
+    pub slots_moved: u64,
+    pub slots_moved_per_min: f64,
+}
+
 /// The figures of Little's law: in a steady state, `mean_in_system` ≈
 /// `arrival_rate × mean_time_in_system_s`. Only requests that take a server count.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -297,6 +311,8 @@ pub struct SimReport {
     /// Slots moved over all table rebuilds, and per simulated minute.
     pub slots_moved: u64,
     pub slots_moved_per_min: f64,
+    /// The same in each of the scenario's phases, in their order.
+    pub phases: Vec<PhaseMoves>,
     pub updates: Vec<TableUpdate>,
     /// Policy runs, those limited by the move budget, and backend-runs raised to the
     /// floor.

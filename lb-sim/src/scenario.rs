@@ -87,6 +87,36 @@ pub struct Event {
     pub change: Change,
 }
 
+/// A named part of a run, for the figures given per phase (slots moved): the
+/// spans of time `(from, to]` it covers, seconds since the start. A control
+/// tick at `t` decides on the interval that ends at `t`, so it belongs to the span
+/// that holds `t` (a tick at the very start of a slowdown still saw the steady
+/// state).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phase {
+    pub name: &'static str,
+    pub spans: Vec<(f64, f64)>,
+}
+
+impl Phase {
+    fn new(name: &'static str, spans: Vec<(f64, f64)>) -> Phase {
+        Phase { name, spans }
+    }
+
+    /// Whether time `t` falls in one of its spans.
+    pub fn holds(&self, t: f64) -> bool {
+        self.spans.iter().any(|&(from, to)| from < t && t <= to)
+    }
+
+    /// Seconds it covers.
+    pub fn seconds(&self) -> f64 {
+        self.spans
+            .iter()
+            .map(|&(from, to)| (to - from).max(0.0))
+            .sum()
+    }
+}
+
 /// One scenario, for one set of parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scenario {
@@ -108,6 +138,10 @@ pub struct Scenario {
     /// failing ones, or the smallest in S1), as a function of time; see
     /// [`Scenario::watched_at`].
     watched: Vec<(f64, Vec<usize>)>,
+    /// The run in parts that do not overlap and cover it: before, during and after
+    /// a change (S2, S5), before the first burst, the bursts and the calm between
+    /// them (S4), the first hot spot and its moves (S3), the whole run (S1).
+    pub phases: Vec<Phase>,
 }
 
 impl Scenario {
@@ -128,6 +162,21 @@ impl Scenario {
         let constant = |load: f64| vec![(0.0, load * capacity)];
         let mut events = Vec::new();
         let mut watched = Vec::new();
+        let thirds = || {
+            vec![
+                Phase::new("steady", vec![(0.0, d / 3.0)]),
+                Phase::new(
+                    if id == ScenarioId::S5 {
+                        "failing"
+                    } else {
+                        "slow"
+                    },
+                    vec![(d / 3.0, 2.0 * d / 3.0)],
+                ),
+                Phase::new("recovered", vec![(2.0 * d / 3.0, d)]),
+            ]
+        };
+        let mut phases = vec![Phase::new("all", vec![(0.0, d)])];
         let rate = match id {
             ScenarioId::S1 => {
                 watched.push((0.0, (0..n).filter(|&i| units[i] == 1).collect()));
@@ -147,6 +196,7 @@ impl Scenario {
                     });
                 }
                 watched.push((0.0, quarter(0)));
+                phases = thirds();
                 constant(0.7)
             }
             ScenarioId::S3 => {
@@ -175,18 +225,31 @@ impl Scenario {
                     watched.push((at, quarter(phase % 4)));
                     phase += 1;
                 }
+                let first = period.min(d);
+                phases = vec![
+                    Phase::new("first spot", vec![(0.0, first)]),
+                    Phase::new("moves", vec![(first, d)]),
+                ];
                 constant(0.7)
             }
             ScenarioId::S4 => {
                 let (base, spike) = (0.5 * capacity, 1.3 * capacity);
                 let (first, period, len) = (d / 6.0, d / 3.0, d / 12.0);
                 let mut rate = vec![(0.0, base)];
+                let (mut bursts, mut calm) = (Vec::new(), Vec::new());
                 let mut start = first;
                 while start < d {
                     rate.push((start, spike));
                     rate.push((start + len, base));
+                    bursts.push((start, (start + len).min(d)));
+                    calm.push(((start + len).min(d), (start + period).min(d)));
                     start += period;
                 }
+                phases = vec![
+                    Phase::new("before bursts", vec![(0.0, first.min(d))]),
+                    Phase::new("bursts", bursts),
+                    Phase::new("between bursts", calm),
+                ];
                 rate
             }
             ScenarioId::S5 => {
@@ -203,6 +266,7 @@ impl Scenario {
                     });
                 }
                 watched.push((0.0, quarter(0)));
+                phases = thirds();
                 constant(0.6)
             }
         };
@@ -216,6 +280,7 @@ impl Scenario {
             duration_s: d,
             unit_rate,
             watched,
+            phases,
         }
     }
 

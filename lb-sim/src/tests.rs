@@ -203,3 +203,29 @@ fn ai_settles_when_nothing_changes() {
     );
     assert!(early > late, "early {early:.4}, late {late:.4}");
 }
+
+#[test]
+fn phases_cover_the_run_once_and_add_up_to_its_moves() {
+    let p = SimParams {
+        duration_s: 12.0,
+        ..small()
+    };
+    for id in ScenarioId::ALL {
+        let s = Scenario::new(id, &p);
+        let seconds: f64 = s.phases.iter().map(Phase::seconds).sum();
+        assert!((seconds - p.duration_s).abs() < 1e-9, "{id}: {seconds}");
+        for j in 1..=24 {
+            let t = j as f64 * 0.5;
+            let holding = s.phases.iter().filter(|ph| ph.holds(t)).count();
+            assert_eq!(holding, 1, "{id} at {t}");
+        }
+    }
+    let s2 = Scenario::new(ScenarioId::S2, &p);
+    let names: Vec<_> = s2.phases.iter().map(|ph| ph.name).collect();
+    assert_eq!(names, ["steady", "slow", "recovered"]);
+    // The tick at the slowdown decides on the steady interval before it.
+    assert!(s2.phases[0].holds(4.0) && s2.phases[1].holds(4.5));
+    let r = run(ScenarioId::S2, PolicyKind::Reactive, 3, &p);
+    let by_phase: u64 = r.phases.iter().map(|ph| ph.slots_moved).sum();
+    assert_eq!(by_phase, r.slots_moved);
+}

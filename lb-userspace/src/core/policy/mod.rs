@@ -11,9 +11,11 @@
 //!   robin: `qps / (utilisation + error_penalty · errors/qps)`, from the last interval's
 //!   observations; backends without observations keep their configured share.
 //! - `ai`: weights from predicted headroom. Each backend's target is its shown
-//!   capacity (Envoy's figure above) scaled by how its predicted latency compares
-//!   with the traffic-weighted median prediction (`target::latency_factor`: 1 within
-//!   a factor of [`Params::latency_band`], the ratio beyond it), where the prediction
+//!   capacity (Envoy's figure above), cut when its predicted latency is well above
+//!   the traffic-weighted median prediction (`target::latency_factor`: 1 within a
+//!   factor of [`Params::latency_band`] and on the faster side, the ratio beyond the
+//!   slower edge; never more than the capacity shown; not for a queue it is working
+//!   off by itself, `target::drains_by_itself`), where the prediction
 //!   (made worse by the backend's error rate, `capacity::with_errors`) is one control
 //!   interval ahead, from the model while it beats the baselines, else from the best
 //!   baseline (the caller says which). Without observations a backend's capacity is

@@ -1,9 +1,9 @@
 //! The target stage: the weight each backend starts from the first time a policy
 //! sees it, and each policy's unnormalized target (`reactive`: Envoy's capacity;
-//! `ai`: that capacity scaled by how its predicted latency compares with the
-//! others').
+//! `ai`: that capacity, cut when its predicted latency is well above the others').
 
-use super::capacity::{capacities, with_errors, with_fallback};
+use super::capacity::{capacities, strained, with_errors, with_fallback};
+use super::shed::DRAIN_S;
 use super::{Input, Params, PolicyKind};
 
 /// The weight each backend starts from the first time a policy sees it (in
@@ -42,17 +42,27 @@ pub(super) fn targets(
         }
         PolicyKind::Ai => {
             // Headroom: what each backend has shown it can carry (Envoy's capacity,
-            // so that a backend failing fast does not look idle and huge), scaled by
-            // how its predicted latency compares with the others'.
-            let capacity = with_fallback(&capacities(params.error_penalty, inputs), before);
+            // so that a backend failing fast does not look idle and huge), cut when
+            // its predicted latency is well above the others'.
+            let shown = capacities(params.error_penalty, inputs);
+            let capacity = with_fallback(&shown, before);
             let preds = expected_latencies(params, inputs);
             let Some(reference) = weighted_median(&preds, before) else {
                 return capacity;
             };
+            let drained = drains_by_itself(params, inputs, &shown, before);
             preds
                 .iter()
                 .zip(capacity)
-                .map(|(p, c)| match p {
+                .enumerate()
+                .map(|(k, (p, c))| match p {
+                    // Its latency is a queue it is working off by itself: it will
+                    // answer like the others, errors still counted.
+                    Some(_) if drained[k] => {
+                        let raw = inputs[k].predicted_s.unwrap_or(reference);
+                        let p = with_errors(params, &inputs[k], raw.min(reference));
+                        c * latency_factor(params, reference / p)
+                    }
                     Some(p) => c * latency_factor(params, reference / p),
                     None => c,
                 })
@@ -78,15 +88,68 @@ pub(super) fn expected_latencies(params: &Params, inputs: &[Input]) -> Vec<Optio
 
 /// How much `ai` scales a backend's shown capacity when its predicted latency is
 /// `ratio` times faster than the reference: 1 within the dead band (a factor of
-/// [`Params::latency_band`] either way, where differences between backends are
-/// mostly noise of their queues), and the ratio beyond the band's edge, to the
-/// power [`Params::gain`]. Continuous, so that a backend near the edge does not
-/// jump.
+/// [`Params::latency_band`], where differences between backends are mostly noise of
+/// their queues) and on the faster side, and beyond the band's slower edge the ratio
+/// to the power [`Params::gain`]. Continuous, so that a backend near the edge does not
+/// jump. Never above 1: a backend is given at most the capacity it has shown, however
+/// fast it answers. Answering faster than the median is what a backend with room does
+/// when the others queue (after a burst, the backends that drained first answered in
+/// a service time while the median was still queued, and raising them 10 to 900×
+/// their capacity moved every weight of the pool); its capacity already says how
+/// much it can take.
 pub(super) fn latency_factor(params: &Params, ratio: f64) -> f64 {
     let band = params.latency_band.max(1.0).ln();
-    let x = ratio.ln();
-    let beyond = x.signum() * (x.abs() - band).max(0.0);
-    (beyond * params.gain).exp()
+    let slower = -ratio.ln();
+    (-(slower - band).max(0.0) * params.gain).exp()
+}
+
+/// Whether each backend is draining a queue that is the past: it is strained (busy
+/// working the queue off), a new request there would wait (`in_flight / shown`)
+/// less than half the observed latency of the requests it answered (the queue has at
+/// least halved since they arrived; the prediction, from a model that has seen
+/// bursts, can already be lower than that), and what is left drains by itself within
+/// [`DRAIN_S`] (the time `ai` gives a shed backend's backlog) at the rate its weight
+/// sends it requests: `in_flight ≤ (shown − arrivals) · DRAIN_S`. The arrivals are its
+/// weight times the responses per second per unit of weight of the backends that are
+/// not strained (their responses are their arrivals; a backend draining a queue
+/// answers faster than it receives), or of all backends when every one is. After a
+/// burst every backend drains the queue it built, and they finish a second or two
+/// apart: the last ones answer old requests late while the median is back to a
+/// service time, and a cut for that latency landed after their queue was gone, then
+/// took many updates to win back.
+fn drains_by_itself(
+    params: &Params,
+    inputs: &[Input],
+    shown: &[Option<f64>],
+    before: &[u32],
+) -> Vec<bool> {
+    let per_weight = |pick: &dyn Fn(&Input) -> bool| -> Option<f64> {
+        let (mut qps, mut weight) = (0.0, 0.0);
+        for (i, &w) in inputs.iter().zip(before) {
+            if let Some(q) = i.qps.filter(|q| q.is_finite() && *q >= 0.0)
+                && pick(i)
+            {
+                qps += q;
+                weight += w as f64;
+            }
+        }
+        (weight > 0.0).then(|| qps / weight)
+    };
+    let Some(rate) = per_weight(&|i| !strained(params, i)).or_else(|| per_weight(&|_| true)) else {
+        return vec![false; inputs.len()];
+    };
+    inputs
+        .iter()
+        .zip(shown)
+        .zip(before)
+        .map(|((i, c), &w)| {
+            let (Some(in_flight), Some(c)) = (i.in_flight.filter(|v| v.is_finite()), *c) else {
+                return false;
+            };
+            let shrunk = i.latency_s.is_some_and(|l| in_flight / c < l / 2.0);
+            shrunk && strained(params, i) && in_flight <= (c - rate * w as f64) * DRAIN_S
+        })
+        .collect()
 }
 
 /// The median of the known `values`, each counted with its weight: the smallest
@@ -123,7 +186,47 @@ mod tests {
         assert_eq!(latency_factor(&p, 1.0 / 2.9), 1.0);
         // Four times slower than the reference: a third of the band's edge.
         assert!((latency_factor(&p, 0.25) - 0.75).abs() < 1e-12);
-        assert!((latency_factor(&p, 6.0) - 2.0).abs() < 1e-12);
+        assert!((latency_factor(&p, 1.0 / 6.0) - 0.5).abs() < 1e-12);
+        // Faster, however much, never raises a backend above its shown capacity.
+        assert_eq!(latency_factor(&p, 6.0), 1.0);
+        assert_eq!(latency_factor(&p, 1000.0), 1.0);
+    }
+
+    /// Four backends at half load; the first busy with `in_flight` requests, its
+    /// answered requests `latency_s` old, predicted `predicted_s` (the others 3 ms):
+    /// its target against another's.
+    fn draining(in_flight: f64, latency_s: f64, predicted_s: f64) -> f64 {
+        let p = Params {
+            interval_s: 0.5,
+            ..Params::default()
+        };
+        let inputs: Vec<Input> = (0..4)
+            .map(|k| Input {
+                healthy: true,
+                qps: Some(if k == 0 { 1600.0 } else { 800.0 }),
+                utilisation: Some(if k == 0 { 1.0 } else { 0.5 }),
+                in_flight: Some(if k == 0 { in_flight } else { 2.0 }),
+                latency_s: Some(if k == 0 { latency_s } else { 0.003 }),
+                predicted_s: Some(if k == 0 { predicted_s } else { 0.003 }),
+                ..Input::default()
+            })
+            .collect();
+        let t = targets(PolicyKind::Ai, &p, &inputs, &[1000; 4]);
+        t[0] / t[1]
+    }
+
+    #[test]
+    fn a_queue_that_drains_by_itself_is_no_reason_to_cut() {
+        // 400 in flight at 1,600/s: a new request waits 0.25 s, a quarter of what
+        // its answered requests took, and at 800/s of arrivals the queue is gone
+        // in half a second. It keeps its capacity (as much as the others').
+        assert!((draining(400.0, 1.0, 1.0) - 1.0).abs() < 1e-9);
+        // The same when the model already predicts less than the observed latency.
+        assert!((draining(400.0, 1.0, 0.3) - 1.0).abs() < 1e-9);
+        // A queue that has not shrunk (a new request waits 0.625 s of 1 s) is cut.
+        assert!(draining(1000.0, 1.0, 1.0) < 0.01);
+        // So is one that would outlast the drain time (1,800 in flight, 2.25 s).
+        assert!(draining(1800.0, 4.0, 4.0) < 0.01);
     }
 
     #[test]
