@@ -21,7 +21,9 @@
 //! - **slots moved per minute**: for each pair of successive samples (1 s apart),
 //!   the ideal share of the lookup table that moves between the two weight vectors
 //!   (half the sum of absolute share changes) × 65537, summed and divided by the
-//!   sampled minutes. Changes that reverse within one second are not seen.
+//!   sampled minutes. Changes that reverse within one second are not seen. Also per
+//!   third of the run (a pair counts in the third its later sample falls in): the
+//!   phases of S2 and S5 are thirds (steady, changed, recovered).
 //! - **non-SYN misses**: the datapath's `conn_miss_non_syn` at the end of the run
 //!   (each run has a fresh agent and datapath).
 
@@ -67,6 +69,8 @@ pub struct RunMetrics {
     pub reaction_weights_s: Option<f64>,
     /// Lookup-table slots moved per minute.
     pub slots_moved_per_min: f64,
+    /// The same in each third of the run.
+    pub slots_moved_per_min_by_third: [f64; 3],
     /// Non-SYN connection-table misses.
     pub conn_miss_non_syn: u64,
     /// Backend-seconds the agent called a backend unhealthy (samples × backends).
@@ -165,16 +169,21 @@ impl RunMetrics {
             .collect();
         let util_max = utilisation.iter().copied().fold(0.0, f64::max);
         let util_mean = utilisation.iter().sum::<f64>() / utilisation.len().max(1) as f64;
+        let (start, end) = match (run.samples.first(), run.samples.last()) {
+            (Some(a), Some(b)) if b.t > a.t => (a.t, b.t),
+            _ => (0.0, 60.0),
+        };
+        let span_min = (end - start) / 60.0;
         let mut moved = 0.0;
+        let mut by_third = [0.0; 3];
         for pair in run.samples.windows(2) {
             if let (Some(a), Some(b)) = (weight_shares(&pair[0]), weight_shares(&pair[1])) {
-                moved += a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f64>() / 2.0;
+                let share = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f64>() / 2.0;
+                moved += share;
+                let third = ((pair[1].t - start) / (end - start) * 3.0).ceil() as usize;
+                by_third[third.clamp(1, 3) - 1] += share;
             }
         }
-        let span_min = match (run.samples.first(), run.samples.last()) {
-            (Some(a), Some(b)) if b.t > a.t => (b.t - a.t) / 60.0,
-            _ => 1.0,
-        };
         let reactions_s = reactions(scenario, &run.samples, true);
         let latencies = load.ok_latencies();
         RunMetrics {
@@ -197,6 +206,7 @@ impl RunMetrics {
             reactions_s,
             reaction_weights_s: worst(&reactions(scenario, &run.samples, false)),
             slots_moved_per_min: moved * TABLE_SIZE / span_min,
+            slots_moved_per_min_by_third: by_third.map(|m| m * TABLE_SIZE / (span_min / 3.0)),
             conn_miss_non_syn: run.samples.last().map_or(0, |s| s.conn_miss_non_syn),
             unhealthy_samples: run
                 .samples
@@ -229,6 +239,7 @@ impl RunMetrics {
             "reactions_s": self.reactions_s,
             "reaction_weights_s": self.reaction_weights_s,
             "slots_moved_per_min": self.slots_moved_per_min,
+            "slots_moved_per_min_by_third": self.slots_moved_per_min_by_third,
             "conn_miss_non_syn": self.conn_miss_non_syn,
             "unhealthy_samples": self.unhealthy_samples,
             "offered_rate": self.offered_rate,
@@ -241,7 +252,7 @@ impl RunMetrics {
     /// A one-line summary for the progress output.
     pub fn summary(&self) -> String {
         format!(
-            "p50 {} p99 {} p99.9 {} err {:.2}% util max {:.0}% mean {:.0}% reaction {} moved {:.0}/min misses {} unhealthy {}",
+            "p50 {} p99 {} p99.9 {} err {:.2}% util max {:.0}% mean {:.0}% reaction {} moved {:.0}/min (thirds {:.0}/{:.0}/{:.0}) misses {} unhealthy {}",
             ms(self.p50_s),
             ms(self.p99_s),
             ms(self.p999_s),
@@ -251,6 +262,9 @@ impl RunMetrics {
             self.reaction_s
                 .map_or("-".to_owned(), |r| format!("{r:.1}s")),
             self.slots_moved_per_min,
+            self.slots_moved_per_min_by_third[0],
+            self.slots_moved_per_min_by_third[1],
+            self.slots_moved_per_min_by_third[2],
             self.conn_miss_non_syn,
             self.unhealthy_samples
         )
@@ -353,6 +367,8 @@ pub struct Summary {
     /// How many of the runs reacted in time.
     pub reacted: usize,
     pub slots_moved_per_min: Option<f64>,
+    /// Medians of each third's figure.
+    pub slots_moved_per_min_by_third: [Option<f64>; 3],
     pub conn_miss_non_syn: Option<f64>,
 }
 
@@ -387,6 +403,8 @@ impl Summary {
             ),
             reacted: runs.iter().filter(|r| r.reaction_s.is_some()).count(),
             slots_moved_per_min: m(&|r| Some(r.slots_moved_per_min)),
+            slots_moved_per_min_by_third: [0, 1, 2]
+                .map(|t| m(&|r| Some(r.slots_moved_per_min_by_third[t]))),
             conn_miss_non_syn: m(&|r| Some(r.conn_miss_non_syn as f64)),
         }
     }
@@ -405,6 +423,7 @@ impl Summary {
             "reaction_weights_s": self.reaction_weights_s,
             "reacted": self.reacted,
             "slots_moved_per_min": self.slots_moved_per_min,
+            "slots_moved_per_min_by_third": self.slots_moved_per_min_by_third,
             "conn_miss_non_syn": self.conn_miss_non_syn,
         })
     }
@@ -540,11 +559,11 @@ pub fn table(scenario: &Scenario, rows: &[(PolicyKind, Summary)]) -> String {
     if reaction {
         out += " reaction s (flows) | reacted | reaction s (weights) |";
     }
-    out += " slots moved/min | non-SYN misses |\n|---|---|---|---|---|---|---|---|---|";
+    out += " slots moved/min | by third | non-SYN misses |\n|---|---|---|---|---|---|---|---|---|";
     if reaction {
         out += "---|---|---|";
     }
-    out += "---|---|\n";
+    out += "---|---|---|\n";
     for (policy, s) in rows {
         let _ = write!(
             out,
@@ -574,8 +593,11 @@ pub fn table(scenario: &Scenario, rows: &[(PolicyKind, Summary)]) -> String {
         }
         let _ = writeln!(
             out,
-            " {} | {} |",
+            " {} | {} | {} |",
             opt(s.slots_moved_per_min, |v| format!("{v:.0}")),
+            s.slots_moved_per_min_by_third
+                .map(|t| opt(t, |v| format!("{v:.0}")))
+                .join(" / "),
             opt(s.conn_miss_non_syn, |v| format!("{v:.0}")),
         );
     }
