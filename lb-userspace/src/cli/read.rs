@@ -466,4 +466,44 @@ mod tests {
         assert!(text.contains("weight 1 is 3,333 of them"), "{text}");
         assert!(text.contains("12.30 ms by svr"), "{text}");
     }
+
+    #[test]
+    fn cluster_status_says_readiness_and_each_peers_sharing() {
+        let mut c = ClusterStatus {
+            enabled: true,
+            cluster: "edge".into(),
+            node: "lb-a".into(),
+            waiting_for: vec!["the flows of lb-b".into()],
+            ..ClusterStatus::default()
+        };
+        let text = cluster(&c);
+        assert!(text.contains("NOT ready: waiting for the flows of lb-b"), "{text}");
+        assert!(text.contains("flow sharing: off"), "{text}");
+        c.ready = true;
+        c.share = Some(crate::share::ShareState {
+            listen: Some("198.18.0.2:7947".parse().unwrap()),
+            reported: 5,
+            ring_full: 2,
+            peers: [(
+                "lb-b".to_owned(),
+                crate::share::PeerState {
+                    address: Some("198.18.0.3:7947".parse().unwrap()),
+                    sending: true,
+                    dump_sent: true,
+                    receiving: true,
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        });
+        let text = cluster(&c);
+        assert!(text.contains("ready: holds the fleet's state"), "{text}");
+        assert!(text.contains("flow sharing on 198.18.0.2:7947: reported 5"), "{text}");
+        assert!(text.contains("NOT shared: 2 (datapath ring full)"), "{text}");
+        assert!(
+            text.contains("peer lb-b 198.18.0.3:7947: to it streaming, from it dump under way"),
+            "{text}"
+        );
+    }
 }
