@@ -477,7 +477,10 @@ mod tests {
             ..ClusterStatus::default()
         };
         let text = cluster(&c);
-        assert!(text.contains("NOT ready: waiting for the flows of lb-b"), "{text}");
+        assert!(
+            text.contains("NOT ready: waiting for the flows of lb-b"),
+            "{text}"
+        );
         assert!(text.contains("flow sharing: off"), "{text}");
         c.ready = true;
         c.share = Some(crate::share::ShareState {
@@ -499,8 +502,14 @@ mod tests {
         });
         let text = cluster(&c);
         assert!(text.contains("ready: holds the fleet's state"), "{text}");
-        assert!(text.contains("flow sharing on 198.18.0.2:7947: reported 5"), "{text}");
-        assert!(text.contains("NOT shared: 2 (datapath ring full)"), "{text}");
+        assert!(
+            text.contains("flow sharing on 198.18.0.2:7947: reported 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("NOT shared: 2 (datapath ring full)"),
+            "{text}"
+        );
         assert!(
             text.contains("peer lb-b 198.18.0.3:7947: to it streaming, from it dump under way"),
             "{text}"
