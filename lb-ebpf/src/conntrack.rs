@@ -14,7 +14,7 @@
 
 use lb_common::{
     maps::programs::REFERENCE_KEY,
-    types::{CONN_CLOSING, ConnEntry, FAMILY_V4, PROTO_TCP},
+    types::{CONN_CLOSING, ConnEntry, FAMILY_V4},
 };
 
 use crate::{
@@ -62,8 +62,6 @@ pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Globa
     // A flow first seen by its FIN or RST (its entry lost) is closing already.
     let closing = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
     let entry = keys::Entry::new(backend_id, vip_id | closing);
-    // A TCP flow first seen without its SYN got the table's guess (see `share`).
-    let guessed = pkt.proto == PROTO_TCP && !pkt.tcp_syn;
     let failed = if pkt.family == FAMILY_V4 {
         let key = keys::ConnV4::new(pkt);
         let result = CONNS_V4
@@ -71,7 +69,7 @@ pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Globa
             .inspect_err(|&error| events::insert_failed_v4(key.key(), vip_id, error));
         if result.is_ok() && share::enabled() {
             // SAFETY: the key lives on this stack frame for the whole call.
-            unsafe { share::report_v4(key.key(), backend_id, vip_id, guessed) }
+            unsafe { share::report_v4(key.key(), backend_id, vip_id, share::guessed(pkt)) }
         }
         result.is_err()
     } else {
@@ -81,7 +79,7 @@ pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Globa
             .inspect_err(|&error| events::insert_failed_v6(key.key(), vip_id, error));
         if result.is_ok() && share::enabled() {
             // SAFETY: the key lives on this stack frame for the whole call.
-            unsafe { share::report_v6(key.key(), backend_id, vip_id, guessed) }
+            unsafe { share::report_v6(key.key(), backend_id, vip_id, share::guessed(pkt)) }
         }
         result.is_err()
     };

@@ -25,10 +25,14 @@
 
 use aya_ebpf::bindings::BPF_RB_NO_WAKEUP;
 use lb_common::types::{
-    ConnKeyV4, ConnKeyV6, FAMILY_V4, FAMILY_V6, SHARED_F_GUESSED, ShareStats, SharedFlow,
+    ConnKeyV4, ConnKeyV6, FAMILY_V4, FAMILY_V6, PROTO_TCP, SHARED_F_GUESSED, ShareStats,
+    SharedFlow,
 };
 
-use crate::maps::{SHARE_STATS, SHARED_FLOWS};
+use crate::{
+    maps::{SHARE_STATS, SHARED_FLOWS},
+    parse::Packet,
+};
 
 /// Non-zero: report new connection entries. Set by the agent at load time
 /// (`lb_common::maps::SHARE_FLOWS_GLOBAL`).
@@ -41,6 +45,13 @@ pub fn enabled() -> bool {
     // SAFETY: a plain read of an initialised static; volatile, so that the compiler
     // does not fold the default in and the verifier sees the loaded value.
     unsafe { core::ptr::read_volatile(&SHARE_FLOWS) != 0 }
+}
+
+/// Whether the datapath guessed the flow's backend: a TCP flow first seen without
+/// its SYN got the table's choice of now.
+#[inline(always)]
+pub fn guessed(pkt: &Packet) -> bool {
+    pkt.proto == PROTO_TCP && !pkt.tcp_syn
 }
 
 /// Reports an IPv4 entry. `guessed`: the flow was not seen to begin here.

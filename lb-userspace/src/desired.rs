@@ -86,6 +86,15 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
+/// The address [`addr_bytes`] gave these bytes and family tag.
+pub fn ip_of(bytes: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(*bytes)
+    }
+}
+
 /// The key of a configured VIP.
 pub fn vip_key(vip: &Vip) -> VipKey {
     let (addr, family) = addr_bytes(vip.address);

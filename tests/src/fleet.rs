@@ -238,6 +238,18 @@ impl FleetWorld {
         )
     }
 
+    /// Stops the agents still running and removes every LB's pins (a killed
+    /// agent's stay behind it).
+    pub fn stop_all(&self, agents: Vec<Option<Agent>>) -> Result<()> {
+        for a in agents.into_iter().flatten() {
+            a.stop()?;
+        }
+        for i in 0..self.spec.lbs {
+            crate::spread::remove_pins(&self.instance(i));
+        }
+        Ok(())
+    }
+
     /// Sends the VIP's traffic to the LBs numbered in `which` only (as BGP does when
     /// an LB withdraws its route).
     pub fn route_via(&self, which: &[usize]) -> Result<()> {
@@ -342,7 +354,13 @@ pub fn route(topo: &Topology, client: &Netns) -> Result<()> {
         "netns",
         client.name(),
     ])?;
-    router.ip(&["addr", "add", "198.18.10.254/24", "dev", &rif])?;
+    router.ip(&[
+        "addr",
+        "add",
+        &format!("{ROUTER_CLIENT_SIDE}/24"),
+        "dev",
+        &rif,
+    ])?;
     router.ip(&["link", "set", &rif, "up"])?;
     client.ip(&["link", "set", "lo", "up"])?;
     // One socket per request: the client must not run out of ports.
@@ -354,7 +372,7 @@ pub fn route(topo: &Topology, client: &Netns) -> Result<()> {
         "add",
         &format!("{VIP_V4}/32"),
         "via",
-        "198.18.10.254",
+        ROUTER_CLIENT_SIDE,
     ])?;
     router.sysctl(&[
         ("net/ipv4/ip_forward", "1"),
@@ -579,22 +597,36 @@ pub fn wait_sharing(agents: &[&Agent], peers: usize, timeout: Duration) -> Resul
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The fields after the command (which may hold spaces), from the 3rd (state):
-    // utime and stime are the 14th and 15th.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("a /proc stat without a command")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        fields
-            .get(i - 3)
-            .and_then(|f| f.parse::<u64>().ok())
-            .map(|t| t as f64)
-            .with_context(|| format!("field {i} of /proc/{pid}/stat"))
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    Ok((ticks(14)? + ticks(15)?) / hz)
+    let ticks = crate::versus::cpu::parse_task_ticks(&stat)
+        .with_context(|| format!("the times in /proc/{pid}/stat"))?;
+    Ok(ticks.own as f64 / crate::versus::cpu::ticks_per_second())
+}
+
+/// The running agents of `agents`.
+pub fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
+    agents.iter().flatten().collect()
+}
+
+/// Which of `agents` leads (exactly one must), by index.
+pub fn leader(agents: &[Option<Agent>]) -> Option<usize> {
+    let leading: Vec<usize> = agents
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.as_ref().map(|a| (i, a)))
+        .filter(|(_, a)| cluster_status(a).is_ok_and(|s| s["leading"] == true))
+        .map(|(i, _)| i)
+        .collect();
+    match leading.as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+/// The newest epoch `agent` has seen, and who published it.
+pub fn newest_epoch(agent: &Agent) -> Result<(u64, String)> {
+    let s = cluster_status(agent)?;
+    Ok((
+        s["epoch_newest"].as_u64().unwrap_or(0),
+        s["epoch_leader"].as_str().unwrap_or_default().to_owned(),
+    ))
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::fleet::{FleetWorld, ShareCounts, cluster_status, node_name};
+use crate::fleet::{FleetWorld, cluster_status, node_name};
 use crate::spread::Agent;
 use crate::testbed::hold::{Held, HoldClients, HoldSpec};
 use crate::testbed::loadgen::{LoadGen, LoadReport, LoadSpec, Outcome};
@@ -345,17 +345,6 @@ impl LossRun {
             })
             .collect()
     }
-
-    /// Flow sharing's counters summed over the LBs' last statuses.
-    pub fn share(&self) -> ShareCounts {
-        let counts: Vec<ShareCounts> = self
-            .last_status
-            .iter()
-            .flatten()
-            .map(ShareCounts::of)
-            .collect();
-        ShareCounts::sum(&counts)
-    }
 }
 
 /// Runs the scenario on `world`, whose agents (`agents[i]` is LB `i`) are running
@@ -459,6 +448,9 @@ pub fn run(world: &FleetWorld, agents: &mut [Option<Agent>], spec: &LossSpec) ->
                     let agent = agents[*lb]
                         .take()
                         .with_context(|| format!("{} is not running", node_name(*lb)))?;
+                    // The host dies: its agent and its route go at the same moment,
+                    // so the route changes before the agent is reaped; `kill` then
+                    // sends the (harmless) second SIGKILL and waits for the exit.
                     // SAFETY: a signal to our own child.
                     unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
                     world.route_via(route)?;

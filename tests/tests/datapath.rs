@@ -1518,8 +1518,7 @@ fn reported(maps: &mut lb_userspace::dataplane::SharedFlowMaps) -> Vec<SharedFlo
     let mut records = Vec::new();
     while let Some(item) = maps.ring.next() {
         assert_eq!(item.len(), std::mem::size_of::<SharedFlow>());
-        // SAFETY: the length was checked; a `SharedFlow` is plain data.
-        records.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<SharedFlow>()) });
+        records.push(lb_userspace::share::read_record(&item).expect("a whole record"));
     }
     records
 }

@@ -19,11 +19,11 @@ use std::{
 use lb_tests::{
     etcd::EtcdServer,
     fleet::{
-        FleetSpec, FleetWorld, ShareCounts, agreed, cluster_status, kernel_digests, node_name,
-        wait_for, wait_sharing,
+        FleetSpec, FleetWorld, ShareCounts, agreed, cluster_status, kernel_digests, leader, live,
+        newest_epoch, node_name, wait_for, wait_sharing,
     },
     netns::{Netns, unique_prefix},
-    spread::{Agent, remove_pins, run_command},
+    spread::{Agent, run_command},
     survive::{self, Event, Leave, LossSpec},
     testbed::{
         hold::{HoldClients, HoldSpec},
@@ -82,33 +82,6 @@ fn wait_weighted(agents: &mut [Option<Agent>], backend: &str, what: &str, secs: 
 fn fail(agents: &mut [Option<Agent>], e: anyhow::Error) -> ! {
     dump(agents);
     panic!("{e:#}")
-}
-
-/// Which of `agents` leads (exactly one must), by index.
-fn leader(agents: &[Option<Agent>]) -> Option<usize> {
-    let leading: Vec<usize> = agents
-        .iter()
-        .enumerate()
-        .filter_map(|(i, a)| a.as_ref().map(|a| (i, a)))
-        .filter(|(_, a)| cluster_status(a).is_ok_and(|s| s["leading"] == true))
-        .map(|(i, _)| i)
-        .collect();
-    match leading.as_slice() {
-        [one] => Some(*one),
-        _ => None,
-    }
-}
-
-fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
-    agents.iter().flatten().collect()
-}
-
-fn newest_epoch(agent: &Agent) -> (u64, String) {
-    let s = cluster_status(agent).unwrap();
-    (
-        s["epoch_newest"].as_u64().unwrap_or(0),
-        s["epoch_leader"].as_str().unwrap_or_default().to_owned(),
-    )
 }
 
 #[test]
@@ -376,11 +349,11 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
     })
     .unwrap_or_else(|e| fail(&mut agents, e));
     let killed = node_name(lead);
-    let (epoch_before, _) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap());
+    let (epoch_before, _) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap()).unwrap();
     let t0 = Instant::now();
     agents[lead].take().unwrap().kill(libc::SIGKILL).unwrap();
     let new_leader = wait_for("a new leader's epoch", Duration::from_secs(20), || {
-        let (n, by) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap());
+        let (n, by) = newest_epoch(agents[(lead + 1) % 3].as_ref().unwrap()).unwrap();
         Ok((n > epoch_before && by != killed).then_some(by))
     })
     .unwrap_or_else(|e| fail(&mut agents, e));
@@ -406,12 +379,12 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
     .unwrap_or_else(|e| fail(&mut agents, e));
     let frozen = node_name(lead);
     let other = agents[(lead + 1) % 3].as_ref().unwrap();
-    let (epoch_before, _) = newest_epoch(other);
+    let (epoch_before, _) = newest_epoch(other).unwrap();
     let pid = agents[lead].as_ref().unwrap().pid() as i32;
     // SAFETY: signals to our own child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let successor = wait_for("a successor's epoch", Duration::from_secs(20), || {
-        let (n, by) = newest_epoch(other);
+        let (n, by) = newest_epoch(other).unwrap();
         Ok((n > epoch_before && by != frozen).then_some((n, by)))
     });
     // SAFETY: as above.
@@ -420,7 +393,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
     std::thread::sleep(Duration::from_secs(3));
     let s = cluster_status(agents[lead].as_ref().unwrap()).unwrap();
     assert_eq!(s["leading"], false, "the deposed leader still leads: {s}");
-    let (n, by) = newest_epoch(other);
+    let (n, by) = newest_epoch(other).unwrap();
     assert!(
         n >= successor_epoch && by != frozen,
         "epoch {n} by {by} after {frozen} woke"
@@ -468,12 +441,7 @@ fn a_fleet_of_three_applies_one_decision_through_every_failure() {
         node_name(lead),
         t0.elapsed()
     );
-    for a in agents.into_iter().flatten() {
-        a.stop().unwrap();
-    }
-    for i in 0..3 {
-        remove_pins(&world.instance(i));
-    }
+    world.stop_all(agents).unwrap();
 }
 
 /// Issue 19: no established flow is lost when an LB leaves a fleet whose weights
@@ -598,12 +566,7 @@ fn established_flows_survive_an_lb_leaving_and_one_killed() {
         dump(&mut agents);
         panic!("{}", problems.join("\n"));
     }
-    for a in agents.into_iter().flatten() {
-        a.stop().unwrap();
-    }
-    for i in 0..3 {
-        remove_pins(&world.instance(i));
-    }
+    world.stop_all(agents).unwrap();
 }
 
 #[test]
@@ -889,10 +852,5 @@ fn a_joining_lb_is_ready_only_once_it_holds_the_fleets_flows() {
             ),
         );
     }
-    for (i, a) in agents.into_iter().enumerate() {
-        if let Some(a) = a {
-            a.stop().unwrap();
-        }
-        remove_pins(&world.instance(i));
-    }
+    world.stop_all(agents).unwrap();
 }

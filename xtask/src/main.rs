@@ -133,7 +133,7 @@ enum Bench {
     /// outage under load, p99 against one LB under the same load in the same run, and
     /// the established connections that survive an LB withdrawn with flow sharing and
     /// without it, with sharing's bytes per flow and agent CPU per 1,000 new flows/s
-    /// (about 9 minutes). Writes target/bench/fleet.json. Needs root.
+    /// (about 7 minutes). Writes target/bench/fleet.json. Needs root.
     Fleet {
         /// Arguments for lb-bench-fleet (e.g. `--duration 30 --outage 10`, `--help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

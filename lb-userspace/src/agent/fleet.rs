@@ -793,7 +793,7 @@ impl Agent {
         }
     }
 
-    /// Tells flow sharing the ids in force (after a start or a reload).
+    /// Tells flow sharing the ids in force (after a reload; it starts with them).
     pub(super) fn share_ids(&self) {
         if let Some(share) = self.fleet.as_ref().and_then(|f| f.share.as_ref()) {
             share.set_ids(crate::share::ids::FlowIds::of(&self.desired));

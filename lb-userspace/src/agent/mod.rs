@@ -401,7 +401,6 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                     Ok(()) => info!("SIGHUP: configuration reloaded"),
                     Err(e) => warn!(error = %crate::api::error_text(&e), "SIGHUP: reload refused, nothing changed"),
                 }
-                agent.share_ids();
             }
             Some((request, reply)) = requests.recv() => {
                 match agent.fleet_request(request) {
@@ -413,8 +412,6 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                     }
                     Err(request) => {
                         let _ = reply.send(agent.handle(request));
-                        // A reload may have changed the ids flows are shared by.
-                        agent.share_ids();
                     }
                 }
             }

@@ -418,6 +418,8 @@ impl Agent {
         self.overrides = overrides;
         self.control = control;
         self.desired = desired;
+        // The only change of ids: flow sharing names flows by them.
+        self.share_ids();
         Ok(answer)
     }
 }

@@ -5,11 +5,11 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::types::{
-    ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, SharedFlow, VipKey, addr_bytes, addr_words,
+    ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, SHARED_F_GUESSED, SharedFlow, VipKey,
 };
 
 use super::wire::Flow;
-use crate::desired::Desired;
+use crate::desired::{Desired, addr_bytes, ip_of};
 
 /// Ids both ways.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,45 +56,30 @@ impl FlowIds {
     /// The flow a datapath record stands for; `None` if its ids are not (or no
     /// longer) in the desired state.
     pub fn flow(&self, record: &SharedFlow) -> Option<Flow> {
-        let vip = *self.vips.get(&record.vip_id)?;
-        let backend = *self.backends.get(&record.backend_id)?;
-        let client = addr_bytes(&record.key.src);
-        let client = if record.family == FAMILY_V4 {
-            IpAddr::from(<[u8; 4]>::try_from(&client[..4]).expect("4 bytes"))
-        } else {
-            IpAddr::from(client)
+        let key = FlowKey {
+            family: record.family,
+            ..FlowKey::from(record.key)
         };
-        Some(Flow {
-            vip,
-            client,
-            client_port: u16::from_be(record.key.src_port_be),
-            backend,
-            guessed: record.flags & lb_common::types::SHARED_F_GUESSED != 0,
-        })
+        let guessed = record.flags & SHARED_F_GUESSED != 0;
+        self.named(&key, record.backend_id, record.vip_id, guessed)
     }
 
     /// The same for an entry of this LB's own tables (a dump).
     pub fn flow_of_entry(&self, entry: &Entry) -> Option<Flow> {
-        let (key, value, family) = match *entry {
-            Entry::V4(k, v) => (
-                ConnKeyV6 {
-                    src: [k.src, 0, 0, 0],
-                    dst: [k.dst, 0, 0, 0],
-                    src_port_be: k.src_port_be,
-                    dst_port_be: k.dst_port_be,
-                    proto: k.proto,
-                },
-                v,
-                FAMILY_V4,
-            ),
-            Entry::V6(k, v) => (k, v, lb_common::types::FAMILY_V6),
+        let (key, value) = match entry {
+            Entry::V4(k, v) => (FlowKey::from(*k), v),
+            Entry::V6(k, v) => (FlowKey::from(*k), v),
         };
-        self.flow(&SharedFlow {
-            key,
-            backend_id: value.backend_id,
-            vip_id: value.vip(),
-            family,
-            ..Default::default()
+        self.named(&key, value.backend_id, value.vip(), false)
+    }
+
+    fn named(&self, key: &FlowKey, backend_id: u32, vip_id: u32, guessed: bool) -> Option<Flow> {
+        Some(Flow {
+            vip: *self.vips.get(&vip_id)?,
+            client: ip_of(&key.src, key.family),
+            client_port: u16::from_be(key.src_port_be),
+            backend: *self.backends.get(&backend_id)?,
+            guessed,
         })
     }
 
@@ -106,39 +91,19 @@ impl FlowIds {
             .get(&(vip_id, flow.backend))
             .ok_or(Unknown::Backend)?;
         let value = ConnEntry { backend_id, vip_id };
-        let client = match flow.client {
-            IpAddr::V4(a) => {
-                let mut b = [0u8; 16];
-                b[..4].copy_from_slice(&a.octets());
-                b
-            }
-            IpAddr::V6(a) => a.octets(),
+        let key = FlowKey {
+            src: addr_bytes(flow.client).0,
+            dst: flow.vip.addr,
+            src_port_be: flow.client_port.to_be(),
+            dst_port_be: flow.vip.port_be,
+            proto: flow.vip.proto,
+            family: flow.vip.family,
+            _pad: [0; 2],
         };
-        let (src, dst) = (addr_words(&client), addr_words(&flow.vip.addr));
-        let (src_port_be, dst_port_be) = (flow.client_port.to_be(), flow.vip.port_be);
-        let proto = u32::from(flow.vip.proto);
-        Ok(if flow.vip.family == FAMILY_V4 {
-            Entry::V4(
-                ConnKeyV4 {
-                    src: src[0],
-                    dst: dst[0],
-                    src_port_be,
-                    dst_port_be,
-                    proto,
-                },
-                value,
-            )
+        Ok(if key.family == FAMILY_V4 {
+            Entry::V4(key.conn_key_v4(), value)
         } else {
-            Entry::V6(
-                ConnKeyV6 {
-                    src,
-                    dst,
-                    src_port_be,
-                    dst_port_be,
-                    proto,
-                },
-                value,
-            )
+            Entry::V6(key.conn_key_v6(), value)
         })
     }
 }

@@ -311,8 +311,8 @@ async fn changed(fleet: &mut Option<watch::Receiver<FleetState>>) -> bool {
 }
 
 /// One record of the ring, copied out (the ring's records are 8-byte aligned, but a
-/// copy costs nothing next to the rest).
-fn read_record(bytes: &[u8]) -> Option<SharedFlow> {
+/// copy costs nothing next to the rest); `None` if it is too short.
+pub fn read_record(bytes: &[u8]) -> Option<SharedFlow> {
     if bytes.len() < std::mem::size_of::<SharedFlow>() {
         return None;
     }

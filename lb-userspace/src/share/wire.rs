@@ -12,7 +12,9 @@
 
 use std::net::IpAddr;
 
-use lb_common::types::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipKey};
+use lb_common::types::{PROTO_TCP, PROTO_UDP, VipKey};
+
+use crate::desired::{addr_bytes, ip_of};
 
 /// The protocol's version, in [`Hello::version`]; a peer speaking another is refused.
 pub const VERSION: u32 = 1;
@@ -127,19 +129,13 @@ impl Flow {
             Ok(p @ (PROTO_TCP | PROTO_UDP)) => p,
             _ => return Err(BadFlow::Protocol(w.protocol)),
         };
-        let mut addr = [0u8; 16];
-        let bytes = octets(vip_addr);
-        addr[..bytes.len()].copy_from_slice(&bytes);
+        let (addr, family) = addr_bytes(vip_addr);
         Ok(Flow {
             vip: VipKey {
                 addr,
                 port_be: port(w.vip_port)?.to_be(),
                 proto,
-                family: if vip_addr.is_ipv4() {
-                    FAMILY_V4
-                } else {
-                    FAMILY_V6
-                },
+                family,
             },
             client,
             client_port: port(w.client_port)?,
@@ -150,11 +146,10 @@ impl Flow {
 
     /// The flow as it goes on the wire.
     pub fn to_wire(&self) -> WireFlow {
-        let vip_len = if self.vip.family == FAMILY_V4 { 4 } else { 16 };
         WireFlow {
             client: octets(self.client),
             client_port: u32::from(self.client_port),
-            vip: self.vip.addr[..vip_len].to_vec(),
+            vip: octets(ip_of(&self.vip.addr, self.vip.family)),
             vip_port: u32::from(u16::from_be(self.vip.port_be)),
             protocol: u32::from(self.vip.proto),
             backend: octets(self.backend),
@@ -166,6 +161,7 @@ impl Flow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::types::{FAMILY_V4, FAMILY_V6};
     use prost::Message;
 
     fn flow_v4() -> Flow {

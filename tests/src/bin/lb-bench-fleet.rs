@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lb_tests::fleet::{
-    FleetSpec, FleetWorld, ShareCounts, agreed, cluster_status, cpu_seconds, node_name, wait_for,
-    wait_sharing,
+    FleetSpec, FleetWorld, ShareCounts, agreed, cluster_status, cpu_seconds, leader, live,
+    newest_epoch, node_name, wait_for, wait_sharing,
 };
 use lb_tests::spread::{Agent, socket_of};
 use lb_tests::survive::{self, Event, Leave, LossSpec};
@@ -182,23 +182,6 @@ fn start_all(world: &FleetWorld) -> Result<Vec<Option<Agent>>> {
         .collect()
 }
 
-fn live(agents: &[Option<Agent>]) -> Vec<&Agent> {
-    agents.iter().flatten().collect()
-}
-
-fn leader(agents: &[Option<Agent>]) -> Option<usize> {
-    let leading: Vec<usize> = agents
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| {
-            a.as_ref()
-                .is_some_and(|a| cluster_status(a).is_ok_and(|s| s["leading"] == true))
-        })
-        .map(|(i, _)| i)
-        .collect();
-    (leading.len() == 1).then(|| leading[0])
-}
-
 fn main() -> Result<()> {
     let args = parse_args()?;
     let scenario = Scenario::get("S2", Duration::from_secs_f64(args.duration)).expect("S2");
@@ -297,19 +280,12 @@ fn main() -> Result<()> {
     })?;
     let killed = node_name(lead);
     let other = (lead + 1) % args.lbs;
-    let newest = |a: &Agent| -> Result<(u64, String)> {
-        let s = cluster_status(a)?;
-        Ok((
-            s["epoch_newest"].as_u64().unwrap_or(0),
-            s["epoch_leader"].as_str().unwrap_or_default().to_owned(),
-        ))
-    };
-    let (before, _) = newest(agents[other].as_ref().expect("alive"))?;
+    let (before, _) = newest_epoch(agents[other].as_ref().expect("alive"))?;
     let kill_at = steady.origin().elapsed().as_secs_f64();
     let t0 = Instant::now();
     agents[lead].take().expect("alive").kill(libc::SIGKILL)?;
     let failover = loop {
-        let (n, by) = newest(agents[other].as_ref().expect("alive"))?;
+        let (n, by) = newest_epoch(agents[other].as_ref().expect("alive"))?;
         if n > before && by != killed {
             break t0.elapsed().as_secs_f64();
         }
@@ -564,12 +540,7 @@ fn lb_loss(args: &Args, share: bool) -> Result<Loss> {
     if survival.kept < survival.established {
         eprintln!("{}", run.explain(&survival.lost));
     }
-    for a in agents.into_iter().flatten() {
-        a.stop()?;
-    }
-    for i in 0..args.lbs {
-        lb_tests::spread::remove_pins(&world.instance(i));
-    }
+    world.stop_all(agents)?;
     Ok(Loss {
         survival,
         table_changes,
