@@ -4,7 +4,9 @@
 //!
 //! Run it as `cargo bench -p lb-sim --bench sim`. Runs are interleaved as on
 //! the testbed: for each seed, each scenario, each policy (equal, static, reactive,
-//! ai), all policies of a seed seeing the very same requests. The table shows the
+//! ai, and the ablation of `ai`'s predictor: `ai-svr`, `ai-ewma`, `ai-last`, which
+//! are `ai` with `[control] predictor` set), all policies of a seed seeing the very
+//! same requests. The table shows the
 //! median over seeds of each figure (the testbed's definitions, see the `sim` module);
 //! a reaction time shows how many seeds reached it when some did not. A second table
 //! shows the slots moved per minute in each of a scenario's phases (`Scenario::phases`:
@@ -18,7 +20,10 @@
 //! settings `LB_SIM_INTERVAL_MS` (500), `LB_SIM_MOVE_BUDGET` (0.02),
 //! `LB_SIM_FLOOR_SHARE` (0.01), `LB_SIM_SMOOTHING` (0.5), `LB_SIM_HYSTERESIS` (0.05),
 //! `LB_SIM_SHED_RATIO` (0.5). It prints Markdown and writes every figure of every run as JSON to the file named by
-//! `LB_BENCH_JSON`, or else to `target/bench/sim.json` under the workspace root.
+//! `LB_BENCH_JSON`, or else to `target/bench/sim.json` under the workspace root:
+//! `results.<scenario>.<policy>` has the medians `p99_ms`, `p99_all_ms` (null when
+//! more than 1 % failed) and `errors_percent`; `summary` every median; `runs` every
+//! run.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,15 +31,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use lb_sim::{self as sim, ScenarioId, SimParams, SimReport};
-use lb_userspace::core::policy::PolicyKind;
+use lb_userspace::core::policy::{PolicyKind, Variant};
 use serde_json::json;
 
-const POLICIES: [PolicyKind; 4] = [
-    PolicyKind::Equal,
-    PolicyKind::Static,
-    PolicyKind::Reactive,
-    PolicyKind::Ai,
-];
+/// Every policy, `ai` with each predictor (the ablation): see [`Variant::BENCHED`].
+const POLICIES: [Variant; 7] = Variant::BENCHED;
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -55,6 +56,7 @@ fn main() {
         smoothing: env_num("LB_SIM_SMOOTHING", c.smoothing),
         hysteresis: env_num("LB_SIM_HYSTERESIS", c.hysteresis),
         shed_ratio: env_num("LB_SIM_SHED_RATIO", c.shed_ratio),
+        predictor: c.predictor,
     };
     let params = SimParams {
         duration_s: env_num("LB_SIM_DURATION_S", defaults.duration_s),
@@ -69,7 +71,7 @@ fn main() {
             .collect(),
         Err(_) => ScenarioId::ALL.to_vec(),
     };
-    let policies: Vec<PolicyKind> = match std::env::var("LB_SIM_POLICIES") {
+    let policies: Vec<Variant> = match std::env::var("LB_SIM_POLICIES") {
         Ok(list) => POLICIES
             .into_iter()
             .filter(|p| list.split(',').any(|s| s.trim() == p.to_string()))
@@ -88,10 +90,18 @@ fn main() {
     for seed in 1..=seeds {
         for &scenario in &scenarios {
             for &policy in &policies {
-                let r = sim::run(scenario, policy, seed, &params);
+                let run_params = SimParams {
+                    control: lb_userspace::config::Control {
+                        predictor: policy.predictor,
+                        ..params.control
+                    },
+                    ..params.clone()
+                };
+                let r = sim::run(scenario, policy.kind, seed, &run_params);
                 eprintln!(
-                    "  seed {seed} {scenario} {policy:<8} p99 {} err {:.2}% util max {:.0}% \
+                    "  seed {seed} {scenario} {:<8} p99 {} err {:.2}% util max {:.0}% \
                      reaction {} moved {:.0}/min  {:.1} s wall, {:.2} M req/s simulated",
+                    policy.to_string(),
                     ms(r.p99_s),
                     r.error_rate * 100.0,
                     r.util_max * 100.0,
@@ -113,7 +123,7 @@ fn main() {
     let wall = started.elapsed().as_secs_f64();
     let mut groups: BTreeMap<(ScenarioId, usize), Vec<&SimReport>> = BTreeMap::new();
     for r in &reports {
-        let p = POLICIES.iter().position(|&p| p == r.policy).unwrap_or(0);
+        let p = POLICIES.iter().position(|&p| p == r.variant).unwrap_or(0);
         groups.entry((r.scenario, p)).or_default().push(r);
     }
     let mut out = String::new();
@@ -153,6 +163,7 @@ fn main() {
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     let mut summary = Vec::new();
+    let mut results: BTreeMap<String, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
     let mut phase_rows = Vec::new();
     for ((scenario, p), runs) in &groups {
         let policy = POLICIES[*p];
@@ -223,6 +234,15 @@ fn main() {
                 "name": name, "seconds": seconds, "slots_moved_per_min": moved,
             })).collect::<Vec<_>>(),
         }));
+        results.entry(scenario.to_string()).or_default().insert(
+            policy.to_string(),
+            json!({
+                "p99_ms": p99.map(|v| v * 1e3),
+                "p99_all_ms": p99_all.filter(|v| *v < f64::MAX).map(|v| v * 1e3),
+                "errors_percent": err.map(|e| e * 100.0),
+                "slots_moved_per_min": moved,
+            }),
+        );
         phase_rows.push((*scenario, policy, phases));
     }
     let _ = writeln!(
@@ -246,7 +266,7 @@ fn main() {
     let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|");
     for ((scenario, p), runs) in &groups {
         let policy = POLICIES[*p];
-        if !matches!(policy, PolicyKind::Reactive | PolicyKind::Ai) {
+        if !matches!(policy.kind, PolicyKind::Reactive | PolicyKind::Ai) {
             continue;
         }
         let m = |f: &dyn Fn(&SimReport) -> Option<f64>| median(runs.iter().map(|r| f(r)));
@@ -266,7 +286,7 @@ fn main() {
         let failed = model(&|s| Some(s.fit_failures as f64));
         let early = model(&|s| Some(s.fits_too_early as f64));
         let fit_wall = model(&|s| Some(s.fit_wall_s));
-        let ai = policy == PolicyKind::Ai;
+        let ai = policy.kind == PolicyKind::Ai;
         let _ = writeln!(
             out,
             "| {scenario} | {policy} | {} | {} | {} | {} | {} | {} |",
@@ -334,6 +354,7 @@ fn main() {
                 "shed_ratio": c.shed_ratio,
             },
         },
+        "results": results,
         "summary": summary,
         "runs": reports,
     });

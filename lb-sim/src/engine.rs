@@ -20,7 +20,7 @@ use super::{
 use lb_userspace::core::BackendId;
 use lb_userspace::core::control::{Backends, Observation, Table, VipControl};
 use lb_userspace::core::model::{self, BackendModel, Forecast, Load, ModelError};
-use lb_userspace::core::policy::{self, Decision, Input, Params, PolicyKind};
+use lb_userspace::core::policy::{self, Decision, Input, Params, PolicyKind, Variant};
 use lb_userspace::desired::addr_bytes;
 
 /// What a scrape of one backend gives at a control tick: the rates over the interval
@@ -247,7 +247,7 @@ impl<'a> Sim<'a> {
         let keys: Vec<[u8; 16]> = addresses.iter().map(|&a| addr_bytes(a).0).collect();
         // Before the first update the agent's table holds the configured weights.
         let weights: Vec<u32> = configured.iter().map(|&w| w * params.unit).collect();
-        let model_config = model::model_config();
+        let model_config = model::model_config(p.control.predictor);
         let backends = scenario
             .units
             .iter()
@@ -795,6 +795,11 @@ impl<'a> Sim<'a> {
         SimReport {
             scenario: self.scenario.id,
             policy: self.kind,
+            variant: if self.kind == PolicyKind::Ai {
+                Variant::ai(self.p.control.predictor)
+            } else {
+                Variant::of(self.kind)
+            },
             seed,
             backends: self.backends.len(),
             duration_s: d,

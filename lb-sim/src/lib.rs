@@ -107,7 +107,7 @@ pub use rng::Rng;
 pub use scenario::{Change, Event, Phase, Scenario, ScenarioId};
 
 use lb_userspace::config::Control;
-use lb_userspace::core::policy::PolicyKind;
+use lb_userspace::core::policy::{PolicyKind, Variant};
 
 /// The distribution of service times.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -274,6 +274,9 @@ pub struct ModelStats {
 pub struct SimReport {
     pub scenario: ScenarioId,
     pub policy: PolicyKind,
+    /// The policy as the benches name it: `ai` with `[control] predictor` other than
+    /// `auto` is `ai-svr`, `ai-ewma` or `ai-last`.
+    pub variant: Variant,
     pub seed: u64,
     pub backends: usize,
     pub duration_s: f64,

@@ -503,6 +503,13 @@ pub struct ExplainInputs {
     pub predicted_latency_s: Option<f64>,
     /// Which predictor made it.
     pub predictor: Option<String>,
+    /// `[control] predictor`: which predictor drives `ai` (`auto`: the model while it
+    /// beats the baselines).
+    #[serde(default)]
+    pub predictor_setting: crate::core::model::PredictorSetting,
+    /// Why that predictor drives the weights now, with the rolling errors behind it.
+    #[serde(default)]
+    pub predictor_why: Option<String>,
 }
 
 /// What a setting command (`weight set|pin|auto`, `drain`, `undrain`, `reload`) did.

@@ -381,6 +381,9 @@ pub struct Control {
     /// and target both fall below this fraction of its weight sheds to the lower of
     /// the two at once, outside smoothing and the move budget (0..=0.8; 0: never).
     pub shed_ratio: f64,
+    /// Which predictor drives `ai`: `auto` (the model while it beats the baselines),
+    /// or always `svr`, `ewma` or `last`.
+    pub predictor: crate::core::model::PredictorSetting,
 }
 
 impl Default for Control {
@@ -392,6 +395,7 @@ impl Default for Control {
             smoothing: 0.5,
             hysteresis: 0.05,
             shed_ratio: 0.5,
+            predictor: crate::core::model::PredictorSetting::Auto,
         }
     }
 }
@@ -429,6 +433,7 @@ struct RawControl {
     smoothing: Option<f64>,
     hysteresis: Option<f64>,
     shed_ratio: Option<f64>,
+    predictor: Option<String>,
 }
 
 fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
@@ -455,8 +460,15 @@ fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
             format!("{interval_ms} is outside [100, 60000]"),
         ));
     }
+    let predictor = match raw.predictor {
+        None => d.predictor,
+        Some(name) => name
+            .parse()
+            .map_err(|e: String| invalid("control.predictor", e))?,
+    };
     Ok(Control {
         interval_ms,
+        predictor,
         move_budget_per_second: range(
             "move_budget_per_second",
             raw.move_budget_per_second
@@ -1294,6 +1306,15 @@ weight = 1
         assert_eq!(config.control.interval_ms, 500);
         assert_eq!(config.control.smoothing, 1.0);
         assert_eq!(config.vips[0].policy, crate::core::policy::PolicyKind::Ai);
+        assert_eq!(
+            config.control.predictor,
+            crate::core::model::PredictorSetting::Auto
+        );
+        let svr = Config::parse(&format!("[control]\npredictor = \"svr\"\n{GOOD}")).unwrap();
+        assert_eq!(
+            svr.control.predictor,
+            crate::core::model::PredictorSetting::Svr
+        );
         for (bad, field) in [
             ("interval_ms = 5", "control.interval_ms"),
             (
@@ -1303,6 +1324,7 @@ weight = 1
             ("floor_share = 0.9", "control.floor_share"),
             ("smoothing = nan", "control.smoothing"),
             ("shed_ratio = 1.5", "control.shed_ratio"),
+            ("predictor = \"svm\"", "control.predictor"),
         ] {
             assert_eq!(field_of(&format!("[control]\n{bad}\n{GOOD}")), field);
         }

@@ -114,7 +114,7 @@ impl Signals {
                         ..Reading::default()
                     },
                 );
-                let model_config = model::model_config();
+                let model_config = model::model_config(config.control.predictor);
                 if let Ok(model) = BackendModel::new(model_config) {
                     signals.models.insert(key, model);
                 }
@@ -288,6 +288,15 @@ impl Signals {
                     let _ = tx.blocking_send(Update::Fitted { key, result });
                 });
             }
+        }
+    }
+
+    /// Sets which predictor drives every backend's weights from the next tick on
+    /// (a reload that changed only `[control] predictor`); the models keep what they
+    /// learned.
+    pub fn set_predictor(&mut self, predictor: model::PredictorSetting) {
+        for model in self.models.values_mut() {
+            model.set_predictor(predictor);
         }
     }
 

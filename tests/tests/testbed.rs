@@ -17,7 +17,7 @@ use lb_tests::testbed::loadgen::{self, LoadSpec, Outcome};
 use lb_tests::testbed::report::RunMetrics;
 use lb_tests::testbed::scenario::{self, RunOptions, Scenario};
 use lb_tests::topology::Topology;
-use lb_userspace::core::policy::PolicyKind;
+use lb_userspace::core::policy::{PolicyKind, Variant};
 
 /// The backend's address inside a one-namespace world.
 const ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
@@ -437,7 +437,7 @@ fn scenario_s2_runs_through_the_agent_and_xdp() {
     // error is the harness's or the datapath's, not the scenario's.
     let rate = 0.2 * s2.capacity();
     s2.rate = loadgen::constant(rate);
-    let mut opts = RunOptions::new(PolicyKind::Static);
+    let mut opts = RunOptions::new(Variant::of(PolicyKind::Static));
     opts.health_metrics = HEALTH_METRICS;
     opts.warmup = Duration::from_millis(1500);
     let run = scenario::run(&s2, &opts).unwrap();

@@ -411,8 +411,15 @@ impl Agent {
             },
             None,
         );
-        if config.vips != self.config.vips || config.control != self.config.control {
+        // A new predictor alone keeps the models and what they learned.
+        let same_but_predictor = crate::config::Control {
+            predictor: self.config.control.predictor,
+            ..config.control
+        } == self.config.control;
+        if config.vips != self.config.vips || !same_but_predictor {
             self.signals = Signals::start(&config);
+        } else if config.control.predictor != self.config.control.predictor {
+            self.signals.set_predictor(config.control.predictor);
         }
         self.config = config;
         self.overrides = overrides;

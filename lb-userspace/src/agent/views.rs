@@ -125,6 +125,7 @@ impl Agent {
                 .max_by_key(|&(_, n)| n)
                 .map(|(s, _)| s)
                 .unwrap_or_default(),
+            predictor_setting: self.config.control.predictor,
             last_fit_seconds: self.signals.last_fit.map(|d| d.as_secs_f64()),
             fit_failures: ModelError::KINDS
                 .iter()
@@ -319,6 +320,11 @@ impl Agent {
                         control: b.control,
                         predicted_latency_s: decision.and_then(|d| d.predicted_s),
                         predictor: decision.map(|d| d.predictor.clone()),
+                        predictor_setting: self.config.control.predictor,
+                        predictor_why: key
+                            .and_then(|k| self.signals.readings.get(&(k, b.backend)))
+                            .and_then(|r| r.forecast.as_ref())
+                            .map(|f| f.choice.to_string()),
                     },
                     weight_before: decision.map(|d| d.before as f64 / units as f64),
                     weight: b.weight,

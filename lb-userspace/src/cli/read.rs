@@ -198,6 +198,17 @@ pub fn explain(items: &[Explanation]) -> String {
                 ),
             ]);
         }
+        if e.policy == Some(crate::core::policy::PolicyKind::Ai) {
+            let why = e
+                .inputs
+                .predictor_why
+                .as_deref()
+                .unwrap_or("no forecast yet");
+            t.row(vec![
+                "predictor".into(),
+                format!("{} ({why})", e.inputs.predictor_setting),
+            ]);
+        }
         t.row(vec!["why".into(), e.why.clone()]);
         // The decision's figures are in policy units only when the policy decided.
         if e.inputs.control == Control::Policy && e.weight_before.is_some() {
@@ -452,6 +463,8 @@ mod tests {
                 control: Control::Policy,
                 predicted_latency_s: Some(0.0123),
                 predictor: Some("svr".into()),
+                predictor_setting: crate::core::model::PredictorSetting::Auto,
+                predictor_why: Some("svr: svr has a rolling MAE of 0.0010".into()),
             },
             weight_before: Some(1.0),
             weight: 0.9,
@@ -465,6 +478,10 @@ mod tests {
         );
         assert!(text.contains("weight 1 is 3,333 of them"), "{text}");
         assert!(text.contains("12.30 ms by svr"), "{text}");
+        assert!(
+            text.contains("predictor   auto (svr: svr has a rolling MAE of 0.0010)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct BackendMetrics {
 pub struct ModelMetrics {
     /// What drives the weights: `"model"`, `"baseline:ewma"`, ... Empty: not shown.
     pub policy_source: String,
+    /// `[control] predictor`: which predictor the operator lets drive `ai`.
+    pub predictor_setting: crate::core::model::PredictorSetting,
     /// How long the last fit of the model took, in seconds.
     pub last_fit_seconds: Option<f64>,
     /// Fits that failed since the agent started, by kind (every kind, 0 included).
@@ -516,6 +518,17 @@ fn encode_backends(backends: &[BackendMetrics], e: &mut DescriptorEncoder) -> fm
 }
 
 fn encode_model(m: &ModelMetrics, e: &mut DescriptorEncoder) -> fmt::Result {
+    let setting = Info::new([("predictor", m.predictor_setting.name())]);
+    let metric = e.encode_descriptor(
+        "lb_model_predictor_setting",
+        &help_text(
+            "[control] predictor: auto (the model while it beats the baselines), svr, ewma \
+             or last",
+        ),
+        None,
+        MetricType::Info,
+    )?;
+    setting.encode(metric)?;
     if !m.policy_source.is_empty() {
         let info = Info::new([("source", m.policy_source.clone())]);
         let metric = e.encode_descriptor(
@@ -691,6 +704,7 @@ mod tests {
             ],
             model: ModelMetrics {
                 policy_source: "baseline:ewma".into(),
+                predictor_setting: crate::core::model::PredictorSetting::Ewma,
                 last_fit_seconds: Some(0.25),
                 fit_failures: vec![("fit", 3), ("too_few_samples", 0)],
                 last_fit_timestamp: Some(1_700_000_000.5),
@@ -786,6 +800,7 @@ mod tests {
             r#"lb_backend_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 0.0125"#,
             r#"lb_backend_baseline_predicted_latency_seconds{vip="198.18.1.1:80/tcp",backend="10.0.0.1"} 0.02"#,
             r#"lb_model_info{source="baseline:ewma"} 1"#,
+            r#"lb_model_predictor_setting_info{predictor="ewma"} 1"#,
             r#"lb_model_fit_failures_total{kind="fit"} 3"#,
             r#"lb_model_fit_failures_total{kind="too_few_samples"} 0"#,
             "lb_model_last_fit_duration_seconds 0.25",

@@ -1,14 +1,20 @@
 //! `lb-bench-policies`: the "prove it" benchmark of issue 6. Runs every scenario of
-//! the policy testbed (`lb_tests::testbed`) under `equal`, `static`, `reactive` and
-//! `ai`, interleaved (S1-equal, S1-static, S1-reactive, S1-ai, S1-equal, ...), each
+//! the policy testbed (`lb_tests::testbed`) under `equal`, `static`, `reactive`, `ai`
+//! and the ablation of `ai`'s predictor (`ai-svr`, `ai-ewma`, `ai-last`: `ai` with
+//! `[control] predictor` set), interleaved (S1-equal, S1-static, ..., S1-ai-last,
+//! S1-equal, ...), each
 //! run in its own network namespaces with the real agent (`$LB_BIN`) and the real XDP
 //! datapath, and writes `target/bench/policies.md`, `target/bench/policies.json` (or
 //! `$LB_BENCH_JSON`) and SVG plots under `target/bench/policies/`.
 //!
 //! ```text
-//! LB_BIN=... lb-bench-policies [--scenarios S1,S2] [--repeats 3] [--duration-s 30]
+//! LB_BIN=... lb-bench-policies [--scenarios S1,S2] [--policies ai,ai-last]
+//!                              [--repeats 3] [--duration-s 30]
 //!                              [--quick] [--no-health-metrics]
 //! ```
+//!
+//! `policies.json` has `results.<scenario>.<policy>` with the medians `p99_ms`,
+//! `p99_all_ms` (null when the p99 falls on a failure) and `errors_percent`.
 //!
 //! `--quick` is 1 repeat of 10 s runs (a smoke test). `--no-health-metrics` leaves
 //! the `[vip.health]` and `[vip.metrics]` sections out of the agent's configuration.
@@ -23,21 +29,25 @@ use lb_tests::testbed::{
     report::{OutputPaths, RunRecord, Settings},
     scenario::{POLICIES, RunOptions, SCENARIOS, Scenario},
 };
+use lb_userspace::core::policy::Variant;
 
 struct Args {
     scenarios: Vec<String>,
+    policies: Vec<Variant>,
     repeats: usize,
     duration_s: f64,
     quick: bool,
     health_metrics: bool,
 }
 
-const USAGE: &str = "usage: lb-bench-policies [--scenarios S1,S2,...] [--repeats N] \
-                     [--duration-s SECONDS] [--quick] [--no-health-metrics]";
+const USAGE: &str = "usage: lb-bench-policies [--scenarios S1,S2,...] \
+                     [--policies ai,ai-svr,...] [--repeats N] [--duration-s SECONDS] \
+                     [--quick] [--no-health-metrics]";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         scenarios: SCENARIOS.iter().map(|s| (*s).to_owned()).collect(),
+        policies: POLICIES.to_vec(),
         repeats: 3,
         duration_s: 30.0,
         quick: false,
@@ -63,6 +73,26 @@ fn parse_args() -> Result<Args> {
                     .split(',')
                     .filter(|s| !s.trim().is_empty())
                     .map(|s| s.trim().to_ascii_uppercase())
+                    .collect();
+            }
+            "--policies" => {
+                let list = value("--policies")?;
+                let mut chosen = Vec::new();
+                for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let policy: Variant = name
+                        .parse()
+                        .map_err(|e: String| anyhow::anyhow!("--policies: {e}"))?;
+                    if !chosen.contains(&policy) {
+                        chosen.push(policy);
+                    }
+                }
+                if chosen.is_empty() {
+                    bail!("--policies needs at least one policy\n{USAGE}");
+                }
+                // Runs interleave in the usual order whatever the order given.
+                args.policies = POLICIES
+                    .into_iter()
+                    .filter(|p| chosen.contains(p))
                     .collect();
             }
             "--repeats" => repeats = Some(value("--repeats")?.parse().context("--repeats")?),
@@ -166,12 +196,12 @@ fn real_main() -> Result<()> {
         .iter()
         .map(|id| Scenario::get(id, duration).expect("checked above"))
         .collect();
-    let total = scenarios.len() * POLICIES.len() * args.repeats;
+    let total = scenarios.len() * args.policies.len() * args.repeats;
     eprintln!(
         "lb-bench-policies: {} scenario(s) x {} policies x {} repeat(s) = {total} runs of {:.0} s \
          (health/metrics sections {})",
         scenarios.len(),
-        POLICIES.len(),
+        args.policies.len(),
         args.repeats,
         args.duration_s,
         if args.health_metrics { "on" } else { "off" }
@@ -185,7 +215,7 @@ fn real_main() -> Result<()> {
             // The same arrival schedule for every policy of a repeat.
             let seed =
                 0x6c62_7465_7374 ^ ((scenario.id.as_bytes()[1] as u64) << 32) ^ repeat as u64;
-            for policy in POLICIES {
+            for &policy in &args.policies {
                 let label = format!("{} {policy} repeat {repeat}", scenario.id);
                 progress(done, total, &label, started);
                 let mut opts = RunOptions::new(policy);

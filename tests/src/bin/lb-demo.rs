@@ -21,7 +21,7 @@ use lb_tests::{
         scenario::{RunOptions, Scenario},
     },
 };
-use lb_userspace::core::policy::PolicyKind;
+use lb_userspace::core::policy::{PolicyKind, Variant};
 
 const WEIGHTS: [u32; 3] = [1, 2, 3];
 const CONNECTIONS: usize = 600;
@@ -107,7 +107,7 @@ fn adapt_demo(duration_s: f64) -> Result<()> {
          connection per request\n",
         scenario.title, scenario.load
     );
-    let mut opts = RunOptions::new(PolicyKind::Ai);
+    let mut opts = RunOptions::new(Variant::of(PolicyKind::Ai));
     opts.live = true;
     let started = std::time::Instant::now();
     let run = testbed::scenario::run(&scenario, &opts)?;

@@ -32,7 +32,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lb_userspace::core::policy::PolicyKind;
+use lb_userspace::core::policy::Variant;
 use serde_json::{Value, json};
 
 use super::scenario::{RunData, Sample, Scenario, TABLE_SIZE};
@@ -278,7 +278,7 @@ fn ms(s: Option<f64>) -> String {
 /// One finished run, with what is kept of it for the outputs.
 pub struct RunRecord {
     pub scenario: &'static str,
-    pub policy: PolicyKind,
+    pub policy: Variant,
     /// 1-based.
     pub repeat: usize,
     pub seed: u64,
@@ -529,7 +529,7 @@ pub fn write_all(
 pub fn summaries<'a>(
     scenarios: &'a [Scenario],
     records: &[RunRecord],
-) -> Vec<(&'a Scenario, PolicyKind, Summary)> {
+) -> Vec<(&'a Scenario, Variant, Summary)> {
     let mut out = Vec::new();
     for scenario in scenarios {
         for policy in super::scenario::POLICIES {
@@ -551,7 +551,7 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 }
 
 /// The results table of one scenario, in Markdown.
-pub fn table(scenario: &Scenario, rows: &[(PolicyKind, Summary)]) -> String {
+pub fn table(scenario: &Scenario, rows: &[(Variant, Summary)]) -> String {
     let reaction = measures_reaction(scenario);
     let mut out = String::from(
         "| policy | runs | p50 ms | p99 ms | p99.9 ms | p99 all ms | errors % | util max % | util mean % |",
@@ -651,7 +651,7 @@ fn markdown(
     }
     let all = summaries(scenarios, records);
     for scenario in scenarios {
-        let rows: Vec<(PolicyKind, Summary)> = all
+        let rows: Vec<(Variant, Summary)> = all
             .iter()
             .filter(|(s, _, _)| s.id == scenario.id)
             .map(|(_, p, s)| (*p, s.clone()))
@@ -680,6 +680,24 @@ fn markdown(
         out += "\n";
     }
     out
+}
+
+/// The headline medians keyed by scenario, then policy: `p99_ms`, `p99_all_ms` (null
+/// when the p99 falls on a failure), `errors_percent`.
+fn results(scenarios: &[Scenario], records: &[RunRecord]) -> Value {
+    let mut by_scenario = serde_json::Map::new();
+    for (s, p, m) in summaries(scenarios, records) {
+        let entry = by_scenario
+            .entry(s.id.to_string())
+            .or_insert_with(|| json!({}));
+        entry[p.to_string()] = json!({
+            "p99_ms": m.p99_s.map(|v| v * 1e3),
+            "p99_all_ms": m.p99_all_s.map(|v| v * 1e3),
+            "errors_percent": m.error_rate.map(|e| e * 100.0),
+            "slots_moved_per_min": m.slots_moved_per_min,
+        });
+    }
+    Value::Object(by_scenario)
 }
 
 fn json_doc(
@@ -717,6 +735,7 @@ fn json_doc(
         "summary": summaries(scenarios, records).iter().map(|(s, p, m)| json!({
             "scenario": s.id, "policy": p.to_string(), "median": m.to_json(),
         })).collect::<Vec<_>>(),
+        "results": results(scenarios, records),
         "failures": failures,
         "runs": records.iter().map(RunRecord::to_json).collect::<Vec<_>>(),
     })
@@ -729,13 +748,9 @@ const COLORS: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
 
-fn policy_color(p: PolicyKind) -> &'static str {
-    match p {
-        PolicyKind::Equal => COLORS[0],
-        PolicyKind::Static => COLORS[1],
-        PolicyKind::Reactive => COLORS[2],
-        PolicyKind::Ai => COLORS[3],
-    }
+fn policy_color(p: Variant) -> &'static str {
+    let i = super::scenario::POLICIES.iter().position(|&q| q == p);
+    COLORS[i.unwrap_or(COLORS.len() - 1) % COLORS.len()]
 }
 
 /// One line of a chart: name, colour, dashed, points (x, y; `None` breaks the line).

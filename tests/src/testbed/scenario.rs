@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use lb_userspace::core::policy::PolicyKind;
+use lb_userspace::core::policy::{PolicyKind, Variant};
 use lb_userspace::dataplane::PassThrough;
 
 use super::backend::{BackendCounts, BackendSpec, EmulatedBackend};
@@ -44,13 +44,9 @@ pub const SERVICE_TIME: Duration = Duration::from_millis(50);
 pub const UNIT_SLOTS: usize = 4;
 /// The lookup table size the "slots moved" figure is expressed in.
 pub const TABLE_SIZE: f64 = 65537.0;
-/// The four policies, in the order runs interleave them.
-pub const POLICIES: [PolicyKind; 4] = [
-    PolicyKind::Equal,
-    PolicyKind::Static,
-    PolicyKind::Reactive,
-    PolicyKind::Ai,
-];
+/// Every policy, `ai` with each predictor (the ablation: `ai-svr`, `ai-ewma`,
+/// `ai-last`), in the order runs interleave them.
+pub const POLICIES: [Variant; 7] = Variant::BENCHED;
 /// Every scenario id, in order.
 pub const SCENARIOS: [&str; 5] = ["S1", "S2", "S3", "S4", "S5"];
 
@@ -298,8 +294,8 @@ impl Scenario {
 /// How to run a scenario.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// The policy under test.
-    pub policy: PolicyKind,
+    /// The policy under test (for `ai`, with its predictor).
+    pub policy: Variant,
     /// Seeds the arrival schedule (use the same seed for every policy of a repeat).
     pub seed: u64,
     /// Write the `[vip.health]` and `[vip.metrics]` sections into the agent's
@@ -318,7 +314,7 @@ pub struct RunOptions {
 impl RunOptions {
     /// Defaults for `policy`: seed 1, health and metrics sections on, 2 s timeout,
     /// 1 s warm-up, 500 ms control interval.
-    pub fn new(policy: PolicyKind) -> RunOptions {
+    pub fn new(policy: Variant) -> RunOptions {
         RunOptions {
             policy,
             seed: 1,
@@ -364,7 +360,7 @@ pub struct RunData {
     /// The scenario id.
     pub scenario: &'static str,
     /// The policy.
-    pub policy: PolicyKind,
+    pub policy: Variant,
     /// The arrival seed.
     pub seed: u64,
     /// The backends as configured.
@@ -386,9 +382,9 @@ pub struct RunData {
 /// The agent configuration of a run.
 pub fn agent_config(scenario: &Scenario, topo: &Topology, opts: &RunOptions) -> String {
     let mut text = format!(
-        "[control]\ninterval_ms = {}\n\n[[vip]]\naddress = \"{VIP_V4}\"\nport = {PORT}\n\
-         protocol = \"tcp\"\npolicy = \"{}\"\n",
-        opts.interval_ms, opts.policy
+        "[control]\ninterval_ms = {}\npredictor = \"{}\"\n\n[[vip]]\naddress = \"{VIP_V4}\"\n\
+         port = {PORT}\nprotocol = \"tcp\"\npolicy = \"{}\"\n",
+        opts.interval_ms, opts.policy.predictor, opts.policy.kind
     );
     if opts.health_metrics {
         text += &format!(
@@ -401,7 +397,7 @@ pub fn agent_config(scenario: &Scenario, topo: &Topology, opts: &RunOptions) -> 
         );
     }
     for (i, host) in topo.backends().iter().enumerate() {
-        let weight = match opts.policy {
+        let weight = match opts.policy.kind {
             PolicyKind::Static => scenario.static_weights[i],
             _ => 1,
         };

@@ -10,7 +10,8 @@
 
 use super::{
     Choice, ErrorTracker, Ewma, FeatureSpec, FeatureWindow, FittedSvr, LastValue, ModelError,
-    Predictor, Scored, Selector, SvrModel, SvrParams, TrainingSet, check_finite,
+    Predictor, PredictorSetting, Reason, Scored, Selector, SvrModel, SvrParams, TrainingSet,
+    check_finite,
 };
 
 /// How a [`BackendModel`] is built.
@@ -26,6 +27,8 @@ pub struct BackendModelConfig {
     pub error_window: usize,
     /// The fewest scored predictions the SVR needs before it can be chosen.
     pub min_scores: usize,
+    /// Which predictor drives the weights: the selector's choice, or one always.
+    pub predictor: PredictorSetting,
 }
 
 impl Default for BackendModelConfig {
@@ -36,6 +39,7 @@ impl Default for BackendModelConfig {
             ewma_alpha: 0.5,
             error_window: 100,
             min_scores: 30,
+            predictor: PredictorSetting::Auto,
         }
     }
 }
@@ -109,6 +113,12 @@ impl BackendModel {
         &self.config
     }
 
+    /// Sets which predictor drives the weights from the next tick on (a reload); what
+    /// every predictor learned is kept.
+    pub fn set_predictor(&mut self, predictor: PredictorSetting) {
+        self.config.predictor = predictor;
+    }
+
     /// Takes one interval's measured target value and the backend's other metrics (as
     /// many as `features.extra_metrics`), and forecasts the next interval. Refused
     /// input (non-finite, wrong count) changes nothing.
@@ -151,7 +161,13 @@ impl BackendModel {
         // The baselines in the order `choice` was given them.
         let baselines = [last_value, ewma];
         let baseline = choice.baseline_index.and_then(|i| baselines[i]);
-        let value = if choice.uses_model { svr } else { baseline };
+        let value = match self.config.predictor {
+            PredictorSetting::Auto if choice.uses_model => svr,
+            PredictorSetting::Auto => baseline,
+            PredictorSetting::Svr => svr,
+            PredictorSetting::Ewma => ewma,
+            PredictorSetting::Last => last_value,
+        };
         Ok(Forecast {
             value: value.or(last_value),
             choice,
@@ -162,8 +178,26 @@ impl BackendModel {
         })
     }
 
-    /// Which predictor should drive the weights now, and why.
+    /// Which predictor should drive the weights now, and why: the selector's choice
+    /// under [`PredictorSetting::Auto`], else the one set (with the selector's figures
+    /// kept for comparison).
     pub fn choice(&self) -> Choice {
+        let mut choice = self.selected();
+        let set = self.config.predictor;
+        let (name, uses_model) = match set {
+            PredictorSetting::Auto => return choice,
+            PredictorSetting::Svr => (self.svr.name(), true),
+            PredictorSetting::Ewma => (self.ewma.name(), false),
+            PredictorSetting::Last => (self.last.name(), false),
+        };
+        choice.predictor = name.to_string();
+        choice.uses_model = uses_model;
+        choice.reason = Reason::Configured(set);
+        choice
+    }
+
+    /// Which predictor the selector would choose, by the rolling errors.
+    fn selected(&self) -> Choice {
         self.selector.choose(
             Scored {
                 name: self.svr.name(),
@@ -236,6 +270,7 @@ mod tests {
             ewma_alpha: 0.5,
             error_window: 20,
             min_scores: 10,
+            predictor: PredictorSetting::Auto,
         }
     }
 
@@ -268,6 +303,75 @@ mod tests {
         let [lv, _, svr] = model.rolling_mae();
         assert!(svr.unwrap() * 5.0 < lv.unwrap());
         assert_eq!(model.svr().len(), 120);
+    }
+
+    #[test]
+    fn a_set_predictor_drives_the_weights_whatever_the_errors() {
+        let mut models: Vec<BackendModel> = PredictorSetting::ALL
+            .into_iter()
+            .map(|predictor| {
+                BackendModel::new(BackendModelConfig {
+                    predictor,
+                    ..config()
+                })
+                .unwrap()
+            })
+            .collect();
+        for t in 0..200 {
+            if t == 100 {
+                for model in &mut models {
+                    let fitted = model.training_set().fit(model.svr_params()).unwrap();
+                    model.install(fitted).unwrap();
+                }
+            }
+            let forecasts: Vec<Forecast> = models
+                .iter_mut()
+                .map(|m| m.tick(load(t), &[0.5]).unwrap())
+                .collect();
+            // Every model saw the same values, so they predict alike; only the value
+            // that drives the weights differs.
+            let [auto, svr, ewma, last] = &forecasts[..] else {
+                unreachable!()
+            };
+            assert_eq!((auto.ewma, auto.svr), (ewma.ewma, ewma.svr));
+            assert_eq!(ewma.value, ewma.ewma);
+            assert_eq!(ewma.choice.predictor, "ewma");
+            assert_eq!(last.value, last.last_value);
+            assert_eq!(last.choice.predictor, "last_value");
+            assert_eq!(
+                last.choice.reason,
+                Reason::Configured(PredictorSetting::Last)
+            );
+            assert!(!last.choice.uses_model && !ewma.choice.uses_model);
+            // The SVR drives from its first prediction on, proven or not.
+            assert!(svr.choice.uses_model);
+            assert_eq!(svr.value, svr.svr.or(svr.last_value));
+            if t >= 100 {
+                assert!(svr.svr.is_some());
+            }
+        }
+        // By then auto has chosen the SVR for its error, and says so.
+        let auto = models[0].choice();
+        assert_eq!(auto.reason, Reason::ModelBetter);
+        assert!(
+            models[2]
+                .choice()
+                .to_string()
+                .contains("predictor = \"ewma\"")
+        );
+    }
+
+    #[test]
+    fn a_reload_changes_the_predictor_and_keeps_what_was_learned() {
+        let mut model = BackendModel::new(config()).unwrap();
+        for t in 0..50 {
+            model.tick(load(t), &[0.5]).unwrap();
+        }
+        let errors = model.rolling_mae();
+        model.set_predictor(PredictorSetting::Ewma);
+        assert_eq!(model.rolling_mae(), errors);
+        let forecast = model.tick(load(50), &[0.5]).unwrap();
+        assert_eq!(forecast.value, forecast.ewma);
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use backend::{BackendModel, BackendModelConfig, Forecast};
 pub use baseline::{Ewma, LastValue};
 pub use features::{FeatureSpec, FeatureWindow};
 pub use scale::{Scaling, Standardizer};
-pub use select::{Choice, ErrorTracker, Reason, Scored, Selector};
+pub use select::{Choice, ErrorTracker, PredictorSetting, Reason, Scored, Selector};
 pub use svr::{FittedSvr, KernelWidth, SvrModel, SvrParams, TrainingSet};
 
 /// Extra metrics the model sees besides the latency history, in this order.
@@ -49,10 +49,11 @@ pub const MODEL_FEATURES: [&str; 5] =
 pub const REFIT_EVERY: u64 = 10;
 
 /// The model every backend gets: a short latency history (four lags, a mean over
-/// eight, the last difference) and [`MODEL_FEATURES`]. Used by the agent and the
-/// simulator alike.
-pub fn model_config() -> BackendModelConfig {
+/// eight, the last difference) and [`MODEL_FEATURES`], with `predictor` driving the
+/// weights. Used by the agent and the simulator alike.
+pub fn model_config(predictor: PredictorSetting) -> BackendModelConfig {
     BackendModelConfig {
+        predictor,
         features: FeatureSpec {
             lags: 4,
             mean_window: 8,

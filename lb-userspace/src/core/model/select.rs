@@ -101,9 +101,68 @@ pub struct Scored<'a> {
     pub tracker: &'a ErrorTracker,
 }
 
+/// Which predictor drives the weights, as the operator sets it (`[control] predictor`):
+/// the rule above (`auto`), or one predictor always, for comparing them (the benches'
+/// `ai-svr`, `ai-ewma` and `ai-last`) or for ruling the model out.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PredictorSetting {
+    /// The model while its rolling error is below the best baseline's, else that
+    /// baseline.
+    #[default]
+    Auto,
+    /// The SVR whenever it has a prediction (the last value before its first fit).
+    Svr,
+    /// The EWMA baseline.
+    Ewma,
+    /// The last value seen.
+    Last,
+}
+
+impl PredictorSetting {
+    /// Every setting, in the order the benches run them.
+    pub const ALL: [PredictorSetting; 4] = [
+        PredictorSetting::Auto,
+        PredictorSetting::Svr,
+        PredictorSetting::Ewma,
+        PredictorSetting::Last,
+    ];
+
+    /// The name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            PredictorSetting::Auto => "auto",
+            PredictorSetting::Svr => "svr",
+            PredictorSetting::Ewma => "ewma",
+            PredictorSetting::Last => "last",
+        }
+    }
+}
+
+impl fmt::Display for PredictorSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for PredictorSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PredictorSetting, String> {
+        PredictorSetting::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("{s:?} is not one of auto, svr, ewma, last"))
+    }
+}
+
 /// Why a predictor was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// The operator set this predictor (`[control] predictor`), whatever the errors.
+    Configured(PredictorSetting),
     /// The model's rolling error is below the best baseline's.
     ModelBetter,
     /// The model's rolling error is not below the best baseline's.
@@ -172,6 +231,14 @@ impl fmt::Display for Choice {
                 f,
                 "{} has {have} of the {need} scored predictions needed to be judged",
                 self.model
+            ),
+            Reason::Configured(setting) => write!(
+                f,
+                "[control] predictor = \"{setting}\" (rolling MAE {} {}, {} {})",
+                self.model,
+                mae(self.model_mae),
+                baseline,
+                mae(self.baseline_mae)
             ),
             Reason::NoBaselineScores => write!(f, "no baseline has been scored yet"),
             Reason::NoBaseline => write!(f, "there is no baseline to compare with"),

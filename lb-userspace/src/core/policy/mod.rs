@@ -71,9 +71,12 @@ pub use decision::{Decision, Note, Reason};
 pub use filter::Filtered;
 
 use crate::core::BackendId;
+use crate::core::model::PredictorSetting;
 
 /// Which policy a VIP uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
     Equal,
@@ -91,6 +94,73 @@ impl std::fmt::Display for PolicyKind {
             PolicyKind::Reactive => "reactive",
             PolicyKind::Ai => "ai",
         })
+    }
+}
+
+/// A policy as the benches name it: the VIP's policy and, for `ai`, the predictor that
+/// drives it (`[control] predictor`): `ai` (auto), `ai-svr`, `ai-ewma`, `ai-last`. The
+/// predictor means nothing to the other policies, which are named alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub kind: PolicyKind,
+    pub predictor: PredictorSetting,
+}
+
+impl Variant {
+    /// Every policy the benches compare, in the order runs interleave them.
+    pub const BENCHED: [Variant; 7] = [
+        Variant::of(PolicyKind::Equal),
+        Variant::of(PolicyKind::Static),
+        Variant::of(PolicyKind::Reactive),
+        Variant::of(PolicyKind::Ai),
+        Variant::ai(PredictorSetting::Svr),
+        Variant::ai(PredictorSetting::Ewma),
+        Variant::ai(PredictorSetting::Last),
+    ];
+
+    /// `kind` with the predictor left at `auto`.
+    pub const fn of(kind: PolicyKind) -> Variant {
+        Variant {
+            kind,
+            predictor: PredictorSetting::Auto,
+        }
+    }
+
+    /// `ai` driven by `predictor`.
+    pub const fn ai(predictor: PredictorSetting) -> Variant {
+        Variant {
+            kind: PolicyKind::Ai,
+            predictor,
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, self.predictor) {
+            (kind, PredictorSetting::Auto) => write!(f, "{kind}"),
+            (kind, p) => write!(f, "{kind}-{p}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Variant, String> {
+        Variant::BENCHED
+            .into_iter()
+            .find(|v| v.to_string() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = Variant::BENCHED.iter().map(|v| v.to_string()).collect();
+                format!("no policy {s:?} (one of {})", names.join(", "))
+            })
+    }
+}
+
+impl serde::Serialize for Variant {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -691,3 +691,23 @@ fn a_latency_swing_alone_moves_within_the_budget() {
     let before = budgeted_steps(PolicyKind::Ai, &p, &mut state, &slow, before, 10);
     assert!(share(&before, 0) < 0.2, "{before:?}");
 }
+
+#[test]
+fn the_benched_policies_are_named_and_parsed_back() {
+    let names: Vec<String> = Variant::BENCHED.iter().map(|v| v.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "equal", "static", "reactive", "ai", "ai-svr", "ai-ewma", "ai-last"
+        ]
+    );
+    for v in Variant::BENCHED {
+        assert_eq!(v.to_string().parse::<Variant>(), Ok(v));
+    }
+    let err = "ai-svm".parse::<Variant>().unwrap_err();
+    assert!(err.contains("ai-svm") && err.contains("ai-last"), "{err}");
+    assert_eq!(
+        serde_json::to_string(&Variant::ai(PredictorSetting::Ewma)).unwrap(),
+        "\"ai-ewma\""
+    );
+}
