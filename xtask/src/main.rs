@@ -108,13 +108,17 @@ enum Bench {
     /// program that only returns XDP_PASS. Needs root.
     Datapath,
     /// The discrete-event simulation: 120 backends, 100k+ requests per second, every
-    /// scenario under every policy, running the agent's own policy, table and model.
+    /// scenario under every policy (`ai-svr`, `ai-ewma`, `ai-last` included), running
+    /// the agent's own policy, table and model. Writes target/bench/sim.json.
     Sim,
     /// The weight policies on the real XDP testbed: every scenario under `equal`,
-    /// `static`, `reactive` and `ai`, interleaved, 3 repeats (about 15 minutes).
-    /// Writes target/bench/policies.md, policies.json and SVG plots. Needs root.
+    /// `static`, `reactive`, `ai` and `ai` with each predictor set (`ai-svr`,
+    /// `ai-ewma`, `ai-last`), interleaved, 3 repeats of 30 s (about 32 s a run with
+    /// its setup). Writes target/bench/policies.md, policies.json and SVG plots.
+    /// Needs root.
     Policies {
-        /// Arguments for lb-bench-policies (e.g. `--quick`, `--scenarios S1,S2`).
+        /// Arguments for lb-bench-policies (e.g. `--quick`, `--scenarios S1,S2`,
+        /// `--policies ai,ai-last,reactive`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
