@@ -1352,7 +1352,10 @@ weight = 1
             "[control]\neject_error_rate = 0.3\neject_min_requests = 50\n\
              eject_max_share = 0.1\neject_time_ms = 30000\n{GOOD}"
         );
-        let params = Config::parse(&ejecting).unwrap().control.params_for(&[1, 1]);
+        let params = Config::parse(&ejecting)
+            .unwrap()
+            .control
+            .params_for(&[1, 1]);
         assert_eq!(
             (
                 params.eject_error_rate,

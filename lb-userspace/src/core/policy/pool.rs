@@ -32,10 +32,7 @@ pub(super) fn begin<'a>(
                 .unwrap_or(first)
         })
         .collect();
-    let ejected: Vec<Option<Reason>> = inputs
-        .iter()
-        .map(|i| eject::ejected(state, i.id))
-        .collect();
+    let ejected: Vec<Option<Reason>> = inputs.iter().map(|i| eject::ejected(state, i.id)).collect();
     let free: Vec<bool> = inputs
         .iter()
         .zip(&ejected)

@@ -756,7 +756,11 @@ fn a_backend_failing_everything_is_ejected_at_once() {
             "{kind}: {:?}",
             d[0]
         );
-        assert!(d[0].to_string().starts_with("ejected: 100 % errors"), "{}", d[0]);
+        assert!(
+            d[0].to_string().starts_with("ejected: 100 % errors"),
+            "{}",
+            d[0]
+        );
         assert!(d[1..].iter().all(|d| !d.ejected()), "{kind}: {d:?}");
         w = after;
         // 10 s at 1 s per update: 0 for 9 more, then a probe.
@@ -771,7 +775,11 @@ fn a_backend_failing_everything_is_ejected_at_once() {
         }
         assert_eq!(out, 10, "{kind}");
         let (w2, d) = serve(kind, &p, &mut state, &w, &failing, 1.0);
-        assert_eq!(w2[0], 0, "{kind}: a failing probe was not ejected: {:?}", d[0]);
+        assert_eq!(
+            w2[0], 0,
+            "{kind}: a failing probe was not ejected: {:?}",
+            d[0]
+        );
         assert!(
             matches!(d[0].reason, Reason::Ejected { times: 2, left_s, .. } if left_s == 20.0),
             "{kind}: {:?}",
