@@ -3,8 +3,8 @@
 //! of the table at once (weight 0, outside the filter and the move budget), for an
 //! ejection time that grows with each consecutive ejection; then it comes back at a
 //! probe share until enough of its requests say whether it still fails, and, while
-//! they say it does not, its weight may double per update until the policy's own
-//! proposal is lower. Called twice per update: [`judge`] before the pool stage
+//! they say it does not, its share may at most double per update until its target
+//! is within that. Called twice per update: [`judge`] before the pool stage
 //! (which keeps an ejected backend out of the free pool and starts a probing one at
 //! its probe weight, [`probe_weight`]), [`cap`] after the hand-over.
 //!
