@@ -19,7 +19,9 @@
 //! to study the policies' guards rather than to report, the agent's `[control]`
 //! settings `LB_SIM_INTERVAL_MS` (500), `LB_SIM_MOVE_BUDGET` (0.02),
 //! `LB_SIM_FLOOR_SHARE` (0.01), `LB_SIM_SMOOTHING` (0.5), `LB_SIM_HYSTERESIS` (0.05),
-//! `LB_SIM_SHED_RATIO` (0.5). It prints Markdown and writes every figure of every run as JSON to the file named by
+//! `LB_SIM_SHED_RATIO` (0.5), `LB_SIM_EJECT_ERROR_RATE` (0.2), `LB_SIM_EJECT_MIN_REQUESTS`
+//! (10), `LB_SIM_EJECT_MAX_SHARE` (0.5; 0 turns ejection off), `LB_SIM_EJECT_TIME_MS`
+//! (10000). It prints Markdown and writes every figure of every run as JSON to the file named by
 //! `LB_BENCH_JSON`, or else to `target/bench/sim.json` under the workspace root:
 //! `results.<scenario>.<policy>` has the medians `p99_ms`, `p99_all_ms` (null when
 //! more than 1 % failed) and `errors_percent`; `summary` every median; `runs` every
@@ -57,6 +59,10 @@ fn main() {
         hysteresis: env_num("LB_SIM_HYSTERESIS", c.hysteresis),
         shed_ratio: env_num("LB_SIM_SHED_RATIO", c.shed_ratio),
         predictor: c.predictor,
+        eject_error_rate: env_num("LB_SIM_EJECT_ERROR_RATE", c.eject_error_rate),
+        eject_min_requests: env_num("LB_SIM_EJECT_MIN_REQUESTS", c.eject_min_requests),
+        eject_max_share: env_num("LB_SIM_EJECT_MAX_SHARE", c.eject_max_share),
+        eject_time_ms: env_num("LB_SIM_EJECT_TIME_MS", c.eject_time_ms),
     };
     let params = SimParams {
         duration_s: env_num("LB_SIM_DURATION_S", defaults.duration_s),
@@ -352,6 +358,10 @@ fn main() {
                 "smoothing": c.smoothing,
                 "hysteresis": c.hysteresis,
                 "shed_ratio": c.shed_ratio,
+                "eject_error_rate": c.eject_error_rate,
+                "eject_min_requests": c.eject_min_requests,
+                "eject_max_share": c.eject_max_share,
+                "eject_time_ms": c.eject_time_ms,
             },
         },
         "results": results,

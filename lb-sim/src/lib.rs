@@ -53,8 +53,9 @@
 //!    two ticks, in `fit_threads` threads, with the same effect.
 //! 3. The policy inputs are built as in `control_tick`: configured weight
 //!    (capacity-proportional for `static`, 1 for the others, as on the testbed), the
-//!    prober's health, no hold, qps from the scrape, utilisation, no error rate (the
-//!    agent passes none), the latency, the forecast and its predictor. The
+//!    prober's health, no hold, qps from the scrape, utilisation, the error rate
+//!    (5xx responses per second, as the agent's scrape of `errors` gives it), the
+//!    latency, the forecast and its predictor. The
 //!    parameters are the agent's (`VipControl::new`): `unit` = 10,000 / Σ configured,
 //!    quantum = scale / 1000, and the `[control]` defaults (2 %/s move budget, 1 %
 //!    floor, smoothing 0.5, 5 % hysteresis) with the testbed's 500 ms interval.

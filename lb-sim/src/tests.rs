@@ -154,6 +154,32 @@ fn a_failing_backend_is_unhealthy_only_behind_a_deep_check() {
     assert!(deep.failed_fast * 3 < shallow.failed_fast, "{deep:?}");
 }
 
+/// S5's backends failing fast are ejected at the first tick that sees them: the
+/// errors the error penalty alone leaves (the third of the run they fail) fall
+/// below 1 %, under both adaptive policies; with ejection off they do not.
+#[test]
+fn backends_failing_fast_are_ejected() {
+    let p = small();
+    let off = SimParams {
+        control: lb_userspace::config::Control {
+            eject_max_share: 0.0,
+            ..p.control
+        },
+        ..p.clone()
+    };
+    for policy in [PolicyKind::Reactive, PolicyKind::Ai] {
+        let on = run(ScenarioId::S5, policy, 3, &p);
+        let without = run(ScenarioId::S5, policy, 3, &off);
+        assert!(on.error_rate < 0.01, "{policy}: {}", on.error_rate);
+        assert!(
+            on.error_rate * 3.0 < without.error_rate,
+            "{policy}: {} with ejection, {} without",
+            on.error_rate,
+            without.error_rate
+        );
+    }
+}
+
 #[test]
 fn scenarios_have_their_load_and_changes() {
     let p = SimParams::default();

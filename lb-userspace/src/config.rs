@@ -384,6 +384,18 @@ pub struct Control {
     /// Which predictor drives `ai`: `auto` (the model while it beats the baselines),
     /// or always `svr`, `ewma` or `last`.
     pub predictor: crate::core::model::PredictorSetting,
+    /// `reactive` and `ai` eject a backend whose error rate over an interval is at
+    /// least this much above the pool's (0 < x ≤ 1).
+    pub eject_error_rate: f64,
+    /// Requests a backend must have answered in an interval for its error rate to
+    /// count (1..=1000000).
+    pub eject_min_requests: u32,
+    /// Most of the healthy, unheld backends of a VIP ejected at once (0..=0.9; 0:
+    /// never eject).
+    pub eject_max_share: f64,
+    /// How long the first ejection lasts; the n-th consecutive one n times as long,
+    /// at most 10 times (1000..=3600000).
+    pub eject_time_ms: u64,
 }
 
 impl Default for Control {
@@ -396,6 +408,10 @@ impl Default for Control {
             hysteresis: 0.05,
             shed_ratio: 0.5,
             predictor: crate::core::model::PredictorSetting::Auto,
+            eject_error_rate: 0.2,
+            eject_min_requests: 10,
+            eject_max_share: 0.5,
+            eject_time_ms: 10_000,
         }
     }
 }
@@ -419,6 +435,10 @@ impl Control {
             budget_per_second: self.move_budget_per_second,
             interval_s: self.interval_ms as f64 / 1000.0,
             shed_ratio: self.shed_ratio,
+            eject_error_rate: self.eject_error_rate,
+            eject_min_requests: f64::from(self.eject_min_requests),
+            eject_max_share: self.eject_max_share,
+            eject_time_s: self.eject_time_ms as f64 / 1000.0,
             ..policy::Params::default()
         }
     }
@@ -434,6 +454,10 @@ struct RawControl {
     hysteresis: Option<f64>,
     shed_ratio: Option<f64>,
     predictor: Option<String>,
+    eject_error_rate: Option<f64>,
+    eject_min_requests: Option<u32>,
+    eject_max_share: Option<f64>,
+    eject_time_ms: Option<u64>,
 }
 
 fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
@@ -466,6 +490,20 @@ fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
             .parse()
             .map_err(|e: String| invalid("control.predictor", e))?,
     };
+    let eject_min_requests = raw.eject_min_requests.unwrap_or(d.eject_min_requests);
+    if !(1..=1_000_000).contains(&eject_min_requests) {
+        return Err(invalid(
+            "control.eject_min_requests",
+            format!("{eject_min_requests} is outside [1, 1000000]"),
+        ));
+    }
+    let eject_time_ms = raw.eject_time_ms.unwrap_or(d.eject_time_ms);
+    if !(1_000..=3_600_000).contains(&eject_time_ms) {
+        return Err(invalid(
+            "control.eject_time_ms",
+            format!("{eject_time_ms} is outside [1000, 3600000]"),
+        ));
+    }
     Ok(Control {
         interval_ms,
         predictor,
@@ -505,6 +543,22 @@ fn check_control(raw: Option<RawControl>) -> Result<Control, ConfigError> {
             false,
             0.8,
         )?,
+        eject_error_rate: range(
+            "eject_error_rate",
+            raw.eject_error_rate.unwrap_or(d.eject_error_rate),
+            0.0,
+            true,
+            1.0,
+        )?,
+        eject_min_requests,
+        eject_max_share: range(
+            "eject_max_share",
+            raw.eject_max_share.unwrap_or(d.eject_max_share),
+            0.0,
+            false,
+            0.9,
+        )?,
+        eject_time_ms,
     })
 }
 
@@ -1315,6 +1369,23 @@ weight = 1
             svr.control.predictor,
             crate::core::model::PredictorSetting::Svr
         );
+        let ejecting = format!(
+            "[control]\neject_error_rate = 0.3\neject_min_requests = 50\n\
+             eject_max_share = 0.1\neject_time_ms = 30000\n{GOOD}"
+        );
+        let params = Config::parse(&ejecting)
+            .unwrap()
+            .control
+            .params_for(&[1, 1]);
+        assert_eq!(
+            (
+                params.eject_error_rate,
+                params.eject_min_requests,
+                params.eject_max_share,
+                params.eject_time_s
+            ),
+            (0.3, 50.0, 0.1, 30.0)
+        );
         for (bad, field) in [
             ("interval_ms = 5", "control.interval_ms"),
             (
@@ -1325,6 +1396,10 @@ weight = 1
             ("smoothing = nan", "control.smoothing"),
             ("shed_ratio = 1.5", "control.shed_ratio"),
             ("predictor = \"svm\"", "control.predictor"),
+            ("eject_error_rate = 0.0", "control.eject_error_rate"),
+            ("eject_min_requests = 0", "control.eject_min_requests"),
+            ("eject_max_share = 1.0", "control.eject_max_share"),
+            ("eject_time_ms = 10", "control.eject_time_ms"),
         ] {
             assert_eq!(field_of(&format!("[control]\n{bad}\n{GOOD}")), field);
         }

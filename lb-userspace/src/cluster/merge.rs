@@ -161,6 +161,46 @@ mod tests {
         assert!(merge(&[]).is_none());
     }
 
+    /// The leader runs the same step on merged inputs: a backend failing every
+    /// request, as three LBs scrape it (one of them without its error counter), is
+    /// ejected at the first step, and one LB's scrape showing errors on a healthy
+    /// backend ejects nothing.
+    #[test]
+    fn a_failing_backend_is_ejected_on_merged_inputs() {
+        use crate::core::BackendId;
+        use crate::core::policy::{self, Input, Params, PolicyKind, State};
+        let scrape = |requests: f64, errors: Option<f64>| BackendReport {
+            requests_per_s: Some(requests),
+            utilisation: Some(if errors == Some(requests) { 0.0 } else { 0.5 }),
+            errors_per_s: errors,
+            in_flight: Some(1.0),
+            ..report(requests / 3.0, true, Some(0.010))
+        };
+        let inputs: Vec<Input> = (0..4)
+            .map(|k| {
+                let errors = match k {
+                    0 => [Some(100.0), Some(100.0), None],
+                    1 => [Some(90.0), Some(0.0), Some(0.0)],
+                    _ => [Some(0.0); 3],
+                };
+                let reports: Vec<BackendReport> =
+                    errors.iter().map(|&e| scrape(100.0, e)).collect();
+                let m = merge(&reports.iter().collect::<Vec<_>>()).unwrap();
+                Input {
+                    healthy: m.healthy,
+                    predicted_s: m.predicted_s,
+                    ..Input::observed(BackendId(k), 1, m.seen, None)
+                }
+            })
+            .collect();
+        for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+            let (w, d) = policy::step(kind, &Params::default(), &mut State::default(), &inputs);
+            assert_eq!(w[0], 0, "{kind}: {w:?}");
+            assert!(d[0].ejected(), "{kind}: {:?}", d[0]);
+            assert!(d[1..].iter().all(|d| !d.ejected()), "{kind}: {d:?}");
+        }
+    }
+
     #[test]
     fn the_index_groups_reports_by_vip_and_backend() {
         use super::super::records::{NodeRecord, VipReport};

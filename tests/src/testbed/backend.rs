@@ -233,6 +233,34 @@ struct Shared {
 }
 
 impl Shared {
+    /// A backend of `spec` that starts at `now`, idle.
+    fn new(spec: &BackendSpec, now: Instant) -> Shared {
+        Shared {
+            name: spec.name.clone(),
+            slots: spec.slots,
+            service_time: spec.service_time,
+            started: now,
+            controls: Arc::new(Controls::default()),
+            inner: Mutex::new(Inner {
+                free_at: vec![now; spec.slots],
+                active: HashMap::new(),
+                next_id: 0,
+                busy_done_ns: 0,
+                accepted: 0,
+                served: 0,
+                failed: 0,
+                probes: 0,
+                scrapes: 0,
+                holds: 0,
+                held: 0,
+                codes: BTreeMap::new(),
+                buckets: [0; BUCKETS.len()],
+                sum: 0.0,
+                count: 0,
+            }),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -411,31 +439,7 @@ impl EmulatedBackend {
         endpoints: Endpoints,
     ) -> Result<EmulatedBackend> {
         anyhow::ensure!(spec.slots > 0, "backend {} has no slot", spec.name);
-        let now = Instant::now();
-        let shared = Arc::new(Shared {
-            name: spec.name.clone(),
-            slots: spec.slots,
-            service_time: spec.service_time,
-            started: now,
-            controls: Arc::new(Controls::default()),
-            inner: Mutex::new(Inner {
-                free_at: vec![now; spec.slots],
-                active: HashMap::new(),
-                next_id: 0,
-                busy_done_ns: 0,
-                accepted: 0,
-                served: 0,
-                failed: 0,
-                probes: 0,
-                scrapes: 0,
-                holds: 0,
-                held: 0,
-                codes: BTreeMap::new(),
-                buckets: [0; BUCKETS.len()],
-                sum: 0.0,
-                count: 0,
-            }),
-        });
+        let shared = Arc::new(Shared::new(&spec, Instant::now()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
         let thread = {
@@ -771,4 +775,37 @@ async fn metrics(mut stream: TcpStream, shared: &Shared) {
         response("HTTP/1.1", 404, "Not Found", "text/plain", "not found\n")
     };
     respond(&mut stream, &text, |_| {}).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_userspace::collect::{ScrapeConfig, Scraper};
+
+    /// The agent's scrape of a backend failing fast, with the selectors the
+    /// testbed's agent configuration names (`scenario::agent_config`): its 503s are
+    /// requests and errors, so the policy sees its error rate.
+    #[test]
+    fn a_failing_backends_503s_reach_the_agents_error_rate() {
+        let spec = BackendSpec::new("backend0", 4, Duration::from_millis(50));
+        let start = Instant::now();
+        let shared = Shared::new(&spec, start);
+        let mut cfg = ScrapeConfig::new("http://198.18.0.11:9100/metrics");
+        cfg.in_flight = Some("app_requests_in_flight".into());
+        cfg.latency = Some("app_request_duration_seconds".into());
+        cfg.requests = Some("app_requests_total".into());
+        cfg.errors = Some("app_errors_total".into());
+        let mut scraper = Scraper::new(cfg).unwrap();
+        for _ in 0..10 {
+            shared.finish(None, start, 200, true);
+        }
+        scraper.ingest(&shared.exposition(), start);
+        for _ in 0..30 {
+            shared.finish(None, start, 503, true);
+        }
+        shared.finish(None, start, 200, true);
+        let sample = scraper.ingest(&shared.exposition(), start + Duration::from_secs(2));
+        assert_eq!(sample.requests_per_s, Some(15.5), "{sample:?}");
+        assert_eq!(sample.errors_per_s, Some(15.0), "{sample:?}");
+    }
 }

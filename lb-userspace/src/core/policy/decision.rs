@@ -39,6 +39,11 @@ impl Decision {
             .any(|n| matches!(n, Note::MoveBudget { .. } | Note::SlotBudget { .. }))
     }
 
+    /// Ejected for its error rate: 0, no new flows.
+    pub fn ejected(&self) -> bool {
+        matches!(self.reason, Reason::Ejected { .. })
+    }
+
     /// Raised to the floor share.
     pub fn floored(&self) -> bool {
         self.notes.iter().any(|n| matches!(n, Note::Floor { .. }))
@@ -54,6 +59,15 @@ pub enum Reason {
     Hold { weight: u32 },
     /// Its probes fail: 0 at once.
     Unhealthy,
+    /// Its error rate over an interval, `error_rate`, was clearly above the pool's,
+    /// `reference`: 0 at once, for `left_s` more seconds, then a probe; `times`
+    /// counts the consecutive ejections (the n-th lasts n ejection times).
+    Ejected {
+        error_rate: f64,
+        reference: f64,
+        times: u32,
+        left_s: f64,
+    },
     /// The `static` policy: the configured weight.
     Static { configured: u32 },
     /// The `equal` policy.
@@ -99,6 +113,11 @@ pub enum Note {
     TookWithinRoom { weight: f64 },
     /// Took `weight` of what shed backends gave up beyond the others' room.
     TookBeyondRoom { weight: f64 },
+    /// Back from an ejection, held at a probe weight until enough of its requests
+    /// say whether it still fails.
+    Probe { weight: f64 },
+    /// Back from an ejection and judged clean: at most `cap`, twice what it held.
+    Returning { cap: f64 },
     /// Raised to the floor.
     Floor { floor: f64 },
     /// The move budget on ideal shares let `fraction` of the step through.
@@ -119,6 +138,18 @@ impl fmt::Display for Reason {
         match *self {
             Reason::Hold { weight } => write!(f, "operator hold at {weight}"),
             Reason::Unhealthy => f.write_str("unhealthy: 0 until its probes pass again"),
+            Reason::Ejected {
+                error_rate,
+                reference,
+                times,
+                left_s,
+            } => write!(
+                f,
+                "ejected: {:.0} % errors against the pool's {:.0} % (ejection {times} in a \
+                 row): no new flows for {left_s:.1} s more, then a probe",
+                error_rate * 100.0,
+                reference * 100.0
+            ),
             Reason::Static { configured } => write!(f, "static: configured weight {configured}"),
             Reason::Equal => f.write_str("equal: the same weight as every healthy backend"),
             Reason::Shed {
@@ -184,6 +215,16 @@ impl fmt::Display for Note {
                 f,
                 "; takes {weight:.0} of what the shed backends gave up beyond the others' \
                  room, as a backend below the strain line"
+            ),
+            Note::Probe { weight } => write!(
+                f,
+                "; back from an ejection: a probe at {weight:.0} until enough of its requests \
+                 show whether it still fails"
+            ),
+            Note::Returning { cap } => write!(
+                f,
+                "; back from an ejection, its errors low: at most {cap:.0}, twice what it \
+                 held"
             ),
             Note::Floor { floor } => write!(f, "; raised to the floor {floor:.0}"),
             Note::MoveBudget { fraction } => {
@@ -253,5 +294,20 @@ mod tests {
              move budget: 50 % of the step"
         );
         assert!(d.floored() && d.budget_limited() && !d.shed());
+    }
+
+    #[test]
+    fn an_ejection_says_how_far_above_the_pool_and_for_how_long() {
+        let reason = Reason::Ejected {
+            error_rate: 0.34,
+            reference: 0.01,
+            times: 2,
+            left_s: 17.5,
+        };
+        assert_eq!(
+            reason.to_string(),
+            "ejected: 34 % errors against the pool's 1 % (ejection 2 in a row): no new \
+             flows for 17.5 s more, then a probe"
+        );
     }
 }

@@ -2,12 +2,17 @@
 //! ([`Params::floor_share`](super::Params::floor_share)), at most a fifth of an equal
 //! share, so that it is still observed and can win traffic back.
 
-use super::{Note, Update};
+use super::{Note, Params, Update};
+
+/// The floor as a share of the scale with `free_count` free backends.
+pub(super) fn share(params: &Params, free_count: usize) -> f64 {
+    params.floor_share.min(0.2 / free_count.max(1) as f64)
+}
 
 /// Raises every free backend's proposal to the floor.
 pub(super) fn raise(u: &mut Update) {
-    let free_count = u.free.iter().filter(|&&f| f).count().max(1);
-    let floor = u.params.floor_share.min(0.2 / free_count as f64) * u.params.scale as f64;
+    let free_count = u.free.iter().filter(|&&f| f).count();
+    let floor = share(u.params, free_count) * u.params.scale as f64;
     for k in (0..u.n()).filter(|&k| u.free[k]) {
         if u.proposal[k] < floor {
             u.proposal[k] = floor;
@@ -18,7 +23,7 @@ pub(super) fn raise(u: &mut Update) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Input, Params, PolicyKind, State, pool};
+    use super::super::{Input, PolicyKind, State, pool};
     use super::*;
 
     #[test]

@@ -25,9 +25,11 @@
 //! # Stages
 //! One update runs these stages in this order, each a module of its own
 //! (docs/CONFIG.md explains each for operators, "What `reactive` and `ai` aim at"):
+//! 0. [`eject`] (`reactive` and `ai`): a backend whose error rate is clearly above
+//!    the pool's is ejected (0 at once) for an ejection time, then probed back.
 //! 1. [`pool`]: what each backend holds; operator holds win outright, unhealthy
-//!    backends get 0 at once (safety beats the move budget); `static` and `equal`
-//!    stop here, exact.
+//!    and ejected backends get 0 at once (safety beats the move budget); `static` and
+//!    `equal` stop here, exact.
 //! 2. [`target`]: each backend's target (capacity, and for `ai` its latency factor).
 //! 3. [`shed`]: a strained backend ([`capacity`]: busy or failing nearly all the
 //!    time) whose shown capacity and target both fall below [`Params::shed_ratio`] of
@@ -40,11 +42,14 @@
 //!    measurement noise alone never moves a weight; the rest is smoothed.
 //! 5. [`handover`]: what the shed backends give up goes at once to the backends with
 //!    room below their shown capacity, then by spare below the strain line.
-//! 6. [`floor`]: every free backend keeps a minimum share.
-//! 7. [`budget`]: the lookup-table slots moved per update, beyond those the holds,
-//!    health changes and sheds move, stay within the budget, on ideal shares;
-//! 8. [`quantize`]: whole steps of the weight scale, and never a VIP without weight;
-//! 9. [`budget`] again, on the slots the real table moves.
+//! 6. [`eject`] again: a backend back from an ejection stays at its probe weight
+//!    until its errors are judged, then at most doubles per update.
+//! 7. [`floor`]: every free backend keeps a minimum share.
+//! 8. [`budget`]: the lookup-table slots moved per update, beyond those the holds,
+//!    health changes, ejections and sheds move, stay within the budget, on ideal
+//!    shares;
+//! 9. [`quantize`]: whole steps of the weight scale, and never a VIP without weight;
+//! 10. [`budget`] again, on the slots the real table moves.
 //!
 //! Shedding is one-sided: a backend wins share back only through the filtered,
 //! smoothed, budgeted path, so a shed cannot start an oscillation faster than the
@@ -54,6 +59,7 @@
 mod budget;
 mod capacity;
 mod decision;
+mod eject;
 mod filter;
 mod floor;
 mod handover;
@@ -68,6 +74,7 @@ use std::collections::BTreeMap;
 
 pub use budget::share_moved;
 pub use decision::{Decision, Note, Reason};
+pub use eject::{MAX_EJECTION_TIMES, Outlier, Phase as OutlierPhase};
 pub use filter::Filtered;
 
 use crate::core::BackendId;
@@ -209,6 +216,18 @@ pub struct Params {
     /// What a failed request costs its client, in seconds, for the `ai` policy: it
     /// counts as a request that took this long (a timeout, or a retry elsewhere).
     pub error_cost_s: f64,
+    /// `reactive` and `ai` eject a backend whose error rate over the last interval
+    /// is at least this much above the pool's (its requests' median; see [`eject`]).
+    pub eject_error_rate: f64,
+    /// Requests a backend must have answered in the interval for its error rate to
+    /// count, and a probe before it is judged.
+    pub eject_min_requests: f64,
+    /// Most of the healthy, unheld backends ejected at once, rounded down (0: never
+    /// eject).
+    pub eject_max_share: f64,
+    /// Seconds the first ejection lasts; the n-th consecutive one n times as long,
+    /// at most [`MAX_EJECTION_TIMES`] times.
+    pub eject_time_s: f64,
 }
 
 impl Default for Params {
@@ -227,6 +246,10 @@ impl Default for Params {
             shed_ratio: 0.5,
             error_penalty: 1.0,
             error_cost_s: 1.0,
+            eject_error_rate: 0.2,
+            eject_min_requests: 10.0,
+            eject_max_share: 0.5,
+            eject_time_s: 10.0,
         }
     }
 }
@@ -279,6 +302,8 @@ pub struct State {
     /// The free backends those shares are of: when the set changes, the filters
     /// start again.
     pub free: Vec<BackendId>,
+    /// The backends ejected for their errors or on their way back, by backend.
+    pub outliers: BTreeMap<BackendId, Outlier>,
 }
 
 /// One update for one VIP: new weights (in `inputs` order) and the decisions, with
@@ -304,11 +329,14 @@ pub fn step_with_table(
     inputs: &[Input],
     moved: &mut dyn FnMut(&[u32]) -> Option<f64>,
 ) -> (Vec<u32>, Vec<Decision>) {
-    let mut update = pool::begin(kind, params, state, inputs);
     if matches!(kind, PolicyKind::Static | PolicyKind::Equal) {
+        state.outliers.clear();
+        let mut update = pool::begin(kind, params, state, inputs);
         pool::exact(&mut update);
         return update.finish(state);
     }
+    eject::judge(params, state, inputs);
+    let mut update = pool::begin(kind, params, state, inputs);
     filter::follow_the_pool(&update, state);
     let evidence = shed::Evidence::of(&update);
     let sheds = shed::find(&mut update, &evidence);
@@ -318,6 +346,7 @@ pub fn step_with_table(
     shed::deepen(&mut update, state, &sheds, &takers);
     handover::give(&mut update, state, &room, &takers);
     handover::settle_shed_shares(&mut update);
+    eject::cap(&mut update, state);
     floor::raise(&mut update);
     let scaled = budget::on_shares(&mut update);
     quantize::round(&mut update);
@@ -332,7 +361,7 @@ struct Update<'a> {
     kind: PolicyKind,
     params: &'a Params,
     inputs: &'a [Input],
-    /// Neither held nor unhealthy: the backends the policy moves.
+    /// Neither held, unhealthy nor ejected: the backends the policy moves.
     free: Vec<bool>,
     /// What each backend held when the update started.
     before: Vec<u32>,

@@ -1,8 +1,10 @@
 //! The pool stage: what each backend holds when an update starts, which backends
-//! the policy may move (the free pool: neither held nor unhealthy), and the two
-//! guards that act at once, before any other stage: operator holds win outright and
-//! unhealthy backends get 0. `static` and `equal` end here ([`exact`]).
+//! the policy may move (the free pool: neither held, unhealthy nor ejected), and the
+//! guards that act at once, before any other stage: operator holds win outright,
+//! unhealthy backends get 0 and so do ejected ones ([`eject`](super::eject)).
+//! `static` and `equal` end here ([`exact`]).
 
+use super::eject;
 use super::target::{initial_weights, targets};
 use super::{Input, Params, PolicyKind, Reason, State, Update};
 
@@ -30,13 +32,16 @@ pub(super) fn begin<'a>(
                 .unwrap_or(first)
         })
         .collect();
+    let ejected: Vec<Option<Reason>> = inputs.iter().map(|i| eject::ejected(state, i.id)).collect();
     let free: Vec<bool> = inputs
         .iter()
-        .map(|i| i.hold.is_none() && i.healthy)
+        .zip(&ejected)
+        .map(|(i, e)| i.hold.is_none() && i.healthy && e.is_none())
         .collect();
     // A free backend that held no weight (back from unhealthy or from a hold)
-    // starts again from its initial weight.
-    let unrescaled: Vec<u32> = (0..n)
+    // starts again from its initial weight; back from an ejection, from its probe
+    // weight.
+    let mut unrescaled: Vec<u32> = (0..n)
         .map(|k| {
             if free[k] && before[k] == 0 {
                 initial[k]
@@ -45,6 +50,15 @@ pub(super) fn begin<'a>(
             }
         })
         .collect();
+    let probing: Vec<bool> = (0..n)
+        .map(|k| free[k] && before[k] == 0 && eject::returning(state, inputs[k].id))
+        .collect();
+    if probing.contains(&true) {
+        let probe = eject::probe_weight(params, inputs, &free, &unrescaled, &probing);
+        for k in (0..n).filter(|&k| probing[k]) {
+            unrescaled[k] = probe;
+        }
+    }
     let start = rescaled(&unrescaled, &initial, &free);
     let targets = targets(kind, params, inputs, &start);
     let free_total: f64 = (0..n).filter(|&k| free[k]).map(|k| targets[k]).sum();
@@ -64,6 +78,9 @@ pub(super) fn begin<'a>(
             } else if !input.healthy {
                 after[k] = 0;
                 Reason::Unhealthy
+            } else if let Some(reason) = ejected[k].clone() {
+                after[k] = 0;
+                reason
             } else {
                 Reason::Equal
             }

@@ -370,10 +370,14 @@ fn a_shed_share_goes_to_backends_with_room() {
 }
 
 /// A backend failing fast answers quickest; with its errors known it loses share
-/// under `ai` instead of winning it, and `reactive` (Envoy's error penalty) too.
+/// under `ai` instead of winning it, and `reactive` (Envoy's error penalty) too,
+/// even where it is not ejected (here: ejection off).
 #[test]
 fn a_backend_failing_fast_loses_share() {
-    let p = Params::default();
+    let p = Params {
+        eject_max_share: 0.0,
+        ..Params::default()
+    };
     let mut inputs = backends(4);
     for (k, i) in inputs.iter_mut().enumerate() {
         i.qps = Some(100.0);
@@ -710,4 +714,244 @@ fn the_benched_policies_are_named_and_parsed_back() {
         serde_json::to_string(&Variant::ai(PredictorSetting::Ewma)).unwrap(),
         "\"ai-ewma\""
     );
+}
+
+/// Eight backends of 200 req/s sharing 800 req/s by their weights `w`, each
+/// answering its share; the `failing` ones fail `rate` of their requests at once
+/// (idle, fast), the others none.
+fn serving(w: &[u32], failing: &[bool], rate: f64) -> Vec<Input> {
+    let total: f64 = w.iter().map(|&x| f64::from(x)).sum::<f64>().max(1.0);
+    let mut inputs = backends(w.len());
+    for (k, i) in inputs.iter_mut().enumerate() {
+        let qps = 800.0 * f64::from(w[k]) / total;
+        let fail = if failing[k] { rate } else { 0.0 };
+        i.qps = Some(qps);
+        i.errors_per_s = Some(fail * qps);
+        i.utilisation = Some((1.0 - fail) * qps / 200.0);
+        i.in_flight = Some((1.0 - fail) * qps * 0.01);
+        i.predicted_s = Some(if fail >= 1.0 { 0.0005 } else { 0.01 });
+    }
+    inputs
+}
+
+/// Runs one step on what the weights in force make each backend see.
+fn serve(
+    kind: PolicyKind,
+    p: &Params,
+    state: &mut State,
+    w: &[u32],
+    failing: &[bool],
+    rate: f64,
+) -> (Vec<u32>, Vec<Decision>) {
+    step(kind, p, state, &serving(w, failing, rate))
+}
+
+fn probing(d: &Decision) -> bool {
+    d.notes.iter().any(|n| matches!(n, Note::Probe { .. }))
+}
+
+fn returning(d: &Decision) -> bool {
+    d.notes.iter().any(|n| matches!(n, Note::Returning { .. }))
+}
+
+/// A backend that starts failing every request is ejected (0, no new flows) at the
+/// first update that sees it, under both adaptive policies, and stays out for the
+/// ejection time; a probe that still fails ejects it again for twice as long.
+#[test]
+fn a_backend_failing_everything_is_ejected_at_once() {
+    let p = Params::default();
+    let mut failing = [false; 8];
+    for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+        let mut state = State::default();
+        let mut w = vec![1250; 8];
+        for _ in 0..5 {
+            w = serve(kind, &p, &mut state, &w, &failing, 1.0).0;
+        }
+        failing[0] = true;
+        let (after, d) = serve(kind, &p, &mut state, &w, &failing, 1.0);
+        assert_eq!(after[0], 0, "{kind}: {after:?}");
+        assert!(d[0].ejected(), "{kind}: {:?}", d[0]);
+        assert!(
+            matches!(d[0].reason, Reason::Ejected { error_rate, times: 1, .. } if error_rate == 1.0),
+            "{kind}: {:?}",
+            d[0]
+        );
+        assert!(
+            d[0].to_string().starts_with("ejected: 100 % errors"),
+            "{}",
+            d[0]
+        );
+        assert!(d[1..].iter().all(|d| !d.ejected()), "{kind}: {d:?}");
+        w = after;
+        // 10 s at 1 s per update: 0 for 9 more, then a probe.
+        let mut out = 1;
+        loop {
+            w = serve(kind, &p, &mut state, &w, &failing, 1.0).0;
+            if w[0] > 0 {
+                break;
+            }
+            out += 1;
+            assert!(out < 20, "{kind}: never probed");
+        }
+        assert_eq!(out, 10, "{kind}");
+        let (w2, d) = serve(kind, &p, &mut state, &w, &failing, 1.0);
+        assert_eq!(
+            w2[0], 0,
+            "{kind}: a failing probe was not ejected: {:?}",
+            d[0]
+        );
+        assert!(
+            matches!(d[0].reason, Reason::Ejected { times: 2, left_s, .. } if left_s == 20.0),
+            "{kind}: {:?}",
+            d[0]
+        );
+        failing[0] = false;
+    }
+}
+
+/// Once it recovers, an ejected backend comes back at a probe share, and once its
+/// probe shows few errors at most doubles per update, back to an equal share.
+#[test]
+fn an_ejected_backend_is_probed_back_gradually() {
+    let p = Params {
+        budget_per_second: 1.0,
+        ..Params::default()
+    };
+    for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+        let mut state = State::default();
+        let mut failing = [false; 8];
+        failing[0] = true;
+        let mut w = serve(kind, &p, &mut state, &[1250; 8], &failing, 1.0).0;
+        assert_eq!(w[0], 0, "{kind}");
+        failing[0] = false;
+        while w[0] == 0 {
+            w = serve(kind, &p, &mut state, &w, &failing, 1.0).0;
+        }
+        // The probe: 10 requests of 800 req/s, 1.25 %, above the floor (1 %).
+        let probe = share(&w, 0);
+        assert!((0.012..0.014).contains(&probe), "{kind}: {w:?}");
+        let mut shares = vec![probe];
+        let mut seen_returning = false;
+        for _ in 0..12 {
+            let (next, d) = serve(kind, &p, &mut state, &w, &failing, 1.0);
+            assert!(!d[0].ejected() && !probing(&d[0]), "{kind}: {:?}", d[0]);
+            seen_returning |= returning(&d[0]);
+            w = next;
+            shares.push(share(&w, 0));
+        }
+        assert!(seen_returning, "{kind}: {shares:?}");
+        for pair in shares.windows(2) {
+            assert!(pair[1] <= 2.0 * pair[0] * 1.05, "{kind}: {shares:?}");
+        }
+        assert!(
+            shares.windows(2).any(|pair| pair[1] > 1.8 * pair[0]),
+            "{kind}: never doubled: {shares:?}"
+        );
+        assert!(
+            *shares.last().unwrap() > 0.1,
+            "{kind}: never came back: {shares:?}"
+        );
+    }
+}
+
+/// Three backends of eight fail, the worst at 90 %; at most a quarter may be
+/// ejected or probing: the two worst are, the third is not, whatever comes after
+/// (their probes included).
+#[test]
+fn no_more_than_the_max_share_is_ejected() {
+    let p = Params {
+        eject_max_share: 0.25,
+        ..Params::default()
+    };
+    let mut state = State::default();
+    let mut w = vec![1250; 8];
+    for round in 0..30 {
+        let mut inputs = serving(&w, &[false; 8], 0.0);
+        for (k, rate) in [(3, 0.4), (1, 0.9), (5, 0.6)] {
+            let qps = inputs[k].qps.unwrap();
+            inputs[k].errors_per_s = Some(rate * qps);
+        }
+        let (next, d) = step(PolicyKind::Ai, &p, &mut state, &inputs);
+        let out: Vec<usize> = (0..8).filter(|&k| d[k].ejected()).collect();
+        assert!(out.len() <= 2, "round {round}: {out:?}");
+        if round == 0 {
+            assert_eq!(out, vec![1, 5], "the worst two");
+        }
+        assert!(!d[3].ejected(), "round {round}: {:?}", d[3]);
+        w = next;
+    }
+}
+
+/// A pool that fails alike has no outlier: nothing is ejected, whatever the rate.
+#[test]
+fn a_pool_failing_alike_ejects_nothing() {
+    let p = Params::default();
+    for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+        for rate in [0.3, 1.0] {
+            let mut state = State::default();
+            let mut w = vec![1250; 8];
+            for _ in 0..20 {
+                let (next, d) = serve(kind, &p, &mut state, &w, &[true; 8], rate);
+                assert!(d.iter().all(|d| !d.ejected()), "{kind} {rate}: {d:?}");
+                w = next;
+            }
+            assert!(state.outliers.is_empty(), "{kind} {rate}");
+        }
+    }
+}
+
+/// Too few requests say nothing: a backend answering 5 requests in an interval
+/// (below the 10 that count), all of them failed, is not ejected; with 10 it is.
+#[test]
+fn too_few_requests_eject_nothing() {
+    let p = Params::default();
+    for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+        for (qps, ejected) in [(5.0, false), (10.0, true)] {
+            let mut inputs = serving(&[1250; 8], &[false; 8], 0.0);
+            inputs[0].qps = Some(qps);
+            inputs[0].errors_per_s = Some(qps);
+            let (_, d) = step(kind, &p, &mut State::default(), &inputs);
+            assert_eq!(d[0].ejected(), ejected, "{kind} at {qps}: {:?}", d[0]);
+        }
+    }
+}
+
+/// Low, steady error rates that differ a little between backends and between
+/// updates (0.5 to 2 %) eject nothing and, once the weights settle, move none.
+#[test]
+fn steady_low_error_rates_do_not_churn() {
+    let p = Params::default();
+    for kind in [PolicyKind::Reactive, PolicyKind::Ai] {
+        let mut state = State::default();
+        let noisy = |round: usize| -> Vec<Input> {
+            let mut inputs = serving(&[1250; 8], &[false; 8], 0.0);
+            for (k, i) in inputs.iter_mut().enumerate() {
+                let rate = 0.005 * (1 + (round * 3 + k * 5) % 4) as f64;
+                i.errors_per_s = Some(rate * i.qps.unwrap());
+            }
+            inputs
+        };
+        for round in 0..100 {
+            let (_, d) = step(kind, &p, &mut state, &noisy(round));
+            assert!(d.iter().all(|d| !d.ejected()), "{kind}: {d:?}");
+        }
+        let settled = state.weights.clone();
+        for round in 100..200 {
+            step(kind, &p, &mut state, &noisy(round));
+        }
+        assert_eq!(state.weights, settled, "{kind}: weights moved");
+        assert!(state.outliers.is_empty(), "{kind}");
+    }
+}
+
+/// `static` and `equal` never eject: their weights are the operator's.
+#[test]
+fn static_and_equal_never_eject() {
+    let p = Params::default();
+    let mut failing = [false; 8];
+    failing[0] = true;
+    for kind in [PolicyKind::Static, PolicyKind::Equal] {
+        let (w, d) = serve(kind, &p, &mut State::default(), &[1250; 8], &failing, 1.0);
+        assert!(w[0] > 0 && !d[0].ejected(), "{kind}: {w:?}");
+    }
 }
