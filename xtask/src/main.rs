@@ -114,7 +114,8 @@ enum Bench {
     /// `static`, `reactive` and `ai`, interleaved, 3 repeats (about 15 minutes).
     /// Writes target/bench/policies.md, policies.json and SVG plots. Needs root.
     Policies {
-        /// Arguments for lb-bench-policies (e.g. `--quick`, `--scenarios S1,S2`).
+        /// Arguments for lb-bench-policies (e.g. `--quick`, `--scenarios S1,S2`,
+        /// `--series FILE` for S6's CPU series, relative to the workspace root).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
