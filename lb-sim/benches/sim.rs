@@ -380,7 +380,11 @@ fn series(duration_s: f64, built_in: Vec<Series>) -> Result<Vec<Series>, String>
     let series = match std::env::var("LB_SIM_SERIES") {
         Ok(list) => {
             let mut out = Vec::new();
-            for path in list.split([':', ',']).map(str::trim).filter(|p| !p.is_empty()) {
+            for path in list
+                .split([':', ','])
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+            {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("LB_SIM_SERIES: cannot read {path}: {e}"))?;
                 out.push(Series::parse(path, &text, needed).map_err(|e| e.to_string())?);
