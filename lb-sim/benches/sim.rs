@@ -19,8 +19,9 @@
 //! `LB_SIM_FLOOR_SHARE` (0.01), `LB_SIM_SMOOTHING` (0.5), `LB_SIM_HYSTERESIS` (0.05),
 //! `LB_SIM_SHED_RATIO` (0.5). `LB_SIM_SERIES` names the CPU series S6 replays instead
 //! of the five built-in ones (`testdata/nab/ec2_cpu_utilization_*.csv`): paths
-//! separated by `:` or `,`, each a `timestamp,value` file (NAB's format) of at least
-//! one value per 0.5 s of the run; a bad file stops the bench with its name and line.
+//! separated by `:` or `,` (relative ones from the workspace root), each a
+//! `timestamp,value` file (NAB's format) of at least one value per 0.5 s of the run; a
+//! bad file stops the bench with its name and line.
 //! The series used are named in the output (the S6 line and `params.series` of the
 //! JSON, present when S6 runs). It prints Markdown and writes every figure of every run as JSON to the file named by
 //! `LB_BENCH_JSON`, or else to `target/bench/sim.json` under the workspace root.
@@ -385,7 +386,12 @@ fn series(duration_s: f64, built_in: Vec<Series>) -> Result<Vec<Series>, String>
                 .map(str::trim)
                 .filter(|p| !p.is_empty())
             {
-                let text = std::fs::read_to_string(path)
+                // Cargo runs a bench in its package's directory: a relative path is
+                // taken from the workspace root instead.
+                let full = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("..")
+                    .join(path);
+                let text = std::fs::read_to_string(&full)
                     .map_err(|e| format!("LB_SIM_SERIES: cannot read {path}: {e}"))?;
                 out.push(Series::parse(path, &text, needed).map_err(|e| e.to_string())?);
             }
