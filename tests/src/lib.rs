@@ -22,7 +22,7 @@
 //! - [`survive`]: LBs leaving a fleet whose weights move, under long-lived
 //!   connections of every age (issue 19: the fleet test and benchmark).
 //! - [`operating`]: the `lb` command line against a real agent, and docs/OPERATING.md.
-//! - [`testbed`]: the policy testbed (emulated backends, open-loop load, scenarios S1-S5).
+//! - [`testbed`]: the policy testbed (emulated backends, open-loop load, scenarios S1-S8).
 //! - [`versus`]: the XDP balancer against HAProxy, nginx and no balancer.
 //!
 //! Every test network lives only in namespaces this crate creates, uses addresses from

@@ -118,7 +118,8 @@ enum Bench {
     /// Needs root.
     Policies {
         /// Arguments for lb-bench-policies (e.g. `--quick`, `--scenarios S1,S2`,
-        /// `--policies ai,ai-last,reactive`).
+        /// `--policies ai,ai-last,reactive`, `--series FILE` for S6's CPU series,
+        /// relative to the workspace root).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -10,7 +10,7 @@
 //! ```text
 //! LB_BIN=... lb-bench-policies [--scenarios S1,S2] [--policies ai,ai-last]
 //!                              [--repeats 3] [--duration-s 30]
-//!                              [--quick] [--no-health-metrics]
+//!                              [--quick] [--no-health-metrics] [--series FILE]...
 //! ```
 //!
 //! `policies.json` has `results.<scenario>.<policy>` with the medians `p99_ms`,
@@ -18,18 +18,24 @@
 //!
 //! `--quick` is 1 repeat of 10 s runs (a smoke test). `--no-health-metrics` leaves
 //! the `[vip.health]` and `[vip.metrics]` sections out of the agent's configuration.
+//! `--series FILE` (repeatable) names a CPU series S6 replays, a `timestamp,value`
+//! file (NAB's format) with a value per 0.5 s of the run; by default the five
+//! `testdata/nab/ec2_cpu_utilization_*.csv` of the workspace. A relative path is
+//! taken from the current directory (the workspace root under `cargo xtask`).
 //! Needs root (namespaces, XDP). Ctrl-C removes every namespace of the run.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lb_tests::testbed::{
     self,
     report::{OutputPaths, RunRecord, Settings},
-    scenario::{POLICIES, RunOptions, SCENARIOS, Scenario},
+    scenario::{POLICIES, RunOptions, SCENARIOS, Scenario, series_needed},
 };
 use lb_userspace::core::policy::Variant;
+use lb_userspace::core::series::Series;
 
 struct Args {
     scenarios: Vec<String>,
@@ -38,11 +44,13 @@ struct Args {
     duration_s: f64,
     quick: bool,
     health_metrics: bool,
+    /// S6's series files; empty for the default ones.
+    series: Vec<PathBuf>,
 }
 
 const USAGE: &str = "usage: lb-bench-policies [--scenarios S1,S2,...] \
                      [--policies ai,ai-svr,...] [--repeats N] [--duration-s SECONDS] \
-                     [--quick] [--no-health-metrics]";
+                     [--quick] [--no-health-metrics] [--series FILE]...";
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -52,6 +60,7 @@ fn parse_args() -> Result<Args> {
         duration_s: 30.0,
         quick: false,
         health_metrics: true,
+        series: Vec::new(),
     };
     let mut repeats = None;
     let mut duration = None;
@@ -101,6 +110,7 @@ fn parse_args() -> Result<Args> {
             }
             "--quick" => args.quick = true,
             "--no-health-metrics" => args.health_metrics = false,
+            "--series" => args.series.push(PathBuf::from(value("--series")?)),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -127,6 +137,43 @@ fn parse_args() -> Result<Args> {
         }
     }
     Ok(args)
+}
+
+/// S6's series: `files`, else every `ec2_cpu_utilization_*.csv` in the workspace's
+/// `testdata/nab`; each must hold a value for every replay step of `duration`.
+fn load_series(files: &[PathBuf], duration: Duration) -> Result<Vec<Series>> {
+    let files = if files.is_empty() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/nab");
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("ec2_cpu_utilization_") && n.ends_with(".csv"))
+            })
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            bail!("no ec2_cpu_utilization_*.csv in {}", dir.display());
+        }
+        found
+    } else {
+        files.to_vec()
+    };
+    let needed = series_needed(duration);
+    files
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the series {}", path.display()))?;
+            let name = match path.strip_prefix(Path::new(env!("CARGO_MANIFEST_DIR")).join("..")) {
+                Ok(relative) => relative.display().to_string(),
+                Err(_) => path.display().to_string(),
+            };
+            Ok(Series::parse(&name, &text, needed)?)
+        })
+        .collect()
 }
 
 /// A progress bar on stderr, redrawn in place.
@@ -191,10 +238,15 @@ fn real_main() -> Result<()> {
     lb_tests::spread::lb_binary()?;
     testbed::prepare_process("lb-bench-policies");
     let duration = Duration::from_secs_f64(args.duration_s);
+    let series = if args.scenarios.iter().any(|s| s == "S6") {
+        load_series(&args.series, duration)?
+    } else {
+        Vec::new()
+    };
     let scenarios: Vec<Scenario> = args
         .scenarios
         .iter()
-        .map(|id| Scenario::get(id, duration).expect("checked above"))
+        .map(|id| Scenario::with_series(id, duration, &series).expect("checked above"))
         .collect();
     let total = scenarios.len() * args.policies.len() * args.repeats;
     eprintln!(

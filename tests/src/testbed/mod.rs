@@ -1,5 +1,5 @@
 //! The policy testbed of issue 6: emulated backends with a capacity, an open-loop
-//! load generator, the five scenarios, and the report that compares the four weight
+//! load generator, the eight scenarios, and the report that compares the four weight
 //! policies (`equal`, `static`, `reactive`, `ai`) behind the real agent and the real
 //! XDP datapath. Run by the `lb-bench-policies` binary (`cargo xtask bench policies`)
 //! and tested piece by piece in `tests/tests/testbed.rs`.
@@ -14,7 +14,7 @@
 //! - [`loadgen`]: [`loadgen::LoadGen`], Poisson arrivals at a rate that may change
 //!   over time, one new TCP connection per request, never waiting for responses
 //!   (open loop); every request recorded with its scheduled start.
-//! - [`scenario`]: S1 to S5, and [`scenario::run`], which builds a topology, starts
+//! - [`scenario`]: S1 to S8, and [`scenario::run`], which builds a topology, starts
 //!   the backends and the agent with one policy, drives the load and samples the
 //!   agent every second.
 //! - [`report`]: per-run figures (latency percentiles, errors, utilisation, reaction

@@ -661,7 +661,7 @@ fn markdown(
         }
         let _ = writeln!(
             out,
-            "## {}: {}\n\nLoad: {}. Backends: {}.\n",
+            "## {}: {}\n\nLoad: {}. Backends: {}.{}\n",
             scenario.id,
             scenario.title,
             scenario.load,
@@ -670,7 +670,12 @@ fn markdown(
                 .iter()
                 .map(|b| format!("{} ({} slots, {:.0} req/s)", b.name, b.slots, b.capacity()))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            if scenario.series.is_empty() {
+                String::new()
+            } else {
+                format!(" Series replayed: {}.", scenario.series.join(", "))
+            }
         );
         out += &table(scenario, &rows);
         out += "\n";
@@ -728,6 +733,7 @@ fn json_doc(
                 "service_time_s": secs(b.service_time), "capacity": b.capacity(),
             })).collect::<Vec<_>>(),
             "static_weights": s.static_weights,
+            "series": s.series,
             "events": s.events.iter().map(|e| json!({
                 "at": e.at, "backend": e.backend, "change": format!("{:?}", e.change),
             })).collect::<Vec<_>>(),
@@ -969,7 +975,12 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The times of a scenario's changes, for the plots; none for S6, whose capacity
+/// changes every half second.
 fn event_marks(scenario: &Scenario) -> Vec<f64> {
+    if !scenario.series.is_empty() {
+        return Vec::new();
+    }
     let mut marks: Vec<f64> = scenario
         .events
         .iter()

@@ -12,10 +12,23 @@
 //! | S3 | 8 × 1 | 70 % of capacity | two backends 4× slower, the pair changes every D/3 |
 //! | S4 | 1, 1, 1, 1 | 50 %, spikes to 130 % | spikes of D/12 every D/3, from D/6 on |
 //! | S5 | 1, 1, 1, 1 | 60 % of capacity | backend0 fails fast (503, idle) from D/3 to 2D/3 |
+//! | S6 | one 1 per series (4 to 8) | 80 % of the mean capacity left | noisy neighbours: each backend's capacity replays a CPU series, one sample per 0.5 s |
+//! | S7 | 1, 1, 1, 1 | 70 % of capacity | backend0 4× slower for T/4 every T = D/6, from T on |
+//! | S8 | 1, 2, 4 | 30 % → 110 % → 30 % | a compressed day: a raised cosine over D, its peak at D/2 |
 //!
 //! The load is a fraction of the *nominal* capacity (all backends at slowdown 1): in
 //! S2 the degraded capacity is 81 % of nominal, so 70 % load is 86 % of what is left;
-//! in S3 it is 81 % too.
+//! in S3 it is 81 % too, and in S7 while backend0 stalls.
+//!
+//! S6 replays the CPU series given to [`Scenario::with_series`] (the bench's
+//! `--series`, by default `testdata/nab/ec2_cpu_utilization_*.csv`): backend `i`
+//! takes series `i mod k` from the fraction `{i·0.618…}` of it (its fractional part),
+//! one 5-minute sample per [`REPLAY_STEP_S`], so a 30 s run replays 5 hours. A
+//! neighbour's CPU of `c` % leaves the backend `1 − 0.75·c/100` of its capacity
+//! ([`neighbour_capacity`], at least a quarter), applied as a slowdown of the
+//! inverse. As in the simulator (`lb-sim`), whose S6 to S8 are these at scale.
+//! Reaction times are measured only in S1 to S5: S6 changes capacity at every step,
+//! and S7's stalls end before a 2 s window of flows could show one.
 //!
 //! [`run`] builds a fresh [`Topology`] for every run, attaches the pass-through
 //! program on the load balancer's bridge port, starts the emulated backends, writes
@@ -31,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_userspace::core::policy::{PolicyKind, Variant};
+use lb_userspace::core::series::Series;
 use lb_userspace::dataplane::PassThrough;
 
 use super::backend::{BackendCounts, BackendSpec, EmulatedBackend};
@@ -48,7 +62,33 @@ pub const TABLE_SIZE: f64 = 65537.0;
 /// `ai-last`), in the order runs interleave them.
 pub const POLICIES: [Variant; 7] = Variant::BENCHED;
 /// Every scenario id, in order.
-pub const SCENARIOS: [&str; 5] = ["S1", "S2", "S3", "S4", "S5"];
+pub const SCENARIOS: [&str; 8] = ["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8"];
+/// S6: seconds of the run per sample of a series (a 5-minute sample of NAB's).
+pub const REPLAY_STEP_S: f64 = 0.5;
+/// S6: how much of a backend's capacity its neighbour's CPU takes, per unit of it.
+pub const NEIGHBOUR_SHARE: f64 = 0.75;
+/// S6: the least capacity a neighbour leaves, as a fraction.
+pub const MIN_CAPACITY: f64 = 0.25;
+/// The fractional part of the golden ratio: multiples of it spread over [0, 1).
+const GOLDEN: f64 = 0.618_033_988_749_895;
+
+/// The capacity a neighbour using `cpu_percent` of the shared host leaves, as a
+/// fraction of the backend's own: `1 − 0.75·c/100`, between [`MIN_CAPACITY`] and 1.
+pub fn neighbour_capacity(cpu_percent: f64) -> f64 {
+    (1.0 - NEIGHBOUR_SHARE * cpu_percent.clamp(0.0, 100.0) / 100.0).max(MIN_CAPACITY)
+}
+
+/// The values of a series S6 replays over a run of `duration`: one per
+/// [`REPLAY_STEP_S`], the first at 0.
+pub fn series_needed(duration: Duration) -> usize {
+    (duration.as_secs_f64() / REPLAY_STEP_S).ceil() as usize + 1
+}
+
+/// S8: the offered load at the fraction `x` of the run, as a fraction of the nominal
+/// capacity: a raised cosine from 30 % at the start to 110 % at the middle and back.
+pub fn day_load(x: f64) -> f64 {
+    0.7 - 0.4 * (2.0 * std::f64::consts::PI * x).cos()
+}
 
 /// A change applied to one backend during a run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -73,7 +113,7 @@ pub struct Event {
 /// One scenario, for one run duration.
 #[derive(Clone)]
 pub struct Scenario {
-    /// `S1` to `S5`.
+    /// `S1` to `S8`.
     pub id: &'static str,
     /// One line saying what it tests.
     pub title: &'static str,
@@ -89,11 +129,25 @@ pub struct Scenario {
     pub duration: Duration,
     /// The changes, sorted by time.
     pub events: Vec<Event>,
+    /// S6: the names of the series replayed; empty for the others.
+    pub series: Vec<String>,
+    /// Whether the reaction to each slowdown is measured ([`Scenario::degradations`]):
+    /// in S1 to S5.
+    reactions_measured: bool,
 }
 
 impl Scenario {
-    /// The scenario `id` (case-insensitive) stretched to `duration`.
+    /// The scenario `id` (case-insensitive) stretched to `duration`; `None` for an
+    /// unknown id and for S6, which needs its series ([`Scenario::with_series`]).
     pub fn get(id: &str, duration: Duration) -> Option<Scenario> {
+        Scenario::with_series(id, duration, &[])
+    }
+
+    /// The scenario `id` (case-insensitive) stretched to `duration`, S6 replaying
+    /// `series` (each of at least [`series_needed`] values; a shorter one is read
+    /// around from its start again); `None` for an unknown id and for S6 without
+    /// series.
+    pub fn with_series(id: &str, duration: Duration, series: &[Series]) -> Option<Scenario> {
         let d = duration.as_secs_f64();
         let units = |u: &[usize]| -> Vec<BackendSpec> {
             u.iter()
@@ -116,6 +170,8 @@ impl Scenario {
                     load: format!("{rate:.0} req/s (90 % of {:.0})", capacity(&backends)),
                     backends,
                     duration,
+                    series: Vec::new(),
+                    reactions_measured: true,
                     events: Vec::new(),
                 }
             }
@@ -130,6 +186,8 @@ impl Scenario {
                     load: format!("{rate:.0} req/s (70 % of {:.0})", capacity(&backends)),
                     backends,
                     duration,
+                    series: Vec::new(),
+                    reactions_measured: true,
                     events: vec![
                         Event {
                             at: d / 3.0,
@@ -175,6 +233,8 @@ impl Scenario {
                     load: format!("{rate:.0} req/s (70 % of {:.0})", capacity(&backends)),
                     backends,
                     duration,
+                    series: Vec::new(),
+                    reactions_measured: true,
                     events,
                 }
             }
@@ -203,6 +263,8 @@ impl Scenario {
                     ),
                     backends,
                     duration,
+                    series: Vec::new(),
+                    reactions_measured: true,
                     events: Vec::new(),
                 }
             }
@@ -217,6 +279,8 @@ impl Scenario {
                     load: format!("{rate:.0} req/s (60 % of {:.0})", capacity(&backends)),
                     backends,
                     duration,
+                    series: Vec::new(),
+                    reactions_measured: true,
                     events: vec![
                         Event {
                             at: d / 3.0,
@@ -229,6 +293,108 @@ impl Scenario {
                             change: Change::FailFast(false),
                         },
                     ],
+                }
+            }
+            "S6" => {
+                if series.is_empty() {
+                    return None;
+                }
+                let n = series.len().clamp(4, 8);
+                let backends = units(&vec![1; n]);
+                let len = series_needed(duration);
+                let steps = (d / REPLAY_STEP_S).ceil() as usize;
+                let mut events = Vec::new();
+                let mut left = 0.0;
+                for b in 0..n {
+                    let start = (b as f64 * GOLDEN).fract();
+                    let mut slowdown = 1.0;
+                    let window = series[b % series.len()].window(start, len);
+                    for (i, &cpu) in window.iter().take(steps).enumerate() {
+                        let f = neighbour_capacity(cpu);
+                        let at = i as f64 * REPLAY_STEP_S;
+                        left += f * ((at + REPLAY_STEP_S).min(d) - at);
+                        if 1.0 / f != slowdown {
+                            slowdown = 1.0 / f;
+                            events.push(Event {
+                                at,
+                                backend: b,
+                                change: Change::Slowdown(slowdown),
+                            });
+                        }
+                    }
+                }
+                events.sort_by(|a, b| a.at.total_cmp(&b.at));
+                let cap = capacity(&backends);
+                let mean_left = left / (d * n as f64);
+                let rate = 0.8 * mean_left * cap;
+                Scenario {
+                    id: "S6",
+                    title: "noisy neighbours: each backend's capacity replays a real CPU series",
+                    static_weights: vec![1; n],
+                    rate: super::loadgen::constant(rate),
+                    load: format!(
+                        "{rate:.0} req/s (80 % of the {:.0} left on average of {cap:.0})",
+                        mean_left * cap
+                    ),
+                    backends,
+                    duration,
+                    events,
+                    series: series.iter().map(|s| s.name.clone()).collect(),
+                    reactions_measured: false,
+                }
+            }
+            "S7" => {
+                let backends = units(&[1, 1, 1, 1]);
+                let rate = 0.7 * capacity(&backends);
+                let (period, stall) = (d / 6.0, d / 24.0);
+                let mut events = Vec::new();
+                let mut start = period;
+                while start < d {
+                    events.push(Event {
+                        at: start,
+                        backend: 0,
+                        change: Change::Slowdown(4.0),
+                    });
+                    events.push(Event {
+                        at: start + stall,
+                        backend: 0,
+                        change: Change::Slowdown(1.0),
+                    });
+                    start += period;
+                }
+                Scenario {
+                    id: "S7",
+                    title: "periodic stalls: backend0 4x slower for D/24 every D/6, from D/6 on",
+                    static_weights: vec![1; 4],
+                    rate: super::loadgen::constant(rate),
+                    load: format!("{rate:.0} req/s (70 % of {:.0})", capacity(&backends)),
+                    backends,
+                    duration,
+                    events,
+                    series: Vec::new(),
+                    reactions_measured: false,
+                }
+            }
+            "S8" => {
+                let backends = units(&[1, 2, 4]);
+                let cap = capacity(&backends);
+                let rate: RateFn = std::sync::Arc::new(move |t: f64| day_load(t / d) * cap);
+                Scenario {
+                    id: "S8",
+                    title: "a compressed day: load 30 % -> 110 % -> 30 % on capacities 1x, 2x, 4x",
+                    static_weights: vec![1, 2, 4],
+                    rate,
+                    load: format!(
+                        "{:.0} -> {:.0} -> {:.0} req/s, a raised cosine peaking at D/2 (of {cap:.0})",
+                        0.3 * cap,
+                        1.1 * cap,
+                        0.3 * cap
+                    ),
+                    backends,
+                    duration,
+                    events: Vec::new(),
+                    series: Vec::new(),
+                    reactions_measured: false,
                 }
             }
             _ => return None,
@@ -261,8 +427,11 @@ impl Scenario {
 
     /// The degradations whose reaction is measured: (time, backends that became
     /// slower then, end of the phase). A slowdown at time 0 is left out, since the
-    /// agent has no history of the backend yet then.
+    /// agent has no history of the backend yet then. None in S6 to S8.
     pub fn degradations(&self) -> Vec<(f64, Vec<usize>, f64)> {
+        if !self.reactions_measured {
+            return Vec::new();
+        }
         let mut times: Vec<f64> = self.events.iter().map(|e| e.at).collect();
         times.dedup();
         let mut out = Vec::new();
@@ -641,4 +810,107 @@ fn run_in(
         counts,
         agent_log,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default series of the bench, read as it reads them.
+    fn nab_cpu() -> Vec<Series> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/nab");
+        ["24ae8d", "53ea38", "5f5533", "77c1ca", "825cc2"]
+            .iter()
+            .map(|id| {
+                let name = format!("ec2_cpu_utilization_{id}.csv");
+                let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+                Series::parse(&name, &text, series_needed(Duration::from_secs(30))).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_scenario_id_builds() {
+        let d = Duration::from_secs(30);
+        let series = nab_cpu();
+        for id in SCENARIOS {
+            let s = Scenario::with_series(id, d, &series).unwrap();
+            assert_eq!(s.id, id);
+            assert!((s.rate)(d.as_secs_f64() / 2.0) > 0.0, "{id}");
+        }
+        // S6 needs its series.
+        assert!(Scenario::get("S6", d).is_none());
+        assert!(Scenario::get("S9", d).is_none());
+    }
+
+    #[test]
+    fn s6_replays_each_backend_a_series_within_bounds() {
+        let d = Duration::from_secs(30);
+        let series = nab_cpu();
+        let s = Scenario::with_series("S6", d, &series).unwrap();
+        assert_eq!(s.backends.len(), 5);
+        assert_eq!(s.series.len(), 5);
+        assert!(s.series[0].starts_with("ec2_cpu_utilization_"));
+        let mut lo = [f64::INFINITY; 5];
+        let mut hi = [0.0f64; 5];
+        for i in 0..60 {
+            let t = i as f64 * REPLAY_STEP_S + 0.25;
+            for (b, x) in s.slowdowns_at(t).into_iter().enumerate() {
+                // Between a quarter of the capacity (4x) and all of it.
+                assert!((1.0..=4.0).contains(&x), "backend {b} at {t}: {x}");
+                lo[b] = lo[b].min(1.0 / x);
+                hi[b] = hi[b].max(1.0 / x);
+            }
+        }
+        // At least one backend loses more than a third of its capacity for a while.
+        assert!((0..5).any(|b| hi[b] - lo[b] > 0.33), "{lo:?} {hi:?}");
+        // The load is 80 % of the capacity left on average.
+        let left: f64 = (0..60)
+            .map(|i| {
+                let caps = s.slowdowns_at(i as f64 * REPLAY_STEP_S + 0.25);
+                caps.iter().map(|x| 80.0 / x).sum::<f64>()
+            })
+            .sum::<f64>()
+            / 60.0;
+        assert!(((s.rate)(7.0) / (0.8 * left) - 1.0).abs() < 1e-9);
+        assert!(s.degradations().is_empty());
+        // A single series is shared by four backends at different stretches.
+        let one = Scenario::with_series("S6", d, &series[3..4]).unwrap();
+        assert_eq!(one.backends.len(), 4);
+        let changes = |b: usize| -> Vec<f64> {
+            one.events
+                .iter()
+                .filter(|e| e.backend == b)
+                .map(|e| e.at)
+                .collect()
+        };
+        assert_ne!(changes(0), changes(1));
+    }
+
+    #[test]
+    fn s7_stalls_backend0_every_sixth_of_the_run() {
+        let s = Scenario::get("S7", Duration::from_secs(30)).unwrap();
+        for k in 1..6 {
+            let start = 5.0 * k as f64;
+            assert_eq!(s.slowdowns_at(start - 0.01), vec![1.0; 4], "stall {k}");
+            assert_eq!(s.slowdowns_at(start + 0.01)[0], 4.0, "stall {k}");
+            assert_eq!(s.slowdowns_at(start + 1.24)[0], 4.0, "stall {k}");
+            assert_eq!(s.slowdowns_at(start + 1.26)[0], 1.0, "stall {k}");
+        }
+        assert_eq!(s.events.len(), 10);
+        assert!(s.events.iter().all(|e| e.backend == 0));
+        assert!(s.degradations().is_empty());
+    }
+
+    #[test]
+    fn s8_load_peaks_above_capacity_at_the_middle() {
+        let s = Scenario::get("S8", Duration::from_secs(30)).unwrap();
+        let cap = s.capacity();
+        assert_eq!(cap, 560.0);
+        assert!(((s.rate)(0.0) / cap - 0.3).abs() < 1e-9);
+        assert!(((s.rate)(15.0) / cap - 1.1).abs() < 1e-9);
+        assert!((s.rate)(10.0) < (s.rate)(15.0) && (s.rate)(20.0) < (s.rate)(15.0));
+        assert!(((s.rate)(30.0) / cap - 0.3).abs() < 1e-9);
+        assert_eq!(s.static_weights, vec![1, 2, 4]);
+    }
 }
