@@ -59,6 +59,7 @@ mod floor;
 mod handover;
 mod pool;
 mod quantize;
+mod resume;
 mod shed;
 mod target;
 #[cfg(test)]
