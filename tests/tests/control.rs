@@ -404,3 +404,120 @@ fn unhealthy_backend_gets_no_new_flows_and_comes_back() {
     );
     agent.stop().unwrap();
 }
+
+/// Each backend's weight as `lb backend list --json` shows it, in the order of the
+/// topology's backends.
+fn weights_of(agent: &Agent, topo: &Topology) -> Vec<f64> {
+    let list: serde_json::Value =
+        serde_json::from_str(&agent.ctl(&["backend", "list", "--json"]).unwrap()).unwrap();
+    topo.backends()
+        .iter()
+        .map(|host| {
+            let address = host.ipv4().to_string();
+            list.as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["backend"].as_str() == Some(address.as_str()))
+                .and_then(|b| b["weight"].as_f64())
+                .unwrap_or_else(|| panic!("no weight for {address}: {list}"))
+        })
+        .collect()
+}
+
+/// Issue 20: `ai` on backends of capacity 1, 2 and 4 (S1's, at 60 % load) learns
+/// weights away from equal; the agent is killed (SIGKILL) and restarted, and the new
+/// agent's first weights are the last ones before (the pinned record, which it
+/// writes back unchanged), and it goes on from there rather than from equal.
+#[test]
+fn ai_keeps_what_it_learned_across_a_restart() {
+    use lb_tests::testbed::{
+        backend::EmulatedBackend,
+        loadgen::{LoadGen, LoadSpec},
+        scenario::{RunOptions, Scenario, agent_config},
+    };
+    use lb_userspace::core::policy::{PolicyKind, Variant};
+
+    let s1 = Scenario::get("S1", Duration::from_secs(60)).unwrap();
+    let topo = Topology::build(s1.backends.len()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-lb", topo.prefix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("lb.toml");
+    let opts = RunOptions::new(Variant::of(PolicyKind::Ai));
+    std::fs::write(&config, agent_config(&s1, &topo, &opts)).unwrap();
+    let _pass = attach_pass(&topo, topo.lb_bridge_port()).unwrap();
+    let vip = topo.vip(PORT, false);
+    let _backends: Vec<EmulatedBackend> = topo
+        .backends()
+        .iter()
+        .zip(&s1.backends)
+        .map(|(host, spec)| {
+            EmulatedBackend::start(host.ns(), spec.clone(), vip, host.ipv4().into()).unwrap()
+        })
+        .collect();
+    let first = Agent::start(&topo, &config, &[]).unwrap();
+    let load = LoadGen::start(
+        topo.client().ns(),
+        LoadSpec::new(vip, 0.6 * s1.capacity(), Duration::from_secs(40)),
+    )
+    .unwrap();
+
+    // Learn until the largest backend has well over the smallest's weight (equal
+    // would be 1), then a little longer, so that the filters have samples.
+    let ratio = |w: &[f64]| w[2] / w[0];
+    let learning = std::time::Instant::now();
+    let mut before = weights_of(&first, &topo);
+    while ratio(&before) < 2.0 && learning.elapsed() < Duration::from_secs(25) {
+        std::thread::sleep(Duration::from_millis(500));
+        before = weights_of(&first, &topo);
+    }
+    assert!(
+        ratio(&before) >= 2.0,
+        "ai did not move away from equal in {:?}: {before:?}",
+        learning.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+
+    let before = weights_of(&first, &topo);
+    first.kill(libc::SIGKILL).unwrap();
+    let mut second = Agent::start(&topo, &config, &["--detach-on-exit"]).unwrap();
+    let after = weights_of(&second, &topo);
+    let log = second.drain_log();
+    // The first plan of the new agent is exactly what the killed one left pinned.
+    assert!(
+        log.iter()
+            .any(|l| l.contains("adopted") && l.contains("0 table slots and 0 entries")),
+        "{}",
+        log.join("\n")
+    );
+    // ... and that is what it last showed, but for a control step the killed agent
+    // may have taken between that reading and the signal: at most the move budget
+    // (1 % of the table per 500 ms interval) and the quantum, on each backend's
+    // share (a step may also rescale every weight by a common factor).
+    let shares = |w: &[f64]| -> Vec<f64> {
+        let total: f64 = w.iter().sum();
+        w.iter().map(|x| x / total).collect()
+    };
+    for (b, a) in shares(&before).iter().zip(shares(&after)) {
+        assert!(
+            (a - b).abs() <= 0.011,
+            "before the kill {before:?}, after the restart {after:?}"
+        );
+    }
+    // It goes on from there: a few seconds later the weights are still far from
+    // equal (the policy may go on learning, by the move budget's 2 % per second).
+    std::thread::sleep(Duration::from_secs(4));
+    let later = weights_of(&second, &topo);
+    assert!(
+        ratio(&later) >= 1.5,
+        "before the kill {before:?}, 4 s after the restart {later:?}\n{}",
+        second.drain_log().join("\n")
+    );
+    eprintln!(
+        "weights before the kill {before:?}, first after the restart {after:?}, 4 s later {later:?}"
+    );
+    load.stop();
+    let report = load.join().unwrap();
+    second.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(report.ok() > 0, "{}", report.summary());
+}

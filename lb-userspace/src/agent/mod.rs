@@ -39,7 +39,7 @@ use self::tick::{Weights, plan, vip_control};
 use crate::{
     config::{Config, ConfigError},
     control,
-    core::{BackendId, control::VipControl},
+    core::{BackendId, control::VipControl, policy},
     dataplane::{Dataplane, DataplaneError},
     desired::{Desired, PlanError, Tables, vip_key},
     signals::Signals,
@@ -330,13 +330,8 @@ fn load_fill_attach(
         .iter()
         .map(|v| (vip_key(v), vip_control(v, &config.control)))
         .collect();
-    // Continue from the weights an earlier agent left in force.
     if let Some(previous) = &previous {
-        for (&id, b) in &previous.backends {
-            if let Some(c) = control.get_mut(&b.vip) {
-                c.state.weights.insert(BackendId(id), b.weight);
-            }
-        }
+        resume(config, previous, &overrides, &mut control);
     }
     let desired = plan(
         config,
@@ -363,6 +358,40 @@ fn load_fill_attach(
         overrides,
         control,
     })
+}
+
+/// Continues each VIP's policy from the weights an earlier agent left in force
+/// (`previous`, read back from the pinned `BACKENDS`): the policy's state, which
+/// lives in that agent's memory only, is rebuilt from them
+/// ([`policy::State::resumed`]), so the first step keeps them and the filters start
+/// from what was learned rather than from the first interval's figures. Backends
+/// under an operator hold (`overrides`, from the same record) keep the hold; a
+/// backend new to the configuration starts from its configured weight.
+fn resume(
+    config: &Config,
+    previous: &Desired,
+    overrides: &BTreeMap<(VipKey, IpAddr), Override>,
+    control: &mut BTreeMap<VipKey, VipControl>,
+) {
+    let ids: BTreeMap<(VipKey, IpAddr), (u32, u32)> = previous
+        .backends
+        .iter()
+        .map(|(&id, b)| ((b.vip, b.address), (id, b.weight)))
+        .collect();
+    for vip in &config.vips {
+        let key = vip_key(vip);
+        let Some(c) = control.get_mut(&key) else {
+            continue;
+        };
+        let free: Vec<(BackendId, u32)> = vip
+            .backends
+            .iter()
+            .filter(|b| !overrides.contains_key(&(key, b.address)))
+            .filter_map(|b| ids.get(&(key, b.address)))
+            .map(|&(id, weight)| (BackendId(id), weight))
+            .collect();
+        c.state = policy::State::resumed(c.kind, &free);
+    }
 }
 
 /// The control loop: signals, control requests, the metrics refresh, the control

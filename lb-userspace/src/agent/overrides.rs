@@ -17,7 +17,7 @@ use super::{
 use crate::{
     api::{self, Answer, Change, Control, Request, Response},
     config::{Config, ConfigError, MAX_WEIGHT, Vip},
-    core::control::VipControl,
+    core::{BackendId, control::VipControl},
     dataplane::DataplaneError,
     desired::{Desired, PlanError, Tables, vip_key},
     signals::Signals,
@@ -366,20 +366,31 @@ impl Agent {
             // A fleet's holds are the fleet's: they stay until lifted in etcd.
             overrides.retain(|_, o| !matches!(o, Override::Set(_)));
         }
-        // Policies restart from the configured weights of the new file, except
-        // for VIPs whose policy and backends did not change.
+        // A VIP whose policy did not change keeps what it learned about the
+        // backends that stay (a backend keeps its id while its address stays);
+        // a new VIP, a new backend and a VIP with another policy start from the
+        // configured weights of the new file.
         let mut control: BTreeMap<VipKey, VipControl> = BTreeMap::new();
         for vip in &config.vips {
             let key = vip_key(vip);
             let mut fresh = vip_control(vip, &config.control);
-            let same = self
+            let same_policy = self
                 .config
                 .vips
                 .iter()
                 .find(|v| vip_key(v) == key)
-                .is_some_and(|old| old.policy == vip.policy && old.backends == vip.backends);
-            if same && let Some(old) = self.control.get(&key) {
-                fresh.state = old.state.clone();
+                .is_some_and(|old| old.policy == vip.policy);
+            if same_policy && let Some(old) = self.control.get(&key) {
+                let staying: Vec<BackendId> = self
+                    .desired
+                    .backends
+                    .iter()
+                    .filter(|(_, b)| {
+                        b.vip == key && vip.backends.iter().any(|n| n.address == b.address)
+                    })
+                    .map(|(&id, _)| BackendId(id))
+                    .collect();
+                fresh.state = old.state.carried(&staying);
                 fresh.decisions = old.decisions.clone();
             }
             control.insert(key, fresh);

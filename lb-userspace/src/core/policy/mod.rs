@@ -65,6 +65,7 @@ mod floor;
 mod handover;
 mod pool;
 mod quantize;
+mod resume;
 mod shed;
 mod target;
 #[cfg(test)]
