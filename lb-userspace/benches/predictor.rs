@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use lb_userspace::core::series::Series;
 use lb_userspace::core::model::{
     BackendModel, BackendModelConfig, Ewma, FeatureSpec, FeatureWindow, Forecast, KernelWidth,
     SvrParams, TrainingSet,
@@ -192,41 +193,9 @@ fn series_files(
 fn load_series(path: &Path) -> Result<Vec<f64>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut values = Vec::new();
-    let mut seen_line = false;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let first = !seen_line;
-        seen_line = true;
-        let at = format!("{}:{}", path.display(), i + 1);
-        let Some((timestamp, value)) = line.split_once(',') else {
-            return Err(format!("{at}: expected `timestamp,value`, got {line:?}"));
-        };
-        if value.contains(',') {
-            return Err(format!("{at}: expected two fields, got {line:?}"));
-        }
-        match value.trim().parse::<f64>() {
-            Ok(v) if v.is_finite() && !timestamp.trim().is_empty() => values.push(v),
-            Ok(_) if !timestamp.trim().is_empty() => {
-                return Err(format!("{at}: value {:?} is not finite", value.trim()));
-            }
-            Ok(_) => return Err(format!("{at}: the timestamp is empty")),
-            // A first line whose value is not a number is the header.
-            Err(_) if first => {}
-            Err(_) => return Err(format!("{at}: value {:?} is not a number", value.trim())),
-        }
-    }
-    if values.len() < MIN_ROWS {
-        return Err(format!(
-            "{}: {} values, at least {MIN_ROWS} are needed",
-            path.display(),
-            values.len()
-        ));
-    }
-    Ok(values)
+    Series::parse(&path.display().to_string(), &text, MIN_ROWS)
+        .map(|s| s.values)
+        .map_err(|e| e.to_string())
 }
 
 /// The (features at t, value at t + 1) samples of `values`, in order.

@@ -6,11 +6,13 @@
 //! - [`policy`]: the weight policy, as named stages.
 //! - [`maglev`]: the weighted Maglev lookup table.
 //! - [`model`]: the load model and its baselines.
+//! - [`series`]: recorded load series (NAB's `timestamp,value` files), parsed.
 
 pub mod control;
 pub mod maglev;
 pub mod model;
 pub mod policy;
+pub mod series;
 
 /// A backend of a VIP, as the datapath numbers it (its index in the backends map):
 /// stable for as long as the backend stays configured, so the policy's state follows
