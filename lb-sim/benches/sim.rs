@@ -1,4 +1,4 @@
-//! Runs the testbed's five scenarios at scale in the simulator
+//! Runs the testbed's eight scenarios at scale in the simulator
 //! (`lb_sim`): 120 backends and 100,000 to 400,000 requests per second of
 //! simulated time, every policy on the agent's own policy, table and model code.
 //!
@@ -19,7 +19,12 @@
 //! to study the policies' guards rather than to report, the agent's `[control]`
 //! settings `LB_SIM_INTERVAL_MS` (500), `LB_SIM_MOVE_BUDGET` (0.02),
 //! `LB_SIM_FLOOR_SHARE` (0.01), `LB_SIM_SMOOTHING` (0.5), `LB_SIM_HYSTERESIS` (0.05),
-//! `LB_SIM_SHED_RATIO` (0.5). It prints Markdown and writes every figure of every run as JSON to the file named by
+//! `LB_SIM_SHED_RATIO` (0.5). `LB_SIM_SERIES` names the CPU series S6 replays instead
+//! of the five built-in ones (`testdata/nab/ec2_cpu_utilization_*.csv`): paths
+//! separated by `:` or `,`, each a `timestamp,value` file (NAB's format) of at least
+//! one value per 0.5 s of the run; a bad file stops the bench with its name and line.
+//! The series used are named in the output (the S6 line and `params.series` of the
+//! JSON, present when S6 runs). It prints Markdown and writes every figure of every run as JSON to the file named by
 //! `LB_BENCH_JSON`, or else to `target/bench/sim.json` under the workspace root:
 //! `results.<scenario>.<policy>` has the medians `p99_ms`, `p99_all_ms` (null when
 //! more than 1 % failed) and `errors_percent`; `summary` every median; `runs` every
@@ -32,6 +37,7 @@ use std::time::Instant;
 
 use lb_sim::{self as sim, ScenarioId, SimParams, SimReport};
 use lb_userspace::core::policy::{PolicyKind, Variant};
+use lb_userspace::core::series::{Series, SeriesError};
 use serde_json::json;
 
 /// Every policy, `ai` with each predictor (the ablation): see [`Variant::BENCHED`].
@@ -58,18 +64,29 @@ fn main() {
         shed_ratio: env_num("LB_SIM_SHED_RATIO", c.shed_ratio),
         predictor: c.predictor,
     };
-    let params = SimParams {
-        duration_s: env_num("LB_SIM_DURATION_S", defaults.duration_s),
-        backends: env_num("LB_SIM_BACKENDS", defaults.backends),
-        control,
-        ..defaults
-    };
     let scenarios: Vec<ScenarioId> = match std::env::var("LB_SIM_SCENARIOS") {
         Ok(list) => list
             .split(',')
             .filter_map(|s| s.trim().parse().ok())
             .collect(),
         Err(_) => ScenarioId::ALL.to_vec(),
+    };
+    let duration_s = env_num("LB_SIM_DURATION_S", defaults.duration_s);
+    let series = match series(duration_s, defaults.series.clone()) {
+        Ok(series) => series,
+        // Only S6 reads them.
+        Err(e) if scenarios.contains(&ScenarioId::S6) => {
+            eprintln!("sim bench: {e}");
+            std::process::exit(1);
+        }
+        Err(_) => Vec::new(),
+    };
+    let params = SimParams {
+        duration_s,
+        backends: env_num("LB_SIM_BACKENDS", defaults.backends),
+        control,
+        series,
+        ..defaults
     };
     let policies: Vec<Variant> = match std::env::var("LB_SIM_POLICIES") {
         Ok(list) => POLICIES
@@ -146,10 +163,15 @@ fn main() {
         let r = sim::Scenario::new(s, &params);
         let _ = writeln!(
             out,
-            "- **{s}**: {} ({:.0} req/s offered on average, nominal capacity {:.0} req/s)",
+            "- **{s}**: {} ({:.0} req/s offered on average, nominal capacity {:.0} req/s{})",
             s.title(),
             r.mean_rate(),
-            r.nominal_capacity()
+            r.nominal_capacity(),
+            if s == ScenarioId::S6 {
+                format!("; series {}", series_names(&params).join(", "))
+            } else {
+                String::new()
+            }
         );
     }
     let _ = writeln!(
@@ -326,7 +348,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/bench/sim.json"));
     let c = &params.control;
-    let doc = json!({
+    let mut doc = json!({
         "bench": "sim",
         "wall_s": wall,
         "seeds": seeds,
@@ -358,6 +380,10 @@ fn main() {
         "summary": summary,
         "runs": reports,
     });
+    // Only when S6 runs, so that outputs without it compare with older ones.
+    if scenarios.contains(&ScenarioId::S6) {
+        doc["params"]["series"] = json!(series_names(&params));
+    }
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -366,6 +392,42 @@ fn main() {
         Ok(Err(e)) => eprintln!("sim bench: writing {}: {e}", path.display()),
         Err(e) => eprintln!("sim bench: {e}"),
     }
+}
+
+/// S6's series: the files `LB_SIM_SERIES` names (`:` or `,` between paths), else
+/// `built_in`; each must hold a value for every replay step of a run of `duration_s`.
+fn series(duration_s: f64, built_in: Vec<Series>) -> Result<Vec<Series>, String> {
+    let needed = sim::series_needed(duration_s);
+    let series = match std::env::var("LB_SIM_SERIES") {
+        Ok(list) => {
+            let mut out = Vec::new();
+            for path in list.split([':', ',']).map(str::trim).filter(|p| !p.is_empty()) {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("LB_SIM_SERIES: cannot read {path}: {e}"))?;
+                out.push(Series::parse(path, &text, needed).map_err(|e| e.to_string())?);
+            }
+            if out.is_empty() {
+                return Err("LB_SIM_SERIES names no file".into());
+            }
+            out
+        }
+        Err(_) => built_in,
+    };
+    for s in &series {
+        if s.values.len() < needed {
+            return Err(SeriesError::TooShort {
+                name: s.name.clone(),
+                found: s.values.len(),
+                needed,
+            }
+            .to_string());
+        }
+    }
+    Ok(series)
+}
+
+fn series_names(params: &SimParams) -> Vec<String> {
+    params.series.iter().map(|s| s.name.clone()).collect()
 }
 
 /// The median of the values present; `None` if there is none.

@@ -26,6 +26,10 @@
 //!   that frees first), so completions need no events, and each request is added at
 //!   once to the per-interval figures of its backend: completions, their latency,
 //!   busy server time, arrivals, and the in-flight gauge at each tick it spans.
+//! - **Capacity over time** (S6, S7): the scenario's events set a backend's slowdown
+//!   (S6 every [`REPLAY_STEP_S`] from a replayed CPU series, S7 at each stall's start
+//!   and end), so a varying capacity costs one event per change and nothing per
+//!   request.
 //! - **Clients** give up after `request_timeout_s` (2 s, as the testbed's load
 //!   generator): such a request is an error, and the backend still serves it.
 //! - **Failing fast** (S5): a request arriving at such a backend is answered at once
@@ -104,7 +108,14 @@ mod tests;
 
 pub use histogram::Histogram;
 pub use rng::Rng;
-pub use scenario::{Change, Event, Phase, Scenario, ScenarioId};
+pub use scenario::{
+    Change, Event, MIN_CAPACITY, Phase, REPLAY_STEP_S, Scenario, ScenarioId, day_load,
+    neighbour_capacity, replayed_capacity, series_needed,
+};
+
+use std::sync::LazyLock;
+
+use lb_userspace::core::series::Series;
 
 use lb_userspace::config::Control;
 use lb_userspace::core::policy::{PolicyKind, Variant};
@@ -126,7 +137,7 @@ pub enum ServiceDist {
 pub struct SimParams {
     /// Seconds of load (`D`).
     pub duration_s: f64,
-    /// Backends (at least 4; S1 splits them in thirds, the others in quarters).
+    /// Backends (at least 4; S1 and S8 split them in thirds, the others in quarters).
     pub backends: usize,
     /// Servers per capacity unit.
     pub slots_per_unit: usize,
@@ -139,6 +150,8 @@ pub struct SimParams {
     pub hotspot_period_s: f64,
     /// A client gives up on a request after this long (an error).
     pub request_timeout_s: f64,
+    /// S6: the CPU series the backends' capacity replays (see [`Scenario`]).
+    pub series: Vec<Series>,
     /// How long a backend failing fast takes to answer.
     pub fail_fast_s: f64,
     /// A probe's response time, which stands in for the application's latency when no
@@ -174,6 +187,7 @@ impl Default for SimParams {
             service: ServiceDist::Exponential,
             slowdown: 4.0,
             hotspot_period_s: 10.0,
+            series: NAB_CPU.clone(),
             request_timeout_s: 2.0,
             fail_fast_s: 0.0001,
             probe_latency_s: 0.0005,
@@ -193,6 +207,26 @@ impl Default for SimParams {
         }
     }
 }
+
+/// S6's default series: the five CPU series of `testdata/nab` (real AWS CloudWatch
+/// CPU utilisation from the Numenta Anomaly Benchmark, MIT), built in.
+pub static NAB_CPU: LazyLock<Vec<Series>> = LazyLock::new(|| {
+    macro_rules! nab {
+        ($($file:literal),*) => {
+            [$(($file, include_str!(concat!("../../testdata/nab/", $file)))),*]
+        };
+    }
+    nab!(
+        "ec2_cpu_utilization_24ae8d.csv",
+        "ec2_cpu_utilization_53ea38.csv",
+        "ec2_cpu_utilization_5f5533.csv",
+        "ec2_cpu_utilization_77c1ca.csv",
+        "ec2_cpu_utilization_825cc2.csv"
+    )
+    .into_iter()
+    .map(|(name, text)| Series::parse(name, text, 1).expect("the built-in series parse"))
+    .collect()
+});
 
 /// One table rebuild.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -215,7 +249,8 @@ pub struct TickPoint {
     /// The tick's time; the figures are of the interval that ends there.
     pub t: f64,
     /// The watched backends' share of the interval's new flows: the slowed quarter
-    /// (S2, S3), the failing quarter (S5) or the 1× third (S1); 0 in S4.
+    /// (S2, S3), the failing quarter (S5), the stalling quarter (S7), the quarter whose
+    /// capacity varies most (S6) or the 1× third (S1, S8); 0 in S4.
     pub watched_flow_share: f64,
     /// Their share of the table after this tick.
     pub watched_table_share: f64,

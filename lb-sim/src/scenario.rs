@@ -1,4 +1,4 @@
-//! The testbed's five scenarios at scale. They mean what they mean on the testbed
+//! The testbed's eight scenarios at scale. They mean what they mean on the testbed
 //! (`tests/src/testbed/scenario.rs`): the same load levels as fractions of the
 //! nominal capacity, the same slowdown factor, the same phases as fractions of the
 //! run's duration `D`, and capacity-proportional configured weights for `static`
@@ -13,10 +13,71 @@
 //! | S3 | all 1 | 70 % | a quarter 4× slower; the next quarter every 10 s |
 //! | S4 | all 1 | 50 %, spikes to 130 % | spikes of D/12 every D/3, from D/6 on |
 //! | S5 | all 1 | 60 % | the first quarter fails fast (503, idle) from D/3 to 2D/3 |
+//! | S6 | all 1 | 80 % of the mean capacity left | noisy neighbours: each backend's capacity replays a CPU series |
+//! | S7 | all 1 | 70 % | periodic stalls: the first quarter 4× slower for T/4 every T = D/6, from T on, the j-th of its m backends j·T/m later |
+//! | S8 | thirds of 1, 2 and 4 | 30 % → 110 % → 30 % | a compressed day: the load a raised cosine over D, its peak at D/2 |
+//!
+//! S6 replays, for each backend, one of the CPU series of [`SimParams::series`]
+//! (by default the five `ec2_cpu_utilization_*.csv` of `testdata/nab`, built in):
+//! backend `b` takes series `b mod k` from the fraction `{b·0.618…}` of it (the
+//! fractional part: backends sharing a series start at stretches spread over it),
+//! one 5-minute sample every [`REPLAY_STEP_S`] of the run, so a 90 s run replays
+//! 15 hours. A neighbour's CPU of `c` % leaves the backend `1 − 0.75·c/100` of its
+//! capacity ([`neighbour_capacity`], at least a quarter), applied as a slowdown of the
+//! inverse. The load is 80 % of the capacity left on average over the run and the
+//! backends. Reaction times are measured only in S1 to S5: S6 changes capacity at
+//! every step and S7's stalls end before a 2 s window of flows could show one.
 
 use std::fmt;
 
+use lb_userspace::core::series::Series;
+
 use super::SimParams;
+
+/// S6: seconds of the run per sample of a series (a 5-minute sample of NAB's).
+pub const REPLAY_STEP_S: f64 = 0.5;
+/// S6: how much of a backend's capacity its neighbour's CPU takes, per unit of it.
+pub const NEIGHBOUR_SHARE: f64 = 0.75;
+/// S6: the least capacity a neighbour leaves, as a fraction.
+pub const MIN_CAPACITY: f64 = 0.25;
+/// S6: the offered load, as a fraction of the mean capacity left.
+const S6_LOAD: f64 = 0.8;
+/// S8: seconds per step of the piecewise-constant load curve.
+const RAMP_STEP_S: f64 = 0.5;
+
+/// The capacity a neighbour using `cpu_percent` of the shared host leaves, as a
+/// fraction of the backend's own: `1 − 0.75·c/100`, between [`MIN_CAPACITY`] and 1.
+pub fn neighbour_capacity(cpu_percent: f64) -> f64 {
+    (1.0 - NEIGHBOUR_SHARE * cpu_percent.clamp(0.0, 100.0) / 100.0).max(MIN_CAPACITY)
+}
+
+/// The values of a series S6 replays over a run of `duration_s`: one per
+/// [`REPLAY_STEP_S`], the first at 0.
+pub fn series_needed(duration_s: f64) -> usize {
+    (duration_s.max(0.0) / REPLAY_STEP_S).ceil() as usize + 1
+}
+
+/// S6: the capacity factor of each of `n` backends at each replay step of a run of
+/// `duration_s` (see the module documentation). Empty rows without series.
+pub fn replayed_capacity(series: &[Series], n: usize, duration_s: f64) -> Vec<Vec<f64>> {
+    let len = series_needed(duration_s);
+    (0..n)
+        .map(|b| {
+            if series.is_empty() {
+                return Vec::new();
+            }
+            let start = (b as f64 * GOLDEN).fract();
+            series[b % series.len()]
+                .window(start, len)
+                .into_iter()
+                .map(neighbour_capacity)
+                .collect()
+        })
+        .collect()
+}
+
+/// The fractional part of the golden ratio: multiples of it spread over [0, 1).
+const GOLDEN: f64 = 0.618_033_988_749_895;
 
 /// A scenario's name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -26,16 +87,22 @@ pub enum ScenarioId {
     S3,
     S4,
     S5,
+    S6,
+    S7,
+    S8,
 }
 
 impl ScenarioId {
     /// Every scenario, in order.
-    pub const ALL: [ScenarioId; 5] = [
+    pub const ALL: [ScenarioId; 8] = [
         ScenarioId::S1,
         ScenarioId::S2,
         ScenarioId::S3,
         ScenarioId::S4,
         ScenarioId::S5,
+        ScenarioId::S6,
+        ScenarioId::S7,
+        ScenarioId::S8,
     ];
 
     /// What it tests, in one line.
@@ -46,6 +113,9 @@ impl ScenarioId {
             ScenarioId::S3 => "a moving hot spot: a quarter 4x slower, the next quarter every 10 s",
             ScenarioId::S4 => "50 % load with bursts to 130 %",
             ScenarioId::S5 => "a quarter of the backends fail fast (503) while looking idle",
+            ScenarioId::S6 => "noisy neighbours: each backend's capacity replays a real CPU series",
+            ScenarioId::S7 => "periodic stalls: a quarter 4x slower for T/4 every T = D/6",
+            ScenarioId::S8 => "a compressed day: load 30 % -> 110 % -> 30 % on capacities 1x/2x/4x",
         }
     }
 }
@@ -63,7 +133,7 @@ impl std::str::FromStr for ScenarioId {
         ScenarioId::ALL
             .into_iter()
             .find(|id| id.to_string().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("no scenario {s:?} (S1 to S5)"))
+            .ok_or_else(|| format!("no scenario {s:?} (S1 to S8)"))
     }
 }
 
@@ -134,14 +204,21 @@ pub struct Scenario {
     pub duration_s: f64,
     /// Requests per second one capacity unit serves at slowdown 1.
     pub unit_rate: f64,
-    /// The backends whose share of new flows the time series follow (the slowed or
-    /// failing ones, or the smallest in S1), as a function of time; see
+    /// The backends whose share of new flows the time series follow (the slowed,
+    /// failing or stalling ones, the smallest in S1 and S8, the quarter whose
+    /// capacity varies most in S6), as a function of time; see
     /// [`Scenario::watched_at`].
     watched: Vec<(f64, Vec<usize>)>,
     /// The run in parts that do not overlap and cover it: before, during and after
     /// a change (S2, S5), before the first burst, the bursts and the calm between
-    /// them (S4), the first hot spot and its moves (S3), the whole run (S1).
+    /// them (S4), the first hot spot and its moves (S3), before the first stall and
+    /// the stalls (S7), the low load, its rise and its fall (S8), the whole run (S1,
+    /// S6).
     pub phases: Vec<Phase>,
+    /// Whether the reaction to each slowdown is measured ([`Scenario::degradations`]):
+    /// in S1 to S5, not in S6 (a change at every step) nor S7 (stalls shorter than
+    /// the window of flows that would measure one).
+    reactions_measured: bool,
 }
 
 impl Scenario {
@@ -152,7 +229,7 @@ impl Scenario {
         let unit_rate = p.slots_per_unit as f64 / p.service_s;
         let quarter = |q: usize| -> Vec<usize> { (q * n / 4..(q + 1) * n / 4).collect() };
         let (units, static_weights): (Vec<u32>, Vec<u32>) = match id {
-            ScenarioId::S1 => {
+            ScenarioId::S1 | ScenarioId::S8 => {
                 let u: Vec<u32> = (0..n).map(|i| [1, 2, 4][i * 3 / n]).collect();
                 (u.clone(), u)
             }
@@ -269,6 +346,83 @@ impl Scenario {
                 phases = thirds();
                 constant(0.6)
             }
+            ScenarioId::S6 => {
+                let factors = replayed_capacity(&p.series, n, d);
+                let steps = (d / REPLAY_STEP_S).ceil() as usize;
+                for (b, row) in factors.iter().enumerate() {
+                    let mut slowdown = 1.0;
+                    for (i, &f) in row.iter().take(steps).enumerate() {
+                        if 1.0 / f != slowdown {
+                            slowdown = 1.0 / f;
+                            events.push(Event {
+                                at: i as f64 * REPLAY_STEP_S,
+                                backend: b,
+                                change: Change::Slowdown(slowdown),
+                            });
+                        }
+                    }
+                }
+                // The mean capacity left, each step weighted by its time in the run.
+                let mut left = 0.0;
+                for row in &factors {
+                    for (i, &f) in row.iter().take(steps).enumerate() {
+                        let from = i as f64 * REPLAY_STEP_S;
+                        left += f * ((from + REPLAY_STEP_S).min(d) - from);
+                    }
+                }
+                let mean_left = if factors.iter().all(Vec::is_empty) {
+                    1.0
+                } else {
+                    left / (d * n as f64)
+                };
+                watched.push((0.0, most_variable(&factors, n.div_ceil(4).max(1))));
+                constant(S6_LOAD * mean_left)
+            }
+            ScenarioId::S7 => {
+                let period = d / 6.0;
+                let stall = period / 4.0;
+                let stalling = quarter(0);
+                let m = stalling.len();
+                for (j, &b) in stalling.iter().enumerate() {
+                    let offset = period * j as f64 / m as f64;
+                    let mut start = period + offset;
+                    while start < d {
+                        events.push(Event {
+                            at: start,
+                            backend: b,
+                            change: Change::Slowdown(p.slowdown),
+                        });
+                        events.push(Event {
+                            at: start + stall,
+                            backend: b,
+                            change: Change::Slowdown(1.0),
+                        });
+                        start += period;
+                    }
+                }
+                watched.push((0.0, stalling));
+                phases = vec![
+                    Phase::new("before stalls", vec![(0.0, period)]),
+                    Phase::new("stalls", vec![(period, d)]),
+                ];
+                constant(0.7)
+            }
+            ScenarioId::S8 => {
+                watched.push((0.0, (0..n).filter(|&i| units[i] == 1).collect()));
+                phases = vec![
+                    Phase::new("low", vec![(0.0, d / 4.0), (3.0 * d / 4.0, d)]),
+                    Phase::new("rise", vec![(d / 4.0, d / 2.0)]),
+                    Phase::new("fall", vec![(d / 2.0, 3.0 * d / 4.0)]),
+                ];
+                let steps = (d / RAMP_STEP_S).ceil() as usize;
+                (0..steps)
+                    .map(|i| {
+                        let from = i as f64 * RAMP_STEP_S;
+                        let mid = (from + (from + RAMP_STEP_S).min(d)) / 2.0;
+                        (from, day_load(mid / d) * capacity)
+                    })
+                    .collect()
+            }
         };
         events.sort_by(|a, b| a.at.total_cmp(&b.at));
         Scenario {
@@ -281,6 +435,10 @@ impl Scenario {
             unit_rate,
             watched,
             phases,
+            reactions_measured: !matches!(
+                id,
+                ScenarioId::S6 | ScenarioId::S7 | ScenarioId::S8
+            ),
         }
     }
 
@@ -344,8 +502,12 @@ impl Scenario {
 
     /// The degradations whose reaction is measured, as on the testbed: (time, the
     /// backends that became slower then, the end of the phase). A slowdown at time 0
-    /// is left out: the policies have no history of the backends yet.
+    /// is left out: the policies have no history of the backends yet. None in S6 to
+    /// S8.
     pub fn degradations(&self) -> Vec<(f64, Vec<usize>, f64)> {
+        if !self.reactions_measured {
+            return Vec::new();
+        }
         let mut times: Vec<f64> = self.events.iter().map(|e| e.at).collect();
         times.dedup();
         let mut out = Vec::new();
@@ -373,4 +535,25 @@ impl Scenario {
             .find(|(from, _)| *from <= t)
             .map_or(&[], |w| w.1.as_slice())
     }
+}
+
+/// S8: the offered load at the fraction `x` of the run, as a fraction of the nominal
+/// capacity: a raised cosine from 30 % at the start to 110 % at the middle and back.
+pub fn day_load(x: f64) -> f64 {
+    0.7 - 0.4 * (2.0 * std::f64::consts::PI * x).cos()
+}
+
+/// The `count` backends whose capacity factor varies most (standard deviation over
+/// the run), in index order.
+fn most_variable(factors: &[Vec<f64>], count: usize) -> Vec<usize> {
+    let spread = |row: &[f64]| {
+        let n = row.len().max(1) as f64;
+        let mean = row.iter().sum::<f64>() / n;
+        (row.iter().map(|f| (f - mean).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    let mut order: Vec<usize> = (0..factors.len()).collect();
+    order.sort_by(|&a, &b| spread(&factors[b]).total_cmp(&spread(&factors[a])));
+    let mut chosen: Vec<usize> = order.into_iter().take(count).collect();
+    chosen.sort_unstable();
+    chosen
 }

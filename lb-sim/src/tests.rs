@@ -229,3 +229,129 @@ fn phases_cover_the_run_once_and_add_up_to_its_moves() {
     let by_phase: u64 = r.phases.iter().map(|ph| ph.slots_moved).sum();
     assert_eq!(by_phase, r.slots_moved);
 }
+
+#[test]
+fn the_built_in_series_are_the_five_nab_cpu_series() {
+    let p = SimParams::default();
+    assert_eq!(p.series.len(), 5);
+    for s in &p.series {
+        assert!(s.name.starts_with("ec2_cpu_utilization_"), "{}", s.name);
+        assert_eq!(s.values.len(), 4032, "{}", s.name);
+        assert!(s.values.iter().all(|v| (0.0..=100.0).contains(v)));
+    }
+}
+
+#[test]
+fn s6_capacities_follow_the_series_within_bounds() {
+    let p = SimParams::default();
+    let s = Scenario::new(ScenarioId::S6, &p);
+    let d = p.duration_s;
+    let factors = replayed_capacity(&p.series, s.len(), d);
+    let steps = (d / REPLAY_STEP_S).ceil() as usize;
+    let mut varying = 0;
+    for (b, row) in factors.iter().enumerate() {
+        assert_eq!(row.len(), series_needed(d));
+        // The scenario's slowdowns are the inverse of the replayed capacity.
+        for (i, &f) in row.iter().take(steps).enumerate() {
+            let t = i as f64 * REPLAY_STEP_S + REPLAY_STEP_S / 2.0;
+            let slowdown = s.slowdowns_at(t)[b];
+            assert!((slowdown * f - 1.0).abs() < 1e-12, "backend {b} at {t}");
+            assert!((MIN_CAPACITY..=1.0).contains(&f), "{f}");
+        }
+        let (lo, hi) = row.iter().fold((1.0f64, 0.0f64), |(lo, hi), &f| {
+            (lo.min(f), hi.max(f))
+        });
+        if hi - lo > 0.1 {
+            varying += 1;
+        }
+    }
+    // The busy series make a good part of the backends change by more than 10 %
+    // of their capacity during the run.
+    assert!(varying >= s.len() / 4, "{varying} of {} vary", s.len());
+    // A neighbour at 100 % leaves a quarter; an idle one everything.
+    assert_eq!(neighbour_capacity(100.0), 0.25);
+    assert_eq!(neighbour_capacity(0.0), 1.0);
+    assert_eq!(neighbour_capacity(40.0), 0.7);
+    // Backends sharing a series replay different stretches of it.
+    assert_ne!(factors[0], factors[5]);
+    // The load is 80 % of the capacity left, on average over the run.
+    let left: f64 = factors
+        .iter()
+        .map(|row| row.iter().take(steps).sum::<f64>() * REPLAY_STEP_S)
+        .sum::<f64>()
+        / (d * s.len() as f64);
+    let expected = 0.8 * left * s.nominal_capacity();
+    assert!((s.mean_rate() / expected - 1.0).abs() < 1e-9);
+    assert!(left < 0.9, "{left}");
+    // No reaction is measured; the watched quarter is the most variable one.
+    assert!(s.degradations().is_empty());
+    assert_eq!(s.watched_at(10.0).len(), 30);
+}
+
+#[test]
+fn s7_stalls_come_every_period_with_offset_phases() {
+    let p = SimParams::default();
+    let s = Scenario::new(ScenarioId::S7, &p);
+    let (period, stall) = (p.duration_s / 6.0, p.duration_s / 24.0);
+    let offset = period / 30.0;
+    for k in 1..6 {
+        let start = k as f64 * period;
+        let at = |t: f64| s.slowdowns_at(t);
+        // Backend 0 stalls from k·T for T/4; backend 1 a 30th of T later.
+        assert_eq!(at(start - 0.01)[0], 1.0, "stall {k}");
+        assert_eq!(at(start + 0.01)[0], 4.0, "stall {k}");
+        assert_eq!(at(start + stall - 0.01)[0], 4.0, "stall {k}");
+        assert_eq!(at(start + stall + 0.01)[0], 1.0, "stall {k}");
+        assert_eq!(at(start + 0.01)[1], 1.0, "stall {k}");
+        assert_eq!(at(start + offset + 0.01)[1], 4.0, "stall {k}");
+    }
+    // Nothing before the first period; only the first quarter ever stalls, five
+    // times each, and at any time an eighth to a quarter of it at most.
+    assert!(s.events.iter().all(|e| e.at >= period && e.backend < 30));
+    for b in 0..30 {
+        let stalls = s
+            .events
+            .iter()
+            .filter(|e| e.backend == b && e.change == Change::Slowdown(4.0))
+            .count();
+        assert_eq!(stalls, 5, "backend {b}");
+    }
+    let stalled = s.slowdowns_at(50.0).iter().filter(|&&x| x > 1.0).count();
+    assert!((7..=8).contains(&stalled), "{stalled}");
+    assert!(s.degradations().is_empty());
+}
+
+#[test]
+fn s8_load_rises_above_capacity_at_midday_and_falls_again() {
+    let p = SimParams::default();
+    let s = Scenario::new(ScenarioId::S8, &p);
+    let cap = s.nominal_capacity();
+    let d = p.duration_s;
+    let at = |t: f64| s.rate_at(t) / cap;
+    assert!((at(0.0) - 0.3).abs() < 0.01, "{}", at(0.0));
+    assert!(at(d / 2.0) > 1.09, "{}", at(d / 2.0));
+    assert!((at(d - 0.1) - 0.3).abs() < 0.01, "{}", at(d - 0.1));
+    // Rising before the middle, falling after.
+    assert!(at(d / 4.0) < at(d / 3.0) && at(d / 3.0) < at(d / 2.0));
+    assert!(at(2.0 * d / 3.0) > at(3.0 * d / 4.0));
+    assert!((s.mean_rate() / cap - 0.7).abs() < 0.005, "{}", s.mean_rate());
+    // Unequal capacities: static is configured with them.
+    assert_eq!(s.static_weights, s.units);
+    assert_eq!(s.units.iter().filter(|&&u| u == 4).count(), 40);
+    let names: Vec<_> = s.phases.iter().map(|ph| ph.name).collect();
+    assert_eq!(names, ["low", "rise", "fall"]);
+}
+
+#[test]
+fn the_new_scenarios_run() {
+    let p = SimParams {
+        duration_s: 12.0,
+        ..small()
+    };
+    for id in [ScenarioId::S6, ScenarioId::S7, ScenarioId::S8] {
+        let r = run(id, PolicyKind::Reactive, 4, &p);
+        assert!(r.requests > 1000, "{id}: {}", r.requests);
+        assert!(r.reactions_s.is_empty(), "{id}");
+        assert_eq!(r.series.len(), 24, "{id}");
+    }
+}
