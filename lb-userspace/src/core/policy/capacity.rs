@@ -43,16 +43,47 @@ pub(super) fn strained(params: &Params, input: &Input) -> bool {
 pub(super) fn capacities(error_penalty: f64, inputs: &[Input]) -> Vec<Option<f64>> {
     inputs
         .iter()
-        .map(|i| {
-            let qps = i.qps.filter(|q| q.is_finite() && *q > 0.0)?;
-            let util = i.utilisation.filter(|u| u.is_finite() && *u > 0.0)?;
-            let eps = i
-                .errors_per_s
-                .filter(|e| e.is_finite() && *e >= 0.0)
-                .unwrap_or(0.0);
-            Some(qps / (util + error_penalty * eps / qps))
-        })
+        .map(|i| shown_capacity(error_penalty, i.qps, i.utilisation, i.errors_per_s))
         .collect()
+}
+
+/// One backend's capacity as Envoy's client-side weighted round robin sees it, from
+/// one interval's requests and errors per second and utilisation:
+/// `qps / (utilisation + error_penalty · errors/qps)`; `None` without requests or
+/// busy time. What the policies weigh backends by, and what the capacity model
+/// (`model::capacity_config`) learns to predict.
+pub fn shown_capacity(
+    error_penalty: f64,
+    qps: Option<f64>,
+    utilisation: Option<f64>,
+    errors_per_s: Option<f64>,
+) -> Option<f64> {
+    let qps = qps.filter(|q| q.is_finite() && *q > 0.0)?;
+    let util = utilisation.filter(|u| u.is_finite() && *u > 0.0)?;
+    let eps = errors_per_s
+        .filter(|e| e.is_finite() && *e >= 0.0)
+        .unwrap_or(0.0);
+    Some(qps / (util + error_penalty * eps / qps)).filter(|c| c.is_finite())
+}
+
+/// The capacity `ai` plans each backend with: what it shows, or what its predictor
+/// expects at the least over the next intervals ([`Input::predicted_capacity`]) when
+/// that is below [`Params::shed_ratio`] of what it shows (a fall foreseen: the
+/// backend is planned for, and shed to, the capacity it is about to have); `None`
+/// without observations. Forecasts within that ratio change nothing: a predictor's
+/// error, or the dip a least-over-the-horizon forecast always has, never moves a
+/// weight. Returns the capacities and whether each one is a foreseen fall.
+pub(super) fn foreseen_capacities(params: &Params, inputs: &[Input]) -> (Vec<Option<f64>>, Vec<bool>) {
+    capacities(params.error_penalty, inputs)
+        .into_iter()
+        .zip(inputs)
+        .map(|(shown, input)| match (shown, input.predicted_capacity) {
+            (Some(c), Some(p)) if p.is_finite() && p >= 0.0 && p < params.shed_ratio * c => {
+                (Some(p.max(c * 1e-3)), true)
+            }
+            (shown, _) => (shown, false),
+        })
+        .unzip()
 }
 
 /// The latency `ai` expects of a backend once its errors are counted: a failed

@@ -6,7 +6,9 @@
 //! latency and so that its backlog drains within [`DRAIN_S`], goes only as far as
 //! the other backends have spare below the strain line ([`deepen`]).
 
-use super::capacity::{capacities, observed_enough, strained, with_fallback};
+use super::capacity::{
+    capacities, foreseen_capacities, observed_enough, strained, with_fallback,
+};
 use super::filter::Filtered;
 use super::handover::Takers;
 use super::target::{expected_latencies, weighted_median};
@@ -17,8 +19,12 @@ pub(super) const DRAIN_S: f64 = 2.0;
 
 /// What a shed is decided on, computed once per update.
 pub(super) struct Evidence {
-    /// Each backend's shown capacity in requests per second (`None` unobserved).
+    /// Each backend's shown capacity in requests per second (`None` unobserved);
+    /// for `ai`, a fall its predictor foresees counts as shown.
     pub(super) shown_rps: Vec<Option<f64>>,
+    /// `ai`: each backend whose capacity is foreseen to fall (see
+    /// `capacity::foreseen_capacities`); it may shed before it is strained.
+    foreseen: Vec<bool>,
     /// What a backend's shown capacity is compared with what it holds on: `ai`'s
     /// capacity before its latency factor (free backends only: a drained or held
     /// backend that still reports would make the free ones' shares look smaller),
@@ -36,7 +42,13 @@ pub(super) struct Evidence {
 impl Evidence {
     pub(super) fn of(u: &Update) -> Evidence {
         let (inputs, start) = (u.inputs, &u.start);
-        let shown_rps = capacities(u.params.error_penalty, inputs);
+        let (shown_rps, foreseen) = match u.kind {
+            PolicyKind::Ai => foreseen_capacities(u.params, inputs),
+            _ => (
+                capacities(u.params.error_penalty, inputs),
+                vec![false; inputs.len()],
+            ),
+        };
         let basis = match u.kind {
             PolicyKind::Ai => {
                 let mut shown = shown_rps.clone();
@@ -63,6 +75,7 @@ impl Evidence {
             .sum();
         Evidence {
             shown_rps,
+            foreseen,
             basis,
             basis_total,
             wait,
@@ -105,7 +118,7 @@ pub(super) fn find(u: &mut Update, e: &Evidence) -> Sheds {
         };
         let input = &u.inputs[k];
         if current > 0.0
-            && strained(params, input)
+            && (strained(params, input) || e.foreseen[k])
             && observed_enough(params, input)
             && shown.max(target) * drain < params.shed_ratio * current
         {
@@ -124,6 +137,12 @@ pub(super) fn find(u: &mut Update, e: &Evidence) -> Sheds {
                 current,
                 kept,
             };
+            if e.foreseen[k] {
+                u.notes[k].push(Note::Foreseen {
+                    shown: e.shown_rps[k].unwrap_or(0.0),
+                    strained: strained(params, input),
+                });
+            }
         }
     }
     Sheds {
