@@ -11,9 +11,9 @@
 use std::collections::VecDeque;
 
 use super::{
-    MAX_HORIZON, Choice, ErrorTracker, Ewma, FeatureSpec, FeatureWindow, FittedSvr, LastValue, ModelError,
-    Predictor, PredictorSetting, Reason, Scored, Selector, SvrModel, SvrParams, TrainingSet,
-    check_finite,
+    Choice, ErrorTracker, Ewma, FeatureSpec, FeatureWindow, FittedSvr, LastValue, MAX_HORIZON,
+    ModelError, Predictor, PredictorSetting, Reason, Scored, Selector, SvrModel, SvrParams,
+    TrainingSet, check_finite,
 };
 
 /// How a [`BackendModel`] is built.
@@ -307,6 +307,7 @@ mod tests {
             error_window: 20,
             min_scores: 10,
             predictor: PredictorSetting::Auto,
+            horizon: 1,
         }
     }
 
@@ -408,6 +409,70 @@ mod tests {
         assert_eq!(model.rolling_mae(), errors);
         let forecast = model.tick(load(50), &[0.5]).unwrap();
         assert_eq!(forecast.value, forecast.ewma);
+    }
+
+    #[test]
+    fn a_horizon_scores_the_least_value_over_it() {
+        let mut model = BackendModel::new(BackendModelConfig {
+            horizon: 3,
+            ..config()
+        })
+        .unwrap();
+        let values = [5.0, 9.0, 2.0, 8.0, 7.0, 6.0];
+        for v in values {
+            model.tick(v, &[0.0]).unwrap();
+        }
+        // Last value predicted 5, 9, 2 (at the first three ticks) for the least of
+        // the three values after each: 2, 2, 6; the errors are 3, 7 and 4.
+        let [last, ..] = model.rolling_mae();
+        assert_eq!(last, Some(14.0 / 3.0));
+        for bad in [0, crate::core::model::MAX_HORIZON + 1] {
+            assert!(
+                BackendModel::new(BackendModelConfig {
+                    horizon: bad,
+                    ..config()
+                })
+                .is_err()
+            );
+        }
+    }
+
+    /// A backend whose capacity falls to a quarter for 7 of every 30 intervals: the
+    /// capacity model, refitted every 10 ticks as the agent does, finds the period,
+    /// beats the baselines and, before each stall of the later periods, forecasts
+    /// the fall while the last value cannot.
+    #[test]
+    fn the_capacity_model_foresees_a_periodic_stall() {
+        let mut model =
+            BackendModel::new(super::super::capacity_config(PredictorSetting::Auto)).unwrap();
+        let capacity = |i: usize| {
+            let noise = ((i * 7919) % 13) as f64 * 4.0;
+            if i % 30 < 7 {
+                400.0 + noise
+            } else {
+                1600.0 + noise
+            }
+        };
+        let mut foreseen = Vec::new();
+        for i in 0..240 {
+            if i > 0
+                && i % 10 == 0
+                && let Ok(fitted) = model.training_set().fit(model.svr_params())
+            {
+                model.install(fitted).unwrap();
+            }
+            let forecast = model.tick(capacity(i), &[0.0; 5]).unwrap();
+            // The stall starts within the next four intervals.
+            if i >= 150 && (26..30).contains(&(i % 30)) {
+                assert_eq!(forecast.last_value, Some(capacity(i)));
+                foreseen.push(forecast.value.unwrap() < 0.5 * capacity(i));
+                assert!(forecast.choice.uses_model, "{i}: {}", forecast.choice);
+            }
+        }
+        assert_eq!(model.period(), Some(30));
+        assert!(foreseen.iter().all(|&f| f), "{foreseen:?}");
+        let [last, ewma, svr] = model.rolling_mae();
+        assert!(svr.unwrap() < 0.5 * last.unwrap().min(ewma.unwrap()));
     }
 
     #[test]

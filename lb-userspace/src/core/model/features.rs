@@ -199,11 +199,7 @@ impl FeatureWindow {
         let capacity = spec.history_needed();
         Ok(Self {
             extras: vec![0.0; spec.extra_metrics],
-            history: VecDeque::with_capacity(if spec.seasonal > 0 {
-                SEASON_HISTORY
-            } else {
-                0
-            }),
+            history: VecDeque::with_capacity(if spec.seasonal > 0 { SEASON_HISTORY } else { 0 }),
             spec,
             targets: VecDeque::with_capacity(capacity),
             period: None,
@@ -240,10 +236,7 @@ impl FeatureWindow {
             self.since_period += 1;
             if self.since_period >= PERIOD_EVERY {
                 self.since_period = 0;
-                self.period = detect_period(
-                    self.history.make_contiguous(),
-                    self.spec.seasonal + 1,
-                );
+                self.period = detect_period(self.history.make_contiguous(), self.spec.seasonal + 1);
             }
         }
         Ok(())
@@ -337,6 +330,84 @@ mod tests {
         w.push(0.0, &[21.0, 0.0]).unwrap();
         assert_eq!(w.features().unwrap(), [0.0, 8.0, 4.0, 3.5, -8.0, 21.0, 0.0]);
         assert_eq!(w.last_target(), Some(0.0));
+    }
+
+    /// Every `period` values, `len` of them at a quarter of the level.
+    fn stalls(n: usize, period: usize, len: usize) -> Vec<f64> {
+        (0..n)
+            .map(|i| {
+                let noise = ((i * 7919) % 13) as f64; // deterministic, small
+                if i % period < len {
+                    25.0 + noise
+                } else {
+                    100.0 + noise
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_period_is_found_by_autocorrelation_and_only_where_there_is_one() {
+        assert_eq!(detect_period(&stalls(100, 30, 7), 5), Some(30));
+        assert_eq!(detect_period(&stalls(240, 17, 4), 5), Some(17));
+        // Shorter than two periods: none.
+        assert_eq!(detect_period(&stalls(50, 30, 7), 5), None);
+        // A trend's autocorrelation only decays; a constant has none.
+        let ramp: Vec<f64> = (0..200).map(f64::from).collect();
+        assert_eq!(detect_period(&ramp, 5), None);
+        assert_eq!(detect_period(&[3.0; 100], 5), None);
+        // Noise without a period (a fixed pseudo-random sequence).
+        let mut x = 1u64;
+        let noise: Vec<f64> = (0..240)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 33) as f64
+            })
+            .collect();
+        assert_eq!(detect_period(&noise, 5), None);
+    }
+
+    #[test]
+    fn the_seasonal_feature_is_the_least_of_the_next_values_a_period_ago() {
+        let spec = FeatureSpec {
+            lags: 1,
+            mean_window: 0,
+            diff: false,
+            extra_metrics: 0,
+            seasonal: 3,
+        };
+        assert_eq!(spec.len(), 2);
+        assert_eq!(spec.seasonal_index(), Some(1));
+        assert_eq!(spec.names(), ["lag0", "season3"]);
+        let series = stalls(208, 30, 7);
+        let mut w = FeatureWindow::new(spec).unwrap();
+        // Before a period is found the feature is the newest value.
+        for &v in &series[..30] {
+            w.push(v, &[]).unwrap();
+            assert_eq!(w.period(), None);
+            assert_eq!(w.features().unwrap(), [v, v]);
+        }
+        for (i, &v) in series.iter().enumerate().skip(30) {
+            w.push(v, &[]).unwrap();
+            let f = w.features().unwrap();
+            match w.period() {
+                Some(p) => {
+                    assert_eq!(p, 30);
+                    let ahead = (1..=3)
+                        .map(|k| series[i + k - p])
+                        .fold(f64::INFINITY, f64::min);
+                    assert_eq!(f, [v, ahead], "at {i}");
+                }
+                None => assert_eq!(f, [v, v]),
+            }
+        }
+        // Found, and in time: two periods and a few values in.
+        assert_eq!(w.period(), Some(30));
+        // Just before a stall the feature foresees it; the newest value does not.
+        let f = w.features().unwrap();
+        assert!(f[0] >= 100.0 && f[1] < 40.0, "{f:?}");
     }
 
     #[test]

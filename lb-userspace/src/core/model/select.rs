@@ -375,6 +375,40 @@ mod tests {
     }
 
     #[test]
+    fn a_delayed_tracker_scores_each_prediction_against_the_value_delay_later() {
+        let mut t = ErrorTracker::with_delay(10, 3).unwrap();
+        // Predictions 10, 20, (none), 40 for values that arrive three calls later.
+        let mut scored = Vec::new();
+        for (value, prediction) in [
+            (0.0, Some(10.0)),
+            (0.0, Some(20.0)),
+            (0.0, None),
+            (11.0, Some(40.0)),
+            (25.0, None),
+            (7.0, None),
+            (44.0, None),
+        ] {
+            scored.push(t.actual(value).unwrap());
+            match prediction {
+                Some(p) => t.predicted(p).unwrap(),
+                None => t.skip(),
+            }
+        }
+        // The first three values come before any prediction has its truth.
+        assert_eq!(
+            scored,
+            [None, None, None, Some(1.0), Some(5.0), None, Some(4.0)]
+        );
+        assert_eq!(t.mae(), Some(10.0 / 3.0));
+        for bad in [0, crate::core::model::MAX_HORIZON + 1] {
+            assert!(matches!(
+                ErrorTracker::with_delay(10, bad),
+                Err(ModelError::InvalidParameter { name: "delay", .. })
+            ));
+        }
+    }
+
+    #[test]
     fn tracker_keeps_a_rolling_window() {
         let t = tracker(3, &[10.0, 1.0, 2.0, 3.0]);
         assert_eq!(t.scored(), 3);

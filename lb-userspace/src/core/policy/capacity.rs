@@ -73,7 +73,10 @@ pub fn shown_capacity(
 /// without observations. Forecasts within that ratio change nothing: a predictor's
 /// error, or the dip a least-over-the-horizon forecast always has, never moves a
 /// weight. Returns the capacities and whether each one is a foreseen fall.
-pub(super) fn foreseen_capacities(params: &Params, inputs: &[Input]) -> (Vec<Option<f64>>, Vec<bool>) {
+pub(super) fn foreseen_capacities(
+    params: &Params,
+    inputs: &[Input],
+) -> (Vec<Option<f64>>, Vec<bool>) {
     capacities(params.error_penalty, inputs)
         .into_iter()
         .zip(inputs)

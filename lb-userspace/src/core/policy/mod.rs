@@ -67,8 +67,8 @@ mod tests;
 use std::collections::BTreeMap;
 
 pub use budget::share_moved;
-pub use decision::{Decision, Note, Reason};
 pub use capacity::shown_capacity;
+pub use decision::{Decision, Note, Reason};
 pub use filter::Filtered;
 
 use crate::core::BackendId;

@@ -6,9 +6,7 @@
 //! latency and so that its backlog drains within [`DRAIN_S`], goes only as far as
 //! the other backends have spare below the strain line ([`deepen`]).
 
-use super::capacity::{
-    capacities, foreseen_capacities, observed_enough, strained, with_fallback,
-};
+use super::capacity::{capacities, foreseen_capacities, observed_enough, strained, with_fallback};
 use super::filter::Filtered;
 use super::handover::Takers;
 use super::target::{expected_latencies, weighted_median};
