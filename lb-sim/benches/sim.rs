@@ -309,9 +309,8 @@ fn main() {
         let failed = model(&|s| Some(s.fit_failures as f64));
         let early = model(&|s| Some(s.fits_too_early as f64));
         let fit_wall = model(&|s| Some(s.fit_wall_s));
-        let capacity_chosen = model(&|s| {
-            Some(100.0 * s.capacity_svr_chosen as f64 / s.capacity_ticks.max(1) as f64)
-        });
+        let capacity_chosen =
+            model(&|s| Some(100.0 * s.capacity_svr_chosen as f64 / s.capacity_ticks.max(1) as f64));
         let capacity_maes = [0, 1, 2].map(|i| model(&|s| s.capacity_mae[i]));
         let foreseen = model(&|s| Some(s.foreseen_sheds as f64));
         let ai = policy.kind == PolicyKind::Ai;
@@ -418,7 +417,11 @@ fn series(duration_s: f64, built_in: Vec<Series>) -> Result<Vec<Series>, String>
     let series = match std::env::var("LB_SIM_SERIES") {
         Ok(list) => {
             let mut out = Vec::new();
-            for path in list.split([':', ',']).map(str::trim).filter(|p| !p.is_empty()) {
+            for path in list
+                .split([':', ','])
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+            {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("LB_SIM_SERIES: cannot read {path}: {e}"))?;
                 out.push(Series::parse(path, &text, needed).map_err(|e| e.to_string())?);

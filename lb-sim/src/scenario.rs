@@ -435,10 +435,7 @@ impl Scenario {
             unit_rate,
             watched,
             phases,
-            reactions_measured: !matches!(
-                id,
-                ScenarioId::S6 | ScenarioId::S7 | ScenarioId::S8
-            ),
+            reactions_measured: !matches!(id, ScenarioId::S6 | ScenarioId::S7 | ScenarioId::S8),
         }
     }
 

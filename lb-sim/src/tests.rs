@@ -258,9 +258,9 @@ fn s6_capacities_follow_the_series_within_bounds() {
             assert!((slowdown * f - 1.0).abs() < 1e-12, "backend {b} at {t}");
             assert!((MIN_CAPACITY..=1.0).contains(&f), "{f}");
         }
-        let (lo, hi) = row.iter().fold((1.0f64, 0.0f64), |(lo, hi), &f| {
-            (lo.min(f), hi.max(f))
-        });
+        let (lo, hi) = row
+            .iter()
+            .fold((1.0f64, 0.0f64), |(lo, hi), &f| (lo.min(f), hi.max(f)));
         if hi - lo > 0.1 {
             varying += 1;
         }
@@ -334,7 +334,11 @@ fn s8_load_rises_above_capacity_at_midday_and_falls_again() {
     // Rising before the middle, falling after.
     assert!(at(d / 4.0) < at(d / 3.0) && at(d / 3.0) < at(d / 2.0));
     assert!(at(2.0 * d / 3.0) > at(3.0 * d / 4.0));
-    assert!((s.mean_rate() / cap - 0.7).abs() < 0.005, "{}", s.mean_rate());
+    assert!(
+        (s.mean_rate() / cap - 0.7).abs() < 0.005,
+        "{}",
+        s.mean_rate()
+    );
     // Unequal capacities: static is configured with them.
     assert_eq!(s.static_weights, s.units);
     assert_eq!(s.units.iter().filter(|&&u| u == 4).count(), 40);

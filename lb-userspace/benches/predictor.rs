@@ -37,11 +37,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use lb_userspace::core::series::Series;
 use lb_userspace::core::model::{
     BackendModel, BackendModelConfig, Ewma, FeatureSpec, FeatureWindow, Forecast, KernelWidth,
     SvrParams, TrainingSet,
 };
+use lb_userspace::core::series::Series;
 
 /// Ticks between two SVR refits during the test half: with 5-minute samples, once an
 /// hour. About 2,000 test ticks per series make some 170 fits of 10 to 50 ms each.
