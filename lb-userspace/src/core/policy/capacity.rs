@@ -66,27 +66,21 @@ pub fn shown_capacity(
     Some(qps / (util + error_penalty * eps / qps)).filter(|c| c.is_finite())
 }
 
-/// The capacity `ai` plans each backend with: what it shows, or what its predictor
-/// expects at the least over the next intervals ([`Input::predicted_capacity`]) when
-/// that is below [`Params::shed_ratio`] of what it shows (a fall foreseen: the
-/// backend is planned for, and shed to, the capacity it is about to have); `None`
-/// without observations. Forecasts within that ratio change nothing: a predictor's
-/// error, or the dip a least-over-the-horizon forecast always has, never moves a
-/// weight. Returns the capacities and whether each one is a foreseen fall.
-pub(super) fn foreseen_capacities(
-    params: &Params,
-    inputs: &[Input],
-) -> (Vec<Option<f64>>, Vec<bool>) {
+/// The fall of capacity `ai` foresees for each backend: the least capacity its
+/// predictor expects over the next intervals ([`Input::predicted_capacity`]) as a
+/// fraction of what it shows now, where that is below [`Params::shed_ratio`];
+/// `None` elsewhere. Forecasts within that ratio change nothing: a predictor's error,
+/// or the dip a least-over-the-horizon forecast always has, never moves a weight.
+pub(super) fn foreseen_falls(params: &Params, inputs: &[Input]) -> Vec<Option<f64>> {
     capacities(params.error_penalty, inputs)
         .into_iter()
         .zip(inputs)
-        .map(|(shown, input)| match (shown, input.predicted_capacity) {
-            (Some(c), Some(p)) if p.is_finite() && p >= 0.0 && p < params.shed_ratio * c => {
-                (Some(p.max(c * 1e-3)), true)
-            }
-            (shown, _) => (shown, false),
+        .map(|(shown, input)| {
+            let (c, p) = (shown?, input.predicted_capacity?);
+            let fraction = (p.is_finite() && p >= 0.0).then(|| p / c)?;
+            (fraction < params.shed_ratio).then_some(fraction)
         })
-        .unzip()
+        .collect()
 }
 
 /// The latency `ai` expects of a backend once its errors are counted: a failed

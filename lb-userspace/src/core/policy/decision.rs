@@ -142,8 +142,9 @@ impl fmt::Display for Reason {
             ),
             Reason::BacklogWithoutSpare { policy, kept } => write!(
                 f,
-                "{policy}: its backlog calls for a cut, but the other backends have no spare \
-                 below the strain line to take it: kept at {kept:.0}"
+                "{policy}: its backlog or a foreseen fall of its capacity calls for a cut, but \
+                 the other backends have no spare below the strain line to take it: kept at \
+                 {kept:.0}"
             ),
             Reason::Steady {
                 policy,
@@ -186,7 +187,7 @@ impl fmt::Display for Note {
                 if strained {
                     ""
                 } else {
-                    " (shed before it is strained)"
+                    " (before it is strained: cut only into the others' spare)"
                 }
             ),
             Note::TookWithinRoom { weight } => write!(

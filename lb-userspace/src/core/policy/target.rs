@@ -2,7 +2,7 @@
 //! sees it, and each policy's unnormalized target (`reactive`: Envoy's capacity;
 //! `ai`: that capacity, cut when its predicted latency is well above the others').
 
-use super::capacity::{capacities, foreseen_capacities, strained, with_errors, with_fallback};
+use super::capacity::{capacities, strained, with_errors, with_fallback};
 use super::shed::DRAIN_S;
 use super::{Input, Params, PolicyKind};
 
@@ -43,9 +43,8 @@ pub(super) fn targets(
         PolicyKind::Ai => {
             // Headroom: what each backend has shown it can carry (Envoy's capacity,
             // so that a backend failing fast does not look idle and huge), cut when
-            // its predicted latency is well above the others'; a fall of capacity
-            // foreseen counts as if it had happened.
-            let (shown, _) = foreseen_capacities(params, inputs);
+            // its predicted latency is well above the others'.
+            let shown = capacities(params.error_penalty, inputs);
             let capacity = with_fallback(&shown, before);
             let preds = expected_latencies(params, inputs);
             let Some(reference) = weighted_median(&preds, before) else {

@@ -713,11 +713,12 @@ fn the_benched_policies_are_named_and_parsed_back() {
 }
 
 /// A fall of capacity foreseen (the capacity model expects a quarter of what the
-/// backend shows) sheds `ai`'s backend at once, before it is strained, and says so;
-/// a forecast within the shed ratio (the dip every least-over-the-horizon forecast
-/// has) changes nothing at all; `reactive` ignores forecasts.
+/// backend shows) sheds `ai`'s backend at once, before it is strained, as far as
+/// the others have spare below the strain line, and says so; without spare nothing
+/// moves; a forecast within the shed ratio (the dip every least-over-the-horizon
+/// forecast has) changes nothing at all; `reactive` ignores forecasts.
 #[test]
-fn ai_sheds_on_a_foreseen_fall_of_capacity_and_only_on_a_large_one() {
+fn ai_sheds_on_a_foreseen_fall_of_capacity_into_the_others_spare() {
     let p = Params::default();
     let mut state = State::default();
     let w0 = run(PolicyKind::Ai, &p, &mut state, &observed(60.0, 0.75), 3);
@@ -725,8 +726,10 @@ fn ai_sheds_on_a_foreseen_fall_of_capacity_and_only_on_a_large_one() {
     let mut foreseen = observed(60.0, 0.75);
     foreseen[0].predicted_capacity = Some(20.0);
     let (w1, d) = step(PolicyKind::Ai, &p, &mut state.clone(), &foreseen);
-    // Capacity share 20 / 260 = 7.7 %, as if the fall had happened.
-    assert!(share(&w1, 0) < 0.085, "{w0:?} -> {w1:?}");
+    // Toward its capacity share of 20 / 260 = 7.7 %, from 25 %: the others, 75 %
+    // busy, take what they can below the strain line (90 %).
+    assert!(share(&w1, 0) < 0.15, "{w0:?} -> {w1:?}");
+    assert!(share(&w1, 0) > 0.077, "{w0:?} -> {w1:?}");
     assert!(d[0].shed(), "{:?}", d[0]);
     assert!(
         d[0].notes.iter().any(|n| matches!(
@@ -740,10 +743,20 @@ fn ai_sheds_on_a_foreseen_fall_of_capacity_and_only_on_a_large_one() {
         d[0]
     );
     assert!(
-        d[0].to_string().contains("shed before it is strained"),
+        d[0].to_string().contains("before it is strained"),
         "{}",
         d[0]
     );
+    // The others at the strain line have no spare: it keeps what it holds.
+    let mut busy = observed(60.0, 0.75);
+    for i in &mut busy[1..] {
+        i.utilisation = Some(0.92);
+    }
+    let mut busy_foreseen = busy.clone();
+    busy_foreseen[0].predicted_capacity = Some(20.0);
+    let (w, d) = step(PolicyKind::Ai, &p, &mut state.clone(), &busy_foreseen);
+    assert!(!d[0].shed(), "{:?}", d[0]);
+    assert!(share(&w, 0) > 0.24, "{w:?}");
     // A forecast of 55 % of the 80 req/s shown is within the ratio: the same
     // weights and decisions as without any forecast.
     let mut within = observed(60.0, 0.75);
