@@ -290,9 +290,10 @@ fn main() {
         out,
         "\n### Why the adaptive policies do what they do (medians over seeds)\n\n\
          | scenario | policy | steps at the move budget % | floor raises per step | \
-         ai: SVR chosen % | ai: MAE last / EWMA / SVR ms | ai: fits (failed; too early) | ai: fit wall s |"
+         ai: SVR chosen % | ai: MAE last / EWMA / SVR ms | ai: fits (failed; too early) | ai: fit wall s | \
+         ai: capacity SVR chosen % | ai: capacity MAE last / EWMA / SVR req/s | ai: foreseen sheds |"
     );
-    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for ((scenario, p), runs) in &groups {
         let policy = POLICIES[*p];
         if !matches!(policy.kind, PolicyKind::Reactive | PolicyKind::Ai) {
@@ -315,10 +316,14 @@ fn main() {
         let failed = model(&|s| Some(s.fit_failures as f64));
         let early = model(&|s| Some(s.fits_too_early as f64));
         let fit_wall = model(&|s| Some(s.fit_wall_s));
+        let capacity_chosen =
+            model(&|s| Some(100.0 * s.capacity_svr_chosen as f64 / s.capacity_ticks.max(1) as f64));
+        let capacity_maes = [0, 1, 2].map(|i| model(&|s| s.capacity_mae[i]));
+        let foreseen = model(&|s| Some(s.foreseen_sheds as f64));
         let ai = policy.kind == PolicyKind::Ai;
         let _ = writeln!(
             out,
-            "| {scenario} | {policy} | {} | {} | {} | {} | {} | {} |",
+            "| {scenario} | {policy} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             fmt(budget, 0),
             fmt(floor, 1),
             if ai { fmt(chosen, 0) } else { "".into() },
@@ -338,6 +343,17 @@ fn main() {
                 "".into()
             },
             if ai { fmt(fit_wall, 1) } else { "".into() },
+            if ai {
+                fmt(capacity_chosen, 0)
+            } else {
+                "".into()
+            },
+            if ai {
+                capacity_maes.map(|x| fmt(x, 1)).join(" / ")
+            } else {
+                "".into()
+            },
+            if ai { fmt(foreseen, 0) } else { "".into() },
         );
     }
     let _ = writeln!(

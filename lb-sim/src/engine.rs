@@ -20,7 +20,7 @@ use super::{
 use lb_userspace::core::BackendId;
 use lb_userspace::core::control::{Backends, Observation, Table, VipControl};
 use lb_userspace::core::model::{self, BackendModel, Forecast, Load, ModelError};
-use lb_userspace::core::policy::{self, Decision, Input, Params, PolicyKind, Variant};
+use lb_userspace::core::policy::{self, Decision, Input, Note, Params, PolicyKind, Variant};
 use lb_userspace::desired::addr_bytes;
 
 /// What a scrape of one backend gives at a control tick: the rates over the interval
@@ -65,6 +65,9 @@ struct Backend {
     sample: Option<Sample>,
     model: Option<BackendModel>,
     forecast: Option<Forecast>,
+    /// The capacity model (`model::capacity_config`) and its last forecast.
+    capacity: Option<BackendModel>,
+    capacity_forecast: Option<Forecast>,
 }
 
 /// Per backend and per control interval, what the completions, arrivals and busy
@@ -84,6 +87,13 @@ struct Bins {
     busy: Vec<f64>,
     /// At index `j`, the change of the in-flight gauge at tick `j`.
     in_flight: Vec<i32>,
+}
+
+/// Which of a backend's two models a fit is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    Latency,
+    Capacity,
 }
 
 /// A scheduled event other than an arrival.
@@ -248,6 +258,7 @@ impl<'a> Sim<'a> {
         // Before the first update the agent's table holds the configured weights.
         let weights: Vec<u32> = configured.iter().map(|&w| w * params.unit).collect();
         let model_config = model::model_config(p.control.predictor);
+        let capacity_config = model::capacity_config(p.control.predictor);
         let backends = scenario
             .units
             .iter()
@@ -270,6 +281,10 @@ impl<'a> Sim<'a> {
                         .then(|| BackendModel::new(model_config.clone()).ok())
                         .flatten(),
                     forecast: None,
+                    capacity: (kind == PolicyKind::Ai)
+                        .then(|| BackendModel::new(capacity_config.clone()).ok())
+                        .flatten(),
+                    capacity_forecast: None,
                 }
             })
             .collect();
@@ -542,19 +557,37 @@ impl<'a> Sim<'a> {
     fn observe(&mut self) {
         self.observations += 1;
         let probe_latency = self.p.probe_latency_s;
+        let error_penalty = self.control.params.error_penalty;
         for b in &mut self.backends {
-            let Some(model) = &mut b.model else {
-                continue;
-            };
             let sample = b.sample.unwrap_or_default();
-            let Some(target) = sample.latency_s.or(b.probe_ok.then_some(probe_latency)) else {
-                continue;
-            };
+            // The capacity it showed, as the policy will see it; an interval without
+            // requests or busy time shows none, and the model skips it.
+            let shown = policy::shown_capacity(
+                error_penalty,
+                Some(sample.requests_per_s),
+                Some(sample.cpu),
+                Some(sample.errors_per_s),
+            );
             let load = Load {
                 cpu: sample.cpu,
                 in_flight: sample.in_flight,
                 new_flows_per_s: sample.new_flows_per_s,
                 ..Load::default()
+            };
+            if let (Some(model), Some(shown)) = (&mut b.capacity, shown)
+                && let Ok(forecast) = model.tick(shown, &load.features())
+            {
+                self.model_stats.capacity_ticks += 1;
+                if forecast.choice.uses_model {
+                    self.model_stats.capacity_svr_chosen += 1;
+                }
+                b.capacity_forecast = Some(forecast);
+            }
+            let Some(model) = &mut b.model else {
+                continue;
+            };
+            let Some(target) = sample.latency_s.or(b.probe_ok.then_some(probe_latency)) else {
+                continue;
             };
             if let Ok(forecast) = model.tick(target, &load.features()) {
                 self.model_stats.ticks += 1;
@@ -575,9 +608,13 @@ impl<'a> Sim<'a> {
             .backends
             .iter()
             .enumerate()
-            .filter_map(|(i, b)| {
-                let m = b.model.as_ref()?;
-                Some((i, m.training_set(), m.svr_params().clone()))
+            .flat_map(|(i, b)| {
+                [(Head::Latency, &b.model), (Head::Capacity, &b.capacity)]
+                    .into_iter()
+                    .filter_map(move |(head, m)| {
+                        let m = m.as_ref()?;
+                        Some(((i, head), m.training_set(), m.svr_params().clone()))
+                    })
             })
             .collect();
         let threads = self.p.fit_threads.clamp(1, sets.len().max(1));
@@ -598,8 +635,13 @@ impl<'a> Sim<'a> {
                 .flat_map(|h| h.join().expect("a fit thread panicked"))
                 .collect()
         });
-        for (i, result) in results {
-            let Some(model) = self.backends[i].model.as_mut() else {
+        for ((i, head), result) in results {
+            let b = &mut self.backends[i];
+            let model = match head {
+                Head::Latency => b.model.as_mut(),
+                Head::Capacity => b.capacity.as_mut(),
+            };
+            let Some(model) = model else {
                 continue;
             };
             match result.and_then(|fitted| model.install(fitted)) {
@@ -635,6 +677,7 @@ impl<'a> Sim<'a> {
                 Input {
                     healthy: b.healthy,
                     ..Input::observed(id, self.configured[i], seen, b.forecast.as_ref())
+                        .with_capacity_forecast(b.capacity_forecast.as_ref())
                 }
             })
             .collect();
@@ -651,6 +694,10 @@ impl<'a> Sim<'a> {
         }
         self.floor_raised += decisions.iter().filter(|d| d.floored()).count() as u64;
         let shed = decisions.iter().any(Decision::shed);
+        self.model_stats.foreseen_sheds += decisions
+            .iter()
+            .filter(|d| d.notes.iter().any(|n| matches!(n, Note::Foreseen { .. })))
+            .count() as u64;
         match outcome.table {
             Some(Ok(table)) => self.install(table, shed, t),
             // The agent then keeps the table it has.
@@ -790,6 +837,16 @@ impl<'a> Sim<'a> {
             stats.mae_last_value_s = mean(sums[0]);
             stats.mae_ewma_s = mean(sums[1]);
             stats.mae_svr_s = mean(sums[2]);
+            let mut sums = [(0.0, 0usize); 3];
+            for m in self.backends.iter().filter_map(|b| b.capacity.as_ref()) {
+                for (s, v) in sums.iter_mut().zip(m.rolling_mae()) {
+                    if let Some(v) = v {
+                        s.0 += v;
+                        s.1 += 1;
+                    }
+                }
+            }
+            stats.capacity_mae = sums.map(mean);
             model = Some(stats);
         }
         SimReport {

@@ -303,6 +303,15 @@ pub struct ModelStats {
     pub mae_last_value_s: Option<f64>,
     pub mae_ewma_s: Option<f64>,
     pub mae_svr_s: Option<f64>,
+    /// Backend-ticks with a capacity forecast, and how many of them used the SVR.
+    pub capacity_ticks: u64,
+    pub capacity_svr_chosen: u64,
+    /// The capacity model's rolling MAE (of the least capacity over its horizon) at
+    /// the end of the run, mean over backends, requests per second: last value, EWMA,
+    /// SVR.
+    pub capacity_mae: [Option<f64>; 3],
+    /// Backend-updates shed on a foreseen fall of capacity.
+    pub foreseen_sheds: u64,
 }
 
 /// Everything measured in one run.

@@ -32,6 +32,9 @@ pub struct Reading {
     pub rejects: Rejects,
     /// The last forecast of the latency one interval ahead.
     pub forecast: Option<Forecast>,
+    /// The last forecast of the least capacity over the next intervals
+    /// (`model::capacity_config`).
+    pub capacity_forecast: Option<Forecast>,
 }
 
 impl Reading {
@@ -61,8 +64,18 @@ enum Update {
     },
     Fitted {
         key: Key,
+        head: Head,
         result: Result<FittedSvr, ModelError>,
     },
+}
+
+/// Which of a backend's two models a fit is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Head {
+    /// The latency one interval ahead (`model::model_config`).
+    Latency,
+    /// The least capacity over the next intervals (`model::capacity_config`).
+    Capacity,
 }
 
 /// The collectors and models of every backend of a configuration.
@@ -72,8 +85,10 @@ pub struct Signals {
     rx: mpsc::Receiver<Update>,
     pub readings: BTreeMap<Key, Reading>,
     models: BTreeMap<Key, BackendModel>,
-    /// Backends whose model is being fitted now.
-    fitting: std::collections::BTreeSet<Key>,
+    /// Each backend's capacity model.
+    capacity_models: BTreeMap<Key, BackendModel>,
+    /// Backends' models being fitted now.
+    fitting: std::collections::BTreeSet<(Key, Head)>,
     observations: u64,
     /// Fits that failed since start, by [`ModelError::kind`] (the last good model
     /// stays in use).
@@ -82,7 +97,7 @@ pub struct Signals {
     pub last_fit: Option<Duration>,
     /// When the last successful fit was installed.
     pub last_fit_at: Option<std::time::SystemTime>,
-    fit_started: BTreeMap<Key, Instant>,
+    fit_started: BTreeMap<(Key, Head), Instant>,
 }
 
 impl Signals {
@@ -95,6 +110,7 @@ impl Signals {
             rx,
             readings: BTreeMap::new(),
             models: BTreeMap::new(),
+            capacity_models: BTreeMap::new(),
             fitting: Default::default(),
             observations: 0,
             fit_failures: BTreeMap::new(),
@@ -117,6 +133,10 @@ impl Signals {
                 let model_config = model::model_config(config.control.predictor);
                 if let Ok(model) = BackendModel::new(model_config) {
                     signals.models.insert(key, model);
+                }
+                let capacity_config = model::capacity_config(config.control.predictor);
+                if let Ok(model) = BackendModel::new(capacity_config) {
+                    signals.capacity_models.insert(key, model);
                 }
                 if let Some(h) = &vip.health {
                     let cfg = ProbeConfig {
@@ -234,14 +254,16 @@ impl Signals {
                 }
                 None
             }
-            Update::Fitted { key, result } => {
-                self.fitting.remove(&key);
-                let took = self.fit_started.remove(&key).map(|t| t.elapsed());
-                match result.and_then(|fitted| {
-                    self.models
-                        .get_mut(&key)
-                        .map_or(Ok(()), |m| m.install(fitted))
-                }) {
+            Update::Fitted { key, head, result } => {
+                self.fitting.remove(&(key, head));
+                let took = self.fit_started.remove(&(key, head)).map(|t| t.elapsed());
+                let models = match head {
+                    Head::Latency => &mut self.models,
+                    Head::Capacity => &mut self.capacity_models,
+                };
+                match result
+                    .and_then(|fitted| models.get_mut(&key).map_or(Ok(()), |m| m.install(fitted)))
+                {
                     Ok(()) => {
                         self.last_fit = took;
                         self.last_fit_at = Some(std::time::SystemTime::now());
@@ -257,36 +279,58 @@ impl Signals {
     /// forecasts land in the readings. Starts background fits now and then.
     pub fn observe(&mut self, new_flows_per_s: &BTreeMap<Key, f64>) {
         self.observations += 1;
-        for (key, model) in &mut self.models {
-            let Some(reading) = self.readings.get_mut(key) else {
-                continue;
-            };
-            let Some(target) = reading.latency_s() else {
-                continue;
-            };
-            let s = reading.sample.clone().unwrap_or_default();
-            let load = Load {
-                cpu: s.cpu.unwrap_or(0.0),
-                memory: s.memory.unwrap_or(0.0),
-                disk_busy: s.disk_busy.unwrap_or(0.0),
-                in_flight: s.in_flight.unwrap_or(0.0),
-                new_flows_per_s: new_flows_per_s.get(key).copied().unwrap_or(0.0),
-            };
-            // Input the model refuses (non-finite) leaves it unchanged.
-            if let Ok(forecast) = model.tick(target, &load.features()) {
-                reading.forecast = Some(forecast);
-            }
-            if self.observations.is_multiple_of(REFIT_EVERY) && !self.fitting.contains(key) {
-                let set = model.training_set();
-                let params = model.svr_params().clone();
-                let tx = self.tx.clone();
-                let key = *key;
-                self.fitting.insert(key);
-                self.fit_started.insert(key, Instant::now());
-                tokio::task::spawn_blocking(move || {
-                    let result = set.fit(&params);
-                    let _ = tx.blocking_send(Update::Fitted { key, result });
-                });
+        let refit = self.observations.is_multiple_of(REFIT_EVERY);
+        let error_penalty = crate::core::policy::Params::default().error_penalty;
+        for (head, models) in [
+            (Head::Latency, &mut self.models),
+            (Head::Capacity, &mut self.capacity_models),
+        ] {
+            for (key, model) in models.iter_mut() {
+                let Some(reading) = self.readings.get_mut(key) else {
+                    continue;
+                };
+                let s = reading.sample.clone().unwrap_or_default();
+                // Latency: the application's, else the probe's. Capacity: what the
+                // backend showed over the interval, none without requests or busy
+                // time (the tick is skipped, never guessed).
+                let target = match head {
+                    Head::Latency => reading.latency_s(),
+                    Head::Capacity => crate::core::policy::shown_capacity(
+                        error_penalty,
+                        s.requests_per_s,
+                        s.cpu,
+                        s.errors_per_s,
+                    ),
+                };
+                let Some(target) = target else {
+                    continue;
+                };
+                let load = Load {
+                    cpu: s.cpu.unwrap_or(0.0),
+                    memory: s.memory.unwrap_or(0.0),
+                    disk_busy: s.disk_busy.unwrap_or(0.0),
+                    in_flight: s.in_flight.unwrap_or(0.0),
+                    new_flows_per_s: new_flows_per_s.get(key).copied().unwrap_or(0.0),
+                };
+                // Input the model refuses (non-finite) leaves it unchanged.
+                if let Ok(forecast) = model.tick(target, &load.features()) {
+                    match head {
+                        Head::Latency => reading.forecast = Some(forecast),
+                        Head::Capacity => reading.capacity_forecast = Some(forecast),
+                    }
+                }
+                if refit && !self.fitting.contains(&(*key, head)) {
+                    let set = model.training_set();
+                    let params = model.svr_params().clone();
+                    let tx = self.tx.clone();
+                    let key = *key;
+                    self.fitting.insert((key, head));
+                    self.fit_started.insert((key, head), Instant::now());
+                    tokio::task::spawn_blocking(move || {
+                        let result = set.fit(&params);
+                        let _ = tx.blocking_send(Update::Fitted { key, head, result });
+                    });
+                }
             }
         }
     }
@@ -295,7 +339,11 @@ impl Signals {
     /// (a reload that changed only `[control] predictor`); the models keep what they
     /// learned.
     pub fn set_predictor(&mut self, predictor: model::PredictorSetting) {
-        for model in self.models.values_mut() {
+        for model in self
+            .models
+            .values_mut()
+            .chain(self.capacity_models.values_mut())
+        {
             model.set_predictor(predictor);
         }
     }

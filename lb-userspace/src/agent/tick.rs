@@ -136,6 +136,7 @@ impl Agent {
                     healthy: reading.is_none_or(|r| r.healthy),
                     hold: hold_weight(overrides.get(&(key, b.address)), unit),
                     ..Input::observed(id, b.weight, seen, forecast)
+                        .with_capacity_forecast(reading.and_then(|r| r.capacity_forecast.as_ref()))
                 }
             },
         );

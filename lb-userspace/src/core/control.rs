@@ -71,6 +71,16 @@ impl Input {
             predictor: forecast
                 .map(|f| f.choice.predictor.clone())
                 .unwrap_or_default(),
+            predicted_capacity: None,
+        }
+    }
+
+    /// The same input with the capacity model's forecast (`model::capacity_config`):
+    /// the least capacity its predictor in use expects over the next intervals.
+    pub fn with_capacity_forecast(self, capacity: Option<&Forecast>) -> Input {
+        Input {
+            predicted_capacity: capacity.and_then(|f| f.value),
+            ..self
         }
     }
 }

@@ -8,10 +8,12 @@
 //! interval with each predictor; choose which one drives the weights. Fitting the SVR is
 //! not part of a tick (see [`BackendModel::training_set`] and [`BackendModel::install`]).
 
+use std::collections::VecDeque;
+
 use super::{
-    Choice, ErrorTracker, Ewma, FeatureSpec, FeatureWindow, FittedSvr, LastValue, ModelError,
-    Predictor, PredictorSetting, Reason, Scored, Selector, SvrModel, SvrParams, TrainingSet,
-    check_finite,
+    Choice, ErrorTracker, Ewma, FeatureSpec, FeatureWindow, FittedSvr, LastValue, MAX_HORIZON,
+    ModelError, Predictor, PredictorSetting, Reason, Scored, Selector, SvrModel, SvrParams,
+    TrainingSet, check_finite,
 };
 
 /// How a [`BackendModel`] is built.
@@ -29,6 +31,10 @@ pub struct BackendModelConfig {
     pub min_scores: usize,
     /// Which predictor drives the weights: the selector's choice, or one always.
     pub predictor: PredictorSetting,
+    /// How many ticks ahead the forecast reaches: every predictor predicts the least
+    /// target value over the next `horizon` intervals, and is scored against it once
+    /// they have passed (1: the next interval's value). At most [`MAX_HORIZON`].
+    pub horizon: usize,
 }
 
 impl Default for BackendModelConfig {
@@ -40,6 +46,7 @@ impl Default for BackendModelConfig {
             error_window: 100,
             min_scores: 30,
             predictor: PredictorSetting::Auto,
+            horizon: 1,
         }
     }
 }
@@ -71,8 +78,11 @@ const SVR: usize = 2;
 pub struct BackendModel {
     config: BackendModelConfig,
     window: FeatureWindow,
-    /// The features as they were at the end of the previous tick.
-    previous: Option<Vec<f64>>,
+    /// The features as they were at the end of each of the last `horizon` ticks,
+    /// oldest first: the oldest are paired with the target once its horizon passed.
+    previous: VecDeque<Option<Vec<f64>>>,
+    /// The last `horizon` target values, oldest first.
+    recent: VecDeque<f64>,
     last: LastValue,
     ewma: Ewma,
     svr: SvrModel,
@@ -84,6 +94,13 @@ impl BackendModel {
     /// A model that has seen nothing; refuses an invalid configuration.
     pub fn new(config: BackendModelConfig) -> Result<Self, ModelError> {
         config.features.validate()?;
+        if !(1..=MAX_HORIZON).contains(&config.horizon) {
+            return Err(ModelError::InvalidParameter {
+                name: "horizon",
+                value: config.horizon as f64,
+                reason: "must be in 1..=64",
+            });
+        }
         if let Some(anchor) = config.svr.anchor
             && anchor >= config.features.len()
         {
@@ -93,10 +110,11 @@ impl BackendModel {
                 reason: "must be the index of a feature",
             });
         }
-        let tracker = ErrorTracker::new(config.error_window)?;
+        let tracker = ErrorTracker::with_delay(config.error_window, config.horizon)?;
         Ok(Self {
             window: FeatureWindow::new(config.features.clone())?,
-            previous: None,
+            previous: VecDeque::with_capacity(config.horizon),
+            recent: VecDeque::with_capacity(config.horizon),
             last: LastValue::new(),
             ewma: Ewma::new(config.ewma_alpha)?,
             svr: SvrModel::new(config.svr.clone())?,
@@ -106,6 +124,11 @@ impl BackendModel {
             },
             config,
         })
+    }
+
+    /// The period its seasonal feature found in the target's history, if any.
+    pub fn period(&self) -> Option<usize> {
+        self.window.period()
     }
 
     /// The configuration it was built with.
@@ -135,22 +158,34 @@ impl BackendModel {
         // that still cannot use the value (only an overflow of values near f64::MAX
         // can cause that) does not learn from it: the tick never stops halfway.
         self.window.push(target, extra)?;
-        for tracker in &mut self.trackers {
-            let _ = tracker.actual(target);
+        let horizon = self.config.horizon;
+        if self.recent.len() == horizon {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(target);
+        // The truth of the forecast made `horizon` ticks ago: the least value since.
+        let reached = (self.recent.len() == horizon)
+            .then(|| self.recent.iter().copied().fold(f64::INFINITY, f64::min));
+        if let Some(truth) = reached {
+            for tracker in &mut self.trackers {
+                let _ = tracker.actual(truth);
+            }
         }
         let _ = self.last.observe(&[], target);
         let _ = self.ewma.observe(&[], target);
-        if let Some(previous) = &self.previous {
-            let _ = self.svr.observe(previous, target);
+        if self.previous.len() == horizon
+            && let (Some(Some(features)), Some(truth)) = (self.previous.pop_front(), reached)
+        {
+            let _ = self.svr.observe(&features, truth);
         }
-        self.previous = self.window.features();
+        let features = self.window.features();
 
         let last_value = self.last.predict(&[]).ok();
         let ewma = self.ewma.predict(&[]).ok();
-        let svr = self
-            .previous
+        let svr = features
             .as_deref()
             .and_then(|features| self.svr.predict(features).ok());
+        self.previous.push_back(features);
         for (tracker, prediction) in self.trackers.iter_mut().zip([last_value, ewma, svr]) {
             match prediction {
                 Some(p) if tracker.predicted(p).is_ok() => {}
@@ -259,6 +294,7 @@ mod tests {
                 mean_window: 4,
                 diff: true,
                 extra_metrics: 1,
+                seasonal: 0,
             },
             svr: SvrParams {
                 window: 120,
@@ -271,6 +307,7 @@ mod tests {
             error_window: 20,
             min_scores: 10,
             predictor: PredictorSetting::Auto,
+            horizon: 1,
         }
     }
 
@@ -372,6 +409,70 @@ mod tests {
         assert_eq!(model.rolling_mae(), errors);
         let forecast = model.tick(load(50), &[0.5]).unwrap();
         assert_eq!(forecast.value, forecast.ewma);
+    }
+
+    #[test]
+    fn a_horizon_scores_the_least_value_over_it() {
+        let mut model = BackendModel::new(BackendModelConfig {
+            horizon: 3,
+            ..config()
+        })
+        .unwrap();
+        let values = [5.0, 9.0, 2.0, 8.0, 7.0, 6.0];
+        for v in values {
+            model.tick(v, &[0.0]).unwrap();
+        }
+        // Last value predicted 5, 9, 2 (at the first three ticks) for the least of
+        // the three values after each: 2, 2, 6; the errors are 3, 7 and 4.
+        let [last, ..] = model.rolling_mae();
+        assert_eq!(last, Some(14.0 / 3.0));
+        for bad in [0, crate::core::model::MAX_HORIZON + 1] {
+            assert!(
+                BackendModel::new(BackendModelConfig {
+                    horizon: bad,
+                    ..config()
+                })
+                .is_err()
+            );
+        }
+    }
+
+    /// A backend whose capacity falls to a quarter for 7 of every 30 intervals: the
+    /// capacity model, refitted every 10 ticks as the agent does, finds the period,
+    /// beats the baselines and, before each stall of the later periods, forecasts
+    /// the fall while the last value cannot.
+    #[test]
+    fn the_capacity_model_foresees_a_periodic_stall() {
+        let mut model =
+            BackendModel::new(super::super::capacity_config(PredictorSetting::Auto)).unwrap();
+        let capacity = |i: usize| {
+            let noise = ((i * 7919) % 13) as f64 * 4.0;
+            if i % 30 < 7 {
+                400.0 + noise
+            } else {
+                1600.0 + noise
+            }
+        };
+        let mut foreseen = Vec::new();
+        for i in 0..240 {
+            if i > 0
+                && i % 10 == 0
+                && let Ok(fitted) = model.training_set().fit(model.svr_params())
+            {
+                model.install(fitted).unwrap();
+            }
+            let forecast = model.tick(capacity(i), &[0.0; 5]).unwrap();
+            // The stall starts within the next four intervals.
+            if i >= 150 && (26..30).contains(&(i % 30)) {
+                assert_eq!(forecast.last_value, Some(capacity(i)));
+                foreseen.push(forecast.value.unwrap() < 0.5 * capacity(i));
+                assert!(forecast.choice.uses_model, "{i}: {}", forecast.choice);
+            }
+        }
+        assert_eq!(model.period(), Some(30));
+        assert!(foreseen.iter().all(|&f| f), "{foreseen:?}");
+        let [last, ewma, svr] = model.rolling_mae();
+        assert!(svr.unwrap() < 0.5 * last.unwrap().min(ewma.unwrap()));
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub mod svr;
 
 pub use backend::{BackendModel, BackendModelConfig, Forecast};
 pub use baseline::{Ewma, LastValue};
-pub use features::{FeatureSpec, FeatureWindow};
+pub use features::{FeatureSpec, FeatureWindow, detect_period};
 pub use scale::{Scaling, Standardizer};
 pub use select::{Choice, ErrorTracker, PredictorSetting, Reason, Scored, Selector};
 pub use svr::{FittedSvr, KernelWidth, SvrModel, SvrParams, TrainingSet};
@@ -44,6 +44,9 @@ pub use svr::{FittedSvr, KernelWidth, SvrModel, SvrParams, TrainingSet};
 /// Extra metrics the model sees besides the latency history, in this order.
 pub const MODEL_FEATURES: [&str; 5] =
     ["cpu", "memory", "disk_busy", "in_flight", "new_flows_per_s"];
+
+/// The farthest a forecast reaches, in control intervals.
+pub const MAX_HORIZON: usize = 64;
 
 /// Refit every backend's model after this many observations.
 pub const REFIT_EVERY: u64 = 10;
@@ -59,7 +62,44 @@ pub fn model_config(predictor: PredictorSetting) -> BackendModelConfig {
             mean_window: 8,
             diff: true,
             extra_metrics: MODEL_FEATURES.len(),
+            seasonal: 0,
         },
+        ..BackendModelConfig::default()
+    }
+}
+
+/// How far ahead the capacity forecast reaches, in control intervals: 2 s at the
+/// default 500 ms, the time `ai` gives a shed backend's backlog to drain, so that a
+/// backend cut on its forecast is cut before its capacity falls, not after.
+pub const CAPACITY_HORIZON: usize = 4;
+
+/// The capacity model every backend gets: its target is the capacity it shows
+/// (requests per second it serves per unit of busy time, Envoy's figure), and it
+/// predicts the least of it over the next [`CAPACITY_HORIZON`] intervals, from the
+/// same history features as [`model_config`], the capacity one detected period ago
+/// (the seasonal feature) and [`MODEL_FEATURES`]. The SVR learns the difference from
+/// the seasonal feature (its anchor): without a period that is the newest value, as
+/// for latency; with one, the model starts from what the backend did a period ago and
+/// learns what differs. Unlike latency, capacity is the backend's own: a cut that
+/// spares a backend its queue does not hide from the model what it predicted. Used
+/// by the agent and the simulator alike.
+pub fn capacity_config(predictor: PredictorSetting) -> BackendModelConfig {
+    let features = FeatureSpec {
+        lags: 4,
+        mean_window: 8,
+        diff: true,
+        extra_metrics: MODEL_FEATURES.len(),
+        seasonal: CAPACITY_HORIZON,
+    };
+    BackendModelConfig {
+        predictor,
+        horizon: CAPACITY_HORIZON,
+        svr: SvrParams {
+            window: 300,
+            anchor: features.seasonal_index(),
+            ..SvrParams::default()
+        },
+        features,
         ..BackendModelConfig::default()
     }
 }

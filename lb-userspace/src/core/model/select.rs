@@ -14,17 +14,27 @@ use std::fmt;
 
 use super::{ModelError, check_finite};
 
-/// The rolling mean absolute error of one predictor's one-step-ahead predictions.
+/// The rolling mean absolute error of one predictor's predictions, each scored
+/// `delay` values after it was made (1: one step ahead).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ErrorTracker {
     capacity: usize,
-    pending: Option<f64>,
+    /// How many [`ErrorTracker::actual`] calls after a prediction its truth is known.
+    delay: usize,
+    /// The predictions not yet scored, oldest first (`None`: none was made that tick).
+    pending: VecDeque<Option<f64>>,
     errors: VecDeque<f64>,
 }
 
 impl ErrorTracker {
     /// A tracker over the last `capacity` scored predictions (at least 1).
     pub fn new(capacity: usize) -> Result<Self, ModelError> {
+        Self::with_delay(capacity, 1)
+    }
+
+    /// A tracker over the last `capacity` scored predictions of a value `delay` calls
+    /// of [`ErrorTracker::actual`] ahead (both at least 1).
+    pub fn with_delay(capacity: usize, delay: usize) -> Result<Self, ModelError> {
         if capacity == 0 {
             return Err(ModelError::InvalidParameter {
                 name: "capacity",
@@ -32,32 +42,51 @@ impl ErrorTracker {
                 reason: "at least one prediction must be kept",
             });
         }
+        if delay == 0 || delay > super::MAX_HORIZON {
+            return Err(ModelError::InvalidParameter {
+                name: "delay",
+                value: delay as f64,
+                reason: "must be in 1..=64",
+            });
+        }
         Ok(Self {
             capacity,
-            pending: None,
+            delay,
+            pending: VecDeque::with_capacity(delay),
             // Grown on demand: a huge capacity must not allocate up front.
             errors: VecDeque::with_capacity(capacity.min(1024)),
         })
     }
 
-    /// Holds `prediction` until the next [`ErrorTracker::actual`], replacing one that was
-    /// never scored.
+    /// Holds `prediction` until its truth is seen, `delay` [`ErrorTracker::actual`]
+    /// calls later; with a delay of 1, replaces one that was never scored.
     pub fn predicted(&mut self, prediction: f64) -> Result<(), ModelError> {
         check_finite("prediction", &[prediction])?;
-        self.pending = Some(prediction);
+        self.hold(Some(prediction));
         Ok(())
     }
 
-    /// Forgets a held prediction: the predictor had none this tick.
+    /// Holds no prediction for this tick: the predictor had none.
     pub fn skip(&mut self) {
-        self.pending = None;
+        self.hold(None);
     }
 
-    /// Scores the held prediction, if any, against the true value now seen, and returns
-    /// its absolute error. A non-finite `actual` is refused and keeps the prediction.
+    fn hold(&mut self, prediction: Option<f64>) {
+        if self.pending.len() == self.delay {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(prediction);
+    }
+
+    /// Scores the prediction made `delay` ticks ago, if any, against the true value now
+    /// seen, and returns its absolute error. A non-finite `actual` is refused and keeps
+    /// the predictions held.
     pub fn actual(&mut self, actual: f64) -> Result<Option<f64>, ModelError> {
         check_finite("actual value", &[actual])?;
-        let Some(prediction) = self.pending.take() else {
+        if self.pending.len() < self.delay {
+            return Ok(None);
+        }
+        let Some(prediction) = self.pending.pop_front().flatten() else {
             return Ok(None);
         };
         let error = (prediction - actual).abs();
@@ -343,6 +372,40 @@ mod tests {
         assert_eq!(t.actual(5.0).unwrap(), None);
         assert_eq!(t.mae(), Some(1.0));
         assert_eq!(t.scored(), 1);
+    }
+
+    #[test]
+    fn a_delayed_tracker_scores_each_prediction_against_the_value_delay_later() {
+        let mut t = ErrorTracker::with_delay(10, 3).unwrap();
+        // Predictions 10, 20, (none), 40 for values that arrive three calls later.
+        let mut scored = Vec::new();
+        for (value, prediction) in [
+            (0.0, Some(10.0)),
+            (0.0, Some(20.0)),
+            (0.0, None),
+            (11.0, Some(40.0)),
+            (25.0, None),
+            (7.0, None),
+            (44.0, None),
+        ] {
+            scored.push(t.actual(value).unwrap());
+            match prediction {
+                Some(p) => t.predicted(p).unwrap(),
+                None => t.skip(),
+            }
+        }
+        // The first three values come before any prediction has its truth.
+        assert_eq!(
+            scored,
+            [None, None, None, Some(1.0), Some(5.0), None, Some(4.0)]
+        );
+        assert_eq!(t.mae(), Some(10.0 / 3.0));
+        for bad in [0, crate::core::model::MAX_HORIZON + 1] {
+            assert!(matches!(
+                ErrorTracker::with_delay(10, bad),
+                Err(ModelError::InvalidParameter { name: "delay", .. })
+            ));
+        }
     }
 
     #[test]

@@ -585,6 +585,7 @@ mod tests {
             mean_window: 0,
             diff: true,
             extra_metrics: 0,
+            seasonal: 0,
         })
         .unwrap();
         let mut svr = SvrModel::new(SvrParams {

@@ -43,14 +43,42 @@ pub(super) fn strained(params: &Params, input: &Input) -> bool {
 pub(super) fn capacities(error_penalty: f64, inputs: &[Input]) -> Vec<Option<f64>> {
     inputs
         .iter()
-        .map(|i| {
-            let qps = i.qps.filter(|q| q.is_finite() && *q > 0.0)?;
-            let util = i.utilisation.filter(|u| u.is_finite() && *u > 0.0)?;
-            let eps = i
-                .errors_per_s
-                .filter(|e| e.is_finite() && *e >= 0.0)
-                .unwrap_or(0.0);
-            Some(qps / (util + error_penalty * eps / qps))
+        .map(|i| shown_capacity(error_penalty, i.qps, i.utilisation, i.errors_per_s))
+        .collect()
+}
+
+/// One backend's capacity as Envoy's client-side weighted round robin sees it, from
+/// one interval's requests and errors per second and utilisation:
+/// `qps / (utilisation + error_penalty · errors/qps)`; `None` without requests or
+/// busy time. What the policies weigh backends by, and what the capacity model
+/// (`model::capacity_config`) learns to predict.
+pub fn shown_capacity(
+    error_penalty: f64,
+    qps: Option<f64>,
+    utilisation: Option<f64>,
+    errors_per_s: Option<f64>,
+) -> Option<f64> {
+    let qps = qps.filter(|q| q.is_finite() && *q > 0.0)?;
+    let util = utilisation.filter(|u| u.is_finite() && *u > 0.0)?;
+    let eps = errors_per_s
+        .filter(|e| e.is_finite() && *e >= 0.0)
+        .unwrap_or(0.0);
+    Some(qps / (util + error_penalty * eps / qps)).filter(|c| c.is_finite())
+}
+
+/// The fall of capacity `ai` foresees for each backend: the least capacity its
+/// predictor expects over the next intervals ([`Input::predicted_capacity`]) as a
+/// fraction of what it shows now, where that is below [`Params::shed_ratio`];
+/// `None` elsewhere. Forecasts within that ratio change nothing: a predictor's error,
+/// or the dip a least-over-the-horizon forecast always has, never moves a weight.
+pub(super) fn foreseen_falls(params: &Params, inputs: &[Input]) -> Vec<Option<f64>> {
+    capacities(params.error_penalty, inputs)
+        .into_iter()
+        .zip(inputs)
+        .map(|(shown, input)| {
+            let (c, p) = (shown?, input.predicted_capacity?);
+            let fraction = (p.is_finite() && p >= 0.0).then(|| p / c)?;
+            (fraction < params.shed_ratio).then_some(fraction)
         })
         .collect()
 }

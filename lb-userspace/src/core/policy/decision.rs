@@ -109,6 +109,10 @@ pub enum Note {
     /// A shed backend cut `cut` further, for its latency and its backlog; `taken` is
     /// the fraction of the wanted cut the others' spare allowed.
     DeepCut { cut: f64, taken: f64 },
+    /// Shed on a foreseen fall of its capacity, to `shown` requests per second, the
+    /// least its predictor expects over the next intervals; `strained`: whether it
+    /// already was.
+    Foreseen { shown: f64, strained: bool },
     /// Took `weight` of what shed backends gave up, within its room.
     TookWithinRoom { weight: f64 },
     /// Took `weight` of what shed backends gave up beyond the others' room.
@@ -169,8 +173,9 @@ impl fmt::Display for Reason {
             ),
             Reason::BacklogWithoutSpare { policy, kept } => write!(
                 f,
-                "{policy}: its backlog calls for a cut, but the other backends have no spare \
-                 below the strain line to take it: kept at {kept:.0}"
+                "{policy}: its backlog or a foreseen fall of its capacity calls for a cut, but \
+                 the other backends have no spare below the strain line to take it: kept at \
+                 {kept:.0}"
             ),
             Reason::Steady {
                 policy,
@@ -205,6 +210,16 @@ impl fmt::Display for Note {
                 ", and {cut:.0} further for its latency and so that its backlog drains \
                  within {DRAIN_S} s ({:.0} % of that cut: the spare the others have)",
                 taken * 100.0
+            ),
+            Note::Foreseen { shown, strained } => write!(
+                f,
+                ", its capacity foreseen to fall to {shown:.0} req/s within the forecast's \
+                 horizon{}",
+                if strained {
+                    ""
+                } else {
+                    " (before it is strained: cut only into the others' spare)"
+                }
             ),
             Note::TookWithinRoom { weight } => write!(
                 f,

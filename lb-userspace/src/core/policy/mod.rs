@@ -74,6 +74,7 @@ mod tests;
 use std::collections::BTreeMap;
 
 pub use budget::share_moved;
+pub use capacity::shown_capacity;
 pub use decision::{Decision, Note, Reason};
 pub use eject::{MAX_EJECTION_TIMES, Outlier, Phase as OutlierPhase};
 pub use filter::Filtered;
@@ -290,6 +291,12 @@ pub struct Input {
     pub predicted_s: Option<f64>,
     /// Which predictor produced `predicted_s` (for the record).
     pub predictor: String,
+    /// The least capacity (requests per second, as [`shown_capacity`] measures it)
+    /// predicted over the next few intervals (`model::CAPACITY_HORIZON`) by the
+    /// capacity model's predictor in use. `ai` acts on it only when it foresees a fall
+    /// below [`Params::shed_ratio`] of the capacity shown now: the backend is shed
+    /// before its capacity falls.
+    pub predicted_capacity: Option<f64>,
 }
 
 /// What a policy carries from one update to the next, per VIP.

@@ -6,7 +6,7 @@
 //! latency and so that its backlog drains within [`DRAIN_S`], goes only as far as
 //! the other backends have spare below the strain line ([`deepen`]).
 
-use super::capacity::{capacities, observed_enough, strained, with_fallback};
+use super::capacity::{capacities, foreseen_falls, observed_enough, strained, with_fallback};
 use super::filter::Filtered;
 use super::handover::Takers;
 use super::target::{expected_latencies, weighted_median};
@@ -19,6 +19,9 @@ pub(super) const DRAIN_S: f64 = 2.0;
 pub(super) struct Evidence {
     /// Each backend's shown capacity in requests per second (`None` unobserved).
     pub(super) shown_rps: Vec<Option<f64>>,
+    /// `ai`: the fraction of its shown capacity each backend is foreseen to fall to
+    /// (`capacity::foreseen_falls`); such a backend may shed before it is strained.
+    foreseen: Vec<Option<f64>>,
     /// What a backend's shown capacity is compared with what it holds on: `ai`'s
     /// capacity before its latency factor (free backends only: a drained or held
     /// backend that still reports would make the free ones' shares look smaller),
@@ -37,6 +40,10 @@ impl Evidence {
     pub(super) fn of(u: &Update) -> Evidence {
         let (inputs, start) = (u.inputs, &u.start);
         let shown_rps = capacities(u.params.error_penalty, inputs);
+        let foreseen = match u.kind {
+            PolicyKind::Ai => foreseen_falls(u.params, inputs),
+            _ => vec![None; inputs.len()],
+        };
         let basis = match u.kind {
             PolicyKind::Ai => {
                 let mut shown = shown_rps.clone();
@@ -63,6 +70,7 @@ impl Evidence {
             .sum();
         Evidence {
             shown_rps,
+            foreseen,
             basis,
             basis_total,
             wait,
@@ -104,14 +112,30 @@ pub(super) fn find(u: &mut Update, e: &Evidence) -> Sheds {
             _ => 1.0,
         };
         let input = &u.inputs[k];
+        let strained_now = strained(params, input);
+        // `ai`: a fall of its capacity foreseen; the share of what it is about to
+        // be able to take is what it is judged and cut by.
+        let foreseen = e.foreseen[k].map(|fraction| shown * fraction);
+        let (judged, cut_to) = match foreseen {
+            Some(f) => (f, f),
+            None => (shown.max(target), target.min(shown)),
+        };
         if current > 0.0
-            && strained(params, input)
+            && (strained_now || foreseen.is_some())
             && observed_enough(params, input)
-            && shown.max(target) * drain < params.shed_ratio * current
+            && judged * drain < params.shed_ratio * current
         {
             // Never above what it holds: a backlog alone can make the shed.
-            let target = target.min(shown).min(current);
-            let kept = shown.min(current);
+            let target = cut_to.min(current);
+            // The capacity it has lost goes at once; a fall still to come is cut
+            // only as far as the others have spare ([`deepen`]): on S3 of the
+            // simulator, cutting the next hot quarter at once while the hot one was
+            // shed overloaded the other half.
+            let kept = if strained_now {
+                shown.min(current)
+            } else {
+                current
+            };
             u.proposal[k] = kept;
             deep_cut[k] = kept - target * drain;
             u.shed[k] = true;
@@ -124,6 +148,12 @@ pub(super) fn find(u: &mut Update, e: &Evidence) -> Sheds {
                 current,
                 kept,
             };
+            if let (Some(fraction), Some(rps)) = (e.foreseen[k], e.shown_rps[k]) {
+                u.notes[k].push(Note::Foreseen {
+                    shown: rps * fraction,
+                    strained: strained_now,
+                });
+            }
         }
     }
     Sheds {

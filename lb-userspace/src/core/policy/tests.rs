@@ -955,3 +955,76 @@ fn static_and_equal_never_eject() {
         assert!(w[0] > 0 && !d[0].ejected(), "{kind}: {w:?}");
     }
 }
+
+/// A fall of capacity foreseen (the capacity model expects a quarter of what the
+/// backend shows) sheds `ai`'s backend at once, before it is strained, as far as
+/// the others have spare below the strain line, and says so; without spare nothing
+/// moves; a forecast within the shed ratio (the dip every least-over-the-horizon
+/// forecast has) changes nothing at all; `reactive` ignores forecasts.
+#[test]
+fn ai_sheds_on_a_foreseen_fall_of_capacity_into_the_others_spare() {
+    let p = Params::default();
+    let mut state = State::default();
+    let w0 = run(PolicyKind::Ai, &p, &mut state, &observed(60.0, 0.75), 3);
+    // Not strained: 75 % busy, like the others.
+    let mut foreseen = observed(60.0, 0.75);
+    foreseen[0].predicted_capacity = Some(20.0);
+    let (w1, d) = step(PolicyKind::Ai, &p, &mut state.clone(), &foreseen);
+    // Toward its capacity share of 20 / 260 = 7.7 %, from 25 %: the others, 75 %
+    // busy, take what they can below the strain line (90 %).
+    assert!(share(&w1, 0) < 0.15, "{w0:?} -> {w1:?}");
+    assert!(share(&w1, 0) > 0.077, "{w0:?} -> {w1:?}");
+    assert!(d[0].shed(), "{:?}", d[0]);
+    assert!(
+        d[0].notes.iter().any(|n| matches!(
+            n,
+            Note::Foreseen {
+                strained: false,
+                ..
+            }
+        )),
+        "{:?}",
+        d[0]
+    );
+    assert!(
+        d[0].to_string().contains("before it is strained"),
+        "{}",
+        d[0]
+    );
+    // The others at the strain line have no spare: it keeps what it holds.
+    let mut busy = observed(60.0, 0.75);
+    for i in &mut busy[1..] {
+        i.utilisation = Some(0.92);
+    }
+    let mut busy_foreseen = busy.clone();
+    busy_foreseen[0].predicted_capacity = Some(20.0);
+    let (w, d) = step(PolicyKind::Ai, &p, &mut state.clone(), &busy_foreseen);
+    assert!(!d[0].shed(), "{:?}", d[0]);
+    assert!(share(&w, 0) > 0.24, "{w:?}");
+    // A forecast of 55 % of the 80 req/s shown is within the ratio: the same
+    // weights and decisions as without any forecast.
+    let mut within = observed(60.0, 0.75);
+    within[0].predicted_capacity = Some(44.0);
+    let plain = step(
+        PolicyKind::Ai,
+        &p,
+        &mut state.clone(),
+        &observed(60.0, 0.75),
+    );
+    assert_eq!(step(PolicyKind::Ai, &p, &mut state.clone(), &within), plain);
+    // A forecast above what it shows is no reason to give it more.
+    let mut higher = observed(60.0, 0.75);
+    higher[0].predicted_capacity = Some(400.0);
+    assert_eq!(step(PolicyKind::Ai, &p, &mut state.clone(), &higher), plain);
+    // `reactive` has no forecasts.
+    let mut reactive = State::default();
+    run(
+        PolicyKind::Reactive,
+        &p,
+        &mut reactive,
+        &observed(60.0, 0.75),
+        3,
+    );
+    let (_, d) = step(PolicyKind::Reactive, &p, &mut reactive, &foreseen);
+    assert!(!d[0].shed(), "{:?}", d[0]);
+}
