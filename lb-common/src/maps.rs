@@ -19,6 +19,17 @@ pub const RING_COPIES: u32 = 2;
 pub const CONN_TABLE_SIZE_V4: u32 = 1 << 20;
 /// Entries in the IPv6 connection table (≈ 96 bytes per entry, 24 MiB).
 pub const CONN_TABLE_SIZE_V6: u32 = 1 << 18;
+/// Entries in the IPv4 young table (an LRU hash like the connection table, ≈ 72
+/// bytes per entry, 4.5 MiB): a flow's first packet's choice of backend waits there
+/// until the client's second packet shows the flow is real (for TCP, that the
+/// handshake completed), and only then enters `CONNS_V4` (see
+/// `lb-ebpf/src/conntrack.rs`). A flood of spoofed SYNs churns this table, never the
+/// connection table. Its size only bounds how many handshakes can be in flight
+/// before a flood pushes them out, and one pushed out still completes when the
+/// lookup table has not moved in its round trip.
+pub const YOUNG_TABLE_SIZE_V4: u32 = 1 << 16;
+/// Entries in the IPv6 young table (≈ 96 bytes per entry, 1.5 MiB).
+pub const YOUNG_TABLE_SIZE_V6: u32 = 1 << 14;
 /// log2 of [`VIP_FILTER_SLOTS`].
 pub const VIP_FILTER_BITS: u32 = 12;
 /// Slots of the `VIP_FILTER` array (see [`crate::hash::vip_filter_slot`]): with at
@@ -47,6 +58,13 @@ pub const SHARED_FLOWS_BYTES: u32 = 1 << 21;
 /// it as a constant, removes the reporting code when it is zero.
 pub const SHARE_FLOWS_GLOBAL: &str = "SHARE_FLOWS";
 
+/// The one-byte global in the program's read-only data that turns the flood guard
+/// on (non-zero, the default): new flows wait in the young tables until their
+/// second packet. Zero writes every new flow straight into the connection table, as
+/// before the guard existed (`lb run --no-flood-guard`, and the `without` half of
+/// `cargo xtask bench flood`); the verifier then removes the young tables' code.
+pub const FLOOD_GUARD_GLOBAL: &str = "FLOOD_GUARD";
+
 /// Map names, as declared in `lb-ebpf/src/maps.rs`.
 pub mod names {
     pub const VIPS: &str = "VIPS";
@@ -56,6 +74,9 @@ pub mod names {
     pub const VIP_IDS: &str = "VIP_IDS";
     pub const CONNS_V4: &str = "CONNS_V4";
     pub const CONNS_V6: &str = "CONNS_V6";
+    pub const YOUNG_V4: &str = "YOUNG_V4";
+    pub const YOUNG_V6: &str = "YOUNG_V6";
+    pub const GUARD_STATS: &str = "GUARD_STATS";
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -67,7 +88,7 @@ pub mod names {
     /// loaded program.
     pub const SHARE_STATS: &str = "SHARE_STATS";
     /// Every map that is pinned (all but [`SHARED_FLOWS`] and [`SHARE_STATS`]).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 14] = [
         VIPS,
         VIP_FILTER,
         VIP_IDS,
@@ -75,6 +96,9 @@ pub mod names {
         RINGS,
         CONNS_V4,
         CONNS_V6,
+        YOUNG_V4,
+        YOUNG_V6,
+        GUARD_STATS,
         STATS,
         VIP_STATS,
         BACKEND_STATS,

@@ -288,10 +288,20 @@ pub struct ConnEntry {
 /// VIP ids stay far below it (`maps::MAX_VIPS`).
 pub const CONN_CLOSING: u32 = 1 << 31;
 
+/// [`ConnEntry::vip_id`] bit, in the young tables only: the flow's first packet was
+/// a TCP packet without SYN (a flow begun elsewhere), so its backend is the lookup
+/// table's guess (see [`SHARED_F_GUESSED`]).
+pub const CONN_GUESSED: u32 = 1 << 30;
+
 impl ConnEntry {
     /// The flow's VIP id.
     pub const fn vip(&self) -> u32 {
-        self.vip_id & !CONN_CLOSING
+        self.vip_id & !(CONN_CLOSING | CONN_GUESSED)
+    }
+
+    /// Whether the flow's backend was the table's guess (young entries only).
+    pub const fn guessed(&self) -> bool {
+        self.vip_id & CONN_GUESSED != 0
     }
 
     /// Whether the client has closed or reset the flow.
@@ -336,6 +346,23 @@ pub struct ShareStats {
     /// Entries not reported because the ring was full (the agent did not keep up):
     /// these flows are not shared, and may break if their LB leaves.
     pub ring_full: u64,
+}
+
+/// Counters of the flood guard, per CPU, in the `GUARD_STATS` array (index 0): what
+/// the young tables took and gave to the connection tables. `young - promoted` over
+/// an interval is the flows that never showed a second packet: spoofed SYNs,
+/// connections refused, one-packet UDP exchanges. A flood shows as that difference
+/// rising far above its usual level.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GuardStats {
+    /// New flows whose choice went into a young table: SYNs, and the first packet of
+    /// UDP flows and of TCP flows begun elsewhere.
+    pub young: u64,
+    /// Of those, written into a connection table on the client's second packet.
+    pub promoted: u64,
+    /// Young-table writes that failed (the packet still went where the table said).
+    pub young_failed: u64,
 }
 
 /// Datapath-wide settings, the one entry of the `SETTINGS` array. Written by the agent.
@@ -437,6 +464,7 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::SharedFlow {}
     unsafe impl aya::Pod for super::ShareStats {}
+    unsafe impl aya::Pod for super::GuardStats {}
 }
 
 #[cfg(test)]

@@ -11,18 +11,50 @@
 //! backend's late answer. So a SYN reads the table too, and one whose flow has a
 //! live entry (no FIN or RST from the client since, see [`mark_closing`]) naming
 //! another backend than the table does goes where the first SYN went.
+//!
+//! # The flood guard: young tables
+//!
+//! A flood of spoofed SYNs (random sources and ports, a handshake never completed)
+//! would write an entry per SYN, and the LRU would evict established flows' entries
+//! to make room; their next packets would then follow the lookup table of now, and
+//! break wherever it moved since they began. So, with the guard on (the default,
+//! [`guard`]), a new flow's first packet writes its choice into a small young table
+//! (`YOUNG_V4`/`YOUNG_V6`), and the flow enters the connection table only when the
+//! client sends a second packet ([`promote`]): for TCP, the ACK that completes the
+//! handshake, which a spoofed source never sends. A flood churns the young table
+//! only. A real handshake whose young entry a flood pushed out still completes: its
+//! ACK misses both tables, takes the lookup table, which has almost always not
+//! moved within one round trip, and its next packet promotes it. The same rule
+//! holds for UDP (a flow is kept once it sent two packets) and for TCP flows begun
+//! elsewhere (their first packet here is not a SYN). A SYN whose flow is in the
+//! connection table already (a client reusing its ports) is handled there, as
+//! without the guard: it replaces no other flow's entry.
 
 use lb_common::{
     maps::programs::REFERENCE_KEY,
-    types::{CONN_CLOSING, ConnEntry, FAMILY_V4},
+    types::{CONN_CLOSING, CONN_GUESSED, ConnEntry, FAMILY_V4, GuardStats},
 };
 
 use crate::{
     events, keys,
-    maps::{CONNS_V4, CONNS_V6},
+    maps::{CONNS_V4, CONNS_V6, GUARD_STATS, YOUNG_V4, YOUNG_V6},
     parse::Packet,
     share, stats,
 };
+
+/// Non-zero: new flows wait in the young tables (the default). Set by the agent at
+/// load time (`lb_common::maps::FLOOD_GUARD_GLOBAL`); zero for `--no-flood-guard`.
+#[unsafe(no_mangle)]
+static FLOOD_GUARD: u8 = 1;
+
+/// Whether the flood guard is on: a constant once the program is verified, so the
+/// verifier removes the young tables' code when it is off.
+#[inline(always)]
+pub fn guard() -> bool {
+    // SAFETY: a plain read of an initialised static; volatile, so that the compiler
+    // does not fold the default in and the verifier sees the loaded value.
+    unsafe { core::ptr::read_volatile(&FLOOD_GUARD) != 0 }
+}
 
 /// The entry of the packet's flow, if the flow is known. Counting is the caller's:
 /// what a found entry means depends on whether its VIP and backend still stand.
@@ -34,6 +66,76 @@ pub fn find(pkt: &Packet) -> Option<ConnEntry> {
         unsafe { CONNS_V4.get(keys::ConnV4::new(pkt).key()) }.copied()
     } else {
         unsafe { CONNS_V6.get(keys::ConnV6::new(pkt).key()) }.copied()
+    }
+}
+
+/// The young entry of the packet's flow, if its first packet was seen and the
+/// client has sent nothing since.
+#[inline(always)]
+pub fn find_young(pkt: &Packet) -> Option<ConnEntry> {
+    // SAFETY: as in [`find`].
+    if pkt.family == FAMILY_V4 {
+        unsafe { YOUNG_V4.get(keys::ConnV4::new(pkt).key()) }.copied()
+    } else {
+        unsafe { YOUNG_V6.get(keys::ConnV6::new(pkt).key()) }.copied()
+    }
+}
+
+/// Remembers a new flow's backend in the young table, until its second packet
+/// ([`promote`]). A failed write is counted; the flow then follows the lookup table
+/// until its next packet writes it again.
+#[inline(always)]
+pub fn insert_young(pkt: &Packet, backend_id: u32, vip_id: u32) {
+    let mut flags = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
+    if share::guessed(pkt) {
+        flags |= CONN_GUESSED;
+    }
+    let entry = keys::Entry::new(backend_id, vip_id | flags);
+    let result = if pkt.family == FAMILY_V4 {
+        YOUNG_V4.insert(keys::ConnV4::new(pkt).key(), entry.value(), 0)
+    } else {
+        YOUNG_V6.insert(keys::ConnV6::new(pkt).key(), entry.value(), 0)
+    };
+    count(|g| {
+        if result.is_ok() {
+            &mut g.young
+        } else {
+            &mut g.young_failed
+        }
+    });
+}
+
+/// The client's second packet of a young flow: its entry moves into the connection
+/// table (closing already if this packet is a FIN or RST) and leaves the young one.
+/// Returns the entry as now written.
+#[inline(always)]
+pub fn promote(pkt: &Packet, young: ConnEntry, counters: stats::Global) -> ConnEntry {
+    let closing = if pkt.tcp_fin_rst || young.closing() {
+        CONN_CLOSING
+    } else {
+        0
+    };
+    write(pkt, young.backend_id, young.vip(), closing, young.guessed(), counters);
+    // A failed delete leaves an entry the LRU ages out; a SYN that finds it finds
+    // the flow in the connection table first.
+    let _ = if pkt.family == FAMILY_V4 {
+        YOUNG_V4.remove(keys::ConnV4::new(pkt).key())
+    } else {
+        YOUNG_V6.remove(keys::ConnV6::new(pkt).key())
+    };
+    count(|g| &mut g.promoted);
+    ConnEntry {
+        backend_id: young.backend_id,
+        vip_id: young.vip() | closing,
+    }
+}
+
+/// Counts a flood-guard event on this CPU.
+#[inline(always)]
+fn count(field: impl FnOnce(&mut GuardStats) -> &mut u64) {
+    if let Some(g) = GUARD_STATS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU array value, valid for the whole program run.
+        unsafe { *field(&mut *g) += 1 }
     }
 }
 
@@ -61,6 +163,19 @@ pub fn mark_closing(pkt: &Packet) {
 pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Global) {
     // A flow first seen by its FIN or RST (its entry lost) is closing already.
     let closing = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
+    write(pkt, backend_id, vip_id, closing, share::guessed(pkt), counters);
+}
+
+/// Writes a connection-table entry, and reports it when sharing is on.
+#[inline(always)]
+fn write(
+    pkt: &Packet,
+    backend_id: u32,
+    vip_id: u32,
+    closing: u32,
+    guessed: bool,
+    counters: stats::Global,
+) {
     let entry = keys::Entry::new(backend_id, vip_id | closing);
     let failed = if pkt.family == FAMILY_V4 {
         let key = keys::ConnV4::new(pkt);
@@ -69,7 +184,7 @@ pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Globa
             .inspect_err(|&error| events::insert_failed_v4(key.key(), vip_id, error));
         if result.is_ok() && share::enabled() {
             // SAFETY: the key lives on this stack frame for the whole call.
-            unsafe { share::report_v4(key.key(), backend_id, vip_id, share::guessed(pkt)) }
+            unsafe { share::report_v4(key.key(), backend_id, vip_id, guessed) }
         }
         result.is_err()
     } else {
@@ -79,7 +194,7 @@ pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Globa
             .inspect_err(|&error| events::insert_failed_v6(key.key(), vip_id, error));
         if result.is_ok() && share::enabled() {
             // SAFETY: the key lives on this stack frame for the whole call.
-            unsafe { share::report_v6(key.key(), backend_id, vip_id, share::guessed(pkt)) }
+            unsafe { share::report_v6(key.key(), backend_id, vip_id, guessed) }
         }
         result.is_err()
     };

@@ -120,9 +120,21 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
     }
     let vip = vip::lookup(pkt)?;
     // An entry made for another VIP that had this id is no entry at all.
-    let known = known.filter(|entry| entry.vip() == vip.vip_id);
+    let mut known = known.filter(|entry| entry.vip() == vip.vip_id);
     if pkt.tcp_syn {
         return syn(pkt, &vip, known, counters);
+    }
+    if known.is_none()
+        && conntrack::guard()
+        && let Some(young) = conntrack::find_young(pkt).filter(|e| e.vip() == vip.vip_id)
+    {
+        // The flow's second packet: it is real, and enters the connection table.
+        // An ICMP error follows the flow but proves nothing about it.
+        known = Some(if pkt.kind == Kind::Flow {
+            conntrack::promote(pkt, young, counters)
+        } else {
+            young
+        });
     }
     if pkt.tcp_fin_rst && known.is_some_and(|entry| !entry.closing()) {
         conntrack::mark_closing(pkt);
@@ -152,7 +164,23 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
     // A new flow, or a known one whose backend was removed: it gets a backend from
     // the table (which resets a removed backend's flow, rather than its packets
     // vanishing). An ICMP error follows its flow but never creates one.
-    by_table(pkt, &vip, table::pick(pkt, &vip)?, counters)
+    let remember = if known.is_some() {
+        Remember::Replace
+    } else {
+        Remember::New
+    };
+    by_table(pkt, &vip, table::pick(pkt, &vip)?, remember, counters)
+}
+
+/// Where the entry of a flow that takes the lookup table is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Remember {
+    /// A flow the connection table does not hold: the young table with the flood
+    /// guard on (see `conntrack`), else the connection table.
+    New,
+    /// A flow the connection table holds (a SYN reusing its ports, or a flow whose
+    /// backend was removed): its entry is replaced there, evicting nothing.
+    Replace,
 }
 
 /// The packet goes where the lookup table says (`picked`: its backend id and the
@@ -162,12 +190,17 @@ fn by_table(
     pkt: &parse::Packet,
     vip: &lb_common::types::VipMeta,
     (backend_id, hash): (u32, u32),
+    remember: Remember,
     counters: stats::Global,
 ) -> Result<Target, Stop> {
     let backend = table::backend(backend_id)?;
     let new_flow = pkt.kind == Kind::Flow;
     if new_flow {
-        conntrack::insert(pkt, backend_id, vip.vip_id, counters);
+        if conntrack::guard() && remember == Remember::New {
+            conntrack::insert_young(pkt, backend_id, vip.vip_id);
+        } else {
+            conntrack::insert(pkt, backend_id, vip.vip_id, counters);
+        }
     }
     Ok(Target {
         vip_id: vip.vip_id,
@@ -189,7 +222,8 @@ fn by_table(
 /// one's answer. Only while that backend is still of this VIP (ids are reused) and
 /// in service: weight above 0, or drained by the operator (who keeps its
 /// connections); one at weight 0 otherwise is down, and a retry elsewhere is the
-/// connection's only chance.
+/// connection's only chance. With the flood guard on, the first SYN's entry is in
+/// the young table unless the connection table holds the flow.
 #[inline(always)]
 fn syn(
     pkt: &parse::Packet,
@@ -198,6 +232,17 @@ fn syn(
     counters: stats::Global,
 ) -> Result<Target, Stop> {
     let (backend_id, hash) = table::pick(pkt, vip)?;
+    let remember = if known.is_some() {
+        Remember::Replace
+    } else {
+        Remember::New
+    };
+    let known = match known {
+        None if conntrack::guard() => {
+            conntrack::find_young(pkt).filter(|entry| entry.vip() == vip.vip_id)
+        }
+        known => known,
+    };
     if let Some(entry) = known
         && !entry.closing()
         && entry.backend_id != backend_id
@@ -216,7 +261,7 @@ fn syn(
         });
     }
     stats::bump(counters, |s| &mut s.conn_miss_syn);
-    by_table(pkt, vip, (backend_id, hash), counters)
+    by_table(pkt, vip, (backend_id, hash), remember, counters)
 }
 
 /// Where a packet goes, and what is known about its flow.

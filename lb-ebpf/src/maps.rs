@@ -9,11 +9,12 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS,
-        RING_COPIES, SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS,
+        RING_COPIES, SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS, YOUNG_TABLE_SIZE_V4,
+        YOUNG_TABLE_SIZE_V6,
     },
     types::{
-        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, Settings, ShareStats,
-        VipIdEntry, VipKey, VipMeta, VipStats,
+        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, GuardStats, Settings,
+        ShareStats, VipIdEntry, VipKey, VipMeta, VipStats,
     },
 };
 
@@ -58,6 +59,22 @@ pub static CONNS_V4: LruHashMap<ConnKeyV4, ConnEntry> =
 #[map(name = "CONNS_V6")]
 pub static CONNS_V6: LruHashMap<ConnKeyV6, ConnEntry> =
     LruHashMap::with_max_entries(CONN_TABLE_SIZE_V6, BPF_F_NO_COMMON_LRU);
+
+/// Young tables, IPv4 and IPv6: a new flow's backend until the client's second
+/// packet moves it into `CONNS_V4`/`CONNS_V6` (the flood guard, see
+/// `crate::conntrack`). Written by the datapath; same layout and LRU as the
+/// connection tables, an eighth or less of their size.
+#[map(name = "YOUNG_V4")]
+pub static YOUNG_V4: LruHashMap<ConnKeyV4, ConnEntry> =
+    LruHashMap::with_max_entries(YOUNG_TABLE_SIZE_V4, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "YOUNG_V6")]
+pub static YOUNG_V6: LruHashMap<ConnKeyV6, ConnEntry> =
+    LruHashMap::with_max_entries(YOUNG_TABLE_SIZE_V6, BPF_F_NO_COMMON_LRU);
+
+/// The flood guard's counters (index 0), per CPU. Written by the datapath.
+#[map(name = "GUARD_STATS")]
+pub static GUARD_STATS: PerCpuArray<GuardStats> = PerCpuArray::with_max_entries(1, 0);
 
 /// Datapath-wide counters (index 0), per CPU. Written by the datapath.
 #[map(name = "STATS")]

@@ -304,6 +304,34 @@ pub struct Status {
     pub last_reload: Option<ReloadOutcome>,
     /// The datapath's counters since it was loaded.
     pub datapath: DatapathCounters,
+    /// The flood guard and whether a flood is on.
+    pub flood: FloodStatus,
+}
+
+/// The flood guard (new flows wait in young tables until their second packet) and
+/// the flood watch (`core::flood`), for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FloodStatus {
+    /// Whether the guard is on (off with `lb run --no-flood-guard`).
+    pub guard: bool,
+    /// Whether a flood is on now.
+    pub active: bool,
+    /// For how long, if it is.
+    pub active_seconds: Option<f64>,
+    /// Floods since the agent started.
+    pub episodes: u64,
+    /// Unanswered new flows per second from which a flood is declared.
+    pub threshold_per_second: f64,
+    /// New flows per second over the last control interval (young-table writes).
+    pub new_flows_per_second: f64,
+    /// Of those, flows that did not send a second packet.
+    pub unanswered_per_second: f64,
+    /// New flows written into a young table since the datapath was loaded.
+    pub young: u64,
+    /// Of those, written into the connection table on their second packet.
+    pub promoted: u64,
+    /// Young-table writes that failed.
+    pub young_failed: u64,
 }
 
 /// The load models' state.

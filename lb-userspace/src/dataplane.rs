@@ -25,10 +25,11 @@ use aya_log::EbpfLogger;
 use lb_common::{
     hash::vip_filter_slot,
     maps::{
-        MAX_RING_SIZE, MAX_VIPS, RING_COPIES, SHARE_FLOWS_GLOBAL, VIP_FILTER_SLOTS, names,
+        MAX_RING_SIZE, MAX_VIPS, RING_COPIES, SHARE_FLOWS_GLOBAL, FLOOD_GUARD_GLOBAL, VIP_FILTER_SLOTS, names,
         programs, ring_base,
     },
     types::{
+        GuardStats,
         BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, Settings,
         ShareStats, VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
     },
@@ -327,23 +328,60 @@ impl Drop for RingsMapping {
     }
 }
 
+/// How the program is loaded: what the verifier sees as constants in its read-only
+/// data, so that whatever is off is removed from the packet path.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// The datapath's records at this level and above are made (see
+    /// [`Dataplane::take_log`]); `Off` removes them all.
+    pub log: LevelFilter,
+    /// Report every connection entry written (flow sharing, see
+    /// [`Dataplane::take_shared_flows`]).
+    pub share_flows: bool,
+    /// New flows wait in the young tables until their second packet (the flood
+    /// guard, `lb-ebpf/src/conntrack.rs`); off, they go straight into the
+    /// connection tables.
+    pub flood_guard: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            log: LevelFilter::Off,
+            share_flows: false,
+            flood_guard: true,
+        }
+    }
+}
+
 impl Dataplane {
     /// Loads the object and verifies the balancer program, without attaching it, its
     /// log off. Nothing is pinned: the program and maps go away with this value.
     pub fn load() -> Result<Dataplane, DataplaneError> {
-        Dataplane::load_with(None, LevelFilter::Off, false)
+        Dataplane::load_with(None, LoadOptions::default())
     }
 
     /// As [`Dataplane::load`], with the datapath's records at `log` and above made
     /// (see [`Dataplane::take_log`]).
     pub fn load_logging(log: LevelFilter) -> Result<Dataplane, DataplaneError> {
-        Dataplane::load_with(None, log, false)
+        Dataplane::load_options(LoadOptions {
+            log,
+            ..LoadOptions::default()
+        })
     }
 
     /// As [`Dataplane::load`], with flow sharing on: the program reports every
     /// connection entry it writes (for tests of sharing).
     pub fn load_sharing() -> Result<Dataplane, DataplaneError> {
-        Dataplane::load_with(None, LevelFilter::Off, true)
+        Dataplane::load_options(LoadOptions {
+            share_flows: true,
+            ..LoadOptions::default()
+        })
+    }
+
+    /// As [`Dataplane::load`], with every load option given.
+    pub fn load_options(options: LoadOptions) -> Result<Dataplane, DataplaneError> {
+        Dataplane::load_with(None, options)
     }
 
     /// Loads with every map pinned under `dir` (created if missing): maps already
@@ -353,23 +391,26 @@ impl Dataplane {
     /// (see [`Dataplane::take_log`]). Returns whether an earlier agent's state was
     /// found.
     pub fn load_pinned(dir: &Path, log: LevelFilter) -> Result<(Dataplane, bool), DataplaneError> {
-        Dataplane::load_pinned_sharing(dir, log, false)
+        Dataplane::load_pinned_with(
+            dir,
+            LoadOptions {
+                log,
+                ..LoadOptions::default()
+            },
+        )
     }
 
-    /// As [`Dataplane::load_pinned`]; with `share_flows`, the program reports every
-    /// connection entry it writes (see [`Dataplane::take_shared_flows`]), else the
-    /// verifier removes that code.
-    pub fn load_pinned_sharing(
+    /// As [`Dataplane::load_pinned`], with every load option given.
+    pub fn load_pinned_with(
         dir: &Path,
-        log: LevelFilter,
-        share_flows: bool,
+        options: LoadOptions,
     ) -> Result<(Dataplane, bool), DataplaneError> {
         std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
             path: dir.to_owned(),
             source,
         })?;
         let adopted = is_pinned(dir);
-        let mut dataplane = Dataplane::load_with(Some(dir.to_owned()), log, share_flows)?;
+        let mut dataplane = Dataplane::load_with(Some(dir.to_owned()), options)?;
         // The old program keeps its own references until the new one replaces it.
         remove_legacy_pins(dir)?;
         if adopted {
@@ -378,15 +419,11 @@ impl Dataplane {
         Ok((dataplane, adopted))
     }
 
-    fn load_with(
-        pins: Option<PathBuf>,
-        log: LevelFilter,
-        share_flows: bool,
-    ) -> Result<Dataplane, DataplaneError> {
+    fn load_with(pins: Option<PathBuf>, options: LoadOptions) -> Result<Dataplane, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NotBuilt);
         }
-        let level = aya_log_level(log);
+        let level = aya_log_level(options.log);
         let mut loader = EbpfLoader::new();
         // Always set: aya-log-ebpf's own default makes every record. The global lives
         // in `.rodata`, which aya freezes before the program is verified, so the
@@ -394,8 +431,11 @@ impl Dataplane {
         // `lb-ebpf/src/events.rs`): with the log off, none is left.
         loader.override_global(aya_log::LEVEL, &level, true);
         // The same for flow sharing: off, the reporting code is removed.
-        let share_flows = u8::from(share_flows);
+        let share_flows = u8::from(options.share_flows);
         loader.override_global(SHARE_FLOWS_GLOBAL, &share_flows, true);
+        // And for the flood guard: off, the young tables' code is removed.
+        let flood_guard = u8::from(options.flood_guard);
+        loader.override_global(FLOOD_GUARD_GLOBAL, &flood_guard, true);
         if let Some(dir) = &pins {
             for name in names::ALL {
                 loader.map_pin_path(name, dir.join(name));
@@ -1010,17 +1050,31 @@ impl Dataplane {
     /// Every flow in the connection tables, IPv4 then IPv6, with its entry (for tests
     /// and debugging; on a busy table this walks up to a million entries).
     pub fn connections(&self) -> Result<Vec<(FlowKey, ConnEntry)>, DataplaneError> {
+        self.flows(names::CONNS_V4, names::CONNS_V6)
+    }
+
+    /// Every young-table entry (flows whose second packet has not come yet, with
+    /// the flood guard on), IPv4 then IPv6.
+    pub fn young_flows(&self) -> Result<Vec<(FlowKey, ConnEntry)>, DataplaneError> {
+        self.flows(names::YOUNG_V4, names::YOUNG_V6)
+    }
+
+    fn flows(
+        &self,
+        v4_name: &'static str,
+        v6_name: &'static str,
+    ) -> Result<Vec<(FlowKey, ConnEntry)>, DataplaneError> {
         let v4: HashMap<&MapData, ConnKeyV4, ConnEntry> =
-            HashMap::try_from(self.map(names::CONNS_V4)?).map_err(map_err(names::CONNS_V4))?;
+            HashMap::try_from(self.map(v4_name)?).map_err(map_err(v4_name))?;
         let v6: HashMap<&MapData, ConnKeyV6, ConnEntry> =
-            HashMap::try_from(self.map(names::CONNS_V6)?).map_err(map_err(names::CONNS_V6))?;
+            HashMap::try_from(self.map(v6_name)?).map_err(map_err(v6_name))?;
         let mut flows = Vec::new();
         for item in v4.iter() {
-            let (key, entry) = item.map_err(map_err(names::CONNS_V4))?;
+            let (key, entry) = item.map_err(map_err(v4_name))?;
             flows.push((FlowKey::from(key), entry));
         }
         for item in v6.iter() {
-            let (key, entry) = item.map_err(map_err(names::CONNS_V6))?;
+            let (key, entry) = item.map_err(map_err(v6_name))?;
             flows.push((FlowKey::from(key), entry));
         }
         Ok(flows)
@@ -1062,6 +1116,16 @@ impl Dataplane {
             bytes: sum.1,
             new_flows: sum.2,
         })
+    }
+
+    /// The flood guard's counters summed over CPUs.
+    pub fn guard_stats(&self) -> Result<GuardStats, DataplaneError> {
+        let per_cpu: Vec<GuardStats> = self.per_cpu(names::GUARD_STATS, 0)?;
+        Ok(per_cpu.iter().fold(GuardStats::default(), |a, s| GuardStats {
+            young: a.young + s.young,
+            promoted: a.promoted + s.promoted,
+            young_failed: a.young_failed + s.young_failed,
+        }))
     }
 
     /// Entry `index` of the per-CPU array `name`, one value per CPU.

@@ -45,6 +45,8 @@ fn run_agent(run: RunArgs, instance: String, socket: std::path::PathBuf) -> Resu
         detach_on_exit: run.detach_on_exit,
         metrics: run.metrics_address.0,
         datapath_log: run.datapath_log,
+        flood_guard: !run.no_flood_guard,
+        flood_threshold: run.flood_threshold,
     }))?;
     Ok(())
 }

@@ -1524,8 +1524,10 @@ fn reported(maps: &mut lb_userspace::dataplane::SharedFlowMaps) -> Vec<SharedFlo
 }
 
 /// Flow sharing through the kernel: with sharing on, each connection entry the
-/// program writes is reported once (a SYN's as seen to begin, a non-SYN miss's as
-/// guessed), established packets report nothing, and a program loaded without
+/// program writes is reported once, when the flow enters the connection table on
+/// its second packet (the flood guard: a first packet alone, such as a spoofed SYN,
+/// is never shared): a flow begun with a SYN as seen to begin, one first seen
+/// without as guessed. Established packets report nothing, and a program loaded without
 /// sharing reports nothing. A peer whose own table names another backend for a flow
 /// sends that flow where the first LB did once the reported entry is written into
 /// its table, as the sharing thread does.
@@ -1548,17 +1550,31 @@ fn new_entries_are_reported_for_sharing_and_a_peer_keeps_them() {
     assert_eq!(world.run(&begun.frame(TCP_SYN, b"")).0, XDP_TX);
     assert_eq!(world.run(&begun.frame(TCP_ACK, b"x")).0, XDP_TX);
     assert_eq!(world.run(&guessed.frame(TCP_ACK, b"x")).0, XDP_TX);
+    let begun_flows: Vec<_> = reported(&mut maps)
+        .iter()
+        .map(|r| ids.flow(r).expect("ids of the desired state"))
+        .collect();
+    assert_eq!(
+        begun_flows.len(),
+        1,
+        "one flow shared on its ACK; a flow's first packet alone is not: {begun_flows:?}"
+    );
+    assert_eq!(
+        (
+            begun_flows[0].client_port,
+            begun_flows[0].guessed,
+            begun_flows[0].backend
+        ),
+        (41000, false, world.table_backend(&begun).1)
+    );
+    assert_eq!(world.run(&guessed.frame(TCP_ACK, b"y")).0, XDP_TX);
     let flows: Vec<_> = reported(&mut maps)
         .iter()
         .map(|r| ids.flow(r).expect("ids of the desired state"))
         .collect();
-    assert_eq!(flows.len(), 2, "{flows:?}");
+    assert_eq!(flows.len(), 1, "{flows:?}");
     assert_eq!(
         (flows[0].client_port, flows[0].guessed, flows[0].backend),
-        (41000, false, world.table_backend(&begun).1)
-    );
-    assert_eq!(
-        (flows[1].client_port, flows[1].guessed, flows[1].backend),
         (41001, true, world.table_backend(&guessed).1)
     );
 
@@ -1573,6 +1589,7 @@ fn new_entries_are_reported_for_sharing_and_a_peer_keeps_them() {
         .find(|f| world.table_backend(f) != peer.table_backend(f))
         .expect("a flow the two tables send to different backends");
     assert_eq!(world.run(&moved.frame(TCP_SYN, b"")).0, XDP_TX);
+    assert_eq!(world.run(&moved.frame(TCP_ACK, b"")).0, XDP_TX);
     let records = reported(&mut maps);
     assert_eq!(records.len(), 1);
     let flow = ids.flow(&records[0]).unwrap();
@@ -1596,4 +1613,130 @@ fn new_entries_are_reported_for_sharing_and_a_peer_keeps_them() {
         XDP_TX
     );
     assert!(reported(&mut peer_maps).is_empty());
+}
+
+/// The flows of a table, by key.
+fn keys_of(flows: &[(FlowKey, lb_common::types::ConnEntry)]) -> Vec<FlowKey> {
+    flows.iter().map(|(k, _)| *k).collect()
+}
+
+/// The flood guard (`lb-ebpf/src/conntrack.rs`): a new flow's first packet writes
+/// only the young table; its second moves the entry into the connection table, on
+/// the backend the first packet got. For TCP that is the handshake's ACK, for UDP
+/// the second datagram. Loaded with the guard off, a SYN writes the connection
+/// table at once, as before the guard.
+#[test]
+fn new_flows_enter_the_connection_table_on_their_second_packet() {
+    let mut world = World::new();
+    let tcp = Flow::tcp("198.18.0.1", "198.18.1.1", 43000, 80);
+    let (_, tcp_key) = tcp.keys();
+    assert_eq!(world.run(&tcp.frame(TCP_SYN, b"")).0, XDP_TX);
+    let young = world.dataplane.young_flows().unwrap();
+    assert_eq!(keys_of(&young), vec![tcp_key]);
+    assert!(world.dataplane.connections().unwrap().is_empty());
+    let (verdict, out) = world.run(&tcp.frame(TCP_ACK, b""));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out[..6], world.table_backend(&tcp).0);
+    let conns = world.dataplane.connections().unwrap();
+    assert_eq!(keys_of(&conns), vec![tcp_key]);
+    assert_eq!(conns[0].1.backend_id, young[0].1.backend_id);
+    assert!(world.dataplane.young_flows().unwrap().is_empty());
+
+    let udp = Flow::udp("198.18.0.1", "198.18.1.1", 43001, 53);
+    let (_, udp_key) = udp.keys();
+    assert_eq!(world.run(&udp.frame(0, b"q1")).0, XDP_TX);
+    assert_eq!(keys_of(&world.dataplane.young_flows().unwrap()), vec![udp_key]);
+    assert_eq!(world.run(&udp.frame(0, b"q2")).0, XDP_TX);
+    assert!(world.dataplane.young_flows().unwrap().is_empty());
+    assert_eq!(world.dataplane.connections().unwrap().len(), 2);
+    let g = world.dataplane.guard_stats().unwrap();
+    assert_eq!((g.young, g.promoted, g.young_failed), (2, 2, 0));
+
+    let mut off = Dataplane::load_options(lb_userspace::dataplane::LoadOptions {
+        flood_guard: false,
+        ..Default::default()
+    })
+    .unwrap();
+    off.apply_and_wait(&world.desired).unwrap();
+    let mut unguarded = World {
+        dataplane: off,
+        desired: world.desired.clone(),
+        config: Config::parse(CONFIG).unwrap(),
+    };
+    assert_eq!(unguarded.run(&tcp.frame(TCP_SYN, b"")).0, XDP_TX);
+    assert_eq!(
+        keys_of(&unguarded.dataplane.connections().unwrap()),
+        vec![tcp_key]
+    );
+    assert!(unguarded.dataplane.young_flows().unwrap().is_empty());
+    assert_eq!(unguarded.dataplane.guard_stats().unwrap().young, 0);
+}
+
+/// A flood of spoofed SYNs (random sources and ports in 198.18.0.0/15, twice as
+/// many as the young table holds) leaves every established flow's entry in the
+/// connection table and adds none; the flood's entries are in the young table,
+/// which it filled. A real handshake after the flood is kept as always, and one
+/// begun before the flood, whose young entry the flood likely pushed out, reaches the
+/// backend the lookup table gives it and is kept from its next packet.
+#[test]
+fn a_flood_of_spoofed_syns_never_takes_an_established_flows_entry() {
+    let mut world = World::new();
+    let established: Vec<Flow> = (0..64)
+        .map(|i| Flow::tcp("198.18.0.1", "198.18.1.1", 44000 + i, 80))
+        .collect();
+    for flow in &established {
+        assert_eq!(world.run(&flow.frame(TCP_SYN, b"")).0, XDP_TX);
+        assert_eq!(world.run(&flow.frame(TCP_ACK, b"")).0, XDP_TX);
+    }
+    let before = world.dataplane.connections().unwrap();
+    assert_eq!(before.len(), established.len());
+    let pending = Flow::tcp("198.18.0.2", "198.18.1.1", 45000, 80);
+    assert_eq!(world.run(&pending.frame(TCP_SYN, b"")).0, XDP_TX);
+
+    let flood = 2 * lb_common::maps::YOUNG_TABLE_SIZE_V4;
+    let mut state = 0x9e37_79b9_u32;
+    for _ in 0..flood {
+        // xorshift32: spoofed sources in 198.18.0.0/15 and random ports.
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let src = Ipv4Addr::new(198, 18 + (state >> 31) as u8, (state >> 8) as u8, state as u8);
+        let sport = (state >> 16) as u16 | 1024;
+        let frame = tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            IpAddr::V4(src),
+            ip("198.18.1.1"),
+            sport,
+            80,
+            TCP_SYN,
+            b"",
+        );
+        assert_eq!(world.run(&frame).0, XDP_TX);
+    }
+    let after = world.dataplane.connections().unwrap();
+    assert_eq!(after, before, "the flood changed the connection table");
+    // Each CPU's LRU list holds its share of the table (`BPF_F_NO_COMMON_LRU`):
+    // the flood, sent from this thread, fills at least one CPU's share.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let young = world.dataplane.young_flows().unwrap().len();
+    assert!(
+        young * cpus >= lb_common::maps::YOUNG_TABLE_SIZE_V4 as usize,
+        "the flood should fill this CPU's share of the young table: {young} entries"
+    );
+    let g = world.dataplane.guard_stats().unwrap();
+    assert_eq!(g.promoted, established.len() as u64);
+    assert!(g.young >= u64::from(flood), "{g:?}");
+
+    // The handshake the flood overtook completes where the table sends it.
+    let (verdict, out) = world.run(&pending.frame(TCP_ACK, b""));
+    assert_eq!(verdict, XDP_TX);
+    assert_eq!(out[..6], world.table_backend(&pending).0);
+    assert_eq!(world.run(&pending.frame(TCP_ACK, b"x")).0, XDP_TX);
+    let fresh = Flow::tcp("198.18.0.3", "198.18.1.1", 45001, 80);
+    assert_eq!(world.run(&fresh.frame(TCP_SYN, b"")).0, XDP_TX);
+    assert_eq!(world.run(&fresh.frame(TCP_ACK, b"")).0, XDP_TX);
+    let kept = keys_of(&world.dataplane.connections().unwrap());
+    assert_eq!(kept.len(), established.len() + 2);
+    assert!(kept.contains(&pending.keys().1) && kept.contains(&fresh.keys().1));
 }

@@ -36,11 +36,12 @@ use tracing::{info, warn};
 use self::overrides::{Override, overrides_of};
 pub use self::tick::step_vips;
 use self::tick::{Weights, plan, vip_control};
+use crate::core::flood::{FloodWatch, Transition};
 use crate::{
     config::{Config, ConfigError},
     control,
     core::{BackendId, control::VipControl, policy},
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, LoadOptions},
     desired::{Desired, PlanError, Tables, vip_key},
     signals::Signals,
 };
@@ -133,6 +134,13 @@ pub struct RunOptions {
     /// The datapath's rare events at this level and above go to the log (target
     /// `lb::datapath`); `Off` removes them from the program when it is loaded.
     pub datapath_log: log::LevelFilter,
+    /// New flows wait in the young tables until their second packet, so that a
+    /// flood of spoofed SYNs cannot evict established flows (on unless
+    /// `--no-flood-guard`).
+    pub flood_guard: bool,
+    /// Unanswered new flows per second from which `status`, `/metrics` and the
+    /// log report a flood (see [`crate::core::flood`]).
+    pub flood_threshold: f64,
 }
 
 /// The agent's state; the control loop owns it and nothing else touches it.
@@ -156,6 +164,8 @@ struct Agent {
     last_reload: Option<(Instant, Result<(), String>)>,
     /// The fleet this LB is a member of (`[cluster]`), if any.
     fleet: Option<fleet::Fleet>,
+    /// Whether a flood of new flows is on, from the flood guard's counters.
+    flood: FloodWatch,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Everything that can fail is done before
@@ -209,6 +219,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
         fleet.start_sharing(addr, listener, &mut started.dataplane, &started.desired)?;
     }
     let agent = Agent {
+        flood: FloodWatch::new(opts.flood_threshold),
         opts,
         config,
         desired: started.desired,
@@ -310,12 +321,15 @@ fn load_fill_attach(
         .cluster
         .as_ref()
         .is_some_and(|c| c.share_listen.is_some());
+    let options = LoadOptions {
+        log: opts.datapath_log,
+        share_flows,
+        flood_guard: opts.flood_guard,
+    };
     let (mut dataplane, adopted) =
-        Dataplane::load_pinned_sharing(dir, opts.datapath_log, share_flows).map_err(|source| {
-            AgentError::Load {
-                dir: dir.to_owned(),
-                source: Box::new(source),
-            }
+        Dataplane::load_pinned_with(dir, options).map_err(|source| AgentError::Load {
+            dir: dir.to_owned(),
+            source: Box::new(source),
         })?;
     if opts.datapath_log != log::LevelFilter::Off {
         datapath_log::start_reader(&mut dataplane)?;
@@ -468,6 +482,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
                 if let Err(e) = agent.control_tick(true) {
                     warn!(error = %crate::api::error_text(&e), "control tick: weights unchanged");
                 }
+                agent.watch_flood();
             }
             changed = agent.signals.next() => {
                 // A backend's health changed: act now, not at the next tick.
@@ -526,6 +541,32 @@ async fn until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+impl Agent {
+    /// Reads the flood guard's counters and logs a flood's start and end.
+    fn watch_flood(&mut self) {
+        let Ok(stats) = self.dataplane.guard_stats() else {
+            return;
+        };
+        match self.flood.observe(Instant::now(), stats) {
+            Some(Transition::Entered { unanswered_per_s }) => warn!(
+                "flood: {unanswered_per_s:.0} new flows per second never sent a second packet \
+                 (threshold {:.0}); established flows are kept{}",
+                self.flood.threshold_per_s(),
+                if self.opts.flood_guard {
+                    ""
+                } else {
+                    " only if the connection table has room: the guard is off (--no-flood-guard)"
+                }
+            ),
+            Some(Transition::Left { lasted, unanswered }) => info!(
+                "flood over after {:.1} s: {unanswered} new flows never answered",
+                lasted.as_secs_f64()
+            ),
+            None => {}
+        }
     }
 }
 

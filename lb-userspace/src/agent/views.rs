@@ -12,7 +12,7 @@ use lb_common::types::VipKey;
 use super::{Agent, overrides::control_of, tick::unit};
 use crate::{
     api::{
-        BackendView, Control, ExplainInputs, Explanation, ModelStatus, ReloadOutcome, Stats,
+        BackendView, Control, FloodStatus, ExplainInputs, Explanation, ModelStatus, ReloadOutcome, Stats,
         Status, TableView, VipView,
     },
     config::{HashFields, Vip},
@@ -95,6 +95,7 @@ impl Agent {
                 }
             }),
             readiness: self.readiness(),
+            flood: self.flood_status(),
         }
     }
 
@@ -170,6 +171,26 @@ impl Agent {
                 error: r.as_ref().err().cloned(),
             }),
             datapath: (&stats).into(),
+            flood: self.flood_status(),
+        }
+    }
+
+    /// The flood guard's counters and the flood watch's state.
+    pub(super) fn flood_status(&self) -> FloodStatus {
+        let guard = self.dataplane.guard_stats().unwrap_or_default();
+        let rates = self.flood.rates();
+        let since = self.flood.active_since();
+        FloodStatus {
+            guard: self.opts.flood_guard,
+            active: since.is_some(),
+            active_seconds: since.map(|t| t.elapsed().as_secs_f64()),
+            episodes: self.flood.episodes(),
+            threshold_per_second: self.flood.threshold_per_s(),
+            new_flows_per_second: rates.new_per_s,
+            unanswered_per_second: rates.unanswered_per_s,
+            young: guard.young,
+            promoted: guard.promoted,
+            young_failed: guard.young_failed,
         }
     }
 

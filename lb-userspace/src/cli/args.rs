@@ -82,6 +82,21 @@ pub struct RunArgs {
     /// from the program when it is loaded: they cost the packet path nothing.
     #[arg(long, value_name = "LEVEL", default_value = "off", value_parser = parse_datapath_log)]
     pub datapath_log: log::LevelFilter,
+    /// Write every new flow straight into the connection table, as versions
+    /// before the flood guard did. By default a new flow's backend waits in a small
+    /// young table until the client's second packet (for TCP, the handshake's
+    /// ACK), so a flood of spoofed SYNs cannot evict established flows' entries
+    /// (docs/RELIABILITY.md). Off saves one map write and one delete per flow and
+    /// leaves those flows exposed; `cargo xtask bench flood` measures both.
+    #[arg(long)]
+    pub no_flood_guard: bool,
+    /// New flows per second that never send a second packet (spoofed SYNs,
+    /// refused connections, one-datagram UDP flows) from which `lb status`,
+    /// `/metrics` and the log report a flood. Reporting only: the guard acts
+    /// whatever the rate. Raise it for a UDP service whose clients send one
+    /// datagram per flow.
+    #[arg(long, value_name = "PER_SECOND", default_value_t = crate::core::flood::DEFAULT_THRESHOLD_PER_S, value_parser = parse_flood_threshold)]
+    pub flood_threshold: f64,
 }
 
 /// Every command but `run`: they talk to a running agent (or, `detach` and
@@ -233,6 +248,15 @@ fn parse_metrics(text: &str) -> Result<MetricsAddress, String> {
     text.parse()
         .map(|a| MetricsAddress(Some(a)))
         .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:9432 (or `off`)"))
+}
+
+fn parse_flood_threshold(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "`{text}` is not a rate: give new flows per second, a number above 0"
+        )),
+    }
 }
 
 fn parse_datapath_log(text: &str) -> Result<log::LevelFilter, String> {

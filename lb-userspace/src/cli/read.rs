@@ -3,7 +3,8 @@
 //! agent. `--json` prints the answers themselves instead.
 
 use crate::api::{
-    BackendView, ClusterStatus, Control, DatapathCounters, Explanation, ModelStatus, ReloadOutcome,
+    BackendView, ClusterStatus, Control, DatapathCounters, Explanation, FloodStatus, ModelStatus,
+    ReloadOutcome,
     Status, TableView, VipView,
 };
 
@@ -68,10 +69,48 @@ pub fn status(s: &Status) -> String {
         counters.row(vec![(*label).to_owned(), count(value(&s.datapath))]);
     }
     format!(
-        "{}\n\ndatapath (frames since it was loaded)\n{}",
+        "{}\n\ndatapath (frames since it was loaded)\n{}\n\n{}",
         head.render(),
-        counters.render_indented("  ")
+        counters.render_indented("  "),
+        flood(&s.flood)
     )
+}
+
+/// The flood guard's part of `lb status`.
+fn flood(f: &FloodStatus) -> String {
+    let state = match (f.active, f.active_seconds) {
+        (true, Some(s)) => format!("FLOOD for {}", duration(s as u64)),
+        (true, None) => "FLOOD".to_owned(),
+        (false, _) => "calm".to_owned(),
+    };
+    let mut t = Table::untitled(&[Align::Left, Align::Right]);
+    for (label, value) in [
+        ("state", state),
+        (
+            "new flows per second",
+            count(f.new_flows_per_second.round() as u64),
+        ),
+        (
+            "  never sent a second packet",
+            count(f.unanswered_per_second.round() as u64),
+        ),
+        (
+            "flood declared from",
+            format!("{}/s", count(f.threshold_per_second.round() as u64)),
+        ),
+        ("floods since start", count(f.episodes)),
+        ("new flows held as young", count(f.young)),
+        ("  kept (second packet seen)", count(f.promoted)),
+        ("young-table writes failed", count(f.young_failed)),
+    ] {
+        t.row(vec![label.to_owned(), value]);
+    }
+    let guard = if f.guard {
+        "on: new flows enter the connection table on their second packet"
+    } else {
+        "OFF (--no-flood-guard): every new flow, spoofed or not, takes a connection-table entry"
+    };
+    format!("flood guard {guard}\n{}", t.render_indented("  "))
 }
 
 fn model(m: &ModelStatus) -> String {
@@ -432,6 +471,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("uptime       3 min 20 s"), "{text}");
+        assert!(text.contains("flood guard OFF"), "{text}");
         assert!(!text.contains('{'), "{text}");
     }
 

@@ -7,8 +7,11 @@
 //! - [`maglev`]: the weighted Maglev lookup table.
 //! - [`model`]: the load model and its baselines.
 //! - [`series`]: recorded load series (NAB's `timestamp,value` files), parsed.
+//! - [`flood`]: telling a flood of new flows from a busy hour (the flood guard's
+//!   counters in, the flood state out).
 
 pub mod control;
+pub mod flood;
 pub mod maglev;
 pub mod model;
 pub mod policy;

@@ -28,6 +28,8 @@ pub struct MetricsSnapshot {
     pub cluster: Option<ClusterMetrics>,
     /// Whether this LB may take traffic (`/ready`).
     pub readiness: crate::api::Readiness,
+    /// The flood guard's counters and the flood watch.
+    pub flood: crate::api::FloodStatus,
 }
 
 /// This LB in its fleet (see `lb cluster status`).
@@ -164,10 +166,67 @@ fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Resul
         None,
         &[([] as [(&str, &str); 0], i64::from(s.readiness.ready))],
     )?;
+    encode_flood(&s.flood, e)?;
     match &s.cluster {
         Some(c) => encode_cluster(c, e),
         None => Ok(()),
     }
+}
+
+fn encode_flood(f: &crate::api::FloodStatus, e: &mut DescriptorEncoder) -> fmt::Result {
+    let none = |v: i64| [([] as [(&str, &str); 0], v)];
+    counter_family(
+        e,
+        "lb_flood_guard_flows",
+        "New flows through the flood guard: young (held in a young table until the \
+         client's second packet), promoted (that packet came: the flow entered the \
+         connection table), young_failed (the young-table write failed)",
+        &[
+            ([("event", "young")], f.young),
+            ([("event", "promoted")], f.promoted),
+            ([("event", "young_failed")], f.young_failed),
+        ],
+    )?;
+    gauge_family(
+        e,
+        "lb_flood_guard_enabled",
+        "1 when new flows wait in the young tables (off with --no-flood-guard)",
+        None,
+        &none(i64::from(f.guard)),
+    )?;
+    gauge_family(
+        e,
+        "lb_flood_active",
+        "1 while unanswered new flows per second are at or above the threshold \
+         (lb_flood_threshold_per_second), until 5 s below half of it",
+        None,
+        &none(i64::from(f.active)),
+    )?;
+    counter_family(
+        e,
+        "lb_flood_episodes",
+        "Floods declared since the agent started",
+        &[([] as [(&str, &str); 0], f.episodes)],
+    )?;
+    gauge_family(
+        e,
+        "lb_flood_new_flows_per_second",
+        "New flows per second over the last control interval, and of them those that \
+         sent no second packet (unanswered: spoofed SYNs, refused connections, \
+         one-datagram UDP flows)",
+        None,
+        &[
+            ([("flows", "all")], f.new_flows_per_second),
+            ([("flows", "unanswered")], f.unanswered_per_second),
+        ],
+    )?;
+    gauge_family(
+        e,
+        "lb_flood_threshold_per_second",
+        "Unanswered new flows per second from which a flood is declared (--flood-threshold)",
+        None,
+        &[([] as [(&str, &str); 0], f.threshold_per_second)],
+    )
 }
 
 fn encode_cluster(c: &ClusterMetrics, e: &mut DescriptorEncoder) -> fmt::Result {

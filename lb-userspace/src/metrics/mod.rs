@@ -20,6 +20,12 @@
 //! - `lb_tx_total{mode}`: frames sent back out towards a backend, `dsr` or `encap`.
 //! - `lb_icmp_total{kind}`: `echo_reply` or `error_forwarded`.
 //!
+//! The flood guard (see `core::flood` and docs/RELIABILITY.md):
+//! - `lb_flood_guard_flows_total{event}`: `young`, `promoted`, `young_failed`.
+//! - gauges `lb_flood_guard_enabled` and `lb_flood_active` (0 or 1),
+//!   `lb_flood_new_flows_per_second{flows}` (`all`, `unanswered`) and
+//!   `lb_flood_threshold_per_second`; counter `lb_flood_episodes_total`.
+//!
 //! Per VIP (`vip` label) and per backend (`vip` and `backend` labels):
 //! - `lb_vip_packets_total`, `lb_vip_bytes_total`, `lb_vip_new_flows_total`
 //! - `lb_backend_packets_total`, `lb_backend_bytes_total`, `lb_backend_new_flows_total`
