@@ -31,6 +31,7 @@
 pub mod certs;
 pub mod etcd;
 pub mod fleet;
+pub mod flood;
 pub mod netns;
 pub mod operating;
 pub mod packet;

@@ -107,6 +107,14 @@ enum Bench {
     /// ns/packet of each datapath path through BPF_PROG_TEST_RUN, as ratios to a
     /// program that only returns XDP_PASS. Needs root.
     Datapath,
+    /// A SYN flood of ten times the connection table through the real agent's
+    /// program, with long-lived connections idle through it, with the flood guard
+    /// and without it in the same run. Writes target/bench/flood.json. Needs root.
+    Flood {
+        /// Arguments for lb-bench-flood (`--syns N`, `--connections N`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The discrete-event simulation: 120 backends, 100k+ requests per second, every
     /// scenario under every policy (`ai-svr`, `ai-ewma`, `ai-last` included), running
     /// the agent's own policy, table and model. Writes target/bench/sim.json.
@@ -245,6 +253,14 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_versus_packages()?;
             run_testbed_bin(&root, "lb-bench-versus", true, &args, Some("versus.json"))
                 .context("running the versus benchmark")
+        }
+        Task::Bench {
+            which: Bench::Flood { args },
+        } => {
+            require_root("the flood attaches XDP programs and creates network namespaces")?;
+            setup::run(&root, setup::Report::Quiet)?;
+            run_testbed_bin(&root, "lb-bench-flood", true, &args, Some("flood.json"))
+                .context("running the flood benchmark")
         }
         Task::Bench {
             which: Bench::Fleet { args },

@@ -1,0 +1,24 @@
+//! A SYN flood of ten times the connection table's size, through the agent's own
+//! XDP program, while long-lived TCP connections sit idle after a weight change
+//! (see `lb_tests::flood`): every one of them keeps its connection-table entry and
+//! its backend, and new connections made during the flood succeed.
+
+use lb_tests::flood::{FloodOptions, run};
+
+#[test]
+fn a_syn_flood_never_costs_an_established_flow_its_backend() {
+    let table = u64::from(lb_common::maps::CONN_TABLE_SIZE_V4);
+    let report = run(FloodOptions {
+        connections: 100,
+        syns: 10 * table,
+        guard: true,
+    })
+    .unwrap();
+    eprintln!("flood: {report:?}");
+    assert!(report.flood_syns >= 10 * table, "{report:?}");
+    assert!(report.young >= report.flood_syns, "every SYN held as young: {report:?}");
+    assert_eq!(report.entries_lost, 0, "{report:?}");
+    assert_eq!(report.established_broken, 0, "{report:?}");
+    assert!(report.legit_attempts >= 10, "{report:?}");
+    assert!(report.legit_connect_success() >= 0.99, "{report:?}");
+}
