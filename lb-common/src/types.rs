@@ -486,6 +486,7 @@ mod tests {
         assert_eq!(size_of::<ConnEntry>(), 8);
         assert_eq!(size_of::<GlobalStats>(), 19 * 8);
         assert_eq!(size_of::<Settings>(), 20);
+        assert_eq!(size_of::<GuardStats>(), 3 * 8);
         assert_eq!(size_of::<SharedFlow>(), 40 + 4 + 4 + 1 + 1 + 6);
         assert_eq!(size_of::<ShareStats>(), 16);
     }

@@ -86,7 +86,7 @@ pub struct RunArgs {
     /// before the flood guard did. By default a new flow's backend waits in a small
     /// young table until the client's second packet (for TCP, the handshake's
     /// ACK), so a flood of spoofed SYNs cannot evict established flows' entries
-    /// (docs/RELIABILITY.md). Off saves one map write and one delete per flow and
+    /// (docs/RELIABILITY.md). Off saves two young-table lookups and a delete per flow and
     /// leaves those flows exposed; `cargo xtask bench flood` measures both.
     #[arg(long)]
     pub no_flood_guard: bool,

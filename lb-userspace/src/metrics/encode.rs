@@ -798,6 +798,18 @@ mod tests {
                 }),
             }),
             readiness: crate::api::Readiness::ready(),
+            flood: crate::api::FloodStatus {
+                guard: true,
+                active: true,
+                episodes: 2,
+                threshold_per_second: 10_000.0,
+                new_flows_per_second: 250_000.0,
+                unanswered_per_second: 249_000.0,
+                young: 31,
+                promoted: 32,
+                young_failed: 33,
+                ..Default::default()
+            },
         }
     }
 
@@ -812,6 +824,13 @@ mod tests {
         for expected in [
             "lb_datapath_frames_total 1000",
             "lb_cluster_connected 1",
+            r#"lb_flood_guard_flows_total{event="young"} 31"#,
+            r#"lb_flood_guard_flows_total{event="promoted"} 32"#,
+            r#"lb_flood_guard_flows_total{event="young_failed"} 33"#,
+            "lb_flood_guard_enabled 1",
+            "lb_flood_active 1",
+            "lb_flood_episodes_total 2",
+            r#"lb_flood_new_flows_per_second{flows="unanswered"} 249000.0"#,
             "lb_cluster_leader 0",
             r#"lb_cluster_epoch{epoch="applied"} 41"#,
             r#"lb_cluster_epoch{epoch="newest"} 42"#,
