@@ -115,7 +115,14 @@ pub fn promote(pkt: &Packet, young: ConnEntry, counters: stats::Global) -> ConnE
     } else {
         0
     };
-    write(pkt, young.backend_id, young.vip(), closing, young.guessed(), counters);
+    write(
+        pkt,
+        young.backend_id,
+        young.vip(),
+        closing,
+        young.guessed(),
+        counters,
+    );
     // A failed delete leaves an entry the LRU ages out; a SYN that finds it finds
     // the flow in the connection table first.
     let _ = if pkt.family == FAMILY_V4 {
@@ -163,7 +170,14 @@ pub fn mark_closing(pkt: &Packet) {
 pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Global) {
     // A flow first seen by its FIN or RST (its entry lost) is closing already.
     let closing = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
-    write(pkt, backend_id, vip_id, closing, share::guessed(pkt), counters);
+    write(
+        pkt,
+        backend_id,
+        vip_id,
+        closing,
+        share::guessed(pkt),
+        counters,
+    );
 }
 
 /// Writes a connection-table entry, and reports it when sharing is on.

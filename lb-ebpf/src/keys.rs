@@ -52,7 +52,9 @@ impl ConnV4 {
     #[inline(always)]
     pub fn from_key(key: ConnKeyV4) -> Self {
         // SAFETY: 16 bytes of plain data either way.
-        ConnV4(Words(unsafe { core::mem::transmute::<ConnKeyV4, [u64; 2]>(key) }))
+        ConnV4(Words(unsafe {
+            core::mem::transmute::<ConnKeyV4, [u64; 2]>(key)
+        }))
     }
 
     #[inline(always)]

@@ -8,9 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS,
-        RING_COPIES, SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS, YOUNG_TABLE_SIZE_V4,
-        YOUNG_TABLE_SIZE_V6,
+        CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RING_COPIES,
+        SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS, YOUNG_TABLE_SIZE_V4, YOUNG_TABLE_SIZE_V6,
     },
     types::{
         Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, GuardStats, Settings,

@@ -25,8 +25,7 @@
 
 use aya_ebpf::bindings::BPF_RB_NO_WAKEUP;
 use lb_common::types::{
-    ConnKeyV4, ConnKeyV6, FAMILY_V4, FAMILY_V6, PROTO_TCP, SHARED_F_GUESSED, ShareStats,
-    SharedFlow,
+    ConnKeyV4, ConnKeyV6, FAMILY_V4, FAMILY_V6, PROTO_TCP, SHARED_F_GUESSED, ShareStats, SharedFlow,
 };
 
 use crate::{

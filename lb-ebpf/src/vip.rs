@@ -5,10 +5,7 @@
 //!   read of the `VIP_IDS` array, compared with the packet, confirms it.
 //! - [`lookup`]: the `VIPS` hash map, for new flows, ICMP, and everything else.
 
-use lb_common::{
-    hash::vip_filter_slot,
-    types::VipMeta,
-};
+use lb_common::{hash::vip_filter_slot, types::VipMeta};
 
 use crate::{
     Stop, keys,

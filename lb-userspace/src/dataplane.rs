@@ -25,13 +25,12 @@ use aya_log::EbpfLogger;
 use lb_common::{
     hash::vip_filter_slot,
     maps::{
-        MAX_RING_SIZE, MAX_VIPS, RING_COPIES, SHARE_FLOWS_GLOBAL, FLOOD_GUARD_GLOBAL, VIP_FILTER_SLOTS, names,
-        programs, ring_base,
+        FLOOD_GUARD_GLOBAL, MAX_RING_SIZE, MAX_VIPS, RING_COPIES, SHARE_FLOWS_GLOBAL,
+        VIP_FILTER_SLOTS, names, programs, ring_base,
     },
     types::{
-        GuardStats,
-        BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, Settings,
-        ShareStats, VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
+        BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, GuardStats,
+        Settings, ShareStats, VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
     },
 };
 use log::LevelFilter;
@@ -1121,11 +1120,13 @@ impl Dataplane {
     /// The flood guard's counters summed over CPUs.
     pub fn guard_stats(&self) -> Result<GuardStats, DataplaneError> {
         let per_cpu: Vec<GuardStats> = self.per_cpu(names::GUARD_STATS, 0)?;
-        Ok(per_cpu.iter().fold(GuardStats::default(), |a, s| GuardStats {
-            young: a.young + s.young,
-            promoted: a.promoted + s.promoted,
-            young_failed: a.young_failed + s.young_failed,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(GuardStats::default(), |a, s| GuardStats {
+                young: a.young + s.young,
+                promoted: a.promoted + s.promoted,
+                young_failed: a.young_failed + s.young_failed,
+            }))
     }
 
     /// Entry `index` of the per-CPU array `name`, one value per CPU.

@@ -322,48 +322,47 @@ fn run() -> Result<()> {
     // table now holds for each. The SYN flow gets its SYN only: every SYN the bench
     // sends then takes the path of a handshake in progress (connection-table miss,
     // young-table write), as a new connection's does.
-    let mut backend_of = |flow: (&str, &str, u16, u16),
-                          established: bool|
-     -> Result<(u32, [u8; 6], IpAddr)> {
-        let flags: &[u8] = if established {
-            &[TCP_SYN, TCP_ACK]
-        } else {
-            &[TCP_SYN]
+    let mut backend_of =
+        |flow: (&str, &str, u16, u16), established: bool| -> Result<(u32, [u8; 6], IpAddr)> {
+            let flags: &[u8] = if established {
+                &[TCP_SYN, TCP_ACK]
+            } else {
+                &[TCP_SYN]
+            };
+            for &flag in flags {
+                let packet = frame(flow.0, flow.1, flow.2, flow.3, flag);
+                let mut out = vec![0u8; packet.len() + 256];
+                let r = dp
+                    .program()?
+                    .test_run(TestRunOptions {
+                        data_in: Some(&packet),
+                        data_out: Some(&mut out),
+                        ..TestRunOptions::default()
+                    })
+                    .context("opening a flow")?;
+                ensure!(
+                    r.return_value == XDP_TX,
+                    "opening {flow:?}: verdict {}",
+                    r.return_value
+                );
+            }
+            let key = flow_key(flow);
+            let table = if established {
+                dp.connections()?
+            } else {
+                dp.young_flows()?
+            };
+            let id = table
+                .into_iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, e)| e.backend_id)
+                .with_context(|| format!("opening {flow:?} left no entry"))?;
+            let b = desired
+                .backends
+                .get(&id)
+                .with_context(|| format!("connection entry names unknown backend {id}"))?;
+            Ok((id, b.entry.mac, b.address))
         };
-        for &flag in flags {
-            let packet = frame(flow.0, flow.1, flow.2, flow.3, flag);
-            let mut out = vec![0u8; packet.len() + 256];
-            let r = dp
-                .program()?
-                .test_run(TestRunOptions {
-                    data_in: Some(&packet),
-                    data_out: Some(&mut out),
-                    ..TestRunOptions::default()
-                })
-                .context("opening a flow")?;
-            ensure!(
-                r.return_value == XDP_TX,
-                "opening {flow:?}: verdict {}",
-                r.return_value
-            );
-        }
-        let key = flow_key(flow);
-        let table = if established {
-            dp.connections()?
-        } else {
-            dp.young_flows()?
-        };
-        let id = table
-            .into_iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, e)| e.backend_id)
-            .with_context(|| format!("opening {flow:?} left no entry"))?;
-        let b = desired
-            .backends
-            .get(&id)
-            .with_context(|| format!("connection entry names unknown backend {id}"))?;
-        Ok((id, b.entry.mac, b.address))
-    };
     let (id4, mac4, _) = backend_of(est4, true)?;
     let (id6, mac6, _) = backend_of(est6, true)?;
     let (id_encap, mac_encap, addr_encap) = backend_of(encap4, true)?;

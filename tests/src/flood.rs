@@ -217,7 +217,12 @@ fn flood_on(cpu: usize, program: &Path, syns: u64, vip: IpAddr) -> Result<(u64, 
         state ^= state << 13;
         state ^= state >> 17;
         state ^= state << 5;
-        let src = [198, 18 | (state >> 31) as u8, (state >> 8) as u8, state as u8];
+        let src = [
+            198,
+            18 | (state >> 31) as u8,
+            (state >> 8) as u8,
+            state as u8,
+        ];
         let sport = ((state >> 16) as u16) | 1024;
         frame[SRC_AT..SRC_AT + 4].copy_from_slice(&src);
         frame[SPORT_AT..SPORT_AT + 2].copy_from_slice(&sport.to_be_bytes());

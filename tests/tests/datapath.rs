@@ -1645,7 +1645,10 @@ fn new_flows_enter_the_connection_table_on_their_second_packet() {
     let udp = Flow::udp("198.18.0.1", "198.18.1.1", 43001, 53);
     let (_, udp_key) = udp.keys();
     assert_eq!(world.run(&udp.frame(0, b"q1")).0, XDP_TX);
-    assert_eq!(keys_of(&world.dataplane.young_flows().unwrap()), vec![udp_key]);
+    assert_eq!(
+        keys_of(&world.dataplane.young_flows().unwrap()),
+        vec![udp_key]
+    );
     assert_eq!(world.run(&udp.frame(0, b"q2")).0, XDP_TX);
     assert!(world.dataplane.young_flows().unwrap().is_empty());
     assert_eq!(world.dataplane.connections().unwrap().len(), 2);
@@ -1700,7 +1703,12 @@ fn a_flood_of_spoofed_syns_never_takes_an_established_flows_entry() {
         state ^= state << 13;
         state ^= state >> 17;
         state ^= state << 5;
-        let src = Ipv4Addr::new(198, 18 + (state >> 31) as u8, (state >> 8) as u8, state as u8);
+        let src = Ipv4Addr::new(
+            198,
+            18 + (state >> 31) as u8,
+            (state >> 8) as u8,
+            state as u8,
+        );
         let sport = (state >> 16) as u16 | 1024;
         let frame = tcp_frame(
             LB_MAC,

@@ -16,7 +16,10 @@ fn a_syn_flood_never_costs_an_established_flow_its_backend() {
     .unwrap();
     eprintln!("flood: {report:?}");
     assert!(report.flood_syns >= 10 * table, "{report:?}");
-    assert!(report.young >= report.flood_syns, "every SYN held as young: {report:?}");
+    assert!(
+        report.young >= report.flood_syns,
+        "every SYN held as young: {report:?}"
+    );
     assert_eq!(report.entries_lost, 0, "{report:?}");
     assert_eq!(report.established_broken, 0, "{report:?}");
     assert!(report.legit_attempts >= 10, "{report:?}");

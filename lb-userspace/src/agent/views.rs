@@ -12,8 +12,8 @@ use lb_common::types::VipKey;
 use super::{Agent, overrides::control_of, tick::unit};
 use crate::{
     api::{
-        BackendView, Control, FloodStatus, ExplainInputs, Explanation, ModelStatus, ReloadOutcome, Stats,
-        Status, TableView, VipView,
+        BackendView, Control, ExplainInputs, Explanation, FloodStatus, ModelStatus, ReloadOutcome,
+        Stats, Status, TableView, VipView,
     },
     config::{HashFields, Vip},
     core::{

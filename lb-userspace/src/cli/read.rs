@@ -4,8 +4,7 @@
 
 use crate::api::{
     BackendView, ClusterStatus, Control, DatapathCounters, Explanation, FloodStatus, ModelStatus,
-    ReloadOutcome,
-    Status, TableView, VipView,
+    ReloadOutcome, Status, TableView, VipView,
 };
 
 use super::output::{Align, Table, bytes, count, duration, ms, percent, weight};

@@ -70,9 +70,7 @@ impl FloodWatch {
     /// Takes the counters at `now`. The first observation only sets the start;
     /// counters that went down (a datapath loaded afresh) start the count again.
     pub fn observe(&mut self, now: Instant, stats: GuardStats) -> Option<Transition> {
-        let Some((then, before)) = self.last.replace((now, stats)) else {
-            return None;
-        };
+        let (then, before) = self.last.replace((now, stats))?;
         let dt = now.saturating_duration_since(then).as_secs_f64();
         if dt <= 0.0 || stats.young < before.young || stats.promoted < before.promoted {
             return None;
