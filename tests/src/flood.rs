@@ -8,8 +8,8 @@
 //! spoofed SYNs (random sources in 198.18.0.0/15, random ports) run through the
 //! agent's own attached program by `BPF_PROG_TEST_RUN` (its pinned program, so the
 //! same maps), from one thread per CPU, because each CPU evicts from its own share
-//! of an LRU table. Meanwhile a client opens new connections through the real
-//! datapath. After the flood every long-lived connection sends a line: it is broken
+//! of an LRU table. Meanwhile the weights change every second and a client opens
+//! new connections through the real datapath. After the flood every long-lived connection sends a line: it is broken
 //! if it fails or a different backend answers. The datapath's non-SYN misses over
 //! the same time are read from `lb status`.
 
@@ -64,6 +64,8 @@ pub struct FloodReport {
     pub syn_ns_per_packet: f64,
     /// Wall-clock seconds the flood took (all threads).
     pub flood_seconds: f64,
+    /// Weight changes made during the flood (one a second).
+    pub weight_changes: usize,
     /// New connections (connect and one round trip) during the flood.
     pub legit_attempts: usize,
     pub legit_ok: usize,
@@ -91,7 +93,17 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
         .backends()
         .iter()
         .enumerate()
-        .map(|(i, h)| BackendServer::start(h.ns(), topo.vip(PORT, false), &format!("backend{i}")))
+        .map(|(i, h)| {
+            // The long-lived connections stay idle through the flood, as a
+            // keep-alive connection or a pool's would (the LRU keeps entries that
+            // are in use); the servers must not close them meanwhile.
+            BackendServer::start_with_idle_timeout(
+                h.ns(),
+                topo.vip(PORT, false),
+                &format!("backend{i}"),
+                Duration::from_secs(300),
+            )
+        })
         .collect::<Result<_>>()?;
     let mut extra = vec!["--detach-on-exit"];
     if !options.guard {
@@ -114,26 +126,47 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
 
     let program = pin_dir(topo.prefix()).join(PROGRAM_PIN);
     let flooding = AtomicBool::new(true);
+    let mut set_weight = [
+        agent.ctl_command(&["weight", "set", &first, "2"])?,
+        agent.ctl_command(&["weight", "set", &first, "8"])?,
+    ];
     let ns = topo.client().ns();
     let started = Instant::now();
-    let (flood, flood_seconds, (legit_attempts, legit_ok)) = std::thread::scope(|scope| {
-        let legit = scope.spawn(|| {
-            let (mut attempts, mut ok) = (0usize, 0usize);
-            while flooding.load(Ordering::Relaxed) {
-                attempts += 1;
-                if let Ok((mut conn, _)) = PersistentConn::connect(ns, vip, timeout)
-                    && conn.request("hello").is_ok()
-                {
-                    ok += 1;
+    let (flood, flood_seconds, (legit_attempts, legit_ok), weight_changes) =
+        std::thread::scope(|scope| {
+            let legit = scope.spawn(|| {
+                let (mut attempts, mut ok) = (0usize, 0usize);
+                while flooding.load(Ordering::Relaxed) {
+                    attempts += 1;
+                    if let Ok((mut conn, _)) = PersistentConn::connect(ns, vip, timeout)
+                        && conn.request("hello").is_ok()
+                    {
+                        ok += 1;
+                    }
                 }
-            }
-            (attempts, ok)
+                (attempts, ok)
+            });
+            // The weights keep moving through the flood: backend 0 between 8 and 2,
+            // every second, so that a new connection whose handshake straddles a
+            // change and whose young entry the flood pushed out would break.
+            let flooding = &flooding;
+            let mover = scope.spawn(move || {
+                let mut changes = 0usize;
+                while flooding.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let set = &mut set_weight[changes % 2];
+                    if set.output().is_ok_and(|out| out.status.success()) {
+                        changes += 1;
+                    }
+                }
+                changes
+            });
+            let flood = flood(&program, options.syns, vip.ip());
+            flooding.store(false, Ordering::Relaxed);
+            let changes = mover.join().unwrap_or(0);
+            let seconds = started.elapsed().as_secs_f64();
+            (flood, seconds, legit.join().unwrap_or((0, 0)), changes)
         });
-        let flood = flood(&program, options.syns, vip.ip());
-        flooding.store(false, Ordering::Relaxed);
-        let seconds = started.elapsed().as_secs_f64();
-        (flood, seconds, legit.join().unwrap_or((0, 0)))
-    });
     let (runs, run_ns) = flood?;
 
     let kept = flows_in_table(&topo, vip.port())?;
@@ -163,6 +196,7 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
         non_syn_misses,
         syn_ns_per_packet: run_ns as f64 / runs.max(1) as f64,
         flood_seconds,
+        weight_changes,
         legit_attempts,
         legit_ok,
         young: status["flood"]["young"].as_u64().unwrap_or(0),

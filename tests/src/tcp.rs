@@ -46,6 +46,17 @@ impl BackendServer {
     /// Binds `bind` inside `ns` and starts serving. With direct server return, bind
     /// the VIP, which is on the backend's `lo`.
     pub fn start(ns: &Netns, bind: SocketAddr, name: &str) -> Result<BackendServer> {
+        BackendServer::start_with_idle_timeout(ns, bind, name, SERVER_READ_TIMEOUT)
+    }
+
+    /// As [`BackendServer::start`], closing a connection only after `idle` without
+    /// a request (instead of 10 s): for connections that sit idle on purpose.
+    pub fn start_with_idle_timeout(
+        ns: &Netns,
+        bind: SocketAddr,
+        name: &str,
+        idle: Duration,
+    ) -> Result<BackendServer> {
         let listener = ns
             .run_in(|| TcpListener::bind(bind))?
             .with_context(|| format!("backend {name} cannot bind {bind} in {}", ns.name()))?;
@@ -59,7 +70,7 @@ impl BackendServer {
             let name = name.to_owned();
             let accepted = Arc::clone(&accepted);
             let stop = Arc::clone(&stop);
-            ns.spawn_in(move || accept_loop(listener, &name, &accepted, &stop))?
+            ns.spawn_in(move || accept_loop(listener, &name, &accepted, &stop, idle))?
         };
         Ok(BackendServer {
             name: name.to_owned(),
@@ -113,7 +124,13 @@ impl Drop for BackendServer {
     }
 }
 
-fn accept_loop(listener: TcpListener, name: &str, accepted: &AtomicUsize, stop: &Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    name: &str,
+    accepted: &AtomicUsize,
+    stop: &Arc<AtomicBool>,
+    idle: Duration,
+) {
     let mut handlers: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -125,7 +142,7 @@ fn accept_loop(listener: TcpListener, name: &str, accepted: &AtomicUsize, stop: 
                 // accepted socket would belong to it anyway.
                 match thread::Builder::new()
                     .name("backend-conn".into())
-                    .spawn(move || serve_connection(stream, &name, &stop))
+                    .spawn(move || serve_connection(stream, &name, &stop, idle))
                 {
                     Ok(handle) => handlers.push(handle),
                     Err(e) => eprintln!("lb-tests: backend cannot spawn a handler: {e}"),
@@ -169,11 +186,16 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) {
 }
 
 /// Answers one connection; errors only end the connection.
-fn serve_connection(stream: TcpStream, name: &str, stop: &AtomicBool) {
-    let _ = try_serve_connection(stream, name, stop);
+fn serve_connection(stream: TcpStream, name: &str, stop: &AtomicBool, idle: Duration) {
+    let _ = try_serve_connection(stream, name, stop, idle);
 }
 
-fn try_serve_connection(stream: TcpStream, name: &str, stop: &AtomicBool) -> io::Result<()> {
+fn try_serve_connection(
+    stream: TcpStream,
+    name: &str,
+    stop: &AtomicBool,
+    idle: Duration,
+) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(POLL_INTERVAL * 5))?;
     stream.set_write_timeout(Some(SERVER_READ_TIMEOUT))?;
@@ -182,7 +204,7 @@ fn try_serve_connection(stream: TcpStream, name: &str, stop: &AtomicBool) -> io:
     let response = format!("{name}\n");
     let mut first = true;
     loop {
-        let Some(line) = read_line_polling(&mut reader, stop)? else {
+        let Some(line) = read_line_polling(&mut reader, stop, idle)? else {
             return Ok(());
         };
         writer.write_all(response.as_bytes())?;
@@ -194,12 +216,13 @@ fn try_serve_connection(stream: TcpStream, name: &str, stop: &AtomicBool) -> io:
 }
 
 /// Reads one line, looking at `stop` between short read timeouts. Returns `None` on
-/// end of stream, on stop, or when no full line arrives within the server timeout.
+/// end of stream, on stop, or when no full line arrives within `idle`.
 fn read_line_polling(
     reader: &mut BufReader<TcpStream>,
     stop: &AtomicBool,
+    idle: Duration,
 ) -> io::Result<Option<String>> {
-    let deadline = Instant::now() + SERVER_READ_TIMEOUT;
+    let deadline = Instant::now() + idle;
     let mut line = Vec::new();
     loop {
         if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {

@@ -1,7 +1,8 @@
 //! A SYN flood of ten times the connection table's size, through the agent's own
-//! XDP program, while long-lived TCP connections sit idle after a weight change
-//! (see `lb_tests::flood`): every one of them keeps its connection-table entry and
-//! its backend, and new connections made during the flood succeed.
+//! XDP program, while long-lived TCP connections sit idle after a weight change and
+//! the weights go on moving every second (see `lb_tests::flood`): every one of them
+//! keeps its connection-table entry and its backend, and new connections made
+//! during the flood succeed.
 
 use lb_tests::flood::{FloodOptions, run};
 
@@ -22,6 +23,10 @@ fn a_syn_flood_never_costs_an_established_flow_its_backend() {
     );
     assert_eq!(report.entries_lost, 0, "{report:?}");
     assert_eq!(report.established_broken, 0, "{report:?}");
+    assert!(
+        report.weight_changes >= 5,
+        "the weights should move: {report:?}"
+    );
     assert!(report.legit_attempts >= 10, "{report:?}");
     assert!(report.legit_connect_success() >= 0.99, "{report:?}");
 }

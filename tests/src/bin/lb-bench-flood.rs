@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Each half: long-lived TCP connections through the XDP program, a weight change,
-//! then `--syns` spoofed SYNs (default ten times the IPv4 connection table) through
+//! then, while the weights change every second, `--syns` spoofed SYNs (default ten times the IPv4 connection table) through
 //! the agent's own program by `BPF_PROG_TEST_RUN`, with new connections made through
 //! the real datapath meanwhile. Prints both and writes `target/bench/flood.json` (or
 //! `$LB_BENCH_JSON`) with `flood_syns`, `table_entries`, `established_broken` (guard
@@ -70,6 +70,8 @@ fn main() -> Result<()> {
         "legit_connect_success_without": without.legit_connect_success(),
         "legit_attempts": with.legit_attempts,
         "flood_seconds": with.flood_seconds,
+        "weight_changes": with.weight_changes,
+        "weight_changes_without": without.weight_changes,
         "flood_seconds_without": without.flood_seconds,
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
     });
@@ -87,7 +89,7 @@ fn print(r: &FloodReport) {
     println!(
         "guard {}: {} SYNs in {:.1} s ({:.0} ns each in the program) against a table of {}; \
          long-lived connections {}: entries lost {}, broken {}; non-SYN misses {}; \
-         new connections during the flood {}/{} ({:.2} %)",
+         weight changes {}; new connections during the flood {}/{} ({:.2} %)",
         if r.guard { "on" } else { "OFF" },
         r.flood_syns,
         r.flood_seconds,
@@ -97,6 +99,7 @@ fn print(r: &FloodReport) {
         r.entries_lost,
         r.established_broken,
         r.non_syn_misses,
+        r.weight_changes,
         r.legit_ok,
         r.legit_attempts,
         100.0 * r.legit_connect_success(),
