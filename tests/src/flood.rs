@@ -168,6 +168,9 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
             (flood, seconds, legit.join().unwrap_or((0, 0)), changes)
         });
     let (runs, run_ns) = flood?;
+    // Checked under the weights most unlike those the connections began with.
+    agent.ctl(&["weight", "set", &first, "8"])?;
+    std::thread::sleep(Duration::from_millis(300));
 
     let kept = flows_in_table(&topo, vip.port())?;
     let mut entries_lost = 0;
