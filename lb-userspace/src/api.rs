@@ -306,6 +306,31 @@ pub struct Status {
     pub datapath: DatapathCounters,
     /// The flood guard and whether a flood is on.
     pub flood: FloodStatus,
+    /// Each pinned map's size and memory.
+    pub maps: Vec<MapMemoryView>,
+}
+
+/// One BPF map of the datapath: its geometry and the memory the kernel charges for
+/// it (`memlock` in its fdinfo).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MapMemoryView {
+    pub name: String,
+    pub max_entries: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub bytes: u64,
+}
+
+impl From<&crate::dataplane::MapMemory> for MapMemoryView {
+    fn from(m: &crate::dataplane::MapMemory) -> MapMemoryView {
+        MapMemoryView {
+            name: m.name.to_owned(),
+            max_entries: m.max_entries,
+            key_size: m.key_size,
+            value_size: m.value_size,
+            bytes: m.bytes,
+        }
+    }
 }
 
 /// The flood guard (new flows wait in young tables until their second packet) and

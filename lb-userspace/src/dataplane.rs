@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -1117,6 +1117,36 @@ impl Dataplane {
         })
     }
 
+    /// Each pinned map's geometry and memory, as the kernel accounts it (`memlock`
+    /// in the map's fdinfo), in [`names::ALL`] order. Empty for a datapath that is
+    /// not pinned (only tests load one).
+    pub fn map_memory(&self) -> Result<Vec<MapMemory>, DataplaneError> {
+        let Some(dir) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        names::ALL
+            .iter()
+            .map(|&name| {
+                let path = dir.join(name);
+                let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
+                let fd = info.fd().map_err(map_err(name))?;
+                let fdinfo = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+                let text =
+                    std::fs::read_to_string(&fdinfo).map_err(|source| DataplaneError::Pin {
+                        path: fdinfo.into(),
+                        source,
+                    })?;
+                Ok(MapMemory {
+                    name,
+                    max_entries: info.max_entries(),
+                    key_size: info.key_size(),
+                    value_size: info.value_size(),
+                    bytes: memlock_of(&text).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     /// The flood guard's counters summed over CPUs.
     pub fn guard_stats(&self) -> Result<GuardStats, DataplaneError> {
         let per_cpu: Vec<GuardStats> = self.per_cpu(names::GUARD_STATS, 0)?;
@@ -1150,6 +1180,26 @@ impl Dataplane {
             .map_mut(name)
             .ok_or(DataplaneError::MissingMap(name))
     }
+}
+
+/// One map's geometry and the memory the kernel charges for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapMemory {
+    pub name: &'static str,
+    pub max_entries: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// Bytes, as the kernel accounts them (`memlock` in the map's fdinfo: since
+    /// Linux 6.4 the map type's own estimate of what it allocated).
+    pub bytes: u64,
+}
+
+/// The `memlock:` field of a map's `/proc/<pid>/fdinfo/<fd>`, in bytes.
+pub fn memlock_of(fdinfo: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Packets, bytes and new flows summed over CPUs.
@@ -1287,5 +1337,20 @@ impl PassThrough {
             .attach(iface, XdpMode::Driver)
             .map_err(|source| attach_error(iface, XdpMode::Driver, source))?;
         Ok(PassThrough { _ebpf: ebpf })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memlock_of;
+
+    #[test]
+    fn memlock_is_read_from_a_maps_fdinfo() {
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t2077\nmap_type:\t9\n\
+                      key_size:\t16\nvalue_size:\t8\nmax_entries:\t1048576\n\
+                      map_flags:\t0x2\nmap_extra:\t0x0\nmemlock:\t104955904\nmap_id:\t31\n";
+        assert_eq!(memlock_of(fdinfo), Some(104_955_904));
+        assert_eq!(memlock_of("pos:\t0\n"), None);
+        assert_eq!(memlock_of("memlock:\tmany\n"), None);
     }
 }

@@ -1748,3 +1748,45 @@ fn a_flood_of_spoofed_syns_never_takes_an_established_flows_entry() {
     assert_eq!(kept.len(), established.len() + 2);
     assert!(kept.contains(&pending.keys().1) && kept.contains(&fresh.keys().1));
 }
+
+/// A pinned datapath reports each map's geometry and the memory the kernel charges
+/// for it (what `lb status` and `/metrics` show): every pinned map, the two largest
+/// at least their arrays' size, and an unpinned datapath reports none.
+#[test]
+fn a_pinned_datapath_reports_each_maps_memory() {
+    use lb_common::maps::{CONN_TABLE_SIZE_V4, MAX_RING_SIZE, MAX_VIPS, RING_COPIES, names};
+    use lb_userspace::dataplane::remove_pins;
+    let dir = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
+    let result = std::panic::catch_unwind(|| {
+        let (dataplane, _) = Dataplane::load_pinned(&dir, LevelFilter::Off).unwrap();
+        let maps = dataplane.map_memory().unwrap();
+        let listed: Vec<&str> = maps.iter().map(|m| m.name).collect();
+        assert_eq!(listed, names::ALL.to_vec());
+        let get = |name: &str| maps.iter().find(|m| m.name == name).unwrap().clone();
+        let rings = get(names::RINGS);
+        assert_eq!(rings.max_entries, MAX_VIPS * RING_COPIES * MAX_RING_SIZE);
+        assert!(rings.bytes >= u64::from(rings.max_entries) * 4, "{rings:?}");
+        let conns = get(names::CONNS_V4);
+        assert_eq!(conns.max_entries, CONN_TABLE_SIZE_V4);
+        assert_eq!((conns.key_size, conns.value_size), (16, 8));
+        assert!(
+            conns.bytes >= u64::from(conns.max_entries) * 24,
+            "{conns:?}"
+        );
+        let total: u64 = maps.iter().map(|m| m.bytes).sum();
+        eprintln!(
+            "maps: {} MiB in all; {:?}",
+            total >> 20,
+            maps.iter()
+                .map(|m| (m.name, m.bytes >> 10))
+                .collect::<Vec<_>>()
+        );
+        assert!(maps.iter().all(|m| m.bytes > 0), "{maps:?}");
+        drop(dataplane);
+        assert!(World::new().dataplane.map_memory().unwrap().is_empty());
+    });
+    remove_pins(&dir).unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

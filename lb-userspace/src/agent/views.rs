@@ -96,6 +96,7 @@ impl Agent {
             }),
             readiness: self.readiness(),
             flood: self.flood_status(),
+            maps: self.map_memory(),
         }
     }
 
@@ -172,7 +173,18 @@ impl Agent {
             }),
             datapath: (&stats).into(),
             flood: self.flood_status(),
+            maps: self.map_memory(),
         }
+    }
+
+    /// Each pinned map's geometry and memory (empty if it cannot be read).
+    pub(super) fn map_memory(&self) -> Vec<crate::api::MapMemoryView> {
+        self.dataplane
+            .map_memory()
+            .unwrap_or_default()
+            .iter()
+            .map(Into::into)
+            .collect()
     }
 
     /// The flood guard's counters and the flood watch's state.

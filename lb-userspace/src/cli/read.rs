@@ -3,8 +3,8 @@
 //! agent. `--json` prints the answers themselves instead.
 
 use crate::api::{
-    BackendView, ClusterStatus, Control, DatapathCounters, Explanation, FloodStatus, ModelStatus,
-    ReloadOutcome, Status, TableView, VipView,
+    BackendView, ClusterStatus, Control, DatapathCounters, Explanation, FloodStatus, MapMemoryView,
+    ModelStatus, ReloadOutcome, Status, TableView, VipView,
 };
 
 use super::output::{Align, Table, bytes, count, duration, ms, percent, weight};
@@ -67,11 +67,33 @@ pub fn status(s: &Status) -> String {
     for (label, value) in COUNTERS {
         counters.row(vec![(*label).to_owned(), count(value(&s.datapath))]);
     }
-    format!(
+    let mut text = format!(
         "{}\n\ndatapath (frames since it was loaded)\n{}\n\n{}",
         head.render(),
         counters.render_indented("  "),
         flood(&s.flood)
+    );
+    if !s.maps.is_empty() {
+        text += &format!("\n\n{}", maps(&s.maps));
+    }
+    text
+}
+
+/// The datapath's maps and their memory, for `lb status`.
+fn maps(maps: &[MapMemoryView]) -> String {
+    let mut t = Table::untitled(&[Align::Left, Align::Right, Align::Right]);
+    for m in maps {
+        t.row(vec![
+            m.name.clone(),
+            format!("{} entries", count(u64::from(m.max_entries))),
+            bytes(m.bytes as f64),
+        ]);
+    }
+    let total: u64 = maps.iter().map(|m| m.bytes).sum();
+    t.row(vec!["total".to_owned(), String::new(), bytes(total as f64)]);
+    format!(
+        "maps (memory as the kernel accounts it)\n{}",
+        t.render_indented("  ")
     )
 }
 
@@ -471,6 +493,29 @@ mod tests {
         );
         assert!(text.contains("uptime       3 min 20 s"), "{text}");
         assert!(text.contains("flood guard OFF"), "{text}");
+        assert!(!text.contains("maps (memory"), "no maps, no block: {text}");
+        let with_maps = status(&Status {
+            maps: vec![
+                MapMemoryView {
+                    name: "CONNS_V4".into(),
+                    max_entries: 1 << 20,
+                    bytes: 104_955_904,
+                    ..MapMemoryView::default()
+                },
+                MapMemoryView {
+                    name: "VIPS".into(),
+                    max_entries: 64,
+                    bytes: 4_096,
+                    ..MapMemoryView::default()
+                },
+            ],
+            ..s
+        });
+        assert!(
+            with_maps.contains("CONNS_V4  1,048,576 entries"),
+            "{with_maps}"
+        );
+        assert!(with_maps.contains("total"), "{with_maps}");
         assert!(!text.contains('{'), "{text}");
     }
 

@@ -30,6 +30,8 @@ pub struct MetricsSnapshot {
     pub readiness: crate::api::Readiness,
     /// The flood guard's counters and the flood watch.
     pub flood: crate::api::FloodStatus,
+    /// Each pinned map's size and memory.
+    pub maps: Vec<crate::api::MapMemoryView>,
 }
 
 /// This LB in its fleet (see `lb cluster status`).
@@ -167,10 +169,37 @@ fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Resul
         &[([] as [(&str, &str); 0], i64::from(s.readiness.ready))],
     )?;
     encode_flood(&s.flood, e)?;
+    encode_maps(&s.maps, e)?;
     match &s.cluster {
         Some(c) => encode_cluster(c, e),
         None => Ok(()),
     }
+}
+
+fn encode_maps(maps: &[crate::api::MapMemoryView], e: &mut DescriptorEncoder) -> fmt::Result {
+    let bytes: Vec<(L1, i64)> = maps
+        .iter()
+        .map(|m| ([("map", m.name.as_str())], m.bytes as i64))
+        .collect();
+    gauge_family(
+        e,
+        "lb_datapath_map_memory_bytes",
+        "Memory of each pinned BPF map of the datapath, as the kernel accounts it \
+         (memlock in the map's fdinfo)",
+        None,
+        &bytes,
+    )?;
+    let entries: Vec<(L1, i64)> = maps
+        .iter()
+        .map(|m| ([("map", m.name.as_str())], i64::from(m.max_entries)))
+        .collect();
+    gauge_family(
+        e,
+        "lb_datapath_map_max_entries",
+        "Entries each pinned BPF map of the datapath was created with",
+        None,
+        &entries,
+    )
 }
 
 fn encode_flood(f: &crate::api::FloodStatus, e: &mut DescriptorEncoder) -> fmt::Result {
@@ -810,6 +839,13 @@ mod tests {
                 young_failed: 33,
                 ..Default::default()
             },
+            maps: vec![crate::api::MapMemoryView {
+                name: "CONNS_V4".into(),
+                max_entries: 1 << 20,
+                key_size: 16,
+                value_size: 8,
+                bytes: 104_955_904,
+            }],
         }
     }
 
@@ -830,6 +866,8 @@ mod tests {
             "lb_flood_guard_enabled 1",
             "lb_flood_active 1",
             "lb_flood_episodes_total 2",
+            r#"lb_datapath_map_memory_bytes{map="CONNS_V4"} 104955904"#,
+            r#"lb_datapath_map_max_entries{map="CONNS_V4"} 1048576"#,
             r#"lb_flood_new_flows_per_second{flows="unanswered"} 249000.0"#,
             "lb_cluster_leader 0",
             r#"lb_cluster_epoch{epoch="applied"} 41"#,

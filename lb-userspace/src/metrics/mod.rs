@@ -26,6 +26,10 @@
 //!   `lb_flood_new_flows_per_second{flows}` (`all`, `unanswered`) and
 //!   `lb_flood_threshold_per_second`; counter `lb_flood_episodes_total`.
 //!
+//! The datapath's maps (`map` label, each pinned map):
+//! - gauges `lb_datapath_map_memory_bytes` (the kernel's `memlock`) and
+//!   `lb_datapath_map_max_entries`.
+//!
 //! Per VIP (`vip` label) and per backend (`vip` and `backend` labels):
 //! - `lb_vip_packets_total`, `lb_vip_bytes_total`, `lb_vip_new_flows_total`
 //! - `lb_backend_packets_total`, `lb_backend_bytes_total`, `lb_backend_new_flows_total`
