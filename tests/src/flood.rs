@@ -69,6 +69,11 @@ pub struct FloodReport {
     /// New connections (connect and one round trip) during the flood.
     pub legit_attempts: usize,
     pub legit_ok: usize,
+    /// Floods the agent's watch declared (`lb status`), and whether it said the
+    /// flood was over within 10 s of its end. The watch reads the guard's
+    /// counters: with the guard off it sees nothing.
+    pub flood_episodes: u64,
+    pub flood_left: bool,
     /// The flood guard's counters at the end (zero with the guard off).
     pub young: u64,
     pub promoted: u64,
@@ -187,7 +192,20 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
         }
     }
     let non_syn_misses = non_syn_misses(&agent)? - misses_before;
-    let status = status(&agent)?;
+    let at_end = status(&agent)?;
+    // The agent's flood watch: it saw the flood, and says it is over once the
+    // unanswered new flows have stayed low for its calm period (5 s).
+    let flood_episodes = at_end["flood"]["episodes"].as_u64().unwrap_or(0);
+    let calm_by = Instant::now() + Duration::from_secs(10);
+    let flood_left = loop {
+        if status(&agent)?["flood"]["active"] == false {
+            break true;
+        }
+        if Instant::now() >= calm_by {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     agent.stop()?;
     Ok(FloodReport {
         guard: options.guard,
@@ -202,8 +220,10 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
         weight_changes,
         legit_attempts,
         legit_ok,
-        young: status["flood"]["young"].as_u64().unwrap_or(0),
-        promoted: status["flood"]["promoted"].as_u64().unwrap_or(0),
+        flood_episodes,
+        flood_left,
+        young: at_end["flood"]["young"].as_u64().unwrap_or(0),
+        promoted: at_end["flood"]["promoted"].as_u64().unwrap_or(0),
     })
 }
 

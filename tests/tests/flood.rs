@@ -2,7 +2,8 @@
 //! XDP program, while long-lived TCP connections sit idle after a weight change and
 //! the weights go on moving every second (see `lb_tests::flood`): every one of them
 //! keeps its connection-table entry and its backend, and new connections made
-//! during the flood succeed.
+//! during the flood succeed. The agent's flood watch (`lb status`) declares the flood
+//! and, once it is over, says so.
 
 use lb_tests::flood::{FloodOptions, run};
 

@@ -99,10 +99,11 @@ fn maps(maps: &[MapMemoryView]) -> String {
 
 /// The flood guard's part of `lb status`.
 fn flood(f: &FloodStatus) -> String {
-    let state = match (f.active, f.active_seconds) {
-        (true, Some(s)) => format!("FLOOD for {}", duration(s as u64)),
-        (true, None) => "FLOOD".to_owned(),
-        (false, _) => "calm".to_owned(),
+    let state = match (f.guard, f.active, f.active_seconds) {
+        (false, _, _) => "unknown (the guard's counters are off)".to_owned(),
+        (true, true, Some(s)) => format!("FLOOD for {}", duration(s as u64)),
+        (true, true, None) => "FLOOD".to_owned(),
+        (true, false, _) => "calm".to_owned(),
     };
     let mut t = Table::untitled(&[Align::Left, Align::Right]);
     for (label, value) in [

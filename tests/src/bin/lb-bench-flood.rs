@@ -71,6 +71,7 @@ fn main() -> Result<()> {
         "legit_attempts": with.legit_attempts,
         "flood_seconds": with.flood_seconds,
         "weight_changes": with.weight_changes,
+        "flood_episodes": with.flood_episodes,
         "weight_changes_without": without.weight_changes,
         "flood_seconds_without": without.flood_seconds,
         "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
