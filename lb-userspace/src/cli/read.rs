@@ -85,7 +85,10 @@ fn maps(maps: &[MapMemoryView]) -> String {
     for m in maps {
         t.row(vec![
             m.name.clone(),
-            format!("{} entries", count(u64::from(m.max_entries))),
+            match m.max_entries {
+                1 => "1 entry".to_owned(),
+                n => format!("{} entries", count(u64::from(n))),
+            },
             bytes(m.bytes as f64),
         ]);
     }
