@@ -19,6 +19,10 @@
 //! [encapsulation]           # needed by VIPs with forwarding = "ipip"
 //! source_v4 = "198.19.0.0"  # a /16: the last two bytes come from the flow hash
 //! source_v6 = "fd00:19::"   # a /96: the last four bytes come from the flow hash
+//!
+//! [datapath]                # fixed when the agent first creates the datapath
+//! connection_table_v4 = 1048576   # IPv4 flows kept at once (88 bytes each)
+//! connection_table_v6 = 262144    # IPv6 flows (112 bytes each)
 //! ```
 
 use std::{
@@ -126,7 +130,34 @@ pub struct Config {
     pub encapsulation: Encapsulation,
     /// The fleet this LB belongs to; `None`: a single LB, deciding alone.
     pub cluster: Option<Cluster>,
+    /// Sizes of the datapath's tables, fixed when the agent creates them.
+    pub datapath: DatapathSizes,
 }
+
+/// The `[datapath]` section: how many flows the connection tables hold. The kernel
+/// preallocates them when the agent first loads the datapath (about 88 bytes per
+/// IPv4 entry and 112 per IPv6 one, as it accounts them); an agent that adopts a
+/// pinned datapath keeps the tables it finds, whatever is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathSizes {
+    /// Entries of `CONNS_V4`: IPv4 flows kept on their backend at once (an LRU
+    /// table: the least recently used flow goes when it is full).
+    pub connection_table_v4: u32,
+    /// Entries of `CONNS_V6`.
+    pub connection_table_v6: u32,
+}
+
+impl Default for DatapathSizes {
+    fn default() -> Self {
+        DatapathSizes {
+            connection_table_v4: lb_common::maps::CONN_TABLE_SIZE_V4,
+            connection_table_v6: lb_common::maps::CONN_TABLE_SIZE_V6,
+        }
+    }
+}
+
+/// The smallest and largest connection table `[datapath]` accepts.
+pub const CONNECTION_TABLE_RANGE: std::ops::RangeInclusive<u32> = 4_096..=(1 << 26);
 
 impl Config {
     /// A digest of everything that decides the tables (VIPs, backends, policies and
@@ -766,6 +797,14 @@ struct RawConfig {
     encapsulation: Option<RawEncapsulation>,
     control: Option<RawControl>,
     cluster: Option<RawCluster>,
+    datapath: Option<RawDatapath>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatapath {
+    connection_table_v4: Option<u32>,
+    connection_table_v6: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -851,6 +890,7 @@ impl Config {
         let encapsulation = check_encapsulation(raw.encapsulation)?;
         let control = check_control(raw.control)?;
         let cluster = check_cluster(raw.cluster)?;
+        let datapath = check_datapath(raw.datapath)?;
         let mut seen = BTreeSet::new();
         let mut vips = Vec::with_capacity(raw.vip.len());
         let mut total_backends = 0usize;
@@ -894,8 +934,40 @@ impl Config {
             control,
             encapsulation,
             cluster,
+            datapath,
         })
     }
+}
+
+fn check_datapath(raw: Option<RawDatapath>) -> Result<DatapathSizes, ConfigError> {
+    let defaults = DatapathSizes::default();
+    let Some(raw) = raw else {
+        return Ok(defaults);
+    };
+    let size = |value: Option<u32>, default: u32, field: &str| match value {
+        None => Ok(default),
+        Some(n) if CONNECTION_TABLE_RANGE.contains(&n) => Ok(n),
+        Some(n) => Err(invalid(
+            format!("datapath.{field}"),
+            format!(
+                "{n} entries: give {} to {} (the kernel preallocates every entry)",
+                CONNECTION_TABLE_RANGE.start(),
+                CONNECTION_TABLE_RANGE.end()
+            ),
+        )),
+    };
+    Ok(DatapathSizes {
+        connection_table_v4: size(
+            raw.connection_table_v4,
+            defaults.connection_table_v4,
+            "connection_table_v4",
+        )?,
+        connection_table_v6: size(
+            raw.connection_table_v6,
+            defaults.connection_table_v6,
+            "connection_table_v6",
+        )?,
+    })
 }
 
 fn check_encapsulation(raw: Option<RawEncapsulation>) -> Result<Encapsulation, ConfigError> {
@@ -1337,6 +1409,25 @@ weight = 1
         assert_eq!(config.vips[0].forwarding, Forwarding::Ipip);
         let bad = format!("{text}\n[encapsulation]\nsource_v4 = \"198.19.0.1\"\n");
         assert_eq!(field_of(&bad), "encapsulation.source_v4");
+        let sized = Config::parse(&format!(
+            "{text}\n[encapsulation]\nsource_v4 = \"198.19.0.0\"\n\n[datapath]\nconnection_table_v4 = 65536\n"
+        ))
+        .unwrap();
+        assert_eq!(sized.datapath.connection_table_v4, 65_536);
+        assert_eq!(
+            sized.datapath.connection_table_v6,
+            lb_common::maps::CONN_TABLE_SIZE_V6
+        );
+        for bad in [
+            "connection_table_v4 = 10",
+            "connection_table_v6 = 100000000",
+        ] {
+            let text = format!(
+                "{text}\n[encapsulation]\nsource_v4 = \"198.19.0.0\"\n\n[datapath]\n{bad}\n"
+            );
+            let field = bad.split(' ').next().unwrap();
+            assert_eq!(field_of(&text), format!("datapath.{field}"));
+        }
     }
 
     #[test]

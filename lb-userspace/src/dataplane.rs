@@ -341,6 +341,10 @@ pub struct LoadOptions {
     /// guard, `lb-ebpf/src/conntrack.rs`); off, they go straight into the
     /// connection tables.
     pub flood_guard: bool,
+    /// Entries of the IPv4 and IPv6 connection tables when they are created (a
+    /// pinned table is adopted at whatever size it has).
+    pub conn_table_v4: u32,
+    pub conn_table_v6: u32,
 }
 
 impl Default for LoadOptions {
@@ -349,6 +353,8 @@ impl Default for LoadOptions {
             log: LevelFilter::Off,
             share_flows: false,
             flood_guard: true,
+            conn_table_v4: lb_common::maps::CONN_TABLE_SIZE_V4,
+            conn_table_v6: lb_common::maps::CONN_TABLE_SIZE_V6,
         }
     }
 }
@@ -435,6 +441,8 @@ impl Dataplane {
         // And for the flood guard: off, the young tables' code is removed.
         let flood_guard = u8::from(options.flood_guard);
         loader.override_global(FLOOD_GUARD_GLOBAL, &flood_guard, true);
+        loader.set_max_entries(names::CONNS_V4, options.conn_table_v4);
+        loader.set_max_entries(names::CONNS_V6, options.conn_table_v6);
         if let Some(dir) = &pins {
             for name in names::ALL {
                 loader.map_pin_path(name, dir.join(name));

@@ -203,6 +203,14 @@ fn weight_change_and_drain_keep_long_lived_connections() {
         list.contains("\"weight\": 5"),
         "the refused reload changed weights: {list}"
     );
+    // The connection tables' sizes are the datapath's: a reload cannot change them.
+    std::fs::write(
+        &w.config,
+        format!("{good}\n[datapath]\nconnection_table_v4 = 65536\n"),
+    )
+    .unwrap();
+    let err = agent.ctl(&["reload"]).unwrap_err().to_string();
+    assert!(err.contains("[datapath] differs"), "{err}");
     std::fs::write(&w.config, &good).unwrap();
     agent.ctl(&["reload"]).unwrap();
     let list: serde_json::Value =

@@ -1790,3 +1790,38 @@ fn a_pinned_datapath_reports_each_maps_memory() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// `[datapath]` sizes the connection tables when they are created; a datapath that
+/// adopts pinned tables keeps them at the size they have, with their flows.
+#[test]
+fn connection_tables_are_sized_at_creation_and_kept_when_adopted() {
+    use lb_common::maps::names;
+    use lb_userspace::dataplane::{LoadOptions, remove_pins};
+    let dir = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
+    let entries = |dp: &Dataplane, name: &str| {
+        let maps = dp.map_memory().unwrap();
+        let m = maps.iter().find(|m| m.name == name).unwrap();
+        (m.max_entries, m.bytes)
+    };
+    let result = std::panic::catch_unwind(|| {
+        let small = LoadOptions {
+            conn_table_v4: 65_536,
+            conn_table_v6: 16_384,
+            ..LoadOptions::default()
+        };
+        let (first, adopted) = Dataplane::load_pinned_with(&dir, small).unwrap();
+        assert!(!adopted);
+        let (v4, v4_bytes) = entries(&first, names::CONNS_V4);
+        assert_eq!(v4, 65_536);
+        assert_eq!(entries(&first, names::CONNS_V6).0, 16_384);
+        assert!(v4_bytes < 10 << 20, "{v4_bytes} bytes for 65,536 entries");
+        drop(first);
+        let (second, adopted) = Dataplane::load_pinned_with(&dir, LoadOptions::default()).unwrap();
+        assert!(adopted);
+        assert_eq!(entries(&second, names::CONNS_V4).0, 65_536, "kept as found");
+    });
+    remove_pins(&dir).unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

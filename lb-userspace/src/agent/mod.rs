@@ -325,6 +325,8 @@ fn load_fill_attach(
         log: opts.datapath_log,
         share_flows,
         flood_guard: opts.flood_guard,
+        conn_table_v4: config.datapath.connection_table_v4,
+        conn_table_v6: config.datapath.connection_table_v6,
     };
     let (mut dataplane, adopted) =
         Dataplane::load_pinned_with(dir, options).map_err(|source| AgentError::Load {
@@ -333,6 +335,9 @@ fn load_fill_attach(
         })?;
     if opts.datapath_log != log::LevelFilter::Off {
         datapath_log::start_reader(&mut dataplane)?;
+    }
+    if adopted {
+        warn_kept_sizes(&dataplane, config);
     }
     let previous = adopted.then(|| dataplane.current());
     let overrides = previous
@@ -566,6 +571,38 @@ impl Agent {
                 lasted.as_secs_f64()
             ),
             None => {}
+        }
+    }
+}
+
+/// An adopted datapath keeps the connection tables it has, with the flows in them:
+/// says so when `[datapath]` asks for other sizes.
+fn warn_kept_sizes(dataplane: &Dataplane, config: &Config) {
+    let Ok(maps) = dataplane.map_memory() else {
+        return;
+    };
+    let wanted = [
+        (
+            lb_common::maps::names::CONNS_V4,
+            "connection_table_v4",
+            config.datapath.connection_table_v4,
+        ),
+        (
+            lb_common::maps::names::CONNS_V6,
+            "connection_table_v6",
+            config.datapath.connection_table_v6,
+        ),
+    ];
+    for (map, field, entries) in wanted {
+        if let Some(m) = maps.iter().find(|m| m.name == map)
+            && m.max_entries != entries
+        {
+            warn!(
+                "datapath.{field} = {entries}, but the adopted {map} has {} entries: it \
+                 is kept, with its flows. To resize it, stop the agent, `lb detach`, and \
+                 start again (every established flow then loses its entry)",
+                m.max_entries
+            );
         }
     }
 }

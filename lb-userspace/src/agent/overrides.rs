@@ -52,6 +52,12 @@ pub enum RequestError {
          the agent to join another fleet or change how it reaches etcd"
     )]
     ClusterChanged,
+    #[error(
+        "[datapath] differs from the running agent's: its tables are created with the \
+         datapath and cannot change by reload or restart; to resize them, stop the agent, \
+         `lb detach` and start it again (every established flow then loses its entry)"
+    )]
+    DatapathChanged,
 }
 
 impl From<DataplaneError> for RequestError {
@@ -360,6 +366,9 @@ impl Agent {
         let config = Config::load(&self.opts.config)?;
         if config.cluster != self.config.cluster {
             return Err(RequestError::ClusterChanged);
+        }
+        if config.datapath != self.config.datapath {
+            return Err(RequestError::DatapathChanged);
         }
         let mut overrides = self.overrides.clone();
         if self.fleet.is_none() {
