@@ -441,8 +441,8 @@ impl Dataplane {
         // And for the flood guard: off, the young tables' code is removed.
         let flood_guard = u8::from(options.flood_guard);
         loader.override_global(FLOOD_GUARD_GLOBAL, &flood_guard, true);
-        loader.set_max_entries(names::CONNS_V4, options.conn_table_v4);
-        loader.set_max_entries(names::CONNS_V6, options.conn_table_v6);
+        loader.map_max_entries(names::CONNS_V4, options.conn_table_v4);
+        loader.map_max_entries(names::CONNS_V6, options.conn_table_v6);
         if let Some(dir) = &pins {
             for name in names::ALL {
                 loader.map_pin_path(name, dir.join(name));
