@@ -13,14 +13,16 @@ pub const DEFAULT_RING_SIZE: u32 = MAX_RING_SIZE;
 /// Each VIP owns two table copies: the datapath reads the active one while the agent
 /// writes the other, then flips [`crate::types::VipMeta::active`].
 pub const RING_COPIES: u32 = 2;
-/// Entries in the IPv4 connection table (an LRU hash: the least recently used flow
-/// is evicted when it is full). The kernel preallocates LRU maps: ≈ 72 bytes per
-/// entry, 72 MiB for this size.
+/// Default entries of the IPv4 connection table (an LRU hash: the least recently
+/// used flow is evicted when it is full; `[datapath] connection_table_v4` sets
+/// another size). The kernel preallocates LRU maps; memory as it accounts it
+/// (`lb status`, "maps"; `cargo xtask test -- --test datapath maps_memory
+/// --nocapture`, 2 CPUs): 88 bytes per entry, 88 MiB at this size.
 pub const CONN_TABLE_SIZE_V4: u32 = 1 << 20;
-/// Entries in the IPv6 connection table (≈ 96 bytes per entry, 24 MiB).
+/// Default entries of the IPv6 connection table (112 bytes per entry, 28 MiB).
 pub const CONN_TABLE_SIZE_V6: u32 = 1 << 18;
-/// Entries in the IPv4 young table (an LRU hash like the connection table, ≈ 72
-/// bytes per entry, 4.5 MiB): a flow's first packet's choice of backend waits there
+/// Entries in the IPv4 young table (an LRU hash like the connection table, 5.5 MiB
+/// measured as above): a flow's first packet's choice of backend waits there
 /// until the client's second packet shows the flow is real (for TCP, that the
 /// handshake completed), and only then enters `CONNS_V4` (see
 /// `lb-ebpf/src/conntrack.rs`). A flood of spoofed SYNs churns this table, never the
@@ -28,7 +30,7 @@ pub const CONN_TABLE_SIZE_V6: u32 = 1 << 18;
 /// before a flood pushes them out, and one pushed out still completes when the
 /// lookup table has not moved in its round trip.
 pub const YOUNG_TABLE_SIZE_V4: u32 = 1 << 16;
-/// Entries in the IPv6 young table (≈ 96 bytes per entry, 1.5 MiB).
+/// Entries in the IPv6 young table (1.8 MiB, measured as above).
 pub const YOUNG_TABLE_SIZE_V6: u32 = 1 << 14;
 /// log2 of [`VIP_FILTER_SLOTS`].
 pub const VIP_FILTER_BITS: u32 = 12;

@@ -164,11 +164,7 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
     // A new flow, or a known one whose backend was removed: it gets a backend from
     // the table (which resets a removed backend's flow, rather than its packets
     // vanishing). An ICMP error follows its flow but never creates one.
-    let remember = if known.is_some() {
-        Remember::Replace
-    } else {
-        Remember::New
-    };
+    let remember = Remember::of(known);
     by_table(pkt, &vip, table::pick(pkt, &vip)?, remember, counters)
 }
 
@@ -181,6 +177,18 @@ enum Remember {
     /// A flow the connection table holds (a SYN reusing its ports, or a flow whose
     /// backend was removed): its entry is replaced there, evicting nothing.
     Replace,
+}
+
+impl Remember {
+    /// Where to write, given the flow's connection-table entry (if any).
+    #[inline(always)]
+    fn of(known: Option<lb_common::types::ConnEntry>) -> Remember {
+        if known.is_some() {
+            Remember::Replace
+        } else {
+            Remember::New
+        }
+    }
 }
 
 /// The packet goes where the lookup table says (`picked`: its backend id and the
@@ -232,11 +240,7 @@ fn syn(
     counters: stats::Global,
 ) -> Result<Target, Stop> {
     let (backend_id, hash) = table::pick(pkt, vip)?;
-    let remember = if known.is_some() {
-        Remember::Replace
-    } else {
-        Remember::New
-    };
+    let remember = Remember::of(known);
     let known = match known {
         None if conntrack::guard() => {
             conntrack::find_young(pkt).filter(|entry| entry.vip() == vip.vip_id)

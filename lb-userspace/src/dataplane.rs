@@ -193,6 +193,9 @@ pub struct Dataplane {
     shadow: Shadow,
     /// When the last `apply` left something for later (see [`ApplyReport::deferred`]).
     retry_at: Option<Instant>,
+    /// Each pinned map's geometry and memory, read once when pinned maps were
+    /// loaded or adopted (see [`Dataplane::map_memory`]).
+    maps: Vec<MapMemory>,
 }
 
 #[derive(Default)]
@@ -418,6 +421,12 @@ impl Dataplane {
         let mut dataplane = Dataplane::load_with(Some(dir.to_owned()), options)?;
         // The old program keeps its own references until the new one replaces it.
         remove_legacy_pins(dir)?;
+        // Every map but `VIPS` (a few hundred bytes per VIP) is preallocated: what
+        // the kernel charges for them is fixed from now on.
+        dataplane.maps = read_map_memory(dir).unwrap_or_else(|e| {
+            tracing::warn!("cannot read the maps' memory: {e}");
+            Vec::new()
+        });
         if adopted {
             dataplane.read_back()?;
         }
@@ -464,6 +473,7 @@ impl Dataplane {
             rings,
             shadow: Shadow::default(),
             retry_at: None,
+            maps: Vec::new(),
         })
     }
 
@@ -1126,33 +1136,10 @@ impl Dataplane {
     }
 
     /// Each pinned map's geometry and memory, as the kernel accounts it (`memlock`
-    /// in the map's fdinfo), in [`names::ALL`] order. Empty for a datapath that is
-    /// not pinned (only tests load one).
-    pub fn map_memory(&self) -> Result<Vec<MapMemory>, DataplaneError> {
-        let Some(dir) = &self.pins else {
-            return Ok(Vec::new());
-        };
-        names::ALL
-            .iter()
-            .map(|&name| {
-                let path = dir.join(name);
-                let info = MapInfo::from_pin(&path).map_err(map_err(name))?;
-                let fd = info.fd().map_err(map_err(name))?;
-                let fdinfo = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
-                let text =
-                    std::fs::read_to_string(&fdinfo).map_err(|source| DataplaneError::Pin {
-                        path: fdinfo.into(),
-                        source,
-                    })?;
-                Ok(MapMemory {
-                    name,
-                    max_entries: info.max_entries(),
-                    key_size: info.key_size(),
-                    value_size: info.value_size(),
-                    bytes: memlock_of(&text).unwrap_or(0),
-                })
-            })
-            .collect()
+    /// in the map's fdinfo) when the datapath was loaded, in [`names::ALL`] order.
+    /// Empty for a datapath that is not pinned (only tests load one).
+    pub fn map_memory(&self) -> &[MapMemory] {
+        &self.maps
     }
 
     /// The flood guard's counters summed over CPUs.
@@ -1200,6 +1187,30 @@ pub struct MapMemory {
     /// Bytes, as the kernel accounts them (`memlock` in the map's fdinfo: since
     /// Linux 6.4 the map type's own estimate of what it allocated).
     pub bytes: u64,
+}
+
+/// Each map pinned under `dir`: its geometry, and its `memlock` read from the
+/// fdinfo of a descriptor opened for it.
+fn read_map_memory(dir: &Path) -> Result<Vec<MapMemory>, DataplaneError> {
+    names::ALL
+        .iter()
+        .map(|&name| {
+            let info = MapInfo::from_pin(dir.join(name)).map_err(map_err(name))?;
+            let fd = info.fd().map_err(map_err(name))?;
+            let fdinfo = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+            let text = std::fs::read_to_string(&fdinfo).map_err(|source| DataplaneError::Pin {
+                path: fdinfo.into(),
+                source,
+            })?;
+            Ok(MapMemory {
+                name,
+                max_entries: info.max_entries(),
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                bytes: memlock_of(&text).unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 /// The `memlock:` field of a map's `/proc/<pid>/fdinfo/<fd>`, in bytes.

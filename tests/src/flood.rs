@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use aya::maps::{HashMap, Map, MapData};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya_obj::programs::XdpAttachType;
@@ -206,11 +206,12 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
         }
         std::thread::sleep(Duration::from_millis(250));
     };
+    let table_entries = table_entries(&topo)?;
     agent.stop()?;
     Ok(FloodReport {
         guard: options.guard,
         flood_syns: runs,
-        table_entries: lb_common::maps::CONN_TABLE_SIZE_V4,
+        table_entries,
         connections: options.connections,
         entries_lost,
         established_broken: broken,
@@ -249,12 +250,39 @@ fn flood(program: &Path, syns: u64, vip: IpAddr) -> Result<(u64, u64)> {
     Ok(total)
 }
 
+/// What the balancer returns for a frame it forwards.
+const XDP_TX: u32 = 3;
+
+/// Spoofed sources of a flood: addresses in 198.18.0.0/15 and ports 1024-65535 from
+/// xorshift32, the same sequence for the same seed.
+pub struct SpoofedSources(u32);
+
+impl SpoofedSources {
+    pub fn new(seed: u32) -> SpoofedSources {
+        SpoofedSources(0x9e37_79b9_u32 ^ seed.wrapping_mul(0x85eb_ca6b) | 1)
+    }
+}
+
+impl Iterator for SpoofedSources {
+    type Item = (Ipv4Addr, u16);
+
+    fn next(&mut self) -> Option<(Ipv4Addr, u16)> {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.0 = x;
+        let src = Ipv4Addr::new(198, 18 | (x >> 31) as u8, (x >> 8) as u8, x as u8);
+        Some((src, ((x >> 16) as u16) | 1024))
+    }
+}
+
 /// The IPv4 source and TCP source port of the frames `tcp_frame` builds.
 const SRC_AT: usize = 14 + 12;
 const SPORT_AT: usize = 14 + 20;
 
 fn flood_on(cpu: usize, program: &Path, syns: u64, vip: IpAddr) -> Result<(u64, u64)> {
-    pin_to_cpu(cpu)?;
+    crate::pin_to_cpu(cpu)?;
     let prog = Xdp::from_pin(program, XdpAttachType::Interface)
         .with_context(|| format!("opening the agent's program {}", program.display()))?;
     let mut frame = tcp_frame(
@@ -267,21 +295,9 @@ fn flood_on(cpu: usize, program: &Path, syns: u64, vip: IpAddr) -> Result<(u64, 
         TCP_SYN,
         b"",
     );
-    // xorshift32, seeded per CPU: sources in 198.18.0.0/15, ports 1024-65535.
-    let mut state = 0x9e37_79b9_u32 ^ (cpu as u32).wrapping_mul(0x85eb_ca6b) | 1;
     let (mut runs, mut ns) = (0u64, 0u64);
-    for _ in 0..syns {
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        let src = [
-            198,
-            18 | (state >> 31) as u8,
-            (state >> 8) as u8,
-            state as u8,
-        ];
-        let sport = ((state >> 16) as u16) | 1024;
-        frame[SRC_AT..SRC_AT + 4].copy_from_slice(&src);
+    for (src, sport) in SpoofedSources::new(cpu as u32).take(syns as usize) {
+        frame[SRC_AT..SRC_AT + 4].copy_from_slice(&src.octets());
         frame[SPORT_AT..SPORT_AT + 2].copy_from_slice(&sport.to_be_bytes());
         let result = prog
             .test_run(TestRunOptions {
@@ -290,7 +306,7 @@ fn flood_on(cpu: usize, program: &Path, syns: u64, vip: IpAddr) -> Result<(u64, 
             })
             .context("BPF_PROG_TEST_RUN of a SYN")?;
         ensure!(
-            result.return_value == 3,
+            result.return_value == XDP_TX,
             "a flood SYN was not forwarded (XDP action {})",
             result.return_value
         );
@@ -300,18 +316,12 @@ fn flood_on(cpu: usize, program: &Path, syns: u64, vip: IpAddr) -> Result<(u64, 
     Ok((runs, ns))
 }
 
-fn pin_to_cpu(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity act on it
-    // and on the calling thread only.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc != 0 {
-        bail!("cannot pin the flood thread to CPU {cpu}");
-    }
-    Ok(())
+/// Entries of the agent's IPv4 connection table, as created.
+fn table_entries(topo: &Topology) -> Result<u32> {
+    let path = pin_dir(topo.prefix()).join(lb_common::maps::names::CONNS_V4);
+    Ok(aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .max_entries())
 }
 
 /// The client ports of the flows to `vip_port` in the agent's IPv4 connection table.

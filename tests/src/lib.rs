@@ -11,6 +11,8 @@
 //!   be stopped, killed and restarted on its data.
 //! - [`fleet`]: LBs behind an ECMP router, coordinated through etcd, with emulated
 //!   backends (the fleet test and benchmark).
+//! - [`flood`]: a SYN flood through the agent's own program while idle long-lived
+//!   connections wait (issue 21: the flood test and benchmark).
 //! - [`certs`]: a throwaway CA with server and client certificates (and an untrusted
 //!   client), as PEM files.
 //! - [`scratch`]: private temporary directories, removed on drop and swept after
@@ -42,3 +44,18 @@ pub mod tcp;
 pub mod testbed;
 pub mod topology;
 pub mod versus;
+
+/// Pins the calling thread to `cpu`: XDP runs on the CPU that sends a frame on a
+/// veth, and `BPF_PROG_TEST_RUN` on the caller's, so a test chooses the CPU (and so
+/// the per-CPU LRU list) its packets use.
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity act on it
+    // and on the calling thread only.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    anyhow::ensure!(rc == 0, "cannot pin this thread to CPU {cpu}");
+    Ok(())
+}

@@ -17,19 +17,6 @@ use lb_tests::{
 };
 use lb_userspace::agent::pin_dir;
 
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity act on it
-    // and on the calling thread only.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
-}
-
 #[test]
 fn one_flow_is_processed_on_every_cpu_and_the_shared_table_finds_it() {
     let cpus = std::thread::available_parallelism()
@@ -57,7 +44,7 @@ fn one_flow_is_processed_on_every_cpu_and_the_shared_table_finds_it() {
     // of our own is moved over the CPUs, so the test harness's thread is left alone.
     let rounds = std::thread::spawn(move || {
         for round in 0..200 {
-            pin_to_cpu(round % cpus);
+            lb_tests::pin_to_cpu(round % cpus).unwrap();
             let answer = conn.request("hop").expect("a round trip");
             assert_eq!(answer, first, "the connection moved to another backend");
         }

@@ -1697,19 +1697,7 @@ fn a_flood_of_spoofed_syns_never_takes_an_established_flows_entry() {
     assert_eq!(world.run(&pending.frame(TCP_SYN, b"")).0, XDP_TX);
 
     let flood = 2 * lb_common::maps::YOUNG_TABLE_SIZE_V4;
-    let mut state = 0x9e37_79b9_u32;
-    for _ in 0..flood {
-        // xorshift32: spoofed sources in 198.18.0.0/15 and random ports.
-        state ^= state << 13;
-        state ^= state >> 17;
-        state ^= state << 5;
-        let src = Ipv4Addr::new(
-            198,
-            18 + (state >> 31) as u8,
-            (state >> 8) as u8,
-            state as u8,
-        );
-        let sport = (state >> 16) as u16 | 1024;
+    for (src, sport) in lb_tests::flood::SpoofedSources::new(0).take(flood as usize) {
         let frame = tcp_frame(
             LB_MAC,
             CLIENT_MAC,
@@ -1755,11 +1743,9 @@ fn a_flood_of_spoofed_syns_never_takes_an_established_flows_entry() {
 #[test]
 fn a_pinned_datapath_reports_each_maps_memory() {
     use lb_common::maps::{CONN_TABLE_SIZE_V4, MAX_RING_SIZE, MAX_VIPS, RING_COPIES, names};
-    use lb_userspace::dataplane::remove_pins;
-    let dir = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
-    let result = std::panic::catch_unwind(|| {
-        let (dataplane, _) = Dataplane::load_pinned(&dir, LevelFilter::Off).unwrap();
-        let maps = dataplane.map_memory().unwrap();
+    in_pin_dir(|dir| {
+        let (dataplane, _) = Dataplane::load_pinned(dir, LevelFilter::Off).unwrap();
+        let maps = dataplane.map_memory();
         let listed: Vec<&str> = maps.iter().map(|m| m.name).collect();
         assert_eq!(listed, names::ALL.to_vec());
         let get = |name: &str| maps.iter().find(|m| m.name == name).unwrap().clone();
@@ -1783,12 +1769,8 @@ fn a_pinned_datapath_reports_each_maps_memory() {
         );
         assert!(maps.iter().all(|m| m.bytes > 0), "{maps:?}");
         drop(dataplane);
-        assert!(World::new().dataplane.map_memory().unwrap().is_empty());
+        assert!(World::new().dataplane.map_memory().is_empty());
     });
-    remove_pins(&dir).unwrap();
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 /// `[datapath]` sizes the connection tables when they are created; a datapath that
@@ -1796,31 +1778,35 @@ fn a_pinned_datapath_reports_each_maps_memory() {
 #[test]
 fn connection_tables_are_sized_at_creation_and_kept_when_adopted() {
     use lb_common::maps::names;
-    use lb_userspace::dataplane::{LoadOptions, remove_pins};
-    let dir = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
+    use lb_userspace::dataplane::LoadOptions;
     let entries = |dp: &Dataplane, name: &str| {
-        let maps = dp.map_memory().unwrap();
-        let m = maps.iter().find(|m| m.name == name).unwrap();
+        let m = dp.map_memory().iter().find(|m| m.name == name).unwrap();
         (m.max_entries, m.bytes)
     };
-    let result = std::panic::catch_unwind(|| {
+    in_pin_dir(|dir| {
         let small = LoadOptions {
             conn_table_v4: 65_536,
             conn_table_v6: 16_384,
             ..LoadOptions::default()
         };
-        let (first, adopted) = Dataplane::load_pinned_with(&dir, small).unwrap();
+        let (first, adopted) = Dataplane::load_pinned_with(dir, small).unwrap();
         assert!(!adopted);
         let (v4, v4_bytes) = entries(&first, names::CONNS_V4);
         assert_eq!(v4, 65_536);
         assert_eq!(entries(&first, names::CONNS_V6).0, 16_384);
         assert!(v4_bytes < 10 << 20, "{v4_bytes} bytes for 65,536 entries");
         drop(first);
-        let (second, adopted) = Dataplane::load_pinned_with(&dir, LoadOptions::default()).unwrap();
+        let (second, adopted) = Dataplane::load_pinned_with(dir, LoadOptions::default()).unwrap();
         assert!(adopted);
         assert_eq!(entries(&second, names::CONNS_V4).0, 65_536, "kept as found");
     });
-    remove_pins(&dir).unwrap();
+}
+
+/// Runs `test` with a fresh pin directory, and removes the pins whatever happens.
+fn in_pin_dir(test: impl FnOnce(&std::path::Path) + std::panic::UnwindSafe) {
+    let dir = lb_userspace::agent::pin_dir(&lb_tests::netns::unique_prefix());
+    let result = std::panic::catch_unwind(|| test(&dir));
+    lb_userspace::dataplane::remove_pins(&dir).unwrap();
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }

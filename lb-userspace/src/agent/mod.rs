@@ -556,15 +556,11 @@ impl Agent {
             return;
         };
         match self.flood.observe(Instant::now(), stats) {
+            // Only the guard counts young flows: with it off, no flood is entered.
             Some(Transition::Entered { unanswered_per_s }) => warn!(
                 "flood: {unanswered_per_s:.0} new flows per second never sent a second packet \
-                 (threshold {:.0}); established flows are kept{}",
+                 (threshold {:.0}); the flood guard keeps them out of the connection table",
                 self.flood.threshold_per_s(),
-                if self.opts.flood_guard {
-                    ""
-                } else {
-                    " only if the connection table has room: the guard is off (--no-flood-guard)"
-                }
             ),
             Some(Transition::Left { lasted, unanswered }) => info!(
                 "flood over after {:.1} s: {unanswered} new flows never answered",
@@ -578,9 +574,7 @@ impl Agent {
 /// An adopted datapath keeps the connection tables it has, with the flows in them:
 /// says so when `[datapath]` asks for other sizes.
 fn warn_kept_sizes(dataplane: &Dataplane, config: &Config) {
-    let Ok(maps) = dataplane.map_memory() else {
-        return;
-    };
+    let maps = dataplane.map_memory();
     let wanted = [
         (
             lb_common::maps::names::CONNS_V4,

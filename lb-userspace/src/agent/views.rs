@@ -177,19 +177,15 @@ impl Agent {
         }
     }
 
-    /// Each pinned map's geometry and memory (empty if it cannot be read).
+    /// Each pinned map's geometry and memory, as read when the datapath was loaded.
     pub(super) fn map_memory(&self) -> Vec<crate::api::MapMemoryView> {
-        self.dataplane
-            .map_memory()
-            .unwrap_or_default()
-            .iter()
-            .map(Into::into)
-            .collect()
+        self.dataplane.map_memory().iter().map(Into::into).collect()
     }
 
-    /// The flood guard's counters and the flood watch's state.
+    /// The flood guard's counters and the flood watch's state, both from the watch's
+    /// last observation (one control interval old at most), so they agree.
     pub(super) fn flood_status(&self) -> FloodStatus {
-        let guard = self.dataplane.guard_stats().unwrap_or_default();
+        let guard = self.flood.counters();
         let rates = self.flood.rates();
         let since = self.flood.active_since();
         FloodStatus {

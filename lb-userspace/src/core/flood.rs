@@ -103,7 +103,10 @@ impl FloodWatch {
                 }
                 self.flood = None;
                 self.calm_since = None;
-                let unanswered = (stats.young - at_start.young)
+                // Saturating: counters that restarted during the flood count from 0.
+                let unanswered = stats
+                    .young
+                    .saturating_sub(at_start.young)
                     .saturating_sub(stats.promoted.saturating_sub(at_start.promoted));
                 Some(Transition::Left {
                     lasted: now.saturating_duration_since(since),
@@ -111,6 +114,12 @@ impl FloodWatch {
                 })
             }
         }
+    }
+
+    /// The counters of the last observation (zero before the first), from which
+    /// the rates were taken.
+    pub fn counters(&self) -> GuardStats {
+        self.last.map(|(_, stats)| stats).unwrap_or_default()
     }
 
     /// The rates of the last interval.

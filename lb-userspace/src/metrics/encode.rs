@@ -177,28 +177,25 @@ fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Resul
 }
 
 fn encode_maps(maps: &[crate::api::MapMemoryView], e: &mut DescriptorEncoder) -> fmt::Result {
-    let bytes: Vec<(L1, i64)> = maps
-        .iter()
-        .map(|m| ([("map", m.name.as_str())], m.bytes as i64))
-        .collect();
+    let per_map = |value: fn(&crate::api::MapMemoryView) -> i64| -> Vec<(L1, i64)> {
+        maps.iter()
+            .map(|m| ([("map", m.name.as_str())], value(m)))
+            .collect()
+    };
     gauge_family(
         e,
         "lb_datapath_map_memory_bytes",
         "Memory of each pinned BPF map of the datapath, as the kernel accounts it \
-         (memlock in the map's fdinfo)",
+         (memlock in the map's fdinfo) when the datapath was loaded",
         None,
-        &bytes,
+        &per_map(|m| m.bytes as i64),
     )?;
-    let entries: Vec<(L1, i64)> = maps
-        .iter()
-        .map(|m| ([("map", m.name.as_str())], i64::from(m.max_entries)))
-        .collect();
     gauge_family(
         e,
         "lb_datapath_map_max_entries",
         "Entries each pinned BPF map of the datapath was created with",
         None,
-        &entries,
+        &per_map(|m| i64::from(m.max_entries)),
     )
 }
 
