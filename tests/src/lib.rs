@@ -20,6 +20,8 @@
 //! - [`tcp`]: backend servers that answer with their name, and clients that count
 //!   which backend answered.
 //! - [`packet`]: frames built field by field, for the datapath tests.
+//! - [`pathcost`]: the XDP program's cost per path under `BPF_PROG_TEST_RUN`, and
+//!   a live window's packet mix priced at it (issue 23).
 //! - [`spread`]: the end-to-end scenario of weighted backends behind the real agent.
 //! - [`survive`]: LBs leaving a fleet whose weights move, under long-lived
 //!   connections of every age (issue 19: the fleet test and benchmark).
@@ -37,6 +39,7 @@ pub mod flood;
 pub mod netns;
 pub mod operating;
 pub mod packet;
+pub mod pathcost;
 pub mod scratch;
 pub mod spread;
 pub mod survive;

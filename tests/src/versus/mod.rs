@@ -218,6 +218,10 @@ pub struct Outcome {
     pub direct_rates: Vec<Option<f64>>,
     /// Seconds the whole benchmark took.
     pub wall_s: f64,
+    /// The XDP program's cost per path under `BPF_PROG_TEST_RUN`, measured at the
+    /// start of the run on the agent's configuration (when `xdp` runs): the prices
+    /// of `bench_mix_ns_per_packet`.
+    pub path_costs: Option<crate::pathcost::Measured>,
 }
 
 /// Everything a window needs.
@@ -288,6 +292,16 @@ fn run_on(
         client: &client,
     };
     let mut outcome = Outcome::default();
+    if settings.systems.contains(&System::Xdp) {
+        say("path costs: the XDP program under BPF_PROG_TEST_RUN, the agent's configuration");
+        match crate::pathcost::measure(&systems::agent_config(topo)) {
+            Ok(m) => {
+                say(&report::path_costs_line(&m));
+                outcome.path_costs = Some(m);
+            }
+            Err(e) => fail(&mut outcome, say, format!("path costs: {e:#}")),
+        }
+    }
     for round in 1..=settings.repeats {
         let mut direct_rate = None;
         for &system in &settings.systems {

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 use super::systems::System;
 use super::{Outcome, Phase, RunRecord, Settings};
+use crate::pathcost::{Measured, PacketMix};
 use crate::testbed::median;
 
 /// CPU-time shares of the load balancer (processes plus XDP program) under which
@@ -221,7 +222,7 @@ pub struct Check {
 }
 
 /// The stated expectations, checked against the medians.
-pub fn checks(records: &[RunRecord]) -> Vec<Check> {
+pub fn checks(records: &[RunRecord], path_costs: Option<&Measured>) -> Vec<Check> {
     let rate = |r: &RunRecord| r.rate();
     let p99 = |r: &RunRecord| r.conns.as_ref().and_then(|c| c.p99_ms);
     let xdp_vs_direct = paired(
@@ -260,6 +261,10 @@ pub fn checks(records: &[RunRecord]) -> Vec<Check> {
         Some(r.lb_cpu_pct() + r.xdp_cpu_pct().unwrap_or(0.0))
     });
     let xdp = summarize(records, Phase::ConnRate, System::Xdp);
+    let live = live_cost_of(records, path_costs)
+        .get(&Phase::ConnRate)
+        .copied()
+        .unwrap_or_default();
     let check = |what: &str, measured: Option<f64>, ok: fn(f64) -> bool, detail: String| Check {
         what: what.to_owned(),
         measured,
@@ -302,6 +307,17 @@ pub fn checks(records: &[RunRecord]) -> Vec<Check> {
                 f2(xdp.lb_cpu_pct),
                 f2(xdp.xdp_cpu_pct),
                 f0(xdp.rate)
+            ),
+        ),
+        check(
+            "xdp live ns/packet <= 2 x its bench mix (closed loop)",
+            live.ratio(),
+            |m| m <= 2.0,
+            format!(
+                "{} ns live, {} ns at bench prices: {} x",
+                f0(live.live_ns),
+                f0(live.bench_mix_ns),
+                f2(live.ratio())
             ),
         ),
     ]
@@ -565,7 +581,7 @@ pub fn markdown(settings: &Settings, outcome: &Outcome, host: &str) -> String {
     }
 
     out += "\n### Expectations, checked\n\n";
-    for c in checks(records) {
+    for c in checks(records, outcome.path_costs.as_ref()) {
         let verdict = match c.met {
             Some(true) => "met",
             Some(false) => "**missed**",
@@ -600,12 +616,178 @@ pub fn markdown(settings: &Settings, outcome: &Outcome, host: &str) -> String {
             interfered.join("; ")
         }
     );
+    out += &live_cost_markdown(outcome);
     if !outcome.failures.is_empty() {
         out += "\n### Failed runs\n\n";
         for f in &outcome.failures {
             let _ = writeln!(out, "- {f}");
         }
     }
+    out
+}
+
+/// Why `llc_misses_per_packet` is null.
+pub const LLC_NOTE: &str = "not measured: `bpftool prog profile` reads the CPU's hardware \
+    counters, and the reference machine (a KVM guest) exposes no hardware PMU \
+    (/sys/bus/event_source/devices has no `cpu`)";
+
+/// The XDP program's live cost in one phase, against the bench's prices of the
+/// same packets (medians over rounds).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LiveCost {
+    /// ns per run, from the kernel's BPF statistics.
+    pub live_ns: Option<f64>,
+    /// The window's packet mix priced at the repeated-run path costs.
+    pub bench_mix_ns: Option<f64>,
+    /// The packets of the mix, summed over rounds.
+    pub mix: PacketMix,
+}
+
+impl LiveCost {
+    /// Live over bench mix.
+    pub fn ratio(&self) -> Option<f64> {
+        Some(self.live_ns? / self.bench_mix_ns.filter(|b| *b > 0.0)?)
+    }
+}
+
+impl RunRecord {
+    /// This window's packets, by path (XDP only).
+    pub fn packet_mix(&self) -> Option<PacketMix> {
+        PacketMix::of(self.datapath.as_ref()?)
+    }
+}
+
+/// The XDP system's live cost per phase (phases it ran).
+pub fn live_cost(outcome: &Outcome) -> BTreeMap<Phase, LiveCost> {
+    live_cost_of(&outcome.records, outcome.path_costs.as_ref())
+}
+
+fn live_cost_of(records: &[RunRecord], costs: Option<&Measured>) -> BTreeMap<Phase, LiveCost> {
+    let mut by_phase = BTreeMap::new();
+    for phase in Phase::ALL {
+        let records: Vec<&RunRecord> = records
+            .iter()
+            .filter(|r| r.phase == phase && r.system == System::Xdp)
+            .collect();
+        if records.is_empty() {
+            continue;
+        }
+        let mut mix = PacketMix::default();
+        for m in records.iter().filter_map(|r| r.packet_mix()) {
+            mix.syn += m.syn;
+            mix.non_vip += m.non_vip;
+            mix.established += m.established;
+        }
+        let bench: Vec<f64> = match costs {
+            Some(costs) => records
+                .iter()
+                .filter_map(|r| r.packet_mix()?.priced(&costs.repeated))
+                .collect(),
+            None => Vec::new(),
+        };
+        let live: Vec<f64> = records.iter().filter_map(|r| r.xdp_ns_per_run()).collect();
+        by_phase.insert(
+            phase,
+            LiveCost {
+                live_ns: median(&live),
+                bench_mix_ns: median(&bench),
+                mix,
+            },
+        );
+    }
+    by_phase
+}
+
+fn live_cost_json(outcome: &Outcome, live: &BTreeMap<Phase, LiveCost>) -> Value {
+    let phases: serde_json::Map<String, Value> = live
+        .iter()
+        .map(|(phase, c)| {
+            (
+                phase.name().to_owned(),
+                json!({
+                    "live_ns_per_packet": opt(c.live_ns),
+                    "bench_mix_ns_per_packet": opt(c.bench_mix_ns),
+                    "live_x_bench_mix": opt(c.ratio()),
+                    "packets": {
+                        "syn": c.mix.syn,
+                        "established": c.mix.established,
+                        "non_vip": c.mix.non_vip,
+                    },
+                }),
+            )
+        })
+        .collect();
+    let costs = outcome.path_costs.map(|m| {
+        json!({
+            "repeated_ns": {
+                "floor": m.repeated.floor_ns,
+                "established_v4": m.repeated.established_ns,
+                "syn_v4": m.repeated.syn_ns,
+                "non_vip_v4": m.repeated.non_vip_ns,
+            },
+            "fresh_flow_ns": {
+                "floor_single": m.fresh.floor_single_ns,
+                "syn": m.fresh.syn_ns,
+                "handshake_ack": m.fresh.ack_ns,
+                "data": m.fresh.data_ns,
+                "fin": m.fresh.fin_ns,
+            },
+        })
+    });
+    json!({
+        "method": "live: the kernel's BPF statistics (run_time_ns / run_cnt) over the \
+            window; bench mix: the window's frames by path from the datapath's counters \
+            (conn_miss_syn: SYN; pass_*: non-VIP; the rest: established), each priced at \
+            its repeated BPF_PROG_TEST_RUN cost measured at the start of the same run",
+        "phases": phases,
+        "path_costs": costs.unwrap_or(Value::Null),
+    })
+}
+
+/// One line of the path costs, for the progress log.
+pub fn path_costs_line(m: &Measured) -> String {
+    let r = &m.repeated;
+    let f = &m.fresh;
+    format!(
+        "path costs, repeated: established {:.0} ns, SYN {:.0}, non-VIP {:.0}, floor {:.0}; \
+         fresh flows (less a {:.0} ns single-run floor): SYN {:.0}, handshake ACK {:.0}, \
+         data {:.0}, FIN {:.0}",
+        r.established_ns, r.syn_ns, r.non_vip_ns, r.floor_ns, f.floor_single_ns, f.syn_ns,
+        f.ack_ns, f.data_ns, f.fin_ns
+    )
+}
+
+/// The live-cost section of the Markdown report.
+fn live_cost_markdown(outcome: &Outcome) -> String {
+    let live = live_cost(outcome);
+    if live.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n### The XDP program's live cost against its bench cost\n\n\
+         Live: the kernel's BPF statistics over each window. Bench mix: the same \
+         window's frames by path (the datapath's counters), each priced at its repeated \
+         `BPF_PROG_TEST_RUN` cost measured at the start of this run.\n\n\
+         | phase | live ns/packet | bench mix ns/packet | live × bench mix | SYN | established | non-VIP |\n\
+         |---|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for (phase, c) in &live {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            phase.name(),
+            f0(c.live_ns),
+            f0(c.bench_mix_ns),
+            f2(c.ratio()),
+            c.mix.syn,
+            c.mix.established,
+            c.mix.non_vip
+        );
+    }
+    if let Some(m) = &outcome.path_costs {
+        let _ = writeln!(out, "\n{}.", path_costs_line(m));
+    }
+    let _ = writeln!(out, "\nLLC misses per packet: {LLC_NOTE}.");
     out
 }
 
@@ -701,8 +883,16 @@ pub fn json(settings: &Settings, outcome: &Outcome, host: &Value) -> Value {
         }
         summary.insert(phase.name(), Value::Object(by_system));
     }
+    let live = live_cost(outcome);
+    let top = live.get(&Phase::ConnRate).copied().unwrap_or_default();
     json!({
         "bench": "versus",
+        "live_ns_per_packet": opt(top.live_ns),
+        "bench_mix_ns_per_packet": opt(top.bench_mix_ns),
+        "live_x_bench_mix": opt(top.ratio()),
+        "llc_misses_per_packet": Value::Null,
+        "llc_misses_note": LLC_NOTE,
+        "live_cost": live_cost_json(outcome, &live),
         "settings": {
             "repeats": settings.repeats,
             "duration_s": settings.duration.as_secs_f64(),
@@ -724,7 +914,7 @@ pub fn json(settings: &Settings, outcome: &Outcome, host: &Value) -> Value {
         "wall_s": outcome.wall_s,
         "direct_rates": outcome.direct_rates,
         "summary": summary,
-        "checks": checks(&outcome.records).iter().map(|c| json!({
+        "checks": checks(&outcome.records, outcome.path_costs.as_ref()).iter().map(|c| json!({
             "what": c.what,
             "measured": opt(c.measured),
             "met": c.met,
@@ -783,7 +973,7 @@ mod tests {
         let round2 = 20.0 * 1e6 / 18000.0 - 20.0 * 1e6 / 20000.0;
         assert!((s.extra_ms_per_kconn.unwrap() - (round1 + round2) / 2.0).abs() < 1e-9);
         assert_eq!(s.lb_cpu_pct, Some(5.0));
-        let c = checks(&records);
+        let c = checks(&records, None);
         assert_eq!(c[0].met, Some(false));
         assert_eq!(c[1].met, None);
         assert_eq!(c.len(), 5);

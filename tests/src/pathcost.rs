@@ -1,0 +1,345 @@
+//! What each path of the XDP program costs under `BPF_PROG_TEST_RUN`, measured in
+//! the process that needs the figure (issue 23). `lb-bench-versus` prices the packet
+//! mix a live window saw at these costs (`bench_mix_ns_per_packet`, beside the live
+//! `live_ns_per_packet`), and prints the cost of a new connection's packets one by
+//! one, each flow new, as a live flow's are.
+//!
+//! Two methods, as in `cargo xtask bench datapath` (tests/benches/datapath.rs):
+//! - **repeated** ([`PathCosts`]): one `BPF_PROG_TEST_RUN` repeats a frame
+//!   [`REPEAT`] times, so caches are warm and every repetition takes the same path:
+//!   an established flow's packet, a SYN of a handshake in progress, a packet for no
+//!   VIP, and the `lb_pass` floor. These are the bench's cases and its method.
+//! - **fresh flows** ([`FreshCosts`]): [`FRESH_FLOWS`] connections, each with its own
+//!   addresses and ports, each sending SYN, the handshake's ACK, a data segment and
+//!   a FIN, one `BPF_PROG_TEST_RUN` (repeat 1) per packet. Every SYN misses the
+//!   connection table at a new place and writes a young entry; every ACK moves one
+//!   into the connection table; every entry is one the caches have never held. The
+//!   figures are single-run durations less the single-run floor (`lb_pass`, repeat
+//!   1), which carries the fixed cost of a run alone.
+//!
+//! Both run on a thread pinned to one CPU, on a program loaded for the purpose
+//! (never attached, nothing pinned) with the configuration and load options given,
+//! so that its maps have the sizes of the program measured live.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use aya::programs::{TestRun, TestRunOptions};
+use lb_common::maps::programs;
+use lb_userspace::{
+    config::Config,
+    dataplane::{Dataplane, LoadOptions},
+    desired::Desired,
+};
+
+use crate::packet::{TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, tcp_frame};
+
+/// Repetitions of one repeated measurement.
+pub const REPEAT: u32 = 200_000;
+/// Repeated measurements per path; the median is kept.
+const ROUNDS: usize = 7;
+/// Connections of the fresh-flow measurement.
+pub const FRESH_FLOWS: u32 = 20_000;
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+/// Repeated-run costs of the bench's paths, ns per packet as the kernel reports
+/// them (the test-run loop included, as in `cargo xtask bench datapath`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathCosts {
+    /// `lb_pass` on the established frame: the loop alone.
+    pub floor_ns: f64,
+    /// An established flow's packet (connection hit, DSR).
+    pub established_ns: f64,
+    /// A SYN of a handshake in progress (table pick, young write).
+    pub syn_ns: f64,
+    /// A TCP packet for no VIP (passed).
+    pub non_vip_ns: f64,
+}
+
+/// Fresh-flow costs: each of a new connection's packets, ns of the program per
+/// packet (single runs less the single-run floor).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FreshCosts {
+    /// The single-run floor that was subtracted (`lb_pass`, repeat 1).
+    pub floor_single_ns: f64,
+    /// The SYN: connection-table miss, VIP lookup, table pick, young-table write.
+    pub syn_ns: f64,
+    /// The handshake's ACK: connection-table miss, VIP lookup, young hit, the
+    /// connection-table write and the young entry's delete.
+    pub ack_ns: f64,
+    /// A data segment: connection hit.
+    pub data_ns: f64,
+    /// The client's FIN: connection hit, the entry marked closing.
+    pub fin_ns: f64,
+}
+
+/// Both measurements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Measured {
+    pub repeated: PathCosts,
+    pub fresh: FreshCosts,
+}
+
+/// The first VIP of `config_text`, the client address and port base of the frames.
+struct Frames {
+    vip: IpAddr,
+    port: u16,
+}
+
+impl Frames {
+    /// Flow `i`'s frame with `flags`: its own source address and port.
+    fn flow(&self, i: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let src = IpAddr::from([198, 18, 240 + (i >> 16) as u8, (i >> 8) as u8]);
+        let sport = 1024 + (i & 0xff) as u16 * 200 + (i >> 8) as u16 % 200;
+        tcp_frame(
+            LB_MAC, CLIENT_MAC, src, self.vip, sport, self.port, flags, payload,
+        )
+    }
+
+    fn non_vip(&self) -> Vec<u8> {
+        tcp_frame(
+            LB_MAC,
+            CLIENT_MAC,
+            IpAddr::from([198, 18, 239, 1]),
+            IpAddr::from([198, 18, 239, 2]),
+            40000,
+            self.port,
+            TCP_ACK,
+            b"",
+        )
+    }
+}
+
+/// Measures both, for the program the agent would load with `config_text` (its
+/// VIPs and `[datapath]` sizes, the flood guard on; the first VIP must be TCP). Runs
+/// on its own thread pinned to CPU 0.
+pub fn measure(config_text: &str) -> Result<Measured> {
+    let config = Config::parse(config_text).context("path-cost configuration")?;
+    std::thread::spawn(move || {
+        crate::pin_to_cpu(0)?;
+        measure_here(&config)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the path-cost thread panicked"))?
+}
+
+fn measure_here(config: &Config) -> Result<Measured> {
+    let options = LoadOptions {
+        conn_table_v4: config.datapath.connection_table_v4,
+        conn_table_v6: config.datapath.connection_table_v6,
+        ..LoadOptions::default()
+    };
+    let desired = Desired::from_config(config).context("planning the path-cost maps")?;
+    let vip = config.vips.first().context("the configuration has no VIP")?;
+    let frames = Frames {
+        vip: vip.address,
+        port: vip.port,
+    };
+    let mut dp = Dataplane::load_options(options).context("loading the XDP program")?;
+    dp.apply_and_wait(&desired).context("writing the maps")?;
+    dp.side_program(programs::PASS)?;
+
+    // The repeated cases: the established flow opened by its SYN and ACK, the SYN
+    // flow by its SYN only (a handshake in progress), as the bench does.
+    let established = FRESH_FLOWS;
+    let syn = FRESH_FLOWS + 1;
+    for flags in [TCP_SYN, TCP_ACK] {
+        run(&mut dp, false, &frames.flow(established, flags, b""), 1, XDP_TX)?;
+    }
+    run(&mut dp, false, &frames.flow(syn, TCP_SYN, b""), 1, XDP_TX)?;
+    let cases: [(bool, Vec<u8>, u32); 4] = [
+        (true, frames.flow(established, TCP_ACK, b""), XDP_PASS),
+        (false, frames.flow(established, TCP_ACK, b""), XDP_TX),
+        (false, frames.flow(syn, TCP_SYN, b""), XDP_TX),
+        (false, frames.non_vip(), XDP_PASS),
+    ];
+    let mut samples = [const { Vec::new() }; 4];
+    for _ in 0..ROUNDS {
+        for ((pass, frame, verdict), s) in cases.iter().zip(&mut samples) {
+            s.push(run(&mut dp, *pass, frame, REPEAT, *verdict)?);
+        }
+    }
+    let [floor_ns, established_ns, syn_ns, non_vip_ns] = samples.map(median);
+    let repeated = PathCosts {
+        floor_ns,
+        established_ns,
+        syn_ns,
+        non_vip_ns,
+    };
+
+    // Fresh flows: every connection's four packets in turn, one run each.
+    let before = dp.guard_stats()?.promoted;
+    let floor_frame = frames.flow(established, TCP_ACK, b"");
+    let mut floor = Duration::ZERO;
+    let mut totals = [Duration::ZERO; 4];
+    let packets = [
+        (TCP_SYN, &b""[..]),
+        (TCP_ACK, &b""[..]),
+        (TCP_ACK | TCP_PSH, &b"GET / HTTP/1.0\r\n\r\n"[..]),
+        (TCP_FIN | TCP_ACK, &b""[..]),
+    ];
+    for i in 0..FRESH_FLOWS {
+        floor += once(&mut dp, true, &floor_frame, XDP_PASS)?;
+        for ((flags, payload), total) in packets.iter().zip(&mut totals) {
+            *total += once(&mut dp, false, &frames.flow(i, *flags, payload), XDP_TX)?;
+        }
+    }
+    let promoted = dp.guard_stats()?.promoted - before;
+    ensure!(
+        promoted == u64::from(FRESH_FLOWS),
+        "{promoted} of {FRESH_FLOWS} fresh flows entered the connection table"
+    );
+    let per = |d: Duration| d.as_nanos() as f64 / f64::from(FRESH_FLOWS);
+    let floor_single_ns = per(floor);
+    let [syn, ack, data, fin] = totals.map(|d| (per(d) - floor_single_ns).max(0.0));
+    Ok(Measured {
+        repeated,
+        fresh: FreshCosts {
+            floor_single_ns,
+            syn_ns: syn,
+            ack_ns: ack,
+            data_ns: data,
+            fin_ns: fin,
+        },
+    })
+}
+
+/// One `BPF_PROG_TEST_RUN` of `frame`, `repeat` times, on the balancer (or on
+/// `lb_pass` if `pass`); checks the verdict and returns ns per repetition.
+fn run(dp: &mut Dataplane, pass: bool, frame: &[u8], repeat: u32, verdict: u32) -> Result<f64> {
+    let prog = if pass {
+        dp.side_program(programs::PASS)?
+    } else {
+        dp.program()?
+    };
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    ensure!(
+        r.return_value == verdict,
+        "verdict {} instead of {verdict}",
+        r.return_value
+    );
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// One run of `frame`, its duration as the kernel measured it.
+fn once(dp: &mut Dataplane, pass: bool, frame: &[u8], verdict: u32) -> Result<Duration> {
+    run(dp, pass, frame, 1, verdict).map(|ns| Duration::from_nanos(ns as u64))
+}
+
+fn median(v: Vec<f64>) -> f64 {
+    crate::testbed::median(&v).unwrap_or(f64::NAN)
+}
+
+/// What a window's packets were, by the datapath's counters: how many took each of
+/// the bench's paths.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketMix {
+    /// New flows (`conn_miss_syn`): the SYN path.
+    pub syn: u64,
+    /// Passed without a VIP (`pass_*`): the non-VIP path.
+    pub non_vip: u64,
+    /// Every other frame: a flow's later packets (`conn_hit`, the handshake's ACK,
+    /// FINs), priced as established packets.
+    pub established: u64,
+}
+
+impl PacketMix {
+    /// The mix of a window, from the deltas of the datapath's counters (named as in
+    /// `lb status --json`).
+    pub fn of(deltas: &std::collections::BTreeMap<String, u64>) -> Option<PacketMix> {
+        let total = *deltas.get("rx_frames")?;
+        let syn = deltas.get("conn_miss_syn").copied().unwrap_or(0);
+        let non_vip: u64 = deltas
+            .iter()
+            .filter(|(k, _)| k.starts_with("pass_"))
+            .map(|(_, v)| v)
+            .sum();
+        Some(PacketMix {
+            syn,
+            non_vip,
+            established: total.saturating_sub(syn + non_vip),
+        })
+    }
+
+    /// Frames in all.
+    pub fn total(&self) -> u64 {
+        self.syn + self.non_vip + self.established
+    }
+
+    /// The mix's mean cost per packet at `costs`; `None` for no packets.
+    pub fn priced(&self, costs: &PathCosts) -> Option<f64> {
+        let total = self.total();
+        (total > 0).then(|| {
+            (self.syn as f64 * costs.syn_ns
+                + self.non_vip as f64 * costs.non_vip_ns
+                + self.established as f64 * costs.established_ns)
+                / total as f64
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mix_is_priced_by_its_paths() {
+        let deltas = [
+            ("rx_frames", 100),
+            ("conn_miss_syn", 20),
+            ("conn_hit", 70),
+            ("pass_not_vip", 6),
+            ("pass_not_ip", 4),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .into_iter()
+        .collect();
+        let mix = PacketMix::of(&deltas).unwrap();
+        assert_eq!(
+            mix,
+            PacketMix {
+                syn: 20,
+                non_vip: 10,
+                established: 70
+            }
+        );
+        let costs = PathCosts {
+            floor_ns: 20.0,
+            established_ns: 60.0,
+            syn_ns: 300.0,
+            non_vip_ns: 30.0,
+        };
+        let priced = mix.priced(&costs).unwrap();
+        assert!((priced - (20.0 * 300.0 + 10.0 * 30.0 + 70.0 * 60.0) / 100.0).abs() < 1e-9);
+        assert_eq!(PacketMix::default().priced(&costs), None);
+    }
+
+    #[test]
+    fn fresh_flows_have_distinct_tuples() {
+        let frames = Frames {
+            vip: IpAddr::from([198, 18, 1, 1]),
+            port: 80,
+        };
+        let tuples: std::collections::BTreeSet<Vec<u8>> = (0..FRESH_FLOWS)
+            .map(|i| {
+                let f = frames.flow(i, TCP_SYN, b"");
+                // Source address and source port (Ethernet 14 + IPv4 20 bytes).
+                [&f[26..30], &f[34..36]].concat()
+            })
+            .collect();
+        assert_eq!(tuples.len(), FRESH_FLOWS as usize);
+    }
+}
