@@ -1,8 +1,12 @@
 //! Names and capacities of the BPF maps. The datapath declares its maps with these
 //! sizes and the agent opens them by these names, so the two never drift apart.
 
-/// Most VIPs one datapath serves.
+/// Most VIPs one datapath serves: the bound of VIP ids, of `VIP_IDS` and of
+/// `VIP_STATS`. How many VIPs the lookup tables have room for is configured below
+/// that (`[datapath] max_vips`, default [`DEFAULT_MAX_VIPS`]).
 pub const MAX_VIPS: u32 = 64;
+/// Default VIPs the lookup tables (`RINGS`) have room for: 8 × 256 KiB = 2 MiB.
+pub const DEFAULT_MAX_VIPS: u32 = 8;
 /// Most backends over all VIPs. Backend ids index the backend array directly.
 pub const MAX_BACKENDS: u32 = 4096;
 /// Largest lookup table per VIP, in slots. Also the default size; it is prime, as
@@ -13,15 +17,27 @@ pub const DEFAULT_RING_SIZE: u32 = MAX_RING_SIZE;
 /// Each VIP owns two table copies: the datapath reads the active one while the agent
 /// writes the other, then flips [`crate::types::VipMeta::active`].
 pub const RING_COPIES: u32 = 2;
+/// Slots in one `RINGS` element ([`crate::types::RingChunk`]): a slot is a 16-bit
+/// backend id (ids stay below [`MAX_BACKENDS`]), and the kernel stores array
+/// elements at an 8-byte stride, so four slots fill one element. A VIP's two copies
+/// cost 2 × 65,537 × 2 bytes = 256 KiB.
+pub const RING_CHUNK: u32 = 4;
+
+/// Elements of `RINGS` for lookup tables of `max_vips` VIPs.
+pub const fn rings_entries(max_vips: u32) -> u32 {
+    (max_vips * RING_COPIES * MAX_RING_SIZE).div_ceil(RING_CHUNK)
+}
 /// Default entries of the IPv4 connection table (an LRU hash: the least recently
 /// used flow is evicted when it is full; `[datapath] connection_table_v4` sets
 /// another size). The kernel preallocates LRU maps; memory as it accounts it
 /// (`lb status`, "maps"; `cargo xtask test -- --test datapath maps_memory
-/// --nocapture`, 2 CPUs): 88 bytes per entry, 88 MiB at this size.
-pub const CONN_TABLE_SIZE_V4: u32 = 1 << 20;
-/// Default entries of the IPv6 connection table (112 bytes per entry, 28 MiB).
-pub const CONN_TABLE_SIZE_V6: u32 = 1 << 18;
-/// Entries in the IPv4 young table (an LRU hash like the connection table, 5.5 MiB
+/// --nocapture`, 2 CPUs): 88 bytes per entry, 11 MiB at this size. An evicted
+/// flow's next packet takes the lookup table again, which sends it to the same
+/// backend unless its slot moved since (docs/CONFIG.md, "Table sizes").
+pub const CONN_TABLE_SIZE_V4: u32 = 1 << 17;
+/// Default entries of the IPv6 connection table (112 bytes per entry, 1.75 MiB).
+pub const CONN_TABLE_SIZE_V6: u32 = 1 << 14;
+/// Entries in the IPv4 young table (an LRU hash like the connection table, 1.4 MiB
 /// measured as above): a flow's first packet's choice of backend waits there
 /// until the client's second packet shows the flow is real (for TCP, that the
 /// handshake completed), and only then enters `CONNS_V4` (see
@@ -29,9 +45,9 @@ pub const CONN_TABLE_SIZE_V6: u32 = 1 << 18;
 /// connection table. Its size only bounds how many handshakes can be in flight
 /// before a flood pushes them out, and one pushed out still completes when the
 /// lookup table has not moved in its round trip.
-pub const YOUNG_TABLE_SIZE_V4: u32 = 1 << 16;
-/// Entries in the IPv6 young table (1.8 MiB, measured as above).
-pub const YOUNG_TABLE_SIZE_V6: u32 = 1 << 14;
+pub const YOUNG_TABLE_SIZE_V4: u32 = 1 << 14;
+/// Entries in the IPv6 young table (0.4 MiB, measured as above).
+pub const YOUNG_TABLE_SIZE_V6: u32 = 1 << 12;
 /// log2 of [`VIP_FILTER_SLOTS`].
 pub const VIP_FILTER_BITS: u32 = 12;
 /// Slots of the `VIP_FILTER` array (see [`crate::hash::vip_filter_slot`]): with at
@@ -39,7 +55,8 @@ pub const VIP_FILTER_BITS: u32 = 12;
 /// set, so nearly every packet for no VIP stops after one array read.
 pub const VIP_FILTER_SLOTS: u32 = 1 << VIP_FILTER_BITS;
 
-/// Slot in the `RINGS` array where copy `copy` of VIP `vip_id`'s table starts.
+/// Slot where copy `copy` of VIP `vip_id`'s table starts, counted in slots (element
+/// `slot / RING_CHUNK` of `RINGS`, lane `slot % RING_CHUNK`).
 #[inline(always)]
 pub const fn ring_base(vip_id: u32, copy: u32) -> u32 {
     (vip_id * RING_COPIES + copy) * MAX_RING_SIZE

@@ -49,6 +49,11 @@ pub const VIP_F_ENCAP: u32 = 1 << 1;
 /// key has port 0 and protocol [`PROTO_ICMP`] or [`PROTO_ICMPV6`]; it has no table.
 pub const VIP_F_ECHO: u32 = 1 << 2;
 
+/// Value of the `RINGS` array: [`crate::maps::RING_CHUNK`] consecutive lookup-table
+/// slots, each a backend id. Seen as memory (the agent maps the array), `RINGS` is
+/// one flat `u16` array indexed by slot.
+pub type RingChunk = [u16; crate::maps::RING_CHUNK as usize];
+
 /// Value of the `VIPS` map: where the VIP's lookup table lives and how to use it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

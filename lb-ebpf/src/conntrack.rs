@@ -56,17 +56,28 @@ pub fn guard() -> bool {
     unsafe { core::ptr::read_volatile(&FLOOD_GUARD) != 0 }
 }
 
+/// A connection-table entry of the packet's flow: its value as read, and where it
+/// lies, so that a FIN or RST marks it closing without a second lookup.
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub entry: ConnEntry,
+    slot: *mut ConnEntry,
+}
+
 /// The entry of the packet's flow, if the flow is known. Counting is the caller's:
 /// what a found entry means depends on whether its VIP and backend still stand.
 #[inline(always)]
-pub fn find(pkt: &Packet) -> Option<ConnEntry> {
-    // SAFETY: the entry is copied out at once; an LRU eviction racing with this read
-    // can at worst give a stale entry, whose VIP and backend the caller validates.
-    if pkt.family == FAMILY_V4 {
-        unsafe { CONNS_V4.get(keys::ConnV4::new(pkt).key()) }.copied()
+pub fn find(pkt: &Packet) -> Option<Found> {
+    let slot = if pkt.family == FAMILY_V4 {
+        CONNS_V4.get_ptr_mut(keys::ConnV4::new(pkt).key())?
     } else {
-        unsafe { CONNS_V6.get(keys::ConnV6::new(pkt).key()) }.copied()
-    }
+        CONNS_V6.get_ptr_mut(keys::ConnV6::new(pkt).key())?
+    };
+    // SAFETY: a map value, valid for the whole program run; it is copied out at
+    // once. An LRU eviction racing with this read can at worst give a stale entry,
+    // whose VIP and backend the caller validates.
+    let entry = unsafe { *slot };
+    Some(Found { entry, slot })
 }
 
 /// The young entry of the packet's flow, if its first packet was seen and the
@@ -146,21 +157,15 @@ fn count(field: impl FnOnce(&mut GuardStats) -> &mut u64) {
     }
 }
 
-/// Marks the packet's flow as closing (the client sent a FIN or RST): from now on a
-/// SYN with its addresses and ports opens a new connection. Written in place, once
-/// per flow; a failed lookup (the entry just evicted) changes nothing.
+/// Marks a found flow as closing (the client sent a FIN or RST): from now on a SYN
+/// with its addresses and ports opens a new connection. Written in place, once per
+/// flow, where [`find`] found it.
 #[inline(always)]
-pub fn mark_closing(pkt: &Packet) {
-    let entry = if pkt.family == FAMILY_V4 {
-        CONNS_V4.get_ptr_mut(keys::ConnV4::new(pkt).key())
-    } else {
-        CONNS_V6.get_ptr_mut(keys::ConnV6::new(pkt).key())
-    };
-    if let Some(entry) = entry {
-        // SAFETY: a map value, valid for the whole program run; a racing reader sees
-        // the flag or not, either of which is a valid entry.
-        unsafe { (*entry).vip_id |= CONN_CLOSING }
-    }
+pub fn mark_closing(found: &Found) {
+    // SAFETY: a map value, valid for the whole program run (an entry evicted since
+    // is freed only after it, RCU); a racing reader sees the flag or not, either of
+    // which is a valid entry.
+    unsafe { (*found.slot).vip_id |= CONN_CLOSING }
 }
 
 /// Remembers a new flow's backend. A failed insert is counted (and logged, see

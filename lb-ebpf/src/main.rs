@@ -99,15 +99,16 @@ fn balance(ctx: &XdpContext, counters: stats::Global) -> Result<(), Stop> {
 /// goes through the `VIPS` hash map and, for a new flow, the lookup table.
 #[inline(always)]
 fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> {
-    let known = conntrack::find(pkt);
+    let found = conntrack::find(pkt);
     if !pkt.tcp_syn
-        && let Some(entry) = known
+        && let Some(found) = &found
+        && let entry = found.entry
         && let Some(flags) = vip::flags_by_id(entry.vip(), pkt)
         && let Ok(backend) = table::backend(entry.backend_id)
     {
         count_known(pkt, counters);
         if pkt.tcp_fin_rst && !entry.closing() {
-            conntrack::mark_closing(pkt);
+            conntrack::mark_closing(found);
         }
         return Ok(Target {
             vip_id: entry.vip(),
@@ -120,7 +121,8 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
     }
     let vip = vip::lookup(pkt)?;
     // An entry made for another VIP that had this id is no entry at all.
-    let mut known = known.filter(|entry| entry.vip() == vip.vip_id);
+    let found = found.filter(|f| f.entry.vip() == vip.vip_id);
+    let mut known = found.map(|f| f.entry);
     if pkt.tcp_syn {
         return syn(pkt, &vip, known, counters);
     }
@@ -136,8 +138,12 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
             young
         });
     }
-    if pkt.tcp_fin_rst && known.is_some_and(|entry| !entry.closing()) {
-        conntrack::mark_closing(pkt);
+    // (A flow promoted just now was written closing already if this is its FIN.)
+    if pkt.tcp_fin_rst
+        && let Some(found) = &found
+        && !found.entry.closing()
+    {
+        conntrack::mark_closing(found);
     }
     if known.is_some() {
         count_known(pkt, counters);
@@ -376,7 +382,7 @@ fn forward_only(ctx: &XdpContext) -> Result<(), Stop> {
     if !vip::may_be_vip(&pkt) {
         return Err(Stop::NotVip);
     }
-    let entry = conntrack::find(&pkt).ok_or(Stop::NoBackend)?;
+    let entry = conntrack::find(&pkt).ok_or(Stop::NoBackend)?.entry;
     forward::l2_dsr(ctx, table::backend(entry.backend_id)?)
 }
 

@@ -8,12 +8,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, RING_COPIES,
+        CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, DEFAULT_MAX_VIPS, MAX_BACKENDS, MAX_VIPS,
         SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS, YOUNG_TABLE_SIZE_V4, YOUNG_TABLE_SIZE_V6,
+        rings_entries,
     },
     types::{
-        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, GuardStats, Settings,
-        ShareStats, VipIdEntry, VipKey, VipMeta, VipStats,
+        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, GuardStats, RingChunk,
+        Settings, ShareStats, VipIdEntry, VipKey, VipMeta, VipStats,
     },
 };
 
@@ -40,12 +41,14 @@ pub static VIP_IDS: Array<VipIdEntry> = Array::with_max_entries(MAX_VIPS, 0);
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// The lookup tables: two copies per VIP of `MAX_RING_SIZE` backend ids each (see
-/// `lb_common::maps::ring_base`). Written by the agent into the inactive copy,
-/// through a shared memory mapping (`BPF_F_MMAPABLE`): no syscall per slot.
+/// The lookup tables: two copies per VIP of `MAX_RING_SIZE` 16-bit backend ids
+/// each, four to an element (see `lb_common::maps::ring_base` and `RING_CHUNK`).
+/// Sized for `[datapath] max_vips` VIPs when the agent creates it (the default
+/// below). Written by the agent into the inactive copy, through a shared memory
+/// mapping (`BPF_F_MMAPABLE`): no syscall per slot.
 #[map(name = "RINGS")]
-pub static RINGS: Array<u32> =
-    Array::with_max_entries(MAX_VIPS * RING_COPIES * MAX_RING_SIZE, BPF_F_MMAPABLE);
+pub static RINGS: Array<RingChunk> =
+    Array::with_max_entries(rings_entries(DEFAULT_MAX_VIPS), BPF_F_MMAPABLE);
 
 /// Connection tables, IPv4 and IPv6: flow → backend. Written by the datapath on a
 /// flow's first packet; read on every later one. Shared by all CPUs (a flow is found

@@ -4,7 +4,7 @@
 
 use lb_common::{
     hash::{flow_hash_words, source_hash_words},
-    maps::{MAX_RING_SIZE, MAX_VIPS, ring_base},
+    maps::{MAX_RING_SIZE, MAX_VIPS, RING_CHUNK, ring_base},
     types::{Backend, VIP_F_HASH_SRC_ONLY, VipMeta},
 };
 
@@ -40,7 +40,9 @@ pub fn pick(pkt: &Packet, vip: &VipMeta) -> Result<(u32, u32), Stop> {
     }
     let hash = hash(pkt, vip.flags);
     let slot = ring_base(vip.vip_id, vip.active & 1) + hash % vip.ring_size;
-    let backend_id = RINGS.get(slot).copied().ok_or(Stop::NoBackend)?;
+    // A VIP id beyond the array's configured size finds no element.
+    let chunk = RINGS.get(slot / RING_CHUNK).ok_or(Stop::NoBackend)?;
+    let backend_id = u32::from(chunk[(slot % RING_CHUNK) as usize]);
     Ok((backend_id, hash))
 }
 

@@ -21,8 +21,9 @@
 //! source_v6 = "fd00:19::"   # a /96: the last four bytes come from the flow hash
 //!
 //! [datapath]                # fixed when the agent first creates the datapath
-//! connection_table_v4 = 1048576   # IPv4 flows kept at once (88 bytes each)
-//! connection_table_v6 = 262144    # IPv6 flows (112 bytes each)
+//! connection_table_v4 = 131072    # IPv4 flows kept at once (88 bytes each)
+//! connection_table_v6 = 16384     # IPv6 flows (112 bytes each)
+//! max_vips = 8                    # VIPs the lookup tables have room for (256 KiB each)
 //! ```
 
 use std::{
@@ -134,10 +135,11 @@ pub struct Config {
     pub datapath: DatapathSizes,
 }
 
-/// The `[datapath]` section: how many flows the connection tables hold. The kernel
-/// preallocates them when the agent first loads the datapath (about 88 bytes per
-/// IPv4 entry and 112 per IPv6 one, as it accounts them); an agent that adopts a
-/// pinned datapath keeps the tables it finds, whatever is configured.
+/// The `[datapath]` section: how many flows the connection tables hold, and how
+/// many VIPs the lookup tables have room for. The kernel preallocates them when the
+/// agent first loads the datapath (about 88 bytes per IPv4 entry, 112 per IPv6 one
+/// and 256 KiB per VIP, as it accounts them); an agent that adopts a pinned
+/// datapath keeps the tables it finds, whatever is configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatapathSizes {
     /// Entries of `CONNS_V4`: IPv4 flows kept on their backend at once (an LRU
@@ -145,6 +147,9 @@ pub struct DatapathSizes {
     pub connection_table_v4: u32,
     /// Entries of `CONNS_V6`.
     pub connection_table_v6: u32,
+    /// VIPs the lookup tables (`RINGS`) have room for, two copies each; at most
+    /// `lb_common::maps::MAX_VIPS`.
+    pub max_vips: u32,
 }
 
 impl Default for DatapathSizes {
@@ -152,6 +157,7 @@ impl Default for DatapathSizes {
         DatapathSizes {
             connection_table_v4: lb_common::maps::CONN_TABLE_SIZE_V4,
             connection_table_v6: lb_common::maps::CONN_TABLE_SIZE_V6,
+            max_vips: lb_common::maps::DEFAULT_MAX_VIPS,
         }
     }
 }
@@ -805,6 +811,7 @@ struct RawConfig {
 struct RawDatapath {
     connection_table_v4: Option<u32>,
     connection_table_v6: Option<u32>,
+    max_vips: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -881,16 +888,21 @@ impl Config {
                 "no VIP is configured; add at least one [[vip]]",
             ));
         }
-        if raw.vip.len() > MAX_VIPS as usize {
-            return Err(invalid(
-                "vip",
-                format!("{} VIPs, at most {MAX_VIPS}", raw.vip.len()),
-            ));
-        }
         let encapsulation = check_encapsulation(raw.encapsulation)?;
         let control = check_control(raw.control)?;
         let cluster = check_cluster(raw.cluster)?;
         let datapath = check_datapath(raw.datapath)?;
+        if raw.vip.len() > datapath.max_vips as usize {
+            return Err(invalid(
+                "vip",
+                format!(
+                    "{} VIPs, but the lookup tables have room for {} \
+                     ([datapath] max_vips, at most {MAX_VIPS}; 256 KiB per VIP)",
+                    raw.vip.len(),
+                    datapath.max_vips
+                ),
+            ));
+        }
         let mut seen = BTreeSet::new();
         let mut vips = Vec::with_capacity(raw.vip.len());
         let mut total_backends = 0usize;
@@ -967,6 +979,16 @@ fn check_datapath(raw: Option<RawDatapath>) -> Result<DatapathSizes, ConfigError
             defaults.connection_table_v6,
             "connection_table_v6",
         )?,
+        max_vips: match raw.max_vips {
+            None => defaults.max_vips,
+            Some(n) if (1..=MAX_VIPS).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    "datapath.max_vips",
+                    format!("{n}: give 1 to {MAX_VIPS} (each VIP's lookup tables take 256 KiB)"),
+                ));
+            }
+        },
     })
 }
 
@@ -1388,6 +1410,26 @@ weight = 1
             "protocol = \"tcp\"\ntable_size = 65536",
         );
         assert_eq!(field_of(&text), "vip[0].table_size");
+    }
+
+    #[test]
+    fn vips_beyond_max_vips_are_refused_naming_the_key() {
+        let second = GOOD.split_once("[[vip]]").unwrap().1;
+        let two = format!(
+            "{GOOD}\n[[vip]]{}",
+            second.replace("port = 80", "port = 81")
+        );
+        assert_eq!(Config::parse(&two).unwrap().datapath.max_vips, 8);
+        let one = format!("{two}\n[datapath]\nmax_vips = 1\n");
+        assert_eq!(field_of(&one), "vip");
+        let err = Config::parse(&one).unwrap_err();
+        assert!(err.to_string().contains("max_vips"), "{err}");
+        for bad in [0, 65] {
+            let text = format!("{GOOD}\n[datapath]\nmax_vips = {bad}\n");
+            assert_eq!(field_of(&text), "datapath.max_vips");
+        }
+        let room = format!("{two}\n[datapath]\nmax_vips = 2\n");
+        assert_eq!(Config::parse(&room).unwrap().datapath.max_vips, 2);
     }
 
     #[test]

@@ -25,16 +25,17 @@ use aya_log::EbpfLogger;
 use lb_common::{
     hash::vip_filter_slot,
     maps::{
-        FLOOD_GUARD_GLOBAL, MAX_RING_SIZE, MAX_VIPS, RING_COPIES, SHARE_FLOWS_GLOBAL,
-        VIP_FILTER_SLOTS, names, programs, ring_base,
+        FLOOD_GUARD_GLOBAL, MAX_RING_SIZE, RING_CHUNK, RING_COPIES, SHARE_FLOWS_GLOBAL,
+        VIP_FILTER_SLOTS, names, programs, ring_base, rings_entries,
     },
     types::{
         BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, GuardStats,
-        Settings, ShareStats, VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
+        RingChunk, Settings, ShareStats, VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
     },
 };
 use log::LevelFilter;
 
+use crate::config::DatapathSizes;
 use crate::desired::{Desired, DesiredBackend, DesiredVip};
 
 /// The XDP object built by `build.rs` from `lb-ebpf` (empty when built without it).
@@ -82,6 +83,17 @@ pub enum DataplaneError {
     Link { path: PathBuf, message: String },
     #[error("cannot map the lookup tables into memory: {0}")]
     Mmap(#[source] std::io::Error),
+    #[error(
+        "the lookup tables (RINGS) have {value_size}-byte elements; this lb writes \
+         {}-byte ones",
+        std::mem::size_of::<RingChunk>()
+    )]
+    RingsLayout { value_size: u32 },
+    #[error(
+        "VIP id {vip_id} is beyond the lookup tables' room for {room} VIPs \
+         ([datapath] max_vips when the datapath was created; nothing was changed)"
+    )]
+    VipRoom { vip_id: u32, room: u32 },
     #[error("map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -234,10 +246,11 @@ pub struct SharedFlowMaps {
 }
 
 /// A shared mapping of the `RINGS` array. The kernel stores array elements at an
-/// 8-byte stride whatever their size, so each `u32` slot is one `u64` here (the
-/// value in its low half on this little-endian layout, the high half zero).
+/// 8-byte stride, and each element ([`RingChunk`]) is four 16-bit slots, so the
+/// mapping is one flat `u16` array indexed by slot.
 struct RingsMapping {
-    ptr: *mut u64,
+    ptr: *mut u16,
+    /// Slots.
     len: usize,
 }
 
@@ -249,8 +262,14 @@ impl RingsMapping {
         let Some(Map::Array(data)) = ebpf.map(names::RINGS) else {
             return Err(DataplaneError::MissingMap(names::RINGS));
         };
-        let len = (MAX_VIPS * RING_COPIES * MAX_RING_SIZE) as usize;
-        let bytes = len * std::mem::size_of::<u64>();
+        let info = data.info().map_err(map_err(names::RINGS))?;
+        if info.value_size() as usize != std::mem::size_of::<RingChunk>() {
+            return Err(DataplaneError::RingsLayout {
+                value_size: info.value_size(),
+            });
+        }
+        let len = info.max_entries() as usize * RING_CHUNK as usize;
+        let bytes = len * std::mem::size_of::<u16>();
         // SAFETY: maps the array's own memory (BPF_F_MMAPABLE), shared with the
         // kernel; the length is the array's size, which the kernel checks.
         let ptr = unsafe {
@@ -272,6 +291,11 @@ impl RingsMapping {
         })
     }
 
+    /// VIPs whose two table copies fit.
+    fn vips(&self) -> u32 {
+        (self.len / (RING_COPIES * MAX_RING_SIZE) as usize) as u32
+    }
+
     /// Writes `table` at `base`, only the slots that differ from `old` (everything if
     /// `old` is `None` or of another length). Returns the number of slots written.
     fn write(&mut self, base: u32, table: &[u32], old: Option<&[u32]>) -> u64 {
@@ -280,10 +304,14 @@ impl RingsMapping {
             "table beyond the RINGS array"
         );
         // SAFETY: in bounds (checked above) of a live mapping owned by `self`. The
-        // kernel reads these slots concurrently; u32 stores are atomic on every
+        // kernel reads these slots concurrently; u16 stores are atomic on every
         // architecture BPF runs on, and this copy is not the active one.
         let slots =
             unsafe { std::slice::from_raw_parts_mut(self.ptr.add(base as usize), table.len()) };
+        let slot_of = |id: u32| -> u16 {
+            debug_assert!(id < lb_common::maps::MAX_BACKENDS);
+            id as u16
+        };
         match old {
             Some(old) if old.len() == table.len() => {
                 let mut written = 0;
@@ -291,7 +319,7 @@ impl RingsMapping {
                     if new != was {
                         // SAFETY: a plain in-bounds store; volatile so the compiler
                         // neither drops nor merges stores to memory the kernel reads.
-                        unsafe { std::ptr::write_volatile(slot, new as u64) };
+                        unsafe { std::ptr::write_volatile(slot, slot_of(new)) };
                         written += 1;
                     }
                 }
@@ -300,15 +328,13 @@ impl RingsMapping {
             _ => {
                 for (slot, &new) in slots.iter_mut().zip(table) {
                     // SAFETY: as above.
-                    unsafe { std::ptr::write_volatile(slot, new as u64) };
+                    unsafe { std::ptr::write_volatile(slot, slot_of(new)) };
                 }
                 table.len() as u64
             }
         }
     }
-}
 
-impl RingsMapping {
     /// Reads `len` slots at `base`.
     fn read(&self, base: u32, len: usize) -> Vec<u32> {
         assert!(
@@ -318,7 +344,7 @@ impl RingsMapping {
         // SAFETY: in bounds of a live mapping owned by `self`.
         unsafe { std::slice::from_raw_parts(self.ptr.add(base as usize), len) }
             .iter()
-            .map(|&v| v as u32)
+            .map(|&v| u32::from(v))
             .collect()
     }
 }
@@ -326,7 +352,7 @@ impl RingsMapping {
 impl Drop for RingsMapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len * std::mem::size_of::<u64>()) };
+        unsafe { libc::munmap(self.ptr.cast(), self.len * std::mem::size_of::<u16>()) };
     }
 }
 
@@ -344,10 +370,9 @@ pub struct LoadOptions {
     /// guard, `lb-ebpf/src/conntrack.rs`); off, they go straight into the
     /// connection tables.
     pub flood_guard: bool,
-    /// Entries of the IPv4 and IPv6 connection tables when they are created (a
-    /// pinned table is adopted at whatever size it has).
-    pub conn_table_v4: u32,
-    pub conn_table_v6: u32,
+    /// Sizes of the connection tables and of the lookup tables' room for VIPs
+    /// when they are created (pinned maps are adopted at whatever size they have).
+    pub sizes: DatapathSizes,
 }
 
 impl Default for LoadOptions {
@@ -356,8 +381,7 @@ impl Default for LoadOptions {
             log: LevelFilter::Off,
             share_flows: false,
             flood_guard: true,
-            conn_table_v4: lb_common::maps::CONN_TABLE_SIZE_V4,
-            conn_table_v6: lb_common::maps::CONN_TABLE_SIZE_V6,
+            sizes: DatapathSizes::default(),
         }
     }
 }
@@ -374,15 +398,6 @@ impl Dataplane {
     pub fn load_logging(log: LevelFilter) -> Result<Dataplane, DataplaneError> {
         Dataplane::load_options(LoadOptions {
             log,
-            ..LoadOptions::default()
-        })
-    }
-
-    /// As [`Dataplane::load`], with flow sharing on: the program reports every
-    /// connection entry it writes (for tests of sharing).
-    pub fn load_sharing() -> Result<Dataplane, DataplaneError> {
-        Dataplane::load_options(LoadOptions {
-            share_flows: true,
             ..LoadOptions::default()
         })
     }
@@ -411,14 +426,25 @@ impl Dataplane {
     /// As [`Dataplane::load_pinned`], with every load option given.
     pub fn load_pinned_with(
         dir: &Path,
-        options: LoadOptions,
+        mut options: LoadOptions,
     ) -> Result<(Dataplane, bool), DataplaneError> {
         std::fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
             path: dir.to_owned(),
             source,
         })?;
         let adopted = is_pinned(dir);
+        let carried = if adopted {
+            unpin_unpacked_rings(dir)?
+        } else {
+            Vec::new()
+        };
+        if let Some(top) = carried.iter().map(|t| t.vip_id).max() {
+            options.sizes.max_vips = options.sizes.max_vips.max(top + 1);
+        }
         let mut dataplane = Dataplane::load_with(Some(dir.to_owned()), options)?;
+        for t in &carried {
+            dataplane.rings.write(t.base, &t.table, None);
+        }
         // The old program keeps its own references until the new one replaces it.
         remove_legacy_pins(dir)?;
         // Every map but `VIPS` (a few hundred bytes per VIP) is preallocated: what
@@ -450,8 +476,9 @@ impl Dataplane {
         // And for the flood guard: off, the young tables' code is removed.
         let flood_guard = u8::from(options.flood_guard);
         loader.override_global(FLOOD_GUARD_GLOBAL, &flood_guard, true);
-        loader.map_max_entries(names::CONNS_V4, options.conn_table_v4);
-        loader.map_max_entries(names::CONNS_V6, options.conn_table_v6);
+        loader.map_max_entries(names::CONNS_V4, options.sizes.connection_table_v4);
+        loader.map_max_entries(names::CONNS_V6, options.sizes.connection_table_v6);
+        loader.map_max_entries(names::RINGS, rings_entries(options.sizes.max_vips));
         if let Some(dir) = &pins {
             for name in names::ALL {
                 loader.map_pin_path(name, dir.join(name));
@@ -613,6 +640,13 @@ impl Dataplane {
     /// Never blocks: a table switch that would overwrite a copy packets may still be
     /// reading is left for later ([`ApplyReport::deferred`], [`Dataplane::retry_at`]).
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplyReport, DataplaneError> {
+        let room = self.rings.vips();
+        if let Some(vip) = desired.vips.values().find(|v| v.meta.vip_id >= room) {
+            return Err(DataplaneError::VipRoom {
+                vip_id: vip.meta.vip_id,
+                room,
+            });
+        }
         let mut report = ApplyReport::default();
         self.retry_at = None;
         if self.shadow.settings != desired.settings {
@@ -874,11 +908,20 @@ impl Dataplane {
         let Some(meta) = self.vip_entry(key)? else {
             return Ok(None);
         };
-        let rings: Array<&MapData, u32> =
+        let rings: Array<&MapData, RingChunk> =
             Array::try_from(self.map(names::RINGS)?).map_err(map_err(names::RINGS))?;
         let base = ring_base(meta.vip_id, meta.active);
-        (0..meta.ring_size)
-            .map(|slot| rings.get(&(base + slot), 0).map_err(map_err(names::RINGS)))
+        let mut chunk = None;
+        (base..base + meta.ring_size)
+            .map(|slot| {
+                let index = slot / RING_CHUNK;
+                let (at, c) = match chunk {
+                    Some((at, c)) if at == index => (at, c),
+                    _ => (index, rings.get(&index, 0).map_err(map_err(names::RINGS))?),
+                };
+                chunk = Some((at, c));
+                Ok(u32::from(c[(slot % RING_CHUNK) as usize]))
+            })
             .collect::<Result<Vec<u32>, _>>()
             .map(Some)
     }
@@ -1266,6 +1309,81 @@ pub const PROGRAM_PIN: &str = "program";
 /// Maps an earlier version pinned and this one no longer has: `CONNS`, the single
 /// connection table before it was split by family.
 const LEGACY_PINS: [&str; 1] = ["CONNS"];
+
+/// A lookup table carried over from a pinned `RINGS` of the unpacked layout.
+struct CarriedTable {
+    vip_id: u32,
+    /// Its first slot (the same in both layouts).
+    base: u32,
+    table: Vec<u32>,
+}
+
+/// An agent before the packed layout pinned `RINGS` with one 32-bit slot per
+/// element, for 64 VIPs (64 MiB). If `dir` holds such a map, reads every VIP's
+/// active table from it and removes its pin, so that the program about to be loaded
+/// creates the packed one; the caller writes the tables back into it. Established
+/// flows are not touched (their connection tables are adopted as they are), and
+/// new flows find the same tables.
+fn unpin_unpacked_rings(dir: &Path) -> Result<Vec<CarriedTable>, DataplaneError> {
+    let path = dir.join(names::RINGS);
+    let map_err = |source| DataplaneError::Map {
+        map: names::RINGS,
+        source,
+    };
+    let old = match MapData::from_pin(&path) {
+        Ok(old) => old,
+        Err(_) if !path.exists() => return Ok(Vec::new()),
+        Err(source) => return Err(map_err(source)),
+    };
+    let info = old.info().map_err(map_err)?;
+    if info.value_size() as usize != std::mem::size_of::<u32>() {
+        return Ok(Vec::new());
+    }
+    let old: Array<MapData, u32> = Array::try_from(Map::Array(old)).map_err(map_err)?;
+    let vips: HashMap<MapData, VipKey, VipMeta> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(dir.join(names::VIPS)).map_err(|source| DataplaneError::Map {
+            map: names::VIPS,
+            source,
+        })?,
+    ))
+    .map_err(|source| DataplaneError::Map {
+        map: names::VIPS,
+        source,
+    })?;
+    let mut carried = Vec::new();
+    for entry in vips.iter() {
+        let (_, meta) = entry.map_err(|source| DataplaneError::Map {
+            map: names::VIPS,
+            source,
+        })?;
+        if meta.flags & VIP_F_ECHO != 0 {
+            continue;
+        }
+        let base = ring_base(meta.vip_id, meta.active);
+        let table = (base..base + meta.ring_size)
+            .map(|slot| old.get(&slot, 0))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(map_err)?;
+        carried.push(CarriedTable {
+            vip_id: meta.vip_id,
+            base,
+            table,
+        });
+    }
+    std::fs::remove_file(&path).map_err(|source| DataplaneError::Pin {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::warn!(
+        "the pinned lookup tables ({}) have the layout of an earlier lb (one 32-bit slot \
+         per element, room for 64 VIPs, 64 MiB): replaced by the packed layout, with \
+         the {} tables in use carried over; the connection tables and their flows are \
+         kept",
+        names::RINGS,
+        carried.len()
+    );
+    Ok(carried)
+}
 
 /// Removes [`LEGACY_PINS`] from `dir`: an agent that adopts an older agent's pins
 /// starts new connection tables, and the old one would otherwise stay pinned,

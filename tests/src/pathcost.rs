@@ -130,12 +130,14 @@ pub fn measure(config_text: &str) -> Result<Measured> {
 
 fn measure_here(config: &Config) -> Result<Measured> {
     let options = LoadOptions {
-        conn_table_v4: config.datapath.connection_table_v4,
-        conn_table_v6: config.datapath.connection_table_v6,
+        sizes: config.datapath,
         ..LoadOptions::default()
     };
     let desired = Desired::from_config(config).context("planning the path-cost maps")?;
-    let vip = config.vips.first().context("the configuration has no VIP")?;
+    let vip = config
+        .vips
+        .first()
+        .context("the configuration has no VIP")?;
     let frames = Frames {
         vip: vip.address,
         port: vip.port,
@@ -149,7 +151,13 @@ fn measure_here(config: &Config) -> Result<Measured> {
     let established = FRESH_FLOWS;
     let syn = FRESH_FLOWS + 1;
     for flags in [TCP_SYN, TCP_ACK] {
-        run(&mut dp, false, &frames.flow(established, flags, b""), 1, XDP_TX)?;
+        run(
+            &mut dp,
+            false,
+            &frames.flow(established, flags, b""),
+            1,
+            XDP_TX,
+        )?;
     }
     run(&mut dp, false, &frames.flow(syn, TCP_SYN, b""), 1, XDP_TX)?;
     let cases: [(bool, Vec<u8>, u32); 4] = [

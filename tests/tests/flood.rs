@@ -1,4 +1,5 @@
-//! A SYN flood of ten times the connection table's size, through the agent's own
+//! A SYN flood of ten times the connection table's size (and at least 4 Mi SYNs, so
+//! that it lasts long enough for the weights to move several times), through the agent's own
 //! XDP program, while long-lived TCP connections sit idle after a weight change and
 //! the weights go on moving every second (see `lb_tests::flood`): every one of them
 //! keeps its connection-table entry and its backend, and new connections made
@@ -12,7 +13,7 @@ fn a_syn_flood_never_costs_an_established_flow_its_backend() {
     let table = u64::from(lb_common::maps::CONN_TABLE_SIZE_V4);
     let report = run(FloodOptions {
         connections: 100,
-        syns: 10 * table,
+        syns: (10 * table).max(1 << 22),
         guard: true,
     })
     .unwrap();

@@ -325,8 +325,7 @@ fn load_fill_attach(
         log: opts.datapath_log,
         share_flows,
         flood_guard: opts.flood_guard,
-        conn_table_v4: config.datapath.connection_table_v4,
-        conn_table_v6: config.datapath.connection_table_v6,
+        sizes: config.datapath,
     };
     let (mut dataplane, adopted) =
         Dataplane::load_pinned_with(dir, options).map_err(|source| AgentError::Load {
@@ -571,31 +570,47 @@ impl Agent {
     }
 }
 
-/// An adopted datapath keeps the connection tables it has, with the flows in them:
-/// says so when `[datapath]` asks for other sizes.
+/// An adopted datapath keeps the connection tables and lookup tables it has, with
+/// the flows in them: says so when `[datapath]` asks for other sizes.
 fn warn_kept_sizes(dataplane: &Dataplane, config: &Config) {
-    let maps = dataplane.map_memory();
-    let wanted = [
+    use lb_common::maps::{MAX_RING_SIZE, RING_CHUNK, RING_COPIES, names};
+    let sizes = &config.datapath;
+    let entries = |map: &str| {
+        dataplane
+            .map_memory()
+            .iter()
+            .find(|m| m.name == map)
+            .map(|m| m.max_entries)
+    };
+    // (field, map, configured, what the adopted map has room for)
+    let kept = [
         (
-            lb_common::maps::names::CONNS_V4,
             "connection_table_v4",
-            config.datapath.connection_table_v4,
+            names::CONNS_V4,
+            sizes.connection_table_v4,
+            entries(names::CONNS_V4),
         ),
         (
-            lb_common::maps::names::CONNS_V6,
             "connection_table_v6",
-            config.datapath.connection_table_v6,
+            names::CONNS_V6,
+            sizes.connection_table_v6,
+            entries(names::CONNS_V6),
+        ),
+        (
+            "max_vips",
+            names::RINGS,
+            sizes.max_vips,
+            entries(names::RINGS).map(|e| e * RING_CHUNK / (RING_COPIES * MAX_RING_SIZE)),
         ),
     ];
-    for (map, field, entries) in wanted {
-        if let Some(m) = maps.iter().find(|m| m.name == map)
-            && m.max_entries != entries
+    for (field, map, configured, adopted) in kept {
+        if let Some(adopted) = adopted
+            && adopted != configured
         {
             warn!(
-                "datapath.{field} = {entries}, but the adopted {map} has {} entries: it \
-                 is kept, with its flows. To resize it, stop the agent, `lb detach`, and \
-                 start again (every established flow then loses its entry)",
-                m.max_entries
+                "datapath.{field} = {configured}, but the adopted {map} has room for \
+                 {adopted}: it is kept, with its flows. To resize it, stop the agent, \
+                 `lb detach`, and start again (every established flow then loses its entry)"
             );
         }
     }

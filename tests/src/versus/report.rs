@@ -752,8 +752,15 @@ pub fn path_costs_line(m: &Measured) -> String {
         "path costs, repeated: established {:.0} ns, SYN {:.0}, non-VIP {:.0}, floor {:.0}; \
          fresh flows (less a {:.0} ns single-run floor): SYN {:.0}, handshake ACK {:.0}, \
          data {:.0}, FIN {:.0}",
-        r.established_ns, r.syn_ns, r.non_vip_ns, r.floor_ns, f.floor_single_ns, f.syn_ns,
-        f.ack_ns, f.data_ns, f.fin_ns
+        r.established_ns,
+        r.syn_ns,
+        r.non_vip_ns,
+        r.floor_ns,
+        f.floor_single_ns,
+        f.syn_ns,
+        f.ack_ns,
+        f.data_ns,
+        f.fin_ns
     )
 }
 
@@ -976,6 +983,7 @@ mod tests {
         let c = checks(&records, None);
         assert_eq!(c[0].met, Some(false));
         assert_eq!(c[1].met, None);
-        assert_eq!(c.len(), 5);
+        assert_eq!(c.len(), 6);
+        assert_eq!(c[5].met, None, "no path costs, no live-cost check");
     }
 }
