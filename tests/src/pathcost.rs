@@ -16,6 +16,11 @@
 //!   into the connection table; every entry is one the caches have never held. The
 //!   figures are single-run durations less the single-run floor (`lb_pass`, repeat
 //!   1), which carries the fixed cost of a run alone.
+//! - **cold** (also [`FreshCosts`]): the same for [`COLD_FLOWS`] more connections,
+//!   with the CPU's caches and TLB flushed before every packet (and before every
+//!   floor run) by writing over a buffer twice the size of the last-level cache:
+//!   what each packet costs when nothing it touches is cached, the bound a live
+//!   packet approaches when other work runs on its CPU between packets.
 //!
 //! Both run on a thread pinned to one CPU, on a program loaded for the purpose
 //! (never attached, nothing pinned) with the configuration and load options given,
@@ -41,6 +46,11 @@ pub const REPEAT: u32 = 200_000;
 const ROUNDS: usize = 7;
 /// Connections of the fresh-flow measurement.
 pub const FRESH_FLOWS: u32 = 20_000;
+/// Connections of the cold measurement.
+pub const COLD_FLOWS: u32 = 500;
+/// Bytes written over before every cold run: twice the reference machine's 32 MiB
+/// last-level cache.
+const COLD_SWEEP_BYTES: usize = 64 << 20;
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -78,11 +88,12 @@ pub struct FreshCosts {
     pub fin_ns: f64,
 }
 
-/// Both measurements.
+/// The three measurements.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Measured {
     pub repeated: PathCosts,
     pub fresh: FreshCosts,
+    pub cold: FreshCosts,
 }
 
 /// The first VIP of `config_text`, the client address and port base of the frames.
@@ -180,9 +191,35 @@ fn measure_here(config: &Config) -> Result<Measured> {
         non_vip_ns,
     };
 
-    // Fresh flows: every connection's four packets in turn, one run each.
-    let before = dp.guard_stats()?.promoted;
     let floor_frame = frames.flow(established, TCP_ACK, b"");
+    let fresh = connections(&mut dp, &frames, &floor_frame, 0..FRESH_FLOWS, None)?;
+    let first_cold = FRESH_FLOWS + 2;
+    let mut sweep = vec![0u8; COLD_SWEEP_BYTES];
+    let cold = connections(
+        &mut dp,
+        &frames,
+        &floor_frame,
+        first_cold..first_cold + COLD_FLOWS,
+        Some(&mut sweep),
+    )?;
+    Ok(Measured {
+        repeated,
+        fresh,
+        cold,
+    })
+}
+
+/// Connections `flows`, each sending SYN, the handshake's ACK, a data segment and a
+/// FIN, one run per packet, with a floor run per connection; with `sweep`, the
+/// caches are flushed before every run by writing over it.
+fn connections(
+    dp: &mut Dataplane,
+    frames: &Frames,
+    floor_frame: &[u8],
+    flows: std::ops::Range<u32>,
+    mut sweep: Option<&mut Vec<u8>>,
+) -> Result<FreshCosts> {
+    let before = dp.guard_stats()?.promoted;
     let mut floor = Duration::ZERO;
     let mut totals = [Duration::ZERO; 4];
     let packets = [
@@ -191,29 +228,40 @@ fn measure_here(config: &Config) -> Result<Measured> {
         (TCP_ACK | TCP_PSH, &b"GET / HTTP/1.0\r\n\r\n"[..]),
         (TCP_FIN | TCP_ACK, &b""[..]),
     ];
-    for i in 0..FRESH_FLOWS {
-        floor += once(&mut dp, true, &floor_frame, XDP_PASS)?;
+    let flush = |sweep: &mut Option<&mut Vec<u8>>| {
+        if let Some(buffer) = sweep {
+            // One write per cache line: every line of the buffer is fetched and
+            // dirtied, which evicts whatever the caches held.
+            for byte in buffer.iter_mut().step_by(64) {
+                *byte = byte.wrapping_add(1);
+            }
+            std::hint::black_box(&buffer);
+        }
+    };
+    let count = flows.len() as u32;
+    for i in flows {
+        flush(&mut sweep);
+        floor += once(dp, true, floor_frame, XDP_PASS)?;
         for ((flags, payload), total) in packets.iter().zip(&mut totals) {
-            *total += once(&mut dp, false, &frames.flow(i, *flags, payload), XDP_TX)?;
+            let frame = frames.flow(i, *flags, payload);
+            flush(&mut sweep);
+            *total += once(dp, false, &frame, XDP_TX)?;
         }
     }
     let promoted = dp.guard_stats()?.promoted - before;
     ensure!(
-        promoted == u64::from(FRESH_FLOWS),
-        "{promoted} of {FRESH_FLOWS} fresh flows entered the connection table"
+        promoted == u64::from(count),
+        "{promoted} of {count} new flows entered the connection table"
     );
-    let per = |d: Duration| d.as_nanos() as f64 / f64::from(FRESH_FLOWS);
+    let per = |d: Duration| d.as_nanos() as f64 / f64::from(count);
     let floor_single_ns = per(floor);
     let [syn, ack, data, fin] = totals.map(|d| (per(d) - floor_single_ns).max(0.0));
-    Ok(Measured {
-        repeated,
-        fresh: FreshCosts {
-            floor_single_ns,
-            syn_ns: syn,
-            ack_ns: ack,
-            data_ns: data,
-            fin_ns: fin,
-        },
+    Ok(FreshCosts {
+        floor_single_ns,
+        syn_ns: syn,
+        ack_ns: ack,
+        data_ns: data,
+        fin_ns: fin,
     })
 }
 

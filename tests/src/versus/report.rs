@@ -725,13 +725,8 @@ fn live_cost_json(outcome: &Outcome, live: &BTreeMap<Phase, LiveCost>) -> Value 
                 "syn_v4": m.repeated.syn_ns,
                 "non_vip_v4": m.repeated.non_vip_ns,
             },
-            "fresh_flow_ns": {
-                "floor_single": m.fresh.floor_single_ns,
-                "syn": m.fresh.syn_ns,
-                "handshake_ack": m.fresh.ack_ns,
-                "data": m.fresh.data_ns,
-                "fin": m.fresh.fin_ns,
-            },
+            "fresh_flow_ns": connection_json(&m.fresh),
+            "cold_ns": connection_json(&m.cold),
         })
     });
     json!({
@@ -744,23 +739,35 @@ fn live_cost_json(outcome: &Outcome, live: &BTreeMap<Phase, LiveCost>) -> Value 
     })
 }
 
+fn connection_json(c: &crate::pathcost::FreshCosts) -> Value {
+    json!({
+        "floor_single": c.floor_single_ns,
+        "syn": c.syn_ns,
+        "handshake_ack": c.ack_ns,
+        "data": c.data_ns,
+        "fin": c.fin_ns,
+    })
+}
+
 /// One line of the path costs, for the progress log.
 pub fn path_costs_line(m: &Measured) -> String {
     let r = &m.repeated;
-    let f = &m.fresh;
+    let flows = |f: &crate::pathcost::FreshCosts| {
+        format!(
+            "(less a {:.0} ns single-run floor): SYN {:.0}, handshake ACK {:.0}, data {:.0}, \
+             FIN {:.0}",
+            f.floor_single_ns, f.syn_ns, f.ack_ns, f.data_ns, f.fin_ns
+        )
+    };
     format!(
         "path costs, repeated: established {:.0} ns, SYN {:.0}, non-VIP {:.0}, floor {:.0}; \
-         fresh flows (less a {:.0} ns single-run floor): SYN {:.0}, handshake ACK {:.0}, \
-         data {:.0}, FIN {:.0}",
+         fresh flows {}; cold caches {}",
         r.established_ns,
         r.syn_ns,
         r.non_vip_ns,
         r.floor_ns,
-        f.floor_single_ns,
-        f.syn_ns,
-        f.ack_ns,
-        f.data_ns,
-        f.fin_ns
+        flows(&m.fresh),
+        flows(&m.cold)
     )
 }
 
