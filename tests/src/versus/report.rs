@@ -629,7 +629,8 @@ pub fn markdown(settings: &Settings, outcome: &Outcome, host: &str) -> String {
 /// Why `llc_misses_per_packet` is null.
 pub const LLC_NOTE: &str = "not measured: `bpftool prog profile` reads the CPU's hardware \
     counters, and the reference machine (a KVM guest) exposes no hardware PMU \
-    (/sys/bus/event_source/devices has no `cpu`)";
+    (/sys/bus/event_source/devices has no `cpu`; `perf stat -e cycles,instructions,\
+    LLC-load-misses` reports each as not supported)";
 
 /// The XDP program's live cost in one phase, against the bench's prices of the
 /// same packets (medians over rounds).
@@ -637,8 +638,11 @@ pub const LLC_NOTE: &str = "not measured: `bpftool prog profile` reads the CPU's
 pub struct LiveCost {
     /// ns per run, from the kernel's BPF statistics.
     pub live_ns: Option<f64>,
-    /// The window's packet mix priced at the repeated-run path costs.
+    /// The window's packet mix priced at the repeated-run path costs, as the BPF
+    /// statistics time them (the live figure's instrument).
     pub bench_mix_ns: Option<f64>,
+    /// The same priced at the test run's loop times (`cargo xtask bench datapath`'s).
+    pub bench_mix_loop_ns: Option<f64>,
     /// The packets of the mix, summed over rounds.
     pub mix: PacketMix,
 }
@@ -678,19 +682,21 @@ fn live_cost_of(records: &[RunRecord], costs: Option<&Measured>) -> BTreeMap<Pha
             mix.non_vip += m.non_vip;
             mix.established += m.established;
         }
-        let bench: Vec<f64> = match costs {
-            Some(costs) => records
+        let priced = |pick: fn(&Measured) -> &crate::pathcost::PathCosts| -> Option<f64> {
+            let costs = pick(costs?);
+            let each: Vec<f64> = records
                 .iter()
-                .filter_map(|r| r.packet_mix()?.priced(&costs.repeated))
-                .collect(),
-            None => Vec::new(),
+                .filter_map(|r| r.packet_mix()?.priced(costs))
+                .collect();
+            median(&each)
         };
         let live: Vec<f64> = records.iter().filter_map(|r| r.xdp_ns_per_run()).collect();
         by_phase.insert(
             phase,
             LiveCost {
                 live_ns: median(&live),
-                bench_mix_ns: median(&bench),
+                bench_mix_ns: priced(|m| &m.by_stats),
+                bench_mix_loop_ns: priced(|m| &m.repeated),
                 mix,
             },
         );
@@ -708,6 +714,7 @@ fn live_cost_json(outcome: &Outcome, live: &BTreeMap<Phase, LiveCost>) -> Value 
                     "live_ns_per_packet": opt(c.live_ns),
                     "bench_mix_ns_per_packet": opt(c.bench_mix_ns),
                     "live_x_bench_mix": opt(c.ratio()),
+                    "bench_mix_loop_ns_per_packet": opt(c.bench_mix_loop_ns),
                     "packets": {
                         "syn": c.mix.syn,
                         "established": c.mix.established,
@@ -717,14 +724,18 @@ fn live_cost_json(outcome: &Outcome, live: &BTreeMap<Phase, LiveCost>) -> Value 
             )
         })
         .collect();
+    let repeated = |c: &crate::pathcost::PathCosts| {
+        json!({
+            "floor": c.floor_ns,
+            "established_v4": c.established_ns,
+            "syn_v4": c.syn_ns,
+            "non_vip_v4": c.non_vip_ns,
+        })
+    };
     let costs = outcome.path_costs.map(|m| {
         json!({
-            "repeated_ns": {
-                "floor": m.repeated.floor_ns,
-                "established_v4": m.repeated.established_ns,
-                "syn_v4": m.repeated.syn_ns,
-                "non_vip_v4": m.repeated.non_vip_ns,
-            },
+            "repeated_ns": repeated(&m.repeated),
+            "repeated_bpf_stats_ns": repeated(&m.by_stats),
             "fresh_flow_ns": connection_json(&m.fresh),
             "cold_ns": connection_json(&m.cold),
         })
@@ -733,7 +744,9 @@ fn live_cost_json(outcome: &Outcome, live: &BTreeMap<Phase, LiveCost>) -> Value 
         "method": "live: the kernel's BPF statistics (run_time_ns / run_cnt) over the \
             window; bench mix: the window's frames by path from the datapath's counters \
             (conn_miss_syn: SYN; pass_*: non-VIP; the rest: established), each priced at \
-            its repeated BPF_PROG_TEST_RUN cost measured at the start of the same run",
+            its repeated BPF_PROG_TEST_RUN cost measured at the start of the same run by \
+            the same BPF statistics (bench_mix_loop_ns_per_packet: priced at the test \
+            run's loop times instead, as cargo xtask bench datapath reports them)",
         "phases": phases,
         "path_costs": costs.unwrap_or(Value::Null),
     })
@@ -752,6 +765,7 @@ fn connection_json(c: &crate::pathcost::FreshCosts) -> Value {
 /// One line of the path costs, for the progress log.
 pub fn path_costs_line(m: &Measured) -> String {
     let r = &m.repeated;
+    let s = &m.by_stats;
     let flows = |f: &crate::pathcost::FreshCosts| {
         format!(
             "(less a {:.0} ns single-run floor): SYN {:.0}, handshake ACK {:.0}, data {:.0}, \
@@ -760,12 +774,16 @@ pub fn path_costs_line(m: &Measured) -> String {
         )
     };
     format!(
-        "path costs, repeated: established {:.0} ns, SYN {:.0}, non-VIP {:.0}, floor {:.0}; \
-         fresh flows {}; cold caches {}",
+        "path costs, repeated: established {:.0} ns, SYN {:.0}, non-VIP {:.0}, floor {:.0} \
+         (by BPF statistics: {:.0}, {:.0}, {:.0}, {:.0}); fresh flows {}; cold caches {}",
         r.established_ns,
         r.syn_ns,
         r.non_vip_ns,
         r.floor_ns,
+        s.established_ns,
+        s.syn_ns,
+        s.non_vip_ns,
+        s.floor_ns,
         flows(&m.fresh),
         flows(&m.cold)
     )
@@ -781,18 +799,20 @@ fn live_cost_markdown(outcome: &Outcome) -> String {
         "\n### The XDP program's live cost against its bench cost\n\n\
          Live: the kernel's BPF statistics over each window. Bench mix: the same \
          window's frames by path (the datapath's counters), each priced at its repeated \
-         `BPF_PROG_TEST_RUN` cost measured at the start of this run.\n\n\
-         | phase | live ns/packet | bench mix ns/packet | live × bench mix | SYN | established | non-VIP |\n\
-         |---|--:|--:|--:|--:|--:|--:|\n",
+         `BPF_PROG_TEST_RUN` cost measured at the start of this run by the same \
+         statistics (loop: at the test run's loop times instead).\n\n\
+         | phase | live ns/packet | bench mix ns/packet | live × bench mix | bench mix (loop) | SYN | established | non-VIP |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for (phase, c) in &live {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             phase.name(),
             f0(c.live_ns),
             f0(c.bench_mix_ns),
             f2(c.ratio()),
+            f0(c.bench_mix_loop_ns),
             c.mix.syn,
             c.mix.established,
             c.mix.non_vip
@@ -904,6 +924,7 @@ pub fn json(settings: &Settings, outcome: &Outcome, host: &Value) -> Value {
         "live_ns_per_packet": opt(top.live_ns),
         "bench_mix_ns_per_packet": opt(top.bench_mix_ns),
         "live_x_bench_mix": opt(top.ratio()),
+        "bench_mix_loop_ns_per_packet": opt(top.bench_mix_loop_ns),
         "llc_misses_per_packet": Value::Null,
         "llc_misses_note": LLC_NOTE,
         "live_cost": live_cost_json(outcome, &live),
