@@ -27,6 +27,12 @@ pub const RING_CHUNK: u32 = 4;
 pub const fn rings_entries(max_vips: u32) -> u32 {
     (max_vips * RING_COPIES * MAX_RING_SIZE).div_ceil(RING_CHUNK)
 }
+
+/// VIPs whose two table copies fit in a `RINGS` of `entries` elements (the inverse
+/// of [`rings_entries`]).
+pub const fn rings_vips(entries: u32) -> u32 {
+    (entries as u64 * RING_CHUNK as u64 / (RING_COPIES * MAX_RING_SIZE) as u64) as u32
+}
 /// Default entries of the IPv4 connection table (an LRU hash: the least recently
 /// used flow is evicted when it is full; `[datapath] connection_table_v4` sets
 /// another size). The kernel preallocates LRU maps; memory as it accounts it
@@ -156,4 +162,19 @@ pub mod programs {
         dst_port_be: 80u16.to_be(),
         proto: 6,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_entries_and_vips_are_inverse() {
+        for vips in 1..=MAX_VIPS {
+            assert_eq!(rings_vips(rings_entries(vips)), vips);
+            // The room holds every slot of every VIP's two copies.
+            assert!(rings_entries(vips) * RING_CHUNK >= vips * RING_COPIES * MAX_RING_SIZE);
+        }
+        assert_eq!(rings_entries(DEFAULT_MAX_VIPS), 262_148);
+    }
 }

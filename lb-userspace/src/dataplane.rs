@@ -25,8 +25,8 @@ use aya_log::EbpfLogger;
 use lb_common::{
     hash::vip_filter_slot,
     maps::{
-        FLOOD_GUARD_GLOBAL, MAX_RING_SIZE, RING_CHUNK, RING_COPIES, SHARE_FLOWS_GLOBAL,
-        VIP_FILTER_SLOTS, names, programs, ring_base, rings_entries,
+        FLOOD_GUARD_GLOBAL, RING_CHUNK, SHARE_FLOWS_GLOBAL, VIP_FILTER_SLOTS, names, programs,
+        ring_base, rings_entries,
     },
     types::{
         BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, GuardStats,
@@ -293,7 +293,7 @@ impl RingsMapping {
 
     /// VIPs whose two table copies fit.
     fn vips(&self) -> u32 {
-        (self.len / (RING_COPIES * MAX_RING_SIZE) as usize) as u32
+        lb_common::maps::rings_vips((self.len / RING_CHUNK as usize) as u32)
     }
 
     /// Writes `table` at `base`, only the slots that differ from `old` (everything if

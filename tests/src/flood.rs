@@ -77,6 +77,9 @@ pub struct FloodReport {
     /// The flood guard's counters at the end (zero with the guard off).
     pub young: u64,
     pub promoted: u64,
+    /// Young-table writes that failed (counted by the datapath; the SYN still went
+    /// where the lookup table said).
+    pub young_failed: u64,
 }
 
 impl FloodReport {
@@ -206,6 +209,10 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
         }
         std::thread::sleep(Duration::from_millis(250));
     };
+    // The guard's counters as the watch sampled them last: after its calm period,
+    // a sample taken after the flood's last SYN (`at_end` may predate it by up to
+    // one control interval).
+    let last = status(&agent)?;
     let table_entries = table_entries(&topo)?;
     agent.stop()?;
     Ok(FloodReport {
@@ -223,8 +230,9 @@ pub fn run(options: FloodOptions) -> Result<FloodReport> {
         legit_ok,
         flood_episodes,
         flood_left,
-        young: at_end["flood"]["young"].as_u64().unwrap_or(0),
-        promoted: at_end["flood"]["promoted"].as_u64().unwrap_or(0),
+        young: last["flood"]["young"].as_u64().unwrap_or(0),
+        promoted: last["flood"]["promoted"].as_u64().unwrap_or(0),
+        young_failed: last["flood"]["young_failed"].as_u64().unwrap_or(0),
     })
 }
 

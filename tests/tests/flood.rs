@@ -1,4 +1,4 @@
-//! A SYN flood of ten times the connection table's size (and at least 4 Mi SYNs, so
+//! A SYN flood of ten times the connection table's size (and at least 8 Mi SYNs, so
 //! that it lasts long enough for the weights to move several times), through the agent's own
 //! XDP program, while long-lived TCP connections sit idle after a weight change and
 //! the weights go on moving every second (see `lb_tests::flood`): every one of them
@@ -13,15 +13,18 @@ fn a_syn_flood_never_costs_an_established_flow_its_backend() {
     let table = u64::from(lb_common::maps::CONN_TABLE_SIZE_V4);
     let report = run(FloodOptions {
         connections: 100,
-        syns: (10 * table).max(1 << 22),
+        syns: (10 * table).max(1 << 23),
         guard: true,
     })
     .unwrap();
     eprintln!("flood: {report:?}");
     assert!(report.flood_syns >= 10 * table, "{report:?}");
+    // Every SYN went to the young table: held there, or its write failed and was
+    // counted (the kernel's LRU can refuse a write under two CPUs' concurrent
+    // floods; the SYN then follows the lookup table, as any flow without an entry).
     assert!(
-        report.young >= report.flood_syns,
-        "every SYN held as young: {report:?}"
+        report.young + report.young_failed >= report.flood_syns,
+        "every SYN held as young or counted: {report:?}"
     );
     assert_eq!(report.entries_lost, 0, "{report:?}");
     assert_eq!(report.established_broken, 0, "{report:?}");

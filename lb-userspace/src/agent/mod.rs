@@ -573,7 +573,7 @@ impl Agent {
 /// An adopted datapath keeps the connection tables and lookup tables it has, with
 /// the flows in them: says so when `[datapath]` asks for other sizes.
 fn warn_kept_sizes(dataplane: &Dataplane, config: &Config) {
-    use lb_common::maps::{MAX_RING_SIZE, RING_CHUNK, RING_COPIES, names};
+    use lb_common::maps::{names, rings_vips};
     let sizes = &config.datapath;
     let entries = |map: &str| {
         dataplane
@@ -600,7 +600,7 @@ fn warn_kept_sizes(dataplane: &Dataplane, config: &Config) {
             "max_vips",
             names::RINGS,
             sizes.max_vips,
-            entries(names::RINGS).map(|e| e * RING_CHUNK / (RING_COPIES * MAX_RING_SIZE)),
+            entries(names::RINGS).map(rings_vips),
         ),
     ];
     for (field, map, configured, adopted) in kept {

@@ -87,6 +87,11 @@ fn maps(maps: &[MapMemoryView]) -> String {
             m.name.clone(),
             match m.max_entries {
                 1 => "1 entry".to_owned(),
+                n if m.name == lb_common::maps::names::RINGS => format!(
+                    "{} entries ({} VIPs)",
+                    count(u64::from(n)),
+                    lb_common::maps::rings_vips(n)
+                ),
                 n => format!("{} entries", count(u64::from(n))),
             },
             bytes(m.bytes as f64),
@@ -512,11 +517,23 @@ mod tests {
                     bytes: 4_096,
                     ..MapMemoryView::default()
                 },
+                MapMemoryView {
+                    name: "RINGS".into(),
+                    max_entries: lb_common::maps::rings_entries(8),
+                    bytes: 2_105_344,
+                    ..MapMemoryView::default()
+                },
             ],
             ..s
         });
         assert!(
-            with_maps.contains("CONNS_V4  1,048,576 entries"),
+            with_maps.contains("RINGS     262,148 entries (8 VIPs)  2.11 MB"),
+            "{with_maps}"
+        );
+        assert!(
+            with_maps.lines().any(
+                |l| l.trim_start().starts_with("CONNS_V4") && l.contains(" 1,048,576 entries ")
+            ),
             "{with_maps}"
         );
         assert!(with_maps.contains("total"), "{with_maps}");
