@@ -33,6 +33,7 @@ pub const fn rings_entries(max_vips: u32) -> u32 {
 pub const fn rings_vips(entries: u32) -> u32 {
     (entries as u64 * RING_CHUNK as u64 / (RING_COPIES * MAX_RING_SIZE) as u64) as u32
 }
+
 /// Default entries of the IPv4 connection table (an LRU hash: the least recently
 /// used flow is evicted when it is full; `[datapath] connection_table_v4` sets
 /// another size). The kernel preallocates LRU maps; memory as it accounts it

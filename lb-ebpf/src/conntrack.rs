@@ -32,12 +32,12 @@
 
 use lb_common::{
     maps::programs::REFERENCE_KEY,
-    types::{CONN_CLOSING, CONN_GUESSED, ConnEntry, FAMILY_V4, GuardStats},
+    types::{CONN_CLOSING, CONN_GUESSED, ConnEntry, FAMILY_V4},
 };
 
 use crate::{
     events, keys,
-    maps::{CONNS_V4, CONNS_V6, GUARD_STATS, YOUNG_V4, YOUNG_V6},
+    maps::{CONNS_V4, CONNS_V6, YOUNG_V4, YOUNG_V6},
     parse::Packet,
     share, stats,
 };
@@ -107,7 +107,7 @@ pub fn insert_young(pkt: &Packet, backend_id: u32, vip_id: u32) {
     } else {
         YOUNG_V6.insert(keys::ConnV6::new(pkt).key(), entry.value(), 0)
     };
-    count(|g| {
+    stats::guard(|g| {
         if result.is_ok() {
             &mut g.young
         } else {
@@ -141,19 +141,10 @@ pub fn promote(pkt: &Packet, young: ConnEntry, counters: stats::Global) -> ConnE
     } else {
         YOUNG_V6.remove(keys::ConnV6::new(pkt).key())
     };
-    count(|g| &mut g.promoted);
+    stats::guard(|g| &mut g.promoted);
     ConnEntry {
         backend_id: young.backend_id,
         vip_id: young.vip() | closing,
-    }
-}
-
-/// Counts a flood-guard event on this CPU.
-#[inline(always)]
-fn count(field: impl FnOnce(&mut GuardStats) -> &mut u64) {
-    if let Some(g) = GUARD_STATS.get_ptr_mut(0) {
-        // SAFETY: a per-CPU array value, valid for the whole program run.
-        unsafe { *field(&mut *g) += 1 }
     }
 }
 

@@ -1,11 +1,11 @@
 //! Named counters. Every update is skipped when its map lookup fails: counting never
 //! changes a verdict. All counter maps are per CPU, so plain increments are safe.
 
-use lb_common::types::GlobalStats;
+use lb_common::types::{GlobalStats, GuardStats};
 
 use crate::{
     Stop,
-    maps::{BACKEND_STATS, STATS, VIP_STATS},
+    maps::{BACKEND_STATS, GUARD_STATS, STATS, VIP_STATS},
 };
 
 /// The datapath-wide counters of this CPU, looked up once per packet.
@@ -21,6 +21,15 @@ pub fn bump(counters: Global, field: impl FnOnce(&mut GlobalStats) -> &mut u64) 
     if let Some(s) = counters {
         // SAFETY: a per-CPU array value, valid for the whole program run.
         unsafe { *field(&mut *s) += 1 }
+    }
+}
+
+/// Counts a flood-guard event (`GUARD_STATS`) on this CPU.
+#[inline(always)]
+pub fn guard(field: impl FnOnce(&mut GuardStats) -> &mut u64) {
+    if let Some(g) = GUARD_STATS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU array value, valid for the whole program run.
+        unsafe { *field(&mut *g) += 1 }
     }
 }
 

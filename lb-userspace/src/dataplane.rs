@@ -25,8 +25,8 @@ use aya_log::EbpfLogger;
 use lb_common::{
     hash::vip_filter_slot,
     maps::{
-        FLOOD_GUARD_GLOBAL, RING_CHUNK, SHARE_FLOWS_GLOBAL, VIP_FILTER_SLOTS, names, programs,
-        ring_base, rings_entries,
+        FLOOD_GUARD_GLOBAL, MAX_RING_SIZE, MAX_VIPS, RING_CHUNK, SHARE_FLOWS_GLOBAL,
+        VIP_FILTER_SLOTS, names, programs, ring_base, rings_entries,
     },
     types::{
         BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, GuardStats,
@@ -335,17 +335,24 @@ impl RingsMapping {
         }
     }
 
-    /// Reads `len` slots at `base`.
-    fn read(&self, base: u32, len: usize) -> Vec<u32> {
-        assert!(
-            base as usize + len <= self.len,
-            "table beyond the RINGS array"
-        );
-        // SAFETY: in bounds of a live mapping owned by `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(base as usize), len) }
-            .iter()
-            .map(|&v| u32::from(v))
-            .collect()
+    /// The active table copy a VIP entry names. A VIP id beyond the room, or a
+    /// table longer than a copy (an entry this agent never wrote), is an error.
+    fn table(&self, meta: &VipMeta) -> Result<Vec<u32>, DataplaneError> {
+        if meta.vip_id >= self.vips() || meta.ring_size > MAX_RING_SIZE {
+            return Err(DataplaneError::VipRoom {
+                vip_id: meta.vip_id,
+                room: self.vips(),
+            });
+        }
+        let base = ring_base(meta.vip_id, meta.active & 1) as usize;
+        // SAFETY: in bounds of a live mapping owned by `self`: the VIP's copies lie
+        // within the room checked above.
+        Ok(
+            unsafe { std::slice::from_raw_parts(self.ptr.add(base), meta.ring_size as usize) }
+                .iter()
+                .map(|&v| u32::from(v))
+                .collect(),
+        )
     }
 }
 
@@ -531,8 +538,7 @@ impl Dataplane {
                 self.shadow.echo.insert(key);
                 continue;
             }
-            let base = ring_base(meta.vip_id, meta.active);
-            let table = Arc::new(self.rings.read(base, meta.ring_size as usize));
+            let table = Arc::new(self.rings.table(&meta)?);
             let mut copies = [None, None];
             copies[meta.active as usize & 1] = Some(table);
             self.shadow.vips.insert(
@@ -910,20 +916,27 @@ impl Dataplane {
         };
         let rings: Array<&MapData, RingChunk> =
             Array::try_from(self.map(names::RINGS)?).map_err(map_err(names::RINGS))?;
-        let base = ring_base(meta.vip_id, meta.active);
-        let mut chunk = None;
-        (base..base + meta.ring_size)
-            .map(|slot| {
-                let index = slot / RING_CHUNK;
-                let (at, c) = match chunk {
-                    Some((at, c)) if at == index => (at, c),
-                    _ => (index, rings.get(&index, 0).map_err(map_err(names::RINGS))?),
-                };
-                chunk = Some((at, c));
-                Ok(u32::from(c[(slot % RING_CHUNK) as usize]))
-            })
-            .collect::<Result<Vec<u32>, _>>()
-            .map(Some)
+        if meta.vip_id >= MAX_VIPS || meta.ring_size > MAX_RING_SIZE {
+            return Err(DataplaneError::VipRoom {
+                vip_id: meta.vip_id,
+                room: self.rings.vips(),
+            });
+        }
+        // The elements that hold the table's slots, then the slots themselves.
+        let first = ring_base(meta.vip_id, meta.active & 1);
+        let chunks = (first / RING_CHUNK)..(first + meta.ring_size).div_ceil(RING_CHUNK);
+        let slots: Vec<u16> = chunks
+            .map(|index| rings.get(&index, 0))
+            .collect::<Result<Vec<RingChunk>, _>>()
+            .map_err(map_err(names::RINGS))?
+            .concat();
+        let skip = (first % RING_CHUNK) as usize;
+        Ok(Some(
+            slots[skip..skip + meta.ring_size as usize]
+                .iter()
+                .map(|&v| u32::from(v))
+                .collect(),
+        ))
     }
 
     /// The same table as [`Dataplane::active_table`] (the active copy from the
@@ -934,8 +947,7 @@ impl Dataplane {
         let Some(meta) = self.vip_entry(key)? else {
             return Ok(None);
         };
-        let base = ring_base(meta.vip_id, meta.active);
-        Ok(Some(self.rings.read(base, meta.ring_size as usize)))
+        self.rings.table(&meta).map(Some)
     }
 
     /// The kernel's own entry of the VIP `key` (`None`: not in the map).
@@ -1326,44 +1338,34 @@ struct CarriedTable {
 /// new flows find the same tables.
 fn unpin_unpacked_rings(dir: &Path) -> Result<Vec<CarriedTable>, DataplaneError> {
     let path = dir.join(names::RINGS);
-    let map_err = |source| DataplaneError::Map {
-        map: names::RINGS,
-        source,
-    };
     let old = match MapData::from_pin(&path) {
         Ok(old) => old,
         Err(_) if !path.exists() => return Ok(Vec::new()),
-        Err(source) => return Err(map_err(source)),
+        Err(source) => return Err(map_err(names::RINGS)(source)),
     };
-    let info = old.info().map_err(map_err)?;
+    let info = old.info().map_err(map_err(names::RINGS))?;
     if info.value_size() as usize != std::mem::size_of::<u32>() {
         return Ok(Vec::new());
     }
-    let old: Array<MapData, u32> = Array::try_from(Map::Array(old)).map_err(map_err)?;
-    let vips: HashMap<MapData, VipKey, VipMeta> = HashMap::try_from(Map::HashMap(
-        MapData::from_pin(dir.join(names::VIPS)).map_err(|source| DataplaneError::Map {
-            map: names::VIPS,
-            source,
-        })?,
-    ))
-    .map_err(|source| DataplaneError::Map {
-        map: names::VIPS,
-        source,
-    })?;
+    let old: Array<MapData, u32> =
+        Array::try_from(Map::Array(old)).map_err(map_err(names::RINGS))?;
+    let vips = MapData::from_pin(dir.join(names::VIPS)).map_err(map_err(names::VIPS))?;
+    let vips: HashMap<MapData, VipKey, VipMeta> =
+        HashMap::try_from(Map::HashMap(vips)).map_err(map_err(names::VIPS))?;
     let mut carried = Vec::new();
     for entry in vips.iter() {
-        let (_, meta) = entry.map_err(|source| DataplaneError::Map {
-            map: names::VIPS,
-            source,
-        })?;
-        if meta.flags & VIP_F_ECHO != 0 {
+        let (_, meta) = entry.map_err(map_err(names::VIPS))?;
+        // Echo entries have no table; an entry no agent could have written (an id
+        // or size out of range) names none either.
+        if meta.flags & VIP_F_ECHO != 0 || meta.vip_id >= MAX_VIPS || meta.ring_size > MAX_RING_SIZE
+        {
             continue;
         }
-        let base = ring_base(meta.vip_id, meta.active);
+        let base = ring_base(meta.vip_id, meta.active & 1);
         let table = (base..base + meta.ring_size)
             .map(|slot| old.get(&slot, 0))
             .collect::<Result<Vec<u32>, _>>()
-            .map_err(map_err)?;
+            .map_err(map_err(names::RINGS))?;
         carried.push(CarriedTable {
             vip_id: meta.vip_id,
             base,

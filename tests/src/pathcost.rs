@@ -98,10 +98,12 @@ pub struct Measured {
     /// times them.
     pub repeated: PathCosts,
     /// The same runs timed by the kernel's BPF statistics, the instrument of the
-    /// live figure: its clock reads and bookkeeping, some 70-90 ns per run on the
-    /// reference machine (a KVM guest), are in both.
+    /// live figure, so that its clock reads and bookkeeping are in both (how much
+    /// they add: `repeated_bpf_stats_ns` against `repeated_ns` in versus.json).
     pub by_stats: PathCosts,
+    /// A new connection's packets, each flow new.
     pub fresh: FreshCosts,
+    /// The same with caches and TLB flushed before every packet.
     pub cold: FreshCosts,
 }
 
@@ -135,7 +137,7 @@ impl Frames {
     }
 }
 
-/// Measures both, for the program the agent would load with `config_text` (its
+/// Measures all four, for the program the agent would load with `config_text` (its
 /// VIPs and `[datapath]` sizes, the flood guard on; the first VIP must be TCP). Runs
 /// on its own thread pinned to CPU 0.
 pub fn measure(config_text: &str) -> Result<Measured> {
@@ -232,12 +234,9 @@ fn repeated_costs(
     for _ in 0..ROUNDS {
         for ((pass, frame, verdict), s) in cases.iter().zip(&mut samples) {
             let stats = |dp: &mut Dataplane| -> Result<(u128, u64)> {
-                let prog = if *pass {
-                    dp.side_program(programs::PASS)?
-                } else {
-                    dp.program()?
-                };
-                let info = prog.info().context("reading the program's statistics")?;
+                let info = program(dp, *pass)?
+                    .info()
+                    .context("reading the program's statistics")?;
                 Ok((info.run_time().as_nanos(), info.run_count()))
             };
             let before = stats(dp)?;
@@ -321,11 +320,7 @@ fn connections(
 /// One `BPF_PROG_TEST_RUN` of `frame`, `repeat` times, on the balancer (or on
 /// `lb_pass` if `pass`); checks the verdict and returns ns per repetition.
 fn run(dp: &mut Dataplane, pass: bool, frame: &[u8], repeat: u32, verdict: u32) -> Result<f64> {
-    let prog = if pass {
-        dp.side_program(programs::PASS)?
-    } else {
-        dp.program()?
-    };
+    let prog = program(dp, pass)?;
     let mut out = vec![0u8; frame.len() + 256];
     let r = prog
         .test_run(TestRunOptions {
@@ -341,6 +336,15 @@ fn run(dp: &mut Dataplane, pass: bool, frame: &[u8], repeat: u32, verdict: u32) 
         r.return_value
     );
     Ok(r.duration.as_nanos() as f64)
+}
+
+/// The balancer, or `lb_pass` if `pass`.
+fn program(dp: &mut Dataplane, pass: bool) -> Result<&mut aya::programs::Xdp> {
+    Ok(if pass {
+        dp.side_program(programs::PASS)?
+    } else {
+        dp.program()?
+    })
 }
 
 /// One run of `frame`, its duration as the kernel measured it.
