@@ -55,6 +55,19 @@ pub const CONN_TABLE_SIZE_V6: u32 = 1 << 14;
 pub const YOUNG_TABLE_SIZE_V4: u32 = 1 << 14;
 /// Entries in the IPv6 young table (0.4 MiB, measured as above).
 pub const YOUNG_TABLE_SIZE_V6: u32 = 1 << 12;
+/// Default entries of the IPv4 NAT table `NAT_V4` (an LRU hash, one entry per
+/// full-NAT flow: the reply's tuple → the client's flow; `[datapath] nat_table_v4`).
+/// About 128 bytes per entry as the kernel accounts it, 8 MiB at this size.
+pub const NAT_TABLE_SIZE_V4: u32 = 1 << 16;
+/// Default entries of the IPv6 NAT table `NAT_V6` (`[datapath] nat_table_v6`).
+pub const NAT_TABLE_SIZE_V6: u32 = 1 << 13;
+/// Most source addresses of one family full NAT uses (`[nat] source_v4` and
+/// `source_v6` are prefixes of at most this many addresses): an index fits the 6
+/// bits [`crate::types::CONN_NAT_MASK`] keeps for it.
+pub const MAX_NAT_SOURCES: u32 = 64;
+/// Ports a new full-NAT flow tries before it is refused (`ports_exhausted`): one
+/// from its hash, then the next ones.
+pub const NAT_PROBES: u32 = 8;
 /// log2 of [`VIP_FILTER_SLOTS`].
 pub const VIP_FILTER_BITS: u32 = 12;
 /// Slots of the `VIP_FILTER` array (see [`crate::hash::vip_filter_slot`]): with at
@@ -107,6 +120,10 @@ pub mod names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const NAT_V4: &str = "NAT_V4";
+    pub const NAT_V6: &str = "NAT_V6";
+    pub const NAT_SETTINGS: &str = "NAT_SETTINGS";
+    pub const NAT_STATS: &str = "NAT_STATS";
     /// The new connection entries the datapath reports for flow sharing (a ring
     /// buffer). Never pinned: each agent reads the ring of the program it loaded.
     pub const SHARED_FLOWS: &str = "SHARED_FLOWS";
@@ -114,7 +131,7 @@ pub mod names {
     /// loaded program.
     pub const SHARE_STATS: &str = "SHARE_STATS";
     /// Every map that is pinned (all but [`SHARED_FLOWS`] and [`SHARE_STATS`]).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 18] = [
         VIPS,
         VIP_FILTER,
         VIP_IDS,
@@ -129,6 +146,10 @@ pub mod names {
         VIP_STATS,
         BACKEND_STATS,
         SETTINGS,
+        NAT_V4,
+        NAT_V6,
+        NAT_SETTINGS,
+        NAT_STATS,
     ];
 }
 

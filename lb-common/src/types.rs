@@ -49,6 +49,12 @@ pub const VIP_F_ENCAP: u32 = 1 << 1;
 /// key has port 0 and protocol [`PROTO_ICMP`] or [`PROTO_ICMPV6`]; it has no table.
 pub const VIP_F_ECHO: u32 = 1 << 2;
 
+/// [`VipMeta::flags`]: full NAT. A client's packets go to the backend with the
+/// backend's address as destination and an LB address and port (`[nat]`) as
+/// source; the backend's replies come back to that address and port and are turned
+/// back (see `lb-ebpf/src/nat.rs`). The backend needs no VIP and no tunnel.
+pub const VIP_F_NAT: u32 = 1 << 3;
+
 /// Value of the `RINGS` array: [`crate::maps::RING_CHUNK`] consecutive lookup-table
 /// slots, each a backend id. Seen as memory (the agent maps the array), `RINGS` is
 /// one flat `u16` array indexed by slot.
@@ -281,10 +287,41 @@ impl VipIdEntry {
 pub struct ConnEntry {
     /// Backend id the flow was given when it was first seen.
     pub backend_id: u32,
-    /// VIP id of the flow (to account established packets to their VIP), with
-    /// [`CONN_CLOSING`] set once the client sent a FIN or RST; read it through
-    /// [`ConnEntry::vip`] and [`ConnEntry::closing`].
+    /// VIP id of the flow (to account established packets to their VIP) in the low
+    /// bits ([`CONN_VIP_MASK`]), with [`CONN_CLOSING`] set once the client sent a FIN
+    /// or RST and, for a full-NAT VIP, the flow's NAT source address and port
+    /// ([`CONN_NAT_MASK`]); read it through [`ConnEntry::vip`],
+    /// [`ConnEntry::closing`] and [`ConnEntry::nat`]. (Entries written before NAT
+    /// existed have zeros there: the same meaning, no NAT binding.)
     pub vip_id: u32,
+}
+
+/// [`ConnEntry::vip_id`] bits of the VIP id itself (ids stay below
+/// [`crate::maps::MAX_VIPS`]).
+pub const CONN_VIP_MASK: u32 = 0xff;
+/// [`ConnEntry::vip_id`]: where a full-NAT flow's source port sits (bits 8..24); 0
+/// means the flow has no NAT binding (NAT ports are never 0).
+pub const CONN_NAT_PORT_SHIFT: u32 = 8;
+/// [`ConnEntry::vip_id`]: where a full-NAT flow's source address index sits (bits
+/// 24..30: at most [`crate::maps::MAX_NAT_SOURCES`] addresses per family).
+pub const CONN_NAT_SOURCE_SHIFT: u32 = 24;
+/// [`ConnEntry::vip_id`] bits of the NAT binding (source index and port).
+pub const CONN_NAT_MASK: u32 = 0x3fff_ff00;
+
+/// A full-NAT flow's binding: which of the `[nat]` source addresses of its family
+/// (an index from the prefix's first address) and which source port the backend
+/// sees for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatBinding {
+    pub source: u32,
+    pub port: u16,
+}
+
+impl NatBinding {
+    /// The binding's bits in [`ConnEntry::vip_id`].
+    pub const fn bits(self) -> u32 {
+        (self.source & 0x3f) << CONN_NAT_SOURCE_SHIFT | (self.port as u32) << CONN_NAT_PORT_SHIFT
+    }
 }
 
 /// [`ConnEntry::vip_id`] bit: the client has sent a FIN or an RST on this flow, so a
@@ -301,7 +338,20 @@ pub const CONN_GUESSED: u32 = 1 << 30;
 impl ConnEntry {
     /// The flow's VIP id.
     pub const fn vip(&self) -> u32 {
-        self.vip_id & !(CONN_CLOSING | CONN_GUESSED)
+        self.vip_id & CONN_VIP_MASK
+    }
+
+    /// The flow's NAT binding, if its VIP does full NAT and one was made.
+    pub const fn nat(&self) -> Option<NatBinding> {
+        let port = (self.vip_id >> CONN_NAT_PORT_SHIFT) as u16;
+        if port == 0 {
+            None
+        } else {
+            Some(NatBinding {
+                source: (self.vip_id >> CONN_NAT_SOURCE_SHIFT) & 0x3f,
+                port,
+            })
+        }
     }
 
     /// Whether the flow's backend was the table's guess (young entries only).
@@ -381,6 +431,116 @@ pub struct Settings {
     /// Outer IPv6 source: the first 12 bytes are kept, the last 4 come from the flow
     /// hash (a /96).
     pub encap_src_v6: [u8; 16],
+}
+
+/// Value of the `NAT_V4` and `NAT_V6` tables, whose keys are a reply's tuple as it
+/// arrives from the backend ([`ConnKeyV4`]/[`ConnKeyV6`] with the backend as
+/// source and the NAT address and port as destination): the client's flow to turn
+/// the reply back into. The entry is the claim on its NAT port: it is written only
+/// if the key was free (`BPF_NOEXIST`), so no two live flows share a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatEntry {
+    /// Client address (see [`AddrWords`]).
+    pub client: AddrWords,
+    /// VIP address.
+    pub vip: AddrWords,
+    /// Client port, network byte order.
+    pub client_port_be: u16,
+    /// VIP port, network byte order (the backend's port too).
+    pub vip_port_be: u16,
+    /// Where replies go: the MAC the client's first packet came from (the client,
+    /// or the router in front of it).
+    pub client_mac: [u8; 6],
+    /// Reserved, zero.
+    pub _pad: [u8; 2],
+    /// The flow's VIP id.
+    pub vip_id: u32,
+    /// The flow's backend id.
+    pub backend_id: u32,
+}
+
+/// Full NAT's source addresses and ports, the one entry of the `NAT_SETTINGS`
+/// array. Written by the agent from `[nat]`. A family's sources are `count`
+/// consecutive addresses from `first` (a prefix of at most
+/// [`crate::maps::MAX_NAT_SOURCES`], aligned, so an index is the low bits of the
+/// last byte); `count == 0`: that family has none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatSettings {
+    /// First IPv4 source address (see [`AddrWords`], word 0).
+    pub first_v4: u32,
+    /// IPv4 source addresses (a power of two, at most 64), 0 for none.
+    pub count_v4: u32,
+    /// First IPv6 source address.
+    pub first_v6: AddrWords,
+    /// IPv6 source addresses (a power of two, at most 64), 0 for none.
+    pub count_v6: u32,
+    /// Lowest source port handed out.
+    pub port_min: u32,
+    /// Source ports handed out per (source address, backend, port): `port_min` to
+    /// `port_min + port_span - 1`.
+    pub port_span: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+}
+
+impl NatSettings {
+    /// Source address `index` of a family, as the address's last word ([`AddrWords`]
+    /// word 0 for IPv4, word 3 for IPv6): the index goes into the last byte.
+    pub const fn source_word(last_word: u32, index: u32) -> u32 {
+        last_word | (index & 0x3f) << 24
+    }
+
+    /// The index of `last_word` among `count` sources from `first_word`, if it is
+    /// one of them.
+    pub const fn source_index(first_word: u32, count: u32, last_word: u32) -> Option<u32> {
+        if count == 0 {
+            return None;
+        }
+        let index_bits = (count - 1) << 24;
+        if (last_word ^ first_word) & !index_bits != 0 {
+            return None;
+        }
+        Some((last_word >> 24) & (count - 1))
+    }
+
+    /// Probe `probe` of a flow whose 5-tuple hash is `hash`: the source index and
+    /// port tried. The index is fixed by the hash; ports are tried one after
+    /// another from a hashed start.
+    pub const fn candidate(&self, count: u32, hash: u32, probe: u32) -> NatBinding {
+        let span = if self.port_span == 0 { 1 } else { self.port_span };
+        let index = if count == 0 { 0 } else { (hash >> 26) % count };
+        NatBinding {
+            source: index,
+            port: (self.port_min + (hash.wrapping_add(probe)) % span) as u16,
+        }
+    }
+}
+
+/// Full NAT's counters, per CPU, in the `NAT_STATS` array (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatStats {
+    /// Client packets of NAT flows sent to their backend.
+    pub to_backend: u64,
+    /// Backend replies turned back and sent to their client.
+    pub to_client: u64,
+    /// New NAT bindings: a source port claimed for a new flow.
+    pub claimed: u64,
+    /// Probes that found their port taken (by another live flow).
+    pub port_collisions: u64,
+    /// New flows refused (dropped) because every probed port was taken: the
+    /// source addresses and ports are exhausted towards that backend.
+    pub ports_exhausted: u64,
+    /// Known flows whose claim had been evicted from the NAT table and was made
+    /// again on the same port.
+    pub reclaimed: u64,
+    /// Known flows dropped because their port now belongs to another flow (their
+    /// claim was evicted and taken): never rewritten onto another flow's port.
+    pub lost: u64,
+    /// Packets to a NAT source address with no flow (dropped).
+    pub reply_unknown: u64,
 }
 
 /// Datapath-wide counters, one per reason, in the per-CPU `STATS` array (index 0).
@@ -470,6 +630,9 @@ mod pod {
     unsafe impl aya::Pod for super::SharedFlow {}
     unsafe impl aya::Pod for super::ShareStats {}
     unsafe impl aya::Pod for super::GuardStats {}
+    unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::NatSettings {}
+    unsafe impl aya::Pod for super::NatStats {}
 }
 
 #[cfg(test)]
@@ -494,6 +657,44 @@ mod tests {
         assert_eq!(size_of::<GuardStats>(), 3 * 8);
         assert_eq!(size_of::<SharedFlow>(), 40 + 4 + 4 + 1 + 1 + 6);
         assert_eq!(size_of::<ShareStats>(), 16);
+        assert_eq!(size_of::<NatEntry>(), 16 + 16 + 2 + 2 + 6 + 2 + 4 + 4);
+        assert_eq!(size_of::<NatSettings>(), 4 + 4 + 16 + 4 + 4 + 4 + 4);
+        assert_eq!(size_of::<NatStats>(), 8 * 8);
+    }
+
+    #[test]
+    fn a_nat_binding_round_trips_through_a_connection_entry() {
+        for (source, port) in [(0, 1), (63, 65535), (5, 40000)] {
+            let binding = NatBinding { source, port };
+            let entry = ConnEntry {
+                backend_id: 7,
+                vip_id: 9 | CONN_CLOSING | binding.bits(),
+            };
+            assert_eq!(entry.nat(), Some(binding));
+            assert_eq!(entry.vip(), 9);
+            assert!(entry.closing() && !entry.guessed());
+        }
+        let plain = ConnEntry {
+            backend_id: 1,
+            vip_id: 3 | CONN_GUESSED,
+        };
+        assert_eq!(plain.nat(), None);
+        assert_eq!(plain.vip(), 3);
+    }
+
+    #[test]
+    fn nat_sources_are_found_by_their_last_byte() {
+        let first = u32::from_le_bytes([198, 18, 200, 8]);
+        for index in 0..8 {
+            let word = NatSettings::source_word(first, index);
+            assert_eq!(word.to_le_bytes(), [198, 18, 200, 8 + index as u8]);
+            assert_eq!(NatSettings::source_index(first, 8, word), Some(index));
+        }
+        let outside = u32::from_le_bytes([198, 18, 200, 16]);
+        assert_eq!(NatSettings::source_index(first, 8, outside), None);
+        assert_eq!(NatSettings::source_index(first, 0, first), None);
+        let other_net = u32::from_le_bytes([198, 18, 201, 8]);
+        assert_eq!(NatSettings::source_index(first, 8, other_net), None);
     }
 
     #[test]

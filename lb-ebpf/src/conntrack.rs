@@ -32,7 +32,7 @@
 
 use lb_common::{
     maps::programs::REFERENCE_KEY,
-    types::{CONN_CLOSING, CONN_GUESSED, ConnEntry, FAMILY_V4},
+    types::{CONN_CLOSING, CONN_GUESSED, CONN_NAT_MASK, CONN_VIP_MASK, ConnEntry, FAMILY_V4},
 };
 
 use crate::{
@@ -94,14 +94,15 @@ pub fn find_young(pkt: &Packet) -> Option<ConnEntry> {
 
 /// Remembers a new flow's backend in the young table, until its second packet
 /// ([`promote`]). A failed write is counted; the flow then follows the lookup table
-/// until its next packet writes it again.
+/// until its next packet writes it again. `tag`: the VIP id with the flow's NAT
+/// binding, if any (see `ConnEntry::vip_id`).
 #[inline(always)]
-pub fn insert_young(pkt: &Packet, backend_id: u32, vip_id: u32) {
+pub fn insert_young(pkt: &Packet, backend_id: u32, tag: u32) {
     let mut flags = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
     if share::guessed(pkt) {
         flags |= CONN_GUESSED;
     }
-    let entry = keys::Entry::new(backend_id, vip_id | flags);
+    let entry = keys::Entry::new(backend_id, tag | flags);
     let result = if pkt.family == FAMILY_V4 {
         YOUNG_V4.insert(keys::ConnV4::new(pkt).key(), entry.value(), 0)
     } else {
@@ -126,10 +127,11 @@ pub fn promote(pkt: &Packet, young: ConnEntry, counters: stats::Global) -> ConnE
     } else {
         0
     };
+    let tag = young.vip_id & (CONN_VIP_MASK | CONN_NAT_MASK);
     write(
         pkt,
         young.backend_id,
-        young.vip(),
+        tag,
         closing,
         young.guessed(),
         counters,
@@ -144,7 +146,7 @@ pub fn promote(pkt: &Packet, young: ConnEntry, counters: stats::Global) -> ConnE
     stats::guard(|g| &mut g.promoted);
     ConnEntry {
         backend_id: young.backend_id,
-        vip_id: young.vip() | closing,
+        vip_id: tag | closing,
     }
 }
 
@@ -161,38 +163,35 @@ pub fn mark_closing(found: &Found) {
 
 /// Remembers a new flow's backend. A failed insert is counted (and logged, see
 /// [`events`]) and the packet still goes out: the flow then follows the lookup
-/// table, which is right until it changes.
+/// table, which is right until it changes. `tag`: the VIP id with the flow's NAT
+/// binding, if any.
 #[inline(always)]
-pub fn insert(pkt: &Packet, backend_id: u32, vip_id: u32, counters: stats::Global) {
+pub fn insert(pkt: &Packet, backend_id: u32, tag: u32, counters: stats::Global) {
     // A flow first seen by its FIN or RST (its entry lost) is closing already.
     let closing = if pkt.tcp_fin_rst { CONN_CLOSING } else { 0 };
-    write(
-        pkt,
-        backend_id,
-        vip_id,
-        closing,
-        share::guessed(pkt),
-        counters,
-    );
+    write(pkt, backend_id, tag, closing, share::guessed(pkt), counters);
 }
 
-/// Writes a connection-table entry, and reports it when sharing is on.
+/// Writes a connection-table entry, and reports it when sharing is on. A full-NAT
+/// flow is not reported: its port is this LB's, and a peer could not serve it.
 #[inline(always)]
 fn write(
     pkt: &Packet,
     backend_id: u32,
-    vip_id: u32,
+    tag: u32,
     closing: u32,
     guessed: bool,
     counters: stats::Global,
 ) {
-    let entry = keys::Entry::new(backend_id, vip_id | closing);
+    let entry = keys::Entry::new(backend_id, tag | closing);
+    let vip_id = tag & CONN_VIP_MASK;
+    let report = share::enabled() && tag & CONN_NAT_MASK == 0;
     let failed = if pkt.family == FAMILY_V4 {
         let key = keys::ConnV4::new(pkt);
         let result = CONNS_V4
             .insert(key.key(), entry.value(), 0)
             .inspect_err(|&error| events::insert_failed_v4(key.key(), vip_id, error));
-        if result.is_ok() && share::enabled() {
+        if result.is_ok() && report {
             // SAFETY: the key lives on this stack frame for the whole call.
             unsafe { share::report_v4(key.key(), backend_id, vip_id, guessed) }
         }
@@ -202,7 +201,7 @@ fn write(
         let result = CONNS_V6
             .insert(key.key(), entry.value(), 0)
             .inspect_err(|&error| events::insert_failed_v6(key.key(), vip_id, error));
-        if result.is_ok() && share::enabled() {
+        if result.is_ok() && report {
             // SAFETY: the key lives on this stack frame for the whole call.
             unsafe { share::report_v6(key.key(), backend_id, vip_id, guessed) }
         }

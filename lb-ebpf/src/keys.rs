@@ -7,7 +7,7 @@
 //! in `cargo xtask bench datapath`. Each builder writes exactly the bytes of the
 //! `lb_common::types` layout it stands for (little-endian, like the datapath).
 
-use lb_common::types::{ConnEntry, ConnKeyV4, ConnKeyV6, VipKey};
+use lb_common::types::{AddrWords, ConnEntry, ConnKeyV4, ConnKeyV6, VipKey};
 
 use crate::parse::Packet;
 
@@ -37,7 +37,12 @@ fn pair(low: u32, high: u32) -> u64 {
 /// Ports and protocol, the last word of both connection keys.
 #[inline(always)]
 fn ports_proto(pkt: &Packet) -> u64 {
-    u64::from(pkt.src_port_be) | u64::from(pkt.dst_port_be) << 16 | u64::from(pkt.proto) << 32
+    tuple_ports(pkt.src_port_be, pkt.dst_port_be, pkt.proto)
+}
+
+#[inline(always)]
+fn tuple_ports(src_port_be: u16, dst_port_be: u16, proto: u8) -> u64 {
+    u64::from(src_port_be) | u64::from(dst_port_be) << 16 | u64::from(proto) << 32
 }
 
 pub struct ConnV4(Words<2>);
@@ -46,6 +51,15 @@ impl ConnV4 {
     #[inline(always)]
     pub fn new(pkt: &Packet) -> Self {
         ConnV4(Words([pair(pkt.src[0], pkt.dst[0]), ports_proto(pkt)]))
+    }
+
+    /// The key of a tuple other than the packet's own (a NAT flow's reply).
+    #[inline(always)]
+    pub fn tuple(src: u32, dst: u32, src_port_be: u16, dst_port_be: u16, proto: u8) -> Self {
+        ConnV4(Words([
+            pair(src, dst),
+            tuple_ports(src_port_be, dst_port_be, proto),
+        ]))
     }
 
     /// A key given whole (the bench references' constant flow).
@@ -68,13 +82,30 @@ pub struct ConnV6(Words<5>);
 impl ConnV6 {
     #[inline(always)]
     pub fn new(pkt: &Packet) -> Self {
-        let (s, d) = (&pkt.src, &pkt.dst);
+        Self::tuple(
+            &pkt.src,
+            &pkt.dst,
+            pkt.src_port_be,
+            pkt.dst_port_be,
+            pkt.proto,
+        )
+    }
+
+    /// The key of a tuple other than the packet's own (a NAT flow's reply).
+    #[inline(always)]
+    pub fn tuple(
+        s: &AddrWords,
+        d: &AddrWords,
+        src_port_be: u16,
+        dst_port_be: u16,
+        proto: u8,
+    ) -> Self {
         ConnV6(Words([
             pair(s[0], s[1]),
             pair(s[2], s[3]),
             pair(d[0], d[1]),
             pair(d[2], d[3]),
-            ports_proto(pkt),
+            tuple_ports(src_port_be, dst_port_be, proto),
         ]))
     }
 

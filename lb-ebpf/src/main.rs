@@ -1,8 +1,9 @@
 //! The XDP load balancer. Every frame goes through the stages in order, each in its
 //! own module: [`parse`] (one packet description) → [`vip`] (is it for a VIP?) →
 //! [`conntrack`] (a known flow keeps its backend) → [`table`] (a new flow gets a
-//! backend from the VIP's lookup table) → [`forward`] (L2 DSR or encapsulation), with
-//! [`icmp`] answering echo requests to VIPs and [`stats`] counting along the way.
+//! backend from the VIP's lookup table) → [`forward`] (L2 DSR or encapsulation) or
+//! [`nat`] (full NAT, both ways), with [`icmp`] answering echo requests to VIPs and
+//! [`stats`] counting along the way.
 //! A stage that ends processing returns `Err(Stop)`; [`lb_xdp`] turns that into a
 //! return code and a counter in one place.
 #![no_std]
@@ -14,6 +15,7 @@ mod forward;
 mod icmp;
 mod keys;
 mod maps;
+mod nat;
 mod parse;
 mod ptr;
 mod share;
@@ -22,7 +24,9 @@ mod table;
 mod vip;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::types::{BACKEND_F_DRAINED, Backend, PROTO_TCP, VIP_F_ECHO, VIP_F_ENCAP};
+use lb_common::types::{
+    BACKEND_F_DRAINED, Backend, NatBinding, PROTO_TCP, VIP_F_ECHO, VIP_F_ENCAP, VIP_F_NAT,
+};
 use parse::Kind;
 
 /// Why processing stopped before a frame was forwarded, and so what the kernel does
@@ -47,13 +51,23 @@ pub enum Stop {
     NoBackend,
     /// Encapsulation could not make room in front of the packet.
     EncapFailed,
+    /// A new full-NAT flow found every port it tried taken (see `nat`).
+    NatPortsExhausted,
+    /// A full-NAT flow's port now belongs to another flow (its claim was evicted).
+    NatLost,
+    /// Addressed to a NAT source address, but no flow holds that port.
+    NatUnknown,
 }
 
 impl Stop {
     #[inline(always)]
     fn action(self) -> u32 {
         match self {
-            Stop::NoBackend | Stop::EncapFailed => xdp_action::XDP_DROP,
+            Stop::NoBackend
+            | Stop::EncapFailed
+            | Stop::NatPortsExhausted
+            | Stop::NatLost
+            | Stop::NatUnknown => xdp_action::XDP_DROP,
             Stop::NotIp
             | Stop::NotVip
             | Stop::Fragment
@@ -84,13 +98,27 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn balance(ctx: &XdpContext, counters: stats::Global) -> Result<(), Stop> {
     let pkt = parse::parse(ctx)?;
     if !vip::may_be_vip(&pkt) {
-        return Err(Stop::NotVip);
+        return not_vip(ctx, &pkt);
     }
     if pkt.kind == Kind::Echo {
         return echo(ctx, &pkt, counters);
     }
-    let to = target(&pkt, counters)?;
+    let to = match target(ctx, &pkt, counters) {
+        Err(Stop::NotVip) => return not_vip(ctx, &pkt),
+        to => to?,
+    };
     forward(ctx, &pkt, &to, counters)
+}
+
+/// A packet for no VIP: a backend's reply to a full-NAT flow if it is addressed to
+/// a NAT source address (one array read tells), else the host's.
+#[inline(always)]
+fn not_vip(ctx: &XdpContext, pkt: &parse::Packet) -> Result<(), Stop> {
+    if nat::is_reply(pkt) {
+        nat::to_client(ctx, nat::scratch(pkt).ok_or(Stop::NatUnknown)?)
+    } else {
+        Err(Stop::NotVip)
+    }
 }
 
 /// Where a flow's packet goes. An established flow takes the short way: connection
@@ -98,7 +126,7 @@ fn balance(ctx: &XdpContext, counters: stats::Global) -> Result<(), Stop> {
 /// table's. Anything else, or anything that does not check out on the short way,
 /// goes through the `VIPS` hash map and, for a new flow, the lookup table.
 #[inline(always)]
-fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> {
+fn target(ctx: &XdpContext, pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> {
     let found = conntrack::find(pkt);
     if !pkt.tcp_syn
         && let Some(found) = &found
@@ -117,6 +145,7 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
             backend,
             hash: None,
             new_flow: false,
+            nat: Nat::of(entry.nat()),
         });
     }
     let vip = vip::lookup(pkt)?;
@@ -124,7 +153,7 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
     let found = found.filter(|f| f.entry.vip() == vip.vip_id);
     let mut known = found.map(|f| f.entry);
     if pkt.tcp_syn {
-        return syn(pkt, &vip, known, counters);
+        return syn(ctx, pkt, &vip, known, counters);
     }
     if known.is_none()
         && conntrack::guard()
@@ -165,13 +194,14 @@ fn target(pkt: &parse::Packet, counters: stats::Global) -> Result<Target, Stop> 
             backend,
             hash: None,
             new_flow: false,
+            nat: Nat::of(entry.nat()),
         });
     }
     // A new flow, or a known one whose backend was removed: it gets a backend from
     // the table (which resets a removed backend's flow, rather than its packets
     // vanishing). An ICMP error follows its flow but never creates one.
     let remember = Remember::of(known);
-    by_table(pkt, &vip, table::pick(pkt, &vip)?, remember, counters)
+    by_table(ctx, pkt, &vip, table::pick(pkt, &vip)?, remember, counters)
 }
 
 /// Where the entry of a flow that takes the lookup table is written.
@@ -198,9 +228,12 @@ impl Remember {
 }
 
 /// The packet goes where the lookup table says (`picked`: its backend id and the
-/// flow hash); a packet that opens a flow has the flow's entry written.
+/// flow hash); a packet that opens a flow has the flow's entry written, with its
+/// NAT binding when the VIP does full NAT (claimed first: a flow that gets no port
+/// is dropped and leaves no entry).
 #[inline(always)]
 fn by_table(
+    ctx: &XdpContext,
     pkt: &parse::Packet,
     vip: &lb_common::types::VipMeta,
     (backend_id, hash): (u32, u32),
@@ -209,11 +242,25 @@ fn by_table(
 ) -> Result<Target, Stop> {
     let backend = table::backend(backend_id)?;
     let new_flow = pkt.kind == Kind::Flow;
+    let mut nat = Nat::None;
     if new_flow {
+        let mut tag = vip.vip_id;
+        if vip.flags & VIP_F_NAT != 0 {
+            let dest = nat::Dest {
+                vip_id: vip.vip_id,
+                vip_flags: vip.flags,
+                backend_id,
+                backend,
+            };
+            let sc = nat::scratch(pkt).ok_or(Stop::NatPortsExhausted)?;
+            let binding = nat::claim(ctx, sc, &dest, hash)?;
+            tag |= binding.bits();
+            nat = Nat::Claimed(binding);
+        }
         if conntrack::guard() && remember == Remember::New {
-            conntrack::insert_young(pkt, backend_id, vip.vip_id);
+            conntrack::insert_young(pkt, backend_id, tag);
         } else {
-            conntrack::insert(pkt, backend_id, vip.vip_id, counters);
+            conntrack::insert(pkt, backend_id, tag, counters);
         }
     }
     Ok(Target {
@@ -223,6 +270,7 @@ fn by_table(
         backend,
         hash: Some(hash),
         new_flow,
+        nat,
     })
 }
 
@@ -240,6 +288,7 @@ fn by_table(
 /// the young table unless the connection table holds the flow.
 #[inline(always)]
 fn syn(
+    ctx: &XdpContext,
     pkt: &parse::Packet,
     vip: &lb_common::types::VipMeta,
     known: Option<lb_common::types::ConnEntry>,
@@ -268,10 +317,11 @@ fn syn(
             backend,
             hash: Some(hash),
             new_flow: false,
+            nat: Nat::of(entry.nat()),
         });
     }
     stats::bump(counters, |s| &mut s.conn_miss_syn);
-    by_table(pkt, vip, (backend_id, hash), remember, counters)
+    by_table(ctx, pkt, vip, (backend_id, hash), remember, counters)
 }
 
 /// Where a packet goes, and what is known about its flow.
@@ -284,6 +334,27 @@ struct Target {
     hash: Option<u32>,
     /// The packet opened a flow (its connection entry was just written).
     new_flow: bool,
+    /// The flow's full-NAT binding, for a VIP that does full NAT.
+    nat: Nat,
+}
+
+/// What is known of a flow's full-NAT binding when its packet is forwarded.
+#[derive(Clone, Copy)]
+enum Nat {
+    /// None yet: a flow the connection table knew without one (an entry a fleet
+    /// peer shared, or written before the VIP did NAT), or a VIP without NAT.
+    None,
+    /// Claimed by this very packet.
+    Claimed(NatBinding),
+    /// From the flow's entry: its claim is checked before use (`nat::confirm`).
+    Known(NatBinding),
+}
+
+impl Nat {
+    #[inline(always)]
+    fn of(binding: Option<NatBinding>) -> Nat {
+        binding.map_or(Nat::None, Nat::Known)
+    }
 }
 
 /// Counts a packet of a flow the connection table knows.
@@ -309,6 +380,9 @@ fn forward(
     if pkt.ipv4_options {
         stats::bump(counters, |s| &mut s.ipv4_options);
     }
+    if to.vip_flags & VIP_F_NAT != 0 {
+        return forward_nat(ctx, pkt, to, counters);
+    }
     stats::account(to.vip_id, to.backend_id, pkt.len, to.new_flow);
     if to.vip_flags & VIP_F_ENCAP != 0 {
         let hash = to.hash.unwrap_or_else(|| table::hash(pkt, to.vip_flags));
@@ -317,6 +391,46 @@ fn forward(
     } else {
         forward::l2_dsr(ctx, to.backend)?;
     }
+    stats::bump(counters, |s| &mut s.tx);
+    Ok(())
+}
+
+/// A full-NAT VIP's packet: its binding checked (or made, for a known flow that
+/// has none), then rewritten for the backend. ICMP errors about NAT flows are not
+/// translated yet: they go to the host.
+#[inline(always)]
+fn forward_nat(
+    ctx: &XdpContext,
+    pkt: &parse::Packet,
+    to: &Target,
+    counters: stats::Global,
+) -> Result<(), Stop> {
+    if pkt.kind != Kind::Flow {
+        return Err(Stop::IcmpOther);
+    }
+    let dest = nat::Dest {
+        vip_id: to.vip_id,
+        vip_flags: to.vip_flags,
+        backend_id: to.backend_id,
+        backend: to.backend,
+    };
+    let sc = nat::scratch(pkt).ok_or(Stop::NatLost)?;
+    let binding = match to.nat {
+        Nat::Claimed(binding) => binding,
+        Nat::Known(binding) => {
+            nat::confirm(ctx, sc, &dest, &binding)?;
+            binding
+        }
+        Nat::None => {
+            let hash = to.hash.unwrap_or_else(|| table::hash(pkt, to.vip_flags));
+            let binding = nat::claim(ctx, sc, &dest, hash)?;
+            conntrack::insert(pkt, to.backend_id, to.vip_id | binding.bits(), counters);
+            binding
+        }
+    };
+    stats::account(to.vip_id, to.backend_id, pkt.len, to.new_flow);
+    nat::to_backend(ctx, sc, to.backend, &binding)?;
+    stats::nat(|n| &mut n.to_backend);
     stats::bump(counters, |s| &mut s.tx);
     Ok(())
 }

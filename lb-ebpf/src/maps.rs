@@ -9,12 +9,13 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         CONN_TABLE_SIZE_V4, CONN_TABLE_SIZE_V6, DEFAULT_MAX_VIPS, MAX_BACKENDS, MAX_VIPS,
-        SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS, YOUNG_TABLE_SIZE_V4, YOUNG_TABLE_SIZE_V6,
-        rings_entries,
+        NAT_TABLE_SIZE_V4, NAT_TABLE_SIZE_V6, SHARED_FLOWS_BYTES, VIP_FILTER_SLOTS,
+        YOUNG_TABLE_SIZE_V4, YOUNG_TABLE_SIZE_V6, rings_entries,
     },
     types::{
-        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, GuardStats, RingChunk,
-        Settings, ShareStats, VipIdEntry, VipKey, VipMeta, VipStats,
+        Backend, BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, GlobalStats, GuardStats, NatEntry,
+        NatSettings, NatStats, RingChunk, Settings, ShareStats, VipIdEntry, VipKey, VipMeta,
+        VipStats,
     },
 };
 
@@ -95,6 +96,33 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 /// the agent.
 #[map(name = "SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Full NAT's tables, IPv4 and IPv6: a reply's tuple as it arrives from the backend
+/// (backend address and port → NAT source address and port) → the client's flow.
+/// Written by the datapath when a new NAT flow claims its port (`BPF_NOEXIST`: an
+/// entry is the claim); read by every reply, and by the client's packets to check
+/// that their claim still stands (see `crate::nat`). LRU like the connection tables.
+#[map(name = "NAT_V4")]
+pub static NAT_V4: LruHashMap<ConnKeyV4, NatEntry> =
+    LruHashMap::with_max_entries(NAT_TABLE_SIZE_V4, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "NAT_V6")]
+pub static NAT_V6: LruHashMap<ConnKeyV6, NatEntry> =
+    LruHashMap::with_max_entries(NAT_TABLE_SIZE_V6, BPF_F_NO_COMMON_LRU);
+
+/// Full NAT's source addresses and ports (index 0). Written by the agent.
+#[map(name = "NAT_SETTINGS")]
+pub static NAT_SETTINGS: Array<NatSettings> = Array::with_max_entries(1, 0);
+
+/// Full NAT's scratch (index 0), per CPU: the packet's flow and the entry being
+/// written, handed to NAT's out-of-line steps as map memory rather than stack
+/// (`crate::nat::Scratch`). Not pinned: nothing in it outlives a packet.
+#[map(name = "NAT_SCRATCH")]
+pub static NAT_SCRATCH: PerCpuArray<[u64; 13]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Full NAT's counters (index 0), per CPU. Written by the datapath.
+#[map(name = "NAT_STATS")]
+pub static NAT_STATS: PerCpuArray<NatStats> = PerCpuArray::with_max_entries(1, 0);
 
 /// New connection entries for flow sharing (`lb_common::types::SharedFlow`), written
 /// by the datapath when sharing is on, read by the agent. A full ring refuses the

@@ -1,0 +1,521 @@
+//! Full NAT (`forwarding = "nat"`): the LB stays in the path both ways, so backends
+//! need no VIP, no tunnel and no L2 adjacency.
+//!
+//! - **To the backend** ([`to_backend`]): the destination becomes the backend's
+//!   address, the source one of the `[nat]` addresses of the flow's family, and the
+//!   source port one the flow claimed ([`claim`]); the destination port (the VIP's)
+//!   is kept. The frame goes to the backend's configured MAC (the next hop towards
+//!   it) out of the interface it came in on.
+//! - **Back to the client** ([`to_client`]): a packet to a NAT address is looked up
+//!   in `NAT_V4`/`NAT_V6` by its tuple as it arrives; the entry names the client's
+//!   flow, whose VIP becomes the source and whose client the destination, and the
+//!   frame goes back to the MAC the client's first packet came from.
+//!
+//! **Ports.** A new flow claims a (source address, port) towards its backend by
+//! inserting its reply's tuple into the NAT table with `BPF_NOEXIST`: the insert is
+//! atomic, so two CPUs never give one port to two flows. The address is chosen by
+//! the flow's 5-tuple hash, the port starts at a hashed place and moves on by one
+//! for each port found taken, for `NAT_PROBES` tries; a flow that finds none is
+//! dropped and counted (`ports_exhausted`), never sent with a port it does not
+//! hold. The binding rides in the flow's connection entry (`ConnEntry::nat`), so it
+//! lives as the flow's backend does: across weight changes, agent restarts and
+//! reloads.
+//!
+//! **A claim can be evicted** (the NAT table is an LRU, like the connection table):
+//! every client packet of a NAT flow therefore checks that its claim still names
+//! it ([`confirm`]). An evicted claim is made again on the same port if that is
+//! still free (`reclaimed`); a port another flow has taken since drops the packet
+//! (`lost`) rather than mix two flows on one tuple.
+//!
+//! **Checksums** are updated incrementally (RFC 1624, over 32-bit words): the IPv4
+//! header's for the two addresses, TCP's and UDP's for the addresses of the
+//! pseudo-header and the port. An IPv4 UDP datagram sent without a checksum (0)
+//! keeps none. TTL and hop limit are left as they came, as in the other modes.
+//!
+//! Not handled yet: ICMP errors about a NAT flow (they are passed to the host), and
+//! replies on a second interface (replies must come back to the interface the
+//! program is attached to, as they do when the NAT addresses are routed to it).
+
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use lb_common::{
+    hash::flow_hash_words,
+    maps::NAT_PROBES,
+    types::{
+        AddrWords, Backend, ConnKeyV6, FAMILY_V4, NatBinding, NatEntry, NatSettings, PROTO_TCP,
+        VIP_F_HASH_SRC_ONLY,
+    },
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    Stop, keys,
+    maps::{NAT_SCRATCH, NAT_SETTINGS, NAT_V4, NAT_V6},
+    parse::{Kind, Packet},
+    ptr, stats,
+};
+
+/// Offset of the checksum in a TCP header, and in a UDP header.
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+
+#[inline(always)]
+fn settings() -> Option<&'static NatSettings> {
+    NAT_SETTINGS.get(0)
+}
+
+/// Source address `index` of a family, if that family has NAT sources.
+#[inline(always)]
+fn source(settings: &NatSettings, family: u32, index: u32) -> Option<AddrWords> {
+    if family == u32::from(FAMILY_V4) {
+        if settings.count_v4 == 0 {
+            return None;
+        }
+        Some([NatSettings::source_word(settings.first_v4, index), 0, 0, 0])
+    } else {
+        if settings.count_v6 == 0 {
+            return None;
+        }
+        let f = &settings.first_v6;
+        Some([f[0], f[1], f[2], NatSettings::source_word(f[3], index)])
+    }
+}
+
+/// Whether the packet is addressed to one of the NAT source addresses: a backend's
+/// reply (or a stray packet) for [`to_client`].
+#[inline(always)]
+pub fn is_reply(pkt: &Packet) -> bool {
+    if pkt.kind != Kind::Flow {
+        return false;
+    }
+    let Some(s) = settings() else {
+        return false;
+    };
+    if pkt.family == FAMILY_V4 {
+        NatSettings::source_index(s.first_v4, s.count_v4, pkt.dst[0]).is_some()
+    } else {
+        let (f, d) = (&s.first_v6, &pkt.dst);
+        f[0] == d[0]
+            && f[1] == d[1]
+            && f[2] == d[2]
+            && NatSettings::source_index(f[3], s.count_v6, d[3]).is_some()
+    }
+}
+
+/// A packet's flow as full NAT's out-of-line steps take it: its tuple in the IPv6
+/// key's layout whatever the family (IPv4 in word 0 of each address), then the
+/// family and the transport header's offset.
+#[repr(C)]
+pub struct NatFlow {
+    pub tuple: ConnKeyV6,
+    pub family: u32,
+    pub l4_offset: u32,
+}
+
+/// The per-CPU scratch of full NAT (`NAT_SCRATCH`): the packet's flow and the NAT
+/// entry being written live here, not on the stack. The steps that use them are
+/// not inlined (a single frame with them would pass BPF's 512 bytes), and calls
+/// share that budget, so the caller hands over map memory instead of stack.
+#[repr(C)]
+pub struct Scratch {
+    pub flow: NatFlow,
+    pub entry: NatEntry,
+}
+
+/// The packet's flow, written into this CPU's scratch as whole words. `None` only
+/// if the scratch cannot be read (it always can: index 0 of a one-entry array).
+#[inline(always)]
+pub fn scratch(pkt: &Packet) -> Option<&'static mut Scratch> {
+    let sc = NAT_SCRATCH.get_ptr_mut(0)?.cast::<Scratch>();
+    let (s, d) = (&pkt.src, &pkt.dst);
+    let pair = |low: u32, high: u32| u64::from(low) | u64::from(high) << 32;
+    let words = [
+        pair(s[0], s[1]),
+        pair(s[2], s[3]),
+        pair(d[0], d[1]),
+        pair(d[2], d[3]),
+        u64::from(pkt.src_port_be) | u64::from(pkt.dst_port_be) << 16 | u64::from(pkt.proto) << 32,
+        pair(u32::from(pkt.family), pkt.l4_offset as u32),
+    ];
+    // SAFETY: a per-CPU map value, valid for the whole program run and used by
+    // nothing else while it runs (XDP does not nest on a CPU); its first 48 bytes
+    // are the `NatFlow` these words spell (little-endian, `#[repr(C)]`).
+    unsafe {
+        sc.cast::<[u64; 6]>().write(words);
+        Some(&mut *sc)
+    }
+}
+
+#[inline(always)]
+fn is_v4(f: &NatFlow) -> bool {
+    f.family == u32::from(FAMILY_V4)
+}
+
+/// Where a NAT flow's packet goes: what its NAT table entry names.
+pub struct Dest {
+    pub vip_id: u32,
+    pub vip_flags: u32,
+    pub backend_id: u32,
+    pub backend: &'static Backend,
+}
+
+/// Writes into the scratch the NAT table entry of the client's flow: what its
+/// replies are turned back into.
+#[inline(always)]
+fn fill_entry(ctx: &XdpContext, sc: &mut Scratch, dest: &Dest) -> Result<(), Stop> {
+    let eth: *const EthHdr = ptr::at(ctx, 0)?;
+    let t = &sc.flow.tuple;
+    sc.entry = NatEntry {
+        client: t.src,
+        vip: t.dst,
+        client_port_be: t.src_port_be,
+        vip_port_be: t.dst_port_be,
+        // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
+        client_mac: unsafe { (*eth).src_addr },
+        _pad: [0; 2],
+        vip_id: dest.vip_id,
+        backend_id: dest.backend_id,
+    };
+    Ok(())
+}
+
+/// Whether a NAT table entry stands for the client's flow `f` (same client, VIP).
+#[inline(always)]
+fn same_flow(entry: &NatEntry, f: &NatFlow) -> bool {
+    entry.client == f.tuple.src
+        && entry.vip == f.tuple.dst
+        && entry.client_port_be == f.tuple.src_port_be
+        && entry.vip_port_be == f.tuple.dst_port_be
+}
+
+/// What one attempt to hold a port found.
+enum Hold {
+    /// The port is the flow's now (it was free, or already the flow's own).
+    Held,
+    /// Another live flow holds it.
+    Taken,
+}
+
+/// Tries to hold `port` on source `src` towards `backend` for the client's flow
+/// `f`: inserts the reply's tuple if free (`BPF_NOEXIST`, atomic), or takes it over
+/// if the entry there is this very flow's (a client reopening its ports, a
+/// retransmitted SYN).
+#[inline(always)]
+fn hold(f: &NatFlow, backend: &AddrWords, src: &AddrWords, port: u16, value: &NatEntry) -> Hold {
+    let (vip_port, port_be, proto) = (f.tuple.dst_port_be, port.to_be(), f.tuple.proto as u8);
+    let flags = BPF_NOEXIST as u64;
+    if is_v4(f) {
+        let key = keys::ConnV4::tuple(backend[0], src[0], vip_port, port_be, proto);
+        if NAT_V4.insert(key.key(), value, flags).is_ok() {
+            return Hold::Held;
+        }
+        // SAFETY: the value is only compared.
+        match unsafe { NAT_V4.get(key.key()) } {
+            Some(e) if same_flow(e, f) => {
+                let _ = NAT_V4.insert(key.key(), value, 0);
+                Hold::Held
+            }
+            _ => Hold::Taken,
+        }
+    } else {
+        let key = keys::ConnV6::tuple(backend, src, vip_port, port_be, proto);
+        if NAT_V6.insert(key.key(), value, flags).is_ok() {
+            return Hold::Held;
+        }
+        // SAFETY: as above.
+        match unsafe { NAT_V6.get(key.key()) } {
+            Some(e) if same_flow(e, f) => {
+                let _ = NAT_V6.insert(key.key(), value, 0);
+                Hold::Held
+            }
+            _ => Hold::Taken,
+        }
+    }
+}
+
+/// The backend's address as words, refusing a backend of the other family (full
+/// NAT does not translate between families).
+#[inline(always)]
+fn backend_words(f: &NatFlow, backend: &Backend) -> Result<AddrWords, Stop> {
+    if u32::from(backend.family) != f.family {
+        return Err(Stop::NoBackend);
+    }
+    // SAFETY: a map value of 16 address bytes, valid for the program run.
+    Ok(unsafe { ptr::words(&backend.addr) })
+}
+
+/// A new flow's binding: the first free (source, port) of its probes, claimed.
+/// `hash` is the flow hash the table was read with (the 5-tuple's, unless the VIP
+/// hashes sources only: ports are spread by the 5-tuple whatever the VIP does).
+/// Not inlined, like the other steps that take a [`NatFlow`]: their keys and
+/// entries get stack frames of their own (one frame would pass BPF's 512 bytes).
+#[inline(never)]
+pub fn claim(
+    ctx: &XdpContext,
+    sc: &mut Scratch,
+    dest: &Dest,
+    hash: u32,
+) -> Result<NatBinding, Stop> {
+    fill_entry(ctx, sc, dest)?;
+    let (f, value) = (&sc.flow, &sc.entry);
+    let settings = settings().ok_or(Stop::NatPortsExhausted)?;
+    let backend = backend_words(f, dest.backend)?;
+    let count = if is_v4(f) {
+        settings.count_v4
+    } else {
+        settings.count_v6
+    };
+    let t = &f.tuple;
+    let hash = if dest.vip_flags & VIP_F_HASH_SRC_ONLY != 0 {
+        flow_hash_words(
+            f.family as u8,
+            t.proto as u8,
+            &t.src,
+            &t.dst,
+            t.src_port_be,
+            t.dst_port_be,
+        )
+    } else {
+        hash
+    };
+    for probe in 0..NAT_PROBES {
+        let binding = settings.candidate(count, hash, probe);
+        let src = source(settings, f.family, binding.source).ok_or(Stop::NatPortsExhausted)?;
+        match hold(f, &backend, &src, binding.port, value) {
+            Hold::Held => {
+                stats::nat(|n| &mut n.claimed);
+                return Ok(binding);
+            }
+            Hold::Taken => stats::nat(|n| &mut n.port_collisions),
+        }
+    }
+    Err(Stop::NatPortsExhausted)
+}
+
+/// Checks that a known flow's claim on its port still stands, before its packet is
+/// sent with that port: an evicted claim is made again if the port is still free;
+/// a port another flow took since stops the packet (`Stop::NatLost`).
+#[inline(never)]
+pub fn confirm(
+    ctx: &XdpContext,
+    sc: &mut Scratch,
+    dest: &Dest,
+    binding: &NatBinding,
+) -> Result<(), Stop> {
+    let f = &sc.flow;
+    let settings = settings().ok_or(Stop::NatLost)?;
+    let backend = backend_words(f, dest.backend)?;
+    let src = source(settings, f.family, binding.source).ok_or(Stop::NatLost)?;
+    let (vip_port, port_be, proto) = (
+        f.tuple.dst_port_be,
+        binding.port.to_be(),
+        f.tuple.proto as u8,
+    );
+    // SAFETY: the values are only compared.
+    let found = if is_v4(f) {
+        let key = keys::ConnV4::tuple(backend[0], src[0], vip_port, port_be, proto);
+        unsafe { NAT_V4.get(key.key()) }.map(|e| same_flow(e, f))
+    } else {
+        let key = keys::ConnV6::tuple(&backend, &src, vip_port, port_be, proto);
+        unsafe { NAT_V6.get(key.key()) }.map(|e| same_flow(e, f))
+    };
+    match found {
+        Some(true) => Ok(()),
+        Some(false) => Err(Stop::NatLost),
+        None => {
+            fill_entry(ctx, sc, dest)?;
+            match hold(&sc.flow, &backend, &src, binding.port, &sc.entry) {
+                Hold::Held => {
+                    stats::nat(|n| &mut n.reclaimed);
+                    Ok(())
+                }
+                Hold::Taken => Err(Stop::NatLost),
+            }
+        }
+    }
+}
+
+/// Rewrites a client's packet for its backend: destination the backend, source the
+/// flow's NAT address and port; MACs from this host to the backend's next hop.
+#[inline(never)]
+pub fn to_backend(
+    ctx: &XdpContext,
+    sc: &Scratch,
+    backend: &Backend,
+    binding: &NatBinding,
+) -> Result<(), Stop> {
+    let f = &sc.flow;
+    let settings = settings().ok_or(Stop::NatLost)?;
+    let src = source(settings, f.family, binding.source).ok_or(Stop::NatLost)?;
+    let dst = backend_words(f, backend)?;
+    rewrite(ctx, f, &src, &dst, Port::Source(binding.port.to_be()))?;
+    let eth: *mut EthHdr = ptr::at(ctx, 0)?;
+    // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
+    unsafe {
+        ptr::copy_mac(&raw mut (*eth).src_addr, &raw const (*eth).dst_addr);
+        ptr::copy_mac(&raw mut (*eth).dst_addr, &backend.mac);
+    }
+    Ok(())
+}
+
+/// A backend's reply `f` to a NAT address: turned back into the client's flow
+/// (source the VIP, destination the client and its port) and sent to the client's
+/// MAC. A packet to a NAT address that no flow holds is dropped
+/// (`Stop::NatUnknown`).
+#[inline(never)]
+pub fn to_client(ctx: &XdpContext, sc: &Scratch) -> Result<(), Stop> {
+    let f = &sc.flow;
+    let t = &f.tuple;
+    let proto = t.proto as u8;
+    // SAFETY: the entry is read where it lies (an LRU value lives until the program
+    // run ends, RCU); a racing update gives the old or the new flow's fields, both
+    // of which the agent's table never mixes (one flow per key).
+    let entry = if is_v4(f) {
+        let key = keys::ConnV4::tuple(t.src[0], t.dst[0], t.src_port_be, t.dst_port_be, proto);
+        unsafe { NAT_V4.get(key.key()) }
+    } else {
+        let key = keys::ConnV6::tuple(&t.src, &t.dst, t.src_port_be, t.dst_port_be, proto);
+        unsafe { NAT_V6.get(key.key()) }
+    }
+    .ok_or(Stop::NatUnknown)?;
+    rewrite(
+        ctx,
+        f,
+        &entry.vip,
+        &entry.client,
+        Port::Destination(entry.client_port_be),
+    )?;
+    let eth: *mut EthHdr = ptr::at(ctx, 0)?;
+    // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
+    unsafe {
+        ptr::copy_mac(&raw mut (*eth).src_addr, &raw const (*eth).dst_addr);
+        ptr::copy_mac(&raw mut (*eth).dst_addr, &entry.client_mac);
+    }
+    stats::nat(|n| &mut n.to_client);
+    Ok(())
+}
+
+/// Which transport port a rewrite changes, and its new value (network order).
+#[derive(Clone, Copy)]
+enum Port {
+    Source(u16),
+    Destination(u16),
+}
+
+/// A one's-complement difference (RFC 1624 eqn. 3) gathered over the changed words,
+/// applied to each checksum that covers them. Words are read as the packet's bytes
+/// load natively, like the checksum field itself.
+struct Delta(u64);
+
+impl Delta {
+    #[inline(always)]
+    fn word(&mut self, old: u32, new: u32) {
+        self.0 += u64::from(!old) + u64::from(new);
+    }
+
+    #[inline(always)]
+    fn half(&mut self, old: u16, new: u16) {
+        self.0 += u64::from(!old) + u64::from(new);
+    }
+
+    /// `check` updated by the difference.
+    #[inline(always)]
+    fn apply(&self, check: u16) -> u16 {
+        let mut sum = u64::from(!check) + self.0;
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        !(sum as u16)
+    }
+}
+
+/// Writes new source and destination addresses and one port over the packet of
+/// `f`, and updates the IPv4 header checksum and the TCP or UDP checksum by the
+/// difference.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    f: &NatFlow,
+    src: &AddrWords,
+    dst: &AddrWords,
+    port: Port,
+) -> Result<(), Stop> {
+    let t = &f.tuple;
+    let mut addrs = Delta(0);
+    if is_v4(f) {
+        let ip: *mut Ipv4Hdr = ptr::at(ctx, EthHdr::LEN)?;
+        addrs.word(t.src[0], src[0]);
+        addrs.word(t.dst[0], dst[0]);
+        // SAFETY: `ptr::at` checked the fixed IPv4 header; the address writes are
+        // unaligned 4-byte writes inside it.
+        unsafe {
+            core::ptr::write_unaligned((&raw mut (*ip).src_addr).cast::<u32>(), src[0]);
+            core::ptr::write_unaligned((&raw mut (*ip).dst_addr).cast::<u32>(), dst[0]);
+            let check = u16::from_ne_bytes((*ip).check);
+            (*ip).check = addrs.apply(check).to_ne_bytes();
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr::at(ctx, EthHdr::LEN)?;
+        let mut i = 0;
+        while i < 4 {
+            addrs.word(t.src[i], src[i]);
+            addrs.word(t.dst[i], dst[i]);
+            i += 1;
+        }
+        // SAFETY: `ptr::at` checked the IPv6 header; each write is an unaligned
+        // 4-byte write inside its address.
+        unsafe {
+            let s = (&raw mut (*ip).src_addr).cast::<u32>();
+            let d = (&raw mut (*ip).dst_addr).cast::<u32>();
+            let mut i = 0;
+            while i < 4 {
+                core::ptr::write_unaligned(s.add(i), src[i]);
+                core::ptr::write_unaligned(d.add(i), dst[i]);
+                i += 1;
+            }
+        }
+    }
+    let mut l4 = addrs;
+    let (port_offset, old_port, new_port) = match port {
+        Port::Source(new) => (0, t.src_port_be, new),
+        Port::Destination(new) => (2, t.dst_port_be, new),
+    };
+    l4.half(old_port, new_port);
+    // Bounded for the verifier, which must know how far into the frame the
+    // pointer may go: `parse` puts the transport header at most 14 + 60 bytes in.
+    let l4_offset = (f.l4_offset & 0x7f) as usize;
+    if t.proto == u32::from(PROTO_TCP) {
+        let tcp: *mut [u8; TCP_CHECK + 2] = ptr::at(ctx, l4_offset)?;
+        // SAFETY: `ptr::at` checked the 18 bytes written here (ports and checksum).
+        unsafe {
+            let p = (tcp as *mut u8).add(port_offset).cast::<u16>();
+            core::ptr::write_unaligned(p, new_port);
+            let c = (tcp as *mut u8).add(TCP_CHECK).cast::<u16>();
+            core::ptr::write_unaligned(c, l4.apply(core::ptr::read_unaligned(c)));
+        }
+    } else {
+        let udp: *mut [u8; UDP_CHECK + 2] = ptr::at(ctx, l4_offset)?;
+        // SAFETY: `ptr::at` checked the UDP header written here.
+        unsafe {
+            let p = (udp as *mut u8).add(port_offset).cast::<u16>();
+            core::ptr::write_unaligned(p, new_port);
+            let c = (udp as *mut u8).add(UDP_CHECK).cast::<u16>();
+            let check = core::ptr::read_unaligned(c);
+            // IPv4 UDP without a checksum keeps none; a computed 0 is sent as
+            // 0xffff (RFC 768), the same value in one's complement.
+            if check != 0 || !is_v4(f) {
+                let new = l4.apply(check);
+                core::ptr::write_unaligned(c, if new == 0 { 0xffff } else { new });
+            }
+        }
+    }
+    Ok(())
+}
+
+// The scratch map's value (`maps::NAT_SCRATCH`) holds a `Scratch`, whose flow is the six
+// words `scratch` writes.
+const _: () =
+    assert!(core::mem::size_of::<Scratch>() <= 13 * 8 && core::mem::size_of::<NatFlow>() == 6 * 8);
