@@ -111,6 +111,13 @@ pub fn check_config(c: &Config) {
     if let Some(a) = c.encapsulation.source_v6 {
         assert_eq!(a.octets()[12..], [0, 0, 0, 0]);
     }
+    assert!(c.nat.port_min >= 1 && c.nat.port_min <= c.nat.port_max);
+    if let Some((_, len)) = c.nat.source_v4 {
+        assert!((26..=32).contains(&len));
+    }
+    if let Some((_, len)) = c.nat.source_v6 {
+        assert!((122..=128).contains(&len));
+    }
     let mut keys: Vec<_> = c
         .vips
         .iter()
@@ -121,6 +128,7 @@ pub fn check_config(c: &Config) {
     assert_eq!(keys.len(), c.vips.len(), "a VIP configured twice");
     for v in &c.vips {
         assert!(v.port != 0 && !v.address.is_unspecified() && !v.address.is_multicast());
+        assert!(!c.nat.contains(v.address), "a VIP among the NAT sources");
         assert!(maglev::is_prime(v.table_size) && v.table_size <= MAX_RING_SIZE);
         assert!(!v.backends.is_empty());
         assert!(
@@ -139,7 +147,19 @@ pub fn check_config(c: &Config) {
                 } else {
                     c.encapsulation.source_v6.is_some()
                 }),
+                Forwarding::Nat => {
+                    assert_eq!(b.address.is_ipv4(), v.address.is_ipv4());
+                    assert!(if v.address.is_ipv4() {
+                        c.nat.source_v4.is_some()
+                    } else {
+                        c.nat.source_v6.is_some()
+                    });
+                }
             }
+            assert!(
+                !c.nat.contains(b.address),
+                "a backend among the NAT sources"
+            );
         }
         if let Some(h) = &v.health {
             assert!(h.port != 0 && (50..=60_000).contains(&h.interval_ms));
@@ -175,6 +195,19 @@ pub fn config_to_toml(c: &Config) -> String {
         }
         out += "\n";
     }
+    let n = &c.nat;
+    let _ = writeln!(
+        out,
+        "[nat]\nport_min = {}\nport_max = {}",
+        n.port_min, n.port_max
+    );
+    if let Some((a, len)) = n.source_v4 {
+        let _ = writeln!(out, "source_v4 = \"{a}/{len}\"");
+    }
+    if let Some((a, len)) = n.source_v6 {
+        let _ = writeln!(out, "source_v6 = \"{a}/{len}\"");
+    }
+    out += "\n";
     for v in &c.vips {
         let _ = writeln!(
             out,
@@ -191,6 +224,7 @@ pub fn config_to_toml(c: &Config) -> String {
             match v.forwarding {
                 Forwarding::Dsr => "dsr",
                 Forwarding::Ipip => "ipip",
+                Forwarding::Nat => "nat",
             },
             v.policy
         );

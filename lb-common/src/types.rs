@@ -509,7 +509,11 @@ impl NatSettings {
     /// port tried. The index is fixed by the hash; ports are tried one after
     /// another from a hashed start.
     pub const fn candidate(&self, count: u32, hash: u32, probe: u32) -> NatBinding {
-        let span = if self.port_span == 0 { 1 } else { self.port_span };
+        let span = if self.port_span == 0 {
+            1
+        } else {
+            self.port_span
+        };
         let index = if count == 0 { 0 } else { (hash >> 26) % count };
         NatBinding {
             source: index,

@@ -8,7 +8,8 @@
 //! protocol = "tcp"         # "tcp" or "udp"
 //! hash = "5-tuple"         # or "source": every flow of a client to one backend
 //! table_size = 65537       # prime, at most 65537
-//! forwarding = "dsr"        # or "ipip": IP-in-IP to the backend's address
+//! forwarding = "dsr"        # or "ipip": IP-in-IP to the backend's address;
+//!                           # or "nat": full NAT, the LB in the path both ways
 //! policy = "ai"             # or "equal", "static", "reactive" (see `policy`)
 //!
 //! [[vip.backend]]
@@ -20,9 +21,17 @@
 //! source_v4 = "198.19.0.0"  # a /16: the last two bytes come from the flow hash
 //! source_v6 = "fd00:19::"   # a /96: the last four bytes come from the flow hash
 //!
+//! [nat]                     # needed by VIPs with forwarding = "nat"
+//! source_v4 = "198.18.200.0/30"  # the addresses backends see as the client (<= 64)
+//! source_v6 = "fd00:200::/126"   # routed to this LB, used by nothing else
+//! port_min = 1024           # source ports handed out per address and backend
+//! port_max = 65535
+//!
 //! [datapath]                # fixed when the agent first creates the datapath
 //! connection_table_v4 = 131072    # IPv4 flows kept at once (88 bytes each)
 //! connection_table_v6 = 16384     # IPv6 flows (112 bytes each)
+//! nat_table_v4 = 65536            # IPv4 full-NAT flows (about 128 bytes each)
+//! nat_table_v6 = 8192             # IPv6 full-NAT flows
 //! max_vips = 8                    # VIPs the lookup tables have room for (256 KiB each)
 //! ```
 
@@ -119,6 +128,10 @@ pub enum Forwarding {
     /// IP-in-IP (IPIP, IPv6-in-IPv6, or across families) to the backend's address;
     /// the backend decapsulates and answers the client directly.
     Ipip,
+    /// Full NAT: the backend sees one of the `[nat]` addresses as the client and
+    /// answers it; the LB turns the answer back. The backend needs no VIP, no
+    /// tunnel, and no L2 adjacency; it does not see the client's address.
+    Nat,
 }
 
 /// The whole configuration, checked.
@@ -129,6 +142,8 @@ pub struct Config {
     pub control: Control,
     /// Outer source prefixes of encapsulated packets, when a VIP uses `ipip`.
     pub encapsulation: Encapsulation,
+    /// Source addresses and ports of full NAT, when a VIP uses `nat`.
+    pub nat: Nat,
     /// The fleet this LB belongs to; `None`: a single LB, deciding alone.
     pub cluster: Option<Cluster>,
     /// Sizes of the datapath's tables, fixed when the agent creates them.
@@ -147,6 +162,12 @@ pub struct DatapathSizes {
     pub connection_table_v4: u32,
     /// Entries of `CONNS_V6`.
     pub connection_table_v6: u32,
+    /// Entries of `NAT_V4`: IPv4 full-NAT flows at once (an LRU like the
+    /// connection table; a flow whose entry goes loses its replies until its next
+    /// packet makes it again).
+    pub nat_table_v4: u32,
+    /// Entries of `NAT_V6`.
+    pub nat_table_v6: u32,
     /// VIPs the lookup tables (`RINGS`) have room for, two copies each; at most
     /// `lb_common::maps::MAX_VIPS`.
     pub max_vips: u32,
@@ -157,6 +178,8 @@ impl Default for DatapathSizes {
         DatapathSizes {
             connection_table_v4: lb_common::maps::CONN_TABLE_SIZE_V4,
             connection_table_v6: lb_common::maps::CONN_TABLE_SIZE_V6,
+            nat_table_v4: lb_common::maps::NAT_TABLE_SIZE_V4,
+            nat_table_v6: lb_common::maps::NAT_TABLE_SIZE_V6,
             max_vips: lb_common::maps::DEFAULT_MAX_VIPS,
         }
     }
@@ -607,6 +630,48 @@ pub struct Encapsulation {
     pub source_v6: Option<std::net::Ipv6Addr>,
 }
 
+/// The `[nat]` section: the source addresses and ports full NAT gives flows. The
+/// addresses must be routed to this LB and used by nothing else (no host socket, no
+/// other LB of a fleet): replies to them are the datapath's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nat {
+    /// IPv4 sources: a prefix of at most 64 addresses (/26 to /32).
+    pub source_v4: Option<(std::net::Ipv4Addr, u8)>,
+    /// IPv6 sources: a prefix of at most 64 addresses (/122 to /128).
+    pub source_v6: Option<(std::net::Ipv6Addr, u8)>,
+    /// Lowest source port handed out.
+    pub port_min: u16,
+    /// Highest source port handed out.
+    pub port_max: u16,
+}
+
+impl Default for Nat {
+    fn default() -> Self {
+        Nat {
+            source_v4: None,
+            source_v6: None,
+            port_min: 1024,
+            port_max: u16::MAX,
+        }
+    }
+}
+
+impl Nat {
+    /// Whether `addr` is one of the NAT source addresses.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.source_v4.is_some_and(|(first, len)| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                u32::from(a) & mask == u32::from(first)
+            }),
+            IpAddr::V6(a) => self.source_v6.is_some_and(|(first, len)| {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                u128::from(a) & mask == u128::from(first)
+            }),
+        }
+    }
+}
+
 /// One virtual service, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Vip {
@@ -801,6 +866,7 @@ struct RawConfig {
     #[serde(default)]
     vip: Vec<RawVip>,
     encapsulation: Option<RawEncapsulation>,
+    nat: Option<RawNat>,
     control: Option<RawControl>,
     cluster: Option<RawCluster>,
     datapath: Option<RawDatapath>,
@@ -811,7 +877,18 @@ struct RawConfig {
 struct RawDatapath {
     connection_table_v4: Option<u32>,
     connection_table_v6: Option<u32>,
+    nat_table_v4: Option<u32>,
+    nat_table_v6: Option<u32>,
     max_vips: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNat {
+    source_v4: Option<String>,
+    source_v6: Option<String>,
+    port_min: Option<u16>,
+    port_max: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -889,6 +966,7 @@ impl Config {
             ));
         }
         let encapsulation = check_encapsulation(raw.encapsulation)?;
+        let nat = check_nat(raw.nat)?;
         let control = check_control(raw.control)?;
         let cluster = check_cluster(raw.cluster)?;
         let datapath = check_datapath(raw.datapath)?;
@@ -932,6 +1010,38 @@ impl Config {
                     }
                 }
             }
+            if vip.forwarding == Forwarding::Nat {
+                let (key, missing) = match vip.address {
+                    IpAddr::V4(_) => ("source_v4", nat.source_v4.is_none()),
+                    IpAddr::V6(_) => ("source_v6", nat.source_v6.is_none()),
+                };
+                if missing {
+                    return Err(invalid(
+                        format!("nat.{key}"),
+                        format!(
+                            "vip[{i}] {vip} forwards by nat, which needs source addresses of \
+                             its family"
+                        ),
+                    ));
+                }
+            }
+            if nat.contains(vip.address) {
+                return Err(invalid(
+                    format!("vip[{i}].address"),
+                    format!("{} is one of the [nat] source addresses", vip.address),
+                ));
+            }
+            if let Some((j, b)) = vip
+                .backends
+                .iter()
+                .enumerate()
+                .find(|(_, b)| nat.contains(b.address))
+            {
+                return Err(invalid(
+                    format!("vip[{i}].backend[{j}].address"),
+                    format!("{} is one of the [nat] source addresses", b.address),
+                ));
+            }
             total_backends += vip.backends.len();
             vips.push(vip);
         }
@@ -945,6 +1055,7 @@ impl Config {
             vips,
             control,
             encapsulation,
+            nat,
             cluster,
             datapath,
         })
@@ -979,6 +1090,8 @@ fn check_datapath(raw: Option<RawDatapath>) -> Result<DatapathSizes, ConfigError
             defaults.connection_table_v6,
             "connection_table_v6",
         )?,
+        nat_table_v4: size(raw.nat_table_v4, defaults.nat_table_v4, "nat_table_v4")?,
+        nat_table_v6: size(raw.nat_table_v6, defaults.nat_table_v6, "nat_table_v6")?,
         max_vips: match raw.max_vips {
             None => defaults.max_vips,
             Some(n) if (1..=MAX_VIPS).contains(&n) => n,
@@ -990,6 +1103,84 @@ fn check_datapath(raw: Option<RawDatapath>) -> Result<DatapathSizes, ConfigError
             }
         },
     })
+}
+
+/// A `[nat]` source prefix: `address/length`, at most
+/// `lb_common::maps::MAX_NAT_SOURCES` addresses, host bits zero.
+fn nat_prefix<A>(field: &str, text: &str, bits: u32) -> Result<(A, u8), ConfigError>
+where
+    A: std::str::FromStr + Copy + Into<IpAddr>,
+{
+    let widest = bits - lb_common::maps::MAX_NAT_SOURCES.trailing_zeros();
+    let example = if bits == 32 {
+        "198.18.200.0/30"
+    } else {
+        "fd00:200::/126"
+    };
+    let bad = |problem: String| invalid(format!("nat.{field}"), problem);
+    let (addr, len) = text.split_once('/').unwrap_or((text, ""));
+    let addr: A = addr
+        .parse()
+        .map_err(|_| bad(format!("{text:?} is not a prefix like {example}")))?;
+    let len: u32 = if len.is_empty() {
+        bits
+    } else {
+        len.parse()
+            .map_err(|_| bad(format!("{text:?} is not a prefix like {example}")))?
+    };
+    if !(widest..=bits).contains(&len) {
+        return Err(bad(format!(
+            "/{len}: give /{widest} to /{bits} (at most {} addresses)",
+            lb_common::maps::MAX_NAT_SOURCES
+        )));
+    }
+    let host_bits = match addr.into() {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    } & ((1u128 << (bits - len)) - 1);
+    if host_bits != 0 {
+        return Err(bad(format!(
+            "{text} has host bits set; the prefix starts at an address whose last {} bits \
+             are zero",
+            bits - len
+        )));
+    }
+    if addr.into().is_unspecified() || addr.into().is_multicast() {
+        return Err(bad(format!("{text} cannot be a source address")));
+    }
+    Ok((addr, len as u8))
+}
+
+fn check_nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Nat::default());
+    };
+    let defaults = Nat::default();
+    let nat = Nat {
+        source_v4: raw
+            .source_v4
+            .map(|t| nat_prefix("source_v4", &t, 32))
+            .transpose()?,
+        source_v6: raw
+            .source_v6
+            .map(|t| nat_prefix("source_v6", &t, 128))
+            .transpose()?,
+        port_min: raw.port_min.unwrap_or(defaults.port_min),
+        port_max: raw.port_max.unwrap_or(defaults.port_max),
+    };
+    if nat.port_min == 0 {
+        return Err(invalid("nat.port_min", "port 0 cannot be a source port"));
+    }
+    if nat.port_min > nat.port_max {
+        return Err(invalid(
+            "nat.port_max",
+            format!(
+                "{} is below port_min {}: no port to hand out",
+                nat.port_max, nat.port_min
+            ),
+        ));
+    }
+    Ok(nat)
 }
 
 fn check_encapsulation(raw: Option<RawEncapsulation>) -> Result<Encapsulation, ConfigError> {
@@ -1085,11 +1276,16 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
                 format!("{:?} is not an IP address", b.address),
             )
         })?;
-        if baddr.is_ipv4() != address.is_ipv4() && raw.forwarding == Forwarding::Dsr {
+        if baddr.is_ipv4() != address.is_ipv4() && raw.forwarding != Forwarding::Ipip {
+            let mode = if raw.forwarding == Forwarding::Nat {
+                "full NAT"
+            } else {
+                "L2 DSR"
+            };
             return Err(invalid(
                 bfield("address"),
                 format!(
-                    "{baddr} is not of the same IP family as the VIP {address}, which L2 DSR \
+                    "{baddr} is not of the same IP family as the VIP {address}, which {mode} \
                      needs (forwarding = \"ipip\" can cross families)"
                 ),
             ));

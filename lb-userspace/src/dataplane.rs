@@ -30,7 +30,8 @@ use lb_common::{
     },
     types::{
         BackendStats, ConnEntry, ConnKeyV4, ConnKeyV6, FAMILY_V4, FlowKey, GlobalStats, GuardStats,
-        RingChunk, Settings, ShareStats, VIP_F_ECHO, VipIdEntry, VipKey, VipMeta, addr_words,
+        NatEntry, NatSettings, NatStats, RingChunk, Settings, ShareStats, VIP_F_ECHO, VipIdEntry,
+        VipKey, VipMeta, addr_words,
     },
 };
 use log::LevelFilter;
@@ -216,6 +217,7 @@ struct Shadow {
     backends: BTreeMap<u32, lb_common::types::Backend>,
     echo: BTreeSet<VipKey>,
     settings: Settings,
+    nat: NatSettings,
     /// Set slots of `VIP_FILTER`.
     filter: BTreeSet<u32>,
     /// Used entries of `VIP_IDS`.
@@ -485,6 +487,8 @@ impl Dataplane {
         loader.override_global(FLOOD_GUARD_GLOBAL, &flood_guard, true);
         loader.map_max_entries(names::CONNS_V4, options.sizes.connection_table_v4);
         loader.map_max_entries(names::CONNS_V6, options.sizes.connection_table_v6);
+        loader.map_max_entries(names::NAT_V4, options.sizes.nat_table_v4);
+        loader.map_max_entries(names::NAT_V6, options.sizes.nat_table_v6);
         loader.map_max_entries(names::RINGS, rings_entries(options.sizes.max_vips));
         if let Some(dir) = &pins {
             for name in names::ALL {
@@ -516,6 +520,9 @@ impl Dataplane {
         let settings: Array<&MapData, Settings> =
             Array::try_from(self.map(names::SETTINGS)?).map_err(map_err(names::SETTINGS))?;
         self.shadow.settings = settings.get(&0, 0).map_err(map_err(names::SETTINGS))?;
+        let nat: Array<&MapData, NatSettings> = Array::try_from(self.map(names::NAT_SETTINGS)?)
+            .map_err(map_err(names::NAT_SETTINGS))?;
+        self.shadow.nat = nat.get(&0, 0).map_err(map_err(names::NAT_SETTINGS))?;
         let backends: Array<&MapData, lb_common::types::Backend> =
             Array::try_from(self.map(names::BACKENDS)?).map_err(map_err(names::BACKENDS))?;
         let entries: Vec<lb_common::types::Backend> = backends
@@ -632,6 +639,7 @@ impl Dataplane {
             backends,
             echo: self.shadow.echo.clone(),
             settings: self.shadow.settings,
+            nat: self.shadow.nat,
         }
     }
 
@@ -662,6 +670,14 @@ impl Dataplane {
             map.set(0, desired.settings, 0)
                 .map_err(map_err(names::SETTINGS))?;
             self.shadow.settings = desired.settings;
+        }
+        if self.shadow.nat != desired.nat {
+            let mut map: Array<&mut MapData, NatSettings> =
+                Array::try_from(self.map_mut(names::NAT_SETTINGS)?)
+                    .map_err(map_err(names::NAT_SETTINGS))?;
+            map.set(0, desired.nat, 0)
+                .map_err(map_err(names::NAT_SETTINGS))?;
+            self.shadow.nat = desired.nat;
         }
         {
             let mut map: Array<&mut MapData, lb_common::types::Backend> = Array::try_from(
@@ -1207,6 +1223,58 @@ impl Dataplane {
                 promoted: a.promoted + s.promoted,
                 young_failed: a.young_failed + s.young_failed,
             }))
+    }
+
+    /// Full NAT's counters summed over CPUs.
+    pub fn nat_stats(&self) -> Result<NatStats, DataplaneError> {
+        let per_cpu: Vec<NatStats> = self.per_cpu(names::NAT_STATS, 0)?;
+        Ok(per_cpu.iter().fold(NatStats::default(), |a, s| NatStats {
+            to_backend: a.to_backend + s.to_backend,
+            to_client: a.to_client + s.to_client,
+            claimed: a.claimed + s.claimed,
+            port_collisions: a.port_collisions + s.port_collisions,
+            ports_exhausted: a.ports_exhausted + s.ports_exhausted,
+            reclaimed: a.reclaimed + s.reclaimed,
+            lost: a.lost + s.lost,
+            reply_unknown: a.reply_unknown + s.reply_unknown,
+        }))
+    }
+
+    /// Every full-NAT flow, IPv4 then IPv6: its reply's tuple as the backend sends
+    /// it (source the backend, destination the NAT address and port) and the
+    /// client's flow it turns back into. Walks the whole NAT tables.
+    pub fn nat_flows(&self) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
+        let v4: HashMap<&MapData, ConnKeyV4, NatEntry> =
+            HashMap::try_from(self.map(names::NAT_V4)?).map_err(map_err(names::NAT_V4))?;
+        let v6: HashMap<&MapData, ConnKeyV6, NatEntry> =
+            HashMap::try_from(self.map(names::NAT_V6)?).map_err(map_err(names::NAT_V6))?;
+        let mut flows = Vec::new();
+        for item in v4.iter() {
+            let (key, entry) = item.map_err(map_err(names::NAT_V4))?;
+            flows.push((FlowKey::from(key), entry));
+        }
+        for item in v6.iter() {
+            let (key, entry) = item.map_err(map_err(names::NAT_V6))?;
+            flows.push((FlowKey::from(key), entry));
+        }
+        Ok(flows)
+    }
+
+    /// Removes the NAT entry of the reply tuple `reply` (as [`Dataplane::nat_flows`]
+    /// lists it), as the LRU does when it evicts one: for tests of what the
+    /// datapath does about it.
+    pub fn forget_nat_flow(&mut self, reply: &FlowKey) -> Result<(), DataplaneError> {
+        if reply.family == FAMILY_V4 {
+            let name = names::NAT_V4;
+            let mut map: HashMap<&mut MapData, ConnKeyV4, NatEntry> =
+                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            map.remove(&reply.conn_key_v4()).map_err(map_err(name))
+        } else {
+            let name = names::NAT_V6;
+            let mut map: HashMap<&mut MapData, ConnKeyV6, NatEntry> =
+                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            map.remove(&reply.conn_key_v6()).map_err(map_err(name))
+        }
     }
 
     /// Entry `index` of the per-CPU array `name`, one value per CPU.

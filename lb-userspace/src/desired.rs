@@ -12,8 +12,8 @@ use std::{
 use lb_common::{
     maps::{MAX_BACKENDS, MAX_VIPS},
     types::{
-        self, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, Settings, VIP_F_ECHO, VIP_F_ENCAP,
-        VIP_F_HASH_SRC_ONLY, VipKey, VipMeta,
+        self, FAMILY_V4, FAMILY_V6, NatSettings, PROTO_ICMP, PROTO_ICMPV6, Settings, VIP_F_ECHO,
+        VIP_F_ENCAP, VIP_F_HASH_SRC_ONLY, VIP_F_NAT, VipKey, VipMeta, addr_words,
     },
 };
 
@@ -34,6 +34,8 @@ pub struct Desired {
     /// One "answer echo" entry per distinct VIP address.
     pub echo: BTreeSet<VipKey>,
     pub settings: Settings,
+    /// Full NAT's source addresses and ports (`NAT_SETTINGS`).
+    pub nat: NatSettings,
 }
 
 /// One VIP's id, settings and lookup table.
@@ -223,6 +225,7 @@ impl Desired {
             backends,
             echo,
             settings,
+            nat: nat_settings(&config.nat),
         })
     }
 
@@ -259,14 +262,34 @@ fn table_of(vip: &Vip, weights: &[u32], built: Option<&Table>) -> Result<Table, 
     })
 }
 
+/// What the datapath holds of `[nat]`.
+pub fn nat_settings(nat: &crate::config::Nat) -> NatSettings {
+    let mut settings = NatSettings {
+        port_min: u32::from(nat.port_min),
+        port_span: u32::from(nat.port_max) - u32::from(nat.port_min) + 1,
+        ..NatSettings::default()
+    };
+    if let Some((first, len)) = nat.source_v4 {
+        settings.first_v4 = addr_words(&addr_bytes(IpAddr::V4(first)).0)[0];
+        settings.count_v4 = 1 << (32 - u32::from(len));
+    }
+    if let Some((first, len)) = nat.source_v6 {
+        settings.first_v6 = addr_words(&first.octets());
+        settings.count_v6 = 1 << (128 - u32::from(len));
+    }
+    settings
+}
+
 /// A VIP's `VIP_F_*` flags: its hash fields and forwarding.
 fn vip_flags(vip: &Vip) -> u32 {
     let mut flags = match vip.hash {
         HashFields::FiveTuple => 0,
         HashFields::Source => VIP_F_HASH_SRC_ONLY,
     };
-    if vip.forwarding == Forwarding::Ipip {
-        flags |= VIP_F_ENCAP;
+    match vip.forwarding {
+        Forwarding::Dsr => {}
+        Forwarding::Ipip => flags |= VIP_F_ENCAP,
+        Forwarding::Nat => flags |= VIP_F_NAT,
     }
     flags
 }

@@ -1817,6 +1817,8 @@ fn connection_tables_are_sized_at_creation_and_kept_when_adopted() {
             sizes: DatapathSizes {
                 connection_table_v4: 65_536,
                 connection_table_v6: 8_192,
+                nat_table_v4: 16_384,
+                nat_table_v6: 4_096,
                 max_vips: 3,
             },
             ..LoadOptions::default()
@@ -1827,12 +1829,15 @@ fn connection_tables_are_sized_at_creation_and_kept_when_adopted() {
         assert_eq!(v4, 65_536);
         assert_eq!(entries(&first, names::CONNS_V6).0, 8_192);
         assert_eq!(entries(&first, names::RINGS).0, rings_entries(3));
+        assert_eq!(entries(&first, names::NAT_V4).0, 16_384);
+        assert_eq!(entries(&first, names::NAT_V6).0, 4_096);
         assert!(v4_bytes < 10 << 20, "{v4_bytes} bytes for 65,536 entries");
         drop(first);
         let (second, adopted) = Dataplane::load_pinned_with(dir, LoadOptions::default()).unwrap();
         assert!(adopted);
         assert_eq!(entries(&second, names::CONNS_V4).0, 65_536, "kept as found");
         assert_eq!(entries(&second, names::RINGS).0, rings_entries(3));
+        assert_eq!(entries(&second, names::NAT_V4).0, 16_384);
     });
 }
 

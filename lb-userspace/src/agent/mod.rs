@@ -597,6 +597,18 @@ fn warn_kept_sizes(dataplane: &Dataplane, config: &Config) {
             entries(names::CONNS_V6),
         ),
         (
+            "nat_table_v4",
+            names::NAT_V4,
+            sizes.nat_table_v4,
+            entries(names::NAT_V4),
+        ),
+        (
+            "nat_table_v6",
+            names::NAT_V6,
+            sizes.nat_table_v6,
+            entries(names::NAT_V6),
+        ),
+        (
             "max_vips",
             names::RINGS,
             sizes.max_vips,
