@@ -308,6 +308,52 @@ pub struct Status {
     pub flood: FloodStatus,
     /// Each pinned map's size and memory.
     pub maps: Vec<MapMemoryView>,
+    /// Full NAT's state, when a VIP forwards by `nat`.
+    #[serde(default)]
+    pub nat: Option<NatStatus>,
+}
+
+/// Full NAT (`forwarding = "nat"`), for `status` and `/metrics`. The counters are
+/// the datapath's since it was loaded; flows and ports in use come from a walk of
+/// the NAT tables, taken at most every [`NAT_USAGE_PERIOD`] (a table of 65,536
+/// flows costs some 130,000 system calls to walk).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NatStatus {
+    /// Flows in the NAT tables (each holds one port).
+    pub flows: u64,
+    /// Seconds since the tables were walked for `flows` and `sources`.
+    pub walked_seconds_ago: f64,
+    /// Ports each source address hands out per backend and port.
+    pub ports_per_source: u64,
+    /// Each source address and the ports it holds now (over all backends).
+    pub sources: Vec<NatSourceUse>,
+    /// Client packets sent to their backend.
+    pub to_backend: u64,
+    /// Backend replies sent back to their client.
+    pub to_client: u64,
+    /// Ports claimed by new flows.
+    pub claimed: u64,
+    /// Probes that found their port taken by another flow.
+    pub port_collisions: u64,
+    /// New flows refused because every port they tried was taken.
+    pub ports_exhausted: u64,
+    /// Evicted claims made again by their flow's next packet.
+    pub reclaimed: u64,
+    /// Packets dropped because their flow's port went to another flow.
+    pub lost: u64,
+    /// Packets to a NAT address that no flow holds (dropped).
+    pub reply_unknown: u64,
+}
+
+/// How often the agent walks the NAT tables for [`NatStatus::flows`] and
+/// [`NatStatus::sources`].
+pub const NAT_USAGE_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One NAT source address and the ports it holds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NatSourceUse {
+    pub address: String,
+    pub ports_in_use: u64,
 }
 
 /// One BPF map of the datapath: its geometry and the memory the kernel charges for

@@ -985,7 +985,7 @@ impl Config {
         let mut vips = Vec::with_capacity(raw.vip.len());
         let mut total_backends = 0usize;
         for (i, raw_vip) in raw.vip.into_iter().enumerate() {
-            let vip = check_vip(i, raw_vip)?;
+            let vip = check_vip(i, raw_vip, &nat)?;
             if !seen.insert((vip.address, vip.port, vip.protocol)) {
                 return Err(invalid(
                     format!("vip[{i}]"),
@@ -1029,17 +1029,6 @@ impl Config {
                 return Err(invalid(
                     format!("vip[{i}].address"),
                     format!("{} is one of the [nat] source addresses", vip.address),
-                ));
-            }
-            if let Some((j, b)) = vip
-                .backends
-                .iter()
-                .enumerate()
-                .find(|(_, b)| nat.contains(b.address))
-            {
-                return Err(invalid(
-                    format!("vip[{i}].backend[{j}].address"),
-                    format!("{} is one of the [nat] source addresses", b.address),
                 ));
             }
             total_backends += vip.backends.len();
@@ -1231,7 +1220,7 @@ fn check_encapsulation(raw: Option<RawEncapsulation>) -> Result<Encapsulation, C
     })
 }
 
-fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
+fn check_vip(i: usize, raw: RawVip, nat: &Nat) -> Result<Vip, ConfigError> {
     let field = |name: &str| format!("vip[{i}].{name}");
     let address: IpAddr = raw.address.parse().map_err(|_| {
         invalid(
@@ -1294,6 +1283,12 @@ fn check_vip(i: usize, raw: RawVip) -> Result<Vip, ConfigError> {
             return Err(invalid(
                 bfield("address"),
                 format!("{baddr} cannot be a backend"),
+            ));
+        }
+        if nat.contains(baddr) {
+            return Err(invalid(
+                bfield("address"),
+                format!("{baddr} is one of the [nat] source addresses"),
             ));
         }
         let mac = parse_mac(&b.mac).ok_or_else(|| {
@@ -1606,6 +1601,68 @@ weight = 1
             "protocol = \"tcp\"\ntable_size = 65536",
         );
         assert_eq!(field_of(&text), "vip[0].table_size");
+    }
+
+    #[test]
+    fn full_nat_needs_its_sources_and_checks_them_naming_the_field() {
+        let nat = GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nforwarding = \"nat\"",
+        );
+        assert_eq!(field_of(&nat), "nat.source_v4");
+        let with = |section: &str| format!("{nat}\n[nat]\n{section}\n");
+        let ok = Config::parse(&with("source_v4 = \"198.18.200.0/30\"")).unwrap();
+        assert_eq!(ok.vips[0].forwarding, Forwarding::Nat);
+        assert_eq!(
+            ok.nat.source_v4,
+            Some(("198.18.200.0".parse().unwrap(), 30))
+        );
+        assert_eq!((ok.nat.port_min, ok.nat.port_max), (1024, 65535));
+        assert!(ok.nat.contains("198.18.200.3".parse().unwrap()));
+        assert!(!ok.nat.contains("198.18.200.4".parse().unwrap()));
+        let settings = crate::desired::nat_settings(&ok.nat);
+        assert_eq!((settings.count_v4, settings.port_span), (4, 64512));
+        // An IPv6 VIP needs IPv6 sources.
+        let v6 = nat
+            .replace("198.18.1.1", "fd00:18:1::1")
+            .replace("198.18.0.12", "fd00:18::12")
+            .replace("198.18.0.11", "fd00:18::11");
+        assert_eq!(
+            field_of(&format!("{v6}\n[nat]\nsource_v4 = \"198.18.200.0/30\"\n")),
+            "nat.source_v6"
+        );
+        let v6_ok = format!("{v6}\n[nat]\nsource_v6 = \"fd00:200::/122\"\n");
+        assert_eq!(Config::parse(&v6_ok).unwrap().nat.source_v6.unwrap().1, 122);
+        for (section, field) in [
+            ("source_v4 = \"198.18.200.0/25\"", "nat.source_v4"),
+            ("source_v4 = \"198.18.200.1/30\"", "nat.source_v4"),
+            ("source_v4 = \"198.18.200\"", "nat.source_v4"),
+            ("source_v4 = \"198.18.200.0/x\"", "nat.source_v4"),
+            ("source_v6 = \"fd00:200::/64\"", "nat.source_v6"),
+            ("source_v6 = \"fd00:200::1/126\"", "nat.source_v6"),
+            (
+                "source_v4 = \"198.18.200.0/30\"\nport_min = 0",
+                "nat.port_min",
+            ),
+            (
+                "source_v4 = \"198.18.200.0/30\"\nport_min = 5000\nport_max = 4999",
+                "nat.port_max",
+            ),
+            // The VIP's and the backends' addresses are not NAT sources.
+            ("source_v4 = \"198.18.1.0/30\"", "vip[0].address"),
+            (
+                "source_v4 = \"198.18.0.12/32\"",
+                "vip[0].backend[0].address",
+            ),
+        ] {
+            assert_eq!(field_of(&with(section)), field, "{section}");
+        }
+        // Full NAT does not cross families.
+        let crossed = with("source_v4 = \"198.18.200.0/30\"")
+            .replace("address = \"198.18.0.11\"", "address = \"fd00:18::11\"");
+        assert_eq!(field_of(&crossed), "vip[0].backend[1].address");
+        let err = Config::parse(&crossed).unwrap_err().to_string();
+        assert!(err.contains("full NAT"), "{err}");
     }
 
     #[test]

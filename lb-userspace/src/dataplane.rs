@@ -168,6 +168,15 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
 
+/// What a walk of the NAT tables found ([`Dataplane::nat_usage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatUsage {
+    /// Flows (entries) in both tables.
+    pub flows: u64,
+    /// Ports each source address holds.
+    pub by_source: BTreeMap<IpAddr, u64>,
+}
+
 /// How long a table copy stays untouched after it stopped being the active one, so
 /// that a packet which read the old `VipMeta` just before the flip has finished with
 /// it (an XDP run takes microseconds; this is a wide margin).
@@ -1258,6 +1267,22 @@ impl Dataplane {
             flows.push((FlowKey::from(key), entry));
         }
         Ok(flows)
+    }
+
+    /// How many NAT flows there are, and how many ports each source address holds
+    /// (over all backends): a walk of the NAT tables.
+    pub fn nat_usage(&self) -> Result<NatUsage, DataplaneError> {
+        let mut usage = NatUsage::default();
+        for (reply, _) in self.nat_flows()? {
+            usage.flows += 1;
+            let source = if reply.family == FAMILY_V4 {
+                IpAddr::from(<[u8; 4]>::try_from(&reply.dst[..4]).unwrap())
+            } else {
+                IpAddr::from(reply.dst)
+            };
+            *usage.by_source.entry(source).or_default() += 1;
+        }
+        Ok(usage)
     }
 
     /// Removes the NAT entry of the reply tuple `reply` (as [`Dataplane::nat_flows`]

@@ -259,7 +259,7 @@ impl Flow {
     }
 
     /// The client's packet as it reaches the LB.
-    fn from_client(&self, flags: u8, payload: &[u8]) -> Vec<u8> {
+    fn client_sends(&self, flags: u8, payload: &[u8]) -> Vec<u8> {
         self.frame(
             (LB_MAC, CLIENT_SIDE_MAC),
             self.client,
@@ -272,7 +272,7 @@ impl Flow {
     }
 
     /// The same packet as it must leave for `backend` with source `(nat, port)`.
-    fn to_backend(
+    fn out_to_backend(
         &self,
         backend: IpAddr,
         (nat, port): (IpAddr, u16),
@@ -291,7 +291,7 @@ impl Flow {
     }
 
     /// The backend's reply as it reaches the LB.
-    fn from_backend(
+    fn backend_sends(
         &self,
         backend: IpAddr,
         (nat, port): (IpAddr, u16),
@@ -310,7 +310,7 @@ impl Flow {
     }
 
     /// The reply as it must leave for the client: from the VIP.
-    fn to_client(&self, flags: u8, payload: &[u8]) -> Vec<u8> {
+    fn out_to_client(&self, flags: u8, payload: &[u8]) -> Vec<u8> {
         self.frame(
             (CLIENT_SIDE_MAC, LB_MAC),
             self.vip,
@@ -362,36 +362,36 @@ fn both_directions_are_rewritten_exactly_with_checksums_verified() {
         };
         world.expect_tx(
             &format!("{name}: first packet to the backend"),
-            &flow.from_client(first, b""),
-            &flow.to_backend(backend, bound, first, b""),
+            &flow.client_sends(first, b""),
+            &flow.out_to_backend(backend, bound, first, b""),
         );
         world.expect_tx(
             &format!("{name}: the backend's answer to the client"),
-            &flow.from_backend(backend, bound, reply, b""),
-            &flow.to_client(reply, b""),
+            &flow.backend_sends(backend, bound, reply, b""),
+            &flow.out_to_client(reply, b""),
         );
         let request = b"GET / HTTP/1.1\r\nHost: nat\r\n\r\n";
         world.expect_tx(
             &format!("{name}: data to the backend"),
-            &flow.from_client(TCP_ACK | TCP_PSH, request),
-            &flow.to_backend(backend, bound, TCP_ACK | TCP_PSH, request),
+            &flow.client_sends(TCP_ACK | TCP_PSH, request),
+            &flow.out_to_backend(backend, bound, TCP_ACK | TCP_PSH, request),
         );
         let answer = vec![0x5a; 1200];
         world.expect_tx(
             &format!("{name}: data to the client"),
-            &flow.from_backend(backend, bound, TCP_ACK | TCP_PSH, &answer),
-            &flow.to_client(TCP_ACK | TCP_PSH, &answer),
+            &flow.backend_sends(backend, bound, TCP_ACK | TCP_PSH, &answer),
+            &flow.out_to_client(TCP_ACK | TCP_PSH, &answer),
         );
         if flow.tcp {
             world.expect_tx(
                 &format!("{name}: the client's FIN"),
-                &flow.from_client(TCP_FIN | TCP_ACK, b""),
-                &flow.to_backend(backend, bound, TCP_FIN | TCP_ACK, b""),
+                &flow.client_sends(TCP_FIN | TCP_ACK, b""),
+                &flow.out_to_backend(backend, bound, TCP_FIN | TCP_ACK, b""),
             );
             world.expect_tx(
                 &format!("{name}: the backend's FIN"),
-                &flow.from_backend(backend, bound, TCP_FIN | TCP_ACK, b""),
-                &flow.to_client(TCP_FIN | TCP_ACK, b""),
+                &flow.backend_sends(backend, bound, TCP_FIN | TCP_ACK, b""),
+                &flow.out_to_client(TCP_FIN | TCP_ACK, b""),
             );
         }
     }
@@ -462,13 +462,13 @@ fn ipv4_options_and_udp_without_a_checksum_are_rewritten_too() {
     for (what, input, expected) in [
         (
             "to the backend",
-            zero_sum(dns.from_client(0, b"query")),
-            zero_sum(dns.to_backend(backend, bound, 0, b"query")),
+            zero_sum(dns.client_sends(0, b"query")),
+            zero_sum(dns.out_to_backend(backend, bound, 0, b"query")),
         ),
         (
             "to the client",
-            zero_sum(dns.from_backend(backend, bound, 0, b"answer")),
-            zero_sum(dns.to_client(0, b"answer")),
+            zero_sum(dns.backend_sends(backend, bound, 0, b"answer")),
+            zero_sum(dns.out_to_client(0, b"answer")),
         ),
     ] {
         let (verdict, out) = world.run(&input);
@@ -483,9 +483,9 @@ fn ipv4_options_and_udp_without_a_checksum_are_rewritten_too() {
 fn a_packet_to_a_nat_address_that_no_flow_holds_is_dropped() {
     let mut world = World::new(CONFIG);
     let flow = Flow::tcp("198.18.0.3", "198.18.1.10", 40200, 80);
-    let stray = flow.from_backend(ip("198.18.3.11"), (ip("198.18.200.1"), 5555), TCP_ACK, b"");
+    let stray = flow.backend_sends(ip("198.18.3.11"), (ip("198.18.200.1"), 5555), TCP_ACK, b"");
     assert_eq!(world.run(&stray).0, XDP_DROP);
-    let outside = flow.from_backend(ip("198.18.3.11"), (ip("198.18.200.4"), 5555), TCP_ACK, b"");
+    let outside = flow.backend_sends(ip("198.18.3.11"), (ip("198.18.200.4"), 5555), TCP_ACK, b"");
     assert_eq!(world.run(&outside).0, XDP_PASS);
     let stats = world.dataplane.nat_stats().unwrap();
     assert_eq!(stats.reply_unknown, 1, "{stats:?}");
@@ -507,7 +507,7 @@ fn ports_run_out_cleanly_and_are_never_shared() {
     let mut ports = Vec::new();
     let mut refused = Vec::new();
     for f in &flows {
-        let (verdict, out) = world.run(&f.from_client(TCP_SYN, b""));
+        let (verdict, out) = world.run(&f.client_sends(TCP_SYN, b""));
         match verdict {
             XDP_TX => {
                 verify_checksums(&out).unwrap();
@@ -531,7 +531,7 @@ fn ports_run_out_cleanly_and_are_never_shared() {
 
     // A retransmitted SYN keeps its port.
     let a = flows[0];
-    let (verdict, out) = world.run(&a.from_client(TCP_SYN, b""));
+    let (verdict, out) = world.run(&a.client_sends(TCP_SYN, b""));
     assert_eq!(verdict, XDP_TX);
     assert_eq!(u16::from_be_bytes([out[34], out[35]]), ports[0]);
     // The handshake completes (the flow enters the connection table).
@@ -539,8 +539,8 @@ fn ports_run_out_cleanly_and_are_never_shared() {
     let bound_a = (nat, ports[0]);
     world.expect_tx(
         "flow A's handshake ACK",
-        &a.from_client(TCP_ACK, b""),
-        &a.to_backend(backend, bound_a, TCP_ACK, b""),
+        &a.client_sends(TCP_ACK, b""),
+        &a.out_to_backend(backend, bound_a, TCP_ACK, b""),
     );
 
     // A's claim is evicted while its port is free: its next packet makes it again.
@@ -559,8 +559,8 @@ fn ports_run_out_cleanly_and_are_never_shared() {
         .unwrap();
     world.expect_tx(
         "flow A after its claim was evicted",
-        &a.from_client(TCP_ACK | TCP_PSH, b"still here"),
-        &a.to_backend(backend, bound_a, TCP_ACK | TCP_PSH, b"still here"),
+        &a.client_sends(TCP_ACK | TCP_PSH, b"still here"),
+        &a.out_to_backend(backend, bound_a, TCP_ACK | TCP_PSH, b"still here"),
     );
     assert_eq!(world.dataplane.nat_stats().unwrap().reclaimed, 1);
 
@@ -575,10 +575,10 @@ fn ports_run_out_cleanly_and_are_never_shared() {
         .unwrap();
     world.expect_tx(
         "a new flow takes the freed port",
-        &late.from_client(TCP_SYN, b""),
-        &late.to_backend(backend, bound_a, TCP_SYN, b""),
+        &late.client_sends(TCP_SYN, b""),
+        &late.out_to_backend(backend, bound_a, TCP_SYN, b""),
     );
-    let (verdict, _) = world.run(&a.from_client(TCP_ACK, b"mine?"));
+    let (verdict, _) = world.run(&a.client_sends(TCP_ACK, b"mine?"));
     assert_eq!(
         verdict, XDP_DROP,
         "flow A must not go out on the new flow's port"
@@ -588,8 +588,8 @@ fn ports_run_out_cleanly_and_are_never_shared() {
     // The backend's replies on that port go to the new flow's client.
     world.expect_tx(
         "the port's replies go to its new flow",
-        &late.from_backend(backend, bound_a, TCP_SYN | TCP_ACK, b""),
-        &late.to_client(TCP_SYN | TCP_ACK, b""),
+        &late.backend_sends(backend, bound_a, TCP_SYN | TCP_ACK, b""),
+        &late.out_to_client(TCP_SYN | TCP_ACK, b""),
     );
 }
 
@@ -604,9 +604,9 @@ fn a_nat_flow_keeps_backend_and_port_across_weight_changes() {
         .collect();
     let mut before = Vec::new();
     for f in &flows {
-        let (verdict, out) = world.run(&f.from_client(TCP_SYN, b""));
+        let (verdict, out) = world.run(&f.client_sends(TCP_SYN, b""));
         assert_eq!(verdict, XDP_TX);
-        let (verdict, out_ack) = world.run(&f.from_client(TCP_ACK, b""));
+        let (verdict, out_ack) = world.run(&f.client_sends(TCP_ACK, b""));
         assert_eq!(verdict, XDP_TX);
         // One client, one backend (source hashing), one port per flow.
         assert_eq!(out[30..34], out_ack[30..34]);
@@ -641,12 +641,12 @@ fn a_nat_flow_keeps_backend_and_port_across_weight_changes() {
     world.dataplane.apply_and_wait(&desired).unwrap();
     world.desired = desired;
     for (f, old) in flows.iter().zip(&before) {
-        let (verdict, out) = world.run(&f.from_client(TCP_ACK, b""));
+        let (verdict, out) = world.run(&f.client_sends(TCP_ACK, b""));
         assert_eq!(verdict, XDP_TX);
         assert_eq!(&out, old, "an established NAT flow moved");
     }
     let fresh = Flow::tcp("198.18.0.5", "198.18.1.11", 43000, 80);
-    let (_, out) = world.run(&fresh.from_client(TCP_SYN, b""));
+    let (_, out) = world.run(&fresh.client_sends(TCP_SYN, b""));
     assert_ne!(
         out[30..34],
         before[0][30..34],

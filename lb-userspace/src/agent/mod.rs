@@ -166,6 +166,32 @@ struct Agent {
     fleet: Option<fleet::Fleet>,
     /// Whether a flood of new flows is on, from the flood guard's counters.
     flood: FloodWatch,
+    /// The last walk of the NAT tables (when a VIP forwards by `nat`).
+    nat_usage: Option<(Instant, crate::dataplane::NatUsage)>,
+}
+
+impl Agent {
+    /// Walks the NAT tables for `status` and `/metrics` when a VIP forwards by
+    /// `nat` and the last walk is older than [`crate::api::NAT_USAGE_PERIOD`]. A
+    /// failed walk keeps the last one (its age shows it).
+    fn walk_nat_tables(&mut self) {
+        let nat = self
+            .config
+            .vips
+            .iter()
+            .any(|v| v.forwarding == crate::config::Forwarding::Nat);
+        let due = self
+            .nat_usage
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= crate::api::NAT_USAGE_PERIOD);
+        if !nat || !due {
+            return;
+        }
+        match self.dataplane.nat_usage() {
+            Ok(usage) => self.nat_usage = Some((Instant::now(), usage)),
+            Err(e) => warn!("walking the NAT tables failed: {e}"),
+        }
+    }
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Everything that can fail is done before
@@ -220,6 +246,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     }
     let agent = Agent {
         flood: FloodWatch::new(opts.flood_threshold),
+        nat_usage: None,
         opts,
         config,
         desired: started.desired,
@@ -472,6 +499,7 @@ async fn serve(mut agent: Agent, held: Held) -> Result<(), AgentError> {
             }
             _ = refresh.tick() => {
                 agent.update_readiness();
+                agent.walk_nat_tables();
                 let _ = metrics_tx.send(agent.metrics_snapshot());
             }
             _ = until(agent.dataplane.retry_at()), if agent.dataplane.retry_at().is_some() => {

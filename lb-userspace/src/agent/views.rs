@@ -15,7 +15,7 @@ use crate::{
         BackendView, Control, ExplainInputs, Explanation, FloodStatus, ModelStatus, ReloadOutcome,
         Stats, Status, TableView, VipView,
     },
-    config::{HashFields, Vip},
+    config::{Forwarding, HashFields, Vip},
     core::{
         BackendId,
         model::{Choice, ModelError},
@@ -97,6 +97,7 @@ impl Agent {
             readiness: self.readiness(),
             flood: self.flood_status(),
             maps: self.map_memory(),
+            nat: self.nat_status(),
         }
     }
 
@@ -174,7 +175,47 @@ impl Agent {
             datapath: (&stats).into(),
             flood: self.flood_status(),
             maps: self.map_memory(),
+            nat: self.nat_status(),
         }
+    }
+
+    /// Full NAT's counters and the last walk of its tables; `None` when no VIP
+    /// forwards by `nat`.
+    pub(super) fn nat_status(&self) -> Option<crate::api::NatStatus> {
+        if !self
+            .config
+            .vips
+            .iter()
+            .any(|v| v.forwarding == Forwarding::Nat)
+        {
+            return None;
+        }
+        let n = self.dataplane.nat_stats().unwrap_or_default();
+        let (walked_seconds_ago, usage) = match &self.nat_usage {
+            Some((at, usage)) => (at.elapsed().as_secs_f64(), usage.clone()),
+            None => (0.0, Default::default()),
+        };
+        Some(crate::api::NatStatus {
+            flows: usage.flows,
+            walked_seconds_ago,
+            ports_per_source: u64::from(self.config.nat.port_max - self.config.nat.port_min) + 1,
+            sources: usage
+                .by_source
+                .iter()
+                .map(|(address, ports)| crate::api::NatSourceUse {
+                    address: address.to_string(),
+                    ports_in_use: *ports,
+                })
+                .collect(),
+            to_backend: n.to_backend,
+            to_client: n.to_client,
+            claimed: n.claimed,
+            port_collisions: n.port_collisions,
+            ports_exhausted: n.ports_exhausted,
+            reclaimed: n.reclaimed,
+            lost: n.lost,
+            reply_unknown: n.reply_unknown,
+        })
     }
 
     /// Each pinned map's geometry and memory, as read when the datapath was loaded.

@@ -73,10 +73,48 @@ pub fn status(s: &Status) -> String {
         counters.render_indented("  "),
         flood(&s.flood)
     );
+    if let Some(n) = &s.nat {
+        text += &format!("\n\n{}", nat(n));
+    }
     if !s.maps.is_empty() {
         text += &format!("\n\n{}", maps(&s.maps));
     }
     text
+}
+
+/// Full NAT's flows, ports and counters, for `lb status`.
+fn nat(n: &crate::api::NatStatus) -> String {
+    let mut t = Table::untitled(&[Align::Left, Align::Right]);
+    let walked = format!("{} s ago", n.walked_seconds_ago.round() as u64);
+    for (label, value) in [
+        ("flows (as of the last walk)", count(n.flows)),
+        ("  tables walked", walked),
+        (
+            "ports per source, backend and port",
+            count(n.ports_per_source),
+        ),
+    ] {
+        t.row(vec![label.to_owned(), value]);
+    }
+    for s in &n.sources {
+        t.row(vec![
+            format!("  {} holds", s.address),
+            format!("{} ports", count(s.ports_in_use)),
+        ]);
+    }
+    for (label, value) in [
+        ("packets to backends", n.to_backend),
+        ("replies to clients", n.to_client),
+        ("ports claimed", n.claimed),
+        ("  probes that found a port taken", n.port_collisions),
+        ("new flows refused: ports exhausted", n.ports_exhausted),
+        ("evicted claims made again", n.reclaimed),
+        ("packets dropped: port lost", n.lost),
+        ("packets to a NAT address no flow holds", n.reply_unknown),
+    ] {
+        t.row(vec![label.to_owned(), count(value)]);
+    }
+    format!("full NAT\n{}", t.render_indented("  "))
 }
 
 /// The datapath's maps and their memory, for `lb status`.
@@ -503,6 +541,28 @@ mod tests {
         assert!(text.contains("uptime       3 min 20 s"), "{text}");
         assert!(text.contains("flood guard OFF"), "{text}");
         assert!(!text.contains("maps (memory"), "no maps, no block: {text}");
+        assert!(!text.contains("full NAT"), "no NAT VIP, no block: {text}");
+        let with_nat = status(&Status {
+            nat: Some(crate::api::NatStatus {
+                flows: 1234,
+                ports_per_source: 64512,
+                sources: vec![crate::api::NatSourceUse {
+                    address: "198.18.200.1".into(),
+                    ports_in_use: 1234,
+                }],
+                ports_exhausted: 7,
+                ..Default::default()
+            }),
+            ..s.clone()
+        });
+        assert!(with_nat.contains("198.18.200.1 holds"), "{with_nat}");
+        assert!(with_nat.contains("1,234 ports"), "{with_nat}");
+        assert!(
+            with_nat
+                .lines()
+                .any(|l| l.contains("ports exhausted") && l.ends_with(" 7")),
+            "{with_nat}"
+        );
         let with_maps = status(&Status {
             maps: vec![
                 MapMemoryView {

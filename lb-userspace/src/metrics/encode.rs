@@ -32,6 +32,8 @@ pub struct MetricsSnapshot {
     pub flood: crate::api::FloodStatus,
     /// Each pinned map's size and memory.
     pub maps: Vec<crate::api::MapMemoryView>,
+    /// Full NAT's state, when a VIP forwards by `nat`.
+    pub nat: Option<crate::api::NatStatus>,
 }
 
 /// This LB in its fleet (see `lb cluster status`).
@@ -170,10 +172,70 @@ fn encode_snapshot(s: &MetricsSnapshot, e: &mut DescriptorEncoder) -> fmt::Resul
     )?;
     encode_flood(&s.flood, e)?;
     encode_maps(&s.maps, e)?;
+    if let Some(nat) = &s.nat {
+        encode_nat(nat, e)?;
+    }
     match &s.cluster {
         Some(c) => encode_cluster(c, e),
         None => Ok(()),
     }
+}
+
+fn encode_nat(n: &crate::api::NatStatus, e: &mut DescriptorEncoder) -> fmt::Result {
+    counter_family(
+        e,
+        "lb_nat_packets",
+        "Packets of full-NAT flows rewritten and sent: to_backend (a client's), \
+         to_client (a backend's reply)",
+        &[
+            ([("direction", "to_backend")], n.to_backend),
+            ([("direction", "to_client")], n.to_client),
+        ],
+    )?;
+    counter_family(
+        e,
+        "lb_nat_ports",
+        "Full NAT's port events: claimed (a new flow got one), collision (a probe found \
+         its port taken), exhausted (a new flow found none and was dropped), reclaimed \
+         (an evicted claim made again), lost (a packet dropped because its port went to \
+         another flow), unknown_reply (a packet to a NAT address no flow holds, dropped)",
+        &[
+            ([("event", "claimed")], n.claimed),
+            ([("event", "collision")], n.port_collisions),
+            ([("event", "exhausted")], n.ports_exhausted),
+            ([("event", "reclaimed")], n.reclaimed),
+            ([("event", "lost")], n.lost),
+            ([("event", "unknown_reply")], n.reply_unknown),
+        ],
+    )?;
+    gauge_family(
+        e,
+        "lb_nat_flows",
+        "Flows in the NAT tables, from their last walk (every 10 s)",
+        None,
+        &[([] as [(&str, &str); 0], n.flows as i64)],
+    )?;
+    let sources: Vec<(L1, i64)> = n
+        .sources
+        .iter()
+        .map(|s| ([("source", s.address.as_str())], s.ports_in_use as i64))
+        .collect();
+    gauge_family(
+        e,
+        "lb_nat_ports_in_use",
+        "Ports each NAT source address holds over all backends, from the last walk; \
+         each address has lb_nat_ports_per_source per backend and port",
+        None,
+        &sources,
+    )?;
+    gauge_family(
+        e,
+        "lb_nat_ports_per_source",
+        "Ports a NAT source address hands out per backend and port ([nat] port_min to \
+         port_max)",
+        None,
+        &[([] as [(&str, &str); 0], n.ports_per_source as i64)],
+    )
 }
 
 fn encode_maps(maps: &[crate::api::MapMemoryView], e: &mut DescriptorEncoder) -> fmt::Result {
@@ -843,6 +905,18 @@ mod tests {
                 value_size: 8,
                 bytes: 104_955_904,
             }],
+            nat: Some(crate::api::NatStatus {
+                flows: 41,
+                ports_per_source: 64512,
+                sources: vec![crate::api::NatSourceUse {
+                    address: "198.18.200.1".into(),
+                    ports_in_use: 41,
+                }],
+                to_backend: 51,
+                to_client: 52,
+                ports_exhausted: 53,
+                ..Default::default()
+            }),
         }
     }
 
@@ -860,6 +934,12 @@ mod tests {
             r#"lb_flood_guard_flows_total{event="young"} 31"#,
             r#"lb_flood_guard_flows_total{event="promoted"} 32"#,
             r#"lb_flood_guard_flows_total{event="young_failed"} 33"#,
+            r#"lb_nat_packets_total{direction="to_backend"} 51"#,
+            r#"lb_nat_packets_total{direction="to_client"} 52"#,
+            r#"lb_nat_ports_total{event="exhausted"} 53"#,
+            "lb_nat_flows 41",
+            r#"lb_nat_ports_in_use{source="198.18.200.1"} 41"#,
+            "lb_nat_ports_per_source 64512",
             "lb_flood_guard_enabled 1",
             "lb_flood_active 1",
             "lb_flood_episodes_total 2",

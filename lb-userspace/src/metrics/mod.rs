@@ -26,6 +26,13 @@
 //!   `lb_flood_new_flows_per_second{flows}` (`all`, `unanswered`) and
 //!   `lb_flood_threshold_per_second`; counter `lb_flood_episodes_total`.
 //!
+//! Full NAT, when a VIP forwards by `nat` (see docs/CONFIG.md):
+//! - `lb_nat_packets_total{direction}`: `to_backend`, `to_client`.
+//! - `lb_nat_ports_total{event}`: `claimed`, `collision`, `exhausted`, `reclaimed`,
+//!   `lost`, `unknown_reply`.
+//! - gauges `lb_nat_flows`, `lb_nat_ports_in_use{source}` (from a walk of the NAT
+//!   tables every 10 s) and `lb_nat_ports_per_source`.
+//!
 //! The datapath's maps (`map` label, each pinned map):
 //! - gauges `lb_datapath_map_memory_bytes` (the kernel's `memlock`) and
 //!   `lb_datapath_map_max_entries`.
