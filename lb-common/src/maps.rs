@@ -61,6 +61,10 @@ pub const YOUNG_TABLE_SIZE_V6: u32 = 1 << 12;
 pub const NAT_TABLE_SIZE_V4: u32 = 1 << 16;
 /// Default entries of the IPv6 NAT table `NAT_V6` (`[datapath] nat_table_v6`).
 pub const NAT_TABLE_SIZE_V6: u32 = 1 << 13;
+/// Entries of each NAT table of a datapath created for a configuration in which no
+/// VIP forwards by `nat`: the tables then cost next to nothing (a VIP with
+/// `forwarding = "nat"` added later by reload is refused; see docs/CONFIG.md).
+pub const NAT_TABLE_UNUSED: u32 = 256;
 /// Most source addresses of one family full NAT uses (`[nat] source_v4` and
 /// `source_v6` are prefixes of at most this many addresses): an index fits the 6
 /// bits [`crate::types::CONN_NAT_MASK`] keeps for it.

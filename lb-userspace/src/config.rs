@@ -189,6 +189,23 @@ impl Default for DatapathSizes {
 pub const CONNECTION_TABLE_RANGE: std::ops::RangeInclusive<u32> = 4_096..=(1 << 26);
 
 impl Config {
+    /// Whether a VIP forwards by full NAT.
+    pub fn uses_nat(&self) -> bool {
+        self.vips.iter().any(|v| v.forwarding == Forwarding::Nat)
+    }
+
+    /// The sizes the datapath is created with: `[datapath]`, except that the NAT
+    /// tables get `lb_common::maps::NAT_TABLE_UNUSED` entries when no VIP forwards
+    /// by `nat` (so that balancing without NAT does not pay for its tables).
+    pub fn datapath_sizes(&self) -> DatapathSizes {
+        let mut sizes = self.datapath;
+        if !self.uses_nat() {
+            sizes.nat_table_v4 = lb_common::maps::NAT_TABLE_UNUSED;
+            sizes.nat_table_v6 = lb_common::maps::NAT_TABLE_UNUSED;
+        }
+        sizes
+    }
+
     /// A digest of everything that decides the tables (VIPs, backends, policies and
     /// `[control]`), so that LBs of a fleet can tell whether they were given the same
     /// decisions to make. `[cluster]` is left out: each LB names itself there. The
@@ -1620,6 +1637,16 @@ weight = 1
         assert_eq!((ok.nat.port_min, ok.nat.port_max), (1024, 65535));
         assert!(ok.nat.contains("198.18.200.3".parse().unwrap()));
         assert!(!ok.nat.contains("198.18.200.4".parse().unwrap()));
+        // The NAT tables are full size only when a VIP forwards by nat.
+        assert_eq!(ok.datapath_sizes().nat_table_v4, 65_536);
+        let plain = Config::parse(GOOD).unwrap();
+        assert!(!plain.uses_nat());
+        let sizes = plain.datapath_sizes();
+        assert_eq!(
+            (sizes.nat_table_v4, sizes.nat_table_v6),
+            (lb_common::maps::NAT_TABLE_UNUSED, lb_common::maps::NAT_TABLE_UNUSED)
+        );
+        assert_eq!(sizes.connection_table_v4, plain.datapath.connection_table_v4);
         let settings = crate::desired::nat_settings(&ok.nat);
         assert_eq!((settings.count_v4, settings.port_span), (4, 64512));
         // An IPv6 VIP needs IPv6 sources.

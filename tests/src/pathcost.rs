@@ -152,7 +152,7 @@ pub fn measure(config_text: &str) -> Result<Measured> {
 
 fn measure_here(config: &Config) -> Result<Measured> {
     let options = LoadOptions {
-        sizes: config.datapath,
+        sizes: config.datapath_sizes(),
         ..LoadOptions::default()
     };
     let desired = Desired::from_config(config).context("planning the path-cost maps")?;

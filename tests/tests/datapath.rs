@@ -185,7 +185,7 @@ impl World {
         let desired = Desired::from_config(&config).unwrap();
         let mut dataplane = Dataplane::load_options(lb_userspace::dataplane::LoadOptions {
             log,
-            sizes: config.datapath,
+            sizes: config.datapath_sizes(),
             ..Default::default()
         })
         .expect("loading the XDP program");
@@ -1545,7 +1545,7 @@ fn new_entries_are_reported_for_sharing_and_a_peer_keeps_them() {
     let desired = Desired::from_config(&config).unwrap();
     let mut dataplane = Dataplane::load_options(lb_userspace::dataplane::LoadOptions {
         share_flows: true,
-        sizes: config.datapath,
+        sizes: config.datapath_sizes(),
         ..Default::default()
     })
     .expect("loading with sharing on");
@@ -1670,7 +1670,7 @@ fn new_flows_enter_the_connection_table_on_their_second_packet() {
 
     let mut off = Dataplane::load_options(lb_userspace::dataplane::LoadOptions {
         flood_guard: false,
-        sizes: world.config.datapath,
+        sizes: world.config.datapath_sizes(),
         ..Default::default()
     })
     .unwrap();
@@ -1883,7 +1883,7 @@ fn a_pinned_unpacked_lookup_table_is_replaced_with_its_tables() {
         let config = Config::parse(CONFIG).unwrap();
         let desired = Desired::from_config(&config).unwrap();
         let options = lb_userspace::dataplane::LoadOptions {
-            sizes: config.datapath,
+            sizes: config.datapath_sizes(),
             ..Default::default()
         };
         let (mut dp, _) = Dataplane::load_pinned_with(dir, options).unwrap();

@@ -126,7 +126,7 @@ impl World {
         let config = Config::parse(text).unwrap();
         let desired = Desired::from_config(&config).unwrap();
         let mut dataplane = Dataplane::load_options(LoadOptions {
-            sizes: config.datapath,
+            sizes: config.datapath_sizes(),
             ..LoadOptions::default()
         })
         .expect("loading the XDP program");

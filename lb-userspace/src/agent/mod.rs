@@ -352,7 +352,7 @@ fn load_fill_attach(
         log: opts.datapath_log,
         share_flows,
         flood_guard: opts.flood_guard,
-        sizes: config.datapath,
+        sizes: config.datapath_sizes(),
     };
     let (mut dataplane, adopted) =
         Dataplane::load_pinned_with(dir, options).map_err(|source| AgentError::Load {
@@ -602,7 +602,7 @@ impl Agent {
 /// the flows in them: says so when `[datapath]` asks for other sizes.
 fn warn_kept_sizes(dataplane: &Dataplane, config: &Config) {
     use lb_common::maps::{names, rings_vips};
-    let sizes = &config.datapath;
+    let sizes = &config.datapath_sizes();
     let entries = |map: &str| {
         dataplane
             .map_memory()

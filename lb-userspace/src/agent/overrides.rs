@@ -58,6 +58,12 @@ pub enum RequestError {
          `lb detach` and start it again (every established flow then loses its entry)"
     )]
     DatapathChanged,
+    #[error(
+        "a VIP forwards by nat, but the datapath was created when none did, with NAT tables \
+         of 256 entries: stop the agent, `lb detach` and start it again to create them at \
+         [datapath] nat_table_v4/nat_table_v6 (every established flow then loses its entry)"
+    )]
+    NatTablesMissing,
 }
 
 impl From<DataplaneError> for RequestError {
@@ -369,6 +375,9 @@ impl Agent {
         }
         if config.datapath != self.config.datapath {
             return Err(RequestError::DatapathChanged);
+        }
+        if config.datapath_sizes() != self.config.datapath_sizes() && config.uses_nat() {
+            return Err(RequestError::NatTablesMissing);
         }
         let mut overrides = self.overrides.clone();
         if self.fleet.is_none() {
