@@ -1644,9 +1644,15 @@ weight = 1
         let sizes = plain.datapath_sizes();
         assert_eq!(
             (sizes.nat_table_v4, sizes.nat_table_v6),
-            (lb_common::maps::NAT_TABLE_UNUSED, lb_common::maps::NAT_TABLE_UNUSED)
+            (
+                lb_common::maps::NAT_TABLE_UNUSED,
+                lb_common::maps::NAT_TABLE_UNUSED
+            )
         );
-        assert_eq!(sizes.connection_table_v4, plain.datapath.connection_table_v4);
+        assert_eq!(
+            sizes.connection_table_v4,
+            plain.datapath.connection_table_v4
+        );
         let settings = crate::desired::nat_settings(&ok.nat);
         assert_eq!((settings.count_v4, settings.port_span), (4, 64512));
         // An IPv6 VIP needs IPv6 sources.

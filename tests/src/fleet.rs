@@ -337,6 +337,20 @@ impl FleetWorld {
 /// link to the real client behind it (`client`, [`CLIENT_V4`]), and each backend's
 /// route back to that client.
 pub fn route(topo: &Topology, client: &Netns) -> Result<()> {
+    link_client(topo, client)?;
+    let via = topo.client().ipv4().to_string();
+    for b in topo.backends() {
+        b.ns()
+            .ip(&["route", "add", "198.18.10.0/24", "via", &via])?;
+    }
+    Ok(())
+}
+
+/// Makes the segment's client host a router for `client`: a link between them
+/// (198.18.10.254 on the router, [`CLIENT_V4`] on the client), forwarding on, and the
+/// client's route to the VIP via the router. Nothing routes back to the client from
+/// the backends: [`route`] adds that for direct server return; full NAT needs none.
+pub fn link_client(topo: &Topology, client: &Netns) -> Result<()> {
     let router = topo.client().ns();
     let (rif, cif) = (
         format!("{}rr", unique_prefix()),
@@ -378,11 +392,6 @@ pub fn route(topo: &Topology, client: &Netns) -> Result<()> {
         ("net/ipv4/ip_forward", "1"),
         ("net/ipv4/fib_multipath_hash_policy", "1"),
     ])?;
-    let via = topo.client().ipv4().to_string();
-    for b in topo.backends() {
-        b.ns()
-            .ip(&["route", "add", "198.18.10.0/24", "via", &via])?;
-    }
     Ok(())
 }
 
