@@ -115,7 +115,13 @@ fn balance(ctx: &XdpContext, counters: stats::Global) -> Result<(), Stop> {
 #[inline(always)]
 fn not_vip(ctx: &XdpContext, pkt: &parse::Packet) -> Result<(), Stop> {
     if nat::is_reply(pkt) {
-        nat::to_client(ctx, nat::scratch(pkt).ok_or(Stop::NatUnknown)?)
+        let sc = nat::scratch(pkt).ok_or(Stop::NatUnknown)?;
+        if pkt.kind == Kind::IcmpError {
+            nat::icmp_to_client(ctx, sc)?;
+            nat::icmp_to_client_quoted(ctx, sc)
+        } else {
+            nat::to_client(ctx, sc)
+        }
     } else {
         Err(Stop::NotVip)
     }
@@ -396,8 +402,8 @@ fn forward(
 }
 
 /// A full-NAT VIP's packet: its binding checked (or made, for a known flow that
-/// has none), then rewritten for the backend. ICMP errors about NAT flows are not
-/// translated yet: they go to the host.
+/// has none), then rewritten for the backend; an ICMP error about the flow is
+/// translated for the backend (one about a flow with no binding goes to the host).
 #[inline(always)]
 fn forward_nat(
     ctx: &XdpContext,
@@ -405,9 +411,7 @@ fn forward_nat(
     to: &Target,
     counters: stats::Global,
 ) -> Result<(), Stop> {
-    if pkt.kind != Kind::Flow {
-        return Err(Stop::IcmpOther);
-    }
+    let icmp = pkt.kind == Kind::IcmpError;
     let dest = nat::Dest {
         vip_id: to.vip_id,
         vip_flags: to.vip_flags,
@@ -421,6 +425,7 @@ fn forward_nat(
             nat::confirm(ctx, sc, &dest, &binding)?;
             binding
         }
+        Nat::None if icmp => return Err(Stop::IcmpOther),
         Nat::None => {
             let hash = to.hash.unwrap_or_else(|| table::hash(pkt, to.vip_flags));
             let binding = nat::claim(ctx, sc, &dest, hash)?;
@@ -429,7 +434,11 @@ fn forward_nat(
         }
     };
     stats::account(to.vip_id, to.backend_id, pkt.len, to.new_flow);
-    nat::to_backend(ctx, sc, to.backend, &binding)?;
+    if icmp {
+        nat::icmp_to_backend(ctx, sc, to.backend, &binding)?;
+    } else {
+        nat::to_backend(ctx, sc, to.backend, &binding)?;
+    }
     stats::nat(|n| &mut n.to_backend);
     stats::bump(counters, |s| &mut s.tx);
     Ok(())

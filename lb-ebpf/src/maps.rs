@@ -118,7 +118,7 @@ pub static NAT_SETTINGS: Array<NatSettings> = Array::with_max_entries(1, 0);
 /// written, handed to NAT's out-of-line steps as map memory rather than stack
 /// (`crate::nat::Scratch`). Not pinned: nothing in it outlives a packet.
 #[map(name = "NAT_SCRATCH")]
-pub static NAT_SCRATCH: PerCpuArray<[u64; 13]> = PerCpuArray::with_max_entries(1, 0);
+pub static NAT_SCRATCH: PerCpuArray<[u64; 14]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Full NAT's counters (index 0), per CPU. Written by the datapath.
 #[map(name = "NAT_STATS")]

@@ -32,9 +32,13 @@
 //! pseudo-header and the port. An IPv4 UDP datagram sent without a checksum (0)
 //! keeps none. TTL and hop limit are left as they came, as in the other modes.
 //!
-//! Not handled yet: ICMP errors about a NAT flow (they are passed to the host), and
-//! replies on a second interface (replies must come back to the interface the
-//! program is attached to, as they do when the NAT addresses are routed to it).
+//! **ICMP errors** about a NAT flow ("fragmentation needed", "packet too big", the
+//! ones `parse` follows) are translated both ways ([`icmp_to_client`],
+//! [`icmp_to_backend`]): outer header, quoted packet and every checksum.
+//!
+//! Not handled: replies on a second interface (replies must come back to the
+//! interface the program is attached to, as they do when the NAT addresses are
+//! routed to it).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use lb_common::{
@@ -53,7 +57,7 @@ use network_types::{
 use crate::{
     Stop, keys,
     maps::{NAT_SCRATCH, NAT_SETTINGS, NAT_V4, NAT_V6},
-    parse::{Kind, Packet},
+    parse::{ICMP_HDR_LEN, Kind, Packet},
     ptr, stats,
 };
 
@@ -68,8 +72,8 @@ fn settings() -> Option<&'static NatSettings> {
 
 /// Source address `index` of a family, if that family has NAT sources.
 #[inline(always)]
-fn source(settings: &NatSettings, family: u32, index: u32) -> Option<AddrWords> {
-    if family == u32::from(FAMILY_V4) {
+fn source(settings: &NatSettings, family: u16, index: u32) -> Option<AddrWords> {
+    if family == u16::from(FAMILY_V4) {
         if settings.count_v4 == 0 {
             return None;
         }
@@ -87,7 +91,7 @@ fn source(settings: &NatSettings, family: u32, index: u32) -> Option<AddrWords> 
 /// reply (or a stray packet) for [`to_client`].
 #[inline(always)]
 pub fn is_reply(pkt: &Packet) -> bool {
-    if pkt.kind != Kind::Flow {
+    if pkt.kind == Kind::Echo {
         return false;
     }
     let Some(s) = settings() else {
@@ -106,12 +110,15 @@ pub fn is_reply(pkt: &Packet) -> bool {
 
 /// A packet's flow as full NAT's out-of-line steps take it: its tuple in the IPv6
 /// key's layout whatever the family (IPv4 in word 0 of each address), then the
-/// family and the transport header's offset.
+/// family, the transport (or ICMP) header's offset and the IP packet's length. For
+/// an ICMP error the tuple is the quoted packet's, turned around (see `parse`).
 #[repr(C)]
 pub struct NatFlow {
     pub tuple: ConnKeyV6,
-    pub family: u32,
-    pub l4_offset: u32,
+    pub family: u16,
+    pub l4_offset: u16,
+    pub ip_len: u16,
+    pub _pad: u16,
 }
 
 /// The per-CPU scratch of full NAT (`NAT_SCRATCH`): the packet's flow and the NAT
@@ -122,6 +129,8 @@ pub struct NatFlow {
 pub struct Scratch {
     pub flow: NatFlow,
     pub entry: NatEntry,
+    /// Between the two steps of [`icmp_to_client`]: the outer header's difference.
+    pub delta: u64,
 }
 
 /// The packet's flow, written into this CPU's scratch as whole words. `None` only
@@ -137,7 +146,7 @@ pub fn scratch(pkt: &Packet) -> Option<&'static mut Scratch> {
         pair(d[0], d[1]),
         pair(d[2], d[3]),
         u64::from(pkt.src_port_be) | u64::from(pkt.dst_port_be) << 16 | u64::from(pkt.proto) << 32,
-        pair(u32::from(pkt.family), pkt.l4_offset as u32),
+        u64::from(pkt.family) | (pkt.l4_offset as u64) << 16 | u64::from(pkt.ip_len) << 32,
     ];
     // SAFETY: a per-CPU map value, valid for the whole program run and used by
     // nothing else while it runs (XDP does not nest on a CPU); its first 48 bytes
@@ -150,7 +159,7 @@ pub fn scratch(pkt: &Packet) -> Option<&'static mut Scratch> {
 
 #[inline(always)]
 fn is_v4(f: &NatFlow) -> bool {
-    f.family == u32::from(FAMILY_V4)
+    f.family == u16::from(FAMILY_V4)
 }
 
 /// Where a NAT flow's packet goes: what its NAT table entry names.
@@ -239,7 +248,7 @@ fn hold(f: &NatFlow, backend: &AddrWords, src: &AddrWords, port: u16, value: &Na
 /// NAT does not translate between families).
 #[inline(always)]
 fn backend_words(f: &NatFlow, backend: &Backend) -> Result<AddrWords, Stop> {
-    if u32::from(backend.family) != f.family {
+    if u16::from(backend.family) != f.family {
         return Err(Stop::NoBackend);
     }
     // SAFETY: a map value of 16 address bytes, valid for the program run.
@@ -351,13 +360,7 @@ pub fn to_backend(
     let src = source(settings, f.family, binding.source).ok_or(Stop::NatLost)?;
     let dst = backend_words(f, backend)?;
     rewrite(ctx, f, &src, &dst, Port::Source(binding.port.to_be()))?;
-    let eth: *mut EthHdr = ptr::at(ctx, 0)?;
-    // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
-    unsafe {
-        ptr::copy_mac(&raw mut (*eth).src_addr, &raw const (*eth).dst_addr);
-        ptr::copy_mac(&raw mut (*eth).dst_addr, &backend.mac);
-    }
-    Ok(())
+    send_to(ctx, &backend.mac)
 }
 
 /// A backend's reply `f` to a NAT address: turned back into the client's flow
@@ -367,19 +370,7 @@ pub fn to_backend(
 #[inline(never)]
 pub fn to_client(ctx: &XdpContext, sc: &Scratch) -> Result<(), Stop> {
     let f = &sc.flow;
-    let t = &f.tuple;
-    let proto = t.proto as u8;
-    // SAFETY: the entry is read where it lies (an LRU value lives until the program
-    // run ends, RCU); a racing update gives the old or the new flow's fields, both
-    // of which the agent's table never mixes (one flow per key).
-    let entry = if is_v4(f) {
-        let key = keys::ConnV4::tuple(t.src[0], t.dst[0], t.src_port_be, t.dst_port_be, proto);
-        unsafe { NAT_V4.get(key.key()) }
-    } else {
-        let key = keys::ConnV6::tuple(&t.src, &t.dst, t.src_port_be, t.dst_port_be, proto);
-        unsafe { NAT_V6.get(key.key()) }
-    }
-    .ok_or(Stop::NatUnknown)?;
+    let entry = reply_entry(f).ok_or(Stop::NatUnknown)?;
     rewrite(
         ctx,
         f,
@@ -387,13 +378,264 @@ pub fn to_client(ctx: &XdpContext, sc: &Scratch) -> Result<(), Stop> {
         &entry.client,
         Port::Destination(entry.client_port_be),
     )?;
+    send_to(ctx, &entry.client_mac)?;
+    stats::nat(|n| &mut n.to_client);
+    Ok(())
+}
+
+/// The NAT entry of a reply's tuple (for an ICMP error, of the quoted packet's,
+/// turned around: the same tuple). Read where it lies: an LRU value lives until the
+/// program run ends (RCU), and a racing update gives one flow's fields or another's,
+/// never a mix the agent or datapath wrote.
+#[inline(always)]
+fn reply_entry(f: &NatFlow) -> Option<&'static NatEntry> {
+    let t = &f.tuple;
+    let proto = t.proto as u8;
+    // SAFETY: see above; the entry is only read.
+    if is_v4(f) {
+        let key = keys::ConnV4::tuple(t.src[0], t.dst[0], t.src_port_be, t.dst_port_be, proto);
+        unsafe { NAT_V4.get(key.key()) }
+    } else {
+        let key = keys::ConnV6::tuple(&t.src, &t.dst, t.src_port_be, t.dst_port_be, proto);
+        unsafe { NAT_V6.get(key.key()) }
+    }
+}
+
+/// The frame goes back out to `mac`, from this host (the MAC it was sent to).
+#[inline(always)]
+fn send_to(ctx: &XdpContext, mac: &[u8; 6]) -> Result<(), Stop> {
     let eth: *mut EthHdr = ptr::at(ctx, 0)?;
     // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
     unsafe {
         ptr::copy_mac(&raw mut (*eth).src_addr, &raw const (*eth).dst_addr);
-        ptr::copy_mac(&raw mut (*eth).dst_addr, &entry.client_mac);
+        ptr::copy_mac(&raw mut (*eth).dst_addr, mac);
     }
+    Ok(())
+}
+
+/// An ICMP error (fragmentation needed, packet too big) about a packet this LB
+/// sent to a backend, from the backend or a router on the way: translated as if
+/// the client's own packet had drawn it. The outer header goes from the VIP to the
+/// client (RFC 5508's way: the error comes from the address the client talks to),
+/// the quoted packet becomes the client's (client address and port to the VIP),
+/// and every checksum is updated by the difference. A NAT address no flow holds:
+/// `Stop::NatUnknown`.
+///
+/// In two steps the caller makes one after the other (their work in one function
+/// would pass the stack budget): this one finds the flow, copies its entry into the
+/// scratch, rewrites the outer header and MACs; [`icmp_to_client_quoted`] the rest.
+#[inline(never)]
+pub fn icmp_to_client(ctx: &XdpContext, sc: &mut Scratch) -> Result<(), Stop> {
+    sc.entry = *reply_entry(&sc.flow).ok_or(Stop::NatUnknown)?;
+    let (f, entry) = (&sc.flow, &sc.entry);
+    sc.delta = translate_outer(ctx, f, (&entry.vip, &entry.client))?.0;
+    send_to(ctx, &entry.client_mac)
+}
+
+/// The second step of [`icmp_to_client`]: the quoted packet and the ICMP checksum.
+#[inline(never)]
+pub fn icmp_to_client_quoted(ctx: &XdpContext, sc: &Scratch) -> Result<(), Stop> {
+    let (f, entry) = (&sc.flow, &sc.entry);
+    let inner = (&entry.client, &entry.vip);
+    translate_quoted(
+        ctx,
+        f,
+        inner,
+        Port::Source(entry.client_port_be),
+        Delta(sc.delta),
+    )?;
     stats::nat(|n| &mut n.to_client);
+    Ok(())
+}
+
+/// An ICMP error about a packet this LB sent to a NAT flow's client (from a router
+/// near the client): translated for the flow's backend. The outer header goes from
+/// the flow's NAT address to the backend, the quoted packet becomes the backend's
+/// (backend to the NAT address and port).
+#[inline(never)]
+pub fn icmp_to_backend(
+    ctx: &XdpContext,
+    sc: &Scratch,
+    backend: &Backend,
+    binding: &NatBinding,
+) -> Result<(), Stop> {
+    let f = &sc.flow;
+    let settings = settings().ok_or(Stop::NatLost)?;
+    let nat = source(settings, f.family, binding.source).ok_or(Stop::NatLost)?;
+    let b = backend_words(f, backend)?;
+    translate_icmp(
+        ctx,
+        f,
+        (&nat, &b),
+        (&b, &nat),
+        Port::Destination(binding.port.to_be()),
+    )?;
+    send_to(ctx, &backend.mac)
+}
+
+/// Rewrites an ICMP error for the other side of a NAT flow: the outer addresses to
+/// `outer` (source, destination), the quoted packet's addresses to `inner` and one of
+/// its ports (`Port::Source` is the quoted source port). The quoted packet's old
+/// fields are the flow tuple turned around (as `parse` turned it). Updates the
+/// outer IPv4 checksum, the quoted IPv4 header's, the quoted TCP or UDP checksum
+/// when the quote holds it, and the ICMP checksum (ICMPv6's covers the outer
+/// addresses too).
+#[inline(always)]
+fn translate_icmp(
+    ctx: &XdpContext,
+    f: &NatFlow,
+    outer: (&AddrWords, &AddrWords),
+    inner: (&AddrWords, &AddrWords),
+    port: Port,
+) -> Result<(), Stop> {
+    let outer_delta = translate_outer(ctx, f, outer)?;
+    translate_quoted(ctx, f, inner, port, outer_delta)
+}
+
+/// The outer half of [`translate_icmp`]: the addresses, and the IPv4 header's
+/// checksum. Returns the difference, which ICMPv6's checksum also takes.
+#[inline(always)]
+fn translate_outer(
+    ctx: &XdpContext,
+    f: &NatFlow,
+    outer: (&AddrWords, &AddrWords),
+) -> Result<Delta, Stop> {
+    let mut outer_delta = Delta(0);
+    if is_v4(f) {
+        let ip: *mut Ipv4Hdr = ptr::at(ctx, EthHdr::LEN)?;
+        // SAFETY: `ptr::at` checked the fixed IPv4 header; unaligned 4-byte accesses.
+        unsafe {
+            let s = (&raw mut (*ip).src_addr).cast::<u32>();
+            let d = (&raw mut (*ip).dst_addr).cast::<u32>();
+            outer_delta.word(core::ptr::read_unaligned(s), outer.0[0]);
+            outer_delta.word(core::ptr::read_unaligned(d), outer.1[0]);
+            core::ptr::write_unaligned(s, outer.0[0]);
+            core::ptr::write_unaligned(d, outer.1[0]);
+            (*ip).check = outer_delta
+                .apply(u16::from_ne_bytes((*ip).check))
+                .to_ne_bytes();
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr::at(ctx, EthHdr::LEN)?;
+        // SAFETY: `ptr::at` checked the IPv6 header; unaligned 4-byte accesses.
+        unsafe {
+            let s = (&raw mut (*ip).src_addr).cast::<u32>();
+            let d = (&raw mut (*ip).dst_addr).cast::<u32>();
+            let mut i = 0;
+            while i < 4 {
+                outer_delta.word(core::ptr::read_unaligned(s.add(i)), outer.0[i]);
+                outer_delta.word(core::ptr::read_unaligned(d.add(i)), outer.1[i]);
+                core::ptr::write_unaligned(s.add(i), outer.0[i]);
+                core::ptr::write_unaligned(d.add(i), outer.1[i]);
+                i += 1;
+            }
+        }
+    }
+    Ok(outer_delta)
+}
+
+/// The quoted half of [`translate_icmp`]: the quoted packet and the ICMP checksum
+/// (`outer_delta`: what [`translate_outer`] changed).
+#[inline(always)]
+fn translate_quoted(
+    ctx: &XdpContext,
+    f: &NatFlow,
+    inner: (&AddrWords, &AddrWords),
+    port: Port,
+    outer_delta: Delta,
+) -> Result<(), Stop> {
+    let t = &f.tuple;
+    let v4 = is_v4(f);
+    // Bounded for the verifier (see `rewrite`).
+    let icmp_offset = (f.l4_offset & 0x7f) as usize;
+    let message_end = EthHdr::LEN + f.ip_len as usize;
+    // The quoted packet: its source is the tuple's destination and the other way.
+    let quoted = icmp_offset + ICMP_HDR_LEN;
+    let mut addrs = Delta(0);
+    let mut message = Delta(0);
+    let quoted_l4 = if v4 {
+        let ip: *mut Ipv4Hdr = ptr::at(ctx, quoted)?;
+        addrs.word(t.dst[0], inner.0[0]);
+        addrs.word(t.src[0], inner.1[0]);
+        // SAFETY: `ptr::at` checked the quoted fixed IPv4 header.
+        unsafe {
+            core::ptr::write_unaligned((&raw mut (*ip).src_addr).cast::<u32>(), inner.0[0]);
+            core::ptr::write_unaligned((&raw mut (*ip).dst_addr).cast::<u32>(), inner.1[0]);
+            let old = u16::from_ne_bytes((*ip).check);
+            let new = addrs.apply(old);
+            (*ip).check = new.to_ne_bytes();
+            message.0 = addrs.0;
+            message.half(old, new);
+            // `parse` checked the header length (20 to 60 bytes).
+            quoted + (((*ip).vihl & 0x0f) as usize) * 4
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr::at(ctx, quoted)?;
+        let mut i = 0;
+        while i < 4 {
+            addrs.word(t.dst[i], inner.0[i]);
+            addrs.word(t.src[i], inner.1[i]);
+            i += 1;
+        }
+        // SAFETY: `ptr::at` checked the quoted IPv6 header.
+        unsafe {
+            let s = (&raw mut (*ip).src_addr).cast::<u32>();
+            let d = (&raw mut (*ip).dst_addr).cast::<u32>();
+            let mut i = 0;
+            while i < 4 {
+                core::ptr::write_unaligned(s.add(i), inner.0[i]);
+                core::ptr::write_unaligned(d.add(i), inner.1[i]);
+                i += 1;
+            }
+        }
+        message.0 = addrs.0;
+        quoted + Ipv6Hdr::LEN
+    };
+    let (port_offset, old_port, new_port) = match port {
+        Port::Source(new) => (0, t.dst_port_be, new),
+        Port::Destination(new) => (2, t.src_port_be, new),
+    };
+    let ports: *mut [u8; 4] = ptr::at(ctx, quoted_l4)?;
+    // SAFETY: `ptr::at` checked the quoted ports.
+    unsafe {
+        core::ptr::write_unaligned((ports as *mut u8).add(port_offset).cast::<u16>(), new_port)
+    };
+    message.half(old_port, new_port);
+    let mut l4 = addrs;
+    l4.half(old_port, new_port);
+    // The quoted transport checksum, when the quote goes that far.
+    let check_at = quoted_l4
+        + if t.proto == u32::from(PROTO_TCP) {
+            TCP_CHECK
+        } else {
+            UDP_CHECK
+        };
+    if check_at + 2 <= message_end
+        && let Ok(c) = ptr::at::<[u8; 2]>(ctx, check_at)
+    {
+        // SAFETY: `ptr::at` checked the two bytes.
+        unsafe {
+            let old = u16::from_ne_bytes(*c);
+            if old != 0 || t.proto == u32::from(PROTO_TCP) || !v4 {
+                let mut new = l4.apply(old);
+                if new == 0 && t.proto != u32::from(PROTO_TCP) {
+                    new = 0xffff;
+                }
+                *c = new.to_ne_bytes();
+                message.half(old, new);
+            }
+        }
+    }
+    if !v4 {
+        // ICMPv6's checksum covers a pseudo header with the outer addresses.
+        message.0 += outer_delta.0;
+    }
+    let icmp: *mut [u8; 4] = ptr::at(ctx, icmp_offset)?;
+    // SAFETY: `ptr::at` checked the ICMP header's first four bytes.
+    unsafe {
+        let c = (icmp as *mut u8).add(2).cast::<u16>();
+        core::ptr::write_unaligned(c, message.apply(core::ptr::read_unaligned(c)));
+    }
     Ok(())
 }
 
@@ -518,4 +760,4 @@ fn rewrite(
 // The scratch map's value (`maps::NAT_SCRATCH`) holds a `Scratch`, whose flow is the six
 // words `scratch` writes.
 const _: () =
-    assert!(core::mem::size_of::<Scratch>() <= 13 * 8 && core::mem::size_of::<NatFlow>() == 6 * 8);
+    assert!(core::mem::size_of::<Scratch>() <= 14 * 8 && core::mem::size_of::<NatFlow>() == 6 * 8);

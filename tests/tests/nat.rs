@@ -653,3 +653,145 @@ fn a_nat_flow_keeps_backend_and_port_across_weight_changes() {
         "a new flow must follow the new table"
     );
 }
+
+/// An IP packet of `proto` from `src` to `dst` around `l4`, cut to its header and
+/// `keep` bytes of `l4`: what an ICMP error quotes.
+fn quote(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8], keep: usize) -> Vec<u8> {
+    let (packet, header) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (ipv4(s, d, proto, &Ipv4Opts::default(), l4), 20),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (ipv6(s, d, proto, 64, l4), 40),
+        _ => unreachable!(),
+    };
+    packet[..header + keep].to_vec()
+}
+
+/// "Fragmentation needed" (IPv4) or "packet too big" (IPv6) from `from` to `to`,
+/// quoting `quoted`, in a frame between `macs`.
+fn too_big(macs: ([u8; 6], [u8; 6]), from: IpAddr, to: IpAddr, quoted: &[u8]) -> Vec<u8> {
+    match (from, to) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let m = icmp(3, 4, [0, 0, 0x05, 0x78], quoted, None);
+            ethernet(
+                macs.0,
+                macs.1,
+                ETH_P_IP,
+                &ipv4(s, d, 1, &Ipv4Opts::default(), &m),
+            )
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let m = icmp(2, 0, [0, 0, 0x05, 0x00], quoted, Some((s, d)));
+            ethernet(macs.0, macs.1, ETH_P_IPV6, &ipv6(s, d, 58, 64, &m))
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// ICMP errors about NAT flows, both ways, both families: an error about a packet
+/// sent to the backend reaches the client from the VIP, quoting the client's own
+/// packet; one about a reply sent to the client reaches the backend from the NAT
+/// address, quoting the backend's own packet. Every checksum, the quoted ones
+/// included, is the builder's.
+#[test]
+fn icmp_errors_about_nat_flows_are_translated_both_ways() {
+    let mut world = World::new(CONFIG);
+    let cases = [
+        (
+            Flow::tcp("198.18.0.6", "198.18.1.10", 40300, 80),
+            "198.18.3.11",
+            "198.18.3.1",
+            "198.18.0.254",
+        ),
+        (
+            Flow::udp("198.18.0.6", "198.18.1.10", 40301, 53),
+            "198.18.3.12",
+            "198.18.3.1",
+            "198.18.0.254",
+        ),
+        (
+            Flow::tcp("fd00:18::6", "fd00:18:1::10", 40302, 80),
+            "fd00:18:3::11",
+            "fd00:18:3::1",
+            "fd00:18::fe",
+        ),
+    ];
+    for (flow, backend, near_backend, near_client) in cases {
+        let (backend, near_backend, near_client) = (ip(backend), ip(near_backend), ip(near_client));
+        let name = format!("{} {}", flow.client, if flow.tcp { "tcp" } else { "udp" });
+        let bound = world.first_probe(&flow);
+        let (verdict, _) = world.run(&flow.client_sends(TCP_SYN, b""));
+        assert_eq!(verdict, XDP_TX, "{name}");
+        let (proto, keep) = if flow.tcp { (6, 20) } else { (17, 8) };
+        let data = vec![0x42; 1400];
+        let segment = |src: IpAddr, dst: IpAddr, sport: u16, dport: u16| {
+            if flow.tcp {
+                tcp(src, dst, sport, dport, TCP_ACK | TCP_PSH, &data)
+            } else {
+                udp(src, dst, sport, dport, &data)
+            }
+        };
+        // About the packet the LB sent the backend (a router near the backend).
+        let sent = segment(bound.0, backend, bound.1, flow.vip_port);
+        let input = too_big(
+            (LB_MAC, BACKEND_SIDE_MAC),
+            near_backend,
+            bound.0,
+            &quote(bound.0, backend, proto, &sent, keep),
+        );
+        let original = segment(flow.client, flow.vip, flow.client_port, flow.vip_port);
+        let expected = too_big(
+            (CLIENT_SIDE_MAC, LB_MAC),
+            flow.vip,
+            flow.client,
+            &quote(flow.client, flow.vip, proto, &original, keep),
+        );
+        world.expect_tx(
+            &format!("{name}: error about a packet to the backend"),
+            &input,
+            &expected,
+        );
+
+        // About the reply the LB sent the client (a router near the client).
+        let reply = segment(flow.vip, flow.client, flow.vip_port, flow.client_port);
+        let input = too_big(
+            (LB_MAC, CLIENT_SIDE_MAC),
+            near_client,
+            flow.vip,
+            &quote(flow.vip, flow.client, proto, &reply, keep),
+        );
+        let backends_own = segment(backend, bound.0, flow.vip_port, bound.1);
+        let expected = too_big(
+            (BACKEND_SIDE_MAC, LB_MAC),
+            bound.0,
+            backend,
+            &quote(backend, bound.0, proto, &backends_own, keep),
+        );
+        world.expect_tx(
+            &format!("{name}: error about a reply to the client"),
+            &input,
+            &expected,
+        );
+    }
+    // An error about a port no flow holds is dropped like any stray packet there.
+    let stray = too_big(
+        (LB_MAC, BACKEND_SIDE_MAC),
+        ip("198.18.3.1"),
+        ip("198.18.200.1"),
+        &quote(
+            ip("198.18.200.1"),
+            ip("198.18.3.11"),
+            6,
+            &tcp(
+                ip("198.18.200.1"),
+                ip("198.18.3.11"),
+                4444,
+                80,
+                TCP_ACK,
+                b"",
+            ),
+            20,
+        ),
+    );
+    assert_eq!(world.run(&stray).0, XDP_DROP);
+    let stats = world.dataplane.nat_stats().unwrap();
+    assert_eq!(stats.reply_unknown, 1, "{stats:?}");
+}
