@@ -198,8 +198,9 @@ pub fn config_to_toml(c: &Config) -> String {
     let n = &c.nat;
     let _ = writeln!(
         out,
-        "[nat]\nport_min = {}\nport_max = {}",
-        n.port_min, n.port_max
+        "[nat]\nport_min = {}\nport_max = {}\ntimeout_tcp_s = {}\ntimeout_tcp_closing_s = {}\n\
+         timeout_udp_s = {}",
+        n.port_min, n.port_max, n.timeout_tcp_s, n.timeout_tcp_closing_s, n.timeout_udp_s
     );
     if let Some((a, len)) = n.source_v4 {
         let _ = writeln!(out, "source_v4 = \"{a}/{len}\"");

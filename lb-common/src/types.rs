@@ -452,12 +452,28 @@ pub struct NatEntry {
     /// Where replies go: the MAC the client's first packet came from (the client,
     /// or the router in front of it).
     pub client_mac: [u8; 6],
+    /// `NAT_F_*` bits.
+    pub flags: u8,
     /// Reserved, zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// The flow's VIP id.
     pub vip_id: u32,
     /// The flow's backend id.
     pub backend_id: u32,
+    /// When a packet of the flow last passed, either way, on the [`nat_clock`]:
+    /// the agent removes entries idle for longer than `[nat]`'s timeouts.
+    pub seen: u32,
+}
+
+/// [`NatEntry::flags`]: a TCP FIN or RST passed, either way: the flow is closing
+/// and its entry goes after the shorter closing timeout.
+pub const NAT_F_CLOSING: u8 = 1 << 0;
+
+/// The NAT entries' clock: `CLOCK_MONOTONIC` nanoseconds (the datapath's
+/// `bpf_ktime_get_coarse_ns`) in units of 2^30 ns, about 1.07 s, so that an entry's
+/// [`NatEntry::seen`] fits 32 bits and is rewritten at most once a unit.
+pub const fn nat_clock(monotonic_ns: u64) -> u32 {
+    (monotonic_ns >> 30) as u32
 }
 
 /// Full NAT's source addresses and ports, the one entry of the `NAT_SETTINGS`
@@ -661,7 +677,10 @@ mod tests {
         assert_eq!(size_of::<GuardStats>(), 3 * 8);
         assert_eq!(size_of::<SharedFlow>(), 40 + 4 + 4 + 1 + 1 + 6);
         assert_eq!(size_of::<ShareStats>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 16 + 16 + 2 + 2 + 6 + 2 + 4 + 4);
+        assert_eq!(
+            size_of::<NatEntry>(),
+            16 + 16 + 2 + 2 + 6 + 1 + 1 + 4 + 4 + 4
+        );
         assert_eq!(size_of::<NatSettings>(), 4 + 4 + 16 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<NatStats>(), 8 * 8);
     }

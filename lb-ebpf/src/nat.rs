@@ -40,13 +40,13 @@
 //! interface the program is attached to, as they do when the NAT addresses are
 //! routed to it).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     hash::flow_hash_words,
     maps::NAT_PROBES,
     types::{
-        AddrWords, Backend, ConnKeyV6, FAMILY_V4, NatBinding, NatEntry, NatSettings, PROTO_TCP,
-        VIP_F_HASH_SRC_ONLY,
+        AddrWords, Backend, ConnKeyV6, FAMILY_V4, NAT_F_CLOSING, NatBinding, NatEntry, NatSettings,
+        PROTO_TCP, VIP_F_HASH_SRC_ONLY, nat_clock,
     },
 };
 use network_types::{
@@ -118,7 +118,8 @@ pub struct NatFlow {
     pub family: u16,
     pub l4_offset: u16,
     pub ip_len: u16,
-    pub _pad: u16,
+    /// Non-zero: a TCP FIN or RST.
+    pub fin_rst: u16,
 }
 
 /// The per-CPU scratch of full NAT (`NAT_SCRATCH`): the packet's flow and the NAT
@@ -146,7 +147,10 @@ pub fn scratch(pkt: &Packet) -> Option<&'static mut Scratch> {
         pair(d[0], d[1]),
         pair(d[2], d[3]),
         u64::from(pkt.src_port_be) | u64::from(pkt.dst_port_be) << 16 | u64::from(pkt.proto) << 32,
-        u64::from(pkt.family) | (pkt.l4_offset as u64) << 16 | u64::from(pkt.ip_len) << 32,
+        u64::from(pkt.family)
+            | (pkt.l4_offset as u64) << 16
+            | u64::from(pkt.ip_len) << 32
+            | u64::from(pkt.tcp_fin_rst) << 48,
     ];
     // SAFETY: a per-CPU map value, valid for the whole program run and used by
     // nothing else while it runs (XDP does not nest on a CPU); its first 48 bytes
@@ -183,11 +187,44 @@ fn fill_entry(ctx: &XdpContext, sc: &mut Scratch, dest: &Dest) -> Result<(), Sto
         vip_port_be: t.dst_port_be,
         // SAFETY: `ptr::at` checked that the Ethernet header is inside the frame.
         client_mac: unsafe { (*eth).src_addr },
-        _pad: [0; 2],
+        flags: closing_flag(&sc.flow),
+        _pad: 0,
         vip_id: dest.vip_id,
         backend_id: dest.backend_id,
+        seen: now(),
     };
     Ok(())
+}
+
+/// The NAT entries' clock now (`lb_common::types::nat_clock`).
+#[inline(always)]
+fn now() -> u32 {
+    // SAFETY: a helper without arguments or side effects.
+    nat_clock(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// [`NAT_F_CLOSING`] if the flow's packet is a TCP FIN or RST.
+#[inline(always)]
+fn closing_flag(f: &NatFlow) -> u8 {
+    if f.fin_rst != 0 { NAT_F_CLOSING } else { 0 }
+}
+
+/// A packet of the flow of `entry` passed: its idle clock restarts (written once a
+/// clock unit at most) and a FIN or RST marks it closing.
+#[inline(always)]
+fn touch(entry: *mut NatEntry, f: &NatFlow) {
+    let now = now();
+    let closing = closing_flag(f);
+    // SAFETY: a map value, valid for the program run (RCU); racing writers store
+    // the same kind of value, and a torn read of `seen` only delays an expiry.
+    unsafe {
+        if (*entry).seen != now {
+            (*entry).seen = now;
+        }
+        if closing != 0 && (*entry).flags & closing == 0 {
+            (*entry).flags |= closing;
+        }
+    }
 }
 
 /// Whether a NAT table entry stands for the client's flow `f` (same client, VIP).
@@ -322,17 +359,20 @@ pub fn confirm(
         binding.port.to_be(),
         f.tuple.proto as u8,
     );
-    // SAFETY: the values are only compared.
     let found = if is_v4(f) {
         let key = keys::ConnV4::tuple(backend[0], src[0], vip_port, port_be, proto);
-        unsafe { NAT_V4.get(key.key()) }.map(|e| same_flow(e, f))
+        NAT_V4.get_ptr_mut(key.key())
     } else {
         let key = keys::ConnV6::tuple(&backend, &src, vip_port, port_be, proto);
-        unsafe { NAT_V6.get(key.key()) }.map(|e| same_flow(e, f))
+        NAT_V6.get_ptr_mut(key.key())
     };
-    match found {
-        Some(true) => Ok(()),
-        Some(false) => Err(Stop::NatLost),
+    // SAFETY: a map value, valid for the program run; only compared here.
+    match found.map(|e| (e, same_flow(unsafe { &*e }, f))) {
+        Some((entry, true)) => {
+            touch(entry, f);
+            Ok(())
+        }
+        Some((_, false)) => Err(Stop::NatLost),
         None => {
             fill_entry(ctx, sc, dest)?;
             match hold(&sc.flow, &backend, &src, binding.port, &sc.entry) {
@@ -371,6 +411,9 @@ pub fn to_backend(
 pub fn to_client(ctx: &XdpContext, sc: &Scratch) -> Result<(), Stop> {
     let f = &sc.flow;
     let entry = reply_entry(f).ok_or(Stop::NatUnknown)?;
+    touch(entry, f);
+    // SAFETY: a map value, valid for the program run (see `reply_entry`).
+    let entry = unsafe { &*entry };
     rewrite(
         ctx,
         f,
@@ -388,16 +431,15 @@ pub fn to_client(ctx: &XdpContext, sc: &Scratch) -> Result<(), Stop> {
 /// program run ends (RCU), and a racing update gives one flow's fields or another's,
 /// never a mix the agent or datapath wrote.
 #[inline(always)]
-fn reply_entry(f: &NatFlow) -> Option<&'static NatEntry> {
+fn reply_entry(f: &NatFlow) -> Option<*mut NatEntry> {
     let t = &f.tuple;
     let proto = t.proto as u8;
-    // SAFETY: see above; the entry is only read.
     if is_v4(f) {
         let key = keys::ConnV4::tuple(t.src[0], t.dst[0], t.src_port_be, t.dst_port_be, proto);
-        unsafe { NAT_V4.get(key.key()) }
+        NAT_V4.get_ptr_mut(key.key())
     } else {
         let key = keys::ConnV6::tuple(&t.src, &t.dst, t.src_port_be, t.dst_port_be, proto);
-        unsafe { NAT_V6.get(key.key()) }
+        NAT_V6.get_ptr_mut(key.key())
     }
 }
 
@@ -426,7 +468,9 @@ fn send_to(ctx: &XdpContext, mac: &[u8; 6]) -> Result<(), Stop> {
 /// scratch, rewrites the outer header and MACs; [`icmp_to_client_quoted`] the rest.
 #[inline(never)]
 pub fn icmp_to_client(ctx: &XdpContext, sc: &mut Scratch) -> Result<(), Stop> {
-    sc.entry = *reply_entry(&sc.flow).ok_or(Stop::NatUnknown)?;
+    let entry = reply_entry(&sc.flow).ok_or(Stop::NatUnknown)?;
+    // SAFETY: a map value, valid for the program run (see `reply_entry`); copied.
+    sc.entry = unsafe { *entry };
     let (f, entry) = (&sc.flow, &sc.entry);
     sc.delta = translate_outer(ctx, f, (&entry.vip, &entry.client))?.0;
     send_to(ctx, &entry.client_mac)

@@ -343,6 +343,9 @@ pub struct NatStatus {
     pub lost: u64,
     /// Packets to a NAT address that no flow holds (dropped).
     pub reply_unknown: u64,
+    /// Entries removed as idle (`[nat]` timeouts) since the agent started.
+    #[serde(default)]
+    pub expired: u64,
 }
 
 /// How often the agent walks the NAT tables for [`NatStatus::flows`] and

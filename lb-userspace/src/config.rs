@@ -660,6 +660,11 @@ pub struct Nat {
     pub port_min: u16,
     /// Highest source port handed out.
     pub port_max: u16,
+    /// Seconds without a packet after which a NAT flow's entry (its port) goes:
+    /// TCP, TCP after a FIN or RST, UDP.
+    pub timeout_tcp_s: u32,
+    pub timeout_tcp_closing_s: u32,
+    pub timeout_udp_s: u32,
 }
 
 impl Default for Nat {
@@ -669,6 +674,9 @@ impl Default for Nat {
             source_v6: None,
             port_min: 1024,
             port_max: u16::MAX,
+            timeout_tcp_s: 7200,
+            timeout_tcp_closing_s: 60,
+            timeout_udp_s: 120,
         }
     }
 }
@@ -688,6 +696,9 @@ impl Nat {
         }
     }
 }
+
+/// The NAT timeouts `[nat]` accepts, in seconds (up to 30 days).
+pub const NAT_TIMEOUT_RANGE_S: std::ops::RangeInclusive<u32> = 10..=2_592_000;
 
 /// One virtual service, checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -906,6 +917,9 @@ struct RawNat {
     source_v6: Option<String>,
     port_min: Option<u16>,
     port_max: Option<u16>,
+    timeout_tcp_s: Option<u32>,
+    timeout_tcp_closing_s: Option<u32>,
+    timeout_udp_s: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -1173,7 +1187,28 @@ fn check_nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
             .transpose()?,
         port_min: raw.port_min.unwrap_or(defaults.port_min),
         port_max: raw.port_max.unwrap_or(defaults.port_max),
+        timeout_tcp_s: raw.timeout_tcp_s.unwrap_or(defaults.timeout_tcp_s),
+        timeout_tcp_closing_s: raw
+            .timeout_tcp_closing_s
+            .unwrap_or(defaults.timeout_tcp_closing_s),
+        timeout_udp_s: raw.timeout_udp_s.unwrap_or(defaults.timeout_udp_s),
     };
+    for (field, value) in [
+        ("timeout_tcp_s", nat.timeout_tcp_s),
+        ("timeout_tcp_closing_s", nat.timeout_tcp_closing_s),
+        ("timeout_udp_s", nat.timeout_udp_s),
+    ] {
+        if !(NAT_TIMEOUT_RANGE_S).contains(&value) {
+            return Err(invalid(
+                format!("nat.{field}"),
+                format!(
+                    "{value} s: give {} to {} (the agent looks every 10 s)",
+                    NAT_TIMEOUT_RANGE_S.start(),
+                    NAT_TIMEOUT_RANGE_S.end()
+                ),
+            ));
+        }
+    }
     if nat.port_min == 0 {
         return Err(invalid("nat.port_min", "port 0 cannot be a source port"));
     }
@@ -1681,7 +1716,16 @@ weight = 1
                 "source_v4 = \"198.18.200.0/30\"\nport_min = 5000\nport_max = 4999",
                 "nat.port_max",
             ),
-            // The VIP's and the backends' addresses are not NAT sources.
+            // Timeouts, each checked.
+        (
+            "source_v4 = \"198.18.200.0/30\"\ntimeout_udp_s = 5",
+            "nat.timeout_udp_s",
+        ),
+        (
+            "source_v4 = \"198.18.200.0/30\"\ntimeout_tcp_closing_s = 9999999",
+            "nat.timeout_tcp_closing_s",
+        ),
+        // The VIP's and the backends' addresses are not NAT sources.
             ("source_v4 = \"198.18.1.0/30\"", "vip[0].address"),
             (
                 "source_v4 = \"198.18.0.12/32\"",

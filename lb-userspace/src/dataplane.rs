@@ -168,13 +168,57 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
 
-/// What a walk of the NAT tables found ([`Dataplane::nat_usage`]).
+/// What a walk of the NAT tables found ([`Dataplane::nat_sweep`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatUsage {
-    /// Flows (entries) in both tables.
+    /// Flows (entries) left in both tables.
     pub flows: u64,
     /// Ports each source address holds.
     pub by_source: BTreeMap<IpAddr, u64>,
+    /// Entries the walk removed as idle.
+    pub expired: u64,
+}
+
+/// How long a NAT entry may stay idle, in units of `lb_common::types::nat_clock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatTimeouts {
+    pub tcp: u32,
+    pub tcp_closing: u32,
+    pub udp: u32,
+}
+
+impl NatTimeouts {
+    /// The timeouts of `[nat]`, rounded up to whole clock units.
+    pub fn of_config(nat: &crate::config::Nat) -> NatTimeouts {
+        let units = |s: u32| (u64::from(s) * 1_000_000_000).div_ceil(1 << 30) as u32;
+        NatTimeouts {
+            tcp: units(nat.timeout_tcp_s),
+            tcp_closing: units(nat.timeout_tcp_closing_s),
+            udp: units(nat.timeout_udp_s),
+        }
+    }
+
+    /// The timeout of an entry of protocol `proto` with `NAT_F_*` `flags`.
+    pub fn of(&self, proto: u8, flags: u8) -> u32 {
+        if proto != lb_common::types::PROTO_TCP {
+            self.udp
+        } else if flags & lb_common::types::NAT_F_CLOSING != 0 {
+            self.tcp_closing
+        } else {
+            self.tcp
+        }
+    }
+}
+
+/// Now on the NAT entries' clock (`CLOCK_MONOTONIC`, as the datapath reads it).
+pub fn nat_now() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    lb_common::types::nat_clock(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// How long a table copy stays untouched after it stopped being the active one, so
@@ -1269,11 +1313,26 @@ impl Dataplane {
         Ok(flows)
     }
 
-    /// How many NAT flows there are, and how many ports each source address holds
-    /// (over all backends): a walk of the NAT tables.
-    pub fn nat_usage(&self) -> Result<NatUsage, DataplaneError> {
+    /// One walk of the NAT tables: removes every entry idle for longer than its
+    /// timeout at `now` (on `lb_common::types::nat_clock`), and counts the others,
+    /// and the ports each source address holds (over all backends). An entry a
+    /// packet touched after it was read is left.
+    pub fn nat_sweep(
+        &mut self,
+        now: u32,
+        timeouts: &NatTimeouts,
+    ) -> Result<NatUsage, DataplaneError> {
         let mut usage = NatUsage::default();
-        for (reply, _) in self.nat_flows()? {
+        for (reply, entry) in self.nat_flows()? {
+            let timeout = timeouts.of(reply.proto, entry.flags);
+            if now.wrapping_sub(entry.seen) > timeout {
+                let still = self.nat_entry(&reply)?;
+                if still.is_some_and(|e| now.wrapping_sub(e.seen) > timeout) {
+                    self.forget_nat_flow(&reply)?;
+                    usage.expired += 1;
+                    continue;
+                }
+            }
             usage.flows += 1;
             let source = if reply.family == FAMILY_V4 {
                 IpAddr::from(<[u8; 4]>::try_from(&reply.dst[..4]).unwrap())
@@ -1283,6 +1342,26 @@ impl Dataplane {
             *usage.by_source.entry(source).or_default() += 1;
         }
         Ok(usage)
+    }
+
+    /// The NAT entry of the reply tuple `reply`, if there is one.
+    fn nat_entry(&self, reply: &FlowKey) -> Result<Option<NatEntry>, DataplaneError> {
+        let found = if reply.family == FAMILY_V4 {
+            let name = names::NAT_V4;
+            let map: HashMap<&MapData, ConnKeyV4, NatEntry> =
+                HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+            map.get(&reply.conn_key_v4(), 0)
+        } else {
+            let name = names::NAT_V6;
+            let map: HashMap<&MapData, ConnKeyV6, NatEntry> =
+                HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+            map.get(&reply.conn_key_v6(), 0)
+        };
+        match found {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(names::NAT_V4)(e)),
+        }
     }
 
     /// Removes the NAT entry of the reply tuple `reply` (as [`Dataplane::nat_flows`]

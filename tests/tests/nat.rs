@@ -795,3 +795,72 @@ fn icmp_errors_about_nat_flows_are_translated_both_ways() {
     let stats = world.dataplane.nat_stats().unwrap();
     assert_eq!(stats.reply_unknown, 1, "{stats:?}");
 }
+
+/// The agent's sweep removes entries idle past their timeout: a closing TCP flow's
+/// first, then UDP's, then an open TCP flow's. A flow that comes back after its
+/// entry went claims its port again; a reply before that finds no flow.
+#[test]
+fn idle_nat_entries_expire_by_protocol_and_state() {
+    use lb_userspace::dataplane::{NatTimeouts, nat_now};
+    let mut world = World::new(CONFIG);
+    let backend = ip("198.18.3.11");
+    let open = Flow::tcp("198.18.0.7", "198.18.1.10", 40400, 80);
+    let closing = Flow::tcp("198.18.0.7", "198.18.1.10", 40401, 80);
+    let dns = Flow::udp("198.18.0.7", "198.18.1.10", 40402, 53);
+    for f in [&open, &closing] {
+        world.run(&f.client_sends(TCP_SYN, b""));
+        world.run(&f.client_sends(TCP_ACK, b""));
+    }
+    world.run(&closing.client_sends(TCP_FIN | TCP_ACK, b""));
+    world.run(&dns.client_sends(0, b"query"));
+    let timeouts = NatTimeouts {
+        tcp: 1000,
+        tcp_closing: 10,
+        udp: 100,
+    };
+    let now = nat_now();
+    let ports_of = |world: &World| -> Vec<u16> {
+        let mut ports: Vec<u16> = world
+            .dataplane
+            .nat_flows()
+            .unwrap()
+            .iter()
+            .map(|(_, e)| u16::from_be(e.client_port_be))
+            .collect();
+        ports.sort();
+        ports
+    };
+    let sweep = |world: &mut World, at: u32| world.dataplane.nat_sweep(at, &timeouts).unwrap();
+    let u = sweep(&mut world, now);
+    assert_eq!((u.expired, u.flows), (0, 3), "{u:?}");
+    let u = sweep(&mut world, now + 50);
+    assert_eq!((u.expired, u.flows), (1, 2), "{u:?}");
+    assert_eq!(
+        ports_of(&world),
+        vec![40400, 40402],
+        "the closing flow goes first"
+    );
+    let u = sweep(&mut world, now + 500);
+    assert_eq!((u.expired, u.flows), (1, 1), "{u:?}");
+    assert_eq!(ports_of(&world), vec![40400]);
+    assert_eq!(u.by_source.values().sum::<u64>(), 1);
+    let u = sweep(&mut world, now + 5000);
+    assert_eq!((u.expired, u.flows), (1, 0), "{u:?}");
+
+    // The open flow's reply finds no flow; its client's next packet claims the
+    // same port again, and then the reply goes through.
+    let bound = world.first_probe(&open);
+    let reply = open.backend_sends(backend, bound, TCP_ACK, b"late");
+    assert_eq!(world.run(&reply).0, XDP_DROP);
+    world.expect_tx(
+        "the open flow after its entry expired",
+        &open.client_sends(TCP_ACK, b"again"),
+        &open.out_to_backend(backend, bound, TCP_ACK, b"again"),
+    );
+    world.expect_tx(
+        "its reply once the port is claimed again",
+        &reply,
+        &open.out_to_client(TCP_ACK, b"late"),
+    );
+    assert_eq!(world.dataplane.nat_stats().unwrap().reclaimed, 1);
+}

@@ -168,11 +168,14 @@ struct Agent {
     flood: FloodWatch,
     /// The last walk of the NAT tables (when a VIP forwards by `nat`).
     nat_usage: Option<(Instant, crate::dataplane::NatUsage)>,
+    /// NAT entries removed as idle since the agent started.
+    nat_expired: u64,
 }
 
 impl Agent {
-    /// Walks the NAT tables for `status` and `/metrics` when a VIP forwards by
-    /// `nat` and the last walk is older than [`crate::api::NAT_USAGE_PERIOD`]. A
+    /// Walks the NAT tables when a VIP forwards by `nat` and the last walk is older
+    /// than [`crate::api::NAT_USAGE_PERIOD`]: removes the entries idle for longer
+    /// than `[nat]`'s timeouts, and counts the rest for `status` and `/metrics`. A
     /// failed walk keeps the last one (its age shows it).
     fn walk_nat_tables(&mut self) {
         let nat = self
@@ -187,8 +190,15 @@ impl Agent {
         if !nat || !due {
             return;
         }
-        match self.dataplane.nat_usage() {
-            Ok(usage) => self.nat_usage = Some((Instant::now(), usage)),
+        let timeouts = crate::dataplane::NatTimeouts::of_config(&self.config.nat);
+        match self
+            .dataplane
+            .nat_sweep(crate::dataplane::nat_now(), &timeouts)
+        {
+            Ok(usage) => {
+                self.nat_expired += usage.expired;
+                self.nat_usage = Some((Instant::now(), usage));
+            }
             Err(e) => warn!("walking the NAT tables failed: {e}"),
         }
     }
@@ -247,6 +257,7 @@ pub async fn run(opts: RunOptions) -> Result<(), AgentError> {
     let agent = Agent {
         flood: FloodWatch::new(opts.flood_threshold),
         nat_usage: None,
+        nat_expired: 0,
         opts,
         config,
         desired: started.desired,

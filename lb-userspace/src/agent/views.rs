@@ -215,6 +215,7 @@ impl Agent {
             reclaimed: n.reclaimed,
             lost: n.lost,
             reply_unknown: n.reply_unknown,
+            expired: self.nat_expired,
         })
     }
 

@@ -111,6 +111,7 @@ fn nat(n: &crate::api::NatStatus) -> String {
         ("evicted claims made again", n.reclaimed),
         ("packets dropped: port lost", n.lost),
         ("packets to a NAT address no flow holds", n.reply_unknown),
+        ("entries expired (idle)", n.expired),
     ] {
         t.row(vec![label.to_owned(), count(value)]);
     }

@@ -198,7 +198,8 @@ fn encode_nat(n: &crate::api::NatStatus, e: &mut DescriptorEncoder) -> fmt::Resu
         "Full NAT's port events: claimed (a new flow got one), collision (a probe found \
          its port taken), exhausted (a new flow found none and was dropped), reclaimed \
          (an evicted claim made again), lost (a packet dropped because its port went to \
-         another flow), unknown_reply (a packet to a NAT address no flow holds, dropped)",
+         another flow), unknown_reply (a packet to a NAT address no flow holds, dropped), \
+         expired (an idle entry removed by the agent)",
         &[
             ([("event", "claimed")], n.claimed),
             ([("event", "collision")], n.port_collisions),
@@ -206,6 +207,7 @@ fn encode_nat(n: &crate::api::NatStatus, e: &mut DescriptorEncoder) -> fmt::Resu
             ([("event", "reclaimed")], n.reclaimed),
             ([("event", "lost")], n.lost),
             ([("event", "unknown_reply")], n.reply_unknown),
+            ([("event", "expired")], n.expired),
         ],
     )?;
     gauge_family(

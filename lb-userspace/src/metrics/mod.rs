@@ -29,7 +29,7 @@
 //! Full NAT, when a VIP forwards by `nat` (see docs/CONFIG.md):
 //! - `lb_nat_packets_total{direction}`: `to_backend`, `to_client`.
 //! - `lb_nat_ports_total{event}`: `claimed`, `collision`, `exhausted`, `reclaimed`,
-//!   `lost`, `unknown_reply`.
+//!   `lost`, `unknown_reply`, `expired`.
 //! - gauges `lb_nat_flows`, `lb_nat_ports_in_use{source}` (from a walk of the NAT
 //!   tables every 10 s) and `lb_nat_ports_per_source`.
 //!
