@@ -1717,15 +1717,15 @@ weight = 1
                 "nat.port_max",
             ),
             // Timeouts, each checked.
-        (
-            "source_v4 = \"198.18.200.0/30\"\ntimeout_udp_s = 5",
-            "nat.timeout_udp_s",
-        ),
-        (
-            "source_v4 = \"198.18.200.0/30\"\ntimeout_tcp_closing_s = 9999999",
-            "nat.timeout_tcp_closing_s",
-        ),
-        // The VIP's and the backends' addresses are not NAT sources.
+            (
+                "source_v4 = \"198.18.200.0/30\"\ntimeout_udp_s = 5",
+                "nat.timeout_udp_s",
+            ),
+            (
+                "source_v4 = \"198.18.200.0/30\"\ntimeout_tcp_closing_s = 9999999",
+                "nat.timeout_tcp_closing_s",
+            ),
+            // The VIP's and the backends' addresses are not NAT sources.
             ("source_v4 = \"198.18.1.0/30\"", "vip[0].address"),
             (
                 "source_v4 = \"198.18.0.12/32\"",

@@ -64,7 +64,7 @@ use lb_common::{
     maps::programs,
     types::{FlowKey, GlobalStats},
 };
-use lb_tests::packet::{TCP_ACK, TCP_SYN, tcp_frame};
+use lb_tests::packet::{TCP_ACK, TCP_SYN, tcp_frame, verify_checksums};
 use lb_userspace::{
     config::Config,
     dataplane::{Dataplane, DataplaneError},
@@ -128,6 +128,23 @@ protocol = "tcp"
 forwarding = "ipip"
 [[vip.backend]]
 address = "198.18.2.21"
+mac = "02:00:00:00:00:fe"
+weight = 1
+
+[nat]
+source_v4 = "198.18.200.0/30"
+
+[[vip]]
+address = "198.18.1.3"
+port = 80
+protocol = "tcp"
+forwarding = "nat"
+[[vip.backend]]
+address = "198.18.3.11"
+mac = "02:00:00:00:00:fe"
+weight = 1
+[[vip.backend]]
+address = "198.18.3.12"
 mac = "02:00:00:00:00:fe"
 weight = 1
 "#;
@@ -196,6 +213,9 @@ enum Output {
     Dsr { backend_mac: [u8; 6] },
     /// IPv4-in-IPv4 to `backend` via `next_hop`, the input's IP packet inside.
     Ipip { next_hop: [u8; 6], backend: [u8; 4] },
+    /// Full NAT: to `mac`, IPv4 destination `dst` (the backend, or the client for a
+    /// reply), the same length.
+    Nat { mac: [u8; 6], dst: [u8; 4] },
 }
 
 struct Case {
@@ -371,6 +391,35 @@ fn run() -> Result<()> {
     };
     // The SYN flow's backend: from the first SYN; every later one must pick it again.
     let (id_syn, mac_syn, _) = backend_of(syn4, false)?;
+    // Full NAT: an established flow (its client's packets and its backend's
+    // replies), and a SYN that takes the path of a handshake in progress (a port
+    // claim that finds its own entry, then the young write).
+    let nat4 = ("198.18.0.1", "198.18.1.3", 40001, 80);
+    let nat_syn4 = ("198.18.0.1", "198.18.1.3", 40002, 80);
+    let (id_nat, _, addr_nat) = backend_of(nat4, true)?;
+    let (id_nat_syn, _, addr_nat_syn) = backend_of(nat_syn4, false)?;
+    let (IpAddr::V4(addr_nat), IpAddr::V4(addr_nat_syn)) = (addr_nat, addr_nat_syn) else {
+        bail!("the NAT VIP's backends should be IPv4");
+    };
+    let nat_ack4 = frame(nat4.0, nat4.1, nat4.2, nat4.3, TCP_ACK);
+    // The established flow's reply: from its backend to the NAT address and port
+    // its entry holds.
+    let (nat_reply_key, _) = dp
+        .nat_flows()?
+        .into_iter()
+        .find(|(_, e)| e.client_port_be == nat4.2.to_be())
+        .context("the NAT flow left no NAT entry")?;
+    let nat_reply4 = tcp_frame(
+        LB_MAC,
+        [0x02, 0, 0, 0, 0, 0xfe],
+        IpAddr::from(<[u8; 4]>::try_from(&nat_reply_key.src[..4]).unwrap()),
+        IpAddr::from(<[u8; 4]>::try_from(&nat_reply_key.dst[..4]).unwrap()),
+        u16::from_be(nat_reply_key.src_port_be),
+        u16::from_be(nat_reply_key.dst_port_be),
+        TCP_ACK,
+        b"",
+    );
+    let client4 = [198, 18, 0, 1];
 
     let cases = vec![
         Case::reference("floor", "floor: lb_pass (XDP_PASS)", Program::Pass, &ack4),
@@ -494,6 +543,54 @@ fn run() -> Result<()> {
                 backend: addr_encap.octets(),
             },
             backend_id: Some(id_encap),
+            floor: "floor_single",
+            target: None,
+        },
+        Case {
+            key: "nat_established_v4",
+            title: "IPv4 NAT established, to backend",
+            program: Program::Balancer,
+            method: Method::Single,
+            frame: nat_ack4,
+            verdict: XDP_TX,
+            counters: &["rx_frames", "conn_hit", "tx"],
+            output: Output::Nat {
+                mac: [0x02, 0, 0, 0, 0, 0xfe],
+                dst: addr_nat.octets(),
+            },
+            backend_id: Some(id_nat),
+            floor: "floor_single",
+            target: None,
+        },
+        Case {
+            key: "nat_reply_v4",
+            title: "IPv4 NAT reply, to client",
+            program: Program::Balancer,
+            method: Method::Single,
+            frame: nat_reply4,
+            verdict: XDP_TX,
+            counters: &["rx_frames"],
+            output: Output::Nat {
+                mac: CLIENT_MAC,
+                dst: client4,
+            },
+            backend_id: None,
+            floor: "floor_single",
+            target: None,
+        },
+        Case {
+            key: "nat_syn_v4",
+            title: "IPv4 NAT SYN (pick, port claim, young)",
+            program: Program::Balancer,
+            method: Method::Single,
+            frame: frame(nat_syn4.0, nat_syn4.1, nat_syn4.2, nat_syn4.3, TCP_SYN),
+            verdict: XDP_TX,
+            counters: &["rx_frames", "conn_miss_syn", "tx"],
+            output: Output::Nat {
+                mac: [0x02, 0, 0, 0, 0, 0xfe],
+                dst: addr_nat_syn.octets(),
+            },
+            backend_id: Some(id_nat_syn),
             floor: "floor_single",
             target: None,
         },
@@ -672,6 +769,16 @@ fn check_output(case: &Case, out: &[u8], runs: u32) -> Result<()> {
                     && out[6..12] == src
                     && out[12..] == input[12..],
                 "not the DSR output to {backend_mac:02x?}: {out:02x?}"
+            );
+        }
+        Output::Nat { mac, dst } => {
+            ensure!(
+                out.len() == input.len()
+                    && out[..6] == mac
+                    && out[6..12] == LB_MAC
+                    && out[30..34] == dst
+                    && verify_checksums(out).is_ok(),
+                "not the NAT output to {dst:?}: {out:02x?}"
             );
         }
         Output::Ipip { next_hop, backend } => {
@@ -910,6 +1017,16 @@ fn report(
     let enc_est = ns(est).median + enc_extra;
     let enc_est_ratio = enc_est / ns(fl).median;
     let floor_overhead = ns(fl1).median - ns(fl).median;
+    // The same estimate for the full-NAT paths (single runs, as their rewrites do
+    // not repeat).
+    let nat_estimates: Vec<(&str, f64, f64)> = ["nat_established_v4", "nat_reply_v4", "nat_syn_v4"]
+        .into_iter()
+        .map(|key| {
+            let extra = ns(index(key)).median - ns(est1).median;
+            let estimate = ns(est).median + extra;
+            (key, extra, estimate / ns(fl).median)
+        })
+        .collect();
 
     println!(
         "\nXDP datapath per packet, BPF_PROG_TEST_RUN, kernel {kernel}, {date}\n\
@@ -956,6 +1073,12 @@ fn report(
          encapsulation, extra over DSR (single runs): {enc_extra:.1} ns; estimate on the \
          repeated scale (established + that): {enc_est:.1} ns, {enc_est_ratio:.2}x the floor"
     );
+    for (key, extra, estimate) in &nat_estimates {
+        println!(
+            "{key}, extra over established DSR (single runs): {extra:.1} ns; on the repeated \
+             scale: {estimate:.2}x the floor"
+        );
+    }
     for (name, insns, jited, verified) in info {
         println!(
             "{name}: {} instructions after verification (xlated), {} bytes JIT-compiled, \
@@ -1049,9 +1172,18 @@ fn report(
         "\n  ],\n  \"single_run_fixed_cost_ns\": {overhead:.3},\n  \
          \"floor_single_run_fixed_cost_ns\": {floor_overhead:.3},\n  \
          \"encap_v4_extra_over_dsr_single_runs_ns\": {enc_extra:.3},\n  \
+         \"nat_repeated_scale_estimates\": {{{}}},\n  \
          \"encap_v4_repeated_scale_estimate\": {{\"ns\": {enc_est:.3}, \"ratio\": {enc_est_ratio:.3}, \
          \"how\": \"established_v4 median + (encap_v4 - established_v4_single) medians\"}},\n  \
-         \"programs\": ["
+         \"programs\": [",
+        nat_estimates
+            .iter()
+            .map(|(key, extra, ratio)| format!(
+                "{}: {{\"extra_over_established_v4_single_ns\": {extra:.3}, \"ratio\": {ratio:.3}}}",
+                json_str(key)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     for (i, (name, insns, jited, verified)) in info.iter().enumerate() {
         let opt = |v: &Option<u32>| v.map_or("null".into(), |v| v.to_string());

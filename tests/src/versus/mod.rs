@@ -280,7 +280,8 @@ fn run_on(
         }
     }
     let config = dir.join("lb.toml");
-    std::fs::write(&config, systems::agent_config(topo))?;
+    std::fs::write(&config, systems::agent_config(topo, false))?;
+    systems::route_nat_replies(topo)?;
     let backends = Backends::start(topo.backends(), settings.backend_threads)?;
     let client = Client::start(topo.client().ns(), settings.client_threads)?;
     let bench = Bench {
@@ -294,7 +295,7 @@ fn run_on(
     let mut outcome = Outcome::default();
     if settings.systems.contains(&System::Xdp) {
         say("path costs: the XDP program under BPF_PROG_TEST_RUN, the agent's configuration");
-        match crate::pathcost::measure(&systems::agent_config(topo)) {
+        match crate::pathcost::measure(&systems::agent_config(topo, false)) {
             Ok(m) => {
                 say(&report::path_costs_line(&m));
                 outcome.path_costs = Some(m);

@@ -87,6 +87,12 @@ impl RunRecord {
         self.per_kconn(self.cpu.xdp_prog_s?)
     }
 
+    /// What the load balancer's host spends on it per 1,000 connections: its
+    /// processes (agent or proxy) and, for an XDP system, the program's run time.
+    pub fn lb_host_ms_per_kconn(&self) -> Option<f64> {
+        Some(self.lb_ms_per_kconn()? + self.xdp_ms_per_kconn().unwrap_or(0.0))
+    }
+
     /// Failed connections.
     pub fn failed(&self) -> u64 {
         self.conns.as_ref().map_or(0, |c| c.errors.values().sum())
@@ -257,6 +263,22 @@ pub fn checks(records: &[RunRecord], path_costs: Option<&Measured>) -> Vec<Check
         p99,
         ratio,
     );
+    let nat_vs_haproxy = paired(
+        records,
+        Phase::ConnRate,
+        System::XdpNat,
+        System::Haproxy,
+        rate,
+        ratio,
+    );
+    let nat_cpu_vs_haproxy = paired(
+        records,
+        Phase::ConnRate,
+        System::XdpNat,
+        System::Haproxy,
+        RunRecord::lb_host_ms_per_kconn,
+        ratio,
+    );
     let lb_cpu = median_of(records, Phase::ConnRate, System::Xdp, |r| {
         Some(r.lb_cpu_pct() + r.xdp_cpu_pct().unwrap_or(0.0))
     });
@@ -283,6 +305,22 @@ pub fn checks(records: &[RunRecord], path_costs: Option<&Measured>) -> Vec<Check
             xdp_vs_haproxy,
             |m| m >= 3.0,
             format!("{} x haproxy", f2(xdp_vs_haproxy)),
+        ),
+        check(
+            "xdp-nat connections/s >= 1.5 x haproxy",
+            nat_vs_haproxy,
+            |m| m >= 1.5,
+            format!("{} x haproxy", f2(nat_vs_haproxy)),
+        ),
+        check(
+            "xdp-nat LB-host CPU per connection <= 1/5 x haproxy",
+            nat_cpu_vs_haproxy,
+            |m| m <= 0.2,
+            format!(
+                "{} x haproxy (agent and XDP program against the proxy's processes, \
+                 CPU ms per 1,000 connections, closed loop)",
+                f2(nat_cpu_vs_haproxy)
+            ),
         ),
         check(
             "xdp p99 (open loop) within 10 % of direct",
@@ -1011,7 +1049,28 @@ mod tests {
         let c = checks(&records, None);
         assert_eq!(c[0].met, Some(false));
         assert_eq!(c[1].met, None);
-        assert_eq!(c.len(), 6);
-        assert_eq!(c[5].met, None, "no path costs, no live-cost check");
+        assert_eq!(c.len(), 8);
+        assert_eq!(c[7].met, None, "no path costs, no live-cost check");
+        assert_eq!((c[2].met, c[3].met), (None, None), "no xdp-nat, no NAT checks");
+    }
+
+    #[test]
+    fn nat_is_judged_against_haproxy_on_rate_and_lb_host_cpu() {
+        let mut nat = record(1, System::XdpNat, 1600.0, 20.0);
+        nat.cpu.lb_process_s = 0.05;
+        nat.cpu.xdp_prog_s = Some(0.05);
+        let records = vec![
+            nat,
+            record(1, System::Haproxy, 1000.0, 20.0),
+            record(1, System::Direct, 2000.0, 20.0),
+        ];
+        let c = checks(&records, None);
+        assert!(c[2].what.contains("1.5 x haproxy"), "{:?}", c[2]);
+        assert_eq!(c[2].measured, Some(1.6));
+        assert_eq!(c[2].met, Some(true));
+        // (0.05 + 0.05) s over 16,000 connections against 0.5 s over 10,000.
+        let expected = (0.1 / 16_000.0) / (0.5 / 10_000.0);
+        assert!((c[3].measured.unwrap() - expected).abs() < 1e-12, "{:?}", c[3]);
+        assert_eq!(c[3].met, Some(true));
     }
 }

@@ -6,6 +6,10 @@
 //!   answer the client directly), with the pass-through program on the bridge port
 //!   that veth's `XDP_TX` frames need (docs/ARCHITECTURE.md) and the kernel's BPF
 //!   statistics on. `--detach-on-exit`: nothing stays attached afterwards.
+//! - [`System::XdpNat`]: the same agent with every VIP in full NAT: the backends
+//!   see the load balancer's NAT address as the client and answer it (their route to
+//!   [`NAT_PREFIX`] goes via the load balancer, [`route_nat_replies`]), and the
+//!   program turns the answers back: in the path both ways, like the proxies.
 //! - [`System::Haproxy`], [`System::Nginx`]: the proxy runs in the load balancer's
 //!   namespace with a configuration generated into the run's directory, listens on
 //!   the VIP, which is put on the load balancer's `lo` for the time (the client's
@@ -46,6 +50,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum System {
     /// This project's XDP balancer, L2 direct server return.
     Xdp,
+    /// This project's XDP balancer, full NAT (in the path both ways).
+    XdpNat,
     /// HAProxy in TCP mode.
     Haproxy,
     /// nginx's `stream` proxy.
@@ -60,10 +66,17 @@ pub enum System {
 
 impl System {
     /// The systems of a default round, in order.
-    pub const DEFAULT: [System; 4] = [System::Xdp, System::Haproxy, System::Nginx, System::Direct];
-    /// Every system.
-    pub const ALL: [System; 5] = [
+    pub const DEFAULT: [System; 5] = [
         System::Xdp,
+        System::XdpNat,
+        System::Haproxy,
+        System::Nginx,
+        System::Direct,
+    ];
+    /// Every system.
+    pub const ALL: [System; 6] = [
+        System::Xdp,
+        System::XdpNat,
         System::Haproxy,
         System::Nginx,
         System::Direct,
@@ -75,6 +88,7 @@ impl System {
         match self {
             System::XdpGeneric => "xdp-generic",
             System::Xdp => "xdp",
+            System::XdpNat => "xdp-nat",
             System::Haproxy => "haproxy",
             System::Nginx => "nginx",
             System::Direct => "direct",
@@ -109,14 +123,32 @@ pub fn check_programs(systems: &[System]) -> Result<()> {
     Ok(())
 }
 
+/// The NAT sources of [`System::XdpNat`].
+pub const NAT_PREFIX: &str = "198.18.200.0/30";
+
+/// Every backend's route to [`NAT_PREFIX`]: via the load balancer, where full NAT's
+/// answers must go. Harmless to the other systems, which never use those addresses.
+pub fn route_nat_replies(topo: &Topology) -> Result<()> {
+    let via = topo.lb().ipv4().to_string();
+    for b in topo.backends() {
+        b.ns().ip(&["route", "add", NAT_PREFIX, "via", &via])?;
+    }
+    Ok(())
+}
+
 /// The agent configuration of the XDP runs: one TCP VIP per port, each over all
-/// backends with equal weights, L2 direct server return.
-pub fn agent_config(topo: &Topology) -> String {
-    let mut text = String::new();
+/// backends with equal weights, L2 direct server return, or full NAT from
+/// [`NAT_PREFIX`] when `nat`.
+pub fn agent_config(topo: &Topology, nat: bool) -> String {
+    let (forwarding, mut text) = if nat {
+        ("nat", format!("[nat]\nsource_v4 = \"{NAT_PREFIX}\"\n\n"))
+    } else {
+        ("dsr", String::new())
+    };
     for port in [APP_PORT, DOWN_PORT, UP_PORT] {
         text += &format!(
             "[[vip]]\naddress = \"{VIP_V4}\"\nport = {port}\nprotocol = \"tcp\"\n\
-             forwarding = \"dsr\"\n"
+             forwarding = \"{forwarding}\"\n"
         );
         for host in topo.backends() {
             text += &format!(
@@ -326,7 +358,7 @@ impl Running {
             "processes are still running in the load balancer's namespace"
         );
         let parts = match system {
-            System::Xdp | System::XdpGeneric => {
+            System::Xdp | System::XdpGeneric | System::XdpNat => {
                 // Native XDP needs a program on the bridge port to receive XDP_TX
                 // frames (see docs/ARCHITECTURE.md); generic mode does not.
                 let generic = system == System::XdpGeneric;
@@ -340,6 +372,13 @@ impl Running {
                 if generic {
                     args.extend(["--xdp-mode", "generic"]);
                 }
+                let nat_config = dir.join("lb-nat.toml");
+                let config = if system == System::XdpNat {
+                    std::fs::write(&nat_config, agent_config(topo, true))?;
+                    nat_config.as_path()
+                } else {
+                    config
+                };
                 let agent = Agent::start(topo, config, &args)?;
                 ensure!(
                     xdp_attached()?,
