@@ -30,7 +30,7 @@
 //! [datapath]                # fixed when the agent first creates the datapath
 //! connection_table_v4 = 131072    # IPv4 flows kept at once (88 bytes each)
 //! connection_table_v6 = 16384     # IPv6 flows (112 bytes each)
-//! nat_table_v4 = 65536            # IPv4 full-NAT flows (about 128 bytes each)
+//! nat_table_v4 = 65536            # IPv4 full-NAT flows (136 bytes each)
 //! nat_table_v6 = 8192             # IPv6 full-NAT flows
 //! max_vips = 8                    # VIPs the lookup tables have room for (256 KiB each)
 //! ```

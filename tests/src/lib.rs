@@ -20,6 +20,8 @@
 //! - [`tcp`]: backend servers that answer with their name, and clients that count
 //!   which backend answered.
 //! - [`packet`]: frames built field by field, for the datapath tests.
+//! - [`fixture`]: the datapath loaded for a configuration and run frame by frame
+//!   through `BPF_PROG_TEST_RUN`.
 //! - [`pathcost`]: the XDP program's cost per path under `BPF_PROG_TEST_RUN`, and
 //!   a live window's packet mix priced at it (issue 23).
 //! - [`spread`]: the end-to-end scenario of weighted backends behind the real agent.
@@ -34,6 +36,7 @@
 
 pub mod certs;
 pub mod etcd;
+pub mod fixture;
 pub mod fleet;
 pub mod flood;
 pub mod netns;

@@ -601,3 +601,42 @@ impl Drop for Pinger {
         }
     }
 }
+
+/// New connections from `ns` to a target, in batches of 20 (4 at a time), until
+/// stopped; every batch's report kept. The steady traffic of the tests that restart
+/// or reconfigure the agent under load.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<ClientReport>>,
+}
+
+impl Traffic {
+    pub fn start(ns: &Netns, target: SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = ns.borrowed();
+        let handle = thread::spawn(move || {
+            let mut reports = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                reports.push(
+                    run_clients(&ns, target, 20, 4, Duration::from_secs(3))
+                        .expect("running clients"),
+                );
+            }
+            reports
+        });
+        Traffic { stop, handle }
+    }
+
+    /// Stops; the connections attempted and every failure, described.
+    pub fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let reports = self.handle.join().expect("the traffic thread");
+        let total = reports.iter().map(|r| r.attempted).sum();
+        let failures = reports
+            .iter()
+            .flat_map(|r| r.failures.iter().map(|f| format!("{f:?}")))
+            .collect();
+        (total, failures)
+    }
+}

@@ -3,20 +3,11 @@
 //! command line while long-lived connections stay open and new ones keep arriving;
 //! and the agent restarted (SIGTERM, then SIGKILL) under continuous traffic.
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use lb_tests::{
-    netns::Netns,
     spread::{Agent, PORT, attach_pass, write_config},
-    tcp::{BackendServer, ClientReport, Pinger, run_clients},
+    tcp::{BackendServer, ClientReport, Pinger, Traffic, run_clients},
     topology::Topology,
 };
 use lb_userspace::dataplane::PassThrough;
@@ -51,39 +42,6 @@ fn world_with(weights: &[u32], vip_extra: &str) -> World {
         config,
         _servers: servers,
         _pass: pass,
-    }
-}
-
-/// New connections, in batches, until stopped; every report kept.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<ClientReport>>,
-}
-
-impl Traffic {
-    fn start(ns: &Netns, target: std::net::SocketAddr) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let ns = ns.borrowed();
-        let handle = std::thread::spawn(move || {
-            let mut reports = Vec::new();
-            while !flag.load(Ordering::SeqCst) {
-                reports.push(run_clients(&ns, target, 20, 4, Duration::from_secs(3)).unwrap());
-            }
-            reports
-        });
-        Traffic { stop, handle }
-    }
-
-    fn stop(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        let reports = self.handle.join().unwrap();
-        let total = reports.iter().map(|r| r.attempted).sum();
-        let failures = reports
-            .iter()
-            .flat_map(|r| r.failures.iter().map(|f| format!("{f:?}")))
-            .collect();
-        (total, failures)
     }
 }
 

@@ -168,10 +168,20 @@ mac = "02:00:00:00:00:13"
 weight = 1
 "#;
 
-struct World {
-    dataplane: Dataplane,
-    desired: Desired,
-    config: Config,
+/// The fixture world of [`CONFIG`], with what these tests ask of it.
+struct World(lb_tests::fixture::World);
+
+impl std::ops::Deref for World {
+    type Target = lb_tests::fixture::World;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl World {
@@ -181,36 +191,7 @@ impl World {
 
     /// The world with the datapath's log at `log` (its records are left unread).
     fn logging(log: LevelFilter) -> World {
-        let config = Config::parse(CONFIG).unwrap();
-        let desired = Desired::from_config(&config).unwrap();
-        let mut dataplane = Dataplane::load_options(lb_userspace::dataplane::LoadOptions {
-            log,
-            sizes: config.datapath_sizes(),
-            ..Default::default()
-        })
-        .expect("loading the XDP program");
-        dataplane.apply_and_wait(&desired).unwrap();
-        World {
-            dataplane,
-            desired,
-            config,
-        }
-    }
-
-    fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 256];
-        let result = self
-            .dataplane
-            .program()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        World(lb_tests::fixture::World::load(CONFIG, log))
     }
 
     /// The backend the desired table gives a new flow, computed here from the
@@ -1541,20 +1522,13 @@ fn reported(maps: &mut lb_userspace::dataplane::SharedFlowMaps) -> Vec<SharedFlo
 /// its table, as the sharing thread does.
 #[test]
 fn new_entries_are_reported_for_sharing_and_a_peer_keeps_them() {
-    let config = Config::parse(CONFIG).unwrap();
-    let desired = Desired::from_config(&config).unwrap();
-    let mut dataplane = Dataplane::load_options(lb_userspace::dataplane::LoadOptions {
-        share_flows: true,
-        sizes: config.datapath_sizes(),
-        ..Default::default()
-    })
-    .expect("loading with sharing on");
-    dataplane.apply_and_wait(&desired).unwrap();
-    let mut world = World {
-        dataplane,
-        desired,
-        config,
-    };
+    let mut world = World(lb_tests::fixture::World::load_with(
+        CONFIG,
+        lb_userspace::dataplane::LoadOptions {
+            share_flows: true,
+            ..Default::default()
+        },
+    ));
     let mut maps = world.dataplane.take_shared_flows().unwrap();
     let ids = FlowIds::of(&world.desired);
 
@@ -1668,18 +1642,13 @@ fn new_flows_enter_the_connection_table_on_their_second_packet() {
     let g = world.dataplane.guard_stats().unwrap();
     assert_eq!((g.young, g.promoted, g.young_failed), (2, 2, 0));
 
-    let mut off = Dataplane::load_options(lb_userspace::dataplane::LoadOptions {
-        flood_guard: false,
-        sizes: world.config.datapath_sizes(),
-        ..Default::default()
-    })
-    .unwrap();
-    off.apply_and_wait(&world.desired).unwrap();
-    let mut unguarded = World {
-        dataplane: off,
-        desired: world.desired.clone(),
-        config: Config::parse(CONFIG).unwrap(),
-    };
+    let mut unguarded = World(lb_tests::fixture::World::load_with(
+        CONFIG,
+        lb_userspace::dataplane::LoadOptions {
+            flood_guard: false,
+            ..Default::default()
+        },
+    ));
     assert_eq!(unguarded.run(&tcp.frame(TCP_SYN, b"")).0, XDP_TX);
     assert_eq!(
         keys_of(&unguarded.dataplane.connections().unwrap()),
@@ -1757,9 +1726,22 @@ fn a_flood_of_spoofed_syns_never_takes_an_established_flows_entry() {
 /// at least their arrays' size, and an unpinned datapath reports none.
 #[test]
 fn a_pinned_datapath_reports_each_maps_memory() {
-    use lb_common::maps::{CONN_TABLE_SIZE_V4, DEFAULT_MAX_VIPS, names, rings_entries};
+    use lb_common::maps::{
+        CONN_TABLE_SIZE_V4, DEFAULT_MAX_VIPS, NAT_TABLE_UNUSED, names, rings_entries,
+    };
+    // The default configuration: one VIP, every `[datapath]` size at its default,
+    // as the agent creates the datapath for it.
+    let config = Config::parse(
+        "[[vip]]\naddress = \"198.18.1.1\"\nport = 80\nprotocol = \"tcp\"\n\
+         [[vip.backend]]\naddress = \"198.18.0.11\"\nmac = \"02:00:00:00:00:11\"\nweight = 1\n",
+    )
+    .unwrap();
+    let options = lb_userspace::dataplane::LoadOptions {
+        sizes: config.datapath_sizes(),
+        ..Default::default()
+    };
     in_pin_dir(|dir| {
-        let (dataplane, _) = Dataplane::load_pinned(dir, LevelFilter::Off).unwrap();
+        let (dataplane, _) = Dataplane::load_pinned_with(dir, options).unwrap();
         let maps = dataplane.map_memory();
         let listed: Vec<&str> = maps.iter().map(|m| m.name).collect();
         assert_eq!(listed, names::ALL.to_vec());
@@ -1792,11 +1774,20 @@ fn a_pinned_datapath_reports_each_maps_memory() {
             names::YOUNG_V4,
             names::YOUNG_V6,
             names::RINGS,
+            names::NAT_V4,
+            names::NAT_V6,
         ]
         .iter()
         .map(|n| get(n).bytes)
         .sum();
         assert!(sized * 10 < 188 << 20, "{sized} bytes");
+        // Without a NAT VIP the NAT tables are all but empty.
+        assert_eq!(get(names::NAT_V4).max_entries, NAT_TABLE_UNUSED);
+        assert!(
+            get(names::NAT_V4).bytes < 1 << 20,
+            "{:?}",
+            get(names::NAT_V4)
+        );
         drop(dataplane);
         assert!(World::new().dataplane.map_memory().is_empty());
     });

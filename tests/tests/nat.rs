@@ -6,17 +6,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{
     hash::flow_hash,
     types::{FAMILY_V4, FlowKey},
 };
 use lb_tests::packet::*;
-use lb_userspace::{
-    config::Config,
-    dataplane::{Dataplane, LoadOptions},
-    desired::{Desired, Tables, addr_bytes},
-};
+use lb_userspace::desired::{Desired, Tables, addr_bytes};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -115,43 +110,25 @@ mac = "02:00:00:00:00:fe"
 weight = 1
 "#;
 
-struct World {
-    dataplane: Dataplane,
-    desired: Desired,
-    config: Config,
+/// The fixture world, with what these tests ask of it.
+struct World(lb_tests::fixture::World);
+
+impl std::ops::Deref for World {
+    type Target = lb_tests::fixture::World;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl World {
     fn new(text: &str) -> World {
-        let config = Config::parse(text).unwrap();
-        let desired = Desired::from_config(&config).unwrap();
-        let mut dataplane = Dataplane::load_options(LoadOptions {
-            sizes: config.datapath_sizes(),
-            ..LoadOptions::default()
-        })
-        .expect("loading the XDP program");
-        dataplane.apply_and_wait(&desired).unwrap();
-        World {
-            dataplane,
-            desired,
-            config,
-        }
-    }
-
-    fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; input.len() + 256];
-        let result = self
-            .dataplane
-            .program()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        World(lb_tests::fixture::World::load(text, log::LevelFilter::Off))
     }
 
     /// Runs `input`, expecting `XDP_TX` and exactly `expected`, with every checksum

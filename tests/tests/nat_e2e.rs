@@ -22,7 +22,7 @@ use lb_tests::{
     fleet::{CLIENT_V4, link_client, set_route},
     netns::Netns,
     spread::{Agent, PORT, attach_pass},
-    tcp::{BackendServer, ClientReport, Pinger, run_clients},
+    tcp::{BackendServer, ClientReport, Pinger, Traffic, run_clients},
     topology::{LB_V4, Topology, VIP_V4, VIP_V6},
 };
 use lb_userspace::dataplane::PassThrough;
@@ -280,17 +280,7 @@ fn nat_flows_survive_weight_changes_and_agent_restarts_under_load() {
         Duration::from_secs(3),
     )
     .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let (client, vip, stop) = (w.client.borrowed(), w.vip(), stop.clone());
-        std::thread::spawn(move || {
-            let mut reports = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                reports.push(run_clients(&client, vip, 20, 4, Duration::from_secs(3)).unwrap());
-            }
-            reports
-        })
-    };
+    let traffic = Traffic::start(&w.client, w.vip());
     std::thread::sleep(Duration::from_millis(300));
 
     // The long-lived connection's backend is drained by a reload: new flows leave
@@ -320,13 +310,7 @@ fn nat_flows_survive_weight_changes_and_agent_restarts_under_load() {
     let third = w.start_agent(&["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(300));
 
-    stop.store(true, Ordering::SeqCst);
-    let reports = traffic.join().unwrap();
-    let total: usize = reports.iter().map(|r| r.attempted).sum();
-    let failures: Vec<String> = reports
-        .iter()
-        .flat_map(|r| r.failures.iter().map(|f| format!("{f:?}")))
-        .collect();
+    let (total, failures) = traffic.stop();
     let ping = long.stop();
     assert!(
         failures.is_empty(),

@@ -1051,7 +1051,11 @@ mod tests {
         assert_eq!(c[1].met, None);
         assert_eq!(c.len(), 8);
         assert_eq!(c[7].met, None, "no path costs, no live-cost check");
-        assert_eq!((c[2].met, c[3].met), (None, None), "no xdp-nat, no NAT checks");
+        assert_eq!(
+            (c[2].met, c[3].met),
+            (None, None),
+            "no xdp-nat, no NAT checks"
+        );
     }
 
     #[test]
@@ -1070,7 +1074,11 @@ mod tests {
         assert_eq!(c[2].met, Some(true));
         // (0.05 + 0.05) s over 16,000 connections against 0.5 s over 10,000.
         let expected = (0.1 / 16_000.0) / (0.5 / 10_000.0);
-        assert!((c[3].measured.unwrap() - expected).abs() < 1e-12, "{:?}", c[3]);
+        assert!(
+            (c[3].measured.unwrap() - expected).abs() < 1e-12,
+            "{:?}",
+            c[3]
+        );
         assert_eq!(c[3].met, Some(true));
     }
 }
