@@ -142,11 +142,16 @@ impl World {
     /// The agent's configuration: a TCP and a UDP VIP on the same address, both by
     /// full NAT, over every backend with `weights`.
     fn write_config(&self, weights: &[u32]) {
+        self.write_config_as(weights, "nat");
+    }
+
+    /// The same VIPs, forwarded by `forwarding`.
+    fn write_config_as(&self, weights: &[u32], forwarding: &str) {
         let mut text = format!("[nat]\nsource_v4 = \"{NAT_PREFIX}\"\n");
         for (port, protocol) in [(PORT, "tcp"), (DNS_PORT, "udp")] {
             text += &format!(
                 "\n[[vip]]\naddress = \"{VIP_V4}\"\nport = {port}\nprotocol = \"{protocol}\"\n\
-                 forwarding = \"nat\"\n"
+                 forwarding = \"{forwarding}\"\n"
             );
             for (host, w) in self.topo.backends().iter().zip(weights) {
                 text += &format!(
@@ -262,6 +267,51 @@ fn tcp_and_udp_reach_backends_without_a_vip_through_full_nat() {
     assert_eq!(s["datapath"]["conn_miss_non_syn"], 0, "{s}");
     let text = agent.ctl(&["status"]).unwrap();
     assert!(text.contains("full NAT"), "{text}");
+
+    // The agent's Prometheus endpoint (refreshed every second) shows NAT's counters.
+    std::thread::sleep(Duration::from_millis(1200));
+    let metrics = w
+        .topo
+        .lb()
+        .ns()
+        .run_in(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9432")?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok::<_, std::io::Error>(body)
+        })
+        .unwrap()
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    assert!(value(r#"lb_nat_packets_total{direction="to_backend"}"#) >= 300 * 3 + 120);
+    assert_eq!(value(r#"lb_nat_ports_total{event="exhausted"}"#), 0);
+    assert_eq!(value("lb_nat_ports_per_source"), 64_512);
+    agent.stop().unwrap();
+}
+
+/// A datapath created for a configuration without full NAT has no room for its
+/// flows: a reload that adds the first NAT VIP is refused, saying what to do, and
+/// the running configuration stays.
+#[test]
+fn the_first_nat_vip_by_reload_is_refused_with_what_to_do() {
+    let w = World::build(&[1, 1]);
+    w.write_config_as(&[1, 1], "dsr");
+    let agent = w.start_agent(&["--detach-on-exit"]);
+    w.write_config(&[1, 1]);
+    let err = agent.ctl(&["reload"]).unwrap_err().to_string();
+    assert!(
+        err.contains("forwards by nat") && err.contains("lb detach"),
+        "{err}"
+    );
+    let s = status(&agent);
+    assert!(s["nat"].is_null(), "the DSR configuration stays: {s}");
     agent.stop().unwrap();
 }
 
