@@ -556,8 +556,8 @@ pub struct NatStats {
     /// Known flows whose claim had been evicted from the NAT table and was made
     /// again on the same port.
     pub reclaimed: u64,
-    /// Known flows dropped because their port now belongs to another flow (their
-    /// claim was evicted and taken): never rewritten onto another flow's port.
+    /// Known flows whose port now belongs to another flow (their claim was evicted
+    /// or expired, and taken): never rewritten onto it; they take a new port.
     pub lost: u64,
     /// Packets to a NAT source address with no flow (dropped).
     pub reply_unknown: u64,

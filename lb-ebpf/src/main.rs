@@ -404,6 +404,10 @@ fn forward(
 /// A full-NAT VIP's packet: its binding checked (or made, for a known flow that
 /// has none), then rewritten for the backend; an ICMP error about the flow is
 /// translated for the backend (one about a flow with no binding goes to the host).
+/// A flow whose port went to another flow (its claim expired or was evicted, and
+/// the port was claimed again) is counted `lost` and takes a new port: a UDP flow
+/// goes on, a TCP one is reset by its backend, which does not know the new tuple;
+/// either is better than its packets vanishing until the other flow ends.
 #[inline(always)]
 fn forward_nat(
     ctx: &XdpContext,
@@ -421,10 +425,17 @@ fn forward_nat(
     let sc = nat::scratch(pkt).ok_or(Stop::NatLost)?;
     let binding = match to.nat {
         Nat::Claimed(binding) => binding,
-        Nat::Known(binding) => {
-            nat::confirm(ctx, sc, &dest, &binding)?;
-            binding
-        }
+        Nat::Known(binding) => match nat::confirm(ctx, sc, &dest, &binding) {
+            Ok(()) => binding,
+            Err(Stop::NatLost) if !icmp => {
+                stats::nat(|n| &mut n.lost);
+                let hash = to.hash.unwrap_or_else(|| table::hash(pkt, to.vip_flags));
+                let binding = nat::claim(ctx, sc, &dest, hash)?;
+                conntrack::insert(pkt, to.backend_id, to.vip_id | binding.bits(), counters);
+                binding
+            }
+            Err(stop) => return Err(stop),
+        },
         Nat::None if icmp => return Err(Stop::IcmpOther),
         Nat::None => {
             let hash = to.hash.unwrap_or_else(|| table::hash(pkt, to.vip_flags));

@@ -24,8 +24,9 @@
 //! **A claim can be evicted** (the NAT table is an LRU, like the connection table):
 //! every client packet of a NAT flow therefore checks that its claim still names
 //! it ([`confirm`]). An evicted claim is made again on the same port if that is
-//! still free (`reclaimed`); a port another flow has taken since drops the packet
-//! (`lost`) rather than mix two flows on one tuple.
+//! still free (`reclaimed`); a port another flow has taken since is never used
+//! again by this flow, which takes a new one (`lost`, see `forward_nat`) rather
+//! than mix two flows on one tuple.
 //!
 //! **Checksums** are updated incrementally (RFC 1624, over 32-bit words): the IPv4
 //! header's for the two addresses, TCP's and UDP's for the addresses of the
@@ -70,16 +71,17 @@ fn settings() -> Option<&'static NatSettings> {
     NAT_SETTINGS.get(0)
 }
 
-/// Source address `index` of a family, if that family has NAT sources.
+/// Source address `index` of a family, if that family has that many NAT sources
+/// (a reload may have shrunk the prefix under a flow's binding).
 #[inline(always)]
 fn source(settings: &NatSettings, family: u16, index: u32) -> Option<AddrWords> {
     if family == u16::from(FAMILY_V4) {
-        if settings.count_v4 == 0 {
+        if index >= settings.count_v4 {
             return None;
         }
         Some([NatSettings::source_word(settings.first_v4, index), 0, 0, 0])
     } else {
-        if settings.count_v6 == 0 {
+        if index >= settings.count_v6 {
             return None;
         }
         let f = &settings.first_v6;
@@ -660,7 +662,7 @@ fn translate_quoted(
         // SAFETY: `ptr::at` checked the two bytes.
         unsafe {
             let old = u16::from_ne_bytes(*c);
-            if old != 0 || t.proto == u32::from(PROTO_TCP) || !v4 {
+            if old != 0 || t.proto == u32::from(PROTO_TCP) {
                 let mut new = l4.apply(old);
                 if new == 0 && t.proto != u32::from(PROTO_TCP) {
                     new = 0xffff;
@@ -790,9 +792,10 @@ fn rewrite(
             core::ptr::write_unaligned(p, new_port);
             let c = (udp as *mut u8).add(UDP_CHECK).cast::<u16>();
             let check = core::ptr::read_unaligned(c);
-            // IPv4 UDP without a checksum keeps none; a computed 0 is sent as
-            // 0xffff (RFC 768), the same value in one's complement.
-            if check != 0 || !is_v4(f) {
+            // UDP without a checksum keeps none (IPv4, and IPv6 tunnels as RFC 6935
+            // allows); a computed 0 is sent as 0xffff (RFC 768), the same value in
+            // one's complement.
+            if check != 0 {
                 let new = l4.apply(check);
                 core::ptr::write_unaligned(c, if new == 0 { 0xffff } else { new });
             }

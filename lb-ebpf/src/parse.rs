@@ -245,6 +245,10 @@ fn quoted_ipv4(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), 
         return Err(Stop::IcmpOther);
     }
     let ports: *const [u8; 4] = ptr::at(ctx, offset + header_len)?;
+    if offset + header_len + 4 > EthHdr::LEN + pkt.ip_len as usize {
+        // The quote's ports lie past the IP packet (in the frame's padding).
+        return Err(Stop::IcmpOther);
+    }
     // SAFETY: `ptr::at` checked that the quoted ports are inside the frame.
     let [s0, s1, d0, d1] = unsafe { *ports };
     let (sport, dport) = (u16::from_ne_bytes([s0, s1]), u16::from_ne_bytes([d0, d1]));
@@ -273,6 +277,10 @@ fn quoted_ipv6(ctx: &XdpContext, offset: usize, pkt: &mut Packet) -> Result<(), 
         return Err(Stop::IcmpOther);
     }
     let ports: *const [u8; 4] = ptr::at(ctx, offset + Ipv6Hdr::LEN)?;
+    if offset + Ipv6Hdr::LEN + 4 > EthHdr::LEN + pkt.ip_len as usize {
+        // The quote's ports lie past the IP packet (in the frame's padding).
+        return Err(Stop::IcmpOther);
+    }
     // SAFETY: `ptr::at` checked that the quoted ports are inside the frame.
     let [s0, s1, d0, d1] = unsafe { *ports };
     let (sport, dport) = (u16::from_ne_bytes([s0, s1]), u16::from_ne_bytes([d0, d1]));

@@ -339,7 +339,7 @@ pub struct NatStatus {
     pub ports_exhausted: u64,
     /// Evicted claims made again by their flow's next packet.
     pub reclaimed: u64,
-    /// Packets dropped because their flow's port went to another flow.
+    /// Flows whose port went to another flow (they take a new one).
     pub lost: u64,
     /// Packets to a NAT address that no flow holds (dropped).
     pub reply_unknown: u64,

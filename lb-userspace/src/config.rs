@@ -1221,6 +1221,16 @@ fn check_nat(raw: Option<RawNat>) -> Result<Nat, ConfigError> {
             ),
         ));
     }
+    if nat.timeout_tcp_closing_s > nat.timeout_tcp_s {
+        return Err(invalid(
+            "nat.timeout_tcp_closing_s",
+            format!(
+                "{} s is longer than timeout_tcp_s ({} s): a closing flow would outlive an \
+                 open one",
+                nat.timeout_tcp_closing_s, nat.timeout_tcp_s
+            ),
+        ));
+    }
     Ok(nat)
 }
 
@@ -1723,6 +1733,10 @@ weight = 1
             ),
             (
                 "source_v4 = \"198.18.200.0/30\"\ntimeout_tcp_closing_s = 9999999",
+                "nat.timeout_tcp_closing_s",
+            ),
+            (
+                "source_v4 = \"198.18.200.0/30\"\ntimeout_tcp_s = 60\ntimeout_tcp_closing_s = 120",
                 "nat.timeout_tcp_closing_s",
             ),
             // The VIP's and the backends' addresses are not NAT sources.

@@ -1323,11 +1323,15 @@ impl Dataplane {
         timeouts: &NatTimeouts,
     ) -> Result<NatUsage, DataplaneError> {
         let mut usage = NatUsage::default();
+        // Idle time on the wrapping clock, signed: a packet stamped after `now` was
+        // read (the walk takes a while) makes an entry younger than now, not older.
+        let idle = |seen: u32| now.wrapping_sub(seen) as i32;
         for (reply, entry) in self.nat_flows()? {
-            let timeout = timeouts.of(reply.proto, entry.flags);
-            if now.wrapping_sub(entry.seen) > timeout {
+            let timeout = timeouts.of(reply.proto, entry.flags) as i32;
+            if idle(entry.seen) > timeout {
+                // Read again just before removing: a packet may have come since.
                 let still = self.nat_entry(&reply)?;
-                if still.is_some_and(|e| now.wrapping_sub(e.seen) > timeout) {
+                if still.is_some_and(|e| idle(e.seen) > timeout) {
                     self.forget_nat_flow(&reply)?;
                     usage.expired += 1;
                     continue;
@@ -1357,10 +1361,15 @@ impl Dataplane {
                 HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
             map.get(&reply.conn_key_v6(), 0)
         };
+        let name = if reply.family == FAMILY_V4 {
+            names::NAT_V4
+        } else {
+            names::NAT_V6
+        };
         match found {
             Ok(entry) => Ok(Some(entry)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(names::NAT_V4)(e)),
+            Err(e) => Err(map_err(name)(e)),
         }
     }
 

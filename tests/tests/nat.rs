@@ -562,12 +562,22 @@ fn ports_run_out_cleanly_and_are_never_shared() {
     );
     let stats = world.dataplane.nat_stats().unwrap();
     assert_eq!(stats.lost, 1, "{stats:?}");
+    // A took a new port instead, and found none: every port is held.
+    assert_eq!(stats.ports_exhausted, 3, "{stats:?}");
     // The backend's replies on that port go to the new flow's client.
     world.expect_tx(
         "the port's replies go to its new flow",
         &late.backend_sends(backend, bound_a, TCP_SYN | TCP_ACK, b""),
         &late.out_to_client(TCP_SYN | TCP_ACK, b""),
     );
+    // Once a port is free again, A takes it: a new port, never the one it lost.
+    let freed = ports[1];
+    world.dataplane.forget_nat_flow(&reply_of(freed)).unwrap();
+    let (verdict, out) = world.run(&a.client_sends(TCP_ACK, b"new port"));
+    assert_eq!(verdict, XDP_TX);
+    verify_checksums(&out).unwrap();
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), freed);
+    assert_eq!(world.dataplane.nat_stats().unwrap().lost, 2);
 }
 
 /// A NAT flow keeps its backend and its port when the table moves under it; a new

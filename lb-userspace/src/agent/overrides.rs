@@ -376,7 +376,15 @@ impl Agent {
         if config.datapath != self.config.datapath {
             return Err(RequestError::DatapathChanged);
         }
-        if config.datapath_sizes() != self.config.datapath_sizes() && config.uses_nat() {
+        // The NAT tables as the datapath has them (created, or adopted): a datapath
+        // created when no VIP forwarded by nat has them at 256 entries.
+        let nat_room = self
+            .dataplane
+            .map_memory()
+            .iter()
+            .find(|m| m.name == lb_common::maps::names::NAT_V4)
+            .map(|m| m.max_entries);
+        if config.uses_nat() && nat_room == Some(lb_common::maps::NAT_TABLE_UNUSED) {
             return Err(RequestError::NatTablesMissing);
         }
         let mut overrides = self.overrides.clone();

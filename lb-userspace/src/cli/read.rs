@@ -109,7 +109,7 @@ fn nat(n: &crate::api::NatStatus) -> String {
         ("  probes that found a port taken", n.port_collisions),
         ("new flows refused: ports exhausted", n.ports_exhausted),
         ("evicted claims made again", n.reclaimed),
-        ("packets dropped: port lost", n.lost),
+        ("flows whose port went to another (new port)", n.lost),
         ("packets to a NAT address no flow holds", n.reply_unknown),
         ("entries expired (idle)", n.expired),
     ] {

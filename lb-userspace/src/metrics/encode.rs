@@ -197,8 +197,8 @@ fn encode_nat(n: &crate::api::NatStatus, e: &mut DescriptorEncoder) -> fmt::Resu
         "lb_nat_ports",
         "Full NAT's port events: claimed (a new flow got one), collision (a probe found \
          its port taken), exhausted (a new flow found none and was dropped), reclaimed \
-         (an evicted claim made again), lost (a packet dropped because its port went to \
-         another flow), unknown_reply (a packet to a NAT address no flow holds, dropped), \
+         (an evicted claim made again), lost (a flow whose port went to another flow: it \
+         takes a new one), unknown_reply (a packet to a NAT address no flow holds, dropped), \
          expired (an idle entry removed by the agent)",
         &[
             ([("event", "claimed")], n.claimed),

@@ -65,11 +65,16 @@ impl FlowIds {
     }
 
     /// The same for an entry of this LB's own tables (a dump).
+    /// A full-NAT flow is none: its port is this LB's, and a peer could not serve it
+    /// (the datapath does not report them either).
     pub fn flow_of_entry(&self, entry: &Entry) -> Option<Flow> {
         let (key, value) = match entry {
             Entry::V4(k, v) => (FlowKey::from(*k), v),
             Entry::V6(k, v) => (FlowKey::from(*k), v),
         };
+        if value.nat().is_some() {
+            return None;
+        }
         self.named(&key, value.backend_id, value.vip(), false)
     }
 
