@@ -640,3 +640,47 @@ impl Traffic {
         (total, failures)
     }
 }
+
+/// Checks what a restart or reconfiguration under load must leave: no failed
+/// connection among at least 100 of [`Traffic`], and a long-lived connection
+/// ([`Pinger`]) that never broke, made more than 20 round trips and never changed
+/// backend. Panics with what went wrong.
+pub fn assert_survived((total, failures): (usize, Vec<String>), ping: &PingReport) {
+    assert!(
+        failures.is_empty(),
+        "{} of {total} connections failed: {failures:?}",
+        failures.len()
+    );
+    assert!(total >= 100, "only {total} connections");
+    assert!(
+        ping.error.is_none(),
+        "the long-lived connection broke: {:?}",
+        ping.error
+    );
+    assert!(
+        ping.responses.len() > 20,
+        "too few round trips: {}",
+        ping.responses.len()
+    );
+    assert_eq!(
+        ping.backends().len(),
+        1,
+        "the long-lived connection changed backend: {:?}",
+        ping.backends()
+    );
+}
+
+/// The agent's `/metrics` page, as its Prometheus endpoint on localhost of `ns` (the
+/// load balancer's namespace, the default `127.0.0.1:9432`) serves it: the whole
+/// HTTP response.
+pub fn agent_metrics(ns: &Netns) -> Result<String> {
+    ns.run_in(|| {
+        use std::io::Read;
+        let mut s = TcpStream::connect("127.0.0.1:9432")?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok::<_, io::Error>(body)
+    })?
+    .context("fetching the agent's /metrics")
+}

@@ -7,7 +7,9 @@ use std::{collections::BTreeMap, time::Duration};
 
 use lb_tests::{
     spread::{Agent, PORT, attach_pass, write_config},
-    tcp::{BackendServer, ClientReport, Pinger, Traffic, run_clients},
+    tcp::{
+        BackendServer, ClientReport, Pinger, Traffic, agent_metrics, assert_survived, run_clients,
+    },
     topology::Topology,
 };
 use lb_userspace::dataplane::PassThrough;
@@ -189,20 +191,7 @@ fn weight_change_and_drain_keep_long_lived_connections() {
     // The agent's Prometheus endpoint, on localhost of the LB's namespace, shows the
     // weights in force (refreshed every second).
     std::thread::sleep(Duration::from_millis(1200));
-    let metrics = w
-        .topo
-        .lb()
-        .ns()
-        .run_in(|| {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect("127.0.0.1:9432")?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok::<_, std::io::Error>(body)
-        })
-        .unwrap()
-        .unwrap();
+    let metrics = agent_metrics(w.topo.lb().ns()).unwrap();
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     let weight_line = metrics
         .lines()
@@ -264,30 +253,7 @@ fn agent_restarts_under_traffic_without_a_failed_connection() {
     let third = Agent::start(&w.topo, &w.config, &["--detach-on-exit"]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
-    let (total, failures) = traffic.stop();
-    let report = long.stop();
-    assert!(
-        failures.is_empty(),
-        "{} of {total} connections failed across restarts: {failures:?}",
-        failures.len()
-    );
-    assert!(total >= 100, "only {total} connections");
-    assert!(
-        report.error.is_none(),
-        "the long-lived connection broke: {:?}",
-        report.error
-    );
-    assert!(
-        report.responses.len() > 20,
-        "too few round trips: {}",
-        report.responses.len()
-    );
-    assert_eq!(
-        report.backends().len(),
-        1,
-        "the long-lived connection changed backend: {:?}",
-        report.backends()
-    );
+    assert_survived(traffic.stop(), &long.stop());
     let status: serde_json::Value =
         serde_json::from_str(&third.ctl(&["status", "--json"]).unwrap()).unwrap();
     assert_eq!(status["datapath"]["conn_miss_non_syn"], 0, "{status}");

@@ -14,7 +14,7 @@ use lb_common::{
     hash::{flow_hash, source_hash, vip_filter_slot},
     types::{BACKEND_F_DRAINED, FlowKey, SharedFlow, VipKey, addr_words},
 };
-use lb_tests::packet::*;
+use lb_tests::{fixture::World, packet::*};
 use lb_userspace::{
     config::Config,
     dataplane::Dataplane,
@@ -168,34 +168,26 @@ mac = "02:00:00:00:00:13"
 weight = 1
 "#;
 
-/// The fixture world of [`CONFIG`], with what these tests ask of it.
-struct World(lb_tests::fixture::World);
-
-impl std::ops::Deref for World {
-    type Target = lb_tests::fixture::World;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
+/// What these tests ask of the fixture world (`lb_tests::fixture::World`) of
+/// [`CONFIG`].
+trait Fixtures {
+    fn new() -> Self;
+    /// The world with the datapath's log at `log` (its records are left unread).
+    fn logging(log: LevelFilter) -> Self;
+    /// The backend the desired table gives a new flow, computed here from the
+    /// desired state and the shared flow hash: (MAC, address).
+    fn table_backend(&self, flow: &Flow) -> ([u8; 6], IpAddr);
 }
 
-impl std::ops::DerefMut for World {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl World {
+impl Fixtures for World {
     fn new() -> World {
         World::logging(LevelFilter::Off)
     }
 
-    /// The world with the datapath's log at `log` (its records are left unread).
     fn logging(log: LevelFilter) -> World {
-        World(lb_tests::fixture::World::load(CONFIG, log))
+        World::load(CONFIG, log)
     }
 
-    /// The backend the desired table gives a new flow, computed here from the
-    /// desired state and the shared flow hash: (MAC, address).
     fn table_backend(&self, flow: &Flow) -> ([u8; 6], IpAddr) {
         let (vip_key, key) = flow.keys();
         let vip = &self.desired.vips[&vip_key];
@@ -1522,13 +1514,13 @@ fn reported(maps: &mut lb_userspace::dataplane::SharedFlowMaps) -> Vec<SharedFlo
 /// its table, as the sharing thread does.
 #[test]
 fn new_entries_are_reported_for_sharing_and_a_peer_keeps_them() {
-    let mut world = World(lb_tests::fixture::World::load_with(
+    let mut world = World::load_with(
         CONFIG,
         lb_userspace::dataplane::LoadOptions {
             share_flows: true,
             ..Default::default()
         },
-    ));
+    );
     let mut maps = world.dataplane.take_shared_flows().unwrap();
     let ids = FlowIds::of(&world.desired);
 
@@ -1642,13 +1634,13 @@ fn new_flows_enter_the_connection_table_on_their_second_packet() {
     let g = world.dataplane.guard_stats().unwrap();
     assert_eq!((g.young, g.promoted, g.young_failed), (2, 2, 0));
 
-    let mut unguarded = World(lb_tests::fixture::World::load_with(
+    let mut unguarded = World::load_with(
         CONFIG,
         lb_userspace::dataplane::LoadOptions {
             flood_guard: false,
             ..Default::default()
         },
-    ));
+    );
     assert_eq!(unguarded.run(&tcp.frame(TCP_SYN, b"")).0, XDP_TX);
     assert_eq!(
         keys_of(&unguarded.dataplane.connections().unwrap()),

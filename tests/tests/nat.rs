@@ -10,7 +10,7 @@ use lb_common::{
     hash::flow_hash,
     types::{FAMILY_V4, FlowKey},
 };
-use lb_tests::packet::*;
+use lb_tests::{fixture::World, packet::*};
 use lb_userspace::desired::{Desired, Tables, addr_bytes};
 
 const XDP_DROP: u32 = 1;
@@ -110,25 +110,16 @@ mac = "02:00:00:00:00:fe"
 weight = 1
 "#;
 
-/// The fixture world, with what these tests ask of it.
-struct World(lb_tests::fixture::World);
-
-impl std::ops::Deref for World {
-    type Target = lb_tests::fixture::World;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
+/// What these tests ask of the fixture world (`lb_tests::fixture::World`).
+trait NatFixtures {
+    fn new(text: &str) -> Self;
+    fn expect_tx(&mut self, what: &str, input: &[u8], expected: &[u8]);
+    fn first_probe(&self, flow: &Flow) -> (IpAddr, u16);
 }
 
-impl std::ops::DerefMut for World {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
-
-impl World {
+impl NatFixtures for World {
     fn new(text: &str) -> World {
-        World(lb_tests::fixture::World::load(text, log::LevelFilter::Off))
+        World::load(text, log::LevelFilter::Off)
     }
 
     /// Runs `input`, expecting `XDP_TX` and exactly `expected`, with every checksum

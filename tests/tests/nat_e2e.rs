@@ -22,7 +22,9 @@ use lb_tests::{
     fleet::{CLIENT_V4, link_client, set_route},
     netns::Netns,
     spread::{Agent, PORT, attach_pass},
-    tcp::{BackendServer, ClientReport, Pinger, Traffic, run_clients},
+    tcp::{
+        BackendServer, ClientReport, Pinger, Traffic, agent_metrics, assert_survived, run_clients,
+    },
     topology::{LB_V4, Topology, VIP_V4, VIP_V6},
 };
 use lb_userspace::dataplane::PassThrough;
@@ -270,20 +272,7 @@ fn tcp_and_udp_reach_backends_without_a_vip_through_full_nat() {
 
     // The agent's Prometheus endpoint (refreshed every second) shows NAT's counters.
     std::thread::sleep(Duration::from_millis(1200));
-    let metrics = w
-        .topo
-        .lb()
-        .ns()
-        .run_in(|| {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect("127.0.0.1:9432")?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok::<_, std::io::Error>(body)
-        })
-        .unwrap()
-        .unwrap();
+    let metrics = agent_metrics(w.topo.lb().ns()).unwrap();
     let value = |name: &str| -> u64 {
         metrics
             .lines()
@@ -360,25 +349,7 @@ fn nat_flows_survive_weight_changes_and_agent_restarts_under_load() {
     let third = w.start_agent(&["--detach-on-exit"]);
     std::thread::sleep(Duration::from_millis(300));
 
-    let (total, failures) = traffic.stop();
-    let ping = long.stop();
-    assert!(
-        failures.is_empty(),
-        "{} of {total} connections failed: {failures:?}",
-        failures.len()
-    );
-    assert!(total >= 100, "only {total} connections");
-    assert!(
-        ping.error.is_none(),
-        "the long-lived connection broke: {:?}",
-        ping.error
-    );
-    assert!(
-        ping.responses.len() > 20,
-        "{} round trips",
-        ping.responses.len()
-    );
-    assert_eq!(ping.backends().len(), 1, "{:?}", ping.backends());
+    assert_survived(traffic.stop(), &long.stop());
     let s = status(&third);
     for counter in ["ports_exhausted", "lost", "reply_unknown"] {
         assert_eq!(s["nat"][counter], 0, "{counter}: {}", s["nat"]);
