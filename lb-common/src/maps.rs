@@ -57,7 +57,8 @@ pub const YOUNG_TABLE_SIZE_V4: u32 = 1 << 14;
 pub const YOUNG_TABLE_SIZE_V6: u32 = 1 << 12;
 /// Default entries of the IPv4 NAT table `NAT_V4` (an LRU hash, one entry per
 /// full-NAT flow: the reply's tuple → the client's flow; `[datapath] nat_table_v4`).
-/// 136 bytes per entry as the kernel accounts it (2 CPUs), 8.5 MiB at this size;
+/// 136 bytes per entry as the kernel accounts it (2 CPUs; `cargo xtask test --
+/// --test datapath connection_tables_are_sized --nocapture`), 8.5 MiB at this size;
 /// 256 entries ([`NAT_TABLE_UNUSED`]) when no VIP forwards by `nat`.
 pub const NAT_TABLE_SIZE_V4: u32 = 1 << 16;
 /// Default entries of the IPv6 NAT table `NAT_V6` (`[datapath] nat_table_v6`).

@@ -315,8 +315,8 @@ pub struct Status {
 
 /// Full NAT (`forwarding = "nat"`), for `status` and `/metrics`. The counters are
 /// the datapath's since it was loaded; flows and ports in use come from a walk of
-/// the NAT tables, taken at most every [`NAT_USAGE_PERIOD`] (a table of 65,536
-/// flows costs some 130,000 system calls to walk).
+/// the NAT tables, taken at most every [`NAT_USAGE_PERIOD`] (the walk costs two
+/// system calls per flow: the next key, then its entry).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NatStatus {
     /// Flows in the NAT tables (each holds one port).

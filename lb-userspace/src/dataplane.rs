@@ -671,11 +671,7 @@ impl Dataplane {
             .iter()
             .filter_map(|(&id, e)| {
                 let vip = *vip_by_id.get(&e.vip_id)?;
-                let address = if e.family == FAMILY_V4 {
-                    IpAddr::from(<[u8; 4]>::try_from(&e.addr[..4]).unwrap())
-                } else {
-                    IpAddr::from(e.addr)
-                };
+                let address = crate::desired::ip_of(&e.addr, e.family);
                 Some((
                     id,
                     DesiredBackend {
@@ -1200,14 +1196,16 @@ impl Dataplane {
         self.flows(names::YOUNG_V4, names::YOUNG_V6)
     }
 
-    fn flows(
+    /// Every entry of a pair of flow-keyed tables (IPv4 then IPv6), with its key
+    /// as a [`FlowKey`].
+    fn flows<V: aya::Pod>(
         &self,
         v4_name: &'static str,
         v6_name: &'static str,
-    ) -> Result<Vec<(FlowKey, ConnEntry)>, DataplaneError> {
-        let v4: HashMap<&MapData, ConnKeyV4, ConnEntry> =
+    ) -> Result<Vec<(FlowKey, V)>, DataplaneError> {
+        let v4: HashMap<&MapData, ConnKeyV4, V> =
             HashMap::try_from(self.map(v4_name)?).map_err(map_err(v4_name))?;
-        let v6: HashMap<&MapData, ConnKeyV6, ConnEntry> =
+        let v6: HashMap<&MapData, ConnKeyV6, V> =
             HashMap::try_from(self.map(v6_name)?).map_err(map_err(v6_name))?;
         let mut flows = Vec::new();
         for item in v4.iter() {
@@ -1297,20 +1295,7 @@ impl Dataplane {
     /// it (source the backend, destination the NAT address and port) and the
     /// client's flow it turns back into. Walks the whole NAT tables.
     pub fn nat_flows(&self) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
-        let v4: HashMap<&MapData, ConnKeyV4, NatEntry> =
-            HashMap::try_from(self.map(names::NAT_V4)?).map_err(map_err(names::NAT_V4))?;
-        let v6: HashMap<&MapData, ConnKeyV6, NatEntry> =
-            HashMap::try_from(self.map(names::NAT_V6)?).map_err(map_err(names::NAT_V6))?;
-        let mut flows = Vec::new();
-        for item in v4.iter() {
-            let (key, entry) = item.map_err(map_err(names::NAT_V4))?;
-            flows.push((FlowKey::from(key), entry));
-        }
-        for item in v6.iter() {
-            let (key, entry) = item.map_err(map_err(names::NAT_V6))?;
-            flows.push((FlowKey::from(key), entry));
-        }
-        Ok(flows)
+        self.flows(names::NAT_V4, names::NAT_V6)
     }
 
     /// One walk of the NAT tables: removes every entry idle for longer than its
@@ -1338,11 +1323,7 @@ impl Dataplane {
                 }
             }
             usage.flows += 1;
-            let source = if reply.family == FAMILY_V4 {
-                IpAddr::from(<[u8; 4]>::try_from(&reply.dst[..4]).unwrap())
-            } else {
-                IpAddr::from(reply.dst)
-            };
+            let source = crate::desired::ip_of(&reply.dst, reply.family);
             *usage.by_source.entry(source).or_default() += 1;
         }
         Ok(usage)
@@ -1350,21 +1331,16 @@ impl Dataplane {
 
     /// The NAT entry of the reply tuple `reply`, if there is one.
     fn nat_entry(&self, reply: &FlowKey) -> Result<Option<NatEntry>, DataplaneError> {
-        let found = if reply.family == FAMILY_V4 {
-            let name = names::NAT_V4;
+        let v4 = reply.family == FAMILY_V4;
+        let name = if v4 { names::NAT_V4 } else { names::NAT_V6 };
+        let found = if v4 {
             let map: HashMap<&MapData, ConnKeyV4, NatEntry> =
                 HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
             map.get(&reply.conn_key_v4(), 0)
         } else {
-            let name = names::NAT_V6;
             let map: HashMap<&MapData, ConnKeyV6, NatEntry> =
                 HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
             map.get(&reply.conn_key_v6(), 0)
-        };
-        let name = if reply.family == FAMILY_V4 {
-            names::NAT_V4
-        } else {
-            names::NAT_V6
         };
         match found {
             Ok(entry) => Ok(Some(entry)),

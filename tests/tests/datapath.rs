@@ -1814,6 +1814,16 @@ fn connection_tables_are_sized_at_creation_and_kept_when_adopted() {
         assert_eq!(entries(&first, names::RINGS).0, rings_entries(3));
         assert_eq!(entries(&first, names::NAT_V4).0, 16_384);
         assert_eq!(entries(&first, names::NAT_V6).0, 4_096);
+        // The NAT tables' cost per entry, as docs/CONFIG.md gives it ("Table sizes").
+        let per_entry = |name: &str| {
+            let (n, bytes) = entries(&first, name);
+            bytes / u64::from(n)
+        };
+        eprintln!(
+            "NAT tables: {} bytes per IPv4 entry, {} per IPv6 entry",
+            per_entry(names::NAT_V4),
+            per_entry(names::NAT_V6)
+        );
         assert!(v4_bytes < 10 << 20, "{v4_bytes} bytes for 65,536 entries");
         drop(first);
         let (second, adopted) = Dataplane::load_pinned_with(dir, LoadOptions::default()).unwrap();

@@ -178,11 +178,7 @@ impl Agent {
     /// than `[nat]`'s timeouts, and counts the rest for `status` and `/metrics`. A
     /// failed walk keeps the last one (its age shows it).
     fn walk_nat_tables(&mut self) {
-        let nat = self
-            .config
-            .vips
-            .iter()
-            .any(|v| v.forwarding == crate::config::Forwarding::Nat);
+        let nat = self.config.uses_nat();
         let due = self
             .nat_usage
             .as_ref()

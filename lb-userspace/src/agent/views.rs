@@ -15,7 +15,7 @@ use crate::{
         BackendView, Control, ExplainInputs, Explanation, FloodStatus, ModelStatus, ReloadOutcome,
         Stats, Status, TableView, VipView,
     },
-    config::{Forwarding, HashFields, Vip},
+    config::{HashFields, Vip},
     core::{
         BackendId,
         model::{Choice, ModelError},
@@ -182,12 +182,7 @@ impl Agent {
     /// Full NAT's counters and the last walk of its tables; `None` when no VIP
     /// forwards by `nat`.
     pub(super) fn nat_status(&self) -> Option<crate::api::NatStatus> {
-        if !self
-            .config
-            .vips
-            .iter()
-            .any(|v| v.forwarding == Forwarding::Nat)
-        {
+        if !self.config.uses_nat() {
             return None;
         }
         let n = self.dataplane.nat_stats().unwrap_or_default();
